@@ -1,0 +1,121 @@
+//! The guest-physical memory map, in address order.
+//!
+//! This is the single source of every guest-physical constant. The VMM wraps
+//! these in `GuestAddress` (vmm/src/layout.rs) and derives the RAM regions
+//! from them; the guest reads them to know where its boot data is.
+//!
+//! ```text
+//! 0x0000_0000  ┌───────────────────────┐
+//!              │ null page (unused)    │
+//! 0x0000_6000  │ PVH start info        │  hvm_start_info, Xen PVH ABI
+//! 0x0000_7000  │ PVH memory map        │  hvm_memmap_table_entry[]
+//! 0x0000_8000  │ memvisor boot config  │  abi::boot::BootConfig
+//! 0x0000_9000  │ kernel command line   │
+//! 0x0009_fc00  ├───────────────────────┤  EBDA / VGA / BIOS: reserved (e820)
+//! 0x0010_0000  ├───────────────────────┤
+//!              │ kernel image (ELF)    │
+//!              │ free RAM …            │
+//! 0xc000_0000  ├───────────────────────┤  32-bit MMIO hole (1 GiB)
+//!              │ virtio-mmio devices   │  0xd000_0000
+//!              │ IOAPIC, LAPIC         │  0xfec0_0000, 0xfee0_0000
+//!              │ KVM identity map, TSS │  0xfffb_c000
+//! 0x1_0000_0000├───────────────────────┤
+//!              │ RAM above 4 GiB …     │
+//!              └───────────────────────┘
+//! ```
+
+/// Size of a base page (SDM Vol. 3A §4.5).
+pub const PAGE_SIZE: u64 = 0x1000;
+/// Size of a 2 MiB large page (a PDE with PS=1).
+pub const PAGE_SIZE_2M: u64 = 0x20_0000;
+/// Size of a 1 GiB huge page (a PDPTE with PS=1).
+pub const PAGE_SIZE_1G: u64 = 0x4000_0000;
+
+/// Where the VMM writes the PVH `hvm_start_info` (Xen `arch-x86/hvm/start_info.h`).
+pub const PVH_START_INFO: u64 = 0x6000;
+/// Where the VMM writes the PVH memory map the start info points to.
+pub const PVH_MEMMAP: u64 = 0x7000;
+/// Maximum entries of the PVH memory map (one page of 24-byte entries).
+pub const PVH_MEMMAP_MAX_ENTRIES: u64 = PAGE_SIZE / 24;
+/// Where the VMM writes [`crate::boot::BootConfig`].
+pub const BOOT_CONFIG: u64 = 0x8000;
+/// Where the VMM writes the NUL-terminated kernel command line.
+pub const CMDLINE: u64 = 0x9000;
+/// Longest command line, including its NUL.
+pub const CMDLINE_MAX: u64 = PAGE_SIZE;
+/// Start of the Extended BIOS Data Area; from here to [`HIGH_MEMORY`] is
+/// reserved in the memory map, as on a PC.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// The 1 MiB mark: kernels are loaded here (PVH and Linux convention).
+pub const HIGH_MEMORY: u64 = 0x10_0000;
+/// Start of the 32-bit MMIO hole. 1 GiB-aligned so that RAM below it can be
+/// backed by 1 GiB huge pages.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// First virtio-mmio device window.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of each virtio-mmio device window (virtio 1.x §4.2.2 registers fit in 4 KiB).
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// IOAPIC (Intel 82093AA datasheet; default PC address).
+pub const IOAPIC_BASE: u64 = 0xfec0_0000;
+/// Local APIC (SDM Vol. 3A §11.4.1, default IA32_APIC_BASE).
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
+/// KVM's identity-map page for real-mode emulation on Intel hosts without
+/// unrestricted guest (KVM api.rst, KVM_SET_IDENTITY_MAP_ADDR); one page.
+pub const KVM_IDENTITY_MAP: u64 = 0xfffb_c000;
+/// KVM's TSS for the same purpose (KVM_SET_TSS_ADDR); three pages.
+pub const KVM_TSS: u64 = 0xfffb_d000;
+/// End of the 32-bit MMIO hole and start of RAM above 4 GiB.
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Size of the 32-bit MMIO hole.
+pub const MMIO_HOLE_SIZE: u64 = MMIO_HOLE_END - MMIO_HOLE_START;
+
+/// Guest-virtual base of a ring-3 task's private address space: PML4 slot 1
+/// (512 GiB), so that slot 0 can stay the kernel's identity map.
+pub const USER_BASE: u64 = 0x0000_0080_0000_0000;
+/// Guest-virtual top of a ring-3 task's stack (grows down).
+pub const USER_STACK_TOP: u64 = USER_BASE + 0x10_0000;
+/// Size of a ring-3 task's stack.
+pub const USER_STACK_SIZE: u64 = 0x4000;
+/// Guest-virtual base of the window where a task sees the RAM it works on.
+pub const USER_HEAP_BASE: u64 = USER_BASE + PAGE_SIZE_1G;
+
+/// The RAM regions for `mem_size` bytes of guest memory, as
+/// `(guest-physical start, length)`: one region below the MMIO hole, and a
+/// second one from 4 GiB once the memory does not fit below the hole.
+#[must_use]
+pub const fn ram_regions(mem_size: u64) -> [(u64, u64); 2] {
+    if mem_size <= MMIO_HOLE_START {
+        [(0, mem_size), (MMIO_HOLE_END, 0)]
+    } else {
+        [(0, MMIO_HOLE_START), (MMIO_HOLE_END, mem_size - MMIO_HOLE_START)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_ram_is_one_region_below_the_hole() {
+        assert_eq!(ram_regions(256 << 20), [(0, 256 << 20), (MMIO_HOLE_END, 0)]);
+        assert_eq!(ram_regions(MMIO_HOLE_START)[1].1, 0);
+    }
+
+    #[test]
+    fn large_ram_splits_around_the_hole() {
+        let r = ram_regions(4 << 30);
+        assert_eq!(r[0], (0, MMIO_HOLE_START));
+        assert_eq!(r[1], (MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START));
+        assert_eq!(r[0].1 + r[1].1, 4 << 30);
+    }
+
+    #[test]
+    fn layout_is_in_address_order() {
+        let order = [
+            PVH_START_INFO, PVH_MEMMAP, BOOT_CONFIG, CMDLINE, EBDA_START, HIGH_MEMORY,
+            MMIO_HOLE_START, VIRTIO_MMIO_BASE, IOAPIC_BASE, LAPIC_BASE, KVM_IDENTITY_MAP, KVM_TSS, MMIO_HOLE_END,
+        ];
+        assert!(order.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(MMIO_HOLE_START % PAGE_SIZE_1G, 0);
+    }
+}

@@ -1,0 +1,23 @@
+//! The `vmm ctl` client.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use crate::api::ApiError;
+use crate::api::protocol::{Request, Response};
+
+/// Sends one request and returns the response.
+///
+/// # Errors
+/// [`ApiError::Connect`], [`ApiError::Io`], [`ApiError::BadMessage`].
+pub fn send(path: &Path, request: &Request) -> Result<Response, ApiError> {
+    let mut stream = UnixStream::connect(path).map_err(|source| ApiError::Connect { path: path.to_path_buf(), source })?;
+    let mut line = serde_json::to_string(request).map_err(|e| ApiError::BadMessage(e.to_string()))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer)?;
+    serde_json::from_str(&answer).map_err(|e| ApiError::BadMessage(format!("{e}: {answer:?}")))
+}

@@ -1,0 +1,93 @@
+//! Control-socket messages.
+//!
+//! Requests are JSON objects with a `cmd` field, e.g. `{"cmd":"pause"}`;
+//! responses are `{"ok":true,"state":"paused"}` or
+//! `{"ok":false,"error":"..."}`. Lines longer than [`MAX_LINE`] are refused.
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::VmState;
+
+/// Longest request line accepted, in bytes.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Report the VM's state.
+    Status,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume paused vCPUs.
+    Resume,
+    /// End the VM.
+    Shutdown,
+}
+
+/// A response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The VM's state after the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<VmState>,
+    /// Why the request failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Extra data some requests return.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl Response {
+    /// A success with the state.
+    #[must_use]
+    pub fn ok(state: VmState) -> Self {
+        Response { ok: true, state: Some(state), error: None, data: None }
+    }
+
+    /// A failure.
+    #[must_use]
+    pub fn error(message: impl Into<String>) -> Self {
+        Response { ok: false, state: None, error: Some(message.into()), data: None }
+    }
+}
+
+/// Parses a request line.
+///
+/// # Errors
+/// A message that says what is wrong with the line.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    if line.len() > MAX_LINE {
+        return Err(format!("request of {} bytes is longer than {MAX_LINE}", line.len()));
+    }
+    serde_json::from_str(line.trim()).map_err(|e| format!("invalid request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_from_json_lines() {
+        assert_eq!(parse_request("{\"cmd\":\"status\"}\n"), Ok(Request::Status));
+        assert_eq!(parse_request("{\"cmd\":\"shutdown\"}"), Ok(Request::Shutdown));
+    }
+
+    #[test]
+    fn garbage_requests_are_refused_with_a_reason() {
+        assert!(parse_request("not json").is_err());
+        assert!(parse_request("{\"cmd\":\"reboot\"}").is_err());
+        assert!(parse_request(&"x".repeat(MAX_LINE + 1)).is_err());
+    }
+
+    #[test]
+    fn responses_serialise_compactly() {
+        let r = serde_json::to_string(&Response::ok(VmState::Paused)).unwrap();
+        assert_eq!(r, "{\"ok\":true,\"state\":\"paused\"}");
+        let e = serde_json::to_string(&Response::error("no")).unwrap();
+        assert_eq!(e, "{\"ok\":false,\"error\":\"no\"}");
+    }
+}

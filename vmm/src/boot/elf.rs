@@ -1,0 +1,161 @@
+//! Checking and loading an x86-64 ELF kernel with a PVH entry.
+//!
+//! [`inspect`] is a pure check of the headers (so a bad file gets a precise
+//! message before anything is written to guest memory); [`load`] then hands
+//! the image to linux-loader, which copies the `PT_LOAD` segments to their
+//! physical addresses and finds the PVH entry note.
+
+use std::io::Cursor;
+
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::KernelLoader;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::boot::BootError;
+
+/// ELF constants (System V ABI, "ELF Header" and "Program Header").
+const ELFCLASS64: u8 = 2;
+const ELFDATA2LSB: u8 = 1;
+const EM_X86_64: u16 = 62;
+const ET_EXEC: u16 = 2;
+const PT_LOAD: u32 = 1;
+const EHDR_SIZE: usize = 64;
+const PHDR_SIZE: usize = 56;
+
+/// What [`inspect`] learned about an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ElfSummary {
+    /// Lowest physical address of a loadable segment.
+    pub load_start: u64,
+    /// One past the highest physical byte of a loadable segment.
+    pub load_end: u64,
+    /// The ELF entry point (not the PVH one).
+    pub entry: u64,
+}
+
+fn u16_at(b: &[u8], off: usize) -> Option<u16> {
+    b.get(off..off + 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+}
+fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    b.get(off..off + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+fn u64_at(b: &[u8], off: usize) -> Option<u64> {
+    b.get(off..off + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes)
+}
+
+/// Checks that `image` is a little-endian x86-64 executable ELF whose
+/// loadable segments lie in `[min_addr, ram_end)`.
+///
+/// # Errors
+/// [`BootError::NotElf`], [`BootError::WrongArch`] or [`BootError::DoesNotFit`].
+pub fn inspect(image: &[u8], min_addr: u64, ram_end: u64) -> Result<ElfSummary, BootError> {
+    let not_elf = |why: &str| BootError::NotElf(why.to_string());
+    if image.len() < EHDR_SIZE || &image[..4] != b"\x7fELF" {
+        return Err(not_elf("no ELF magic"));
+    }
+    if image[4] != ELFCLASS64 || image[5] != ELFDATA2LSB {
+        return Err(BootError::WrongArch("not a 64-bit little-endian ELF".into()));
+    }
+    let machine = u16_at(image, 18).ok_or_else(|| not_elf("truncated header"))?;
+    if machine != EM_X86_64 {
+        return Err(BootError::WrongArch(format!("ELF machine {machine}, not x86-64 ({EM_X86_64})")));
+    }
+    if u16_at(image, 16) != Some(ET_EXEC) {
+        return Err(not_elf("not an executable (ET_EXEC) image"));
+    }
+    let entry = u64_at(image, 24).ok_or_else(|| not_elf("truncated header"))?;
+    let phoff = u64_at(image, 32).ok_or_else(|| not_elf("truncated header"))?;
+    let phentsize = u16_at(image, 54).ok_or_else(|| not_elf("truncated header"))?;
+    let phnum = u16_at(image, 56).ok_or_else(|| not_elf("truncated header"))?;
+    if usize::from(phentsize) != PHDR_SIZE {
+        return Err(not_elf("unexpected program header size"));
+    }
+    let mut load_start = u64::MAX;
+    let mut load_end = 0u64;
+    for i in 0..u64::from(phnum) {
+        let off = phoff
+            .checked_add(i * PHDR_SIZE as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .filter(|o| o.checked_add(PHDR_SIZE).is_some_and(|end| end <= image.len()))
+            .ok_or_else(|| not_elf("program headers outside the file"))?;
+        if u32_at(image, off) != Some(PT_LOAD) {
+            continue;
+        }
+        let file_off = u64_at(image, off + 8).unwrap_or(0);
+        let paddr = u64_at(image, off + 24).unwrap_or(0);
+        let filesz = u64_at(image, off + 32).unwrap_or(0);
+        let memsz = u64_at(image, off + 40).unwrap_or(0);
+        if file_off.checked_add(filesz).is_none_or(|e| e > image.len() as u64) {
+            return Err(not_elf("a segment extends past the end of the file"));
+        }
+        let end = paddr.checked_add(memsz).ok_or_else(|| not_elf("segment address overflows"))?;
+        load_start = load_start.min(paddr);
+        load_end = load_end.max(end);
+    }
+    if load_end == 0 {
+        return Err(not_elf("no loadable segments"));
+    }
+    if load_start < min_addr || load_end > ram_end {
+        return Err(BootError::DoesNotFit { start: load_start, end: load_end, ram_end });
+    }
+    Ok(ElfSummary { load_start, load_end, entry })
+}
+
+/// Loads `image` into guest memory and returns its PVH entry point.
+///
+/// # Errors
+/// [`BootError::Load`] when linux-loader fails, [`BootError::NoPvhEntry`]
+/// when the image has no PVH entry note.
+pub fn load(memory: &GuestMemoryMmap, image: &[u8]) -> Result<GuestAddress, BootError> {
+    let mut reader = Cursor::new(image);
+    let result = Elf::load(memory, None, &mut reader, None).map_err(|e| BootError::Load(e.to_string()))?;
+    match result.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(entry) => Ok(entry),
+        _ => Err(BootError::NoPvhEntry),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF header + one PT_LOAD, built by hand.
+    fn tiny_elf(machine: u16, paddr: u64, memsz: u64) -> Vec<u8> {
+        let mut b = vec![0u8; EHDR_SIZE + PHDR_SIZE];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = ELFCLASS64;
+        b[5] = ELFDATA2LSB;
+        b[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
+        b[18..20].copy_from_slice(&machine.to_le_bytes());
+        b[24..32].copy_from_slice(&paddr.to_le_bytes());
+        b[32..40].copy_from_slice(&(EHDR_SIZE as u64).to_le_bytes());
+        b[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let p = EHDR_SIZE;
+        b[p..p + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        b[p + 24..p + 32].copy_from_slice(&paddr.to_le_bytes());
+        b[p + 40..p + 48].copy_from_slice(&memsz.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn a_good_header_is_summarised() {
+        let s = inspect(&tiny_elf(EM_X86_64, 0x10_0000, 0x1000), 0x10_0000, 1 << 30).unwrap();
+        assert_eq!((s.load_start, s.load_end), (0x10_0000, 0x10_1000));
+    }
+
+    #[test]
+    fn non_elf_and_wrong_arch_are_rejected() {
+        assert!(matches!(inspect(b"hello world", 0, 1 << 30), Err(BootError::NotElf(_))));
+        assert!(matches!(inspect(&tiny_elf(183, 0x10_0000, 0x1000), 0, 1 << 30), Err(BootError::WrongArch(_))));
+        let mut truncated = tiny_elf(EM_X86_64, 0x10_0000, 0x1000);
+        truncated.truncate(EHDR_SIZE + 10);
+        assert!(matches!(inspect(&truncated, 0, 1 << 30), Err(BootError::NotElf(_))));
+    }
+
+    #[test]
+    fn an_image_larger_than_ram_does_not_fit() {
+        let r = inspect(&tiny_elf(EM_X86_64, 0x10_0000, 64 << 20), 0x10_0000, 32 << 20);
+        assert!(matches!(r, Err(BootError::DoesNotFit { .. })));
+    }
+}

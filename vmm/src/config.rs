@@ -1,0 +1,493 @@
+//! Typed, validated VM configuration.
+//!
+//! Flags and the TOML file (`--config FILE`) share one shape, [`ConfigFile`]:
+//! the file is read first, then every flag the user gave overrides its field.
+//! [`VmConfig::validate`] checks what can be checked without touching the
+//! host; host-dependent checks (NUMA nodes, huge-page reservations, available
+//! memory) live with the code that needs the host (`memory::`).
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use memvisor_abi::layout::{PAGE_SIZE, PAGE_SIZE_1G, PAGE_SIZE_2M};
+
+/// Default guest memory: 256 MiB.
+pub const DEFAULT_MEM_SIZE: u64 = 256 << 20;
+
+/// Errors in configuration values or files.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// A size string could not be parsed.
+    #[error("invalid size {0:?}: expected a number of bytes with an optional K, M, G or T suffix (e.g. 256M, 1G, 1073741824)")]
+    BadSize(String),
+    /// Memory size zero.
+    #[error("memory size must not be zero")]
+    ZeroMemory,
+    /// Memory size not a page multiple.
+    #[error("memory size {0} is not a multiple of the 4 KiB page size")]
+    NotPageMultiple(u64),
+    /// Memory size not a multiple of the backing's huge page.
+    #[error("memory size {size} is not a multiple of the {page} huge page size of backing {backing}")]
+    NotHugePageMultiple {
+        /// The size asked for.
+        size: u64,
+        /// The huge page size, human-readable.
+        page: &'static str,
+        /// The backing.
+        backing: Backing,
+    },
+    /// A NUMA policy without nodes, or nodes without a policy.
+    #[error("{0}")]
+    Numa(String),
+    /// A vCPU count out of range.
+    #[error("vCPU count must be between 1 and 254, not {0}")]
+    BadVcpus(u32),
+    /// The config file could not be read.
+    #[error("cannot read config file {path}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A list of NUMA nodes could not be parsed.
+    #[error("invalid NUMA node list {0:?}: expected numbers and ranges like 0,2-3")]
+    BadNodeList(String),
+}
+
+/// Parses a memory size: plain bytes or a number with a binary suffix
+/// (K, M, G, T; optionally followed by `iB` or `B`).
+///
+/// # Errors
+/// [`ConfigError::BadSize`] for anything else, including overflow.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(s.to_string());
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits_end == 0 {
+        return Err(bad());
+    }
+    let number: u64 = t[..digits_end].parse().map_err(|_| bad())?;
+    let suffix = t[digits_end..].trim().to_ascii_uppercase();
+    let shift = match suffix.as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Formats a byte count with a binary unit, exact where possible ("256 MiB").
+#[must_use]
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    for (unit, shift) in UNITS {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{} {unit}", bytes >> shift);
+        }
+    }
+    for (unit, shift) in UNITS {
+        if bytes >= 1 << shift {
+            return format!("{:.1} {unit}", bytes as f64 / (1u64 << shift) as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
+/// Parses a NUMA node list such as `0`, `0,1` or `0-3,6`.
+///
+/// # Errors
+/// [`ConfigError::BadNodeList`] for malformed lists or nodes ≥ 1024.
+pub fn parse_node_list(s: &str) -> Result<Vec<u32>, ConfigError> {
+    let bad = || ConfigError::BadNodeList(s.to_string());
+    let mut nodes = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u32>().map_err(|_| bad())?, b.trim().parse::<u32>().map_err(|_| bad())?),
+            None => {
+                let n = part.parse::<u32>().map_err(|_| bad())?;
+                (n, n)
+            }
+        };
+        if lo > hi || hi >= 1024 {
+            return Err(bad());
+        }
+        nodes.extend(lo..=hi);
+    }
+    nodes.sort_unstable();
+    nodes.dedup();
+    Ok(nodes)
+}
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name { $($(#[$vm])* #[serde(rename = $text)] $variant),+ }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            /// The name used in flags, files and reports.
+            #[must_use]
+            pub fn as_str(self) -> &'static str { match self { $($name::$variant => $text),+ } }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s { $($text => Ok($name::$variant),)+ _ => Err(format!(
+                    "invalid value {s:?}; expected one of: {}",
+                    [$($text),+].join(", ")
+                )) }
+            }
+        }
+    };
+}
+
+string_enum! {
+    /// What host memory backs guest RAM.
+    Backing {
+        /// Private anonymous memory, 4 KiB pages.
+        Anon = "anon",
+        /// A memfd mapped `MAP_SHARED` (shareable with another process).
+        Memfd = "memfd",
+        /// Private anonymous memory with `MADV_HUGEPAGE` (transparent huge pages).
+        Thp = "thp",
+        /// hugetlbfs 2 MiB pages (`MAP_HUGETLB | MAP_HUGE_2MB`).
+        Hugetlb2M = "hugetlb-2m",
+        /// hugetlbfs 1 GiB pages (`MAP_HUGETLB | MAP_HUGE_1GB`).
+        Hugetlb1G = "hugetlb-1g",
+    }
+}
+
+impl Backing {
+    /// The page size the host uses for this backing, when it is fixed.
+    #[must_use]
+    pub fn hugetlb_page_size(self) -> Option<u64> {
+        match self {
+            Backing::Hugetlb2M => Some(PAGE_SIZE_2M),
+            Backing::Hugetlb1G => Some(PAGE_SIZE_1G),
+            _ => None,
+        }
+    }
+}
+
+string_enum! {
+    /// NUMA memory policy for guest RAM (mbind(2)).
+    NumaPolicy {
+        /// `MPOL_BIND`: only the given nodes.
+        Bind = "bind",
+        /// `MPOL_PREFERRED`: the first given node, others when it is full.
+        Preferred = "preferred",
+        /// `MPOL_INTERLEAVE`: round-robin over the given nodes, page by page.
+        Interleave = "interleave",
+    }
+}
+
+string_enum! {
+    /// Leaf size the guest uses to map its RAM.
+    GuestPage {
+        /// 4 KiB PTEs.
+        K4 = "4k",
+        /// 2 MiB PDEs (PS=1).
+        M2 = "2m",
+        /// 1 GiB PDPTEs (PS=1), where the CPU offers them.
+        G1 = "1g",
+    }
+}
+
+impl GuestPage {
+    /// log2 of the page size.
+    #[must_use]
+    pub fn shift(self) -> u32 {
+        match self {
+            GuestPage::K4 => 12,
+            GuestPage::M2 => 21,
+            GuestPage::G1 => 30,
+        }
+    }
+}
+
+/// The configuration file's shape; every field optional so that flags can
+/// override a partial file. Also what `--config` accepts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConfigFile {
+    /// Guest memory size, as a size string or a byte count.
+    pub mem: Option<SizeValue>,
+    /// Number of vCPUs.
+    pub vcpus: Option<u32>,
+    /// Host backing.
+    pub backing: Option<Backing>,
+    /// Populate all guest memory before boot.
+    pub prefault: Option<bool>,
+    /// mlock(2) guest memory.
+    pub mlock: Option<bool>,
+    /// NUMA policy.
+    pub numa_policy: Option<NumaPolicy>,
+    /// NUMA nodes, as a list string ("0-1") or an array.
+    pub numa_nodes: Option<NodesValue>,
+    /// Guest leaf size.
+    pub guest_page: Option<GuestPage>,
+    /// Kernel image.
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: Option<String>,
+    /// Control socket path.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// A size in a config file: `"256M"` or `268435456`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// A byte count.
+    Bytes(u64),
+    /// A size string.
+    Text(String),
+}
+
+/// NUMA nodes in a config file: `"0-1"` or `[0, 1]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NodesValue {
+    /// A list of node numbers.
+    List(Vec<u32>),
+    /// A node-list string.
+    Text(String),
+}
+
+impl ConfigFile {
+    /// Reads and parses a TOML config file.
+    ///
+    /// # Errors
+    /// [`ConfigError::ReadFile`] or [`ConfigError::ParseFile`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::ParseFile { path: path.to_path_buf(), message: e.message().to_string() })
+    }
+
+    /// Fields set in `over` replace those in `self`.
+    #[must_use]
+    pub fn merged_with(self, over: ConfigFile) -> ConfigFile {
+        ConfigFile {
+            mem: over.mem.or(self.mem),
+            vcpus: over.vcpus.or(self.vcpus),
+            backing: over.backing.or(self.backing),
+            prefault: over.prefault.or(self.prefault),
+            mlock: over.mlock.or(self.mlock),
+            numa_policy: over.numa_policy.or(self.numa_policy),
+            numa_nodes: over.numa_nodes.or(self.numa_nodes),
+            guest_page: over.guest_page.or(self.guest_page),
+            kernel: over.kernel.or(self.kernel),
+            cmdline: over.cmdline.or(self.cmdline),
+            api_socket: over.api_socket.or(self.api_socket),
+        }
+    }
+
+    /// Fills defaults and validates.
+    ///
+    /// # Errors
+    /// Any [`ConfigError`] about the values.
+    pub fn into_vm_config(self) -> Result<VmConfig, ConfigError> {
+        let mem_size = match self.mem {
+            None => DEFAULT_MEM_SIZE,
+            Some(SizeValue::Bytes(b)) => b,
+            Some(SizeValue::Text(t)) => parse_size(&t)?,
+        };
+        let numa_nodes = match self.numa_nodes {
+            None => Vec::new(),
+            Some(NodesValue::List(mut l)) => {
+                l.sort_unstable();
+                l.dedup();
+                l
+            }
+            Some(NodesValue::Text(t)) => parse_node_list(&t)?,
+        };
+        let config = VmConfig {
+            mem_size,
+            vcpus: self.vcpus.unwrap_or(1),
+            backing: self.backing.unwrap_or(Backing::Anon),
+            prefault: self.prefault.unwrap_or(false),
+            mlock: self.mlock.unwrap_or(false),
+            numa_policy: self.numa_policy,
+            numa_nodes,
+            guest_page: self.guest_page.unwrap_or(GuestPage::M2),
+            kernel: self.kernel,
+            cmdline: self.cmdline.unwrap_or_default(),
+            api_socket: self.api_socket,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// A complete, validated VM configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Host backing of guest RAM.
+    pub backing: Backing,
+    /// Populate guest RAM before boot (`MADV_POPULATE_WRITE`).
+    pub prefault: bool,
+    /// Lock guest RAM in host memory.
+    pub mlock: bool,
+    /// NUMA policy, when any.
+    pub numa_policy: Option<NumaPolicy>,
+    /// NUMA nodes for the policy.
+    pub numa_nodes: Vec<u32>,
+    /// Leaf size the guest maps its RAM with.
+    pub guest_page: GuestPage,
+    /// Kernel image; `None` is the built-in tiny guest.
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Control socket.
+    pub api_socket: Option<PathBuf>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        ConfigFile::default().into_vm_config().expect("the defaults are valid")
+    }
+}
+
+impl VmConfig {
+    /// Checks the values against each other (not against the host).
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.mem_size == 0 {
+            return Err(ConfigError::ZeroMemory);
+        }
+        if self.mem_size % PAGE_SIZE != 0 {
+            return Err(ConfigError::NotPageMultiple(self.mem_size));
+        }
+        if let Some(page) = self.backing.hugetlb_page_size() {
+            if self.mem_size % page != 0 {
+                return Err(ConfigError::NotHugePageMultiple {
+                    size: self.mem_size,
+                    page: if page == PAGE_SIZE_2M { "2 MiB" } else { "1 GiB" },
+                    backing: self.backing,
+                });
+            }
+        }
+        if !(1..=254).contains(&self.vcpus) {
+            return Err(ConfigError::BadVcpus(self.vcpus));
+        }
+        match (self.numa_policy, self.numa_nodes.is_empty()) {
+            (Some(p), true) => return Err(ConfigError::Numa(format!("NUMA policy {p} needs --numa-nodes"))),
+            (None, false) => return Err(ConfigError::Numa("--numa-nodes needs a --numa-policy".into())),
+            (Some(NumaPolicy::Preferred), false) if self.numa_nodes.len() > 1 => {
+                return Err(ConfigError::Numa("NUMA policy preferred takes exactly one node".into()));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_and_without_suffixes() {
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1073741824").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size(" 3 MB ").unwrap(), 3 << 20);
+    }
+
+    #[test]
+    fn bad_sizes_are_rejected() {
+        for s in ["", "M", "12X", "-1", "1.5G", "99999999999999999999", "17179869184T"] {
+            assert!(parse_size(s).is_err(), "{s:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn sizes_format_exactly_when_they_can() {
+        assert_eq!(format_size(256 << 20), "256 MiB");
+        assert_eq!(format_size(1 << 30), "1 GiB");
+        assert_eq!(format_size((1 << 30) + (512 << 20)), "1536 MiB");
+        assert_eq!(format_size(1000), "1000 B");
+    }
+
+    #[test]
+    fn node_lists_parse_ranges() {
+        assert_eq!(parse_node_list("0").unwrap(), vec![0]);
+        assert_eq!(parse_node_list("2,0-1,1").unwrap(), vec![0, 1, 2]);
+        assert!(parse_node_list("1-0").is_err());
+        assert!(parse_node_list("a").is_err());
+        assert!(parse_node_list("5000").is_err());
+    }
+
+    #[test]
+    fn defaults_are_256m_one_vcpu_anon_2m() {
+        let c = VmConfig::default();
+        assert_eq!(c.mem_size, 256 << 20);
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.backing, Backing::Anon);
+        assert_eq!(c.guest_page, GuestPage::M2);
+    }
+
+    #[test]
+    fn memory_size_is_validated() {
+        let mk = |mem: &str, backing| ConfigFile { mem: Some(SizeValue::Text(mem.into())), backing: Some(backing), ..Default::default() }.into_vm_config();
+        assert!(matches!(mk("0", Backing::Anon), Err(ConfigError::ZeroMemory)));
+        assert!(matches!(mk("1000", Backing::Anon), Err(ConfigError::NotPageMultiple(1000))));
+        assert!(matches!(mk("3M", Backing::Hugetlb2M), Err(ConfigError::NotHugePageMultiple { .. })));
+        assert!(matches!(mk("2M", Backing::Hugetlb1G), Err(ConfigError::NotHugePageMultiple { .. })));
+        assert!(mk("4M", Backing::Hugetlb2M).is_ok());
+    }
+
+    #[test]
+    fn numa_policy_and_nodes_go_together() {
+        let c = ConfigFile { numa_policy: Some(NumaPolicy::Bind), ..Default::default() };
+        assert!(matches!(c.into_vm_config(), Err(ConfigError::Numa(_))));
+        let c = ConfigFile { numa_nodes: Some(NodesValue::Text("0".into())), ..Default::default() };
+        assert!(matches!(c.into_vm_config(), Err(ConfigError::Numa(_))));
+        let c = ConfigFile { numa_policy: Some(NumaPolicy::Preferred), numa_nodes: Some(NodesValue::List(vec![0, 1])), ..Default::default() };
+        assert!(matches!(c.into_vm_config(), Err(ConfigError::Numa(_))));
+    }
+
+    #[test]
+    fn toml_files_parse_and_flags_override_them() {
+        let file: ConfigFile = toml::from_str("mem = \"1G\"\nbacking = \"thp\"\nnuma-policy = \"bind\"\nnuma-nodes = [0]\nguest-page = \"4k\"\n").unwrap();
+        let flags = ConfigFile { backing: Some(Backing::Memfd), ..Default::default() };
+        let c = file.merged_with(flags).into_vm_config().unwrap();
+        assert_eq!(c.mem_size, 1 << 30);
+        assert_eq!(c.backing, Backing::Memfd);
+        assert_eq!(c.guest_page, GuestPage::K4);
+        assert_eq!(c.numa_nodes, vec![0]);
+        assert!(toml::from_str::<ConfigFile>("memory = 1").is_err(), "unknown keys are rejected");
+        assert!(toml::from_str::<ConfigFile>("backing = \"bogus\"").is_err());
+    }
+}

@@ -1,0 +1,152 @@
+//! Emulated devices and the port-I/O and MMIO dispatch.
+//!
+//! The tiny guest needs only a UART, a debug-exit port and the message port
+//! of the ABI. Everything else a guest touches is logged once per address
+//! and answered with all-ones, as an empty ISA bus would; nothing a guest
+//! does here can stop the VMM.
+
+pub mod serial;
+
+use std::collections::HashSet;
+
+use memvisor_abi::ports;
+
+use serial::SerialConsole;
+
+/// What the run loop must do after an I/O exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoAction {
+    /// Nothing; resume the guest.
+    Continue,
+    /// The guest asked to end with this status.
+    Exit(u32),
+    /// The guest sent a message at this guest-physical address.
+    Message(u64),
+}
+
+/// Counters of accesses nobody handles.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct UnhandledStats {
+    /// Port reads and writes to unhandled ports.
+    pub port_accesses: u64,
+    /// MMIO reads and writes to unhandled addresses.
+    pub mmio_accesses: u64,
+}
+
+/// The devices of one VM.
+#[derive(Debug)]
+pub struct Devices {
+    serial: SerialConsole,
+    logged_ports: HashSet<u16>,
+    logged_mmio: HashSet<u64>,
+    unhandled: UnhandledStats,
+}
+
+/// Reads up to 4 little-endian bytes as a value.
+fn le_value(data: &[u8]) -> u32 {
+    data.iter().take(4).enumerate().fold(0u32, |v, (i, b)| v | (u32::from(*b) << (8 * i)))
+}
+
+impl Devices {
+    /// Devices with the console writing to `console`.
+    #[must_use]
+    pub fn new(console: Box<dyn std::io::Write + Send>) -> Self {
+        Devices { serial: SerialConsole::new(console), logged_ports: HashSet::new(), logged_mmio: HashSet::new(), unhandled: UnhandledStats::default() }
+    }
+
+    /// A port write.
+    pub fn port_out(&mut self, port: u16, data: &[u8]) -> IoAction {
+        match port {
+            p if (ports::COM1..ports::COM1 + ports::COM1_LEN).contains(&p) => {
+                for &b in data {
+                    self.serial.write((p - ports::COM1) as u8, b);
+                }
+                IoAction::Continue
+            }
+            ports::DEBUG_EXIT => IoAction::Exit(le_value(data)),
+            ports::MESSAGE if data.len() == 4 => IoAction::Message(u64::from(le_value(data))),
+            _ => {
+                self.unhandled_port(port, "write");
+                IoAction::Continue
+            }
+        }
+    }
+
+    /// A port read; fills `data`.
+    pub fn port_in(&mut self, port: u16, data: &mut [u8]) {
+        if (ports::COM1..ports::COM1 + ports::COM1_LEN).contains(&port) {
+            let v = self.serial.read((port - ports::COM1) as u8);
+            data.fill(0);
+            if let Some(b) = data.first_mut() {
+                *b = v;
+            }
+        } else {
+            self.unhandled_port(port, "read");
+            data.fill(0xff);
+        }
+    }
+
+    /// An MMIO read nobody handles: all-ones.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.unhandled_mmio(addr, "read");
+        data.fill(0xff);
+    }
+
+    /// An MMIO write nobody handles: dropped.
+    pub fn mmio_write(&mut self, addr: u64, _data: &[u8]) {
+        self.unhandled_mmio(addr, "write");
+    }
+
+    /// Flushes the console.
+    pub fn flush(&mut self) {
+        self.serial.flush();
+    }
+
+    /// Counters of unhandled accesses.
+    #[must_use]
+    pub fn unhandled(&self) -> &UnhandledStats {
+        &self.unhandled
+    }
+
+    fn unhandled_port(&mut self, port: u16, dir: &str) {
+        self.unhandled.port_accesses += 1;
+        if self.logged_ports.insert(port) {
+            log::warn!("guest {dir} of unhandled I/O port {port:#x} (answered with all-ones; logged once)");
+        }
+    }
+
+    fn unhandled_mmio(&mut self, addr: u64, dir: &str) {
+        self.unhandled.mmio_accesses += 1;
+        if self.logged_mmio.insert(addr) {
+            log::warn!("guest {dir} of unhandled MMIO address {addr:#x} (answered with all-ones; logged once)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_exit_and_message_ports_decode_their_values() {
+        let mut d = Devices::new(Box::new(std::io::sink()));
+        assert_eq!(d.port_out(ports::DEBUG_EXIT, &[3, 0, 0, 0]), IoAction::Exit(3));
+        assert_eq!(d.port_out(ports::MESSAGE, &[0, 0x10, 0, 0]), IoAction::Message(0x1000));
+        // A byte-sized write to the message port is not a message.
+        assert_eq!(d.port_out(ports::MESSAGE, &[1]), IoAction::Continue);
+    }
+
+    #[test]
+    fn unknown_ports_read_all_ones_and_are_counted() {
+        let mut d = Devices::new(Box::new(std::io::sink()));
+        let mut buf = [0u8; 2];
+        d.port_in(0x1234, &mut buf);
+        d.port_in(0x1234, &mut buf);
+        assert_eq!(buf, [0xff, 0xff]);
+        let mut m = [0u8; 4];
+        d.mmio_read(0xd000_0000, &mut m);
+        assert_eq!(m, [0xff; 4]);
+        assert_eq!(d.unhandled().port_accesses, 2);
+        assert_eq!(d.unhandled().mmio_accesses, 1);
+    }
+}

@@ -1,0 +1,109 @@
+//! The guest-physical layout, typed for the VMM.
+//!
+//! The constants themselves live once, in `memvisor_abi::layout`, because
+//! the guest needs them too; this module wraps them in [`GuestAddress`] and
+//! derives what only the VMM needs: the RAM regions and the E820 memory map
+//! handed to the guest.
+
+use vm_memory::GuestAddress;
+
+pub use memvisor_abi::layout as abi;
+use memvisor_abi::boot::{E820_RAM, E820_RESERVED, HvmMemmapEntry};
+
+/// Where the PVH start info goes.
+pub const PVH_START_INFO: GuestAddress = GuestAddress(abi::PVH_START_INFO);
+/// Where the PVH memory map goes.
+pub const PVH_MEMMAP: GuestAddress = GuestAddress(abi::PVH_MEMMAP);
+/// Where memvisor's boot configuration goes.
+pub const BOOT_CONFIG: GuestAddress = GuestAddress(abi::BOOT_CONFIG);
+/// Where the command line goes.
+pub const CMDLINE: GuestAddress = GuestAddress(abi::CMDLINE);
+/// Where kernels are loaded.
+pub const HIGH_MEMORY: GuestAddress = GuestAddress(abi::HIGH_MEMORY);
+/// The 32-bit MMIO hole.
+pub const MMIO_HOLE_START: GuestAddress = GuestAddress(abi::MMIO_HOLE_START);
+/// RAM above 4 GiB.
+pub const MMIO_HOLE_END: GuestAddress = GuestAddress(abi::MMIO_HOLE_END);
+
+/// One contiguous range of guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRange {
+    /// First guest-physical address.
+    pub start: GuestAddress,
+    /// Length in bytes (never zero).
+    pub size: u64,
+}
+
+impl RamRange {
+    /// One past the last address.
+    #[must_use]
+    pub fn end(&self) -> GuestAddress {
+        GuestAddress(self.start.0 + self.size)
+    }
+}
+
+/// The RAM ranges for `mem_size` bytes, empty ranges left out.
+#[must_use]
+pub fn ram_ranges(mem_size: u64) -> Vec<RamRange> {
+    abi::ram_regions(mem_size)
+        .into_iter()
+        .filter(|&(_, size)| size > 0)
+        .map(|(start, size)| RamRange { start: GuestAddress(start), size })
+        .collect()
+}
+
+/// The E820-style memory map the guest gets: RAM below the EBDA, the legacy
+/// hole reserved, RAM from 1 MiB, then RAM above 4 GiB.
+#[must_use]
+pub fn e820_map(mem_size: u64) -> Vec<HvmMemmapEntry> {
+    let entry = |addr: u64, size: u64, kind: u32| HvmMemmapEntry { addr, size, kind, reserved: 0 };
+    let mut map = Vec::new();
+    for range in ram_ranges(mem_size) {
+        let (start, end) = (range.start.0, range.end().0);
+        if start < abi::HIGH_MEMORY {
+            let low_end = end.min(abi::EBDA_START);
+            map.push(entry(start, low_end - start, E820_RAM));
+            if end > abi::EBDA_START {
+                map.push(entry(abi::EBDA_START, end.min(abi::HIGH_MEMORY) - abi::EBDA_START, E820_RESERVED));
+            }
+            if end > abi::HIGH_MEMORY {
+                map.push(entry(abi::HIGH_MEMORY, end - abi::HIGH_MEMORY, E820_RAM));
+            }
+        } else {
+            map.push(entry(start, end - start, E820_RAM));
+        }
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e820_reserves_the_legacy_hole() {
+        let map = e820_map(256 << 20);
+        assert_eq!(map.len(), 3);
+        assert_eq!((map[0].addr, map[0].size, map[0].kind), (0, abi::EBDA_START, E820_RAM));
+        assert_eq!(map[1].kind, E820_RESERVED);
+        assert_eq!(map[2].addr, abi::HIGH_MEMORY);
+        assert_eq!(map[2].addr + map[2].size, 256 << 20);
+    }
+
+    #[test]
+    fn e820_covers_ram_above_4g() {
+        let map = e820_map(6 << 30);
+        let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let reserved: u64 = map.iter().filter(|e| e.kind == E820_RESERVED).map(|e| e.size).sum();
+        assert_eq!(ram + reserved, 6 << 30);
+        let last = map.last().unwrap();
+        assert_eq!(last.addr, abi::MMIO_HOLE_END);
+        assert_eq!(last.addr + last.size, abi::MMIO_HOLE_END + (6 << 30) - abi::MMIO_HOLE_START);
+    }
+
+    #[test]
+    fn ram_ranges_skip_empty_high_range() {
+        assert_eq!(ram_ranges(1 << 30).len(), 1);
+        assert_eq!(ram_ranges(abi::MMIO_HOLE_START + 4096).len(), 2);
+    }
+}

@@ -1,0 +1,28 @@
+//! memvisor: a small KVM hypervisor whose subject is memory.
+//!
+//! The layers, from the bottom:
+//! - [`layout`] and [`config`]: the guest-physical map and the validated
+//!   configuration (pure, unit-tested).
+//! - [`memory`]: host mappings backing guest RAM, NUMA placement, memslots
+//!   and the memory report.
+//! - [`vm`] and [`vcpu`]: the KVM objects; [`boot`] loads the guest.
+//! - [`devices`]: the UART, the debug-exit and message ports, and the
+//!   catch-all for accesses to nothing.
+//! - [`vmm`]: the run loop; [`control`] and [`api`]: pause, resume and
+//!   shutdown over a control socket.
+//! - [`bench`]: benchmarks.
+
+pub mod api;
+pub mod bench;
+pub mod boot;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod host;
+pub mod layout;
+pub mod memory;
+pub mod run_report;
+pub mod timeline;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;

@@ -1,0 +1,197 @@
+//! The `vmm` command: `vmm run`, `vmm ctl`, `vmm bench`.
+//!
+//! Parses flags into the shared config shape, runs, prints the report, and
+//! maps the outcome to an exit status: the guest's own status after a run,
+//! 1 with a one-line message for any error (the chain joined by ": ").
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use memvisor::api::{self, protocol::Request};
+use memvisor::config::{Backing, ConfigFile, GuestPage, NodesValue, NumaPolicy, SizeValue};
+use memvisor::control::VmControl;
+use memvisor::vmm::{self, RunOptions};
+use memvisor::{run_report, timeline};
+
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about = "memvisor: a small KVM hypervisor whose subject is memory")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a guest (the built-in tiny guest by default) and report on memory.
+    Run(RunArgs),
+    /// Send a command to a running VM's control socket.
+    Ctl {
+        /// The control socket (`vmm run --api-socket PATH`).
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+    /// Run a benchmark.
+    Bench {
+        #[command(subcommand)]
+        bench: memvisor::bench::BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Print the VM's state.
+    Status,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// End the VM.
+    Shutdown,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Guest memory size (256M, 1G, 1073741824). Default 256M.
+    #[arg(long, value_name = "SIZE")]
+    mem: Option<String>,
+    /// Number of vCPUs (the tiny guest uses the first).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Host backing of guest RAM.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Backing::ALL.iter().map(|b| b.as_str())))]
+    backing: Option<String>,
+    /// Populate guest RAM before boot (MADV_POPULATE_WRITE).
+    #[arg(long)]
+    prefault: bool,
+    /// Lock guest RAM in host memory (mlock).
+    #[arg(long)]
+    mlock: bool,
+    /// NUMA policy for guest RAM.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(NumaPolicy::ALL.iter().map(|b| b.as_str())))]
+    numa_policy: Option<String>,
+    /// NUMA nodes for the policy (0, 0-1, 0,2).
+    #[arg(long, value_name = "LIST")]
+    numa_nodes: Option<String>,
+    /// Leaf size the guest maps its RAM with.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(GuestPage::ALL.iter().map(|b| b.as_str())))]
+    guest_page: Option<String>,
+    /// Kernel image (an x86-64 ELF with a PVH entry); default: the built-in tiny guest.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// TOML config file with the same fields; flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Serve a control socket here; the VM then stays up until `vmm ctl PATH shutdown`.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Print the report as one JSON object (the guest console goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Skip the guest's self-test (used by boot benchmarks).
+    #[arg(long, hide = true)]
+    skip_selftest: bool,
+}
+
+impl RunArgs {
+    fn flags_as_config(&self) -> anyhow_free::Result<ConfigFile> {
+        fn parse<T: std::str::FromStr<Err = String>>(v: &Option<String>) -> Result<Option<T>, String> {
+            v.as_deref().map(str::parse).transpose()
+        }
+        Ok(ConfigFile {
+            mem: self.mem.clone().map(SizeValue::Text),
+            vcpus: self.vcpus,
+            backing: parse(&self.backing)?,
+            prefault: self.prefault.then_some(true),
+            mlock: self.mlock.then_some(true),
+            numa_policy: parse(&self.numa_policy)?,
+            numa_nodes: self.numa_nodes.clone().map(NodesValue::Text),
+            guest_page: parse(&self.guest_page)?,
+            kernel: self.kernel.clone(),
+            cmdline: self.cmdline.clone(),
+            api_socket: self.api_socket.clone(),
+        })
+    }
+}
+
+/// Errors are reported as one line: the error and its sources.
+mod anyhow_free {
+    pub type Result<T> = std::result::Result<T, String>;
+
+    pub fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut src = e.source();
+        while let Some(inner) = src {
+            let text = inner.to_string();
+            if !s.contains(&text) {
+                s.push_str(": ");
+                s.push_str(&text);
+            }
+            src = inner.source();
+        }
+        s
+    }
+}
+
+fn run(args: RunArgs) -> anyhow_free::Result<u32> {
+    let file = match &args.config {
+        Some(p) => ConfigFile::load(p).map_err(|e| anyhow_free::chain(&e))?,
+        None => ConfigFile::default(),
+    };
+    let config = file.merged_with(args.flags_as_config()?).into_vm_config().map_err(|e| anyhow_free::chain(&e))?;
+    let control = config.api_socket.as_ref().map(|_| Arc::new(VmControl::default()));
+    let _server = match (&config.api_socket, &control) {
+        (Some(path), Some(c)) => Some(api::server::spawn(path, Arc::clone(c)).map_err(|e| anyhow_free::chain(&e))?),
+        _ => None,
+    };
+    let console: Box<dyn std::io::Write + Send> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
+    let outcome = vmm::run(&config, RunOptions { console, control, skip_selftest: args.skip_selftest }).map_err(|e| anyhow_free::chain(&e))?;
+    if args.json {
+        println!("{}", run_report::to_json(&outcome));
+    } else {
+        print!("{}", run_report::to_text(&outcome));
+    }
+    Ok(outcome.exit_status)
+}
+
+fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
+    let request = match command {
+        CtlCommand::Status => Request::Status,
+        CtlCommand::Pause => Request::Pause,
+        CtlCommand::Resume => Request::Resume,
+        CtlCommand::Shutdown => Request::Shutdown,
+    };
+    let response = api::client::send(&socket, &request).map_err(|e| anyhow_free::chain(&e))?;
+    println!("{}", serde_json::to_string(&response).map_err(|e| e.to_string())?);
+    if response.ok { Ok(0) } else { Err(response.error.unwrap_or_else(|| "request failed".into())) }
+}
+
+fn exit_code(status: u32) -> ExitCode {
+    // Exit statuses are 8 bits; a nonzero guest status never maps to 0.
+    let low = (status & 0xff) as u8;
+    ExitCode::from(if status != 0 && low == 0 { 1 } else { low })
+}
+
+fn main() -> ExitCode {
+    timeline::process_start_ns();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Ctl { socket, command } => ctl(socket, command),
+        Command::Bench { bench } => memvisor::bench::run(bench).map_err(|e| anyhow_free::chain(&*e)),
+    };
+    match result {
+        Ok(status) => exit_code(status),
+        Err(message) => {
+            eprintln!("vmm: error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}

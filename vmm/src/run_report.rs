@@ -1,0 +1,191 @@
+//! The report `vmm run` prints at the end: as text, or one JSON object.
+
+use std::fmt::Write as _;
+
+use memvisor_abi::msg::{CheckId, Report};
+
+use crate::config::format_size;
+use crate::vmm::RunOutcome;
+
+/// One self-test check, as printed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CheckResult {
+    /// Which check (snake-case name).
+    pub check: String,
+    /// Human description.
+    pub description: &'static str,
+    /// Pass or fail.
+    pub passed: bool,
+    /// Expected value.
+    pub expected: u64,
+    /// Observed value.
+    pub got: u64,
+    /// Faulting address, for fault checks.
+    pub cr2: u64,
+    /// Faulting instruction, for fault checks.
+    pub rip: u64,
+}
+
+/// The self-test results in the outcome.
+#[must_use]
+pub fn checks(outcome: &RunOutcome) -> Vec<CheckResult> {
+    outcome
+        .reports
+        .iter()
+        .filter_map(|r| match r.report {
+            Report::Check { id, passed, expected, got, cr2, rip } => Some(CheckResult {
+                check: check_key(id).to_string(),
+                description: id.name(),
+                passed,
+                expected,
+                got,
+                cr2,
+                rip,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A stable machine name for a check.
+#[must_use]
+pub fn check_key(id: CheckId) -> &'static str {
+    match id {
+        CheckId::RamPattern => "ram_pattern",
+        CheckId::ReadOnlyWrite => "read_only_write",
+        CheckId::NxFetch => "nx_fetch",
+        CheckId::UserReadsKernel => "user_reads_kernel",
+        CheckId::Unmapped => "unmapped",
+    }
+}
+
+/// The report as one JSON value.
+#[must_use]
+pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
+    let mut page_tables = serde_json::Value::Null;
+    let mut frames = serde_json::Value::Null;
+    let mut guest_page_shift = serde_json::Value::Null;
+    for r in &outcome.reports {
+        match r.report {
+            Report::PageTables { table_pages, leaves } => {
+                page_tables = serde_json::json!({ "table_pages": table_pages, "leaves_4k": leaves[0], "leaves_2m": leaves[1], "leaves_1g": leaves[2] });
+            }
+            Report::Frames { ram_bytes, managed_bytes, free_bytes } => {
+                frames = serde_json::json!({ "ram_bytes": ram_bytes, "managed_bytes": managed_bytes, "free_bytes": free_bytes });
+            }
+            Report::Ready { page_shift, has_1g_pages, .. } => {
+                guest_page_shift = serde_json::json!({ "page_shift": page_shift, "cpu_has_1g_pages": has_1g_pages });
+            }
+            _ => {}
+        }
+    }
+    let checks = checks(outcome);
+    serde_json::json!({
+        "exit_status": outcome.exit_status,
+        "config": outcome.config,
+        "translation_mode": outcome.translation_mode,
+        "timings_us": outcome.timings,
+        "guest_paging": guest_page_shift,
+        "self_test": {
+            "passed": checks.iter().filter(|c| c.passed).count(),
+            "failed": checks.iter().filter(|c| !c.passed).count(),
+            "checks": checks,
+        },
+        "page_tables": page_tables,
+        "guest_frames": frames,
+        "memory": outcome.memory,
+        "bad_messages": outcome.bad_messages,
+        "unhandled": outcome.unhandled,
+    })
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.2} ms", us / 1000.0)
+}
+
+/// The report as text.
+#[must_use]
+pub fn to_text(outcome: &RunOutcome) -> String {
+    let mut s = String::new();
+    let t = &outcome.timings;
+    let _ = writeln!(s, "\n── memvisor report ──────────────────────────────────────────");
+    let _ = writeln!(
+        s,
+        "guest: {} RAM, {} vCPU, guest pages {}, backing {}",
+        format_size(outcome.config.mem_size),
+        outcome.config.vcpus,
+        outcome.config.guest_page,
+        outcome.config.backing
+    );
+    let _ = writeln!(s, "translation: {}", outcome.translation_mode.describe());
+    let _ = writeln!(
+        s,
+        "boot: vCPU start {}, first report {}, ready {}, end {} (from process start)",
+        ms(t.vcpu_start_us),
+        t.first_report_us.map_or("-".into(), ms),
+        t.ready_us.map_or("-".into(), ms),
+        ms(t.end_us)
+    );
+    for r in &outcome.reports {
+        match r.report {
+            Report::Ready { page_shift, has_1g_pages, .. } => {
+                let _ = writeln!(s, "guest paging: leaf size {} (CPU 1 GiB pages: {})", format_size(1 << page_shift), if has_1g_pages { "yes" } else { "no" });
+            }
+            Report::PageTables { table_pages, leaves } => {
+                let _ = writeln!(s, "page tables: {table_pages} table pages built; leaves 4K={} 2M={} 1G={}", leaves[0], leaves[1], leaves[2]);
+            }
+            Report::Frames { ram_bytes, managed_bytes, free_bytes } => {
+                let _ = writeln!(
+                    s,
+                    "guest frames (buddy): RAM {}, managed {}, free {}",
+                    format_size(ram_bytes),
+                    format_size(managed_bytes),
+                    format_size(free_bytes)
+                );
+            }
+            _ => {}
+        }
+    }
+    let checks = checks(outcome);
+    if !checks.is_empty() {
+        let _ = writeln!(s, "self-test:");
+        for c in &checks {
+            let detail = if c.check == "ram_pattern" {
+                format!("{} of {} verified", format_size(c.got), format_size(c.expected))
+            } else {
+                format!("error code expected {:#x}, got {:#x}, cr2={:#x} rip={:#x}", c.expected, c.got, c.cr2, c.rip)
+            };
+            let _ = writeln!(s, "  [{}] {} ({detail})", if c.passed { "pass" } else { "FAIL" }, c.description);
+        }
+    }
+    let _ = writeln!(s, "memory:");
+    for (i, m) in outcome.memory.iter().enumerate() {
+        let nodes: Vec<String> = m.placement.bytes_per_node.iter().map(|(n, b)| format!("node {n}: {}", format_size(*b))).collect();
+        let _ = writeln!(
+            s,
+            "  region {i}: guest {:#x}-{:#x} host {:#x} backing {} policy {}",
+            m.guest_start,
+            m.guest_end,
+            m.host_addr,
+            m.backing,
+            m.numa_policy.as_deref().unwrap_or("default")
+        );
+        let _ = writeln!(
+            s,
+            "            resident {}, huge pages {:.0}%, locked {}, measured placement: {}",
+            format_size(m.resident_bytes),
+            m.huge_coverage() * 100.0,
+            format_size(m.locked_bytes),
+            if nodes.is_empty() { "nothing resident".to_string() } else { nodes.join(", ") }
+        );
+    }
+    if outcome.unhandled.port_accesses + outcome.unhandled.mmio_accesses > 0 || outcome.bad_messages > 0 {
+        let _ = writeln!(
+            s,
+            "unhandled: {} port and {} MMIO accesses, {} bad messages",
+            outcome.unhandled.port_accesses, outcome.unhandled.mmio_accesses, outcome.bad_messages
+        );
+    }
+    let _ = writeln!(s, "exit status: {}", outcome.exit_status);
+    s
+}

@@ -1,0 +1,118 @@
+//! The KVM VM: opening /dev/kvm, creating the VM and its memory.
+//!
+//! One file per KVM object, as in Firecracker's `vstate/`: this one owns the
+//! `Kvm` and `VmFd` handles and registers guest RAM; vCPUs are in
+//! [`crate::vcpu`].
+
+use std::path::PathBuf;
+
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+
+use crate::layout::abi;
+use crate::memory::{GuestRam, MemoryError, slots};
+
+/// Errors creating the VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// /dev/kvm does not exist.
+    #[error("/dev/kvm does not exist: this host has no KVM (load kvm_intel, kvm_amd or kvm_pvm, or enable nested virtualisation)")]
+    KvmMissing,
+    /// /dev/kvm exists but may not be opened.
+    #[error("no permission to open {0}: run as root or add your user to the kvm group")]
+    KvmPermission(PathBuf),
+    /// Opening /dev/kvm failed otherwise.
+    #[error("cannot open {path}")]
+    OpenKvm {
+        /// The device path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A KVM ioctl failed.
+    #[error("KVM refused {what}")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// Path of the KVM device; `MEMVISOR_KVM_DEVICE` overrides it (tests use this
+/// to check the error messages for a missing or forbidden device).
+#[must_use]
+pub fn kvm_device_path() -> PathBuf {
+    std::env::var_os("MEMVISOR_KVM_DEVICE").map_or_else(|| PathBuf::from("/dev/kvm"), PathBuf::from)
+}
+
+/// Opens the KVM device with a message that says what is wrong.
+///
+/// # Errors
+/// [`VmError::KvmMissing`], [`VmError::KvmPermission`] or [`VmError::OpenKvm`].
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let path = kvm_device_path();
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| VmError::KvmMissing)?;
+    Kvm::new_with_path(cpath).map_err(|source| match source.errno() {
+        libc::ENOENT => VmError::KvmMissing,
+        libc::EACCES | libc::EPERM => VmError::KvmPermission(path.clone()),
+        _ => VmError::OpenKvm { path: path.clone(), source },
+    })
+}
+
+/// A KVM VM with its guest RAM registered.
+#[derive(Debug)]
+pub struct Vm {
+    /// The VM fd. Dropped before `ram` (field order), so KVM stops using the
+    /// memory before it is unmapped.
+    fd: VmFd,
+    /// The system fd.
+    kvm: Kvm,
+    /// Guest RAM.
+    ram: GuestRam,
+}
+
+impl Vm {
+    /// Creates the VM and registers `ram` as its memslots.
+    ///
+    /// # Errors
+    /// [`VmError`] when KVM refuses.
+    pub fn new(kvm: Kvm, ram: GuestRam) -> Result<Self, VmError> {
+        let fd = kvm.create_vm().map_err(|source| VmError::Kvm { what: "KVM_CREATE_VM", source })?;
+        // Intel hosts without unrestricted guest need these for real-mode
+        // emulation (KVM api.rst, KVM_SET_TSS_ADDR). Other flavours (AMD,
+        // PVM) ignore or refuse them; that is harmless for a PVH boot,
+        // which never enters real mode.
+        if let Err(e) = fd.set_identity_map_address(abi::KVM_IDENTITY_MAP) {
+            log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+        }
+        if let Err(e) = fd.set_tss_address(abi::KVM_TSS as usize) {
+            log::debug!("KVM_SET_TSS_ADDR: {e}");
+        }
+        slots::register(&fd, &ram, 0)?;
+        Ok(Vm { fd, kvm, ram })
+    }
+
+    /// The VM fd.
+    #[must_use]
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The system fd.
+    #[must_use]
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// Guest RAM.
+    #[must_use]
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+}
