@@ -23,7 +23,8 @@ use crate::control::VmControl;
 use crate::devices::{Devices, IoAction, UnhandledStats};
 use crate::host::{self, TranslationMode};
 use crate::layout;
-use crate::memory::report::RegionReport;
+use crate::kvm_stats::{self, KvmStatsReport};
+use crate::memory::report::{self, KvmMappings, ProcessMemory, RegionReport};
 use crate::memory::{GuestRam, MemoryError};
 use crate::timeline;
 use crate::vcpu::{self, RegisterDump};
@@ -114,6 +115,13 @@ pub struct RunOutcome {
     pub bad_messages: u64,
     /// The memory report, per region.
     pub memory: Vec<RegionReport>,
+    /// How KVM maps guest RAM (its page-size counters), when it says.
+    pub kvm_mappings: Option<KvmMappings>,
+    /// Every KVM statistic of the VM and its vCPU at the end of the run.
+    pub kvm_stats: KvmStatsReport,
+    /// The VMM process's memory at the end of the run, and its overhead
+    /// beyond guest RAM.
+    pub vmm_memory: ProcessMemory,
     /// Boot timings.
     pub timings: BootTimings,
     /// Accesses to nothing.
@@ -253,12 +261,19 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
         c.exited();
     }
     let exit_status = result?;
-    let memory = crate::memory::report::regions(vm.ram())?;
+    let kvm_stats = kvm_stats::collect(vm.kvm(), vm.fd(), &[&*vcpu]);
+    let kvm_mappings = report::kvm_mappings(&kvm_stats, mode);
+    let memory = report::regions(vm.ram())?;
+    // Last, so that it counts everything the run allocated.
+    let vmm_memory = report::process_memory(vm.ram());
     Ok(RunOutcome {
         exit_status,
         reports,
         bad_messages,
         memory,
+        kvm_mappings,
+        kvm_stats,
+        vmm_memory,
         timings,
         unhandled: devices.unhandled().clone(),
         translation_mode: mode,
