@@ -35,6 +35,15 @@ fn state(v: &Value) -> &str {
     v.get("state").and_then(Value::as_str).unwrap_or_else(|| panic!("no state in {v}"))
 }
 
+/// One raw status request, tolerating a socket that is not up yet.
+fn status_line(socket: &Path) -> Option<String> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.write_all(b"{\"cmd\":\"status\"}\n").ok()?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).ok()?;
+    Some(reply.trim().to_string())
+}
+
 /// Waits until the VM reports `want`, failing if the process exits first.
 fn wait_for_state(mut vm: Running, socket: &Path, want: &str, timeout: Duration) -> Running {
     let deadline = Instant::now() + timeout;
@@ -44,16 +53,10 @@ fn wait_for_state(mut vm: Running, socket: &Path, want: &str, timeout: Duration)
             let r = vm.wait(Duration::from_secs(1));
             panic!("the VM exited while waiting for state {want} (last: {last})\n{}", r.describe());
         }
-        if socket.exists() {
-            if let Ok(mut s) = UnixStream::connect(socket) {
-                let _ = s.write_all(b"{\"cmd\":\"status\"}\n");
-                let mut reply = String::new();
-                if BufReader::new(s).read_line(&mut reply).is_ok() {
-                    last = reply.trim().to_string();
-                    if serde_json::from_str::<Value>(&last).ok().and_then(|v| v.get("state").and_then(Value::as_str).map(|s| s == want)) == Some(true) {
-                        return vm;
-                    }
-                }
+        if let Some(reply) = socket.exists().then(|| status_line(socket)).flatten() {
+            last = reply;
+            if serde_json::from_str::<Value>(&last).ok().and_then(|v| v.get("state").and_then(Value::as_str).map(|s| s == want)) == Some(true) {
+                return vm;
             }
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -10,7 +10,7 @@
 //!   catch-all for accesses to nothing.
 //! - [`vmm`]: the run loop; [`control`] and [`api`]: pause, resume and
 //!   shutdown over a control socket.
-//! - [`bench`]: benchmarks.
+//! - [`bench`] holds the benchmarks.
 
 pub mod api;
 pub mod bench;

@@ -96,9 +96,11 @@ pub fn bind(addr: *mut u8, len: usize, policy: NumaPolicy, nodes: &[u32]) -> Res
     let mask = nodemask(nodes);
     // maxnode counts bits; the kernel reads maxnode - 1 of them (mbind(2) BUGS).
     let maxnode = libc::c_ulong::from(MAX_NODES) + 1;
+    // The kernel takes the range as a number; nothing in it is dereferenced.
+    let start = addr.addr();
     // SAFETY: mbind only changes the policy of our own mapping; the mask
     // outlives the call and holds MAX_NODES bits.
-    let rc = unsafe { libc::syscall(libc::SYS_mbind, addr, len, mode, mask.as_ptr(), maxnode, 0u32) };
+    let rc = unsafe { libc::syscall(libc::SYS_mbind, start, len, mode, mask.as_ptr(), maxnode, 0u32) };
     if rc != 0 {
         return Err(MemoryError::Mbind { policy, nodes: nodes.to_vec(), source: std::io::Error::last_os_error() });
     }
