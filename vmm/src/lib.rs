@@ -18,6 +18,7 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod dirty;
 pub mod host;
 pub mod layout;
 pub mod memory;
