@@ -2,6 +2,8 @@
 //! instructions write known pages, stop at an I/O port, and the tracker must
 //! report exactly those pages, under every mechanism the kernel offers.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use kvm_ioctls::VcpuExit;
 use memvisor::config::VmConfig;
 use memvisor::dirty::{DirtyCaps, DirtyMode, DirtyTracker, PageRange};

@@ -10,7 +10,8 @@
 //!   catch-all for accesses to nothing.
 //! - [`vmm`]: the run loop; [`control`] and [`api`]: pause, resume and
 //!   shutdown over a control socket.
-//! - [`bench`]: benchmarks.
+//!
+//! Benchmarks live in [`bench`].
 
 pub mod api;
 pub mod bench;

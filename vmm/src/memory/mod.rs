@@ -167,7 +167,7 @@ impl GuestRam {
         for range in ram_ranges(config.mem_size) {
             let mapping = HostMapping::new(config.backing, range.size)?;
             if let Some((policy, nodes)) = &numa {
-                numa::bind(mapping.as_ptr(), mapping.size(), *policy, nodes)?;
+                numa::bind(&mapping, *policy, nodes)?;
             }
             if config.prefault {
                 mapping.prefault()?;

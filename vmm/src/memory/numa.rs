@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::config::NumaPolicy;
 use crate::memory::MemoryError;
+use crate::memory::backing::HostMapping;
 
 /// `MPOL_*` modes (include/uapi/linux/mempolicy.h).
 const MPOL_PREFERRED: libc::c_int = 1;
@@ -76,11 +77,12 @@ pub fn nodemask(nodes: &[u32]) -> Vec<libc::c_ulong> {
     mask
 }
 
-/// Applies `policy` over `nodes` to `[addr, addr + len)`.
+/// Applies `policy` over `nodes` to the whole of `mapping`.
 ///
 /// # Errors
 /// [`MemoryError::Mbind`] when the kernel refuses.
-pub fn bind(addr: *mut u8, len: usize, policy: NumaPolicy, nodes: &[u32]) -> Result<(), MemoryError> {
+pub fn bind(mapping: &HostMapping, policy: NumaPolicy, nodes: &[u32]) -> Result<(), MemoryError> {
+    let (addr, len) = (mapping.as_ptr(), mapping.size());
     let mode = match policy {
         NumaPolicy::Bind => MPOL_BIND,
         NumaPolicy::Preferred => MPOL_PREFERRED,
@@ -107,13 +109,14 @@ pub struct NodePlacement {
     pub not_resident: u64,
 }
 
-/// Measures the node of each resident page of `[addr, addr + len)`, one
-/// query per `step` bytes (the host page size of the backing), with
-/// move_pages(2) in query mode (`nodes == NULL`).
+/// Measures the node of each resident page of `mapping`, one query per
+/// `step` bytes (the host page size of the backing), with move_pages(2) in
+/// query mode (`nodes == NULL`).
 ///
 /// # Errors
 /// [`MemoryError::MovePages`] when the syscall itself fails.
-pub fn measure(addr: *mut u8, len: usize, step: usize) -> Result<NodePlacement, MemoryError> {
+pub fn measure(mapping: &HostMapping, step: usize) -> Result<NodePlacement, MemoryError> {
+    let (addr, len) = (mapping.as_ptr(), mapping.size());
     const BATCH: usize = 4096;
     let mut placement = NodePlacement::default();
     let pages = len / step;
@@ -167,13 +170,13 @@ mod tests {
     #[test]
     fn measured_placement_counts_touched_pages() {
         let len = 64 * 4096;
-        let m = crate::memory::backing::HostMapping::new(crate::config::Backing::Anon, len as u64).unwrap();
-        bind(m.as_ptr(), len, NumaPolicy::Bind, &[0]).unwrap();
+        let m = HostMapping::new(crate::config::Backing::Anon, len as u64).unwrap();
+        bind(&m, NumaPolicy::Bind, &[0]).unwrap();
         for i in 0..16 {
             // SAFETY: inside our own mapping.
             unsafe { m.as_ptr().add(i * 4096).write(1) };
         }
-        let p = measure(m.as_ptr(), len, 4096).unwrap();
+        let p = measure(&m, 4096).unwrap();
         assert_eq!(p.bytes_per_node.get(&0), Some(&(16 * 4096)));
         assert_eq!(p.not_resident, 48 * 4096);
     }
