@@ -10,7 +10,8 @@
 //!   catch-all for accesses to nothing.
 //! - [`vmm`]: the run loop; [`control`] and [`api`]: pause, resume and
 //!   shutdown over a control socket.
-//! - [`bench`] holds the benchmarks.
+//!
+//! Benchmarks live in [`bench`].
 
 pub mod api;
 pub mod bench;
@@ -18,6 +19,7 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod dirty;
 pub mod host;
 pub mod layout;
 pub mod memory;

@@ -23,12 +23,10 @@ struct Cli {
     command: Command,
 }
 
-// Parsed once per process: the size difference costs nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a guest (the built-in tiny guest by default) and report on memory.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send a command to a running VM's control socket.
     Ctl {
         /// The control socket (`vmm run --api-socket PATH`).
@@ -185,7 +183,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Ctl { socket, command } => ctl(socket, command),
         Command::Bench { bench } => memvisor::bench::run(bench).map_err(|e| anyhow_free::chain(&*e)),
     };

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::config::NumaPolicy;
 use crate::memory::MemoryError;
+use crate::memory::backing::HostMapping;
 
 /// `MPOL_*` modes (include/uapi/linux/mempolicy.h).
 const MPOL_PREFERRED: libc::c_int = 1;
@@ -83,11 +84,12 @@ pub fn nodemask(nodes: &[u32]) -> Vec<libc::c_ulong> {
     mask
 }
 
-/// Applies `policy` over `nodes` to `[addr, addr + len)`.
+/// Applies `policy` over `nodes` to the whole of `mapping`.
 ///
 /// # Errors
 /// [`MemoryError::Mbind`] when the kernel refuses.
-pub fn bind(addr: *mut u8, len: usize, policy: NumaPolicy, nodes: &[u32]) -> Result<(), MemoryError> {
+pub fn bind(mapping: &HostMapping, policy: NumaPolicy, nodes: &[u32]) -> Result<(), MemoryError> {
+    let (addr, len) = (mapping.as_ptr(), mapping.size());
     let mode = match policy {
         NumaPolicy::Bind => MPOL_BIND,
         NumaPolicy::Preferred => MPOL_PREFERRED,
@@ -96,11 +98,9 @@ pub fn bind(addr: *mut u8, len: usize, policy: NumaPolicy, nodes: &[u32]) -> Res
     let mask = nodemask(nodes);
     // maxnode counts bits; the kernel reads maxnode - 1 of them (mbind(2) BUGS).
     let maxnode = libc::c_ulong::from(MAX_NODES) + 1;
-    // The kernel takes the range as a number; nothing in it is dereferenced.
-    let start = addr.addr();
     // SAFETY: mbind only changes the policy of our own mapping; the mask
     // outlives the call and holds MAX_NODES bits.
-    let rc = unsafe { libc::syscall(libc::SYS_mbind, start, len, mode, mask.as_ptr(), maxnode, 0u32) };
+    let rc = unsafe { libc::syscall(libc::SYS_mbind, addr, len, mode, mask.as_ptr(), maxnode, 0u32) };
     if rc != 0 {
         return Err(MemoryError::Mbind { policy, nodes: nodes.to_vec(), source: std::io::Error::last_os_error() });
     }
@@ -116,13 +116,14 @@ pub struct NodePlacement {
     pub not_resident: u64,
 }
 
-/// Measures the node of each resident page of `[addr, addr + len)`, one
-/// query per `step` bytes (the host page size of the backing), with
-/// move_pages(2) in query mode (`nodes == NULL`).
+/// Measures the node of each resident page of `mapping`, one query per
+/// `step` bytes (the host page size of the backing), with move_pages(2) in
+/// query mode (`nodes == NULL`).
 ///
 /// # Errors
 /// [`MemoryError::MovePages`] when the syscall itself fails.
-pub fn measure(addr: *mut u8, len: usize, step: usize) -> Result<NodePlacement, MemoryError> {
+pub fn measure(mapping: &HostMapping, step: usize) -> Result<NodePlacement, MemoryError> {
+    let (addr, len) = (mapping.as_ptr(), mapping.size());
     const BATCH: usize = 4096;
     let mut placement = NodePlacement::default();
     let pages = len / step;
@@ -183,13 +184,13 @@ mod tests {
     #[test]
     fn measured_placement_counts_touched_pages() {
         let len = 64 * 4096;
-        let m = crate::memory::backing::HostMapping::new(crate::config::Backing::Anon, len as u64).unwrap();
-        bind(m.as_ptr(), len, NumaPolicy::Bind, &[0]).unwrap();
+        let m = HostMapping::new(crate::config::Backing::Anon, len as u64).unwrap();
+        bind(&m, NumaPolicy::Bind, &[0]).unwrap();
         for i in 0..16 {
             // SAFETY: inside our own mapping.
             unsafe { m.as_ptr().add(i * 4096).write(1) };
         }
-        let p = measure(m.as_ptr(), len, 4096).unwrap();
+        let p = measure(&m, 4096).unwrap();
         assert_eq!(p.bytes_per_node.get(&0), Some(&(16 * 4096)));
         assert_eq!(p.not_resident, 48 * 4096);
     }
