@@ -220,18 +220,6 @@ fn a_kernel_that_does_not_fit_in_ram_is_refused() {
     run(&["--mem", "1M"]).assert_error(&["does not fit in guest RAM"]);
 }
 
-// ---- a guest that dies ----
-
-#[test]
-fn a_triple_faulting_guest_reports_its_registers_and_fails() {
-    let r = run(&["--cmdline", "memvisor.test=triple-fault"]);
-    let line = r.error_line();
-    assert!(line.contains("triple-fault"), "{line}\n{}", r.describe());
-    for reg in ["rip=", "rsp=", "cr0=", "cr3=", "efer="] {
-        assert!(line.contains(reg), "register dump should show {reg}: {line}");
-    }
-}
-
 // ---- flags and config files ----
 
 #[test]
