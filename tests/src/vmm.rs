@@ -236,14 +236,7 @@ impl Vmm {
     #[must_use]
     pub fn spawn(mut self) -> Running {
         let what = self.describe();
-        let child = self
-            .cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
-        Running::new(child, what)
+        Running::new(start(&mut self.cmd, &what), what)
     }
 }
 
@@ -333,13 +326,25 @@ impl Drop for Running {
     }
 }
 
+/// Starts `cmd` with stdout and stderr piped.
+///
+/// A binary a test has just copied can be briefly "busy" (ETXTBSY): a
+/// process another test thread forks at that moment inherits the copy's
+/// write descriptor until it execs. That passes within milliseconds, so
+/// starting is retried for a while.
+fn start(cmd: &mut Command, what: &str) -> Child {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("cannot start `{what}`: {e}"),
+        }
+    }
+}
+
 fn run_with_timeout(mut cmd: Command, timeout: Duration, what: &str) -> RunResult {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
+    let child = start(&mut cmd, what);
     Running::new(child, what.to_string()).wait(timeout)
 }
 
