@@ -21,6 +21,8 @@ use crate::control::{VmControl, Work};
 use crate::devices::{Devices, IoAction};
 use crate::dirty::DirtyTracker;
 use crate::host::TranslationMode;
+use crate::kvm_stats;
+use crate::memory::report;
 use crate::snapshot::SnapshotChain;
 use crate::timeline;
 use crate::vcpu::RegisterDump;
@@ -166,12 +168,19 @@ impl Machine {
             c.exited();
         }
         let exit_status = result?;
-        let memory = crate::memory::report::regions(self.vm.ram())?;
+        let kvm_stats = kvm_stats::collect(self.vm.kvm(), self.vm.fd(), &[&self.vcpu]);
+        let kvm_mappings = report::kvm_mappings(&kvm_stats, self.mode);
+        let memory = report::regions(self.vm.ram())?;
+        // Last, so that it counts everything the run allocated.
+        let vmm_memory = report::process_memory(self.vm.ram());
         Ok(RunOutcome {
             exit_status,
             reports,
             bad_messages,
             memory,
+            kvm_mappings,
+            kvm_stats,
+            vmm_memory,
             timings,
             unhandled: self.devices.unhandled().clone(),
             translation_mode: self.mode,

@@ -23,7 +23,8 @@ use crate::snapshot::SnapshotChain;
 use crate::devices::{Devices, UnhandledStats};
 use crate::host::{self, TranslationMode};
 use crate::layout;
-use crate::memory::report::RegionReport;
+use crate::kvm_stats::KvmStatsReport;
+use crate::memory::report::{KvmMappings, ProcessMemory, RegionReport};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::{self, RegisterDump};
 use crate::vm::{self, Vm, VmError};
@@ -119,6 +120,13 @@ pub struct RunOutcome {
     pub bad_messages: u64,
     /// The memory report, per region.
     pub memory: Vec<RegionReport>,
+    /// How KVM maps guest RAM (its page-size counters), when it says.
+    pub kvm_mappings: Option<KvmMappings>,
+    /// Every KVM statistic of the VM and its vCPU at the end of the run.
+    pub kvm_stats: KvmStatsReport,
+    /// The VMM process's memory at the end of the run, and its overhead
+    /// beyond guest RAM.
+    pub vmm_memory: ProcessMemory,
     /// Boot timings.
     pub timings: BootTimings,
     /// Accesses to nothing.
