@@ -52,14 +52,21 @@ pub fn allowed_nodes() -> Vec<u32> {
 /// # Errors
 /// [`MemoryError::NoSuchNode`] or [`MemoryError::NodeNotAllowed`].
 pub fn check_nodes(nodes: &[u32]) -> Result<(), MemoryError> {
-    let host = host_nodes();
-    let allowed = allowed_nodes();
+    check_nodes_against(nodes, &host_nodes(), &allowed_nodes())
+}
+
+/// [`check_nodes`] against given lists of the host's nodes and the allowed
+/// ones (pure, so "not allowed" is testable on a host with one node).
+///
+/// # Errors
+/// [`MemoryError::NoSuchNode`] or [`MemoryError::NodeNotAllowed`].
+pub fn check_nodes_against(nodes: &[u32], host: &[u32], allowed: &[u32]) -> Result<(), MemoryError> {
     for &n in nodes {
         if !host.contains(&n) {
-            return Err(MemoryError::NoSuchNode { node: n, host: host.clone() });
+            return Err(MemoryError::NoSuchNode { node: n, host: host.to_vec() });
         }
         if !allowed.contains(&n) {
-            return Err(MemoryError::NodeNotAllowed { node: n, allowed: allowed.clone() });
+            return Err(MemoryError::NodeNotAllowed { node: n, allowed: allowed.to_vec() });
         }
     }
     Ok(())
@@ -165,6 +172,13 @@ mod tests {
         assert!(host_nodes().contains(&0));
         assert!(check_nodes(&[0]).is_ok());
         assert!(matches!(check_nodes(&[999]), Err(MemoryError::NoSuchNode { .. })));
+    }
+
+    #[test]
+    fn a_node_outside_the_allowed_set_is_refused() {
+        assert!(check_nodes_against(&[0, 1], &[0, 1], &[0, 1]).is_ok());
+        assert!(matches!(check_nodes_against(&[1], &[0, 1], &[0]), Err(MemoryError::NodeNotAllowed { node: 1, .. })));
+        assert!(matches!(check_nodes_against(&[2], &[0, 1], &[0]), Err(MemoryError::NoSuchNode { node: 2, .. })));
     }
 
     #[test]
