@@ -158,14 +158,36 @@ impl GuestRam {
     /// # Errors
     /// Any [`MemoryError`]; nothing is left mapped on error.
     pub fn new(config: &VmConfig) -> Result<Self, MemoryError> {
-        check_host_can_give(config)?;
+        Self::build(config, None)
+    }
+
+    /// Guest RAM whose pages load lazily from a full snapshot's sparse
+    /// memory image (RAM offset = file offset): each region is a private
+    /// file mapping, so a page is read on first touch and copied on first
+    /// write; the file is never modified.
+    ///
+    /// # Errors
+    /// Any [`MemoryError`].
+    pub fn from_image(config: &VmConfig, image: &std::fs::File) -> Result<Self, MemoryError> {
+        Self::build(config, Some(image))
+    }
+
+    fn build(config: &VmConfig, image: Option<&std::fs::File>) -> Result<Self, MemoryError> {
+        if image.is_none() {
+            check_host_can_give(config)?;
+        }
         let numa = config.numa_policy.map(|p| (p, config.numa_nodes.clone()));
         if let Some((_, nodes)) = &numa {
             numa::check_nodes(nodes)?;
         }
         let mut regions = Vec::new();
+        let mut ram_offset = 0;
         for range in ram_ranges(config.mem_size) {
-            let mapping = HostMapping::new(config.backing, range.size)?;
+            let mapping = match image {
+                None => HostMapping::new(config.backing, range.size)?,
+                Some(file) => HostMapping::file_private(config.backing, file, ram_offset, range.size)?,
+            };
+            ram_offset += range.size;
             if let Some((policy, nodes)) = &numa {
                 numa::bind(&mapping, *policy, nodes)?;
             }
@@ -196,6 +218,33 @@ impl GuestRam {
         }
         let memory = GuestMemory::from_regions(mm_regions).map_err(|e| MemoryError::GuestMemory(e.to_string()))?;
         Ok(GuestRam { regions, memory, numa })
+    }
+
+    /// The host address of `len` bytes at `ram_offset` (regions concatenated
+    /// in guest-physical order), when they lie inside one region.
+    #[must_use]
+    pub fn host_range(&self, ram_offset: u64, len: u64) -> Option<*mut u8> {
+        let mut base = 0;
+        for r in &self.regions {
+            if ram_offset >= base && ram_offset.checked_add(len)? <= base + r.range.size {
+                return Some(r.mapping.as_ptr().wrapping_add((ram_offset - base) as usize));
+            }
+            base += r.range.size;
+        }
+        None
+    }
+
+    /// The RAM offset of a guest-physical address.
+    #[must_use]
+    pub fn ram_offset_of(&self, gpa: u64) -> Option<u64> {
+        let mut base = 0;
+        for r in &self.regions {
+            if gpa >= r.range.start.0 && gpa < r.range.end().0 {
+                return Some(base + gpa - r.range.start.0);
+            }
+            base += r.range.size;
+        }
+        None
     }
 
     /// The regions, in guest-physical order.
