@@ -73,7 +73,7 @@ pub fn regions_from(ram: &GuestRam, vmas: &[Vma]) -> Result<Vec<RegionReport>, M
         let resident = get("Rss") + hugetlb;
         let huge = get("AnonHugePages") + get("ShmemPmdMapped") + get("FilePmdMapped") + hugetlb;
         let step = region.mapping.backing().hugetlb_page_size().unwrap_or(4096) as usize;
-        let placement = numa::measure(region.mapping.as_ptr(), region.mapping.size(), step)?;
+        let placement = numa::measure(&region.mapping, step)?;
         out.push(RegionReport {
             guest_start: region.range.start.0,
             guest_end: region.range.end().0,
