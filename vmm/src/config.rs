@@ -14,6 +14,8 @@ use thiserror::Error;
 
 use memvisor_abi::layout::{PAGE_SIZE, PAGE_SIZE_1G, PAGE_SIZE_2M};
 
+use crate::dirty::DirtyMode;
+
 /// Default guest memory: 256 MiB.
 pub const DEFAULT_MEM_SIZE: u64 = 256 << 20;
 
@@ -255,6 +257,8 @@ pub struct ConfigFile {
     pub cmdline: Option<String>,
     /// Control socket path.
     pub api_socket: Option<PathBuf>,
+    /// Force a dirty-tracking mechanism.
+    pub dirty_mode: Option<DirtyMode>,
 }
 
 /// A size in a config file: `"256M"` or `268435456`.
@@ -302,6 +306,7 @@ impl ConfigFile {
             kernel: over.kernel.or(self.kernel),
             cmdline: over.cmdline.or(self.cmdline),
             api_socket: over.api_socket.or(self.api_socket),
+            dirty_mode: over.dirty_mode.or(self.dirty_mode),
         }
     }
 
@@ -336,6 +341,7 @@ impl ConfigFile {
             kernel: self.kernel,
             cmdline: self.cmdline.unwrap_or_default(),
             api_socket: self.api_socket,
+            dirty_mode: self.dirty_mode,
         };
         config.validate()?;
         Ok(config)
@@ -343,7 +349,7 @@ impl ConfigFile {
 }
 
 /// A complete, validated VM configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     /// Guest RAM in bytes.
     pub mem_size: u64,
@@ -367,6 +373,9 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Control socket.
     pub api_socket: Option<PathBuf>,
+    /// Forced dirty-tracking mechanism (`None`: the best available, when
+    /// tracking is needed).
+    pub dirty_mode: Option<DirtyMode>,
 }
 
 impl Default for VmConfig {

@@ -1,15 +1,22 @@
-//! Run control shared between the vCPU loop and the control socket:
-//! pause, resume, shutdown, and the state the socket reports.
+//! Run control shared between the vCPU thread and the control socket:
+//! pause, resume, shutdown, and jobs that must run on the vCPU thread.
 //!
-//! The vCPU loop checks for requests before every `KVM_RUN`; a request kicks
-//! the vCPU thread out of `KVM_RUN` with a signal (the handler does nothing;
-//! `KVM_RUN` returns `EINTR`). A signal that lands just before `KVM_RUN` is
-//! caught by the next kick, sent every millisecond until the loop answers.
+//! The vCPU thread owns the vCPU fd, so anything that needs it (snapshots,
+//! register reads, address translation) is sent as a [`Job`] and runs there
+//! between two `KVM_RUN`s; the caller blocks until the job's reply comes
+//! back. Requests kick the vCPU out of `KVM_RUN` with a signal whose handler
+//! does nothing (`KVM_RUN` returns `EINTR`); a signal that lands just before
+//! `KVM_RUN` is covered by the next kick, sent every millisecond until the
+//! thread answers.
 
+use std::collections::VecDeque;
+use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::machine::Machine;
 
 /// Where the VM is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,11 +34,50 @@ pub enum VmState {
     Exited,
 }
 
+/// What a job returns: JSON data for the caller, or an error message.
+pub type JobResult = Result<serde_json::Value, String>;
+
+/// Work for the vCPU thread. It gets the VM's live state.
+pub type Job = Box<dyn FnOnce(&mut Machine) -> JobResult + Send>;
+
+/// A job with the channel its result goes back on.
+pub struct PendingJob {
+    job: Job,
+    reply: mpsc::Sender<JobResult>,
+}
+
+impl std::fmt::Debug for PendingJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingJob")
+    }
+}
+
+impl PendingJob {
+    /// Runs the job and sends its result back.
+    pub fn run(self, ctx: &mut Machine) {
+        let result = (self.job)(ctx);
+        let _ = self.reply.send(result);
+    }
+}
+
+/// What the vCPU thread must do next.
+#[derive(Debug)]
+pub enum Work {
+    /// Enter the guest.
+    Run,
+    /// Run these jobs, then ask again.
+    Jobs(Vec<PendingJob>),
+    /// End the VM.
+    Stop,
+}
+
 #[derive(Debug)]
 struct Inner {
     state: VmState,
     pause_requested: bool,
     shutdown_requested: bool,
+    guest_idle: bool,
+    jobs: VecDeque<PendingJob>,
     vcpu_thread: Option<libc::pthread_t>,
 }
 
@@ -45,7 +91,14 @@ pub struct VmControl {
 impl Default for VmControl {
     fn default() -> Self {
         VmControl {
-            inner: Mutex::new(Inner { state: VmState::Starting, pause_requested: false, shutdown_requested: false, vcpu_thread: None }),
+            inner: Mutex::new(Inner {
+                state: VmState::Starting,
+                pause_requested: false,
+                shutdown_requested: false,
+                guest_idle: false,
+                jobs: VecDeque::new(),
+                vcpu_thread: None,
+            }),
             changed: Condvar::new(),
         }
     }
@@ -75,6 +128,19 @@ impl VmControl {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn wait_a_little<'a>(&self, g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        self.changed.wait_timeout(g, Duration::from_millis(1)).unwrap_or_else(std::sync::PoisonError::into_inner).0
+    }
+
+    /// Kicks the vCPU thread out of `KVM_RUN` if it is in guest code.
+    fn kick(g: &Inner) {
+        if let (VmState::Running, Some(t)) = (g.state, g.vcpu_thread) {
+            // SAFETY: the thread id is live while it is recorded (it is
+            // cleared under this lock before the thread ends).
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
     /// The current state.
     #[must_use]
     pub fn state(&self) -> VmState {
@@ -91,45 +157,52 @@ impl VmControl {
         self.changed.notify_all();
     }
 
-    /// Called by the vCPU thread before each `KVM_RUN`: blocks while a pause
-    /// is requested; returns `false` when the VM must stop.
+    /// Called by the vCPU thread before each `KVM_RUN`: blocks while paused
+    /// or idle with nothing to do.
     #[must_use]
-    pub fn may_run(&self) -> bool {
+    pub fn next_work(&self) -> Work {
         let mut g = self.lock();
         loop {
             if g.shutdown_requested {
-                return false;
+                return Work::Stop;
             }
-            if !g.pause_requested {
-                if g.state == VmState::Paused {
-                    g.state = VmState::Running;
-                    self.changed.notify_all();
-                }
-                return true;
+            if !g.jobs.is_empty() {
+                return Work::Jobs(g.jobs.drain(..).collect());
             }
-            if g.state != VmState::Paused {
-                g.state = VmState::Paused;
+            let want = if g.guest_idle {
+                VmState::Idle
+            } else if g.pause_requested {
+                VmState::Paused
+            } else {
+                VmState::Running
+            };
+            if g.state != want {
+                g.state = want;
                 self.changed.notify_all();
             }
+            if want == VmState::Running {
+                return Work::Run;
+            }
             g = self.changed.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 
-    /// Called by the vCPU thread when the guest idles: waits until shutdown.
-    pub fn wait_while_idle(&self) {
+    /// Called by the vCPU thread when the guest has finished its work: it
+    /// will not be entered again; jobs and shutdown are still served.
+    pub fn guest_idled(&self) {
         let mut g = self.lock();
-        g.state = VmState::Idle;
+        g.guest_idle = true;
         self.changed.notify_all();
-        while !g.shutdown_requested {
-            g = self.changed.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
     }
 
-    /// Called when the VM has ended.
+    /// Called when the VM has ended: pending jobs are refused.
     pub fn exited(&self) {
         let mut g = self.lock();
         g.state = VmState::Exited;
         g.vcpu_thread = None;
+        for job in g.jobs.drain(..) {
+            let _ = job.reply.send(Err("the VM has exited".into()));
+        }
         self.changed.notify_all();
     }
 
@@ -141,13 +214,10 @@ impl VmControl {
             return g.state;
         }
         g.pause_requested = true;
+        self.changed.notify_all();
         while !matches!(g.state, VmState::Paused | VmState::Exited | VmState::Idle) {
-            if let Some(t) = g.vcpu_thread {
-                // SAFETY: the thread id is live while state is Running (it is
-                // cleared under this lock before the thread ends).
-                unsafe { libc::pthread_kill(t, kick_signal()) };
-            }
-            g = self.changed.wait_timeout(g, Duration::from_millis(1)).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+            Self::kick(&g);
+            g = self.wait_a_little(g);
         }
         g.state
     }
@@ -158,7 +228,7 @@ impl VmControl {
         g.pause_requested = false;
         self.changed.notify_all();
         while g.state == VmState::Paused {
-            g = self.changed.wait_timeout(g, Duration::from_millis(1)).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+            g = self.wait_a_little(g);
         }
         g.state
     }
@@ -169,17 +239,30 @@ impl VmControl {
         g.shutdown_requested = true;
         self.changed.notify_all();
         while g.state != VmState::Exited {
-            if let (VmState::Running, Some(t)) = (g.state, g.vcpu_thread) {
-                // SAFETY: as in `pause`.
-                unsafe { libc::pthread_kill(t, kick_signal()) };
-            }
-            g = self.changed.wait_timeout(g, Duration::from_millis(1)).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+            Self::kick(&g);
+            g = self.wait_a_little(g);
         }
     }
 
-    /// Whether shutdown was requested.
-    #[must_use]
-    pub fn shutdown_requested(&self) -> bool {
-        self.lock().shutdown_requested
+    /// Runs `job` on the vCPU thread and returns its result.
+    ///
+    /// # Errors
+    /// The job's own error, or "the VM has exited".
+    pub fn call(&self, job: Job) -> JobResult {
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut g = self.lock();
+            if g.state == VmState::Exited {
+                return Err("the VM has exited".into());
+            }
+            g.jobs.push_back(PendingJob { job, reply: tx });
+            self.changed.notify_all();
+            // Kick until the thread has taken the job.
+            while !g.jobs.is_empty() && g.state != VmState::Exited {
+                Self::kick(&g);
+                g = self.wait_a_little(g);
+            }
+        }
+        rx.recv().unwrap_or_else(|_| Err("the VM has exited".into()))
     }
 }

@@ -5,12 +5,13 @@
 //!   configuration (pure, unit-tested).
 //! - [`memory`]: host mappings backing guest RAM, NUMA placement, memslots
 //!   and the memory report.
-//! - [`vm`] and [`vcpu`]: the KVM objects; [`boot`] loads the guest.
+//! - [`vm`] and [`vcpu`]: the KVM objects; [`boot`] loads the guest;
+//!   [`kvm_stats`] reads what KVM counts for them.
 //! - [`devices`]: the UART, the debug-exit and message ports, and the
 //!   catch-all for accesses to nothing.
 //! - [`vmm`]: the run loop; [`control`] and [`api`]: pause, resume and
 //!   shutdown over a control socket.
-//! - [`bench`]: benchmarks.
+//! - Benchmarks (`vmm bench`) live in [`bench`].
 
 pub mod api;
 pub mod bench;
@@ -18,10 +19,14 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod dirty;
 pub mod host;
+pub mod kvm_stats;
 pub mod layout;
+pub mod machine;
 pub mod memory;
 pub mod run_report;
+pub mod snapshot;
 pub mod timeline;
 pub mod vcpu;
 pub mod vm;

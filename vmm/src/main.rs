@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand};
 use memvisor::api::{self, protocol::Request};
 use memvisor::config::{Backing, ConfigFile, GuestPage, NodesValue, NumaPolicy, SizeValue};
 use memvisor::control::VmControl;
-use memvisor::vmm::{self, RunOptions};
+use memvisor::snapshot::format::SnapshotKind;
+use memvisor::vmm::{self, RestoreMode, RunOptions};
 use memvisor::{run_report, timeline};
 
 #[derive(Debug, Parser)]
@@ -26,13 +27,27 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a guest (the built-in tiny guest by default) and report on memory.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send a command to a running VM's control socket.
     Ctl {
         /// The control socket (`vmm run --api-socket PATH`).
         socket: PathBuf,
         #[command(subcommand)]
         command: CtlCommand,
+    },
+    /// Start a VM from a snapshot (and the chain of snapshots it diffs against).
+    Restore {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// How guest memory is loaded.
+        #[arg(long, default_value = "copy", value_parser = clap::builder::PossibleValuesParser::new(["copy", "lazy"]))]
+        restore_mode: String,
+        /// Serve a control socket here.
+        #[arg(long, value_name = "PATH")]
+        api_socket: Option<PathBuf>,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a benchmark.
     Bench {
@@ -51,6 +66,15 @@ enum CtlCommand {
     Resume,
     /// End the VM.
     Shutdown,
+    /// Take a snapshot: `--full DIR` or `--diff DIR`.
+    Snapshot {
+        /// Save all guest memory.
+        #[arg(long, value_name = "DIR", conflicts_with = "diff", required_unless_present = "diff")]
+        full: Option<PathBuf>,
+        /// Save only pages dirtied since the previous snapshot.
+        #[arg(long, value_name = "DIR")]
+        diff: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +115,9 @@ struct RunArgs {
     /// Serve a control socket here; the VM then stays up until `vmm ctl PATH shutdown`.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Force a dirty-tracking mechanism (default: the best the kernel offers).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["ring", "clear", "bitmap"]))]
+    dirty_mode: Option<String>,
     /// Print the report as one JSON object (the guest console goes to stderr).
     #[arg(long)]
     json: bool,
@@ -116,6 +143,7 @@ impl RunArgs {
             kernel: self.kernel.clone(),
             cmdline: self.cmdline.clone(),
             api_socket: self.api_socket.clone(),
+            dirty_mode: parse(&self.dirty_mode)?,
         })
     }
 }
@@ -145,6 +173,7 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
         None => ConfigFile::default(),
     };
     let config = file.merged_with(args.flags_as_config()?).into_vm_config().map_err(|e| anyhow_free::chain(&e))?;
+    timeline::mark("config");
     let control = config.api_socket.as_ref().map(|_| Arc::new(VmControl::default()));
     let _server = match (&config.api_socket, &control) {
         (Some(path), Some(c)) => Some(api::server::spawn(path, Arc::clone(c)).map_err(|e| anyhow_free::chain(&e))?),
@@ -160,12 +189,34 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
     Ok(outcome.exit_status)
 }
 
+fn restore(dir: PathBuf, mode: &str, api_socket: Option<PathBuf>, json: bool) -> anyhow_free::Result<u32> {
+    let mode: RestoreMode = mode.parse()?;
+    let control = api_socket.as_ref().map(|_| Arc::new(VmControl::default()));
+    let _server = match (&api_socket, &control) {
+        (Some(path), Some(c)) => Some(api::server::spawn(path, Arc::clone(c)).map_err(|e| anyhow_free::chain(&e))?),
+        _ => None,
+    };
+    let console: Box<dyn std::io::Write + Send> = if json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
+    let outcome = vmm::restore(&dir, mode, api_socket, RunOptions { console, control, skip_selftest: false }).map_err(|e| anyhow_free::chain(&e))?;
+    if json {
+        println!("{}", run_report::to_json(&outcome));
+    } else {
+        print!("{}", run_report::to_text(&outcome));
+    }
+    Ok(outcome.exit_status)
+}
+
 fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
     let request = match command {
         CtlCommand::Status => Request::Status,
         CtlCommand::Pause => Request::Pause,
         CtlCommand::Resume => Request::Resume,
         CtlCommand::Shutdown => Request::Shutdown,
+        CtlCommand::Snapshot { full, diff } => match (full, diff) {
+            (Some(dir), _) => Request::Snapshot { kind: SnapshotKind::Full, dir },
+            (None, Some(dir)) => Request::Snapshot { kind: SnapshotKind::Diff, dir },
+            (None, None) => return Err("snapshot needs --full DIR or --diff DIR".into()),
+        },
     };
     let response = api::client::send(&socket, &request).map_err(|e| anyhow_free::chain(&e))?;
     println!("{}", serde_json::to_string(&response).map_err(|e| e.to_string())?);
@@ -180,11 +231,15 @@ fn exit_code(status: u32) -> ExitCode {
 
 fn main() -> ExitCode {
     timeline::process_start_ns();
+    timeline::mark("main");
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
+    timeline::mark("logger");
     let cli = Cli::parse();
+    timeline::mark("parse flags");
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Ctl { socket, command } => ctl(socket, command),
+        Command::Restore { dir, restore_mode, api_socket, json } => restore(dir, &restore_mode, api_socket, json),
         Command::Bench { bench } => memvisor::bench::run(bench).map_err(|e| anyhow_free::chain(&*e)),
     };
     match result {

@@ -85,6 +85,7 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "config": outcome.config,
         "translation_mode": outcome.translation_mode,
         "timings_us": outcome.timings,
+        "boot_phases_us": outcome.boot_phases.iter().map(|(name, at)| serde_json::json!({ "phase": name, "at_us": at })).collect::<Vec<_>>(),
         "guest_paging": guest_page_shift,
         "self_test": {
             "passed": checks.iter().filter(|c| c.passed).count(),
@@ -94,6 +95,9 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "page_tables": page_tables,
         "guest_frames": frames,
         "memory": outcome.memory,
+        "kvm_mappings": outcome.kvm_mappings,
+        "kvm_stats": outcome.kvm_stats,
+        "vmm_memory": outcome.vmm_memory,
         "bad_messages": outcome.bad_messages,
         "unhandled": outcome.unhandled,
     })
@@ -179,6 +183,47 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             if nodes.is_empty() { "nothing resident".to_string() } else { nodes.join(", ") }
         );
     }
+    match &outcome.kvm_mappings {
+        Some(k) => {
+            let _ = writeln!(
+                s,
+                "KVM mappings: 4K={} 2M={} 1G={} leaves, {} mapped, huge pages {:.0}%",
+                k.pages_4k,
+                k.pages_2m,
+                k.pages_1g,
+                format_size(k.mapped_bytes),
+                k.huge_coverage * 100.0
+            );
+            let _ = writeln!(s, "            ({})", k.what);
+        }
+        None => {
+            let why = outcome.kvm_stats.unavailable.as_deref().unwrap_or("KVM has no pages_4k/2m/1g statistics");
+            let _ = writeln!(s, "KVM mappings: unknown ({why})");
+        }
+    }
+    let stat = |name: &str| outcome.kvm_stats.vcpu_value(0, name).map_or("-".to_string(), |v| v.to_string());
+    if !outcome.kvm_stats.vcpus.is_empty() {
+        let _ = writeln!(
+            s,
+            "vCPU 0 (KVM stats): exits {}, io exits {}, page faults taken {} (fixed {}, reflected to guest {}, emulated {}), instructions emulated {}",
+            stat("exits"),
+            stat("io_exits"),
+            stat("pf_taken"),
+            stat("pf_fixed"),
+            stat("pf_guest"),
+            stat("pf_emulate"),
+            stat("insn_emulation")
+        );
+    }
+    let m = &outcome.vmm_memory;
+    let _ = writeln!(
+        s,
+        "VMM process: RSS {} (guest RAM {}, guest hugetlb {} outside RSS); VMM overhead beyond guest RAM {}",
+        format_size(m.process_rss_bytes),
+        format_size(m.guest_rss_bytes),
+        format_size(m.guest_hugetlb_bytes),
+        format_size(m.vmm_overhead_bytes)
+    );
     if outcome.unhandled.port_accesses + outcome.unhandled.mmio_accesses > 0 || outcome.bad_messages > 0 {
         let _ = writeln!(
             s,

@@ -30,6 +30,18 @@ fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
     }
 }
 
+/// Creates vCPU `id` with the CPUID KVM supports on this host.
+///
+/// # Errors
+/// [`VmError::Kvm`] when an ioctl fails.
+pub fn create(vm: &Vm, id: u64) -> Result<VcpuFd, VmError> {
+    let kvm_err = |what| move |source| VmError::Kvm { what, source };
+    let vcpu = vm.fd().create_vcpu(id).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    let cpuid: CpuId = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    Ok(vcpu)
+}
+
 /// Creates vCPU `id` and puts it at `entry` in 32-bit protected mode with
 /// paging off and `ebx = start_info` (PVH).
 ///
@@ -37,10 +49,7 @@ fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
 /// [`VmError::Kvm`] when an ioctl fails.
 pub fn create_pvh(vm: &Vm, id: u64, entry: u64, start_info: u64) -> Result<VcpuFd, VmError> {
     let kvm_err = |what| move |source| VmError::Kvm { what, source };
-    let vcpu = vm.fd().create_vcpu(id).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-    let cpuid: CpuId = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-
+    let vcpu = create(vm, id)?;
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     sregs.cs = flat_segment(0x08, 0xb); // execute/read, accessed
     let data = flat_segment(0x10, 0x3); // read/write, accessed

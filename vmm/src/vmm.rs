@@ -8,25 +8,26 @@
 
 use std::sync::Arc;
 
-use kvm_ioctls::VcpuExit;
 use serde::Serialize;
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress};
 
-use memvisor_abi::Pod as _;
 use memvisor_abi::boot::{BOOT_CONFIG_MAGIC, BOOT_CONFIG_VERSION, BootConfig, FLAG_IDLE_AT_END, FLAG_SKIP_SELFTEST, FLAG_SYSCALL_INSN};
-use memvisor_abi::msg::{Message, Report};
+use memvisor_abi::msg::Report;
 
 use crate::boot::{self, BootError};
 use crate::config::VmConfig;
 use crate::control::VmControl;
-use crate::devices::{Devices, IoAction, UnhandledStats};
+use crate::dirty::DirtyTracker;
+use crate::machine::Machine;
+use crate::snapshot::SnapshotChain;
+use crate::devices::{Devices, UnhandledStats};
 use crate::host::{self, TranslationMode};
 use crate::layout;
-use crate::memory::report::RegionReport;
+use crate::kvm_stats::KvmStatsReport;
+use crate::memory::report::{KvmMappings, ProcessMemory, RegionReport};
 use crate::memory::{GuestRam, MemoryError};
-use crate::timeline;
 use crate::vcpu::{self, RegisterDump};
+use crate::timeline;
 use crate::vm::{self, Vm, VmError};
 
 /// Errors running a VM.
@@ -58,6 +59,12 @@ pub enum VmmError {
     /// KVM_RUN failed.
     #[error("KVM_RUN failed")]
     Run(#[source] kvm_ioctls::Error),
+    /// Dirty tracking.
+    #[error(transparent)]
+    Dirty(#[from] crate::dirty::DirtyError),
+    /// Snapshots.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// How to run.
@@ -114,12 +121,22 @@ pub struct RunOutcome {
     pub bad_messages: u64,
     /// The memory report, per region.
     pub memory: Vec<RegionReport>,
+    /// How KVM maps guest RAM (its page-size counters), when it says.
+    pub kvm_mappings: Option<KvmMappings>,
+    /// Every KVM statistic of the VM and its vCPU at the end of the run.
+    pub kvm_stats: KvmStatsReport,
+    /// The VMM process's memory at the end of the run, and its overhead
+    /// beyond guest RAM.
+    pub vmm_memory: ProcessMemory,
     /// Boot timings.
     pub timings: BootTimings,
     /// Accesses to nothing.
     pub unhandled: UnhandledStats,
     /// How the host translates guest-physical addresses.
     pub translation_mode: TranslationMode,
+    /// Start-up milestones before the first KVM_RUN: (name, µs since
+    /// process start), in order.
+    pub boot_phases: Vec<(&'static str, f64)>,
     /// The configuration the VM ran with.
     pub config: VmConfig,
 }
@@ -154,114 +171,113 @@ pub fn boot_config(config: &VmConfig, mode: TranslationMode, idle_at_end: bool, 
 /// # Errors
 /// Any [`VmmError`]: set-up failures, or a guest that dies.
 pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmError> {
+    timeline::mark("run");
     let kvm = vm::open_kvm()?;
+    timeline::mark("open /dev/kvm");
     let mode = host::detect();
+    timeline::mark("detect host");
     let ram = GuestRam::new(config)?;
+    timeline::mark("map guest RAM");
     let vm = Vm::new(kvm, ram)?;
+    timeline::mark("create VM + memslots");
+    // Before any vCPU exists: the dirty ring can only be enabled then.
+    let mut tracker = prepare_tracker(config, &vm, options.control.is_some())?;
     let image = boot::read_kernel(config.kernel.as_deref())?;
     // The boot data is written once the vCPU exists, so the TSC frequency
     // it reports can go into the boot configuration.
     let entry = boot::load_kernel(vm.ram(), &image)?;
-    let mut vcpu = vcpu::create_pvh(&vm, 0, entry.0, layout::abi::PVH_START_INFO)?;
+    timeline::mark("load kernel ELF");
+    let vcpu = vcpu::create_pvh(&vm, 0, entry.0, layout::abi::PVH_START_INFO)?;
+    timeline::mark("create vCPU + CPUID + registers");
     let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
     let boot_cfg = boot_config(config, mode, options.control.is_some(), options.skip_selftest, tsc_khz);
     boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &config.cmdline, &boot_cfg)?;
-    let vcpu = &mut vcpu;
+    let devices = Devices::new(options.console);
+    if let Some(t) = tracker.as_mut() {
+        t.attach_vcpu(&vcpu, 0)?;
+    }
+    timeline::mark("write boot data");
+    let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None };
+    machine.drive(options.control)
+}
 
-    let mut devices = Devices::new(options.console);
-    let mut reports = Vec::new();
-    let mut bad_messages = 0u64;
-    let mut timings = BootTimings { vcpu_start_us: timeline::since_start_us(), ..Default::default() };
-    let control = options.control;
-    if let Some(c) = &control {
-        c.vcpu_started();
+/// Prepares dirty tracking when anything may need it: a forced mode, or a
+/// control socket (snapshots).
+pub(crate) fn prepare_tracker(config: &VmConfig, vm: &Vm, has_control: bool) -> Result<Option<DirtyTracker>, VmmError> {
+    if config.dirty_mode.is_none() && !has_control {
+        return Ok(None);
     }
+    Ok(Some(DirtyTracker::prepare(vm.fd(), vm.ram(), config.dirty_mode)?))
+}
 
-    let result = loop {
-        if let Some(c) = &control {
-            if !c.may_run() {
-                break Ok(0);
-            }
+/// How a restore loads guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreMode {
+    /// Read every saved page into fresh guest RAM before starting (every
+    /// chunk's checksum verified first).
+    Copy,
+    /// Map the base image privately so pages load on first guest access;
+    /// diffs are copied on top. Only for anonymous and THP backings.
+    Lazy,
+}
+
+impl std::str::FromStr for RestoreMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "copy" => Ok(RestoreMode::Copy),
+            "lazy" => Ok(RestoreMode::Lazy),
+            _ => Err(format!("invalid restore mode {s:?}; expected copy or lazy")),
         }
-        let exit = match vcpu.run() {
-            Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => break Err(VmmError::Run(e)),
-        };
-        match exit {
-            VcpuExit::IoOut(port, data) => match devices.port_out(port, data) {
-                IoAction::Continue => {}
-                IoAction::Exit(status) => break Ok(status),
-                IoAction::Message(gpa) => {
-                    let mut bytes = [0u8; Message::SIZE];
-                    let decoded = vm
-                        .ram()
-                        .memory()
-                        .read_slice(&mut bytes, GuestAddress(gpa))
-                        .ok()
-                        .and_then(|()| Message::from_bytes(&bytes))
-                        .and_then(|m| Report::decode(&m).ok());
-                    let Some(report) = decoded else {
-                        bad_messages += 1;
-                        log::warn!("guest sent an invalid message at {gpa:#x}; ignored");
-                        continue;
-                    };
-                    let at_us = timeline::since_start_us();
-                    match report {
-                        Report::Hello { .. } if timings.first_report_us.is_none() => timings.first_report_us = Some(at_us),
-                        Report::Ready { .. } => timings.ready_us = Some(at_us),
-                        _ => {}
-                    }
-                    reports.push(TimedReport { at_us, report });
-                    if let Report::Idle { status } = report {
-                        devices.flush();
-                        match &control {
-                            Some(c) => {
-                                timings.end_us = at_us;
-                                c.wait_while_idle();
-                                break Ok(status);
-                            }
-                            None => break Ok(status),
-                        }
-                    }
-                }
-            },
-            VcpuExit::IoIn(port, data) => devices.port_in(port, data),
-            VcpuExit::MmioRead(addr, data) => devices.mmio_read(addr, data),
-            VcpuExit::MmioWrite(addr, data) => devices.mmio_write(addr, data),
-            VcpuExit::Shutdown => break Err(VmmError::TripleFault(Box::new(RegisterDump::read(vcpu)))),
-            VcpuExit::Hlt => break Err(VmmError::Halted(Box::new(RegisterDump::read(vcpu)))),
-            VcpuExit::InternalError => {
-                break Err(VmmError::GuestFailed { what: "internal error: instruction emulation failed".into(), regs: Box::new(RegisterDump::read(vcpu)) });
-            }
-            VcpuExit::FailEntry(reason, cpu) => {
-                break Err(VmmError::GuestFailed {
-                    what: format!("entry failed, hardware reason {reason:#x} on cpu {cpu}"),
-                    regs: Box::new(RegisterDump::read(vcpu)),
-                });
-            }
-            other => {
-                log::warn!("unexpected vCPU exit {other:?}; resuming");
-            }
-        }
-    };
-    devices.flush();
-    if timings.end_us == 0.0 {
-        timings.end_us = timeline::since_start_us();
     }
-    if let Some(c) = &control {
-        c.exited();
+}
+
+/// Starts a VM from the snapshot chain ending at `dir`; the guest continues
+/// where it was.
+///
+/// # Errors
+/// Any [`VmmError`]; a damaged or inconsistent snapshot is rejected before
+/// a VM exists.
+pub fn restore(dir: &std::path::Path, mode: RestoreMode, api_socket: Option<std::path::PathBuf>, options: RunOptions) -> Result<RunOutcome, VmmError> {
+    use crate::snapshot::{self, format::SnapshotKind, memory_file};
+
+    let chain = snapshot::load_chain(dir)?;
+    let top = chain.top();
+    let mut config = top.manifest.config.clone();
+    config.api_socket = api_socket;
+    let base = &chain.links[0];
+    if base.manifest.kind != SnapshotKind::Full {
+        return Err(snapshot::SnapshotError::Corrupt(format!("the chain starts at {}, which is not a full snapshot", base.dir.display())).into());
     }
-    let exit_status = result?;
-    let memory = crate::memory::report::regions(vm.ram())?;
-    Ok(RunOutcome {
-        exit_status,
-        reports,
-        bad_messages,
-        memory,
-        timings,
-        unhandled: devices.unhandled().clone(),
-        translation_mode: mode,
-        config: config.clone(),
-    })
+    let lazy = mode == RestoreMode::Lazy && matches!(config.backing, crate::config::Backing::Anon | crate::config::Backing::Thp);
+    if mode == RestoreMode::Lazy && !lazy {
+        log::warn!("lazy restore needs an anon or thp backing; restoring {} backing by copy", config.backing);
+    }
+    let kvm = vm::open_kvm()?;
+    let host_mode = host::detect();
+    let ram = if lazy { GuestRam::from_image(&config, &base.memory)? } else { GuestRam::new(&config)? };
+    let skip = usize::from(lazy);
+    for link in &chain.links[skip..] {
+        memory_file::apply(&ram, &link.memory, &link.manifest.chunks)?;
+    }
+    // Writes made while restoring are not guest activity.
+    let _ = crate::dirty::vmm_writes::take(&ram);
+    let vm = Vm::new(kvm, ram)?;
+    let mut tracker = prepare_tracker(&config, &vm, options.control.is_some())?;
+    let vcpu = vcpu::create(&vm, 0)?;
+    if let Some(t) = tracker.as_mut() {
+        t.attach_vcpu(&vcpu, 0)?;
+    }
+    chain.state.vcpus[0].restore(&vcpu)?;
+    let devices = Devices::from_state(&chain.state.devices, options.console).map_err(snapshot::SnapshotError::Corrupt)?;
+    let mut snapshots = SnapshotChain::default();
+    if let Some(t) = tracker.as_mut() {
+        // Diffs taken from here on apply on top of the restored snapshot.
+        t.start(vm.fd(), vm.ram())?;
+        snapshots.last = Some(crate::snapshot::format::ParentRef { dir: top.dir.clone(), id: top.manifest.id.clone() });
+    }
+    let guest_idle = chain.state.guest_idle.then_some(chain.state.idle_status);
+    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle };
+    machine.drive(options.control)
 }

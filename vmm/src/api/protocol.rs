@@ -23,6 +23,13 @@ pub enum Request {
     Resume,
     /// End the VM.
     Shutdown,
+    /// Take a snapshot into `dir` (the vCPU is stopped meanwhile).
+    Snapshot {
+        /// Full or diff.
+        kind: crate::snapshot::format::SnapshotKind,
+        /// Destination directory (must not exist).
+        dir: std::path::PathBuf,
+    },
 }
 
 /// A response.
@@ -74,6 +81,10 @@ mod tests {
     fn requests_parse_from_json_lines() {
         assert_eq!(parse_request("{\"cmd\":\"status\"}\n"), Ok(Request::Status));
         assert_eq!(parse_request("{\"cmd\":\"shutdown\"}"), Ok(Request::Shutdown));
+        assert_eq!(
+            parse_request("{\"cmd\":\"snapshot\",\"kind\":\"diff\",\"dir\":\"/tmp/s\"}"),
+            Ok(Request::Snapshot { kind: crate::snapshot::format::SnapshotKind::Diff, dir: "/tmp/s".into() })
+        );
     }
 
     #[test]

@@ -55,7 +55,33 @@ pub fn handle(request: &Request, control: &VmControl) -> Response {
             control.shutdown();
             Response::ok(control.state())
         }
+        Request::Snapshot { kind, dir } => {
+            let (kind, dir) = (*kind, dir.clone());
+            let result = control.call(Box::new(move |m| {
+                m.snapshot(&dir, kind).map_err(|e| error_chain(&e)).and_then(|info| serde_json::to_value(info).map_err(|e| e.to_string()))
+            }));
+            match result {
+                Ok(data) => Response { data: Some(data), ..Response::ok(control.state()) },
+                Err(e) => Response::error(e),
+            }
+        }
     }
+}
+
+/// An error and its sources on one line.
+#[must_use]
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        src = inner.source();
+    }
+    s
 }
 
 fn serve(stream: UnixStream, control: &VmControl) {

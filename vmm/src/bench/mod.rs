@@ -1,10 +1,14 @@
-//! Benchmarks (`vmm bench ...`).
+//! Benchmarks (`vmm bench ...`): one file per benchmark, plus the summary
+//! statistics they share.
+
+pub mod boot;
+pub mod stats;
 
 /// Which benchmark.
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
-    /// Boot time and VMM memory overhead.
-    Boot,
+    /// Boot time and VMM memory overhead, over fresh processes.
+    Boot(boot::BootArgs),
 }
 
 /// Runs a benchmark.
@@ -13,6 +17,6 @@ pub enum BenchCommand {
 /// Whatever the benchmark fails with.
 pub fn run(bench: BenchCommand) -> Result<u32, Box<dyn std::error::Error>> {
     match bench {
-        BenchCommand::Boot => Err("not implemented yet".into()),
+        BenchCommand::Boot(args) => Ok(boot::run(&args)?),
     }
 }

@@ -9,7 +9,9 @@ use std::io::Cursor;
 
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+
+use crate::memory::GuestMemory;
 
 use crate::boot::BootError;
 
@@ -106,7 +108,7 @@ pub fn inspect(image: &[u8], min_addr: u64, ram_end: u64) -> Result<ElfSummary, 
 /// # Errors
 /// [`BootError::Load`] when linux-loader fails, [`BootError::NoPvhEntry`]
 /// when the image has no PVH entry note.
-pub fn load(memory: &GuestMemoryMmap, image: &[u8]) -> Result<GuestAddress, BootError> {
+pub fn load(memory: &GuestMemory, image: &[u8]) -> Result<GuestAddress, BootError> {
     let mut reader = Cursor::new(image);
     let result = Elf::load(memory, None, &mut reader, None).map_err(|e| BootError::Load(e.to_string()))?;
     match result.pvh_boot_cap {

@@ -1,7 +1,9 @@
 //! Writing the PVH boot data: start info, memory map, command line and
 //! memvisor's boot configuration (Xen `docs/misc/pvh.pandoc`).
 
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
+
+use crate::memory::GuestMemory;
 
 use memvisor_abi::Pod;
 use memvisor_abi::boot::{BootConfig, HVM_START_MAGIC, HVM_START_VERSION, HvmStartInfo};
@@ -14,7 +16,7 @@ use crate::layout::{self, abi};
 /// # Errors
 /// [`BootError::CmdlineTooLong`], [`BootError::TooManyMemmapEntries`] or
 /// [`BootError::WriteMemory`].
-pub fn write_boot_data(memory: &GuestMemoryMmap, mem_size: u64, cmdline: &str, config: &BootConfig) -> Result<(), BootError> {
+pub fn write_boot_data(memory: &GuestMemory, mem_size: u64, cmdline: &str, config: &BootConfig) -> Result<(), BootError> {
     let write = |bytes: &[u8], addr| memory.write_slice(bytes, addr).map_err(|e| BootError::WriteMemory(e.to_string()));
 
     if cmdline.len() as u64 >= abi::CMDLINE_MAX || cmdline.contains('\0') {

@@ -33,6 +33,13 @@ pub struct UnhandledStats {
     pub mmio_accesses: u64,
 }
 
+/// Saved device state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    /// COM1.
+    pub uart: serial::UartState,
+}
+
 /// The devices of one VM.
 #[derive(Debug)]
 pub struct Devices {
@@ -52,6 +59,22 @@ impl Devices {
     #[must_use]
     pub fn new(console: Box<dyn std::io::Write + Send>) -> Self {
         Devices { serial: SerialConsole::new(console), logged_ports: HashSet::new(), logged_mmio: HashSet::new(), unhandled: UnhandledStats::default() }
+    }
+
+    /// Devices restored from a snapshot, the console writing to `console`.
+    ///
+    /// # Errors
+    /// A message when the saved state is invalid.
+    pub fn from_state(state: &DevicesState, console: Box<dyn std::io::Write + Send>) -> Result<Self, String> {
+        let mut d = Devices::new(Box::new(std::io::sink()));
+        d.serial = SerialConsole::from_state(&state.uart, console)?;
+        Ok(d)
+    }
+
+    /// The devices' state, for a snapshot.
+    #[must_use]
+    pub fn state(&self) -> DevicesState {
+        DevicesState { uart: self.serial.state() }
     }
 
     /// A port write.

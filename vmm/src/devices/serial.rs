@@ -3,6 +3,8 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 /// The UART's interrupt line. memvisor has no interrupt controller for the
@@ -17,9 +19,20 @@ impl Trigger for NoInterrupt {
     }
 }
 
+/// The UART's saved registers (vm-superio's `SerialState`, which has no
+/// serde support), in register order: DLL, DLM, IER, IIR, LCR, LSR, MCR,
+/// MSR, SCR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UartState {
+    /// The nine registers.
+    pub registers: [u8; 9],
+    /// Bytes waiting in the receive FIFO.
+    pub in_buffer: Vec<u8>,
+}
+
 /// The console UART.
 pub struct SerialConsole {
-    uart: Serial<NoInterrupt, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<NoInterrupt, NoEvents, Box<dyn Write + Send>>,
 }
 
 impl std::fmt::Debug for SerialConsole {
@@ -45,6 +58,48 @@ impl SerialConsole {
     /// A register read at `offset` (0..=7).
     pub fn read(&mut self, offset: u8) -> u8 {
         self.uart.read(offset)
+    }
+
+    /// The UART's registers, for a snapshot.
+    #[must_use]
+    pub fn state(&self) -> UartState {
+        let s = self.uart.state();
+        UartState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in the saved `state`, writing to `out`.
+    ///
+    /// # Errors
+    /// A message when the state is invalid (e.g. an overfull FIFO).
+    pub fn from_state(state: &UartState, out: Box<dyn Write + Send>) -> Result<Self, String> {
+        let r = state.registers;
+        let s = SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&s, NoInterrupt, NoEvents, out).map_err(|e| format!("invalid UART state: {e:?}"))?;
+        Ok(SerialConsole { uart })
     }
 
     /// Flushes buffered output.

@@ -76,6 +76,26 @@ impl HostMapping {
         }
     }
 
+    /// A private, copy-on-write mapping of `size` bytes of `file` from
+    /// `offset`: pages are read from the file on first touch and copied on
+    /// first write (lazy snapshot restore). `backing` is what the VM was
+    /// configured with, kept for the report.
+    ///
+    /// # Errors
+    /// [`MemoryError::Map`].
+    pub fn file_private(backing: Backing, file: &std::fs::File, offset: u64, size: u64) -> Result<Self, MemoryError> {
+        let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
+        let off = libc::off_t::try_from(offset).map_err(|_| MemoryError::TooLarge(offset))?;
+        // SAFETY: a fresh private mapping of a file we hold open; writes go
+        // to private copies, never to the file.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, file.as_raw_fd(), off) };
+        if ptr == libc::MAP_FAILED {
+            return Err(MemoryError::Map { size, source: std::io::Error::last_os_error() });
+        }
+        let addr = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Map { size, source: std::io::Error::other("null mapping") })?;
+        Ok(HostMapping { addr, size: len, backing, fd: None })
+    }
+
     /// Host virtual address of the first byte.
     #[must_use]
     pub fn as_ptr(&self) -> *mut u8 {

@@ -14,6 +14,7 @@ pub mod smaps;
 use std::path::PathBuf;
 
 use thiserror::Error;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
 
@@ -122,6 +123,14 @@ pub enum MemoryError {
     },
 }
 
+/// Guest memory as the VMM accesses it: every write through it is recorded
+/// in a per-region dirty bitmap (4 KiB pages), which dirty tracking merges
+/// with KVM's log so VMM writes are never missed.
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
+
+/// Granularity of the VMM-write bitmap.
+const VMM_DIRTY_PAGE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4096).expect("nonzero");
+
 /// One RAM range and the host mapping behind it.
 #[derive(Debug)]
 pub struct RamRegion {
@@ -138,7 +147,7 @@ pub struct GuestRam {
     /// irrelevant for drop order: vm-memory does not own these mappings.
     regions: Vec<RamRegion>,
     /// vm-memory's view of the same regions (not owning the mappings).
-    memory: GuestMemoryMmap,
+    memory: GuestMemory,
     /// The NUMA policy applied, for the report.
     numa: Option<(NumaPolicy, Vec<u32>)>,
 }
@@ -149,16 +158,38 @@ impl GuestRam {
     /// # Errors
     /// Any [`MemoryError`]; nothing is left mapped on error.
     pub fn new(config: &VmConfig) -> Result<Self, MemoryError> {
-        check_host_can_give(config)?;
+        Self::build(config, None)
+    }
+
+    /// Guest RAM whose pages load lazily from a full snapshot's sparse
+    /// memory image (RAM offset = file offset): each region is a private
+    /// file mapping, so a page is read on first touch and copied on first
+    /// write; the file is never modified.
+    ///
+    /// # Errors
+    /// Any [`MemoryError`].
+    pub fn from_image(config: &VmConfig, image: &std::fs::File) -> Result<Self, MemoryError> {
+        Self::build(config, Some(image))
+    }
+
+    fn build(config: &VmConfig, image: Option<&std::fs::File>) -> Result<Self, MemoryError> {
+        if image.is_none() {
+            check_host_can_give(config)?;
+        }
         let numa = config.numa_policy.map(|p| (p, config.numa_nodes.clone()));
         if let Some((_, nodes)) = &numa {
             numa::check_nodes(nodes)?;
         }
         let mut regions = Vec::new();
+        let mut ram_offset = 0;
         for range in ram_ranges(config.mem_size) {
-            let mapping = HostMapping::new(config.backing, range.size)?;
+            let mapping = match image {
+                None => HostMapping::new(config.backing, range.size)?,
+                Some(file) => HostMapping::file_private(config.backing, file, ram_offset, range.size)?,
+            };
+            ram_offset += range.size;
             if let Some((policy, nodes)) = &numa {
-                numa::bind(mapping.as_ptr(), mapping.size(), *policy, nodes)?;
+                numa::bind(&mapping, *policy, nodes)?;
             }
             if config.prefault {
                 mapping.prefault()?;
@@ -173,7 +204,10 @@ impl GuestRam {
             // SAFETY: the pointer is our live mapping of exactly this size,
             // which outlives `memory` (both are owned by `GuestRam`, and the
             // builder does not take ownership: it will not munmap it).
-            let builder = unsafe { MmapRegionBuilder::new(r.mapping.size()).with_raw_mmap_pointer(r.mapping.as_ptr()) };
+            let builder = unsafe {
+                MmapRegionBuilder::new_with_bitmap(r.mapping.size(), AtomicBitmap::new(r.mapping.size(), VMM_DIRTY_PAGE))
+                    .with_raw_mmap_pointer(r.mapping.as_ptr())
+            };
             let region = builder
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_SHARED)
@@ -182,8 +216,35 @@ impl GuestRam {
             let region = GuestRegionMmap::new(region, r.range.start).ok_or_else(|| MemoryError::GuestMemory("region wraps around".into()))?;
             mm_regions.push(region);
         }
-        let memory = GuestMemoryMmap::from_regions(mm_regions).map_err(|e| MemoryError::GuestMemory(e.to_string()))?;
+        let memory = GuestMemory::from_regions(mm_regions).map_err(|e| MemoryError::GuestMemory(e.to_string()))?;
         Ok(GuestRam { regions, memory, numa })
+    }
+
+    /// The host address of `len` bytes at `ram_offset` (regions concatenated
+    /// in guest-physical order), when they lie inside one region.
+    #[must_use]
+    pub fn host_range(&self, ram_offset: u64, len: u64) -> Option<*mut u8> {
+        let mut base = 0;
+        for r in &self.regions {
+            if ram_offset >= base && ram_offset.checked_add(len)? <= base + r.range.size {
+                return Some(r.mapping.as_ptr().wrapping_add((ram_offset - base) as usize));
+            }
+            base += r.range.size;
+        }
+        None
+    }
+
+    /// The RAM offset of a guest-physical address.
+    #[must_use]
+    pub fn ram_offset_of(&self, gpa: u64) -> Option<u64> {
+        let mut base = 0;
+        for r in &self.regions {
+            if gpa >= r.range.start.0 && gpa < r.range.end().0 {
+                return Some(base + gpa - r.range.start.0);
+            }
+            base += r.range.size;
+        }
+        None
     }
 
     /// The regions, in guest-physical order.
@@ -194,7 +255,7 @@ impl GuestRam {
 
     /// vm-memory's view, for loaders and devices.
     #[must_use]
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &GuestMemory {
         &self.memory
     }
 

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::config::NumaPolicy;
 use crate::memory::MemoryError;
+use crate::memory::backing::HostMapping;
 
 /// `MPOL_*` modes (include/uapi/linux/mempolicy.h).
 const MPOL_PREFERRED: libc::c_int = 1;
@@ -51,14 +52,21 @@ pub fn allowed_nodes() -> Vec<u32> {
 /// # Errors
 /// [`MemoryError::NoSuchNode`] or [`MemoryError::NodeNotAllowed`].
 pub fn check_nodes(nodes: &[u32]) -> Result<(), MemoryError> {
-    let host = host_nodes();
-    let allowed = allowed_nodes();
+    check_nodes_against(nodes, &host_nodes(), &allowed_nodes())
+}
+
+/// [`check_nodes`] against given lists of the host's nodes and the allowed
+/// ones (pure, so "not allowed" is testable on a host with one node).
+///
+/// # Errors
+/// [`MemoryError::NoSuchNode`] or [`MemoryError::NodeNotAllowed`].
+pub fn check_nodes_against(nodes: &[u32], host: &[u32], allowed: &[u32]) -> Result<(), MemoryError> {
     for &n in nodes {
         if !host.contains(&n) {
-            return Err(MemoryError::NoSuchNode { node: n, host: host.clone() });
+            return Err(MemoryError::NoSuchNode { node: n, host: host.to_vec() });
         }
         if !allowed.contains(&n) {
-            return Err(MemoryError::NodeNotAllowed { node: n, allowed: allowed.clone() });
+            return Err(MemoryError::NodeNotAllowed { node: n, allowed: allowed.to_vec() });
         }
     }
     Ok(())
@@ -76,11 +84,12 @@ pub fn nodemask(nodes: &[u32]) -> Vec<libc::c_ulong> {
     mask
 }
 
-/// Applies `policy` over `nodes` to `[addr, addr + len)`.
+/// Applies `policy` over `nodes` to the whole of `mapping`.
 ///
 /// # Errors
 /// [`MemoryError::Mbind`] when the kernel refuses.
-pub fn bind(addr: *mut u8, len: usize, policy: NumaPolicy, nodes: &[u32]) -> Result<(), MemoryError> {
+pub fn bind(mapping: &HostMapping, policy: NumaPolicy, nodes: &[u32]) -> Result<(), MemoryError> {
+    let (addr, len) = (mapping.as_ptr(), mapping.size());
     let mode = match policy {
         NumaPolicy::Bind => MPOL_BIND,
         NumaPolicy::Preferred => MPOL_PREFERRED,
@@ -107,13 +116,14 @@ pub struct NodePlacement {
     pub not_resident: u64,
 }
 
-/// Measures the node of each resident page of `[addr, addr + len)`, one
-/// query per `step` bytes (the host page size of the backing), with
-/// move_pages(2) in query mode (`nodes == NULL`).
+/// Measures the node of each resident page of `mapping`, one query per
+/// `step` bytes (the host page size of the backing), with move_pages(2) in
+/// query mode (`nodes == NULL`).
 ///
 /// # Errors
 /// [`MemoryError::MovePages`] when the syscall itself fails.
-pub fn measure(addr: *mut u8, len: usize, step: usize) -> Result<NodePlacement, MemoryError> {
+pub fn measure(mapping: &HostMapping, step: usize) -> Result<NodePlacement, MemoryError> {
+    let (addr, len) = (mapping.as_ptr(), mapping.size());
     const BATCH: usize = 4096;
     let mut placement = NodePlacement::default();
     let pages = len / step;
@@ -165,15 +175,22 @@ mod tests {
     }
 
     #[test]
+    fn a_node_outside_the_allowed_set_is_refused() {
+        assert!(check_nodes_against(&[0, 1], &[0, 1], &[0, 1]).is_ok());
+        assert!(matches!(check_nodes_against(&[1], &[0, 1], &[0]), Err(MemoryError::NodeNotAllowed { node: 1, .. })));
+        assert!(matches!(check_nodes_against(&[2], &[0, 1], &[0]), Err(MemoryError::NoSuchNode { node: 2, .. })));
+    }
+
+    #[test]
     fn measured_placement_counts_touched_pages() {
         let len = 64 * 4096;
-        let m = crate::memory::backing::HostMapping::new(crate::config::Backing::Anon, len as u64).unwrap();
-        bind(m.as_ptr(), len, NumaPolicy::Bind, &[0]).unwrap();
+        let m = HostMapping::new(crate::config::Backing::Anon, len as u64).unwrap();
+        bind(&m, NumaPolicy::Bind, &[0]).unwrap();
         for i in 0..16 {
             // SAFETY: inside our own mapping.
             unsafe { m.as_ptr().add(i * 4096).write(1) };
         }
-        let p = measure(m.as_ptr(), len, 4096).unwrap();
+        let p = measure(&m, 4096).unwrap();
         assert_eq!(p.bytes_per_node.get(&0), Some(&(16 * 4096)));
         assert_eq!(p.not_resident, 48 * 4096);
     }

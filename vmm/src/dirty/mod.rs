@@ -1,0 +1,148 @@
+//! Dirty-page tracking: which guest pages were written since the last look.
+//!
+//! Three harvest mechanisms, best first:
+//! - [`DirtyMode::Ring`]: per-vCPU dirty rings (`KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]`):
+//!   the guest's writes arrive as a list of (slot, page) entries; harvest
+//!   cost follows the number of dirty pages, not the size of RAM.
+//! - [`DirtyMode::Clear`]: the bitmap with manual protect
+//!   (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`): `KVM_GET_DIRTY_LOG` only reads,
+//!   `KVM_CLEAR_DIRTY_LOG` re-protects exactly the pages harvested.
+//! - [`DirtyMode::Bitmap`]: plain `KVM_GET_DIRTY_LOG`, which reads and
+//!   re-protects the whole slot in one call.
+//!
+//! Pages the VMM itself writes through vm-memory are tracked by vm-memory's
+//! `AtomicBitmap` and merged in ([`vmm_writes`]), so nothing written is ever
+//! missed. This module owns the mechanisms and the per-slot bitmaps; the run
+//! loop decides when to harvest.
+
+pub mod caps;
+pub mod log;
+pub mod ranges;
+pub mod ring;
+pub mod tracker;
+pub mod vmm_writes;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use caps::DirtyCaps;
+pub use ranges::PageRange;
+pub use tracker::{DirtyTracker, Harvest};
+
+/// How dirty pages are harvested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirtyMode {
+    /// `KVM_GET_DIRTY_LOG` (read and re-protect in one call).
+    Bitmap,
+    /// `KVM_GET_DIRTY_LOG` + `KVM_CLEAR_DIRTY_LOG` (manual protect).
+    Clear,
+    /// Per-vCPU dirty rings + `KVM_RESET_DIRTY_RINGS`.
+    Ring,
+}
+
+impl DirtyMode {
+    /// Every mode, best first.
+    pub const ALL: [DirtyMode; 3] = [DirtyMode::Ring, DirtyMode::Clear, DirtyMode::Bitmap];
+
+    /// The name used in flags and reports.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirtyMode::Bitmap => "bitmap",
+            DirtyMode::Clear => "clear",
+            DirtyMode::Ring => "ring",
+        }
+    }
+}
+
+impl std::fmt::Display for DirtyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DirtyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        DirtyMode::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| format!("invalid dirty mode {s:?}; expected one of: ring, clear, bitmap"))
+    }
+}
+
+/// Errors of dirty tracking.
+#[derive(Debug, Error)]
+pub enum DirtyError {
+    /// A forced mode the kernel does not offer.
+    #[error("dirty mode {mode} is not available on this kernel: {why}")]
+    Unavailable {
+        /// The mode asked for.
+        mode: DirtyMode,
+        /// What is missing.
+        why: &'static str,
+    },
+    /// A KVM ioctl failed.
+    #[error("{what} failed")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mapping a dirty ring failed.
+    #[error("cannot map the dirty ring of vCPU {vcpu}")]
+    MapRing {
+        /// The vCPU.
+        vcpu: usize,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Memslot update failed.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+}
+
+/// Chooses the mode: the forced one if the kernel offers it, else the best
+/// one it offers.
+///
+/// # Errors
+/// [`DirtyError::Unavailable`] when a forced mode is missing.
+pub fn choose_mode(caps: &DirtyCaps, forced: Option<DirtyMode>) -> Result<DirtyMode, DirtyError> {
+    match forced {
+        Some(mode) => caps.check(mode).map(|()| mode),
+        None => Ok(DirtyMode::ALL.into_iter().find(|m| caps.check(*m).is_ok()).unwrap_or(DirtyMode::Bitmap)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_available_mode_is_chosen() {
+        let all = DirtyCaps { manual_protect: 3, ring_bytes: 1 << 20, ring_acq_rel: true, ring_with_bitmap: false };
+        assert_eq!(choose_mode(&all, None).unwrap(), DirtyMode::Ring);
+        let no_ring = DirtyCaps { ring_bytes: 0, ring_acq_rel: false, ..all };
+        assert_eq!(choose_mode(&no_ring, None).unwrap(), DirtyMode::Clear);
+        let old = DirtyCaps { manual_protect: 0, ..no_ring };
+        assert_eq!(choose_mode(&old, None).unwrap(), DirtyMode::Bitmap);
+    }
+
+    #[test]
+    fn a_forced_mode_the_kernel_lacks_fails_clearly() {
+        let old = DirtyCaps::default();
+        let e = choose_mode(&old, Some(DirtyMode::Ring)).unwrap_err();
+        assert!(e.to_string().contains("ring"), "{e}");
+        assert!(choose_mode(&old, Some(DirtyMode::Clear)).is_err());
+        assert_eq!(choose_mode(&old, Some(DirtyMode::Bitmap)).unwrap(), DirtyMode::Bitmap);
+    }
+
+    #[test]
+    fn modes_parse_from_their_names() {
+        for m in DirtyMode::ALL {
+            assert_eq!(m.as_str().parse::<DirtyMode>().unwrap(), m);
+        }
+        assert!("fast".parse::<DirtyMode>().is_err());
+    }
+}

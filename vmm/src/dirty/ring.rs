@@ -1,0 +1,117 @@
+//! Per-vCPU dirty rings (KVM api.rst 8.29, KVM_CAP_DIRTY_LOG_RING).
+//!
+//! Each vCPU has a ring of `struct kvm_dirty_gfn { u32 flags; u32 slot;
+//! u64 offset; }` mapped from the vCPU fd at page offset
+//! `KVM_DIRTY_LOG_PAGE_OFFSET`. KVM publishes an entry by setting
+//! `KVM_DIRTY_GFN_F_DIRTY`; we collect it and mark it
+//! `KVM_DIRTY_GFN_F_RESET`; `KVM_RESET_DIRTY_RINGS` then re-protects those
+//! pages and frees the entries. The flags are read with acquire and written
+//! with release ordering, as the ACQ_REL variant of the capability requires.
+
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use kvm_bindings::{kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET};
+use kvm_ioctls::{VcpuFd, VmFd};
+
+use crate::dirty::DirtyError;
+
+/// `KVM_DIRTY_GFN_F_DIRTY`: the entry holds a dirty page.
+const GFN_F_DIRTY: u32 = 1;
+/// `KVM_DIRTY_GFN_F_RESET`: userspace has collected the entry.
+const GFN_F_RESET: u32 = 2;
+/// Size of one `kvm_dirty_gfn`.
+pub const ENTRY_SIZE: u64 = 16;
+/// Host page size the ring offset is expressed in.
+const PAGE_SIZE: u64 = 4096;
+
+/// Enables rings of `bytes` per vCPU; must happen before any vCPU exists.
+///
+/// # Errors
+/// [`DirtyError::Kvm`].
+pub fn enable(vm: &VmFd, bytes: u64, acq_rel: bool) -> Result<(), DirtyError> {
+    let cap = if acq_rel { KVM_CAP_DIRTY_LOG_RING_ACQ_REL } else { KVM_CAP_DIRTY_LOG_RING };
+    let req = kvm_enable_cap { cap, args: [bytes, 0, 0, 0], ..Default::default() };
+    vm.enable_cap(&req).map_err(|e| DirtyError::Kvm { what: "KVM_ENABLE_CAP(DIRTY_LOG_RING)", source: std::io::Error::from_raw_os_error(e.errno()) })
+}
+
+/// One vCPU's mapped ring.
+#[derive(Debug)]
+pub struct DirtyRing {
+    base: NonNull<u8>,
+    entries: u32,
+    /// Next entry to look at (free-running; index = fetch % entries).
+    fetch: u32,
+}
+
+// SAFETY: the ring is shared memory with KVM accessed only through atomics
+// and volatile reads; moving the owner between threads is fine.
+unsafe impl Send for DirtyRing {}
+
+/// A dirty page from a ring: memslot (address space in the high 16 bits)
+/// and page offset within the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingEntry {
+    /// `slot` field: as_id << 16 | slot id.
+    pub slot: u32,
+    /// Page offset inside the slot.
+    pub offset: u64,
+}
+
+impl DirtyRing {
+    /// Maps vCPU `vcpu`'s ring of `bytes`.
+    ///
+    /// # Errors
+    /// [`DirtyError::MapRing`].
+    pub fn map(vcpu_fd: &VcpuFd, vcpu: usize, bytes: u64) -> Result<Self, DirtyError> {
+        let len = usize::try_from(bytes).map_err(|_| DirtyError::MapRing { vcpu, source: std::io::Error::other("ring too large") })?;
+        let offset = libc::off_t::from(KVM_DIRTY_LOG_PAGE_OFFSET as i32) * PAGE_SIZE as libc::off_t;
+        // SAFETY: mapping KVM's ring for this vCPU fd, as api.rst describes;
+        // the mapping is released in Drop.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, vcpu_fd.as_raw_fd(), offset) };
+        if ptr == libc::MAP_FAILED {
+            return Err(DirtyError::MapRing { vcpu, source: std::io::Error::last_os_error() });
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or(DirtyError::MapRing { vcpu, source: std::io::Error::other("null mapping") })?;
+        Ok(DirtyRing { base, entries: (bytes / ENTRY_SIZE) as u32, fetch: 0 })
+    }
+
+    /// Collects every published entry into `out`, marking each collected.
+    /// Returns how many were collected.
+    pub fn harvest(&mut self, out: &mut Vec<RingEntry>) -> usize {
+        let mut n = 0;
+        loop {
+            let index = (self.fetch % self.entries) as usize;
+            // SAFETY: index < entries, so the entry lies inside the mapping;
+            // `flags` is a naturally aligned u32 KVM updates atomically.
+            let entry = unsafe { self.base.as_ptr().add(index * ENTRY_SIZE as usize) };
+            // SAFETY: as above; AtomicU32 has the layout of u32.
+            let flags = unsafe { &*entry.cast::<AtomicU32>() };
+            if flags.load(Ordering::Acquire) & GFN_F_DIRTY == 0 {
+                break;
+            }
+            // SAFETY: the entry is published (DIRTY seen with acquire), so
+            // its slot and offset fields are stable until we reset it.
+            let (slot, offset) = unsafe { (entry.add(4).cast::<u32>().read_volatile(), entry.add(8).cast::<u64>().read_volatile()) };
+            out.push(RingEntry { slot, offset });
+            flags.store(GFN_F_RESET, Ordering::Release);
+            self.fetch = self.fetch.wrapping_add(1);
+            n += 1;
+        }
+        n
+    }
+
+    /// Ring capacity in entries.
+    #[must_use]
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+}
+
+impl Drop for DirtyRing {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping of exactly this length.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.entries as usize * ENTRY_SIZE as usize) };
+    }
+}

@@ -1,0 +1,237 @@
+//! The dirty tracker of one VM: one mechanism, per-slot bitmaps, and the
+//! merge with the VMM's own writes.
+//!
+//! Life cycle: [`DirtyTracker::prepare`] right after the VM is created
+//! (the ring must be enabled before any vCPU exists), [`attach_vcpu`] for
+//! each vCPU, [`start`] to switch logging on, [`harvest`] as often as
+//! needed, [`collect_rings`] when a vCPU exits with a full ring, [`stop`].
+//!
+//! [`attach_vcpu`]: DirtyTracker::attach_vcpu
+//! [`start`]: DirtyTracker::start
+//! [`harvest`]: DirtyTracker::harvest
+//! [`collect_rings`]: DirtyTracker::collect_rings
+
+use kvm_ioctls::{VcpuFd, VmFd};
+use serde::Serialize;
+
+use crate::dirty::caps::{INITIALLY_SET, MANUAL_PROTECT_ENABLE};
+use crate::dirty::ranges::{self, PageRange};
+use crate::dirty::ring::{self, DirtyRing, RingEntry};
+use crate::dirty::{DirtyCaps, DirtyError, DirtyMode, log, vmm_writes};
+use crate::memory::{GuestRam, slots};
+
+/// Largest ring memvisor asks for: 65,536 entries (1 MiB) per vCPU, which
+/// holds 256 MiB of dirty pages between harvests.
+pub const MAX_RING_BYTES: u64 = 1 << 20;
+
+/// One memslot as the tracker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SlotInfo {
+    /// KVM slot number.
+    pub slot: u32,
+    /// First guest page frame number of the slot.
+    pub first_pfn: u64,
+    /// Pages in the slot.
+    pub pages: u64,
+}
+
+/// What one harvest found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Harvest {
+    /// Pages the guest wrote (from KVM), as guest page ranges.
+    pub guest: Vec<PageRange>,
+    /// Pages the VMM wrote through vm-memory.
+    pub vmm: Vec<PageRange>,
+    /// Union of both: what a snapshot must save.
+    pub all: Vec<PageRange>,
+    /// Ring entries that named a slot or page outside guest RAM (ignored).
+    pub bad_ring_entries: u64,
+}
+
+#[derive(Debug)]
+struct SlotState {
+    info: SlotInfo,
+    /// Reused buffer for KVM's bitmap.
+    kvm: Vec<u64>,
+    /// Accumulated guest-dirty bits (ring mode collects here between harvests).
+    acc: Vec<u64>,
+}
+
+/// The dirty tracker.
+#[derive(Debug)]
+pub struct DirtyTracker {
+    mode: DirtyMode,
+    caps: DirtyCaps,
+    ring_bytes: u64,
+    initially_set: bool,
+    slots: Vec<SlotState>,
+    rings: Vec<DirtyRing>,
+    scratch: Vec<RingEntry>,
+    bad_ring_entries: u64,
+    logging: bool,
+}
+
+impl DirtyTracker {
+    /// Chooses the mode and enables what must be enabled before vCPUs exist.
+    ///
+    /// # Errors
+    /// [`DirtyError`] when a forced mode is missing or KVM refuses.
+    pub fn prepare(vm: &VmFd, ram: &GuestRam, forced: Option<DirtyMode>) -> Result<Self, DirtyError> {
+        let caps = DirtyCaps::probe(vm);
+        let mode = crate::dirty::choose_mode(&caps, forced)?;
+        let mut ring_bytes = 0;
+        let mut initially_set = false;
+        match mode {
+            DirtyMode::Ring => {
+                ring_bytes = caps.ring_bytes.min(MAX_RING_BYTES);
+                ring::enable(vm, ring_bytes, caps.ring_acq_rel)?;
+            }
+            DirtyMode::Clear => {
+                initially_set = caps.manual_protect & INITIALLY_SET != 0;
+                let flags = MANUAL_PROTECT_ENABLE | if initially_set { INITIALLY_SET } else { 0 };
+                log::enable_manual_protect(vm, flags)?;
+            }
+            DirtyMode::Bitmap => {}
+        }
+        let slots = ram
+            .regions()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let pages = r.range.size / 4096;
+                let words = ranges::words_for(pages);
+                SlotState {
+                    info: SlotInfo { slot: i as u32, first_pfn: r.range.start.0 >> 12, pages },
+                    kvm: vec![0; words],
+                    acc: vec![0; words],
+                }
+            })
+            .collect();
+        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), bad_ring_entries: 0, logging: false })
+    }
+
+    /// The mechanism in use.
+    #[must_use]
+    pub fn mode(&self) -> DirtyMode {
+        self.mode
+    }
+
+    /// What the kernel offered.
+    #[must_use]
+    pub fn caps(&self) -> &DirtyCaps {
+        &self.caps
+    }
+
+    /// The slots tracked.
+    #[must_use]
+    pub fn slots(&self) -> Vec<SlotInfo> {
+        self.slots.iter().map(|s| s.info).collect()
+    }
+
+    /// Maps vCPU `index`'s ring (ring mode only; a no-op otherwise).
+    ///
+    /// # Errors
+    /// [`DirtyError::MapRing`].
+    pub fn attach_vcpu(&mut self, vcpu: &VcpuFd, index: usize) -> Result<(), DirtyError> {
+        if self.mode == DirtyMode::Ring {
+            self.rings.push(DirtyRing::map(vcpu, index, self.ring_bytes)?);
+        }
+        Ok(())
+    }
+
+    /// Switches logging on for every slot and starts from a clean slate
+    /// (nothing counts as dirty from before this call).
+    ///
+    /// # Errors
+    /// [`DirtyError`] when KVM refuses.
+    pub fn start(&mut self, vm: &VmFd, ram: &GuestRam) -> Result<(), DirtyError> {
+        slots::register(vm, ram, slots::KVM_MEM_LOG_DIRTY_PAGES)?;
+        self.logging = true;
+        if self.mode == DirtyMode::Clear && self.initially_set {
+            // Every bit starts set and nothing is write-protected yet:
+            // clearing everything arms tracking from now on.
+            for s in &mut self.slots {
+                s.kvm.fill(u64::MAX);
+                log::clear(vm, s.info.slot, 0, s.info.pages as u32, &mut s.kvm)?;
+            }
+        }
+        // Drop whatever was logged or written so far.
+        self.harvest(vm, ram)?;
+        Ok(())
+    }
+
+    /// Switches logging off (huge pages may then be rebuilt by KVM).
+    ///
+    /// # Errors
+    /// [`DirtyError`] when KVM refuses.
+    pub fn stop(&mut self, vm: &VmFd, ram: &GuestRam) -> Result<(), DirtyError> {
+        slots::register(vm, ram, 0)?;
+        self.logging = false;
+        Ok(())
+    }
+
+    /// Whether logging is on.
+    #[must_use]
+    pub fn logging(&self) -> bool {
+        self.logging
+    }
+
+    /// Collects published ring entries into the per-slot accumulators and
+    /// re-arms them. Called on `KVM_EXIT_DIRTY_RING_FULL` and by
+    /// [`harvest`](Self::harvest).
+    ///
+    /// # Errors
+    /// [`DirtyError::Kvm`] from `KVM_RESET_DIRTY_RINGS`.
+    pub fn collect_rings(&mut self, vm: &VmFd) -> Result<usize, DirtyError> {
+        self.scratch.clear();
+        for r in &mut self.rings {
+            r.harvest(&mut self.scratch);
+        }
+        for e in &self.scratch {
+            // Address space 0 only; slot and offset come from KVM but are
+            // still checked before they index anything.
+            let slot_id = e.slot & 0xffff;
+            match self.slots.iter_mut().find(|s| s.info.slot == slot_id && e.slot >> 16 == 0) {
+                Some(s) if e.offset < s.info.pages => s.acc[(e.offset / 64) as usize] |= 1 << (e.offset % 64),
+                _ => self.bad_ring_entries += 1,
+            }
+        }
+        let n = self.scratch.len();
+        if n > 0 {
+            log::reset_rings(vm)?;
+        }
+        Ok(n)
+    }
+
+    /// Harvests everything written since the previous harvest (or `start`),
+    /// by the guest and by the VMM.
+    ///
+    /// # Errors
+    /// [`DirtyError`] when KVM refuses.
+    pub fn harvest(&mut self, vm: &VmFd, ram: &GuestRam) -> Result<Harvest, DirtyError> {
+        match self.mode {
+            DirtyMode::Ring => {
+                self.collect_rings(vm)?;
+            }
+            DirtyMode::Bitmap | DirtyMode::Clear => {
+                for s in &mut self.slots {
+                    log::get(vm, s.info.slot, &mut s.kvm)?;
+                    if self.mode == DirtyMode::Clear && ranges::count_pages(&s.kvm) > 0 {
+                        log::clear(vm, s.info.slot, 0, s.info.pages as u32, &mut s.kvm)?;
+                    }
+                    ranges::merge_into(&mut s.acc, &s.kvm);
+                }
+            }
+        }
+        let vmm_bitmaps = vmm_writes::take(ram);
+        let mut out = Harvest { bad_ring_entries: std::mem::take(&mut self.bad_ring_entries), ..Default::default() };
+        for (s, vmm_bm) in self.slots.iter_mut().zip(vmm_bitmaps) {
+            out.guest.extend(ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn));
+            out.vmm.extend(ranges::bitmap_to_ranges(&vmm_bm, s.info.first_pfn));
+            ranges::merge_into(&mut s.acc, &vmm_bm);
+            out.all.extend(ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn));
+            s.acc.fill(0);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,209 @@
+//! A built VM and its run loop.
+//!
+//! A [`Machine`] is the VM, its vCPU, devices, dirty tracker and snapshot
+//! chain, however it came to be (booted by [`crate::vmm::run`] or restored
+//! by [`crate::vmm::restore`]). [`Machine::drive`] runs the vCPU in the
+//! calling thread until the guest exits, idles and is shut down, or dies,
+//! serving control-socket jobs between `KVM_RUN`s. Guest messages are decoded
+//! and timestamped here; nothing the guest writes is trusted (a message
+//! outside RAM or of an unknown kind is counted and ignored).
+
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use memvisor_abi::Pod as _;
+use memvisor_abi::msg::{Message, Report};
+
+use crate::config::VmConfig;
+use crate::control::{VmControl, Work};
+use crate::devices::{Devices, IoAction};
+use crate::dirty::DirtyTracker;
+use crate::host::TranslationMode;
+use crate::kvm_stats;
+use crate::memory::report;
+use crate::snapshot::SnapshotChain;
+use crate::timeline;
+use crate::vcpu::RegisterDump;
+use crate::vm::Vm;
+use crate::vmm::{BootTimings, RunOutcome, TimedReport, VmmError};
+
+/// `KVM_EXIT_DIRTY_RING_FULL` (KVM api.rst, kvm_run exit reasons): a vCPU's
+/// dirty ring is full and must be harvested before it can run again.
+const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
+
+/// A VM ready to run.
+#[derive(Debug)]
+pub struct Machine {
+    /// The configuration it runs with.
+    pub config: VmConfig,
+    /// How the host translates guest-physical addresses.
+    pub mode: TranslationMode,
+    /// The VM and its memory.
+    pub vm: Vm,
+    /// The vCPU.
+    pub vcpu: VcpuFd,
+    /// The devices.
+    pub devices: Devices,
+    /// Dirty tracking, when prepared.
+    pub tracker: Option<DirtyTracker>,
+    /// The previous snapshot, for diffs.
+    pub chain: SnapshotChain,
+    /// `Some(status)` once the guest has finished its work and idles.
+    pub guest_idle: Option<u32>,
+}
+
+impl Machine {
+    /// Runs until the end and builds the outcome.
+    ///
+    /// # Errors
+    /// [`VmmError`] when the guest dies or KVM fails.
+    pub fn drive(mut self, control: Option<Arc<VmControl>>) -> Result<RunOutcome, VmmError> {
+        let mut reports = Vec::new();
+        let mut bad_messages = 0u64;
+        let mut timings = BootTimings { vcpu_start_us: timeline::since_start_us(), ..Default::default() };
+        if let Some(c) = &control {
+            c.vcpu_started();
+            if self.guest_idle.is_some() {
+                c.guest_idled();
+            }
+        }
+        let result = loop {
+            if let Some(c) = &control {
+                match c.next_work() {
+                    Work::Run => {}
+                    Work::Stop => break Ok(self.guest_idle.unwrap_or(0)),
+                    Work::Jobs(jobs) => {
+                        for job in jobs {
+                            job.run(&mut self);
+                        }
+                        continue;
+                    }
+                }
+            } else if let Some(status) = self.guest_idle {
+                // Restored from an idle snapshot without a socket: nothing to do.
+                break Ok(status);
+            }
+            let exit = match self.vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => break Err(VmmError::Run(e)),
+            };
+            match exit {
+                VcpuExit::IoOut(port, data) => match self.devices.port_out(port, data) {
+                    IoAction::Continue => {}
+                    IoAction::Exit(status) => break Ok(status),
+                    IoAction::Message(gpa) => {
+                        let mut bytes = [0u8; Message::SIZE];
+                        let decoded = self
+                            .vm
+                            .ram()
+                            .memory()
+                            .read_slice(&mut bytes, GuestAddress(gpa))
+                            .ok()
+                            .and_then(|()| Message::from_bytes(&bytes))
+                            .and_then(|m| Report::decode(&m).ok());
+                        let Some(report) = decoded else {
+                            bad_messages += 1;
+                            log::warn!("guest sent an invalid message at {gpa:#x}; ignored");
+                            continue;
+                        };
+                        let at_us = timeline::since_start_us();
+                        match report {
+                            Report::Hello { .. } if timings.first_report_us.is_none() => timings.first_report_us = Some(at_us),
+                            Report::Ready { .. } => timings.ready_us = Some(at_us),
+                            _ => {}
+                        }
+                        reports.push(TimedReport { at_us, report });
+                        if let Report::Idle { status } = report {
+                            self.devices.flush();
+                            timings.end_us = at_us;
+                            match &control {
+                                // The guest is never entered again; the loop
+                                // serves jobs until shutdown.
+                                Some(c) => {
+                                    self.guest_idle = Some(status);
+                                    c.guest_idled();
+                                }
+                                None => break Ok(status),
+                            }
+                        }
+                    }
+                },
+                VcpuExit::IoIn(port, data) => self.devices.port_in(port, data),
+                VcpuExit::MmioRead(addr, data) => self.devices.mmio_read(addr, data),
+                VcpuExit::MmioWrite(addr, data) => self.devices.mmio_write(addr, data),
+                VcpuExit::Shutdown => break Err(VmmError::TripleFault(Box::new(RegisterDump::read(&self.vcpu)))),
+                VcpuExit::Hlt => break Err(VmmError::Halted(Box::new(RegisterDump::read(&self.vcpu)))),
+                VcpuExit::InternalError => {
+                    break Err(VmmError::GuestFailed {
+                        what: "internal error: instruction emulation failed".into(),
+                        regs: Box::new(RegisterDump::read(&self.vcpu)),
+                    });
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    break Err(VmmError::GuestFailed {
+                        what: format!("entry failed, hardware reason {reason:#x} on cpu {cpu}"),
+                        regs: Box::new(RegisterDump::read(&self.vcpu)),
+                    });
+                }
+                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                    if let Some(t) = self.tracker.as_mut() {
+                        if let Err(e) = t.collect_rings(self.vm.fd()) {
+                            break Err(e.into());
+                        }
+                    }
+                }
+                other => {
+                    log::warn!("unexpected vCPU exit {other:?}; resuming");
+                }
+            }
+        };
+        self.devices.flush();
+        if timings.end_us == 0.0 {
+            timings.end_us = timeline::since_start_us();
+        }
+        if let Some(c) = &control {
+            c.exited();
+        }
+        let exit_status = result?;
+        let kvm_stats = kvm_stats::collect(self.vm.kvm(), self.vm.fd(), &[&self.vcpu]);
+        let kvm_mappings = report::kvm_mappings(&kvm_stats, self.mode);
+        let memory = report::regions(self.vm.ram())?;
+        // Last, so that it counts everything the run allocated.
+        let vmm_memory = report::process_memory(self.vm.ram());
+        Ok(RunOutcome {
+            exit_status,
+            reports,
+            bad_messages,
+            memory,
+            kvm_mappings,
+            kvm_stats,
+            vmm_memory,
+            timings,
+            unhandled: self.devices.unhandled().clone(),
+            translation_mode: self.mode,
+            boot_phases: timeline::marks(),
+            config: self.config.clone(),
+        })
+    }
+
+    /// Takes a snapshot (on the vCPU thread, the vCPU stopped).
+    ///
+    /// # Errors
+    /// [`crate::snapshot::SnapshotError`].
+    pub fn snapshot(&mut self, dir: &std::path::Path, kind: crate::snapshot::format::SnapshotKind) -> Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError> {
+        let tracker = self.tracker.as_mut().ok_or(crate::snapshot::SnapshotError::NoBase)?;
+        let live = crate::snapshot::Live {
+            kvm: self.vm.kvm(),
+            vm_fd: self.vm.fd(),
+            vcpu: &self.vcpu,
+            ram: self.vm.ram(),
+            config: &self.config,
+            devices: self.devices.state(),
+            guest_idle: self.guest_idle,
+        };
+        crate::snapshot::take(&live, tracker, &mut self.chain, dir, kind)
+    }
+}

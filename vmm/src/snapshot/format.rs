@@ -1,0 +1,305 @@
+//! The snapshot format: a directory holding a manifest, the vCPU and device
+//! state, and one memory file.
+//!
+//! ```text
+//! DIR/manifest.json   Manifest: magic, version, kind, id, parent, config,
+//!                     layout, checksums of state.json and of every memory chunk
+//! DIR/state.json      vCPU and device state (serde; checksum in the manifest)
+//! DIR/memory.bin      full: a sparse image of guest RAM (RAM offset = file
+//!                     offset; pages never touched are holes)
+//!                     diff: the dirty pages packed one after another
+//! ```
+//!
+//! Every memory chunk is at most [`CHUNK_BYTES`] and carries a CRC-32C
+//! (crc32fast's CRC-32/ISO-HDLC) of its bytes. Everything here is pure: it
+//! validates manifests and chains without touching KVM or guest memory.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+
+/// `Manifest.magic`.
+pub const MAGIC: &str = "memvisor-snapshot";
+/// The format version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// Largest memory chunk, in bytes: small enough that verifying one chunk on
+/// a lazy fault is cheap (~25 µs of CRC), large enough to keep the manifest short.
+pub const CHUNK_BYTES: u64 = 256 * 1024;
+/// File names inside a snapshot directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// See the module docs.
+pub const STATE_FILE: &str = "state.json";
+/// See the module docs.
+pub const MEMORY_FILE: &str = "memory.bin";
+
+/// Full or incremental.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotKind {
+    /// All of guest memory (sparse).
+    Full,
+    /// Only pages dirtied since the parent snapshot.
+    Diff,
+}
+
+/// One chunk of memory data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Offset in guest RAM (regions concatenated in guest-physical order).
+    pub ram_offset: u64,
+    /// Offset in memory.bin.
+    pub file_offset: u64,
+    /// Length in bytes (a multiple of 4096, at most [`CHUNK_BYTES`]).
+    pub len: u64,
+    /// CRC-32 of the bytes.
+    pub crc32: u32,
+}
+
+/// The parent of a diff snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// Its directory (absolute).
+    pub dir: PathBuf,
+    /// Its id, to detect a directory replaced by another snapshot.
+    pub id: String,
+}
+
+/// A RAM region as recorded: guest-physical start and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionRecord {
+    /// Guest-physical start.
+    pub guest_start: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`MAGIC`].
+    pub magic: String,
+    /// [`VERSION`].
+    pub version: u32,
+    /// Full or diff.
+    pub kind: SnapshotKind,
+    /// A unique id.
+    pub id: String,
+    /// For diffs: the snapshot this one applies on top of.
+    pub parent: Option<ParentRef>,
+    /// The VM configuration.
+    pub config: VmConfig,
+    /// The RAM layout.
+    pub regions: Vec<RegionRecord>,
+    /// CRC-32 of state.json.
+    pub state_crc32: u32,
+    /// Length of memory.bin.
+    pub memory_file_len: u64,
+    /// The memory chunks, in RAM order.
+    pub chunks: Vec<Chunk>,
+}
+
+/// What is wrong with a manifest or a chain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// Not a memvisor snapshot.
+    #[error("not a memvisor snapshot (magic {0:?})")]
+    BadMagic(String),
+    /// Written by another version.
+    #[error("snapshot format version {found} is not supported (this build reads version {VERSION})")]
+    BadVersion {
+        /// The version found.
+        found: u32,
+    },
+    /// A full snapshot with a parent, or a diff without one.
+    #[error("{0}")]
+    Inconsistent(String),
+    /// A chunk outside RAM or the file, or misaligned.
+    #[error("chunk {index} is invalid: {why}")]
+    BadChunk {
+        /// Chunk index.
+        index: usize,
+        /// Why.
+        why: &'static str,
+    },
+}
+
+/// The total RAM size of a layout.
+#[must_use]
+pub fn ram_size(regions: &[RegionRecord]) -> u64 {
+    regions.iter().map(|r| r.size).sum()
+}
+
+impl Manifest {
+    /// Checks the manifest on its own: magic, version, kind/parent
+    /// agreement, and that every chunk lies inside RAM and the file.
+    ///
+    /// # Errors
+    /// [`FormatError`].
+    pub fn validate(&self) -> Result<(), FormatError> {
+        if self.magic != MAGIC {
+            return Err(FormatError::BadMagic(self.magic.clone()));
+        }
+        if self.version != VERSION {
+            return Err(FormatError::BadVersion { found: self.version });
+        }
+        match (self.kind, &self.parent) {
+            (SnapshotKind::Full, Some(_)) => return Err(FormatError::Inconsistent("a full snapshot must not have a parent".into())),
+            (SnapshotKind::Diff, None) => return Err(FormatError::Inconsistent("a diff snapshot has no parent".into())),
+            _ => {}
+        }
+        let ram = ram_size(&self.regions);
+        if ram != self.config.mem_size {
+            return Err(FormatError::Inconsistent(format!("layout holds {ram} bytes but the config says {}", self.config.mem_size)));
+        }
+        let mut prev_end = 0;
+        for (index, c) in self.chunks.iter().enumerate() {
+            let bad = |why| Err(FormatError::BadChunk { index, why });
+            if c.len == 0 || c.len > CHUNK_BYTES || c.len % 4096 != 0 || c.ram_offset % 4096 != 0 {
+                return bad("length or alignment");
+            }
+            if c.ram_offset.checked_add(c.len).is_none_or(|e| e > ram) {
+                return bad("outside guest RAM");
+            }
+            if c.file_offset.checked_add(c.len).is_none_or(|e| e > self.memory_file_len) {
+                return bad("outside the memory file");
+            }
+            if c.ram_offset < prev_end {
+                return bad("overlaps the previous chunk");
+            }
+            prev_end = c.ram_offset + c.len;
+        }
+        Ok(())
+    }
+
+    /// Checks that `self` can be applied on top of `parent` (same layout).
+    ///
+    /// # Errors
+    /// [`FormatError::Inconsistent`].
+    pub fn check_parent(&self, parent: &Manifest) -> Result<(), FormatError> {
+        let Some(p) = &self.parent else {
+            return Err(FormatError::Inconsistent("not a diff snapshot".into()));
+        };
+        if p.id != parent.id {
+            return Err(FormatError::Inconsistent(format!(
+                "the base snapshot at {} is {} but this diff was taken on top of {}",
+                p.dir.display(),
+                parent.id,
+                p.id
+            )));
+        }
+        if parent.regions != self.regions {
+            return Err(FormatError::Inconsistent("the diff's memory layout differs from its base".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Splits runs of RAM bytes (offset, length; page multiples) into chunks of
+/// at most [`CHUNK_BYTES`], placing them in the file either at their RAM
+/// offset (`packed == false`, a sparse full image) or one after another.
+/// The CRCs are left zero for the caller to fill.
+#[must_use]
+pub fn plan_chunks(runs: &[(u64, u64)], packed: bool) -> Vec<Chunk> {
+    let mut out = Vec::new();
+    let mut file_pos = 0;
+    for &(start, len) in runs {
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(CHUNK_BYTES);
+            let ram_offset = start + off;
+            out.push(Chunk { ram_offset, file_offset: if packed { file_pos } else { ram_offset }, len: n, crc32: 0 });
+            file_pos += n;
+            off += n;
+        }
+    }
+    out
+}
+
+/// A fresh snapshot id: time and pid, enough to tell snapshots apart.
+#[must_use]
+pub fn new_id() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{:x}-{:x}-{:x}", now.as_secs(), now.subsec_nanos(), std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        let config = VmConfig { mem_size: 8 << 20, ..VmConfig::default() };
+        Manifest {
+            magic: MAGIC.into(),
+            version: VERSION,
+            kind: SnapshotKind::Full,
+            id: "a".into(),
+            parent: None,
+            config,
+            regions: vec![RegionRecord { guest_start: 0, size: 8 << 20 }],
+            state_crc32: 0,
+            memory_file_len: 8 << 20,
+            chunks: plan_chunks(&[(0, 1 << 20), (4 << 20, 8192)], false),
+        }
+    }
+
+    #[test]
+    fn a_good_manifest_validates_and_round_trips() {
+        let m = manifest();
+        m.validate().unwrap();
+        let text = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<Manifest>(&text).unwrap(), m);
+    }
+
+    #[test]
+    fn chunks_are_split_and_placed() {
+        let c = plan_chunks(&[(0, CHUNK_BYTES * 2 + 4096)], true);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[2].len, 4096);
+        assert_eq!(c[2].file_offset, CHUNK_BYTES * 2);
+        let sparse = plan_chunks(&[(1 << 20, 4096)], false);
+        assert_eq!(sparse[0].file_offset, 1 << 20);
+    }
+
+    #[test]
+    fn wrong_magic_version_and_kind_are_rejected() {
+        let mut m = manifest();
+        m.magic = "other".into();
+        assert!(matches!(m.validate(), Err(FormatError::BadMagic(_))));
+        let mut m = manifest();
+        m.version = 99;
+        assert_eq!(m.validate(), Err(FormatError::BadVersion { found: 99 }));
+        let mut m = manifest();
+        m.kind = SnapshotKind::Diff;
+        assert!(matches!(m.validate(), Err(FormatError::Inconsistent(_))));
+    }
+
+    #[test]
+    fn chunks_outside_ram_or_file_are_rejected() {
+        let mut m = manifest();
+        m.chunks.push(Chunk { ram_offset: 8 << 20, file_offset: 0, len: 4096, crc32: 0 });
+        assert!(matches!(m.validate(), Err(FormatError::BadChunk { why: "outside guest RAM", .. })));
+        let mut m = manifest();
+        m.memory_file_len = 4096;
+        assert!(matches!(m.validate(), Err(FormatError::BadChunk { why: "outside the memory file", .. })));
+        let mut m = manifest();
+        m.chunks[0].len = 100;
+        assert!(m.validate().is_err());
+    }
+
+    #[test]
+    fn a_diff_must_match_its_parent() {
+        let base = manifest();
+        let mut diff = manifest();
+        diff.kind = SnapshotKind::Diff;
+        diff.id = "b".into();
+        diff.parent = Some(ParentRef { dir: "/x".into(), id: "a".into() });
+        diff.check_parent(&base).unwrap();
+        diff.parent = Some(ParentRef { dir: "/x".into(), id: "zzz".into() });
+        assert!(diff.check_parent(&base).is_err());
+        diff.parent = Some(ParentRef { dir: "/x".into(), id: "a".into() });
+        diff.regions[0].size = 4 << 20;
+        assert!(diff.check_parent(&base).is_err());
+    }
+}

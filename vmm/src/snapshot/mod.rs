@@ -1,0 +1,323 @@
+//! Snapshots: full and incremental (diff), and loading a chain of them.
+//!
+//! A snapshot is taken on the vCPU thread while the vCPU is stopped
+//! ([`take`]); a diff saves only the pages dirty tracking harvested since
+//! the previous snapshot of the same VM. Each snapshot is written into a
+//! temporary directory beside its destination, every file fsynced, then
+//! renamed into place, so a crash or ENOSPC midway leaves earlier
+//! snapshots whole and no half-written one behind. [`load_chain`] reads a
+//! snapshot and its ancestors back, checking every manifest and checksum
+//! before anything is restored.
+
+pub mod format;
+pub mod memory_file;
+pub mod vcpu_state;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::devices::DevicesState;
+use crate::dirty::{DirtyError, DirtyTracker};
+use format::{FormatError, Manifest, ParentRef, RegionRecord, SnapshotKind};
+use vcpu_state::VcpuState;
+
+/// Errors taking or loading snapshots.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// A file operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A KVM ioctl failed.
+    #[error("{what} failed")]
+    Kvm {
+        /// Which.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The snapshot's contents are damaged.
+    #[error("snapshot is corrupted: {0}")]
+    Corrupt(String),
+    /// The manifest is invalid or does not fit its chain.
+    #[error("invalid snapshot {dir}: {source}")]
+    Format {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: FormatError,
+    },
+    /// A diff's base is gone.
+    #[error("the base snapshot {base} of {dir} is missing")]
+    MissingBase {
+        /// The diff.
+        dir: PathBuf,
+        /// The base it names.
+        base: PathBuf,
+    },
+    /// The destination exists.
+    #[error("snapshot destination {0} already exists")]
+    Exists(PathBuf),
+    /// A diff without a previous snapshot.
+    #[error("no previous snapshot of this VM to take a diff against; take a full snapshot first")]
+    NoBase,
+    /// Dirty tracking failed.
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let what = what.into();
+    move |source| SnapshotError::Io { what, source }
+}
+
+/// `state.json`: everything but memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SavedState {
+    /// The vCPUs (one today).
+    pub vcpus: Vec<VcpuState>,
+    /// The devices.
+    pub devices: DevicesState,
+    /// Whether the guest had finished its work (it must not be re-entered).
+    pub guest_idle: bool,
+    /// The guest's would-be exit status when idle.
+    pub idle_status: u32,
+}
+
+/// The previous snapshot of a running VM, for diffs.
+#[derive(Debug, Default)]
+pub struct SnapshotChain {
+    /// The last snapshot taken (or restored from).
+    pub last: Option<ParentRef>,
+}
+
+/// What a snapshot cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotInfo {
+    /// The directory written.
+    pub dir: PathBuf,
+    /// Full or diff.
+    pub kind: SnapshotKind,
+    /// Bytes of guest memory saved.
+    pub memory_bytes: u64,
+    /// Time the vCPU was stopped for, microseconds.
+    pub pause_us: f64,
+    /// Of which: harvesting dirty pages.
+    pub harvest_us: f64,
+}
+
+/// What [`take`] needs from the live VM.
+#[derive(Debug)]
+pub struct Live<'a> {
+    /// KVM system fd (MSR list).
+    pub kvm: &'a kvm_ioctls::Kvm,
+    /// The VM fd.
+    pub vm_fd: &'a kvm_ioctls::VmFd,
+    /// The stopped vCPU.
+    pub vcpu: &'a kvm_ioctls::VcpuFd,
+    /// Guest RAM.
+    pub ram: &'a crate::memory::GuestRam,
+    /// The configuration.
+    pub config: &'a crate::config::VmConfig,
+    /// Device state.
+    pub devices: DevicesState,
+    /// Idle flag and status.
+    pub guest_idle: Option<u32>,
+}
+
+/// Takes a snapshot into `dir` (which must not exist).
+///
+/// # Errors
+/// Any [`SnapshotError`]; `dir` is then not created.
+pub fn take(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotChain, dir: &Path, kind: SnapshotKind) -> Result<SnapshotInfo, SnapshotError> {
+    let start = Instant::now();
+    if dir.exists() {
+        return Err(SnapshotError::Exists(dir.to_path_buf()));
+    }
+    let parent = match kind {
+        SnapshotKind::Full => None,
+        SnapshotKind::Diff => Some(chain.last.clone().filter(|_| tracker.logging()).ok_or(SnapshotError::NoBase)?),
+    };
+    // Which memory to save. A full snapshot (re)starts dirty logging first,
+    // so the next diff holds exactly what changes after this snapshot.
+    let (runs, harvest_us) = match kind {
+        SnapshotKind::Full => {
+            tracker.start(live.vm_fd, live.ram)?;
+            (memory_file::resident_runs(live.ram)?, 0.0)
+        }
+        SnapshotKind::Diff => {
+            let t = Instant::now();
+            let h = tracker.harvest(live.vm_fd, live.ram)?;
+            (memory_file::ranges_to_runs(live.ram, &h.all), t.elapsed().as_secs_f64() * 1e6)
+        }
+    };
+
+    let dir = absolute(dir)?;
+    let tmp = temp_sibling(&dir)?;
+    let result = write_snapshot(live, &tmp, &runs, kind, parent.clone());
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, &dir).map_err(io(format!("renaming {} to {}", tmp.display(), dir.display())))?;
+    if let Some(p) = dir.parent() {
+        File::open(p).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot's parent directory"))?;
+    }
+    chain.last = Some(ParentRef { dir: dir.clone(), id: manifest.id.clone() });
+    Ok(SnapshotInfo {
+        dir,
+        kind,
+        memory_bytes: manifest.chunks.iter().map(|c| c.len).sum(),
+        pause_us: start.elapsed().as_secs_f64() * 1e6,
+        harvest_us,
+    })
+}
+
+fn absolute(dir: &Path) -> Result<PathBuf, SnapshotError> {
+    std::path::absolute(dir).map_err(io(format!("resolving {}", dir.display())))
+}
+
+fn temp_sibling(dir: &Path) -> Result<PathBuf, SnapshotError> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "snapshot".into());
+    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    Ok(tmp)
+}
+
+fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let mut f = File::create(path).map_err(io(format!("creating {}", path.display())))?;
+    f.write_all(bytes).map_err(io(format!("writing {}", path.display())))?;
+    f.sync_all().map_err(io(format!("syncing {}", path.display())))
+}
+
+fn write_snapshot(live: &Live<'_>, tmp: &Path, runs: &[(u64, u64)], kind: SnapshotKind, parent: Option<ParentRef>) -> Result<Manifest, SnapshotError> {
+    let state = SavedState {
+        vcpus: vec![VcpuState::save(live.kvm, live.vcpu)?],
+        devices: live.devices.clone(),
+        guest_idle: live.guest_idle.is_some(),
+        idle_status: live.guest_idle.unwrap_or(0),
+    };
+    let state_json = serde_json::to_vec(&state).map_err(|e| SnapshotError::Corrupt(format!("cannot encode state: {e}")))?;
+    write_file_synced(&tmp.join(format::STATE_FILE), &state_json)?;
+
+    let mem_path = tmp.join(format::MEMORY_FILE);
+    let mem = File::create(&mem_path).map_err(io(format!("creating {}", mem_path.display())))?;
+    let packed = kind == SnapshotKind::Diff;
+    let chunks = memory_file::write(live.ram, &mem, runs, packed)?;
+    let file_len = if packed { chunks.iter().map(|c| c.len).sum() } else { live.ram.size() };
+    // A full image is as long as RAM, holes included.
+    mem.set_len(file_len).map_err(io("sizing memory.bin"))?;
+    mem.sync_all().map_err(io("syncing memory.bin"))?;
+
+    let manifest = Manifest {
+        magic: format::MAGIC.into(),
+        version: format::VERSION,
+        kind,
+        id: format::new_id(),
+        parent,
+        config: live.config.clone(),
+        regions: live.ram.regions().iter().map(|r| RegionRecord { guest_start: r.range.start.0, size: r.range.size }).collect(),
+        state_crc32: crc32fast::hash(&state_json),
+        memory_file_len: file_len,
+        chunks,
+    };
+    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| SnapshotError::Corrupt(format!("cannot encode manifest: {e}")))?;
+    write_file_synced(&tmp.join(format::MANIFEST_FILE), &text)?;
+    File::open(tmp).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot directory"))?;
+    Ok(manifest)
+}
+
+/// One loaded snapshot of a chain.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Its memory file, open.
+    pub memory: File,
+}
+
+/// A snapshot and its ancestors, base first, all checked.
+#[derive(Debug)]
+pub struct Chain {
+    /// Base (full) first, the requested snapshot last.
+    pub links: Vec<Loaded>,
+    /// The requested snapshot's state.
+    pub state: SavedState,
+}
+
+impl Chain {
+    /// The requested (newest) snapshot.
+    #[must_use]
+    pub fn top(&self) -> &Loaded {
+        self.links.last().expect("a chain has at least one snapshot")
+    }
+}
+
+/// Longest chain followed, against cycles in damaged manifests.
+const MAX_CHAIN: usize = 1000;
+
+fn load_one(dir: &Path) -> Result<Loaded, SnapshotError> {
+    let path = dir.join(format::MANIFEST_FILE);
+    let text = std::fs::read(&path).map_err(io(format!("reading {}", path.display())))?;
+    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt(format!("{}: {e}", path.display())))?;
+    manifest.validate().map_err(|source| SnapshotError::Format { dir: dir.to_path_buf(), source })?;
+    let mem_path = dir.join(format::MEMORY_FILE);
+    let memory = File::open(&mem_path).map_err(io(format!("opening {}", mem_path.display())))?;
+    let len = memory.metadata().map_err(io(format!("reading {}", mem_path.display())))?.len();
+    if len != manifest.memory_file_len {
+        return Err(SnapshotError::Corrupt(format!("{} is {len} bytes, the manifest says {} (truncated?)", mem_path.display(), manifest.memory_file_len)));
+    }
+    Ok(Loaded { dir: dir.to_path_buf(), manifest, memory })
+}
+
+/// Loads `dir` and its ancestors and checks them: manifests, the chain's
+/// links, file lengths and the state checksum. Memory checksums are checked
+/// by whoever reads the memory ([`memory_file::apply`] / [`memory_file::verify`]).
+///
+/// # Errors
+/// Any [`SnapshotError`].
+pub fn load_chain(dir: &Path) -> Result<Chain, SnapshotError> {
+    let mut links = vec![load_one(dir)?];
+    while let Some(parent) = links.last().and_then(|l| l.manifest.parent.clone()) {
+        if links.len() >= MAX_CHAIN {
+            return Err(SnapshotError::Corrupt("the snapshot chain is too long (a cycle?)".into()));
+        }
+        if !parent.dir.join(format::MANIFEST_FILE).exists() {
+            return Err(SnapshotError::MissingBase { dir: links.last().map(|l| l.dir.clone()).unwrap_or_default(), base: parent.dir });
+        }
+        let base = load_one(&parent.dir)?;
+        let child = links.last().expect("not empty");
+        child.manifest.check_parent(&base.manifest).map_err(|source| SnapshotError::Format { dir: child.dir.clone(), source })?;
+        links.push(base);
+    }
+    links.reverse();
+    let top = links.last().expect("not empty");
+    let state_path = top.dir.join(format::STATE_FILE);
+    let state_bytes = std::fs::read(&state_path).map_err(io(format!("reading {}", state_path.display())))?;
+    if crc32fast::hash(&state_bytes) != top.manifest.state_crc32 {
+        return Err(SnapshotError::Corrupt(format!("{} fails its checksum", state_path.display())));
+    }
+    let state: SavedState = serde_json::from_slice(&state_bytes).map_err(|e| SnapshotError::Corrupt(format!("{}: {e}", state_path.display())))?;
+    if state.vcpus.is_empty() {
+        return Err(SnapshotError::Corrupt("no vCPU state".into()));
+    }
+    Ok(Chain { links, state })
+}
