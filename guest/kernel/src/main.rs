@@ -87,8 +87,8 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     let config = info.config;
     let has_1g = cpu::has_1g_pages();
     let mut leaf = PageSize::from_shift(config.guest_page_shift).unwrap_or(PageSize::Size2M);
-    if leaf == PageSize::Size1G && !has_1g {
-        println!("guest: CPU lacks 1 GiB pages (CPUID 8000_0001h EDX[26]); using 2 MiB");
+    let fell_back = leaf == PageSize::Size1G && !has_1g;
+    if fell_back {
         leaf = PageSize::Size2M;
     }
     let frames = match frames::init(&info) {
@@ -124,6 +124,10 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     let mut k = Kernel { mapper, buddy: frames.buddy, root, leaf, syscall_insn, selftest_ram_tsc: 0 };
     report::send(&Report::Ready { tsc: io::rdtsc(), page_shift: leaf.shift(), has_1g_pages: has_1g });
 
+    if fell_back {
+        // After Ready: each console byte is an exit (~30 µs).
+        println!("guest: CPU lacks 1 GiB pages (CPUID 8000_0001h EDX[26]); using 2 MiB");
+    }
     let managed = k.buddy.managed_bytes();
     report::send(&Report::Frames { ram_bytes: frames.ram_bytes, managed_bytes: managed, free_bytes: k.buddy.free_bytes() });
     let status = if config.flags & FLAG_SKIP_SELFTEST != 0 {
