@@ -81,7 +81,7 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     // SAFETY: start_info is what the PVH entry got in ebx; the boot tables
     // identity-map the low memory it and its data are in.
     let info = unsafe { bootinfo::read(start_info) };
-    if info.triple_fault {
+    if info.test_hook == bootinfo::TestHook::TripleFault {
         idt::triple_fault();
     }
     let config = info.config;
@@ -120,6 +120,11 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     if syscall_insn {
         // SAFETY: once, at ring 0, after the GDT.
         unsafe { task::enable_syscall() };
+    }
+    if info.test_hook == bootinfo::TestHook::KernelFault {
+        // SAFETY: deliberately faulting: low memory below the kernel is
+        // unmapped after the switch; the #PF handler reports and ends the VM.
+        let _ = unsafe { (memvisor_abi::layout::PAGE_SIZE as *const u64).read_volatile() };
     }
     let mut k = Kernel { mapper, buddy: frames.buddy, root, leaf, syscall_insn, selftest_ram_tsc: 0 };
     report::send(&Report::Ready { tsc: io::rdtsc(), page_shift: leaf.shift(), has_1g_pages: has_1g });
