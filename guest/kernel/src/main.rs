@@ -93,9 +93,8 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     }
     let frames = match frames::init(&info) {
         Ok(f) => f,
-        Err(e) => {
-            let frames::FramesError::NoRoomForArena(bytes) = e;
-            println!("guest: no RAM range holds the {}-byte kernel arena", Dec(bytes));
+        Err(frames::FramesError::NoRoomForArena) => {
+            println!("guest: no RAM range holds the kernel arena");
             report::exit(EXIT_SETUP_FAILED)
         }
     };
