@@ -50,11 +50,6 @@ impl BootInfo {
     pub fn ram_bytes(&self) -> u64 {
         self.ram().iter().map(|(s, e)| e - s).sum()
     }
-
-    /// End of the highest RAM range.
-    pub fn ram_end(&self) -> u64 {
-        self.ram().iter().map(|r| r.1).max().unwrap_or(0)
-    }
 }
 
 /// Reads the boot data the VMM wrote.
