@@ -17,8 +17,9 @@ use serde_json::Value;
 fn request(socket: &Path, line: &str) -> Value {
     let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("set a read timeout");
-    s.write_all(line.as_bytes()).expect("send the request");
-    s.write_all(b"\n").expect("send the newline");
+    // The server may answer an over-long line and hang up before it has
+    // all been sent: a failed write is fine as long as an answer comes.
+    let _ = s.write_all(line.as_bytes()).and_then(|()| s.write_all(b"\n"));
     let mut reply = String::new();
     BufReader::new(s).read_line(&mut reply).expect("read the response");
     serde_json::from_str(&reply).unwrap_or_else(|e| panic!("response {reply:?} to {line:?} is not JSON: {e}"))
@@ -65,35 +66,42 @@ fn wait_for_state(mut vm: Running, socket: &Path, want: &str, timeout: Duration)
 }
 
 #[test]
-fn control_socket_pauses_resumes_and_shuts_down_an_idle_vm() {
+fn control_socket_pauses_resumes_and_shuts_down_a_vm() {
     let dir = TempDir::new("api");
     let socket = dir.path().join("api.sock");
-    let vm = Vmm::run_json(["--api-socket".as_ref(), socket.as_os_str()]).spawn();
-    let mut vm = wait_for_state(vm, &socket, "idle", Duration::from_secs(120));
+    // 1 GiB keeps the guest's self-test busy for seconds: time to pause it
+    // while its vCPU is running.
+    let vm = Vmm::run_json(["--mem".as_ref(), "1G".as_ref(), "--api-socket".as_ref(), socket.as_os_str()]).spawn();
+    let vm = wait_for_state(vm, &socket, "running", Duration::from_secs(60));
 
-    // The guest has finished its work; the VM stays up.
+    let p = ctl(&socket, "pause");
+    assert_eq!(p["ok"], Value::Bool(true), "{p}");
+    assert_eq!(state(&p), "paused", "pausing a running VM: {p}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(state(&ctl(&socket, "status")), "paused", "a paused VM stays paused");
+    let r = ctl(&socket, "resume");
+    assert_eq!(r["ok"], Value::Bool(true), "{r}");
+    assert_ne!(state(&r), "paused", "{r}");
+
+    // The guest finishes its work and idles; the VM stays up.
+    let mut vm = wait_for_state(vm, &socket, "idle", Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(300));
     assert!(!vm.has_exited(), "with a control socket the VM stays up after the guest's workloads");
-
     let s = ctl(&socket, "status");
     assert_eq!(s["ok"], Value::Bool(true));
     assert_eq!(state(&s), "idle");
-
+    // Pausing an idle VM (no guest code runs) changes nothing.
     let p = ctl(&socket, "pause");
-    assert_eq!(p["ok"], Value::Bool(true));
-    assert_eq!(state(&p), "paused");
-    assert_eq!(state(&ctl(&socket, "status")), "paused");
-    let r = ctl(&socket, "resume");
-    assert_eq!(r["ok"], Value::Bool(true));
-    assert_ne!(state(&r), "paused");
-    let vm = wait_for_state(vm, &socket, "idle", Duration::from_secs(10));
+    assert_eq!(p["ok"], Value::Bool(true), "{p}");
+    assert_eq!(state(&p), "idle", "{p}");
 
     let shut = ctl(&socket, "shutdown");
     assert_eq!(shut["ok"], Value::Bool(true), "{shut}");
     let result = vm.wait(Duration::from_secs(30));
     result.assert_success();
     let report = result.json();
-    assert_eq!(report["exit_status"], Value::from(0));
+    assert_eq!(report["exit_status"], Value::from(0), "the run exits with the guest's status");
+    // Paused and resumed in the middle, the self-test still passed.
     assert_self_test_passed(&report);
     assert!(!socket.exists(), "the socket file is removed when the VM ends");
 }
@@ -106,7 +114,7 @@ fn bad_requests_get_an_error_and_the_vm_keeps_running() {
     let mut vm = wait_for_state(vm, &socket, "idle", Duration::from_secs(120));
 
     let long = format!("{{\"cmd\":\"status\",\"pad\":\"{}\"}}", "x".repeat(100_000));
-    for bad in ["not json", "{\"cmd\":\"reboot\"}", "{\"cmd\":\"status\",\"extra\":1}", "{}", "[1,2,3]", "\u{0}\u{1}\u{2}", long.as_str()] {
+    for bad in ["not json", "{\"cmd\":\"reboot\"}", "{\"cmd\":\"Status\"}", "{\"cmd\":5}", "{}", "[1,2,3]", "\u{0}\u{1}\u{2}", long.as_str()] {
         let reply = request(&socket, bad);
         assert_eq!(reply["ok"], Value::Bool(false), "request {:?} should be refused: {reply}", &bad[..bad.len().min(40)]);
         let error = reply["error"].as_str().unwrap_or_else(|| panic!("a refusal says why: {reply}"));
