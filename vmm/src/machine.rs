@@ -184,6 +184,7 @@ impl Machine {
             timings,
             unhandled: self.devices.unhandled().clone(),
             translation_mode: self.mode,
+            boot_phases: timeline::marks(),
             config: self.config.clone(),
         })
     }

@@ -173,6 +173,7 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
         None => ConfigFile::default(),
     };
     let config = file.merged_with(args.flags_as_config()?).into_vm_config().map_err(|e| anyhow_free::chain(&e))?;
+    timeline::mark("config");
     let control = config.api_socket.as_ref().map(|_| Arc::new(VmControl::default()));
     let _server = match (&config.api_socket, &control) {
         (Some(path), Some(c)) => Some(api::server::spawn(path, Arc::clone(c)).map_err(|e| anyhow_free::chain(&e))?),
@@ -230,8 +231,11 @@ fn exit_code(status: u32) -> ExitCode {
 
 fn main() -> ExitCode {
     timeline::process_start_ns();
+    timeline::mark("main");
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
+    timeline::mark("logger");
     let cli = Cli::parse();
+    timeline::mark("parse flags");
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Ctl { socket, command } => ctl(socket, command),

@@ -85,6 +85,7 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "config": outcome.config,
         "translation_mode": outcome.translation_mode,
         "timings_us": outcome.timings,
+        "boot_phases_us": outcome.boot_phases.iter().map(|(name, at)| serde_json::json!({ "phase": name, "at_us": at })).collect::<Vec<_>>(),
         "guest_paging": guest_page_shift,
         "self_test": {
             "passed": checks.iter().filter(|c| c.passed).count(),

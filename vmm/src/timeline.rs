@@ -31,3 +31,22 @@ pub fn process_start_ns() -> u64 {
 pub fn since_start_us() -> f64 {
     monotonic_ns().saturating_sub(process_start_ns()) as f64 / 1000.0
 }
+
+/// Named boot milestones, in the order they were reached: (name, µs since
+/// process start). Recorded by [`mark`]; the run report and `vmm bench boot`
+/// show them so that start-up time can be attributed.
+static MARKS: std::sync::Mutex<Vec<(&'static str, f64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Records that milestone `name` was reached now.
+pub fn mark(name: &'static str) {
+    let at = since_start_us();
+    if let Ok(mut m) = MARKS.lock() {
+        m.push((name, at));
+    }
+}
+
+/// The milestones recorded so far.
+#[must_use]
+pub fn marks() -> Vec<(&'static str, f64)> {
+    MARKS.lock().map(|m| m.clone()).unwrap_or_default()
+}

@@ -27,6 +27,7 @@ use crate::kvm_stats::KvmStatsReport;
 use crate::memory::report::{KvmMappings, ProcessMemory, RegionReport};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::{self, RegisterDump};
+use crate::timeline;
 use crate::vm::{self, Vm, VmError};
 
 /// Errors running a VM.
@@ -133,6 +134,9 @@ pub struct RunOutcome {
     pub unhandled: UnhandledStats,
     /// How the host translates guest-physical addresses.
     pub translation_mode: TranslationMode,
+    /// Start-up milestones before the first KVM_RUN: (name, µs since
+    /// process start), in order.
+    pub boot_phases: Vec<(&'static str, f64)>,
     /// The configuration the VM ran with.
     pub config: VmConfig,
 }
@@ -167,17 +171,24 @@ pub fn boot_config(config: &VmConfig, mode: TranslationMode, idle_at_end: bool, 
 /// # Errors
 /// Any [`VmmError`]: set-up failures, or a guest that dies.
 pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmError> {
+    timeline::mark("run");
     let kvm = vm::open_kvm()?;
+    timeline::mark("open /dev/kvm");
     let mode = host::detect();
+    timeline::mark("detect host");
     let ram = GuestRam::new(config)?;
+    timeline::mark("map guest RAM");
     let vm = Vm::new(kvm, ram)?;
+    timeline::mark("create VM + memslots");
     // Before any vCPU exists: the dirty ring can only be enabled then.
     let mut tracker = prepare_tracker(config, &vm, options.control.is_some())?;
     let image = boot::read_kernel(config.kernel.as_deref())?;
     // The boot data is written once the vCPU exists, so the TSC frequency
     // it reports can go into the boot configuration.
     let entry = boot::load_kernel(vm.ram(), &image)?;
+    timeline::mark("load kernel ELF");
     let vcpu = vcpu::create_pvh(&vm, 0, entry.0, layout::abi::PVH_START_INFO)?;
+    timeline::mark("create vCPU + CPUID + registers");
     let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
     let boot_cfg = boot_config(config, mode, options.control.is_some(), options.skip_selftest, tsc_khz);
     boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &config.cmdline, &boot_cfg)?;
@@ -185,6 +196,7 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     if let Some(t) = tracker.as_mut() {
         t.attach_vcpu(&vcpu, 0)?;
     }
+    timeline::mark("write boot data");
     let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None };
     machine.drive(options.control)
 }

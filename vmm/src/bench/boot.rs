@@ -91,6 +91,8 @@ pub struct Sample {
     pub vcpu_start_us: Option<f64>,
     /// Spawn → the parent saw the child exit, µs.
     pub wall_us: f64,
+    /// The child's start-up milestones: (name, µs since process start).
+    pub phases: Vec<(String, f64)>,
 }
 
 /// Extracts a [`Sample`] from a `vmm run --json` report.
@@ -107,6 +109,15 @@ pub fn sample_from_report(json: &str, wall_us: f64) -> Result<Sample, String> {
         vmm_overhead_bytes: v.pointer("/vmm_memory/vmm_overhead_bytes").and_then(serde_json::Value::as_u64),
         vcpu_start_us: us("vcpu_start_us"),
         wall_us,
+        phases: v
+            .get("boot_phases_us")
+            .and_then(serde_json::Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| Some((p.get("phase")?.as_str()?.to_string(), p.get("at_us")?.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -132,8 +143,53 @@ pub struct BootResults {
     pub ready_target_us: f64,
     /// Target for (c), bytes.
     pub overhead_target_bytes: f64,
+    /// Where start-up time goes: each milestone's median time since the
+    /// previous one (the first since process start), in order.
+    pub phases: Vec<PhaseSummary>,
     /// Every sample.
     pub samples: Vec<Sample>,
+}
+
+/// One start-up phase over all runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseSummary {
+    /// The milestone that ends the phase.
+    pub until: String,
+    /// Time from the previous milestone, µs.
+    pub duration_us: Summary,
+}
+
+/// Per-phase durations: each sample's milestones (plus the first KVM_RUN,
+/// first report and ready) turned into time since the previous one, and
+/// summarised by name in the order of the first sample.
+#[must_use]
+pub fn phase_summaries(samples: &[Sample]) -> Vec<PhaseSummary> {
+    let durations = |s: &Sample| -> Vec<(String, f64)> {
+        let mut points = s.phases.clone();
+        for (name, at) in [("first KVM_RUN", s.vcpu_start_us), ("guest's first report", s.first_report_us), ("guest ready", s.ready_us)] {
+            if let Some(at) = at {
+                points.push((name.to_string(), at));
+            }
+        }
+        let mut prev = 0.0;
+        points
+            .into_iter()
+            .map(|(name, at)| {
+                let d = at - prev;
+                prev = at;
+                (name, d)
+            })
+            .collect()
+    };
+    let all: Vec<Vec<(String, f64)>> = samples.iter().map(durations).collect();
+    let Some(first) = all.first() else { return Vec::new() };
+    first
+        .iter()
+        .filter_map(|(name, _)| {
+            let values: Vec<f64> = all.iter().filter_map(|d| d.iter().find(|(n, _)| n == name).map(|(_, v)| *v)).collect();
+            Some(PhaseSummary { until: name.clone(), duration_us: summarize(&values)? })
+        })
+        .collect()
 }
 
 /// Summarises samples.
@@ -150,6 +206,7 @@ pub fn results(command: String, warmup: usize, samples: Vec<Sample>) -> BootResu
         vcpu_start_us: col(|s| s.vcpu_start_us),
         ready_target_us: READY_TARGET_US,
         overhead_target_bytes: OVERHEAD_TARGET_BYTES,
+        phases: phase_summaries(&samples),
         samples,
     }
 }
@@ -199,6 +256,12 @@ pub fn to_text(r: &BootResults) -> String {
         "n/a: the guest sent no Ready report (a guest kernel that predates it); target not assessed",
     );
     row("(c) VMM RSS beyond guest memory", r.vmm_overhead_bytes.as_ref(), mib, Some(r.overhead_target_bytes), "n/a: the report has no vmm_memory");
+    if !r.phases.is_empty() {
+        let _ = writeln!(s, "where start-up time goes (median time since the previous milestone):");
+        for p in &r.phases {
+            let _ = writeln!(s, "  {:<40} {:>8.0} µs   (p90 {:.0} µs)", format!("→ {}", p.until), p.duration_us.median, p.duration_us.p90);
+        }
+    }
     s
 }
 
@@ -257,7 +320,14 @@ mod tests {
     use super::*;
 
     fn sample(first: f64, ready: Option<f64>, rss: u64) -> Sample {
-        Sample { first_report_us: Some(first), ready_us: ready, vmm_overhead_bytes: Some(rss), vcpu_start_us: Some(first / 2.0), wall_us: first * 2.0 }
+        Sample {
+            first_report_us: Some(first),
+            ready_us: ready,
+            vmm_overhead_bytes: Some(rss),
+            vcpu_start_us: Some(first / 2.0),
+            wall_us: first * 2.0,
+            phases: vec![("main".into(), first / 4.0)],
+        }
     }
 
     #[test]
@@ -269,6 +339,7 @@ mod tests {
         assert_eq!(s.ready_us, None, "null ready_us means the guest never reported ready");
         assert_eq!(s.vmm_overhead_bytes, Some(2_500_000));
         assert_eq!(s.vcpu_start_us, Some(1200.5));
+        assert!(s.phases.is_empty(), "a report without boot_phases_us has no phases");
         assert!(sample_from_report("vmm: error: x", 0.0).is_err());
         assert!(sample_from_report("{}", 0.0).is_err());
     }
@@ -280,6 +351,25 @@ mod tests {
         let text = to_text(&r);
         assert!(text.contains("no Ready report"), "{text}");
         assert!(text.contains("met (median and p90)"), "1 MiB is under the 3 MiB target: {text}");
+    }
+
+    #[test]
+    fn phases_are_durations_since_the_previous_milestone() {
+        let s = |main: f64, run: f64| Sample {
+            first_report_us: Some(run + 300.0),
+            ready_us: None,
+            vmm_overhead_bytes: None,
+            vcpu_start_us: Some(run + 100.0),
+            wall_us: 0.0,
+            phases: vec![("main".into(), main), ("run".into(), run)],
+        };
+        let p = phase_summaries(&[s(500.0, 900.0), s(700.0, 1000.0), s(600.0, 1000.0)]);
+        let names: Vec<&str> = p.iter().map(|p| p.until.as_str()).collect();
+        assert_eq!(names, ["main", "run", "first KVM_RUN", "guest's first report"]);
+        assert_eq!(p[0].duration_us.median, 600.0);
+        assert_eq!(p[1].duration_us.median, 400.0, "run - main: 400, 300, 400");
+        assert_eq!(p[2].duration_us.median, 100.0);
+        assert_eq!(p[3].duration_us.median, 200.0);
     }
 
     #[test]
