@@ -70,6 +70,9 @@ pub enum SnapshotError {
     /// The destination exists.
     #[error("snapshot destination {0} already exists")]
     Exists(PathBuf),
+    /// The snapshot does not match what the restore asked for.
+    #[error("snapshot does not match: {0}")]
+    Mismatch(String),
     /// A diff without a previous snapshot.
     #[error("no previous snapshot of this VM to take a diff against; take a full snapshot first")]
     NoBase,
