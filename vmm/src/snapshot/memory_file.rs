@@ -86,6 +86,22 @@ pub fn write(ram: &GuestRam, file: &File, runs: &[(u64, u64)], packed: bool) -> 
     Ok(chunks)
 }
 
+/// Copies `runs` of guest RAM into one buffer, packed in chunk order, and
+/// returns the chunks (CRCs not yet computed) with the buffer. This is all
+/// a diff snapshot does while the vCPU is stopped.
+///
+/// # Errors
+/// [`SnapshotError::Corrupt`] when a run is outside guest RAM.
+pub fn copy_out(ram: &GuestRam, runs: &[(u64, u64)]) -> Result<(Vec<Chunk>, Vec<u8>), SnapshotError> {
+    let chunks = plan_chunks(runs, true);
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    let mut data = Vec::with_capacity(total as usize);
+    for c in &chunks {
+        data.extend_from_slice(chunk_bytes(ram, c)?);
+    }
+    Ok((chunks, data))
+}
+
 /// Reads and verifies every chunk, then copies it into guest RAM.
 ///
 /// # Errors

@@ -140,11 +140,43 @@ pub struct Live<'a> {
     pub guest_idle: Option<u32>,
 }
 
-/// Takes a snapshot into `dir` (which must not exist).
+/// What a snapshot captured while the vCPU was stopped, still to be made
+/// durable by [`Captured::persist`] (which may run after the vCPU resumed).
+#[derive(Debug)]
+pub struct Captured {
+    dir: PathBuf,
+    tmp: PathBuf,
+    manifest: Manifest,
+    state_json: Vec<u8>,
+    /// A diff's pages, packed in chunk order; `None` for a full snapshot,
+    /// whose memory.bin is already written.
+    diff_data: Option<Vec<u8>>,
+    pause_us: f64,
+    harvest_us: f64,
+}
+
+/// Takes a snapshot into `dir` (which must not exist) and makes it durable
+/// before returning.
 ///
 /// # Errors
 /// Any [`SnapshotError`]; `dir` is then not created.
 pub fn take(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotChain, dir: &Path, kind: SnapshotKind) -> Result<SnapshotInfo, SnapshotError> {
+    let captured = capture(live, tracker, chain, dir, kind)?;
+    captured.persist().inspect_err(|_| chain.last = None)
+}
+
+/// The part of a snapshot that needs the vCPU stopped: vCPU and device
+/// state, and guest memory: a full snapshot writes memory.bin directly; a
+/// diff harvests the dirty pages and copies them into a buffer, so the
+/// vCPU can resume while [`Captured::persist`] writes them out.
+///
+/// `chain.last` names the new snapshot from here on; if persisting fails
+/// the caller must clear it (the pages it harvested are gone from the dirty
+/// log, so the next snapshot must be full).
+///
+/// # Errors
+/// Any [`SnapshotError`].
+pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotChain, dir: &Path, kind: SnapshotKind) -> Result<Captured, SnapshotError> {
     let start = Instant::now();
     if dir.exists() {
         return Err(SnapshotError::Exists(dir.to_path_buf()));
@@ -153,42 +185,108 @@ pub fn take(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotCha
         SnapshotKind::Full => None,
         SnapshotKind::Diff => Some(chain.last.clone().filter(|_| tracker.logging()).ok_or(SnapshotError::NoBase)?),
     };
-    // Which memory to save. A full snapshot (re)starts dirty logging first,
-    // so the next diff holds exactly what changes after this snapshot.
-    let (runs, harvest_us) = match kind {
+    let dir = absolute(dir)?;
+    let state = SavedState {
+        vcpus: vec![VcpuState::save(live.kvm, live.vcpu)?],
+        devices: live.devices.clone(),
+        guest_idle: live.guest_idle.is_some(),
+        idle_status: live.guest_idle.unwrap_or(0),
+    };
+    let state_json = serde_json::to_vec(&state).map_err(|e| SnapshotError::Corrupt(format!("cannot encode state: {e}")))?;
+    let mut manifest = Manifest {
+        magic: format::MAGIC.into(),
+        version: format::VERSION,
+        kind,
+        id: format::new_id(),
+        parent,
+        config: live.config.clone(),
+        regions: live.ram.regions().iter().map(|r| RegionRecord { guest_start: r.range.start.0, size: r.range.size }).collect(),
+        state_crc32: crc32fast::hash(&state_json),
+        memory_file_len: 0,
+        chunks: Vec::new(),
+    };
+    let tmp = temp_sibling(&dir)?;
+    let mut harvest_us = 0.0;
+    let diff_data = match kind {
         SnapshotKind::Full => {
-            tracker.start(live.vm_fd, live.ram)?;
-            (memory_file::resident_runs(live.ram)?, 0.0)
+            // (Re)start dirty logging first, so the next diff holds exactly
+            // what changes after this snapshot.
+            let written = tracker.start(live.vm_fd, live.ram).map_err(SnapshotError::from).and_then(|()| {
+                let runs = memory_file::resident_runs(live.ram)?;
+                let mem_path = tmp.join(format::MEMORY_FILE);
+                let mem = File::create(&mem_path).map_err(io(format!("creating {}", mem_path.display())))?;
+                let chunks = memory_file::write(live.ram, &mem, &runs, false)?;
+                // A full image is as long as RAM, holes included.
+                mem.set_len(live.ram.size()).map_err(io("sizing memory.bin"))?;
+                mem.sync_all().map_err(io("syncing memory.bin"))?;
+                Ok(chunks)
+            });
+            match written {
+                Ok(chunks) => {
+                    manifest.chunks = chunks;
+                    manifest.memory_file_len = live.ram.size();
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(e);
+                }
+            }
+            None
         }
         SnapshotKind::Diff => {
             let t = Instant::now();
             let h = tracker.harvest(live.vm_fd, live.ram)?;
-            (memory_file::ranges_to_runs(live.ram, &h.all), t.elapsed().as_secs_f64() * 1e6)
+            harvest_us = t.elapsed().as_secs_f64() * 1e6;
+            let runs = memory_file::ranges_to_runs(live.ram, &h.all);
+            let (chunks, data) = memory_file::copy_out(live.ram, &runs)?;
+            manifest.memory_file_len = data.len() as u64;
+            manifest.chunks = chunks;
+            Some(data)
         }
     };
+    chain.last = Some(ParentRef { dir: dir.clone(), id: manifest.id.clone() });
+    Ok(Captured { dir, tmp, manifest, state_json, diff_data, pause_us: start.elapsed().as_secs_f64() * 1e6, harvest_us })
+}
 
-    let dir = absolute(dir)?;
-    let tmp = temp_sibling(&dir)?;
-    let result = write_snapshot(live, &tmp, &runs, kind, parent.clone());
-    let manifest = match result {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+impl Captured {
+    /// Writes what is left, fsyncs every file and renames the snapshot into
+    /// place. On error the temporary directory is removed and nothing named
+    /// like the snapshot exists.
+    ///
+    /// # Errors
+    /// [`SnapshotError::Io`] (e.g. ENOSPC).
+    pub fn persist(mut self) -> Result<SnapshotInfo, SnapshotError> {
+        let result = self.write_rest();
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&self.tmp);
             return Err(e);
         }
-    };
-    std::fs::rename(&tmp, &dir).map_err(io(format!("renaming {} to {}", tmp.display(), dir.display())))?;
-    if let Some(p) = dir.parent() {
-        File::open(p).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot's parent directory"))?;
+        std::fs::rename(&self.tmp, &self.dir).map_err(io(format!("renaming {} to {}", self.tmp.display(), self.dir.display())))?;
+        if let Some(p) = self.dir.parent() {
+            File::open(p).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot's parent directory"))?;
+        }
+        Ok(SnapshotInfo {
+            dir: self.dir,
+            kind: self.manifest.kind,
+            memory_bytes: self.manifest.chunks.iter().map(|c| c.len).sum(),
+            pause_us: self.pause_us,
+            harvest_us: self.harvest_us,
+        })
     }
-    chain.last = Some(ParentRef { dir: dir.clone(), id: manifest.id.clone() });
-    Ok(SnapshotInfo {
-        dir,
-        kind,
-        memory_bytes: manifest.chunks.iter().map(|c| c.len).sum(),
-        pause_us: start.elapsed().as_secs_f64() * 1e6,
-        harvest_us,
-    })
+
+    fn write_rest(&mut self) -> Result<(), SnapshotError> {
+        if let Some(data) = &self.diff_data {
+            for c in &mut self.manifest.chunks {
+                let start = c.file_offset as usize;
+                c.crc32 = crc32fast::hash(&data[start..start + c.len as usize]);
+            }
+            write_file_synced(&self.tmp.join(format::MEMORY_FILE), data)?;
+        }
+        write_file_synced(&self.tmp.join(format::STATE_FILE), &self.state_json)?;
+        let text = serde_json::to_vec_pretty(&self.manifest).map_err(|e| SnapshotError::Corrupt(format!("cannot encode manifest: {e}")))?;
+        write_file_synced(&self.tmp.join(format::MANIFEST_FILE), &text)?;
+        File::open(&self.tmp).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot directory"))
+    }
 }
 
 fn absolute(dir: &Path) -> Result<PathBuf, SnapshotError> {
@@ -207,43 +305,6 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     let mut f = File::create(path).map_err(io(format!("creating {}", path.display())))?;
     f.write_all(bytes).map_err(io(format!("writing {}", path.display())))?;
     f.sync_all().map_err(io(format!("syncing {}", path.display())))
-}
-
-fn write_snapshot(live: &Live<'_>, tmp: &Path, runs: &[(u64, u64)], kind: SnapshotKind, parent: Option<ParentRef>) -> Result<Manifest, SnapshotError> {
-    let state = SavedState {
-        vcpus: vec![VcpuState::save(live.kvm, live.vcpu)?],
-        devices: live.devices.clone(),
-        guest_idle: live.guest_idle.is_some(),
-        idle_status: live.guest_idle.unwrap_or(0),
-    };
-    let state_json = serde_json::to_vec(&state).map_err(|e| SnapshotError::Corrupt(format!("cannot encode state: {e}")))?;
-    write_file_synced(&tmp.join(format::STATE_FILE), &state_json)?;
-
-    let mem_path = tmp.join(format::MEMORY_FILE);
-    let mem = File::create(&mem_path).map_err(io(format!("creating {}", mem_path.display())))?;
-    let packed = kind == SnapshotKind::Diff;
-    let chunks = memory_file::write(live.ram, &mem, runs, packed)?;
-    let file_len = if packed { chunks.iter().map(|c| c.len).sum() } else { live.ram.size() };
-    // A full image is as long as RAM, holes included.
-    mem.set_len(file_len).map_err(io("sizing memory.bin"))?;
-    mem.sync_all().map_err(io("syncing memory.bin"))?;
-
-    let manifest = Manifest {
-        magic: format::MAGIC.into(),
-        version: format::VERSION,
-        kind,
-        id: format::new_id(),
-        parent,
-        config: live.config.clone(),
-        regions: live.ram.regions().iter().map(|r| RegionRecord { guest_start: r.range.start.0, size: r.range.size }).collect(),
-        state_crc32: crc32fast::hash(&state_json),
-        memory_file_len: file_len,
-        chunks,
-    };
-    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| SnapshotError::Corrupt(format!("cannot encode manifest: {e}")))?;
-    write_file_synced(&tmp.join(format::MANIFEST_FILE), &text)?;
-    File::open(tmp).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot directory"))?;
-    Ok(manifest)
 }
 
 /// One loaded snapshot of a chain.
