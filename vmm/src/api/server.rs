@@ -78,7 +78,15 @@ fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
         return Response::error("the snapshot was not captured");
     };
     match captured.persist() {
-        Ok(info) => Response { data: serde_json::to_value(info).ok(), ..Response::ok(control.state()) },
+        Ok((info, spare)) => {
+            if spare.is_some() {
+                let _ = control.call(Box::new(move |m| {
+                    m.chain.spare = spare;
+                    Ok(serde_json::Value::Null)
+                }));
+            }
+            Response { data: serde_json::to_value(info).ok(), ..Response::ok(control.state()) }
+        }
         Err(e) => {
             // Its dirty pages were harvested and are not on disk: the next
             // snapshot must be a full one.

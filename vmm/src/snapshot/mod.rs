@@ -104,6 +104,9 @@ pub struct SavedState {
 pub struct SnapshotChain {
     /// The last snapshot taken (or restored from).
     pub last: Option<ParentRef>,
+    /// The previous diff's page buffer, reused so a diff's pause does not
+    /// pay for faulting in fresh memory.
+    pub spare: Option<Vec<u8>>,
 }
 
 /// What a snapshot cost.
@@ -145,9 +148,11 @@ pub struct Live<'a> {
 #[derive(Debug)]
 pub struct Captured {
     dir: PathBuf,
-    tmp: PathBuf,
+    /// The temporary directory (a full snapshot has written memory.bin
+    /// there already; a diff creates it when persisting).
+    tmp: Option<PathBuf>,
     manifest: Manifest,
-    state_json: Vec<u8>,
+    state: SavedState,
     /// A diff's pages, packed in chunk order; `None` for a full snapshot,
     /// whose memory.bin is already written.
     diff_data: Option<Vec<u8>>,
@@ -162,7 +167,16 @@ pub struct Captured {
 /// Any [`SnapshotError`]; `dir` is then not created.
 pub fn take(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotChain, dir: &Path, kind: SnapshotKind) -> Result<SnapshotInfo, SnapshotError> {
     let captured = capture(live, tracker, chain, dir, kind)?;
-    captured.persist().inspect_err(|_| chain.last = None)
+    match captured.persist() {
+        Ok((info, spare)) => {
+            chain.spare = spare;
+            Ok(info)
+        }
+        Err(e) => {
+            chain.last = None;
+            Err(e)
+        }
+    }
 }
 
 /// The part of a snapshot that needs the vCPU stopped: vCPU and device
@@ -192,7 +206,6 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
         guest_idle: live.guest_idle.is_some(),
         idle_status: live.guest_idle.unwrap_or(0),
     };
-    let state_json = serde_json::to_vec(&state).map_err(|e| SnapshotError::Corrupt(format!("cannot encode state: {e}")))?;
     let mut manifest = Manifest {
         magic: format::MAGIC.into(),
         version: format::VERSION,
@@ -201,14 +214,16 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
         parent,
         config: live.config.clone(),
         regions: live.ram.regions().iter().map(|r| RegionRecord { guest_start: r.range.start.0, size: r.range.size }).collect(),
-        state_crc32: crc32fast::hash(&state_json),
+        state_crc32: 0,
         memory_file_len: 0,
         chunks: Vec::new(),
     };
-    let tmp = temp_sibling(&dir)?;
     let mut harvest_us = 0.0;
+    let mut tmp = None;
     let diff_data = match kind {
         SnapshotKind::Full => {
+            let dir_tmp = temp_sibling(&dir)?;
+            let tmp = tmp.insert(dir_tmp);
             // (Re)start dirty logging first, so the next diff holds exactly
             // what changes after this snapshot.
             let written = tracker.start(live.vm_fd, live.ram).map_err(SnapshotError::from).and_then(|()| {
@@ -238,54 +253,61 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
             let h = tracker.harvest(live.vm_fd, live.ram)?;
             harvest_us = t.elapsed().as_secs_f64() * 1e6;
             let runs = memory_file::ranges_to_runs(live.ram, &h.all);
-            let (chunks, data) = memory_file::copy_out(live.ram, &runs)?;
+            let (chunks, data) = memory_file::copy_out(live.ram, &runs, chain.spare.take().unwrap_or_default())?;
             manifest.memory_file_len = data.len() as u64;
             manifest.chunks = chunks;
             Some(data)
         }
     };
     chain.last = Some(ParentRef { dir: dir.clone(), id: manifest.id.clone() });
-    Ok(Captured { dir, tmp, manifest, state_json, diff_data, pause_us: start.elapsed().as_secs_f64() * 1e6, harvest_us })
+    Ok(Captured { dir, tmp, manifest, state, diff_data, pause_us: start.elapsed().as_secs_f64() * 1e6, harvest_us })
 }
 
 impl Captured {
     /// Writes what is left, fsyncs every file and renames the snapshot into
     /// place. On error the temporary directory is removed and nothing named
-    /// like the snapshot exists.
+    /// like the snapshot exists. Also returns the diff's page buffer, for
+    /// the next diff to reuse ([`SnapshotChain::spare`]).
     ///
     /// # Errors
     /// [`SnapshotError::Io`] (e.g. ENOSPC).
-    pub fn persist(mut self) -> Result<SnapshotInfo, SnapshotError> {
-        let result = self.write_rest();
-        if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&self.tmp);
+    pub fn persist(mut self) -> Result<(SnapshotInfo, Option<Vec<u8>>), SnapshotError> {
+        let tmp = match self.tmp.take() {
+            Some(t) => t,
+            None => temp_sibling(&self.dir)?,
+        };
+        if let Err(e) = self.write_rest(&tmp) {
+            let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        std::fs::rename(&self.tmp, &self.dir).map_err(io(format!("renaming {} to {}", self.tmp.display(), self.dir.display())))?;
+        std::fs::rename(&tmp, &self.dir).map_err(io(format!("renaming {} to {}", tmp.display(), self.dir.display())))?;
         if let Some(p) = self.dir.parent() {
             File::open(p).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot's parent directory"))?;
         }
-        Ok(SnapshotInfo {
+        let info = SnapshotInfo {
             dir: self.dir,
             kind: self.manifest.kind,
             memory_bytes: self.manifest.chunks.iter().map(|c| c.len).sum(),
             pause_us: self.pause_us,
             harvest_us: self.harvest_us,
-        })
+        };
+        Ok((info, self.diff_data))
     }
 
-    fn write_rest(&mut self) -> Result<(), SnapshotError> {
+    fn write_rest(&mut self, tmp: &Path) -> Result<(), SnapshotError> {
         if let Some(data) = &self.diff_data {
             for c in &mut self.manifest.chunks {
                 let start = c.file_offset as usize;
                 c.crc32 = crc32fast::hash(&data[start..start + c.len as usize]);
             }
-            write_file_synced(&self.tmp.join(format::MEMORY_FILE), data)?;
+            write_file_synced(&tmp.join(format::MEMORY_FILE), data)?;
         }
-        write_file_synced(&self.tmp.join(format::STATE_FILE), &self.state_json)?;
+        let state_json = serde_json::to_vec(&self.state).map_err(|e| SnapshotError::Corrupt(format!("cannot encode state: {e}")))?;
+        self.manifest.state_crc32 = crc32fast::hash(&state_json);
+        write_file_synced(&tmp.join(format::STATE_FILE), &state_json)?;
         let text = serde_json::to_vec_pretty(&self.manifest).map_err(|e| SnapshotError::Corrupt(format!("cannot encode manifest: {e}")))?;
-        write_file_synced(&self.tmp.join(format::MANIFEST_FILE), &text)?;
-        File::open(&self.tmp).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot directory"))
+        write_file_synced(&tmp.join(format::MANIFEST_FILE), &text)?;
+        File::open(tmp).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot directory"))
     }
 }
 
