@@ -95,6 +95,11 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "page_tables": page_tables,
         "guest_frames": frames,
         "memory": outcome.memory,
+        "dirty": outcome.dirty,
+        "workload_events": outcome.reports.iter().filter_map(|r| match r.report {
+            Report::Workload { event, a, b } => Some(serde_json::json!({ "event": format!("{event:?}"), "a": a, "b": b, "at_us": r.at_us })),
+            _ => None,
+        }).collect::<Vec<_>>(),
         "kvm_mappings": outcome.kvm_mappings,
         "kvm_stats": outcome.kvm_stats,
         "vmm_memory": outcome.vmm_memory,
