@@ -41,6 +41,9 @@ pub struct BootArgs {
     /// Guest memory size.
     #[arg(long, default_value = "256M")]
     pub mem: String,
+    /// Kernel to boot (default: the built-in tiny guest).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
     /// Print the results as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -291,7 +294,11 @@ pub fn run(args: &BootArgs) -> Result<u32, BenchError> {
     }
     let mem = parse_size(&args.mem).map_err(|e| BenchError::Args(format!("--mem: {e}")))?;
     let exe = std::env::current_exe().map_err(BenchError::Exe)?;
-    let child_args: Vec<String> = vec!["run".into(), "--json".into(), "--skip-selftest".into(), "--mem".into(), args.mem.clone()];
+    let mut child_args: Vec<String> = vec!["run".into(), "--json".into(), "--skip-selftest".into(), "--mem".into(), args.mem.clone()];
+    if let Some(k) = &args.kernel {
+        child_args.push("--kernel".into());
+        child_args.push(k.display().to_string());
+    }
     let command = format!("{} {}", exe.display(), child_args.join(" "));
     if !args.json {
         eprintln!("booting {} guests of {} ({} warm-up)…", args.runs, format_size(mem), args.warmup);
