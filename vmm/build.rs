@@ -30,7 +30,7 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let target_dir = out_dir.join("guest-target");
 
-    for dir in ["guest/kernel/src", "guest/abi/src", "guest/user/src"] {
+    for dir in ["guest/kernel/src", "guest/abi/src", "guest/mm/src", "guest/user/src"] {
         rerun_if_changed_tree(&root.join(dir));
     }
     for file in [
@@ -39,6 +39,7 @@ fn main() {
         "guest/kernel/build.rs",
         "guest/kernel/.cargo/config.toml",
         "guest/abi/Cargo.toml",
+        "guest/mm/Cargo.toml",
         "guest/user/Cargo.toml",
         "resources/guest-kernel.ld",
     ] {

@@ -3,6 +3,11 @@
 //! Output only, and without polling the line-status register: the VMM's
 //! UART accepts every byte at once, and each extra `in` would be one more
 //! exit to the VMM per byte.
+//!
+//! Integers are printed with [`Dec`] and [`Hex`], never with `core::fmt`'s
+//! own integer formatting: the precompiled `core` is built with SSE2 and its
+//! decimal formatter uses `pinsrw`, which this host's ring-0 emulator
+//! rejects (seen as a KVM internal error on a four-digit number).
 
 use core::fmt;
 
@@ -42,4 +47,49 @@ macro_rules! println {
         use core::fmt::Write as _;
         let _ = writeln!($crate::console::Console, $($arg)*);
     }};
+}
+
+/// An integer printed in decimal by the kernel's own SSE-free code.
+#[derive(Debug, Clone, Copy)]
+pub struct Dec(pub u64);
+
+impl fmt::Display for Dec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        let mut v = self.0;
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        f.write_str(core::str::from_utf8(&buf[i..]).unwrap_or("?"))
+    }
+}
+
+/// An integer printed as `0x…` hexadecimal by the kernel's own code.
+#[derive(Debug, Clone, Copy)]
+pub struct Hex(pub u64);
+
+impl fmt::Display for Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; 18];
+        let mut i = buf.len();
+        let mut v = self.0;
+        loop {
+            i -= 1;
+            buf[i] = b"0123456789abcdef"[(v & 0xf) as usize];
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        i -= 2;
+        buf[i] = b'0';
+        buf[i + 1] = b'x';
+        f.write_str(core::str::from_utf8(&buf[i..]).unwrap_or("?"))
+    }
 }

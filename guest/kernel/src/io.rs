@@ -18,15 +18,6 @@ pub fn outl(port: u16, value: u32) {
     unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags)) };
 }
 
-/// Reads a byte from an I/O port.
-#[inline(always)]
-pub fn inb(port: u16) -> u8 {
-    let value: u8;
-    // SAFETY: as for `outb`.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) };
-    value
-}
-
 /// Reads the time-stamp counter (not trapped on KVM; host and guest agree).
 #[inline(always)]
 pub fn rdtsc() -> u64 {

@@ -1,23 +1,165 @@
 //! memvisor's tiny guest kernel.
 //!
-//! Entered the PVH way (see [`boot`]), it reports to the VMM through the ABI
-//! in `memvisor-abi`.
+//! Entered the PVH way (see [`boot`]), it builds its own address space
+//! ([`paging`]), descriptor tables ([`gdt`], [`idt`]) and frame allocator
+//! ([`frames`]), reports `Ready`, runs the self-test as ring-3 tasks
+//! ([`task`], [`selftest`]) and exits (or idles) with the result. It reports
+//! to the VMM through the ABI in `memvisor-abi`.
+//!
+//! Ring 0 is expensive on the reference host (every instruction emulated,
+//! ~0.7 µs), so the path from entry to `Ready` is kept to a few thousand
+//! instructions: no console output, O(blocks) allocator set-up, only the
+//! IDT gates in use, no clearing of fresh RAM (zero by the VMM's contract).
 #![no_std]
 #![no_main]
 
 mod boot;
+mod bootinfo;
 mod console;
+mod cpu;
+mod frames;
+mod gdt;
+mod idt;
 mod io;
+mod paging;
 mod report;
 mod rt;
+mod selftest;
+mod task;
 
+use memvisor_abi::boot::{FLAG_IDLE_AT_END, FLAG_SKIP_SELFTEST, FLAG_SYSCALL_INSN};
 use memvisor_abi::msg::Report;
+use memvisor_guest_mm::buddy::Buddy;
+use memvisor_guest_mm::paging::{MapError, Mapper, PageSize, PhysAddr};
+
+use crate::console::{Dec, Hex};
+use crate::frames::IdentityTables;
+use crate::paging::KernelMapper;
+
+/// Exit status: every check passed.
+const EXIT_OK: u32 = 0;
+/// Exit status: a self-test check failed.
+const EXIT_CHECK_FAILED: u32 = 1;
+/// Exit status: the kernel could not set itself up.
+const EXIT_SETUP_FAILED: u32 = 2;
+/// Exit status: an exception in the kernel itself.
+pub const EXIT_KERNEL_FAULT: u32 = 3;
+
+/// The kernel's state after boot.
+pub struct Kernel {
+    /// Builds page tables, from the arena's pool.
+    pub mapper: KernelMapper,
+    /// Free frames.
+    buddy: Buddy<'static>,
+    /// The kernel's PML4.
+    pub root: PhysAddr,
+    /// Leaf size for RAM mappings, after any fallback.
+    pub leaf: PageSize,
+    /// Whether ring 3 enters the kernel with `syscall`.
+    pub syscall_insn: bool,
+    /// TSC ticks the self-test's RAM task ran.
+    pub selftest_ram_tsc: u64,
+}
+
+impl Kernel {
+    /// The frame allocator.
+    pub fn buddy(&mut self) -> &mut Buddy<'static> {
+        &mut self.buddy
+    }
+
+    /// A block of 2^order fresh frames.
+    pub fn frames_alloc(&mut self, order: usize) -> Option<u64> {
+        self.buddy.alloc(order)
+    }
+}
 
 /// The first Rust code: called by the PVH entry in long mode with the boot
 /// page tables, on the boot stack, with the start-info address.
 #[unsafe(no_mangle)]
 pub extern "C" fn kernel_main(start_info: u64) -> ! {
     report::send(&Report::Hello { tsc: io::rdtsc() });
-    println!("memvisor guest: hello (start info at {start_info:#x})");
-    report::exit(0)
+    // SAFETY: start_info is what the PVH entry got in ebx; the boot tables
+    // identity-map the low memory it and its data are in.
+    let info = unsafe { bootinfo::read(start_info) };
+    if info.triple_fault {
+        idt::triple_fault();
+    }
+    let config = info.config;
+    let has_1g = cpu::has_1g_pages();
+    let mut leaf = PageSize::from_shift(config.guest_page_shift).unwrap_or(PageSize::Size2M);
+    if leaf == PageSize::Size1G && !has_1g {
+        println!("guest: CPU lacks 1 GiB pages (CPUID 8000_0001h EDX[26]); using 2 MiB");
+        leaf = PageSize::Size2M;
+    }
+    let frames = match frames::init(&info) {
+        Ok(f) => f,
+        Err(e) => {
+            let frames::FramesError::NoRoomForArena(bytes) = e;
+            println!("guest: no RAM range holds the {}-byte kernel arena", Dec(bytes));
+            report::exit(EXIT_SETUP_FAILED)
+        }
+    };
+    let mut mapper = Mapper::new(IdentityTables, frames.pool);
+    let root = match paging::build_kernel_space(&mut mapper, &info, frames.arena, leaf) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("guest: cannot build the kernel page tables: {}", MapErrorText(e));
+            report::exit(EXIT_SETUP_FAILED)
+        }
+    };
+    // SAFETY: the new tables map the kernel image with its permissions, the
+    // boot stack (.bss), the boot data and the arena: everything used next.
+    unsafe { cpu::write_cr3(root.as_u64()) };
+    task::set_kernel_root(root);
+    // SAFETY: once, at ring 0, on the boot path; GDT before IDT.
+    unsafe {
+        gdt::init();
+        idt::init();
+    }
+    let syscall_insn = config.flags & FLAG_SYSCALL_INSN != 0;
+    if syscall_insn {
+        // SAFETY: once, at ring 0, after the GDT.
+        unsafe { task::enable_syscall() };
+    }
+    let mut k = Kernel { mapper, buddy: frames.buddy, root, leaf, syscall_insn, selftest_ram_tsc: 0 };
+    report::send(&Report::Ready { tsc: io::rdtsc(), page_shift: leaf.shift(), has_1g_pages: has_1g });
+
+    let managed = k.buddy.managed_bytes();
+    report::send(&Report::Frames { ram_bytes: frames.ram_bytes, managed_bytes: managed, free_bytes: k.buddy.free_bytes() });
+    let status = if config.flags & FLAG_SKIP_SELFTEST != 0 {
+        EXIT_OK
+    } else {
+        match selftest::run(&mut k) {
+            Ok(true) => EXIT_OK,
+            Ok(false) => EXIT_CHECK_FAILED,
+            Err(e) => {
+                println!("guest: self-test set-up failed: {}", MapErrorText(e));
+                EXIT_SETUP_FAILED
+            }
+        }
+    };
+    let stats = k.mapper.stats;
+    report::send(&Report::PageTables { table_pages: stats.table_pages, leaves: stats.leaves });
+    if config.flags & FLAG_SKIP_SELFTEST == 0 && config.tsc_khz != 0 {
+        println!("guest: self-test RAM task {} ms", Dec(k.selftest_ram_tsc / config.tsc_khz));
+    }
+    if config.flags & FLAG_IDLE_AT_END != 0 {
+        report::send(&Report::Idle { status });
+        cpu::halt_forever()
+    }
+    report::exit(status)
+}
+
+/// A [`MapError`] printed without `core::fmt` integer formatting.
+struct MapErrorText(MapError);
+
+impl core::fmt::Display for MapErrorText {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            MapError::Misaligned => f.write_str("address or length not page-aligned"),
+            MapError::OutOfFrames => f.write_str("no frames left for page tables"),
+            MapError::HugePageInTheWay(va) => write!(f, "a huge page already maps {}", Hex(va.as_u64())),
+            MapError::AlreadyMapped(va) => write!(f, "{} is already mapped", Hex(va.as_u64())),
+        }
+    }
 }

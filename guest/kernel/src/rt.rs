@@ -12,10 +12,19 @@ use crate::println;
 /// `dest` and `src` must be valid for `n` bytes and must not overlap.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees both ranges are valid; rep movsb copies
-    // forwards, which is correct for non-overlapping ranges.
+    // SAFETY: the caller guarantees both ranges are valid; rep movs copies
+    // forwards, which is correct for non-overlapping ranges. Quadwords
+    // first: an emulated ring 0 runs one `rep` iteration per step, so
+    // moving 8 bytes per iteration is 8 times cheaper than bytes.
     unsafe {
-        core::arch::asm!("rep movsb", inout("rcx") n => _, inout("rdi") dest => _, inout("rsi") src => _, options(nostack, preserves_flags));
+        core::arch::asm!(
+            "rep movsq",
+            "mov rcx, {tail}",
+            "rep movsb",
+            tail = in(reg) n & 7,
+            inout("rcx") n >> 3 => _, inout("rdi") dest => _, inout("rsi") src => _,
+            options(nostack, preserves_flags),
+        );
     }
     dest
 }
@@ -42,9 +51,18 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
 /// `dest` must be valid for `n` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees `dest` is valid for `n` bytes.
+    let byte = u64::from(c as u8);
+    // SAFETY: the caller guarantees `dest` is valid for `n` bytes; quadwords
+    // first, for the reason given in memcpy.
     unsafe {
-        core::arch::asm!("rep stosb", inout("rcx") n => _, inout("rdi") dest => _, in("al") c as u8, options(nostack, preserves_flags));
+        core::arch::asm!(
+            "rep stosq",
+            "mov rcx, {tail}",
+            "rep stosb",
+            tail = in(reg) n & 7,
+            inout("rcx") n >> 3 => _, inout("rdi") dest => _, in("rax") byte * 0x0101_0101_0101_0101,
+            options(nostack, preserves_flags),
+        );
     }
     dest
 }
@@ -79,6 +97,11 @@ pub extern "C" fn rust_eh_personality() {}
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
-    println!("guest panic: {info}");
+    // Not `{info}`: the location's line number would go through core's
+    // SSE decimal formatter (see console.rs).
+    match info.location() {
+        Some(l) => println!("guest panic at {}:{}", l.file(), crate::console::Dec(u64::from(l.line()))),
+        None => println!("guest panic"),
+    }
     crate::report::exit(0xdead)
 }

@@ -2,6 +2,8 @@
 //! statistics they share.
 
 pub mod boot;
+pub mod dirty;
+pub mod page_writer;
 pub mod stats;
 
 /// Which benchmark.
@@ -9,6 +11,8 @@ pub mod stats;
 pub enum BenchCommand {
     /// Boot time and VMM memory overhead, over fresh processes.
     Boot(boot::BootArgs),
+    /// Dirty-page harvest cost per mechanism, against the raw ioctls.
+    Dirty(dirty::DirtyArgs),
 }
 
 /// Runs a benchmark.
@@ -18,5 +22,6 @@ pub enum BenchCommand {
 pub fn run(bench: BenchCommand) -> Result<u32, Box<dyn std::error::Error>> {
     match bench {
         BenchCommand::Boot(args) => Ok(boot::run(&args)?),
+        BenchCommand::Dirty(args) => Ok(dirty::run(&args)?),
     }
 }

@@ -46,6 +46,9 @@ pub struct Harvest {
     pub all: Vec<PageRange>,
     /// Ring entries that named a slot or page outside guest RAM (ignored).
     pub bad_ring_entries: u64,
+    /// A dirty ring was found completely full, so KVM may have overwritten
+    /// entries: every page was reported dirty to lose nothing.
+    pub ring_overflowed: bool,
 }
 
 #[derive(Debug)]
@@ -68,6 +71,7 @@ pub struct DirtyTracker {
     rings: Vec<DirtyRing>,
     scratch: Vec<RingEntry>,
     bad_ring_entries: u64,
+    ring_overflowed: bool,
     logging: bool,
 }
 
@@ -107,7 +111,7 @@ impl DirtyTracker {
                 }
             })
             .collect();
-        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), bad_ring_entries: 0, logging: false })
+        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), bad_ring_entries: 0, ring_overflowed: false, logging: false })
     }
 
     /// The mechanism in use.
@@ -185,7 +189,15 @@ impl DirtyTracker {
     pub fn collect_rings(&mut self, vm: &VmFd) -> Result<usize, DirtyError> {
         self.scratch.clear();
         for r in &mut self.rings {
-            r.harvest(&mut self.scratch);
+            // KVM exits with KVM_EXIT_DIRTY_RING_FULL while some reserved
+            // entries are still free, so a correct ring is never found
+            // completely full. A full one means KVM kept pushing past the
+            // soft limit (seen on the PVM flavour, whose instruction
+            // emulator dirties many pages between two checks) and may have
+            // overwritten entries: lose nothing by reporting every page.
+            if r.harvest(&mut self.scratch) >= r.entries() as usize {
+                self.ring_overflowed = true;
+            }
         }
         for e in &self.scratch {
             // Address space 0 only; slot and offset come from KVM but are
@@ -201,6 +213,36 @@ impl DirtyTracker {
             log::reset_rings(vm)?;
         }
         Ok(n)
+    }
+
+    /// Only the kernel side of a harvest, into the tracker's buffers: the
+    /// ioctls (and, for rings, reading the entries), with no conversion to
+    /// ranges and no merge with VMM writes. `vmm bench dirty` measures
+    /// [`harvest`](Self::harvest) against this.
+    ///
+    /// # Errors
+    /// [`DirtyError`] when KVM refuses.
+    pub fn harvest_raw(&mut self, vm: &VmFd) -> Result<(), DirtyError> {
+        match self.mode {
+            DirtyMode::Ring => {
+                self.scratch.clear();
+                for r in &mut self.rings {
+                    r.harvest(&mut self.scratch);
+                }
+                if !self.scratch.is_empty() {
+                    log::reset_rings(vm)?;
+                }
+            }
+            DirtyMode::Bitmap | DirtyMode::Clear => {
+                for s in &mut self.slots {
+                    log::get(vm, s.info.slot, &mut s.kvm)?;
+                    if self.mode == DirtyMode::Clear {
+                        log::clear(vm, s.info.slot, 0, s.info.pages as u32, &mut s.kvm)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Harvests everything written since the previous harvest (or `start`),
@@ -223,13 +265,31 @@ impl DirtyTracker {
                 }
             }
         }
+        let ring_overflowed = std::mem::take(&mut self.ring_overflowed);
+        if ring_overflowed {
+            ::log::warn!("a dirty ring overflowed; reporting every page as dirty so none is missed");
+            for s in &mut self.slots {
+                s.acc.fill(u64::MAX);
+                if s.info.pages % 64 != 0 {
+                    if let Some(last) = s.acc.last_mut() {
+                        *last = (1u64 << (s.info.pages % 64)) - 1;
+                    }
+                }
+            }
+        }
         let vmm_bitmaps = vmm_writes::take(ram);
-        let mut out = Harvest { bad_ring_entries: std::mem::take(&mut self.bad_ring_entries), ..Default::default() };
+        let mut out = Harvest { bad_ring_entries: std::mem::take(&mut self.bad_ring_entries), ring_overflowed, ..Default::default() };
         for (s, vmm_bm) in self.slots.iter_mut().zip(vmm_bitmaps) {
-            out.guest.extend(ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn));
-            out.vmm.extend(ranges::bitmap_to_ranges(&vmm_bm, s.info.first_pfn));
-            ranges::merge_into(&mut s.acc, &vmm_bm);
-            out.all.extend(ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn));
+            let guest = ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn);
+            match vmm_bm {
+                None => out.all.extend_from_slice(&guest),
+                Some(vmm_bm) => {
+                    out.vmm.extend(ranges::bitmap_to_ranges(&vmm_bm, s.info.first_pfn));
+                    ranges::merge_into(&mut s.acc, &vmm_bm);
+                    out.all.extend(ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn));
+                }
+            }
+            out.guest.extend(guest);
             s.acc.fill(0);
         }
         Ok(out)

@@ -14,11 +14,11 @@ pub mod smaps;
 use std::path::PathBuf;
 
 use thiserror::Error;
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
 
 use crate::config::{Backing, NumaPolicy, VmConfig, format_size};
+use crate::dirty::vmm_writes::VmmWriteBitmap;
 use crate::layout::{RamRange, ram_ranges};
 use backing::HostMapping;
 
@@ -126,10 +126,7 @@ pub enum MemoryError {
 /// Guest memory as the VMM accesses it: every write through it is recorded
 /// in a per-region dirty bitmap (4 KiB pages), which dirty tracking merges
 /// with KVM's log so VMM writes are never missed.
-pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
-
-/// Granularity of the VMM-write bitmap.
-const VMM_DIRTY_PAGE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4096).expect("nonzero");
+pub type GuestMemory = GuestMemoryMmap<VmmWriteBitmap>;
 
 /// One RAM range and the host mapping behind it.
 #[derive(Debug)]
@@ -205,7 +202,7 @@ impl GuestRam {
             // which outlives `memory` (both are owned by `GuestRam`, and the
             // builder does not take ownership: it will not munmap it).
             let builder = unsafe {
-                MmapRegionBuilder::new_with_bitmap(r.mapping.size(), AtomicBitmap::new(r.mapping.size(), VMM_DIRTY_PAGE))
+                MmapRegionBuilder::new_with_bitmap(r.mapping.size(), VmmWriteBitmap::new(r.mapping.size()))
                     .with_raw_mmap_pointer(r.mapping.as_ptr())
             };
             let region = builder

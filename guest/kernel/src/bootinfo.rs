@@ -1,0 +1,111 @@
+//! What the VMM left in memory for us: the PVH start info with its memory
+//! map and command line, and memvisor's [`BootConfig`].
+//!
+//! Read once, at entry, while the boot page tables still identity-map the
+//! low memory they live in; everything is copied into a [`BootInfo`] value.
+
+use memvisor_abi::boot::{BootConfig, E820_RAM, HVM_START_MAGIC, HvmMemmapEntry, HvmStartInfo};
+use memvisor_abi::layout;
+
+/// Most RAM ranges the kernel keeps track of.
+pub const MAX_RAM_RANGES: usize = 8;
+
+/// The test hook on the command line that makes the kernel triple-fault.
+const TRIPLE_FAULT_HOOK: &[u8] = b"memvisor.test=triple-fault";
+
+/// The boot information the kernel uses.
+#[derive(Debug, Clone, Copy)]
+pub struct BootInfo {
+    /// RAM ranges `[start, end)` from the memory map, in map order.
+    pub ram: [(u64, u64); MAX_RAM_RANGES],
+    /// Valid entries of `ram`.
+    pub ram_count: usize,
+    /// memvisor's boot configuration (defaults when missing or invalid).
+    pub config: BootConfig,
+    /// Whether the command line asks for a deliberate triple fault.
+    pub triple_fault: bool,
+}
+
+impl BootInfo {
+    /// The RAM ranges.
+    pub fn ram(&self) -> &[(u64, u64)] {
+        &self.ram[..self.ram_count]
+    }
+
+    /// Sum of the RAM ranges' sizes.
+    pub fn ram_bytes(&self) -> u64 {
+        self.ram().iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// End of the highest RAM range.
+    pub fn ram_end(&self) -> u64 {
+        self.ram().iter().map(|r| r.1).max().unwrap_or(0)
+    }
+}
+
+/// Reads the boot data the VMM wrote.
+///
+/// # Safety
+/// `start_info` must be the address the PVH entry received in `ebx`, and the
+/// boot data it points to must be identity-mapped (it is below 1 MiB).
+pub unsafe fn read(start_info: u64) -> BootInfo {
+    let mut info = BootInfo { ram: [(0, 0); MAX_RAM_RANGES], ram_count: 0, config: BootConfig::default(), triple_fault: false };
+    // SAFETY: the caller guarantees the start info is mapped; read_volatile
+    // copes with whatever bytes the VMM wrote (the struct is Pod).
+    let si = unsafe { (start_info as *const HvmStartInfo).read_volatile() };
+    if si.magic == HVM_START_MAGIC {
+        let entries = si.memmap_entries.min(layout::PVH_MEMMAP_MAX_ENTRIES as u32) as usize;
+        for i in 0..entries {
+            // SAFETY: i is below the entry count the VMM wrote, within the
+            // one-page map (PVH_MEMMAP_MAX_ENTRIES), which is identity-mapped.
+            let e = unsafe { (si.memmap_paddr as *const HvmMemmapEntry).add(i).read_volatile() };
+            if e.kind == E820_RAM && e.size != 0 && info.ram_count < MAX_RAM_RANGES {
+                info.ram[info.ram_count] = (e.addr, e.addr + e.size);
+                info.ram_count += 1;
+            }
+        }
+        if si.cmdline_paddr != 0 {
+            // SAFETY: the VMM writes a NUL-terminated line of at most
+            // CMDLINE_MAX bytes at cmdline_paddr, identity-mapped.
+            info.triple_fault = unsafe { cmdline_has(si.cmdline_paddr as *const u8, TRIPLE_FAULT_HOOK) };
+        }
+    }
+    // SAFETY: the VMM writes the boot configuration at BOOT_CONFIG, below
+    // 1 MiB and identity-mapped.
+    let config = unsafe { (layout::BOOT_CONFIG as *const BootConfig).read_volatile() };
+    if config.is_valid() {
+        info.config = config;
+    } else {
+        info.config.guest_page_shift = 21;
+    }
+    info
+}
+
+/// Whether the NUL-terminated command line at `line` contains `word` as a
+/// whole space-separated word. Costs nothing for an empty line.
+///
+/// # Safety
+/// `line` must point at a NUL-terminated string within CMDLINE_MAX bytes.
+unsafe fn cmdline_has(line: *const u8, word: &[u8]) -> bool {
+    let mut start = 0usize;
+    let mut i = 0usize;
+    while i < layout::CMDLINE_MAX as usize {
+        // SAFETY: i < CMDLINE_MAX and the line is NUL-terminated within it.
+        let b = unsafe { line.add(i).read_volatile() };
+        if b == 0 || b == b' ' {
+            if i - start == word.len() {
+                // SAFETY: start..i lies inside the line read so far.
+                let got = unsafe { core::slice::from_raw_parts(line.add(start), i - start) };
+                if got == word {
+                    return true;
+                }
+            }
+            if b == 0 {
+                return false;
+            }
+            start = i + 1;
+        }
+        i += 1;
+    }
+    false
+}

@@ -1,0 +1,154 @@
+//! Physical memory: the kernel arena, the page-table pool and the buddy
+//! allocator over the rest of RAM.
+//!
+//! Layout decided at boot from the PVH memory map:
+//!
+//! ```text
+//! 0        1 MiB         kernel end    2 MiB-aligned           arena end
+//! │ boot data, │ kernel image │ free     │ arena: buddy metadata,  │ free RAM …
+//! │ BIOS areas │ (.text …bss) │ (buddy)  │ page-table pool         │ (buddy)
+//! ```
+//!
+//! The arena is identity-mapped with 2 MiB leaves, supervisor-only, so the
+//! kernel reaches its metadata and every page table it builds without
+//! mapping anything page by page. Everything else the memory map calls RAM,
+//! above 1 MiB and outside the kernel image and the arena, goes to the
+//! [`Buddy`] allocator. Fresh guest RAM is zero (the VMM's contract,
+//! `memvisor_abi::boot`), so neither the metadata nor new page tables are
+//! cleared at ring 0.
+
+use memvisor_abi::layout::{HIGH_MEMORY, PAGE_SIZE, PAGE_SIZE_2M};
+use memvisor_guest_mm::buddy::{Buddy, FrameMeta};
+use memvisor_guest_mm::paging::{ENTRIES, FrameMemory, FrameSource, PhysAddr};
+
+use crate::bootinfo::BootInfo;
+
+unsafe extern "C" {
+    static __kernel_start: u8;
+    static __kernel_end: u8;
+}
+
+/// Where the kernel image lies, `[start, end)`.
+pub fn kernel_image() -> (u64, u64) {
+    // Only the addresses of the linker symbols are taken (safe in Rust 2024).
+    (&raw const __kernel_start as u64, &raw const __kernel_end as u64)
+}
+
+/// Why physical memory could not be set up.
+#[derive(Debug, Clone, Copy)]
+pub enum FramesError {
+    /// No RAM range holds the kernel arena of this many bytes.
+    NoRoomForArena(u64),
+}
+
+/// The page-table pool: 4 KiB frames in the arena handed out upwards.
+/// Frames past `dirty_end` have never been used and are zero; frames below
+/// it were given back with [`TablePool::release_to`] and are cleared when
+/// handed out again (that costs a page of stores at ring 0, so the kernel
+/// reuses the pool rarely).
+#[derive(Debug)]
+pub struct TablePool {
+    next: u64,
+    end: u64,
+    dirty_end: u64,
+}
+
+impl TablePool {
+    /// A mark to [`TablePool::release_to`] later.
+    pub fn mark(&self) -> u64 {
+        self.next
+    }
+
+    /// Gives back every frame handed out since `mark`.
+    pub fn release_to(&mut self, mark: u64) {
+        self.dirty_end = self.dirty_end.max(self.next);
+        self.next = mark.min(self.next);
+    }
+
+    /// Frames left.
+    pub fn remaining(&self) -> u64 {
+        (self.end - self.next) / PAGE_SIZE
+    }
+}
+
+impl FrameSource for TablePool {
+    fn alloc_table(&mut self) -> Option<PhysAddr> {
+        if self.next >= self.end {
+            return None;
+        }
+        let frame = self.next;
+        self.next += PAGE_SIZE;
+        if frame < self.dirty_end {
+            // SAFETY: the frame is in the arena, identity-mapped RW, and
+            // was given back by its previous user.
+            unsafe { (frame as *mut [u64; ENTRIES]).write_bytes(0, 1) };
+        }
+        PhysAddr::new(frame)
+    }
+}
+
+/// Page tables as the kernel sees them: identity-mapped (the arena is).
+#[derive(Debug, Clone, Copy)]
+pub struct IdentityTables;
+
+impl FrameMemory for IdentityTables {
+    fn table(&mut self, phys: PhysAddr) -> &mut [u64; ENTRIES] {
+        // SAFETY: every table the kernel builds comes from the table pool in
+        // the arena, which is identity-mapped RW for ring 0 in every address
+        // space (before the switch, by the boot tables' first GiB). The
+        // kernel is single-threaded and uses one table reference at a time.
+        unsafe { &mut *(phys.as_u64() as *mut [u64; ENTRIES]) }
+    }
+}
+
+/// Physical memory after boot.
+#[derive(Debug)]
+pub struct Frames {
+    /// The free-frame allocator.
+    pub buddy: Buddy<'static>,
+    /// The page-table pool.
+    pub pool: TablePool,
+    /// The arena `[start, end)`.
+    pub arena: (u64, u64),
+    /// RAM the memory map offered.
+    pub ram_bytes: u64,
+}
+
+/// Lays out the arena and hands the remaining RAM to the buddy allocator.
+/// O(memory-map ranges + buddy blocks).
+///
+/// # Errors
+/// [`FramesError::NoRoomForArena`].
+pub fn init(info: &BootInfo) -> Result<Frames, FramesError> {
+    let (image_start, image_end) = kernel_image();
+    let image_end = image_end.next_multiple_of(PAGE_SIZE);
+    let frames = info.ram_end() / PAGE_SIZE;
+    let meta_bytes = (frames * FrameMeta::SIZE as u64).next_multiple_of(PAGE_SIZE);
+    // Tables for mapping all of RAM twice with 4 KiB leaves (kernel direct
+    // map, a task's window): one PT per 2 MiB, one PD per 1 GiB, plus slack.
+    let ram_pages = info.ram_bytes() / PAGE_SIZE;
+    let pool_frames = 2 * (ram_pages.div_ceil(512) + ram_pages.div_ceil(512 * 512)) + 64;
+    let arena_size = (meta_bytes + pool_frames * PAGE_SIZE).next_multiple_of(PAGE_SIZE_2M);
+    let arena_start = image_end.next_multiple_of(PAGE_SIZE_2M);
+    let arena_end = arena_start + arena_size;
+    if !info.ram().iter().any(|(s, e)| *s <= arena_start && arena_end <= *e) {
+        return Err(FramesError::NoRoomForArena(arena_size));
+    }
+    // SAFETY: the arena is RAM (checked above), identity-mapped by the boot
+    // tables (it ends below 1 GiB for any RAM size this kernel supports:
+    // ~30 MiB at 5 GiB), used for nothing else, and zero (fresh RAM).
+    let meta = unsafe { core::slice::from_raw_parts_mut(arena_start as *mut FrameMeta, frames as usize) };
+    let mut buddy = Buddy::new(meta);
+    for &(start, end) in info.ram() {
+        let start = start.max(HIGH_MEMORY);
+        // RAM above 1 MiB minus the kernel image and the arena.
+        let pieces = [(start, end.min(image_start)), (start.max(image_end), end.min(arena_start)), (start.max(arena_end), end)];
+        for (s, e) in pieces {
+            if s < e {
+                buddy.add_range(s, e);
+            }
+        }
+    }
+    let pool = TablePool { next: arena_start + meta_bytes, end: arena_end, dirty_end: 0 };
+    Ok(Frames { buddy, pool, arena: (arena_start, arena_end), ram_bytes: info.ram_bytes() })
+}

@@ -1,0 +1,231 @@
+//! The IDT, the exception entry stubs and the trap dispatcher.
+//!
+//! Owns the vectors the kernel uses — #DE, int3 (the system-call gate, DPL
+//! 3), #UD, #DF, #GP, #PF — and the `syscall` entry, all funnelled into one
+//! [`TrapFrame`] and [`trap_dispatch`]. Every gate uses an IST stack (see
+//! [`crate::gdt`]). Only the vectors used are written, so building the IDT
+//! costs a few dozen instructions on the boot path; an unused vector has
+//! P=0, so reaching it is a #GP and then a #DF, which the kernel reports.
+//! What a trap *means* for a task is [`crate::task`]'s business.
+
+use core::arch::{asm, global_asm};
+
+use crate::gdt::{IST_DOUBLE_FAULT, IST_TRAPS, KERNEL_CS};
+
+/// #DE, divide error (SDM Vol. 3A §6.15, Table 6-1).
+pub const DIVIDE_ERROR: u64 = 0;
+/// #BP, the `int3` breakpoint: the system-call gate.
+pub const BREAKPOINT: u64 = 3;
+/// #UD, invalid opcode.
+pub const INVALID_OPCODE: u64 = 6;
+/// #DF, double fault.
+pub const DOUBLE_FAULT: u64 = 8;
+/// #GP, general protection.
+pub const GENERAL_PROTECTION: u64 = 13;
+/// #PF, page fault.
+pub const PAGE_FAULT: u64 = 14;
+/// Not a vector: the mark the `syscall` entry stub puts in the frame.
+pub const SYSCALL_MARK: u64 = 0x100;
+
+/// The registers a trap saved, lowest address first (the stub's pushes in
+/// reverse, then what the CPU pushed: SDM Vol. 3A §6.14.2, Figure 6-9).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct TrapFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    /// The vector (or [`SYSCALL_MARK`]).
+    pub vector: u64,
+    /// The CPU's error code, or 0 for vectors without one.
+    pub error: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+impl TrapFrame {
+    /// Whether the trap came from ring 3.
+    pub fn is_from_user(&self) -> bool {
+        self.cs & 3 == 3
+    }
+}
+
+// The stubs. Vectors without an error code push a 0 in its place so that
+// every frame has the same shape. 15 pushes + vector + error + the CPU's 5
+// words = 22 words, so RSP is 16-byte aligned at the call (the IST tops are).
+global_asm!(
+    r#"
+    .macro TRAP_STUB name, vector, has_error
+    .global \name
+\name:
+    .if \has_error == 0
+    push 0
+    .endif
+    push \vector
+    jmp trap_common
+    .endm
+
+    TRAP_STUB trap_de, 0, 0
+    TRAP_STUB trap_bp, 3, 0
+    TRAP_STUB trap_ud, 6, 0
+    TRAP_STUB trap_df, 8, 1
+    TRAP_STUB trap_gp, 13, 1
+    TRAP_STUB trap_pf, 14, 1
+
+trap_common:
+    push rax
+    push rbx
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push rbp
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    push r15
+    mov rdi, rsp
+    cld
+    call {dispatch}
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rbp
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rbx
+    pop rax
+    add rsp, 16
+    iretq
+
+    // `syscall` (SDM Vol. 2B): RIP in rcx, RFLAGS in r11, still on the user
+    // stack. Build the frame an interrupt would have pushed, on a kernel
+    // stack, and share the path above; iretq returns to ring 3.
+    .global syscall_entry
+syscall_entry:
+    mov [rip + {scratch}], rsp
+    lea rsp, [rip + SYSCALL_STACK + {stack_size}]
+    push {user_ss}
+    push [rip + {scratch}]
+    push r11
+    push {user_cs}
+    push rcx
+    push 0
+    push {mark}
+    jmp trap_common
+    "#,
+    dispatch = sym trap_dispatch,
+    scratch = sym SYSCALL_USER_RSP,
+    stack_size = const 16 * 1024,
+    user_ss = const crate::gdt::USER_DS as u64,
+    user_cs = const crate::gdt::USER_CS as u64,
+    mark = const SYSCALL_MARK,
+);
+
+/// The user RSP while the `syscall` stub switches stacks.
+static mut SYSCALL_USER_RSP: u64 = 0;
+
+unsafe extern "C" {
+    fn trap_de();
+    fn trap_bp();
+    fn trap_ud();
+    fn trap_df();
+    fn trap_gp();
+    fn trap_pf();
+    /// The `syscall` entry point, for IA32_LSTAR.
+    pub fn syscall_entry();
+}
+
+/// One 16-byte gate descriptor (SDM Vol. 3A §6.14.1, Figure 6-8).
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct Gate(u64, u64);
+
+#[repr(C, align(16))]
+struct Idt([Gate; 256]);
+
+/// In .bss: zero, i.e. every gate not present, until [`init`] fills some.
+static mut IDT: Idt = Idt([Gate(0, 0); 256]);
+
+#[repr(C, packed)]
+struct Pointer {
+    limit: u16,
+    base: u64,
+}
+
+/// An interrupt gate (type 0xE, so IF is cleared on entry), present, with
+/// the given DPL and IST slot.
+fn gate(handler: u64, dpl: u64, ist: u8) -> Gate {
+    let low = (handler & 0xffff)
+        | (u64::from(KERNEL_CS) << 16)
+        | (u64::from(ist) << 32)
+        | ((0x8e | (dpl << 5)) << 40)
+        | (((handler >> 16) & 0xffff) << 48);
+    Gate(low, handler >> 32)
+}
+
+/// Fills the gates the kernel uses and loads the IDT.
+///
+/// # Safety
+/// Call once at ring 0 after [`crate::gdt::init`] (the gates name its
+/// selector and IST slots).
+pub unsafe fn init() {
+    let idt = &raw mut IDT;
+    let gates: [(u64, unsafe extern "C" fn(), u64, u8); 6] = [
+        (DIVIDE_ERROR, trap_de, 0, IST_TRAPS),
+        // DPL 3: ring 3 may `int3` here. It is the system-call path.
+        (BREAKPOINT, trap_bp, 3, IST_TRAPS),
+        (INVALID_OPCODE, trap_ud, 0, IST_TRAPS),
+        (DOUBLE_FAULT, trap_df, 0, IST_DOUBLE_FAULT),
+        (GENERAL_PROTECTION, trap_gp, 0, IST_TRAPS),
+        (PAGE_FAULT, trap_pf, 0, IST_TRAPS),
+    ];
+    for (vector, handler, dpl, ist) in gates {
+        // SAFETY: single-threaded boot; vector < 256.
+        unsafe { (*idt).0[vector as usize] = gate(handler as usize as u64, dpl, ist) };
+    }
+    let ptr = Pointer { limit: (size_of::<Idt>() - 1) as u16, base: idt as u64 };
+    // SAFETY: the IDT is static and its gates point at the stubs above.
+    unsafe { asm!("lidt [{}]", in(reg) &raw const ptr, options(readonly, nostack, preserves_flags)) };
+}
+
+/// Makes the CPU triple-fault: an empty IDT, then an invalid opcode. #UD
+/// finds no gate (#GP), which finds none (#DF), which finds none: shutdown.
+/// The command-line test hook `memvisor.test=triple-fault` uses it so the
+/// VMM's triple-fault path can be tested.
+pub fn triple_fault() -> ! {
+    let ptr = Pointer { limit: 0, base: 0 };
+    // SAFETY: deliberately fatal; nothing runs afterwards.
+    unsafe { asm!("lidt [{}]", "ud2", in(reg) &raw const ptr, options(noreturn, nostack)) }
+}
+
+/// Called by the stubs with the saved frame.
+extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    crate::task::handle_trap(frame);
+}

@@ -1,0 +1,99 @@
+//! The kernel's address space.
+//!
+//! PML4 slot 0 is an identity map of exactly what the kernel uses, each
+//! part with its own permissions (4 KiB leaves, so section boundaries hold):
+//! the boot data (read-only), kernel text (R-X), the `.user` section (R-X and
+//! user-accessible: ring-3 tasks run it), rodata (R, NX), data and bss (RW,
+//! NX), and the arena (RW, NX, 2 MiB leaves). Everything else in the low
+//! region, page 0 included, is unmapped.
+//!
+//! PML4 slot 256 ([`DIRECT_MAP_BASE`]) maps all RAM, supervisor-only, RW,
+//! NX, with the leaf size the VMM asked for (`BootConfig.guest_page_shift`),
+//! 1 GiB falling back to 2 MiB on a CPU without 1 GiB pages. With 4 KiB
+//! leaves nothing is mapped there eagerly: the kernel reaches its own data
+//! through the identity map, and mapping all RAM page by page at ring 0
+//! (one emulated store per 4 KiB) would dominate boot.
+//!
+//! Tasks' address spaces share slots 0 and 256 and add a private slot 1
+//! (see [`crate::task`]).
+
+use memvisor_abi::layout::{self, PAGE_SIZE, PAGE_SIZE_2M};
+use memvisor_guest_mm::paging::{MapError, Mapper, PageSize, PageTableEntry as Pte, PhysAddr, VirtAddr};
+
+use crate::bootinfo::BootInfo;
+use crate::frames::{IdentityTables, TablePool};
+
+/// Base of the kernel's direct map of RAM: PML4 slot 256, the first
+/// higher-half slot (physical address `p` is at `DIRECT_MAP_BASE + p`).
+pub const DIRECT_MAP_BASE: u64 = 0xffff_8000_0000_0000;
+/// PML4 slots the kernel owns and every address space shares.
+pub const KERNEL_SLOTS: [usize; 2] = [0, 256];
+
+/// The kernel's mapper: tables from the pool, reached by identity.
+pub type KernelMapper = Mapper<IdentityTables, TablePool>;
+
+unsafe extern "C" {
+    static __user_start: u8;
+    static __user_end: u8;
+    static __text_start: u8;
+    static __rodata_start: u8;
+    static __data_start: u8;
+    static __bss_end: u8;
+}
+
+/// The section boundaries, in address order (resources/guest-kernel.ld).
+fn sections() -> [u64; 6] {
+    // Only the addresses of the linker symbols are taken (safe in Rust 2024).
+    [
+        &raw const __user_start as u64,
+        &raw const __user_end as u64,
+        &raw const __text_start as u64,
+        &raw const __rodata_start as u64,
+        &raw const __data_start as u64,
+        (&raw const __bss_end as u64).next_multiple_of(PAGE_SIZE),
+    ]
+}
+
+fn va(a: u64) -> VirtAddr {
+    VirtAddr::new(a).expect("kernel addresses are canonical by construction")
+}
+
+fn pa(a: u64) -> PhysAddr {
+    PhysAddr::new(a).expect("RAM addresses are below 2^52")
+}
+
+/// Identity-maps `[start, end)` with 4 KiB leaves (or `size` where aligned).
+fn identity(m: &mut KernelMapper, root: PhysAddr, start: u64, end: u64, size: PageSize, flags: u64) -> Result<(), MapError> {
+    if start >= end {
+        return Ok(());
+    }
+    m.map_range(root, va(start), pa(start), end - start, size, flags)
+}
+
+/// Builds the kernel's tables; returns the root. `leaf` is the direct-map
+/// leaf size (already checked against the CPU).
+///
+/// # Errors
+/// [`MapError`] when the pool runs out (it is sized for this).
+pub fn build_kernel_space(m: &mut KernelMapper, info: &BootInfo, arena: (u64, u64), leaf: PageSize) -> Result<PhysAddr, MapError> {
+    let root = m.new_root()?;
+    let [user, user_end, text, rodata, data, data_end] = sections();
+    // Boot data: start info, memory map, boot config, command line.
+    identity(m, root, layout::PVH_START_INFO, layout::CMDLINE + layout::CMDLINE_MAX, PageSize::Size4K, Pte::NO_EXECUTE)?;
+    identity(m, root, user, user_end, PageSize::Size4K, Pte::USER)?;
+    identity(m, root, text, rodata, PageSize::Size4K, 0)?;
+    identity(m, root, rodata, data, PageSize::Size4K, Pte::NO_EXECUTE)?;
+    identity(m, root, data, data_end, PageSize::Size4K, Pte::WRITABLE | Pte::NO_EXECUTE)?;
+    identity(m, root, arena.0, arena.1, PageSize::Size2M, Pte::WRITABLE | Pte::NO_EXECUTE)?;
+    if leaf != PageSize::Size4K {
+        for &(start, end) in info.ram() {
+            // Whole 2 MiB units only: the edges below 2 MiB are the kernel's
+            // and reached through the identity map.
+            let (s, e) = (start.next_multiple_of(PAGE_SIZE_2M), end & !(PAGE_SIZE_2M - 1));
+            if s < e {
+                m.map_range(root, va(DIRECT_MAP_BASE + s), pa(s), e - s, leaf, Pte::WRITABLE | Pte::NO_EXECUTE)?;
+            }
+        }
+    }
+    Ok(root)
+}

@@ -1,0 +1,239 @@
+//! Ring-3 tasks: their address spaces, entering them, and what their traps mean.
+//!
+//! A task's address space is its own PML4. Slots 0 and 256 point at the
+//! kernel's tables (kernel pages are supervisor-only there, except the
+//! `.user` code); slot 1 ([`layout::USER_BASE`], 512 GiB) is private: stack,
+//! argument page and whatever RAM window the task gets, all U=1 at every
+//! level.
+//!
+//! [`run`] enters a task with `iretq` and returns when the task ends: by the
+//! exit system call, or by any exception in ring 3, which becomes a
+//! [`TaskExit::Faulted`] record the kernel can inspect. The return is a
+//! context switch back to the kernel stack saved on entry (the trap's IST
+//! frame is simply abandoned). System calls arrive as `int3` through a DPL-3
+//! gate with the number in `rax` (works on every host), or as `syscall` when
+//! the VMM set `FLAG_SYSCALL_INSN`.
+
+use core::arch::global_asm;
+
+use memvisor_abi::layout::{self, PAGE_SIZE};
+use memvisor_guest_mm::paging::{FrameMemory, MapError, PageSize, PageTableEntry as Pte, PhysAddr, VirtAddr};
+use memvisor_user::sys::SYS_EXIT;
+
+use crate::cpu;
+use crate::gdt::{USER_CS, USER_DS};
+use crate::idt::{self, TrapFrame};
+use crate::paging::{KERNEL_SLOTS, KernelMapper};
+use crate::console::{Dec, Hex};
+use crate::println;
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskExit {
+    /// The task called exit with this status.
+    Exited(u64),
+    /// The task raised an exception.
+    Faulted(Fault),
+}
+
+/// An exception raised in ring 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// The vector (e.g. 14 for #PF).
+    pub vector: u64,
+    /// The error code (0 for vectors without one).
+    pub error: u64,
+    /// CR2 for a page fault, else 0.
+    pub cr2: u64,
+    /// The faulting instruction.
+    pub rip: u64,
+}
+
+/// A task's address space.
+#[derive(Debug, Clone, Copy)]
+pub struct AddressSpace {
+    /// Its PML4.
+    pub root: PhysAddr,
+}
+
+impl AddressSpace {
+    /// A new address space sharing the kernel's slots of `kernel_root`.
+    ///
+    /// # Errors
+    /// [`MapError::OutOfFrames`].
+    pub fn new(m: &mut KernelMapper, kernel_root: PhysAddr) -> Result<Self, MapError> {
+        let root = m.new_root()?;
+        for slot in KERNEL_SLOTS {
+            let entry = m.mem.table(kernel_root)[slot];
+            m.mem.table(root)[slot] = entry;
+        }
+        Ok(Self { root })
+    }
+
+    /// Maps `[va, va + len)` to `[phys, ..)` for ring 3 with `flags` (U is
+    /// added), with leaves up to `max`.
+    ///
+    /// # Errors
+    /// [`MapError`].
+    pub fn map(&self, m: &mut KernelMapper, va: u64, phys: u64, len: u64, max: PageSize, flags: u64) -> Result<(), MapError> {
+        let v = VirtAddr::new(va).ok_or(MapError::Misaligned)?;
+        let p = PhysAddr::new(phys).ok_or(MapError::Misaligned)?;
+        m.map_range(self.root, v, p, len, max, flags | Pte::USER)
+    }
+}
+
+/// The kernel's PML4, restored when a task ends.
+static mut KERNEL_ROOT: u64 = 0;
+/// The kernel stack pointer saved by `task_enter`.
+#[unsafe(no_mangle)]
+static mut TASK_KERNEL_RSP: u64 = 0;
+/// How the running task ended, written before switching back.
+static mut LAST_EXIT: TaskExit = TaskExit::Exited(0);
+
+// task_enter(rip, rsp, cr3, arg0, arg1): saves the callee-saved registers
+// and the stack pointer, switches to the task's tables and irets to ring 3
+// with IF=0. It "returns" when task_resume_kernel restores that stack.
+global_asm!(
+    r#"
+    .global task_enter
+task_enter:
+    push rbx
+    push rbp
+    push r12
+    push r13
+    push r14
+    push r15
+    mov [rip + TASK_KERNEL_RSP], rsp
+    mov cr3, rdx
+    push {user_ss}
+    push rsi
+    push 0x2
+    push {user_cs}
+    push rdi
+    mov rdi, rcx
+    mov rsi, r8
+    xor eax, eax
+    xor ebx, ebx
+    xor ecx, ecx
+    xor edx, edx
+    xor ebp, ebp
+    xor r8d, r8d
+    xor r9d, r9d
+    xor r10d, r10d
+    xor r11d, r11d
+    xor r12d, r12d
+    xor r13d, r13d
+    xor r14d, r14d
+    xor r15d, r15d
+    iretq
+
+    .global task_resume_kernel
+task_resume_kernel:
+    mov rsp, [rip + TASK_KERNEL_RSP]
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    ret
+    "#,
+    user_ss = const USER_DS as u64,
+    user_cs = const USER_CS as u64,
+);
+
+unsafe extern "C" {
+    fn task_enter(rip: u64, rsp: u64, cr3: u64, arg0: u64, arg1: u64);
+    fn task_resume_kernel() -> !;
+}
+
+/// Remembers the kernel's root for the switch back from tasks.
+pub fn set_kernel_root(root: PhysAddr) {
+    // SAFETY: single-threaded; written once at boot before any task runs.
+    unsafe { KERNEL_ROOT = root.as_u64() };
+}
+
+/// Runs a task in `space` from `entry` with `rsp`, passing `arg0`/`arg1`
+/// in rdi/rsi, until it exits or faults.
+pub fn run(space: &AddressSpace, entry: u64, rsp: u64, arg0: u64, arg1: u64) -> TaskExit {
+    // SAFETY: the address space maps the kernel's slots (so the code after
+    // the CR3 switch keeps running) and the task's entry and stack; the
+    // task comes back only through task_resume_kernel, which restores the
+    // registers task_enter saved.
+    unsafe {
+        task_enter(entry, rsp, space.root.as_u64(), arg0, arg1);
+        LAST_EXIT
+    }
+}
+
+fn end_task(exit: TaskExit) -> ! {
+    // SAFETY: single-threaded; the kernel root maps everything the kernel
+    // runs; task_resume_kernel returns into `run`.
+    unsafe {
+        LAST_EXIT = exit;
+        cpu::write_cr3(KERNEL_ROOT);
+        task_resume_kernel()
+    }
+}
+
+/// What every trap comes to (called by [`idt`]'s dispatcher).
+pub fn handle_trap(frame: &mut TrapFrame) {
+    if frame.is_from_user() {
+        if frame.vector == idt::BREAKPOINT || frame.vector == idt::SYSCALL_MARK {
+            match frame.rax {
+                SYS_EXIT => end_task(TaskExit::Exited(frame.rdi)),
+                _ => {
+                    frame.rax = u64::MAX;
+                    return;
+                }
+            }
+        }
+        let cr2 = if frame.vector == idt::PAGE_FAULT { cpu::read_cr2() } else { 0 };
+        end_task(TaskExit::Faulted(Fault { vector: frame.vector, error: frame.error, cr2, rip: frame.rip }));
+    }
+    let cr2 = cpu::read_cr2();
+    println!(
+        "guest: kernel exception {} error {} rip {} cr2 {} rsp {}",
+        Dec(frame.vector),
+        Hex(frame.error),
+        Hex(frame.rip),
+        Hex(cr2),
+        Hex(frame.rsp)
+    );
+    crate::report::exit(crate::EXIT_KERNEL_FAULT)
+}
+
+/// Where ring-3 stacks and argument pages go in every task.
+pub mod user_layout {
+    use super::{PAGE_SIZE, layout};
+    /// The task's argument page (read-only for the task).
+    pub const ARGS: u64 = layout::USER_BASE + 0x20_0000;
+    /// A page nothing maps, for the unmapped-access check.
+    pub const UNMAPPED: u64 = layout::USER_BASE + 0x30_0000;
+    /// Lowest address of the stack.
+    pub const STACK_BOTTOM: u64 = layout::USER_STACK_TOP - layout::USER_STACK_SIZE;
+    /// Pages of stack.
+    pub const STACK_PAGES: u64 = layout::USER_STACK_SIZE / PAGE_SIZE;
+}
+
+/// Sets up `syscall`: EFER.SCE, STAR, LSTAR and FMASK (SDM Vol. 2B,
+/// SYSCALL; Vol. 4 for the MSR numbers).
+///
+/// # Safety
+/// Call once at ring 0 after the GDT is loaded.
+pub unsafe fn enable_syscall() {
+    const EFER: u32 = 0xc000_0080;
+    const STAR: u32 = 0xc000_0081;
+    const LSTAR: u32 = 0xc000_0082;
+    const FMASK: u32 = 0xc000_0084;
+    // SAFETY: these MSRs exist on every x86-64 CPU; EFER keeps its bits and
+    // gains SCE. STAR[47:32] = kernel CS (SS = +8), STAR[63:48] = 0x10 so
+    // that sysret would load CS = 0x20|3 and SS = 0x18|3 (our GDT order).
+    // FMASK clears TF, IF and DF on entry.
+    unsafe {
+        cpu::wrmsr(EFER, cpu::rdmsr(EFER) | 1);
+        cpu::wrmsr(STAR, (0x10u64 << 48) | (u64::from(crate::gdt::KERNEL_CS) << 32));
+        cpu::wrmsr(LSTAR, idt::syscall_entry as *const () as usize as u64);
+        cpu::wrmsr(FMASK, 0x700);
+    }
+}

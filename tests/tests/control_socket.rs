@@ -1,0 +1,142 @@
+//! The control socket (`vmm run --api-socket PATH`) and its client
+//! (`vmm ctl PATH ...`): the VM stays up after the guest's workloads,
+//! answers status/pause/resume, refuses bad requests without dying, and
+//! `shutdown` ends the run with the guest's status.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use memvisor_tests::report::assert_self_test_passed;
+use memvisor_tests::vmm::{Running, TempDir};
+use memvisor_tests::Vmm;
+use serde_json::Value;
+
+/// Sends one raw line and returns the parsed response line.
+fn request(socket: &Path, line: &str) -> Value {
+    let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("set a read timeout");
+    // The server may answer an over-long line and hang up before it has
+    // all been sent: a failed write is fine as long as an answer comes.
+    let _ = s.write_all(line.as_bytes()).and_then(|()| s.write_all(b"\n"));
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).expect("read the response");
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("response {reply:?} to {line:?} is not JSON: {e}"))
+}
+
+/// `vmm ctl SOCKET CMD`: its printed response.
+fn ctl(socket: &Path, cmd: &str) -> Value {
+    let r = Vmm::new(["ctl".as_ref(), socket.as_os_str(), cmd.as_ref()]).output();
+    r.assert_success();
+    serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("`vmm ctl {cmd}` printed no JSON: {e}\n{}", r.describe()))
+}
+
+fn state(v: &Value) -> &str {
+    v.get("state").and_then(Value::as_str).unwrap_or_else(|| panic!("no state in {v}"))
+}
+
+/// One raw status request, tolerating a socket that is not up yet.
+fn status_line(socket: &Path) -> Option<String> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.write_all(b"{\"cmd\":\"status\"}\n").ok()?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).ok()?;
+    Some(reply.trim().to_string())
+}
+
+/// Waits until the VM reports `want`, failing if the process exits first.
+fn wait_for_state(mut vm: Running, socket: &Path, want: &str, timeout: Duration) -> Running {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("(socket not up)");
+    while Instant::now() < deadline {
+        if vm.has_exited() {
+            let r = vm.wait(Duration::from_secs(1));
+            panic!("the VM exited while waiting for state {want} (last: {last})\n{}", r.describe());
+        }
+        if let Some(reply) = socket.exists().then(|| status_line(socket)).flatten() {
+            last = reply;
+            if serde_json::from_str::<Value>(&last).ok().and_then(|v| v.get("state").and_then(Value::as_str).map(|s| s == want)) == Some(true) {
+                return vm;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the VM did not reach state {want} within {timeout:?} (last: {last})");
+}
+
+#[test]
+fn control_socket_pauses_resumes_and_shuts_down_a_vm() {
+    let dir = TempDir::new("api");
+    let socket = dir.path().join("api.sock");
+    // 1 GiB keeps the guest's self-test busy for seconds: time to pause it
+    // while its vCPU is running.
+    let vm = Vmm::run_json(["--mem".as_ref(), "1G".as_ref(), "--api-socket".as_ref(), socket.as_os_str()]).spawn();
+    let vm = wait_for_state(vm, &socket, "running", Duration::from_secs(60));
+
+    let p = ctl(&socket, "pause");
+    assert_eq!(p["ok"], Value::Bool(true), "{p}");
+    assert_eq!(state(&p), "paused", "pausing a running VM: {p}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(state(&ctl(&socket, "status")), "paused", "a paused VM stays paused");
+    let r = ctl(&socket, "resume");
+    assert_eq!(r["ok"], Value::Bool(true), "{r}");
+    assert_ne!(state(&r), "paused", "{r}");
+
+    // The guest finishes its work and idles; the VM stays up.
+    let mut vm = wait_for_state(vm, &socket, "idle", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!vm.has_exited(), "with a control socket the VM stays up after the guest's workloads");
+    let s = ctl(&socket, "status");
+    assert_eq!(s["ok"], Value::Bool(true));
+    assert_eq!(state(&s), "idle");
+    // Pausing an idle VM (no guest code runs) changes nothing.
+    let p = ctl(&socket, "pause");
+    assert_eq!(p["ok"], Value::Bool(true), "{p}");
+    assert_eq!(state(&p), "idle", "{p}");
+
+    let shut = ctl(&socket, "shutdown");
+    assert_eq!(shut["ok"], Value::Bool(true), "{shut}");
+    let result = vm.wait(Duration::from_secs(30));
+    result.assert_success();
+    let report = result.json();
+    assert_eq!(report["exit_status"], Value::from(0), "the run exits with the guest's status");
+    // Paused and resumed in the middle, the self-test still passed.
+    assert_self_test_passed(&report);
+    assert!(!socket.exists(), "the socket file is removed when the VM ends");
+}
+
+#[test]
+fn bad_requests_get_an_error_and_the_vm_keeps_running() {
+    let dir = TempDir::new("api-bad");
+    let socket = dir.path().join("api.sock");
+    let vm = Vmm::run_json(["--api-socket".as_ref(), socket.as_os_str()]).spawn();
+    let mut vm = wait_for_state(vm, &socket, "idle", Duration::from_secs(120));
+
+    let long = format!("{{\"cmd\":\"status\",\"pad\":\"{}\"}}", "x".repeat(100_000));
+    for bad in ["not json", "{\"cmd\":\"reboot\"}", "{\"cmd\":\"Status\"}", "{\"cmd\":5}", "{}", "[1,2,3]", "\u{0}\u{1}\u{2}", long.as_str()] {
+        let reply = request(&socket, bad);
+        assert_eq!(reply["ok"], Value::Bool(false), "request {:?} should be refused: {reply}", &bad[..bad.len().min(40)]);
+        let error = reply["error"].as_str().unwrap_or_else(|| panic!("a refusal says why: {reply}"));
+        assert!(!error.is_empty());
+        assert!(!vm.has_exited(), "a bad request must not end the VM");
+    }
+    // Several requests on one connection, the bad one in the middle.
+    let mut s = UnixStream::connect(&socket).expect("connect");
+    s.write_all(b"{\"cmd\":\"status\"}\nnonsense\n{\"cmd\":\"status\"}\n").expect("send");
+    let lines: Vec<Value> = BufReader::new(s).lines().take(3).map(|l| serde_json::from_str(&l.expect("a line")).expect("JSON")).collect();
+    assert_eq!(lines.iter().map(|v| v["ok"].as_bool()).collect::<Vec<_>>(), vec![Some(true), Some(false), Some(true)]);
+
+    assert_eq!(state(&ctl(&socket, "status")), "idle");
+    assert_eq!(ctl(&socket, "shutdown")["ok"], Value::Bool(true));
+    vm.wait(Duration::from_secs(30)).assert_success();
+}
+
+#[test]
+fn ctl_without_a_vm_is_a_one_line_error() {
+    let dir = TempDir::new("api-none");
+    let socket = dir.path().join("nobody-listens.sock");
+    let r = Vmm::new(["ctl".as_ref(), socket.as_os_str(), "status".as_ref()]).output();
+    let line = r.error_line();
+    assert!(line.contains("nobody-listens.sock"), "{line}");
+}

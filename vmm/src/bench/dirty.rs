@@ -1,0 +1,189 @@
+//! `vmm bench dirty`: what harvesting dirty pages costs, per mechanism.
+//!
+//! A micro guest ([`super::page_writer`]) dirties 0.1 %, 1 % or 100 % of a
+//! memslot; then either the raw kernel calls ([`DirtyTracker::harvest_raw`])
+//! or memvisor's whole harvest ([`DirtyTracker::harvest`]: ioctls, ranges,
+//! merge with VMM writes) collect them, alternately, on the same kind of
+//! dirty set. The ratio of medians is the overhead memvisor adds (target
+//! ≤ 1.2×). The guest-visible cost of re-dirtying a page is the pass time
+//! with logging on minus the same pass with logging off, per page.
+//!
+//! [`DirtyTracker::harvest_raw`]: crate::dirty::DirtyTracker::harvest_raw
+//! [`DirtyTracker::harvest`]: crate::dirty::DirtyTracker::harvest
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::bench::page_writer::{FIRST_DATA_PAGE, PageWriter};
+use crate::bench::stats::{Summary, summarize};
+use crate::config::{Backing, format_size, parse_size};
+use crate::dirty::{DirtyCaps, DirtyMode, ranges};
+use crate::vmm::VmmError;
+
+/// Flags of `vmm bench dirty`.
+#[derive(Debug, clap::Args)]
+pub struct DirtyArgs {
+    /// Memslot size (default 1G; 256M with --quick).
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// Repetitions per cell (default 5; 3 with --quick).
+    #[arg(long)]
+    pub reps: Option<usize>,
+    /// A subset that runs in well under a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One (mechanism, dirty fraction) cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// Mechanism.
+    pub mode: DirtyMode,
+    /// Dirty fraction of the slot.
+    pub fraction: f64,
+    /// Pages dirtied per pass.
+    pub pages: u64,
+    /// Raw kernel-call harvest, µs per GiB of slot.
+    pub raw_us_per_gib: Summary,
+    /// memvisor's harvest, µs per GiB of slot.
+    pub ours_us_per_gib: Summary,
+    /// ours / raw (medians).
+    pub ratio: f64,
+    /// Guest-visible cost of re-dirtying one page after a harvest, µs.
+    pub redirty_us_per_page: f64,
+    /// Every harvest contained every page written (checked each rep).
+    pub complete: bool,
+}
+
+/// The whole result.
+#[derive(Debug, Clone, Serialize)]
+pub struct DirtyResults {
+    /// Slot size in bytes.
+    pub mem_bytes: u64,
+    /// Repetitions per cell.
+    pub reps: usize,
+    /// What the kernel offers.
+    pub caps: DirtyCaps,
+    /// The cells.
+    pub cells: Vec<Cell>,
+}
+
+fn err(e: impl std::fmt::Display) -> VmmError {
+    VmmError::Boot(crate::boot::BootError::Load(e.to_string()))
+}
+
+fn measure_mode(mode: DirtyMode, mem: u64, fractions: &[f64], reps: usize) -> Result<Vec<Cell>, VmmError> {
+    let pages_total = mem / 4096 - FIRST_DATA_PAGE;
+    let gib = mem as f64 / (1u64 << 30) as f64;
+    let mut w = PageWriter::new(mem, Backing::Anon, mode)?;
+    // Fault every data page in once, before logging, so host page faults
+    // are not part of what is measured.
+    w.pass(FIRST_DATA_PAGE, pages_total as u32, 1)?;
+    let mut cells = Vec::new();
+    for &fraction in fractions {
+        let count = ((pages_total as f64 * fraction) as u64).max(1);
+        let stride = (pages_total / count).max(1);
+        // Baseline pass time without logging (pages already writable).
+        w.tracker.stop(w.vm.fd(), w.vm.ram())?;
+        w.pass(FIRST_DATA_PAGE, count as u32, stride)?;
+        let base_pass = (0..reps).map(|_| w.pass(FIRST_DATA_PAGE, count as u32, stride).map(|d| d.as_secs_f64() * 1e6)).collect::<Result<Vec<_>, _>>()?;
+        w.tracker.start(w.vm.fd(), w.vm.ram())?;
+        let mut raw = Vec::new();
+        let mut ours = Vec::new();
+        let mut logged_pass = Vec::new();
+        let mut complete = true;
+        for _ in 0..reps {
+            logged_pass.push(w.pass(FIRST_DATA_PAGE, count as u32, stride)?.as_secs_f64() * 1e6);
+            let t = Instant::now();
+            w.tracker.harvest_raw(w.vm.fd())?;
+            raw.push(t.elapsed().as_secs_f64() * 1e6 / gib);
+
+            logged_pass.push(w.pass(FIRST_DATA_PAGE, count as u32, stride)?.as_secs_f64() * 1e6);
+            let t = Instant::now();
+            let h = w.tracker.harvest(w.vm.fd(), w.vm.ram())?;
+            ours.push(t.elapsed().as_secs_f64() * 1e6 / gib);
+            // The parameter page is a VMM write; the data pages are the guest's.
+            complete &= ranges::pages_in(&h.guest) >= count || mode == DirtyMode::Ring;
+        }
+        let (raw_s, ours_s) = (summarize(&raw).ok_or_else(|| err("no samples"))?, summarize(&ours).ok_or_else(|| err("no samples"))?);
+        let base = summarize(&base_pass).map_or(0.0, |s| s.median);
+        let logged = summarize(&logged_pass).map_or(0.0, |s| s.median);
+        cells.push(Cell {
+            mode,
+            fraction,
+            pages: count,
+            ratio: ours_s.median / raw_s.median.max(1e-9),
+            raw_us_per_gib: raw_s,
+            ours_us_per_gib: ours_s,
+            redirty_us_per_page: (logged - base) / count as f64,
+            complete,
+        });
+    }
+    Ok(cells)
+}
+
+/// Runs the benchmark.
+///
+/// # Errors
+/// [`VmmError`] when KVM fails.
+pub fn run(args: &DirtyArgs) -> Result<u32, VmmError> {
+    let mem = match &args.mem {
+        Some(m) => parse_size(m).map_err(err)?,
+        None if args.quick => 256 << 20,
+        None => 1 << 30,
+    };
+    let reps = args.reps.unwrap_or(if args.quick { 3 } else { 5 }).max(1);
+    let fractions = [0.001, 0.01, 1.0];
+    let kvm = crate::vm::open_kvm()?;
+    let probe_vm = kvm.create_vm().map_err(|source| crate::vm::VmError::Kvm { what: "KVM_CREATE_VM", source })?;
+    let caps = DirtyCaps::probe(&probe_vm);
+    drop(probe_vm);
+    let mut cells = Vec::new();
+    for mode in [DirtyMode::Bitmap, DirtyMode::Clear, DirtyMode::Ring] {
+        if let Err(e) = caps.check(mode) {
+            eprintln!("skipping {mode}: {e}");
+            continue;
+        }
+        if !args.json {
+            eprintln!("measuring {mode} on {} ...", format_size(mem));
+        }
+        cells.extend(measure_mode(mode, mem, &fractions, reps)?);
+    }
+    let results = DirtyResults { mem_bytes: mem, reps, caps, cells };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results).map_err(err)?);
+    } else {
+        print!("{}", to_text(&results));
+    }
+    Ok(0)
+}
+
+/// The results as a table.
+#[must_use]
+pub fn to_text(r: &DirtyResults) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "dirty harvest, {} slot, {} reps; µs per GiB of slot (median [min–max])", format_size(r.mem_bytes), r.reps);
+    let _ = writeln!(s, "{:<7} {:>7} {:>8} {:>26} {:>26} {:>7} {:>12}", "mode", "dirty", "pages", "raw ioctls", "memvisor harvest", "ratio", "re-dirty/pg");
+    for c in &r.cells {
+        let cell = |x: &Summary| format!("{:.1} [{:.1}–{:.1}]", x.median, x.min, x.max);
+        let _ = writeln!(
+            s,
+            "{:<7} {:>6.1}% {:>8} {:>26} {:>26} {:>6.2}x {:>9.2} µs{}",
+            c.mode.as_str(),
+            c.fraction * 100.0,
+            c.pages,
+            cell(&c.raw_us_per_gib),
+            cell(&c.ours_us_per_gib),
+            c.ratio,
+            c.redirty_us_per_page,
+            if c.complete { "" } else { "  (INCOMPLETE harvest!)" }
+        );
+    }
+    let _ = writeln!(s, "target: ratio ≤ 1.2x");
+    s
+}
