@@ -68,6 +68,10 @@ fn assert_boot(boot: &Boot<'_>, r: &RunResult, report: &Value) {
     // 2 MiB (with a message) where the CPU lacks 1 GiB pages.
     let has_1g = report.pointer("/guest_paging/cpu_has_1g_pages").and_then(Value::as_bool).unwrap_or(false);
     let expect_shift = if boot.leaf == "1g" && !has_1g { 21 } else { leaf_shift(boot.leaf) };
+    if boot.leaf == "1g" && !has_1g {
+        // The fallback is announced on the guest console (stderr with --json).
+        assert!(r.stderr.contains("1 GiB pages"), "the guest should say it falls back to 2 MiB leaves:\n{}", r.describe());
+    }
     assert_eq!(u64_at(report, "guest_paging.page_shift"), expect_shift, "{}", ctx());
     let leaves_key = match expect_shift {
         12 => "page_tables.leaves_4k",
