@@ -189,11 +189,13 @@ impl Machine {
         })
     }
 
-    /// Takes a snapshot (on the vCPU thread, the vCPU stopped).
+    /// Captures a snapshot (on the vCPU thread, the vCPU stopped); the
+    /// caller makes it durable with [`crate::snapshot::Captured::persist`],
+    /// after the vCPU resumed.
     ///
     /// # Errors
     /// [`crate::snapshot::SnapshotError`].
-    pub fn snapshot(&mut self, dir: &std::path::Path, kind: crate::snapshot::format::SnapshotKind) -> Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError> {
+    pub fn capture_snapshot(&mut self, dir: &std::path::Path, kind: crate::snapshot::format::SnapshotKind) -> Result<crate::snapshot::Captured, crate::snapshot::SnapshotError> {
         let tracker = self.tracker.as_mut().ok_or(crate::snapshot::SnapshotError::NoBase)?;
         let live = crate::snapshot::Live {
             kvm: self.vm.kvm(),
@@ -204,6 +206,6 @@ impl Machine {
             devices: self.devices.state(),
             guest_idle: self.guest_idle,
         };
-        crate::snapshot::take(&live, tracker, &mut self.chain, dir, kind)
+        crate::snapshot::capture(&live, tracker, &mut self.chain, dir, kind)
     }
 }

@@ -45,6 +45,9 @@ enum Command {
         /// Serve a control socket here.
         #[arg(long, value_name = "PATH")]
         api_socket: Option<PathBuf>,
+        /// Check that the snapshot has this much guest memory.
+        #[arg(long, value_name = "SIZE")]
+        mem: Option<String>,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -189,15 +192,17 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
     Ok(outcome.exit_status)
 }
 
-fn restore(dir: PathBuf, mode: &str, api_socket: Option<PathBuf>, json: bool) -> anyhow_free::Result<u32> {
+fn restore(dir: PathBuf, mode: &str, api_socket: Option<PathBuf>, mem: Option<String>, json: bool) -> anyhow_free::Result<u32> {
     let mode: RestoreMode = mode.parse()?;
+    let expected_mem = mem.map(|m| memvisor::config::parse_size(&m)).transpose().map_err(|e| anyhow_free::chain(&e))?;
     let control = api_socket.as_ref().map(|_| Arc::new(VmControl::default()));
     let _server = match (&api_socket, &control) {
         (Some(path), Some(c)) => Some(api::server::spawn(path, Arc::clone(c)).map_err(|e| anyhow_free::chain(&e))?),
         _ => None,
     };
     let console: Box<dyn std::io::Write + Send> = if json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
-    let outcome = vmm::restore(&dir, mode, api_socket, RunOptions { console, control, skip_selftest: false }).map_err(|e| anyhow_free::chain(&e))?;
+    let options = vmm::RestoreOptions { mode, api_socket, expected_mem };
+    let outcome = vmm::restore(&dir, &options, RunOptions { console, control, skip_selftest: false }).map_err(|e| anyhow_free::chain(&e))?;
     if json {
         println!("{}", run_report::to_json(&outcome));
     } else {
@@ -239,7 +244,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Ctl { socket, command } => ctl(socket, command),
-        Command::Restore { dir, restore_mode, api_socket, json } => restore(dir, &restore_mode, api_socket, json),
+        Command::Restore { dir, restore_mode, api_socket, mem, json } => restore(dir, &restore_mode, api_socket, mem, json),
         Command::Bench { bench } => memvisor::bench::run(bench).map_err(|e| anyhow_free::chain(&*e)),
     };
     match result {

@@ -233,19 +233,46 @@ impl std::str::FromStr for RestoreMode {
     }
 }
 
+/// How to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// How memory is loaded.
+    pub mode: RestoreMode,
+    /// Control socket for the restored VM.
+    pub api_socket: Option<std::path::PathBuf>,
+    /// When set, the snapshot's memory size must be this.
+    pub expected_mem: Option<u64>,
+}
+
 /// Starts a VM from the snapshot chain ending at `dir`; the guest continues
 /// where it was.
 ///
 /// # Errors
 /// Any [`VmmError`]; a damaged or inconsistent snapshot is rejected before
 /// a VM exists.
-pub fn restore(dir: &std::path::Path, mode: RestoreMode, api_socket: Option<std::path::PathBuf>, options: RunOptions) -> Result<RunOutcome, VmmError> {
+pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOptions) -> Result<RunOutcome, VmmError> {
     use crate::snapshot::{self, format::SnapshotKind, memory_file};
 
+    let mode = restore.mode;
     let chain = snapshot::load_chain(dir)?;
     let top = chain.top();
     let mut config = top.manifest.config.clone();
-    config.api_socket = api_socket;
+    if let Some(mem) = restore.expected_mem {
+        if mem != config.mem_size {
+            return Err(snapshot::SnapshotError::Mismatch(format!(
+                "the snapshot holds {} of guest memory, not the {} asked for",
+                crate::config::format_size(config.mem_size),
+                crate::config::format_size(mem)
+            ))
+            .into());
+        }
+    }
+    let layout: Vec<(u64, u64)> = crate::layout::ram_ranges(config.mem_size).iter().map(|r| (r.start.0, r.size)).collect();
+    let recorded: Vec<(u64, u64)> = top.manifest.regions.iter().map(|r| (r.guest_start, r.size)).collect();
+    if layout != recorded {
+        return Err(snapshot::SnapshotError::Mismatch(format!("the snapshot's RAM layout {recorded:x?} differs from this build's {layout:x?}")).into());
+    }
+    config.api_socket.clone_from(&restore.api_socket);
     let base = &chain.links[0];
     if base.manifest.kind != SnapshotKind::Full {
         return Err(snapshot::SnapshotError::Corrupt(format!("the chain starts at {}, which is not a full snapshot", base.dir.display())).into());

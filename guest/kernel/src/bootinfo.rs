@@ -10,8 +10,22 @@ use memvisor_abi::layout;
 /// Most RAM ranges the kernel keeps track of.
 pub const MAX_RAM_RANGES: usize = 8;
 
-/// The test hook on the command line that makes the kernel triple-fault.
+/// Command-line word: triple-fault at boot (tests the VMM's triple-fault path).
 const TRIPLE_FAULT_HOOK: &[u8] = b"memvisor.test=triple-fault";
+/// Command-line word: take a page fault in the kernel once the IDT is up
+/// (tests the kernel's own fault report and nonzero exit).
+const KERNEL_FAULT_HOOK: &[u8] = b"memvisor.test=kernel-fault";
+
+/// A deliberate failure asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestHook {
+    /// None: boot normally.
+    None,
+    /// `memvisor.test=triple-fault`.
+    TripleFault,
+    /// `memvisor.test=kernel-fault`.
+    KernelFault,
+}
 
 /// The boot information the kernel uses.
 #[derive(Debug, Clone, Copy)]
@@ -22,8 +36,8 @@ pub struct BootInfo {
     pub ram_count: usize,
     /// memvisor's boot configuration (defaults when missing or invalid).
     pub config: BootConfig,
-    /// Whether the command line asks for a deliberate triple fault.
-    pub triple_fault: bool,
+    /// The test hook the command line asks for.
+    pub test_hook: TestHook,
 }
 
 impl BootInfo {
@@ -36,11 +50,6 @@ impl BootInfo {
     pub fn ram_bytes(&self) -> u64 {
         self.ram().iter().map(|(s, e)| e - s).sum()
     }
-
-    /// End of the highest RAM range.
-    pub fn ram_end(&self) -> u64 {
-        self.ram().iter().map(|r| r.1).max().unwrap_or(0)
-    }
 }
 
 /// Reads the boot data the VMM wrote.
@@ -49,7 +58,7 @@ impl BootInfo {
 /// `start_info` must be the address the PVH entry received in `ebx`, and the
 /// boot data it points to must be identity-mapped (it is below 1 MiB).
 pub unsafe fn read(start_info: u64) -> BootInfo {
-    let mut info = BootInfo { ram: [(0, 0); MAX_RAM_RANGES], ram_count: 0, config: BootConfig::default(), triple_fault: false };
+    let mut info = BootInfo { ram: [(0, 0); MAX_RAM_RANGES], ram_count: 0, config: BootConfig::default(), test_hook: TestHook::None };
     // SAFETY: the caller guarantees the start info is mapped; read_volatile
     // copes with whatever bytes the VMM wrote (the struct is Pod).
     let si = unsafe { (start_info as *const HvmStartInfo).read_volatile() };
@@ -67,7 +76,18 @@ pub unsafe fn read(start_info: u64) -> BootInfo {
         if si.cmdline_paddr != 0 {
             // SAFETY: the VMM writes a NUL-terminated line of at most
             // CMDLINE_MAX bytes at cmdline_paddr, identity-mapped.
-            info.triple_fault = unsafe { cmdline_has(si.cmdline_paddr as *const u8, TRIPLE_FAULT_HOOK) };
+            let line = si.cmdline_paddr as *const u8;
+            // SAFETY: as above; the first byte exists (NUL at worst), and an
+            // empty line, the common case, costs one read.
+            if unsafe { line.read_volatile() } != 0 {
+                // SAFETY: as above.
+                if unsafe { cmdline_has(line, TRIPLE_FAULT_HOOK) } {
+                    info.test_hook = TestHook::TripleFault;
+                // SAFETY: as above.
+                } else if unsafe { cmdline_has(line, KERNEL_FAULT_HOOK) } {
+                    info.test_hook = TestHook::KernelFault;
+                }
+            }
         }
     }
     // SAFETY: the VMM writes the boot configuration at BOOT_CONFIG, below

@@ -1,13 +1,8 @@
 //! Physical memory: the kernel arena, the page-table pool and the buddy
 //! allocator over the rest of RAM.
 //!
-//! Layout decided at boot from the PVH memory map:
-//!
-//! ```text
-//! 0        1 MiB         kernel end    2 MiB-aligned           arena end
-//! │ boot data, │ kernel image │ free     │ arena: buddy metadata,  │ free RAM …
-//! │ BIOS areas │ (.text …bss) │ (buddy)  │ page-table pool         │ (buddy)
-//! ```
+//! The layout is decided at boot from the PVH memory map by
+//! [`memvisor_guest_mm::plan`] (a picture is there).
 //!
 //! The arena is identity-mapped with 2 MiB leaves, supervisor-only, so the
 //! kernel reaches its metadata and every page table it builds without
@@ -17,9 +12,10 @@
 //! `memvisor_abi::boot`), so neither the metadata nor new page tables are
 //! cleared at ring 0.
 
-use memvisor_abi::layout::{HIGH_MEMORY, PAGE_SIZE, PAGE_SIZE_2M};
+use memvisor_abi::layout::PAGE_SIZE;
 use memvisor_guest_mm::buddy::{Buddy, FrameMeta};
 use memvisor_guest_mm::paging::{ENTRIES, FrameMemory, FrameSource, PhysAddr};
+use memvisor_guest_mm::plan;
 
 use crate::bootinfo::BootInfo;
 
@@ -37,8 +33,8 @@ pub fn kernel_image() -> (u64, u64) {
 /// Why physical memory could not be set up.
 #[derive(Debug, Clone, Copy)]
 pub enum FramesError {
-    /// No RAM range holds the kernel arena of this many bytes.
-    NoRoomForArena(u64),
+    /// No RAM range holds the kernel arena.
+    NoRoomForArena,
 }
 
 /// The page-table pool: 4 KiB frames in the arena handed out upwards.
@@ -120,35 +116,22 @@ pub struct Frames {
 /// # Errors
 /// [`FramesError::NoRoomForArena`].
 pub fn init(info: &BootInfo) -> Result<Frames, FramesError> {
-    let (image_start, image_end) = kernel_image();
-    let image_end = image_end.next_multiple_of(PAGE_SIZE);
-    let frames = info.ram_end() / PAGE_SIZE;
-    let meta_bytes = (frames * FrameMeta::SIZE as u64).next_multiple_of(PAGE_SIZE);
-    // Tables for mapping all of RAM twice with 4 KiB leaves (kernel direct
-    // map, a task's window): one PT per 2 MiB, one PD per 1 GiB, plus slack.
-    let ram_pages = info.ram_bytes() / PAGE_SIZE;
-    let pool_frames = 2 * (ram_pages.div_ceil(512) + ram_pages.div_ceil(512 * 512)) + 64;
-    let arena_size = (meta_bytes + pool_frames * PAGE_SIZE).next_multiple_of(PAGE_SIZE_2M);
-    let arena_start = image_end.next_multiple_of(PAGE_SIZE_2M);
-    let arena_end = arena_start + arena_size;
-    if !info.ram().iter().any(|(s, e)| *s <= arena_start && arena_end <= *e) {
-        return Err(FramesError::NoRoomForArena(arena_size));
-    }
-    // SAFETY: the arena is RAM (checked above), identity-mapped by the boot
-    // tables (it ends below 1 GiB for any RAM size this kernel supports:
-    // ~30 MiB at 5 GiB), used for nothing else, and zero (fresh RAM).
-    let meta = unsafe { core::slice::from_raw_parts_mut(arena_start as *mut FrameMeta, frames as usize) };
+    let image = kernel_image();
+    let image = (image.0, image.1.next_multiple_of(PAGE_SIZE));
+    let plan = plan::plan_arena(info.ram(), image.1).ok_or(FramesError::NoRoomForArena)?;
+    // SAFETY: the arena is RAM (plan_arena checked), identity-mapped by the
+    // boot tables (it ends below 1 GiB for any RAM size this kernel
+    // supports: ~40 MiB at 5 GiB), used for nothing else, and zero (fresh
+    // RAM). The metadata is its first `frames` entries.
+    let meta = unsafe { core::slice::from_raw_parts_mut(plan.start as *mut FrameMeta, plan.frames as usize) };
     let mut buddy = Buddy::new(meta);
-    for &(start, end) in info.ram() {
-        let start = start.max(HIGH_MEMORY);
-        // RAM above 1 MiB minus the kernel image and the arena.
-        let pieces = [(start, end.min(image_start)), (start.max(image_end), end.min(arena_start)), (start.max(arena_end), end)];
-        for (s, e) in pieces {
+    for &range in info.ram() {
+        for (s, e) in plan::free_parts(range, image, (plan.start, plan.end)) {
             if s < e {
                 buddy.add_range(s, e);
             }
         }
     }
-    let pool = TablePool { next: arena_start + meta_bytes, end: arena_end, dirty_end: 0 };
-    Ok(Frames { buddy, pool, arena: (arena_start, arena_end), ram_bytes: info.ram_bytes() })
+    let pool = TablePool { next: plan.pool_start, end: plan.end, dirty_end: 0 };
+    Ok(Frames { buddy, pool, arena: (plan.start, plan.end), ram_bytes: info.ram_bytes() })
 }

@@ -81,21 +81,20 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     // SAFETY: start_info is what the PVH entry got in ebx; the boot tables
     // identity-map the low memory it and its data are in.
     let info = unsafe { bootinfo::read(start_info) };
-    if info.triple_fault {
+    if info.test_hook == bootinfo::TestHook::TripleFault {
         idt::triple_fault();
     }
     let config = info.config;
     let has_1g = cpu::has_1g_pages();
     let mut leaf = PageSize::from_shift(config.guest_page_shift).unwrap_or(PageSize::Size2M);
-    if leaf == PageSize::Size1G && !has_1g {
-        println!("guest: CPU lacks 1 GiB pages (CPUID 8000_0001h EDX[26]); using 2 MiB");
+    let fell_back = leaf == PageSize::Size1G && !has_1g;
+    if fell_back {
         leaf = PageSize::Size2M;
     }
     let frames = match frames::init(&info) {
         Ok(f) => f,
-        Err(e) => {
-            let frames::FramesError::NoRoomForArena(bytes) = e;
-            println!("guest: no RAM range holds the {}-byte kernel arena", Dec(bytes));
+        Err(frames::FramesError::NoRoomForArena) => {
+            println!("guest: no RAM range holds the kernel arena");
             report::exit(EXIT_SETUP_FAILED)
         }
     };
@@ -121,9 +120,18 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
         // SAFETY: once, at ring 0, after the GDT.
         unsafe { task::enable_syscall() };
     }
+    if info.test_hook == bootinfo::TestHook::KernelFault {
+        // SAFETY: deliberately faulting: low memory below the kernel is
+        // unmapped after the switch; the #PF handler reports and ends the VM.
+        let _ = unsafe { (memvisor_abi::layout::PAGE_SIZE as *const u64).read_volatile() };
+    }
     let mut k = Kernel { mapper, buddy: frames.buddy, root, leaf, syscall_insn, selftest_ram_tsc: 0 };
     report::send(&Report::Ready { tsc: io::rdtsc(), page_shift: leaf.shift(), has_1g_pages: has_1g });
 
+    if fell_back {
+        // After Ready: each console byte is an exit (~30 µs).
+        println!("guest: CPU lacks 1 GiB pages (CPUID 8000_0001h EDX[26]); using 2 MiB");
+    }
     let managed = k.buddy.managed_bytes();
     report::send(&Report::Frames { ram_bytes: frames.ram_bytes, managed_bytes: managed, free_bytes: k.buddy.free_bytes() });
     let status = if config.flags & FLAG_SKIP_SELFTEST != 0 {

@@ -2,10 +2,11 @@
 //!
 //! PML4 slot 0 is an identity map of exactly what the kernel uses, each
 //! part with its own permissions (4 KiB leaves, so section boundaries hold):
-//! the boot data (read-only), kernel text (R-X), the `.user` section (R-X and
-//! user-accessible: ring-3 tasks run it), rodata (R, NX), data and bss (RW,
-//! NX), and the arena (RW, NX, 2 MiB leaves). Everything else in the low
-//! region, page 0 included, is unmapped.
+//! kernel text (R-X), the `.user` section (R-X and user-accessible: ring-3
+//! tasks run it), rodata (R, NX), data and bss (RW, NX), and the arena (RW,
+//! NX, 2 MiB leaves). Everything else in the low region is unmapped: page 0,
+//! and the boot data below 1 MiB, which [`crate::bootinfo`] has copied out
+//! before the switch (one map call less on the path to `Ready`).
 //!
 //! PML4 slot 256 ([`DIRECT_MAP_BASE`]) maps all RAM, supervisor-only, RW,
 //! NX, with the leaf size the VMM asked for (`BootConfig.guest_page_shift`),
@@ -17,7 +18,7 @@
 //! Tasks' address spaces share slots 0 and 256 and add a private slot 1
 //! (see [`crate::task`]).
 
-use memvisor_abi::layout::{self, PAGE_SIZE, PAGE_SIZE_2M};
+use memvisor_abi::layout::{PAGE_SIZE, PAGE_SIZE_2M};
 use memvisor_guest_mm::paging::{MapError, Mapper, PageSize, PageTableEntry as Pte, PhysAddr, VirtAddr};
 
 use crate::bootinfo::BootInfo;
@@ -78,8 +79,6 @@ fn identity(m: &mut KernelMapper, root: PhysAddr, start: u64, end: u64, size: Pa
 pub fn build_kernel_space(m: &mut KernelMapper, info: &BootInfo, arena: (u64, u64), leaf: PageSize) -> Result<PhysAddr, MapError> {
     let root = m.new_root()?;
     let [user, user_end, text, rodata, data, data_end] = sections();
-    // Boot data: start info, memory map, boot config, command line.
-    identity(m, root, layout::PVH_START_INFO, layout::CMDLINE + layout::CMDLINE_MAX, PageSize::Size4K, Pte::NO_EXECUTE)?;
     identity(m, root, user, user_end, PageSize::Size4K, Pte::USER)?;
     identity(m, root, text, rodata, PageSize::Size4K, 0)?;
     identity(m, root, rodata, data, PageSize::Size4K, Pte::NO_EXECUTE)?;

@@ -9,3 +9,4 @@
 
 pub mod buddy;
 pub mod paging;
+pub mod plan;
