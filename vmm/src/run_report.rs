@@ -223,11 +223,13 @@ pub fn to_text(outcome: &RunOutcome) -> String {
     let m = &outcome.vmm_memory;
     let _ = writeln!(
         s,
-        "VMM process: RSS {} (guest RAM {}, guest hugetlb {} outside RSS); VMM overhead beyond guest RAM {}",
+        "VMM process: RSS {} (guest RAM {}, guest hugetlb {} outside RSS); VMM overhead beyond guest RAM {} ({} anonymous, {} binary and libraries)",
         format_size(m.process_rss_bytes),
         format_size(m.guest_rss_bytes),
         format_size(m.guest_hugetlb_bytes),
-        format_size(m.vmm_overhead_bytes)
+        format_size(m.vmm_overhead_bytes),
+        format_size(m.vmm_overhead_anon_bytes),
+        format_size(m.vmm_overhead_file_bytes)
     );
     if outcome.unhandled.port_accesses + outcome.unhandled.mmio_accesses > 0 || outcome.bad_messages > 0 {
         let _ = writeln!(
