@@ -68,6 +68,10 @@ fn assert_boot(boot: &Boot<'_>, r: &RunResult, report: &Value) {
     // 2 MiB (with a message) where the CPU lacks 1 GiB pages.
     let has_1g = report.pointer("/guest_paging/cpu_has_1g_pages").and_then(Value::as_bool).unwrap_or(false);
     let expect_shift = if boot.leaf == "1g" && !has_1g { 21 } else { leaf_shift(boot.leaf) };
+    if boot.leaf == "1g" && !has_1g {
+        // The fallback is announced on the guest console (stderr with --json).
+        assert!(r.stderr.contains("1 GiB pages"), "the guest should say it falls back to 2 MiB leaves:\n{}", r.describe());
+    }
     assert_eq!(u64_at(report, "guest_paging.page_shift"), expect_shift, "{}", ctx());
     let leaves_key = match expect_shift {
         12 => "page_tables.leaves_4k",
@@ -89,11 +93,32 @@ fn assert_boot(boot: &Boot<'_>, r: &RunResult, report: &Value) {
     if boot.backing == "thp" && boot.leaf != "4k" {
         assert!(total(report, "huge_bytes") > 0, "THP backing with {} guest pages got no huge pages: {}", boot.leaf, ctx());
     }
+    assert_kvm_mappings(boot, expect_shift, report);
     // The placement is measured page by page: every resident byte is
     // somewhere, and with this host's policies on node 0, there.
     let resident = total(report, "resident_bytes");
     assert_eq!(on_any_node(report), resident, "measured placement covers all resident memory: {}", ctx());
     assert_eq!(on_node(report, 0), resident, "all resident memory on node 0: {}", ctx());
+}
+
+/// KVM's own count of its mappings of guest memory (binary stats): large
+/// leaves exist exactly when the host backs RAM with huge pages and, under
+/// shadow paging (which maps guest-virtual pages), the guest's leaves are
+/// large too. With EPT/NPT only the host side matters.
+fn assert_kvm_mappings(boot: &Boot<'_>, guest_shift: u64, report: &Value) {
+    let mappings = &report["kvm_mappings"];
+    assert!(mappings.is_object(), "the report has KVM's mapping counts: {report:#}");
+    let large = u64_at(mappings, "pages_2m") + u64_at(mappings, "pages_1g");
+    let small = u64_at(mappings, "pages_4k");
+    assert!(large + small > 0, "KVM mapped nothing for a guest that touched all its RAM: {mappings}");
+    let huge_host = boot.backing != "anon" && boot.backing != "memfd";
+    let shadow = str_at(report, "translation_mode").contains("shadow");
+    let expect_large = huge_host && (!shadow || guest_shift >= 21);
+    if expect_large {
+        assert!(large > 0, "{} backing with {} guest pages: KVM should map 2 MiB or 1 GiB leaves: {mappings}", boot.backing, boot.leaf);
+    } else {
+        assert_eq!(large, 0, "{} backing with {} guest pages cannot give large KVM leaves: {mappings}", boot.backing, boot.leaf);
+    }
 }
 
 fn boot_and_check(backing: &str, leaf: &str, mem: u64) {

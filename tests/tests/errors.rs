@@ -63,6 +63,10 @@ fn kvm_device_without_permission_is_reported() {
 #[test]
 fn zero_memory_is_refused() {
     run(&["--mem", "0"]).assert_error(&["must not be zero"]);
+    // With --json an error still prints no report: stdout stays empty.
+    let r = Vmm::run_json(["--mem", "0"]).output();
+    r.assert_error(&["must not be zero"]);
+    assert!(r.stdout.trim().is_empty(), "{}", r.describe());
 }
 
 #[test]

@@ -45,6 +45,9 @@ enum Command {
         /// Serve a control socket here.
         #[arg(long, value_name = "PATH")]
         api_socket: Option<PathBuf>,
+        /// Check that the snapshot has this much guest memory.
+        #[arg(long, value_name = "SIZE")]
+        mem: Option<String>,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -115,6 +118,13 @@ struct RunArgs {
     /// Serve a control socket here; the VM then stays up until `vmm ctl PATH shutdown`.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// A workload after the self-test: dirty:pages=N,rounds=R,seed=S or
+    /// checksum:pages=N,rounds=R,ms=T.
+    #[arg(long, value_name = "SPEC")]
+    workload: Option<String>,
+    /// Write the dirty workload's per-round harvest report (JSON) here.
+    #[arg(long, value_name = "FILE")]
+    dirty_report: Option<PathBuf>,
     /// Force a dirty-tracking mechanism (default: the best the kernel offers).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["ring", "clear", "bitmap"]))]
     dirty_mode: Option<String>,
@@ -144,6 +154,7 @@ impl RunArgs {
             cmdline: self.cmdline.clone(),
             api_socket: self.api_socket.clone(),
             dirty_mode: parse(&self.dirty_mode)?,
+            workload: self.workload.clone(),
         })
     }
 }
@@ -181,6 +192,11 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
     };
     let console: Box<dyn std::io::Write + Send> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
     let outcome = vmm::run(&config, RunOptions { console, control, skip_selftest: args.skip_selftest }).map_err(|e| anyhow_free::chain(&e))?;
+    if let Some(path) = &args.dirty_report {
+        let report = outcome.dirty.as_ref().ok_or("--dirty-report needs a dirty workload (--workload dirty:...)")?;
+        let text = serde_json::to_vec_pretty(report).map_err(|e| e.to_string())?;
+        memvisor::fsutil::write_atomic(path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     if args.json {
         println!("{}", run_report::to_json(&outcome));
     } else {
@@ -189,15 +205,17 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
     Ok(outcome.exit_status)
 }
 
-fn restore(dir: PathBuf, mode: &str, api_socket: Option<PathBuf>, json: bool) -> anyhow_free::Result<u32> {
+fn restore(dir: PathBuf, mode: &str, api_socket: Option<PathBuf>, mem: Option<String>, json: bool) -> anyhow_free::Result<u32> {
     let mode: RestoreMode = mode.parse()?;
+    let expected_mem = mem.map(|m| memvisor::config::parse_size(&m)).transpose().map_err(|e| anyhow_free::chain(&e))?;
     let control = api_socket.as_ref().map(|_| Arc::new(VmControl::default()));
     let _server = match (&api_socket, &control) {
         (Some(path), Some(c)) => Some(api::server::spawn(path, Arc::clone(c)).map_err(|e| anyhow_free::chain(&e))?),
         _ => None,
     };
     let console: Box<dyn std::io::Write + Send> = if json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
-    let outcome = vmm::restore(&dir, mode, api_socket, RunOptions { console, control, skip_selftest: false }).map_err(|e| anyhow_free::chain(&e))?;
+    let options = vmm::RestoreOptions { mode, api_socket, expected_mem };
+    let outcome = vmm::restore(&dir, &options, RunOptions { console, control, skip_selftest: false }).map_err(|e| anyhow_free::chain(&e))?;
     if json {
         println!("{}", run_report::to_json(&outcome));
     } else {
@@ -239,7 +257,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Ctl { socket, command } => ctl(socket, command),
-        Command::Restore { dir, restore_mode, api_socket, json } => restore(dir, &restore_mode, api_socket, json),
+        Command::Restore { dir, restore_mode, api_socket, mem, json } => restore(dir, &restore_mode, api_socket, mem, json),
         Command::Bench { bench } => memvisor::bench::run(bench).map_err(|e| anyhow_free::chain(&*e)),
     };
     match result {

@@ -121,6 +121,8 @@ pub struct RunOutcome {
     pub bad_messages: u64,
     /// The memory report, per region.
     pub memory: Vec<RegionReport>,
+    /// The dirty workload's per-round harvest checks, when it ran.
+    pub dirty: Option<crate::dirty::rounds::DirtyReport>,
     /// How KVM maps guest RAM (its page-size counters), when it says.
     pub kvm_mappings: Option<KvmMappings>,
     /// Every KVM statistic of the VM and its vCPU at the end of the run.
@@ -162,7 +164,8 @@ pub fn boot_config(config: &VmConfig, mode: TranslationMode, idle_at_end: bool, 
         flags,
         tsc_khz,
         vmm_start_tsc: 0,
-        workload: Default::default(),
+        // Validated with the configuration.
+        workload: config.workload.as_deref().and_then(|w| crate::workload::parse(w).ok()).unwrap_or_default(),
     }
 }
 
@@ -197,14 +200,26 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
         t.attach_vcpu(&vcpu, 0)?;
     }
     timeline::mark("write boot data");
-    let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None };
+    let dirty_rounds = dirty_rounds_for(config, &vm);
+    let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None, dirty_rounds };
     machine.drive(options.control)
+}
+
+/// The round checker for a dirty workload, if `config` runs one.
+fn dirty_rounds_for(config: &VmConfig, vm: &Vm) -> Option<crate::dirty::rounds::DirtyRounds> {
+    let spec = crate::workload::parse(config.workload.as_deref()?).ok()?;
+    if spec.kind != memvisor_abi::workload::WorkloadKind::Dirty as u32 {
+        return None;
+    }
+    let stats = crate::kvm_stats::StatsFd::for_vm(vm.kvm(), vm.fd()).ok();
+    Some(crate::dirty::rounds::DirtyRounds::new([spec.params[0], spec.params[1], spec.params[2], spec.params[3]], stats))
 }
 
 /// Prepares dirty tracking when anything may need it: a forced mode, or a
 /// control socket (snapshots).
 pub(crate) fn prepare_tracker(config: &VmConfig, vm: &Vm, has_control: bool) -> Result<Option<DirtyTracker>, VmmError> {
-    if config.dirty_mode.is_none() && !has_control {
+    let dirty_workload = config.workload.as_deref().is_some_and(|w| w.starts_with("dirty"));
+    if config.dirty_mode.is_none() && !has_control && !dirty_workload {
         return Ok(None);
     }
     Ok(Some(DirtyTracker::prepare(vm.fd(), vm.ram(), config.dirty_mode)?))
@@ -233,19 +248,46 @@ impl std::str::FromStr for RestoreMode {
     }
 }
 
+/// How to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// How memory is loaded.
+    pub mode: RestoreMode,
+    /// Control socket for the restored VM.
+    pub api_socket: Option<std::path::PathBuf>,
+    /// When set, the snapshot's memory size must be this.
+    pub expected_mem: Option<u64>,
+}
+
 /// Starts a VM from the snapshot chain ending at `dir`; the guest continues
 /// where it was.
 ///
 /// # Errors
 /// Any [`VmmError`]; a damaged or inconsistent snapshot is rejected before
 /// a VM exists.
-pub fn restore(dir: &std::path::Path, mode: RestoreMode, api_socket: Option<std::path::PathBuf>, options: RunOptions) -> Result<RunOutcome, VmmError> {
+pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOptions) -> Result<RunOutcome, VmmError> {
     use crate::snapshot::{self, format::SnapshotKind, memory_file};
 
+    let mode = restore.mode;
     let chain = snapshot::load_chain(dir)?;
     let top = chain.top();
     let mut config = top.manifest.config.clone();
-    config.api_socket = api_socket;
+    if let Some(mem) = restore.expected_mem {
+        if mem != config.mem_size {
+            return Err(snapshot::SnapshotError::Mismatch(format!(
+                "the snapshot holds {} of guest memory, not the {} asked for",
+                crate::config::format_size(config.mem_size),
+                crate::config::format_size(mem)
+            ))
+            .into());
+        }
+    }
+    let layout: Vec<(u64, u64)> = crate::layout::ram_ranges(config.mem_size).iter().map(|r| (r.start.0, r.size)).collect();
+    let recorded: Vec<(u64, u64)> = top.manifest.regions.iter().map(|r| (r.guest_start, r.size)).collect();
+    if layout != recorded {
+        return Err(snapshot::SnapshotError::Mismatch(format!("the snapshot's RAM layout {recorded:x?} differs from this build's {layout:x?}")).into());
+    }
+    config.api_socket.clone_from(&restore.api_socket);
     let base = &chain.links[0];
     if base.manifest.kind != SnapshotKind::Full {
         return Err(snapshot::SnapshotError::Corrupt(format!("the chain starts at {}, which is not a full snapshot", base.dir.display())).into());
@@ -278,6 +320,7 @@ pub fn restore(dir: &std::path::Path, mode: RestoreMode, api_socket: Option<std:
         snapshots.last = Some(crate::snapshot::format::ParentRef { dir: top.dir.clone(), id: top.manifest.id.clone() });
     }
     let guest_idle = chain.state.guest_idle.then_some(chain.state.idle_status);
-    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle };
+    let dirty_rounds = dirty_rounds_for(&config, &vm);
+    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds };
     machine.drive(options.control)
 }

@@ -4,11 +4,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::api::ApiError;
 use crate::api::protocol::{MAX_LINE, Request, Response, parse_request};
 use crate::control::VmControl;
+use crate::snapshot::Captured;
+use crate::snapshot::format::SnapshotKind;
 
 /// A listening control socket; the file is removed on drop.
 #[derive(Debug)]
@@ -55,15 +57,44 @@ pub fn handle(request: &Request, control: &VmControl) -> Response {
             control.shutdown();
             Response::ok(control.state())
         }
-        Request::Snapshot { kind, dir } => {
-            let (kind, dir) = (*kind, dir.clone());
-            let result = control.call(Box::new(move |m| {
-                m.snapshot(&dir, kind).map_err(|e| error_chain(&e)).and_then(|info| serde_json::to_value(info).map_err(|e| e.to_string()))
-            }));
-            match result {
-                Ok(data) => Response { data: Some(data), ..Response::ok(control.state()) },
-                Err(e) => Response::error(e),
+        Request::Snapshot { kind, dir } => snapshot(control, *kind, dir.clone()),
+    }
+}
+
+/// A snapshot: captured on the vCPU thread (the vCPU stopped only for
+/// that), then made durable here while the guest runs on.
+fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
+    let slot: Arc<Mutex<Option<Captured>>> = Arc::default();
+    let out = Arc::clone(&slot);
+    let captured = control.call(Box::new(move |m| {
+        let c = m.capture_snapshot(&dir, kind).map_err(|e| error_chain(&e))?;
+        *out.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(c);
+        Ok(serde_json::Value::Null)
+    }));
+    if let Err(e) = captured {
+        return Response::error(e);
+    }
+    let Some(captured) = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() else {
+        return Response::error("the snapshot was not captured");
+    };
+    match captured.persist() {
+        Ok((info, spare)) => {
+            if spare.is_some() {
+                let _ = control.call(Box::new(move |m| {
+                    m.chain.spare = spare;
+                    Ok(serde_json::Value::Null)
+                }));
             }
+            Response { data: serde_json::to_value(info).ok(), ..Response::ok(control.state()) }
+        }
+        Err(e) => {
+            // Its dirty pages were harvested and are not on disk: the next
+            // snapshot must be a full one.
+            let _ = control.call(Box::new(|m| {
+                m.chain.last = None;
+                Ok(serde_json::Value::Null)
+            }));
+            Response::error(error_chain(&e))
         }
     }
 }

@@ -41,6 +41,9 @@ pub struct BootArgs {
     /// Guest memory size.
     #[arg(long, default_value = "256M")]
     pub mem: String,
+    /// Kernel to boot (default: the built-in tiny guest).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
     /// Print the results as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -146,8 +149,17 @@ pub struct BootResults {
     /// Where start-up time goes: each milestone's median time since the
     /// previous one (the first since process start), in order.
     pub phases: Vec<PhaseSummary>,
+    /// /proc/loadavg's 1-minute figure before and after the runs: timings
+    /// on a busy host are not boot times.
+    pub load_average: (Option<f64>, Option<f64>),
     /// Every sample.
     pub samples: Vec<Sample>,
+}
+
+/// The 1-minute load average (/proc/loadavg).
+#[must_use]
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
 /// One start-up phase over all runs.
@@ -207,6 +219,7 @@ pub fn results(command: String, warmup: usize, samples: Vec<Sample>) -> BootResu
         ready_target_us: READY_TARGET_US,
         overhead_target_bytes: OVERHEAD_TARGET_BYTES,
         phases: phase_summaries(&samples),
+        load_average: (None, None),
         samples,
     }
 }
@@ -236,6 +249,9 @@ pub fn to_text(r: &BootResults) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "vmm bench boot: {} runs (after {} warm-up runs), each a fresh process:", r.runs, r.warmup);
     let _ = writeln!(s, "  {}", r.command);
+    let load = |l: Option<f64>| l.map_or("?".to_string(), |l| format!("{l:.2}"));
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let _ = writeln!(s, "  host load average {} before, {} after ({cpus} CPUs); a busy host inflates every time below", load(r.load_average.0), load(r.load_average.1));
     let _ = writeln!(s, "{:<42} {:>10} {:>10} {:>10} {:>10}   target", "", "median", "p90", "min", "max");
     let mut row = |name: &str, sum: Option<&Summary>, fmt: fn(f64) -> String, target: Option<f64>, missing: &str| match sum {
         Some(x) => {
@@ -291,11 +307,16 @@ pub fn run(args: &BootArgs) -> Result<u32, BenchError> {
     }
     let mem = parse_size(&args.mem).map_err(|e| BenchError::Args(format!("--mem: {e}")))?;
     let exe = std::env::current_exe().map_err(BenchError::Exe)?;
-    let child_args: Vec<String> = vec!["run".into(), "--json".into(), "--skip-selftest".into(), "--mem".into(), args.mem.clone()];
+    let mut child_args: Vec<String> = vec!["run".into(), "--json".into(), "--skip-selftest".into(), "--mem".into(), args.mem.clone()];
+    if let Some(k) = &args.kernel {
+        child_args.push("--kernel".into());
+        child_args.push(k.display().to_string());
+    }
     let command = format!("{} {}", exe.display(), child_args.join(" "));
     if !args.json {
         eprintln!("booting {} guests of {} ({} warm-up)…", args.runs, format_size(mem), args.warmup);
     }
+    let load_before = load_average();
     for i in 0..args.warmup {
         spawn_one(&exe, &child_args, i + 1)?;
     }
@@ -303,7 +324,8 @@ pub fn run(args: &BootArgs) -> Result<u32, BenchError> {
     for i in 0..args.runs {
         samples.push(spawn_one(&exe, &child_args, args.warmup + i + 1)?);
     }
-    let r = results(command, args.warmup, samples);
+    let mut r = results(command, args.warmup, samples);
+    r.load_average = (load_before, load_average());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r).map_err(|e| BenchError::Args(e.to_string()))?);
     } else {

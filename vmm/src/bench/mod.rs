@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod dirty;
 pub mod page_writer;
+pub mod snapshot;
 pub mod stats;
 
 /// Which benchmark.
@@ -13,6 +14,8 @@ pub enum BenchCommand {
     Boot(boot::BootArgs),
     /// Dirty-page harvest cost per mechanism, against the raw ioctls.
     Dirty(dirty::DirtyArgs),
+    /// Diff-snapshot pause, full-snapshot throughput and restore latency.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// Runs a benchmark.
@@ -23,5 +26,6 @@ pub fn run(bench: BenchCommand) -> Result<u32, Box<dyn std::error::Error>> {
     match bench {
         BenchCommand::Boot(args) => Ok(boot::run(&args)?),
         BenchCommand::Dirty(args) => Ok(dirty::run(&args)?),
+        BenchCommand::Snapshot(args) => Ok(snapshot::run(&args)?),
     }
 }

@@ -53,9 +53,38 @@ pub fn regions(ram: &GuestRam) -> Result<Vec<RegionReport>, MemoryError> {
     regions_from(ram, &read_smaps())
 }
 
-/// /proc/self/smaps, parsed; empty when it cannot be read.
+/// The smaps fields the reports use.
+const SMAPS_KEYS: [&str; 8] = ["Rss", "Anonymous", "AnonHugePages", "ShmemPmdMapped", "FilePmdMapped", "Shared_Hugetlb", "Private_Hugetlb", "Locked"];
+
+/// /proc/self/smaps, parsed one mapping at a time and keeping only
+/// [`SMAPS_KEYS`], so that reading it does not leave a heap the size of the
+/// file behind (it would count towards the RSS [`process_memory`]
+/// reports); empty when it cannot be read.
 fn read_smaps() -> Vec<Vma> {
-    std::fs::read_to_string("/proc/self/smaps").map(|t| smaps::parse(&t)).unwrap_or_default()
+    use std::io::BufRead as _;
+    let Ok(file) = std::fs::File::open("/proc/self/smaps") else { return Vec::new() };
+    let mut out = Vec::new();
+    let mut chunk = String::new();
+    let flush = |chunk: &mut String, out: &mut Vec<Vma>| {
+        for mut vma in smaps::parse(chunk) {
+            vma.fields.retain(|k, _| SMAPS_KEYS.contains(&k.as_str()));
+            out.push(vma);
+        }
+        chunk.clear();
+    };
+    for line in std::io::BufReader::new(file).lines() {
+        let Ok(line) = line else { break };
+        // A mapping starts with its range, "start-end perms ..."; fields
+        // are "Key: value".
+        let header = line.split_whitespace().next().is_some_and(|w| !w.ends_with(':'));
+        if header && !chunk.is_empty() {
+            flush(&mut chunk, &mut out);
+        }
+        chunk.push_str(&line);
+        chunk.push('\n');
+    }
+    flush(&mut chunk, &mut out);
+    out
 }
 
 /// Builds the report for every region from already-read smaps.
@@ -159,6 +188,11 @@ pub struct ProcessMemory {
     /// `process_rss_bytes - guest_rss_bytes`: what the VMM itself holds
     /// (binary, libraries, heap, stacks, the kvm_run pages).
     pub vmm_overhead_bytes: u64,
+    /// Of the overhead, anonymous memory (heap, stacks, private data).
+    pub vmm_overhead_anon_bytes: u64,
+    /// Of the overhead, file-backed and shared pages (the binary's and the
+    /// shared libraries' text and data, the kvm_run mapping).
+    pub vmm_overhead_file_bytes: u64,
 }
 
 fn status_kib(status: &str, key: &str) -> u64 {
@@ -176,8 +210,11 @@ pub fn process_memory_from(vmas: &[Vma], guest_ranges: &[(u64, u64)], status: &s
     let rss = |v: &Vma| v.fields.get("Rss").copied().unwrap_or(0);
     let hugetlb = |v: &Vma| v.fields.get("Shared_Hugetlb").copied().unwrap_or(0) + v.fields.get("Private_Hugetlb").copied().unwrap_or(0);
     let in_guest = |v: &Vma| guest_ranges.iter().any(|&(s, e)| v.start >= s && v.end <= e);
+    let anon = |v: &Vma| v.fields.get("Anonymous").copied().unwrap_or(0);
     let process_rss: u64 = vmas.iter().map(rss).sum();
     let guest_rss: u64 = vmas.iter().filter(|v| in_guest(v)).map(rss).sum();
+    let overhead_anon: u64 = vmas.iter().filter(|v| !in_guest(v)).map(anon).sum();
+    let overhead = process_rss.saturating_sub(guest_rss);
     ProcessMemory {
         vm_rss_bytes: status_kib(status, "VmRSS"),
         rss_anon_bytes: status_kib(status, "RssAnon"),
@@ -186,7 +223,9 @@ pub fn process_memory_from(vmas: &[Vma], guest_ranges: &[(u64, u64)], status: &s
         process_rss_bytes: process_rss,
         guest_rss_bytes: guest_rss,
         guest_hugetlb_bytes: vmas.iter().filter(|v| in_guest(v)).map(hugetlb).sum(),
-        vmm_overhead_bytes: process_rss.saturating_sub(guest_rss),
+        vmm_overhead_bytes: overhead,
+        vmm_overhead_anon_bytes: overhead_anon,
+        vmm_overhead_file_bytes: overhead.saturating_sub(overhead_anon),
     }
 }
 
@@ -214,6 +253,7 @@ mod tests {
     const SMAPS: &str = "\
 555500000000-555500100000 r-xp 00000000 08:01 1 /usr/bin/vmm
 Rss:                 900 kB
+Anonymous:             0 kB
 7f0000000000-7f0000200000 rw-p 00000000 00:00 0
 Rss:                2048 kB
 AnonHugePages:      2048 kB
@@ -224,6 +264,7 @@ Rss:                   0 kB
 Shared_Hugetlb:     2048 kB
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
 Rss:                  24 kB
+Anonymous:            24 kB
 ";
 
     const STATUS: &str = "Name:\tvmm\nVmRSS:\t    3072 kB\nRssAnon:\t    2172 kB\nRssFile:\t     900 kB\nRssShmem:\t       0 kB\n";
@@ -237,6 +278,8 @@ Rss:                  24 kB
         assert_eq!(m.guest_rss_bytes, (2048 + 100) * 1024);
         assert_eq!(m.guest_hugetlb_bytes, 2048 * 1024, "hugetlb guest RAM is reported apart, not subtracted from RSS");
         assert_eq!(m.vmm_overhead_bytes, (900 + 24) * 1024);
+        assert_eq!(m.vmm_overhead_anon_bytes, 24 * 1024, "the stack is anonymous");
+        assert_eq!(m.vmm_overhead_file_bytes, 900 * 1024, "the binary's text is file-backed");
         assert_eq!(m.vm_rss_bytes, 3072 * 1024);
         assert_eq!(m.rss_file_bytes, 900 * 1024);
     }

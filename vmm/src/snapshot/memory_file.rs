@@ -86,6 +86,35 @@ pub fn write(ram: &GuestRam, file: &File, runs: &[(u64, u64)], packed: bool) -> 
     Ok(chunks)
 }
 
+/// Copies `runs` of guest RAM into `buf` (reused; resized), packed in
+/// chunk order, and returns the chunks (CRCs not yet computed) with the
+/// buffer. This is all a diff snapshot does while the vCPU is stopped; the
+/// copy is split over two threads (the reference host has two cores).
+///
+/// # Errors
+/// [`SnapshotError::Corrupt`] when a run is outside guest RAM.
+pub fn copy_out(ram: &GuestRam, runs: &[(u64, u64)], mut buf: Vec<u8>) -> Result<(Vec<Chunk>, Vec<u8>), SnapshotError> {
+    let chunks = plan_chunks(runs, true);
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    buf.resize(total as usize, 0);
+    let sources = chunks.iter().map(|c| chunk_bytes(ram, c)).collect::<Result<Vec<&[u8]>, _>>()?;
+    let half = chunks.len() / 2;
+    let split_at = chunks.get(half).map_or(buf.len(), |c| c.file_offset as usize);
+    let (front, back) = buf.split_at_mut(split_at);
+    let copy = |dst: &mut [u8], srcs: &[&[u8]]| {
+        let mut at = 0;
+        for s in srcs {
+            dst[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+        }
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| copy(back, &sources[half..]));
+        copy(front, &sources[..half]);
+    });
+    Ok((chunks, buf))
+}
+
 /// Reads and verifies every chunk, then copies it into guest RAM.
 ///
 /// # Errors

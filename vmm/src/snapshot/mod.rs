@@ -70,6 +70,9 @@ pub enum SnapshotError {
     /// The destination exists.
     #[error("snapshot destination {0} already exists")]
     Exists(PathBuf),
+    /// The snapshot does not match what the restore asked for.
+    #[error("snapshot does not match: {0}")]
+    Mismatch(String),
     /// A diff without a previous snapshot.
     #[error("no previous snapshot of this VM to take a diff against; take a full snapshot first")]
     NoBase,
@@ -101,6 +104,9 @@ pub struct SavedState {
 pub struct SnapshotChain {
     /// The last snapshot taken (or restored from).
     pub last: Option<ParentRef>,
+    /// The previous diff's page buffer, reused so a diff's pause does not
+    /// pay for faulting in fresh memory.
+    pub spare: Option<Vec<u8>>,
 }
 
 /// What a snapshot cost.
@@ -137,11 +143,54 @@ pub struct Live<'a> {
     pub guest_idle: Option<u32>,
 }
 
-/// Takes a snapshot into `dir` (which must not exist).
+/// What a snapshot captured while the vCPU was stopped, still to be made
+/// durable by [`Captured::persist`] (which may run after the vCPU resumed).
+#[derive(Debug)]
+pub struct Captured {
+    dir: PathBuf,
+    /// The temporary directory (a full snapshot has written memory.bin
+    /// there already; a diff creates it when persisting).
+    tmp: Option<PathBuf>,
+    manifest: Manifest,
+    state: SavedState,
+    /// A diff's pages, packed in chunk order; `None` for a full snapshot,
+    /// whose memory.bin is already written.
+    diff_data: Option<Vec<u8>>,
+    pause_us: f64,
+    harvest_us: f64,
+}
+
+/// Takes a snapshot into `dir` (which must not exist) and makes it durable
+/// before returning.
 ///
 /// # Errors
 /// Any [`SnapshotError`]; `dir` is then not created.
 pub fn take(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotChain, dir: &Path, kind: SnapshotKind) -> Result<SnapshotInfo, SnapshotError> {
+    let captured = capture(live, tracker, chain, dir, kind)?;
+    match captured.persist() {
+        Ok((info, spare)) => {
+            chain.spare = spare;
+            Ok(info)
+        }
+        Err(e) => {
+            chain.last = None;
+            Err(e)
+        }
+    }
+}
+
+/// The part of a snapshot that needs the vCPU stopped: vCPU and device
+/// state, and guest memory: a full snapshot writes memory.bin directly; a
+/// diff harvests the dirty pages and copies them into a buffer, so the
+/// vCPU can resume while [`Captured::persist`] writes them out.
+///
+/// `chain.last` names the new snapshot from here on; if persisting fails
+/// the caller must clear it (the pages it harvested are gone from the dirty
+/// log, so the next snapshot must be full).
+///
+/// # Errors
+/// Any [`SnapshotError`].
+pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotChain, dir: &Path, kind: SnapshotKind) -> Result<Captured, SnapshotError> {
     let start = Instant::now();
     if dir.exists() {
         return Err(SnapshotError::Exists(dir.to_path_buf()));
@@ -150,42 +199,116 @@ pub fn take(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotCha
         SnapshotKind::Full => None,
         SnapshotKind::Diff => Some(chain.last.clone().filter(|_| tracker.logging()).ok_or(SnapshotError::NoBase)?),
     };
-    // Which memory to save. A full snapshot (re)starts dirty logging first,
-    // so the next diff holds exactly what changes after this snapshot.
-    let (runs, harvest_us) = match kind {
+    let dir = absolute(dir)?;
+    let state = SavedState {
+        vcpus: vec![VcpuState::save(live.kvm, live.vcpu)?],
+        devices: live.devices.clone(),
+        guest_idle: live.guest_idle.is_some(),
+        idle_status: live.guest_idle.unwrap_or(0),
+    };
+    let mut manifest = Manifest {
+        magic: format::MAGIC.into(),
+        version: format::VERSION,
+        kind,
+        id: format::new_id(),
+        parent,
+        config: live.config.clone(),
+        regions: live.ram.regions().iter().map(|r| RegionRecord { guest_start: r.range.start.0, size: r.range.size }).collect(),
+        state_crc32: 0,
+        memory_file_len: 0,
+        chunks: Vec::new(),
+    };
+    let mut harvest_us = 0.0;
+    let mut tmp = None;
+    let diff_data = match kind {
         SnapshotKind::Full => {
-            tracker.start(live.vm_fd, live.ram)?;
-            (memory_file::resident_runs(live.ram)?, 0.0)
+            let dir_tmp = temp_sibling(&dir)?;
+            let tmp = tmp.insert(dir_tmp);
+            // (Re)start dirty logging first, so the next diff holds exactly
+            // what changes after this snapshot.
+            let written = tracker.start(live.vm_fd, live.ram).map_err(SnapshotError::from).and_then(|()| {
+                let runs = memory_file::resident_runs(live.ram)?;
+                let mem_path = tmp.join(format::MEMORY_FILE);
+                let mem = File::create(&mem_path).map_err(io(format!("creating {}", mem_path.display())))?;
+                let chunks = memory_file::write(live.ram, &mem, &runs, false)?;
+                // A full image is as long as RAM, holes included.
+                mem.set_len(live.ram.size()).map_err(io("sizing memory.bin"))?;
+                mem.sync_all().map_err(io("syncing memory.bin"))?;
+                Ok(chunks)
+            });
+            match written {
+                Ok(chunks) => {
+                    manifest.chunks = chunks;
+                    manifest.memory_file_len = live.ram.size();
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(e);
+                }
+            }
+            None
         }
         SnapshotKind::Diff => {
             let t = Instant::now();
             let h = tracker.harvest(live.vm_fd, live.ram)?;
-            (memory_file::ranges_to_runs(live.ram, &h.all), t.elapsed().as_secs_f64() * 1e6)
+            harvest_us = t.elapsed().as_secs_f64() * 1e6;
+            let runs = memory_file::ranges_to_runs(live.ram, &h.all);
+            let (chunks, data) = memory_file::copy_out(live.ram, &runs, chain.spare.take().unwrap_or_default())?;
+            manifest.memory_file_len = data.len() as u64;
+            manifest.chunks = chunks;
+            Some(data)
         }
     };
+    chain.last = Some(ParentRef { dir: dir.clone(), id: manifest.id.clone() });
+    Ok(Captured { dir, tmp, manifest, state, diff_data, pause_us: start.elapsed().as_secs_f64() * 1e6, harvest_us })
+}
 
-    let dir = absolute(dir)?;
-    let tmp = temp_sibling(&dir)?;
-    let result = write_snapshot(live, &tmp, &runs, kind, parent.clone());
-    let manifest = match result {
-        Ok(m) => m,
-        Err(e) => {
+impl Captured {
+    /// Writes what is left, fsyncs every file and renames the snapshot into
+    /// place. On error the temporary directory is removed and nothing named
+    /// like the snapshot exists. Also returns the diff's page buffer, for
+    /// the next diff to reuse ([`SnapshotChain::spare`]).
+    ///
+    /// # Errors
+    /// [`SnapshotError::Io`] (e.g. ENOSPC).
+    pub fn persist(mut self) -> Result<(SnapshotInfo, Option<Vec<u8>>), SnapshotError> {
+        let tmp = match self.tmp.take() {
+            Some(t) => t,
+            None => temp_sibling(&self.dir)?,
+        };
+        if let Err(e) = self.write_rest(&tmp) {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
-    };
-    std::fs::rename(&tmp, &dir).map_err(io(format!("renaming {} to {}", tmp.display(), dir.display())))?;
-    if let Some(p) = dir.parent() {
-        File::open(p).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot's parent directory"))?;
+        std::fs::rename(&tmp, &self.dir).map_err(io(format!("renaming {} to {}", tmp.display(), self.dir.display())))?;
+        if let Some(p) = self.dir.parent() {
+            File::open(p).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot's parent directory"))?;
+        }
+        let info = SnapshotInfo {
+            dir: self.dir,
+            kind: self.manifest.kind,
+            memory_bytes: self.manifest.chunks.iter().map(|c| c.len).sum(),
+            pause_us: self.pause_us,
+            harvest_us: self.harvest_us,
+        };
+        Ok((info, self.diff_data))
     }
-    chain.last = Some(ParentRef { dir: dir.clone(), id: manifest.id.clone() });
-    Ok(SnapshotInfo {
-        dir,
-        kind,
-        memory_bytes: manifest.chunks.iter().map(|c| c.len).sum(),
-        pause_us: start.elapsed().as_secs_f64() * 1e6,
-        harvest_us,
-    })
+
+    fn write_rest(&mut self, tmp: &Path) -> Result<(), SnapshotError> {
+        if let Some(data) = &self.diff_data {
+            for c in &mut self.manifest.chunks {
+                let start = c.file_offset as usize;
+                c.crc32 = crc32fast::hash(&data[start..start + c.len as usize]);
+            }
+            write_file_synced(&tmp.join(format::MEMORY_FILE), data)?;
+        }
+        let state_json = serde_json::to_vec(&self.state).map_err(|e| SnapshotError::Corrupt(format!("cannot encode state: {e}")))?;
+        self.manifest.state_crc32 = crc32fast::hash(&state_json);
+        write_file_synced(&tmp.join(format::STATE_FILE), &state_json)?;
+        let text = serde_json::to_vec_pretty(&self.manifest).map_err(|e| SnapshotError::Corrupt(format!("cannot encode manifest: {e}")))?;
+        write_file_synced(&tmp.join(format::MANIFEST_FILE), &text)?;
+        File::open(tmp).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot directory"))
+    }
 }
 
 fn absolute(dir: &Path) -> Result<PathBuf, SnapshotError> {
@@ -204,43 +327,6 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     let mut f = File::create(path).map_err(io(format!("creating {}", path.display())))?;
     f.write_all(bytes).map_err(io(format!("writing {}", path.display())))?;
     f.sync_all().map_err(io(format!("syncing {}", path.display())))
-}
-
-fn write_snapshot(live: &Live<'_>, tmp: &Path, runs: &[(u64, u64)], kind: SnapshotKind, parent: Option<ParentRef>) -> Result<Manifest, SnapshotError> {
-    let state = SavedState {
-        vcpus: vec![VcpuState::save(live.kvm, live.vcpu)?],
-        devices: live.devices.clone(),
-        guest_idle: live.guest_idle.is_some(),
-        idle_status: live.guest_idle.unwrap_or(0),
-    };
-    let state_json = serde_json::to_vec(&state).map_err(|e| SnapshotError::Corrupt(format!("cannot encode state: {e}")))?;
-    write_file_synced(&tmp.join(format::STATE_FILE), &state_json)?;
-
-    let mem_path = tmp.join(format::MEMORY_FILE);
-    let mem = File::create(&mem_path).map_err(io(format!("creating {}", mem_path.display())))?;
-    let packed = kind == SnapshotKind::Diff;
-    let chunks = memory_file::write(live.ram, &mem, runs, packed)?;
-    let file_len = if packed { chunks.iter().map(|c| c.len).sum() } else { live.ram.size() };
-    // A full image is as long as RAM, holes included.
-    mem.set_len(file_len).map_err(io("sizing memory.bin"))?;
-    mem.sync_all().map_err(io("syncing memory.bin"))?;
-
-    let manifest = Manifest {
-        magic: format::MAGIC.into(),
-        version: format::VERSION,
-        kind,
-        id: format::new_id(),
-        parent,
-        config: live.config.clone(),
-        regions: live.ram.regions().iter().map(|r| RegionRecord { guest_start: r.range.start.0, size: r.range.size }).collect(),
-        state_crc32: crc32fast::hash(&state_json),
-        memory_file_len: file_len,
-        chunks,
-    };
-    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| SnapshotError::Corrupt(format!("cannot encode manifest: {e}")))?;
-    write_file_synced(&tmp.join(format::MANIFEST_FILE), &text)?;
-    File::open(tmp).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot directory"))?;
-    Ok(manifest)
 }
 
 /// One loaded snapshot of a chain.

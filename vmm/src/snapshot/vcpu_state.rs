@@ -134,6 +134,25 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Vec<(u32, u64)> {
     out
 }
 
+/// Writes MSRs in batches, skipping any the vCPU refuses (KVM stops at the
+/// first MSR it cannot set and returns how many it set).
+fn restore_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)]) {
+    let mut rest = msrs;
+    let mut refused = Vec::new();
+    while !rest.is_empty() {
+        let entries: Vec<kvm_msr_entry> = rest.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+        let Ok(batch) = Msrs::from_entries(&entries) else { break };
+        let n = vcpu.set_msrs(&batch).unwrap_or(0);
+        if let Some(&(index, _)) = rest.get(n) {
+            refused.push(index);
+        }
+        rest = rest.get(n + 1..).unwrap_or(&[]);
+    }
+    if !refused.is_empty() {
+        log::debug!("KVM refused to restore MSRs {refused:x?}");
+    }
+}
+
 impl VcpuState {
     /// Reads the state of a stopped vCPU.
     ///
@@ -169,14 +188,7 @@ impl VcpuState {
         if let Some(xcrs) = &self.xcrs {
             vcpu.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
         }
-        if !self.msrs.is_empty() {
-            let entries: Vec<kvm_msr_entry> = self.msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
-            let msrs = Msrs::from_entries(&entries).map_err(|_| SnapshotError::Corrupt("too many MSRs".into()))?;
-            let n = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-            if n != entries.len() {
-                log::warn!("KVM restored {n} of {} MSRs", entries.len());
-            }
-        }
+        restore_msrs(vcpu, &self.msrs);
         if let Some(events) = &self.events {
             vcpu.set_vcpu_events(events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         }
