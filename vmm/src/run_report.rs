@@ -95,6 +95,11 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "page_tables": page_tables,
         "guest_frames": frames,
         "memory": outcome.memory,
+        "dirty": outcome.dirty,
+        "workload_events": outcome.reports.iter().filter_map(|r| match r.report {
+            Report::Workload { event, a, b } => Some(serde_json::json!({ "event": format!("{event:?}"), "a": a, "b": b, "at_us": r.at_us })),
+            _ => None,
+        }).collect::<Vec<_>>(),
         "kvm_mappings": outcome.kvm_mappings,
         "kvm_stats": outcome.kvm_stats,
         "vmm_memory": outcome.vmm_memory,
@@ -218,11 +223,13 @@ pub fn to_text(outcome: &RunOutcome) -> String {
     let m = &outcome.vmm_memory;
     let _ = writeln!(
         s,
-        "VMM process: RSS {} (guest RAM {}, guest hugetlb {} outside RSS); VMM overhead beyond guest RAM {}",
+        "VMM process: RSS {} (guest RAM {}, guest hugetlb {} outside RSS); VMM overhead beyond guest RAM {} ({} anonymous, {} binary and libraries)",
         format_size(m.process_rss_bytes),
         format_size(m.guest_rss_bytes),
         format_size(m.guest_hugetlb_bytes),
-        format_size(m.vmm_overhead_bytes)
+        format_size(m.vmm_overhead_bytes),
+        format_size(m.vmm_overhead_anon_bytes),
+        format_size(m.vmm_overhead_file_bytes)
     );
     if outcome.unhandled.port_accesses + outcome.unhandled.mmio_accesses > 0 || outcome.bad_messages > 0 {
         let _ = writeln!(

@@ -26,6 +26,7 @@ mod report;
 mod rt;
 mod selftest;
 mod task;
+mod workload;
 
 use memvisor_abi::boot::{FLAG_IDLE_AT_END, FLAG_SKIP_SELFTEST, FLAG_SYSCALL_INSN};
 use memvisor_abi::msg::Report;
@@ -145,6 +146,13 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
                 EXIT_SETUP_FAILED
             }
         }
+    };
+    let status = if status == EXIT_OK {
+        let image = frames::kernel_image();
+        let regions = [(image.0, image.1 - image.0), (frames.arena.0, frames.arena.1 - frames.arena.0)];
+        workload::run(&mut k, &config.workload, config.tsc_khz, &regions)
+    } else {
+        status
     };
     let stats = k.mapper.stats;
     report::send(&Report::PageTables { table_pages: stats.table_pages, leaves: stats.leaves });

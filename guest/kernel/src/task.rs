@@ -18,7 +18,7 @@ use core::arch::global_asm;
 
 use memvisor_abi::layout::{self, PAGE_SIZE};
 use memvisor_guest_mm::paging::{FrameMemory, MapError, PageSize, PageTableEntry as Pte, PhysAddr, VirtAddr};
-use memvisor_user::sys::SYS_EXIT;
+use memvisor_user::sys::{SYS_EVENT, SYS_EXIT};
 
 use crate::cpu;
 use crate::gdt::{USER_CS, USER_DS};
@@ -182,6 +182,16 @@ pub fn handle_trap(frame: &mut TrapFrame) {
         if frame.vector == idt::BREAKPOINT || frame.vector == idt::SYSCALL_MARK {
             match frame.rax {
                 SYS_EXIT => end_task(TaskExit::Exited(frame.rdi)),
+                SYS_EVENT => {
+                    // Forwarded as is; the VMM validates the event.
+                    if let Some(event) = memvisor_abi::workload::Event::from_raw(frame.rdi as u32) {
+                        crate::report::send(&memvisor_abi::msg::Report::Workload { event, a: frame.rsi, b: frame.rdx });
+                        frame.rax = 0;
+                    } else {
+                        frame.rax = u64::MAX;
+                    }
+                    return;
+                }
                 _ => {
                     frame.rax = u64::MAX;
                     return;
