@@ -200,19 +200,20 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
         t.attach_vcpu(&vcpu, 0)?;
     }
     timeline::mark("write boot data");
-    let dirty_rounds = dirty_rounds_for(config, &vm);
+    let dirty_rounds = dirty_rounds_for(config, &vm, tsc_khz);
     let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None, dirty_rounds };
     machine.drive(options.control)
 }
 
 /// The round checker for a dirty workload, if `config` runs one.
-fn dirty_rounds_for(config: &VmConfig, vm: &Vm) -> Option<crate::dirty::rounds::DirtyRounds> {
+fn dirty_rounds_for(config: &VmConfig, vm: &Vm, tsc_khz: u64) -> Option<crate::dirty::rounds::DirtyRounds> {
     let spec = crate::workload::parse(config.workload.as_deref()?).ok()?;
     if spec.kind != memvisor_abi::workload::WorkloadKind::Dirty as u32 {
         return None;
     }
     let stats = crate::kvm_stats::StatsFd::for_vm(vm.kvm(), vm.fd()).ok();
-    Some(crate::dirty::rounds::DirtyRounds::new([spec.params[0], spec.params[1], spec.params[2], spec.params[3]], stats))
+    let p = spec.params;
+    Some(crate::dirty::rounds::DirtyRounds::new([p[0], p[1], p[2], p[3], p[4]], tsc_khz, stats))
 }
 
 /// Prepares dirty tracking when anything may need it: a forced mode, or a
@@ -320,7 +321,7 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
         snapshots.last = Some(crate::snapshot::format::ParentRef { dir: top.dir.clone(), id: top.manifest.id.clone() });
     }
     let guest_idle = chain.state.guest_idle.then_some(chain.state.idle_status);
-    let dirty_rounds = dirty_rounds_for(&config, &vm);
+    let dirty_rounds = dirty_rounds_for(&config, &vm, vcpu.get_tsc_khz().map_or(0, u64::from));
     let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds };
     machine.drive(options.control)
 }

@@ -1,7 +1,7 @@
 //! Naming workloads on the command line: `--workload KIND:key=value,...`
 //! parsed into the boot configuration's `WorkloadSpec` (pure, tested).
 //!
-//! - `dirty:pages=N,rounds=R,seed=S[,buffer=B]`: see
+//! - `dirty:pages=N,rounds=R,seed=S[,buffer=B,log=0|1]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Dirty`; the buffer defaults to
 //!   4 × N pages.
 //! - `checksum:pages=N,rounds=R[,ms=T,seed=S]`: see
@@ -61,11 +61,12 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
     let mut spec = WorkloadSpec::default();
     match kind {
         "dirty" => {
-            let allowed = ["pages", "rounds", "seed", "buffer"];
+            let allowed = ["pages", "rounds", "seed", "buffer", "log"];
             let pages = get("pages", &allowed)?.unwrap_or(256);
             let rounds = get("rounds", &allowed)?.unwrap_or(3);
             let seed = get("seed", &allowed)?.unwrap_or(1);
             let buffer = get("buffer", &allowed)?.unwrap_or(pages.saturating_mul(4));
+            let log = get("log", &allowed)?.unwrap_or(1).min(1);
             let bad = |why: String| WorkloadError::OutOfRange { kind: "dirty", why };
             if pages == 0 || rounds == 0 {
                 return Err(bad("pages and rounds must be at least 1".into()));
@@ -74,7 +75,7 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
                 return Err(bad(format!("buffer of {buffer} pages is outside 1..={MAX_BUFFER_PAGES}")));
             }
             spec.kind = WorkloadKind::Dirty as u32;
-            spec.params[..4].copy_from_slice(&[pages, rounds, seed, buffer]);
+            spec.params[..5].copy_from_slice(&[pages, rounds, seed, buffer, log]);
         }
         "checksum" => {
             let allowed = ["pages", "rounds", "ms", "seed"];
@@ -101,8 +102,9 @@ mod tests {
     fn dirty_specs_parse_with_defaults() {
         let s = parse("dirty:pages=100,rounds=5,seed=7").unwrap();
         assert_eq!(s.kind, WorkloadKind::Dirty as u32);
-        assert_eq!(&s.params[..4], &[100, 5, 7, 400]);
-        assert_eq!(parse("dirty").unwrap().params[..4], [256, 3, 1, 1024]);
+        assert_eq!(&s.params[..5], &[100, 5, 7, 400, 1]);
+        assert_eq!(parse("dirty").unwrap().params[..5], [256, 3, 1, 1024, 1]);
+        assert_eq!(parse("dirty:log=0").unwrap().params[4], 0);
     }
 
     #[test]

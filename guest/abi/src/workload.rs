@@ -9,7 +9,8 @@ pub enum WorkloadKind {
     /// Only the self-test.
     None = 0,
     /// Dirty-page rounds (`dirty:pages=N,rounds=R,seed=S`): `params` =
-    /// [pages per round, rounds, seed, buffer pages]. In round `r` a ring-3
+    /// [pages per round, rounds, seed, buffer pages, log] (`log` = 0 asks
+    /// the VMM not to track, for a baseline; the guest ignores it). In round `r` a ring-3
     /// task writes page [`dirty_page`]`(seed, r, i, buffer)` of its buffer
     /// for `i` in `0..pages`, then reports [`Event::RoundDone`] and waits
     /// for the VMM to harvest.
@@ -43,8 +44,8 @@ pub enum Event {
     /// The workload's buffer: a = guest-physical address, b = pages
     /// (physically contiguous, so page `p` is at `a + p * 4096`).
     BufferReady = 1,
-    /// A dirty round finished: a = round. The VMM harvests before the
-    /// guest continues.
+    /// A dirty round finished: a = round, b = TSC ticks the round's writes
+    /// took. The VMM harvests before the guest continues.
     RoundDone = 2,
     /// A checksum round: a = round, b = checksum.
     Checksum = 3,

@@ -30,6 +30,7 @@ pub unsafe extern "C" fn dirty_rounds(args: *const TaskArgs) -> ! {
     let (pages, rounds, seed) = (a.params[0], a.params[1], a.params[2]);
     let mut r = 0;
     while r < rounds {
+        let start = rdtsc();
         let mut i = 0;
         while i < pages {
             let p = dirty_page(seed, r, i, buffer_pages);
@@ -37,7 +38,7 @@ pub unsafe extern "C" fn dirty_rounds(args: *const TaskArgs) -> ! {
             unsafe { buf.add((p * PAGE_WORDS + r % PAGE_WORDS) as usize).write_volatile(r ^ i) };
             i += 1;
         }
-        event(Event::RoundDone as u64, r, 0, sys);
+        event(Event::RoundDone as u64, r, rdtsc().wrapping_sub(start), sys);
         r += 1;
     }
     // Touch every buffer page once more after logging ended, so the VMM's

@@ -51,6 +51,8 @@ pub struct RoundRecord {
     pub harvest_us: f64,
     /// KVM reported a possibly overflowed ring (then every page counts).
     pub ring_overflowed: bool,
+    /// How long the guest's writes took, µs (guest TSC; 0 when unknown).
+    pub guest_us: f64,
 }
 
 /// KVM's mapping sizes at one moment (binary stats).
@@ -71,8 +73,8 @@ pub struct MappingSample {
 pub struct DirtyReport {
     /// Mechanism.
     pub mode: DirtyMode,
-    /// Pages per round, rounds, seed, buffer pages.
-    pub params: [u64; 4],
+    /// Pages per round, rounds, seed, buffer pages, logging on (1) or off (0).
+    pub params: [u64; 5],
     /// The buffer's first guest page frame.
     pub buffer_pfn: u64,
     /// Each round.
@@ -84,7 +86,8 @@ pub struct DirtyReport {
 /// Follows a dirty workload's events.
 #[derive(Debug)]
 pub struct DirtyRounds {
-    params: [u64; 4],
+    params: [u64; 5],
+    tsc_khz: u64,
     regions: Vec<(u64, u64)>,
     buffer: Option<(u64, u64)>,
     rounds: Vec<RoundRecord>,
@@ -93,10 +96,15 @@ pub struct DirtyRounds {
 }
 
 impl DirtyRounds {
-    /// For a workload with `params` = [pages, rounds, seed, buffer pages].
+    /// For a workload with `params` = [pages, rounds, seed, buffer pages,
+    /// log]; `tsc_khz` converts the guest's round times.
     #[must_use]
-    pub fn new(params: [u64; 4], stats: Option<StatsFd>) -> Self {
-        DirtyRounds { params, regions: Vec::new(), buffer: None, rounds: Vec::new(), mappings: Vec::new(), stats }
+    pub fn new(params: [u64; 5], tsc_khz: u64, stats: Option<StatsFd>) -> Self {
+        DirtyRounds { params, tsc_khz, regions: Vec::new(), buffer: None, rounds: Vec::new(), mappings: Vec::new(), stats }
+    }
+
+    fn logging(&self) -> bool {
+        self.params[4] != 0
     }
 
     fn sample(&mut self, phase: String) {
@@ -118,14 +126,25 @@ impl DirtyRounds {
                     self.buffer = Some((a >> 12, b));
                 }
                 self.sample("before logging".into());
-                tracker.start(vm, ram)?;
+                if self.logging() {
+                    tracker.start(vm, ram)?;
+                }
             }
             Event::RoundDone => {
+                let guest_us = if self.tsc_khz == 0 { 0.0 } else { b as f64 * 1000.0 / self.tsc_khz as f64 };
+                if !self.logging() {
+                    let mut record = self.check_round(a, &[], &[], 0.0, false);
+                    record.missing.clear();
+                    record.guest_us = guest_us;
+                    self.rounds.push(record);
+                    return Ok(());
+                }
                 let t = std::time::Instant::now();
                 let h = tracker.harvest(vm, ram)?;
                 let harvest_us = t.elapsed().as_secs_f64() * 1e6;
                 self.sample(format!("round {a}"));
-                let record = self.check_round(a, &h.guest, &h.vmm, harvest_us, h.ring_overflowed);
+                let mut record = self.check_round(a, &h.guest, &h.vmm, harvest_us, h.ring_overflowed);
+                record.guest_us = guest_us;
                 self.rounds.push(record);
                 if a + 1 >= self.params[1] {
                     tracker.stop(vm, ram)?;
@@ -165,7 +184,7 @@ impl DirtyRounds {
         for &p in &vmm_pages {
             add("written by the VMM", p);
         }
-        RoundRecord { round, expected: expected.len() as u64, harvested: harvested.len() as u64, missing, extra, harvest_us, ring_overflowed }
+        RoundRecord { round, expected: expected.len() as u64, harvested: harvested.len() as u64, missing, extra, harvest_us, ring_overflowed, guest_us: 0.0 }
     }
 
     /// The report.
@@ -181,7 +200,7 @@ mod tests {
 
     #[test]
     fn rounds_classify_extras_and_misses() {
-        let mut d = DirtyRounds::new([10, 2, 7, 64], None);
+        let mut d = DirtyRounds::new([10, 2, 7, 64, 1], 0, None);
         d.buffer = Some((0x1000, 64));
         d.regions = vec![(0x10_0000, 0x1000)];
         let expected: Vec<u64> = (0..10).map(|i| 0x1000 + dirty_page(7, 0, i, 64)).collect();
