@@ -95,7 +95,7 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     let frames = match frames::init(&info) {
         Ok(f) => f,
         Err(frames::FramesError::NoRoomForArena) => {
-            println!("guest: no RAM range holds the kernel arena");
+            println!("guest: no RAM range below 1 GiB holds the kernel arena");
             report::exit(EXIT_SETUP_FAILED)
         }
     };

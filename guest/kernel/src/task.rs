@@ -12,7 +12,11 @@
 //! context switch back to the kernel stack saved on entry (the trap's IST
 //! frame is simply abandoned). System calls arrive as `int3` through a DPL-3
 //! gate with the number in `rax` (works on every host), or as `syscall` when
-//! the VMM set `FLAG_SYSCALL_INSN`.
+//! the VMM set `FLAG_SYSCALL_INSN`. Both come back to ring 3 through the
+//! same `iretq` (the `syscall` stub builds an interrupt-shaped frame):
+//! `sysretq` would save a few cycles but needs its own return path and the
+//! canonical-RIP check that makes it a classic hazard, and the only system
+//! call that exists today, exit, never returns.
 
 use core::arch::global_asm;
 
