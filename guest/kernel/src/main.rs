@@ -108,7 +108,8 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
         }
     };
     // SAFETY: the new tables map the kernel image with its permissions, the
-    // boot stack (.bss), the boot data and the arena: everything used next.
+    // boot stack (.bss) and the arena: everything used next (the boot data
+    // was copied into `info`).
     unsafe { cpu::write_cr3(root.as_u64()) };
     task::set_kernel_root(root);
     // SAFETY: once, at ring 0, on the boot path; GDT before IDT.

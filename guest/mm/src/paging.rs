@@ -783,6 +783,38 @@ mod tests {
     }
 
     #[test]
+    fn higher_half_addresses_map_and_walk() {
+        let mut mem = FakeMemory::default();
+        let mut m = Mapper::new(&mut mem, Bump { next: 0x10_0000, end: 0x20_0000 });
+        let root = m.new_root().unwrap();
+        let base = 0xffff_8000_0000_0000;
+        m.map_range(root, va(base), pa(0), 4 << 30, PageSize::Size1G, PageTableEntry::NO_EXECUTE).unwrap();
+        assert_eq!(m.stats.leaves, [0, 0, 4]);
+        let w = walk(root, va(base + (3 << 30) + 0x1234_5678), 46, read(&*m.mem));
+        assert_eq!(w.steps[0].unwrap().index, 256);
+        let t = w.result.unwrap();
+        assert_eq!((t.phys, t.size, t.no_execute), (pa((3 << 30) + 0x1234_5678), PageSize::Size1G, true));
+    }
+
+    #[test]
+    fn reserved_bits_depend_on_level_and_page_size() {
+        let huge = PageTableEntry(PageTableEntry::PRESENT | PageTableEntry::HUGE | (1 << 20));
+        // Bit 20 is reserved in both large leaves (29:13 and 20:13), bit 21 only in 1 GiB ones.
+        assert_eq!(reserved_bits(huge, Level::Pdpt, 46), 1 << 20);
+        assert_eq!(reserved_bits(huge, Level::Pd, 46), 1 << 20);
+        let bit21 = PageTableEntry(PageTableEntry::PRESENT | PageTableEntry::HUGE | (1 << 21));
+        assert_eq!(reserved_bits(bit21, Level::Pdpt, 46), 1 << 21);
+        assert_eq!(reserved_bits(bit21, Level::Pd, 46), 0);
+        // PS is reserved in a PML4 entry; the PAT bit (12) of a 2 MiB leaf is not.
+        assert_eq!(reserved_bits(PageTableEntry(PageTableEntry::PRESENT | PageTableEntry::HUGE), Level::Pml4, 46), PageTableEntry::HUGE);
+        assert_eq!(reserved_bits(PageTableEntry(PageTableEntry::PRESENT | PageTableEntry::HUGE | (1 << 12)), Level::Pd, 46), 0);
+        // Address bits at or above MAXPHYADDR, at any level; none with 52 bits.
+        let high = PageTableEntry(PageTableEntry::PRESENT | (1 << 40));
+        assert_eq!(reserved_bits(high, Level::Pt, 39), 1 << 40);
+        assert_eq!(reserved_bits(high, Level::Pt, 52), 0);
+    }
+
+    #[test]
     fn walk_combines_permissions_across_levels() {
         let mut mem = FakeMemory::default();
         let mut m = Mapper::new(&mut mem, Bump { next: 0x10_0000, end: 0x20_0000 });
