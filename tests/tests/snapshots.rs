@@ -216,3 +216,65 @@ impl ArgsList for Vmm {
         self
     }
 }
+
+/// The checksum events of a run's report: (round, checksum, mismatch?).
+fn checksums(report: &serde_json::Value) -> Vec<(u64, u64, bool)> {
+    report["workload_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "Checksum" || e["event"] == "Mismatch")
+        .map(|e| (e["a"].as_u64().unwrap(), e["b"].as_u64().unwrap(), e["event"] == "Mismatch"))
+        .collect()
+}
+
+#[test]
+fn a_running_guest_continues_after_restore_with_identical_memory() {
+    let dir = TempDir::new("snap-continue");
+    let socket = dir.path().join("api.sock");
+    // 40 rounds, 50 ms apart: the snapshots land mid-workload.
+    let vm = Vmm::run_json(["--mem", "64M", "--workload", "checksum:pages=4096,rounds=40,ms=50", "--api-socket"]).arg(&socket).spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(socket.exists() && Vmm::new(["ctl"]).arg(&socket).arg("status").output().stdout.contains("\"running\"")) {
+        assert!(Instant::now() < deadline, "the VM never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let the self-test finish and a few rounds pass.
+    std::thread::sleep(Duration::from_millis(700));
+    let full = dir.path().join("full");
+    let diff = dir.path().join("diff");
+    ctl(&socket, &["snapshot", "--full", full.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(300));
+    let d = ctl(&socket, &["snapshot", "--diff", diff.to_str().unwrap()]);
+    assert_eq!(d["state"], "running", "the guest was mid-workload: {d}");
+    let original = loop {
+        let status = Vmm::new(["ctl"]).arg(&socket).arg("status").output();
+        if status.stdout.contains("\"idle\"") {
+            ctl(&socket, &["shutdown"]);
+            break vm.wait(Duration::from_secs(30));
+        }
+        assert!(Instant::now() < deadline, "the workload never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    original.assert_success();
+    let first = checksums(&original.json());
+    assert_eq!(first.len(), 40, "the original run reported every round");
+    let reference = first[0].1;
+    assert!(first.iter().all(|&(_, c, bad)| c == reference && !bad));
+
+    for target in [&full, &diff] {
+        for mode in ["copy", "lazy"] {
+            let r = restore(target, &["--restore-mode", mode]);
+            r.assert_success();
+            let report = r.json();
+            assert_eq!(report["exit_status"], 0, "no mismatch after a {mode} restore of {}", target.display());
+            let after = checksums(&report);
+            assert!(!after.is_empty(), "the restored guest went on with its rounds");
+            assert!(after[0].0 > 0, "it continued where it was (round {} first), not from the start", after[0].0);
+            assert_eq!(after.last().map(|a| a.0), Some(39), "and ran to the last round");
+            for (round, c, bad) in after {
+                assert!(!bad && c == reference, "{mode} restore of {}: round {round} saw checksum {c:#x}, not {reference:#x}", target.display());
+            }
+        }
+    }
+}

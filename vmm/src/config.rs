@@ -64,6 +64,9 @@ pub enum ConfigError {
         /// The parser's message.
         message: String,
     },
+    /// The workload string is invalid.
+    #[error(transparent)]
+    Workload(#[from] crate::workload::WorkloadError),
     /// A list of NUMA nodes could not be parsed.
     #[error("invalid NUMA node list {0:?}: expected numbers and ranges like 0,2-3")]
     BadNodeList(String),
@@ -259,6 +262,8 @@ pub struct ConfigFile {
     pub api_socket: Option<PathBuf>,
     /// Force a dirty-tracking mechanism.
     pub dirty_mode: Option<DirtyMode>,
+    /// A workload after the self-test (`dirty:pages=N,...`).
+    pub workload: Option<String>,
 }
 
 /// A size in a config file: `"256M"` or `268435456`.
@@ -307,6 +312,7 @@ impl ConfigFile {
             cmdline: over.cmdline.or(self.cmdline),
             api_socket: over.api_socket.or(self.api_socket),
             dirty_mode: over.dirty_mode.or(self.dirty_mode),
+            workload: over.workload.or(self.workload),
         }
     }
 
@@ -342,6 +348,7 @@ impl ConfigFile {
             cmdline: self.cmdline.unwrap_or_default(),
             api_socket: self.api_socket,
             dirty_mode: self.dirty_mode,
+            workload: self.workload,
         };
         config.validate()?;
         Ok(config)
@@ -376,6 +383,8 @@ pub struct VmConfig {
     /// Forced dirty-tracking mechanism (`None`: the best available, when
     /// tracking is needed).
     pub dirty_mode: Option<DirtyMode>,
+    /// Workload after the self-test, as given (see [`crate::workload`]).
+    pub workload: Option<String>,
 }
 
 impl Default for VmConfig {
@@ -404,6 +413,9 @@ impl VmConfig {
                     backing: self.backing,
                 });
             }
+        }
+        if let Some(w) = &self.workload {
+            crate::workload::parse(w)?;
         }
         if !(1..=254).contains(&self.vcpus) {
             return Err(ConfigError::BadVcpus(self.vcpus));

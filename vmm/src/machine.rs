@@ -52,6 +52,8 @@ pub struct Machine {
     pub chain: SnapshotChain,
     /// `Some(status)` once the guest has finished its work and idles.
     pub guest_idle: Option<u32>,
+    /// The dirty workload's round checks, when that workload runs.
+    pub dirty_rounds: Option<crate::dirty::rounds::DirtyRounds>,
 }
 
 impl Machine {
@@ -116,6 +118,12 @@ impl Machine {
                             _ => {}
                         }
                         reports.push(TimedReport { at_us, report });
+                        if let (Report::Workload { event, a, b }, Some(rounds), Some(tracker)) = (report, self.dirty_rounds.as_mut(), self.tracker.as_mut()) {
+                            // The guest waits in this port write while the VMM harvests.
+                            if let Err(e) = rounds.on_event(event, a, b, tracker, self.vm.fd(), self.vm.ram()) {
+                                break Err(e.into());
+                            }
+                        }
                         if let Report::Idle { status } = report {
                             self.devices.flush();
                             timings.end_us = at_us;
@@ -168,6 +176,10 @@ impl Machine {
             c.exited();
         }
         let exit_status = result?;
+        let dirty = self.dirty_rounds.as_mut().map(|d| {
+            d.finish();
+            d.report(self.tracker.as_ref().map_or(crate::dirty::DirtyMode::Bitmap, DirtyTracker::mode))
+        });
         let kvm_stats = kvm_stats::collect(self.vm.kvm(), self.vm.fd(), &[&self.vcpu]);
         let kvm_mappings = report::kvm_mappings(&kvm_stats, self.mode);
         let memory = report::regions(self.vm.ram())?;
@@ -181,6 +193,7 @@ impl Machine {
             kvm_mappings,
             kvm_stats,
             vmm_memory,
+            dirty,
             timings,
             unhandled: self.devices.unhandled().clone(),
             translation_mode: self.mode,

@@ -118,6 +118,13 @@ struct RunArgs {
     /// Serve a control socket here; the VM then stays up until `vmm ctl PATH shutdown`.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// A workload after the self-test: dirty:pages=N,rounds=R,seed=S or
+    /// checksum:pages=N,rounds=R,ms=T.
+    #[arg(long, value_name = "SPEC")]
+    workload: Option<String>,
+    /// Write the dirty workload's per-round harvest report (JSON) here.
+    #[arg(long, value_name = "FILE")]
+    dirty_report: Option<PathBuf>,
     /// Force a dirty-tracking mechanism (default: the best the kernel offers).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["ring", "clear", "bitmap"]))]
     dirty_mode: Option<String>,
@@ -147,6 +154,7 @@ impl RunArgs {
             cmdline: self.cmdline.clone(),
             api_socket: self.api_socket.clone(),
             dirty_mode: parse(&self.dirty_mode)?,
+            workload: self.workload.clone(),
         })
     }
 }
@@ -184,6 +192,11 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
     };
     let console: Box<dyn std::io::Write + Send> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
     let outcome = vmm::run(&config, RunOptions { console, control, skip_selftest: args.skip_selftest }).map_err(|e| anyhow_free::chain(&e))?;
+    if let Some(path) = &args.dirty_report {
+        let report = outcome.dirty.as_ref().ok_or("--dirty-report needs a dirty workload (--workload dirty:...)")?;
+        let text = serde_json::to_vec_pretty(report).map_err(|e| e.to_string())?;
+        memvisor::fsutil::write_atomic(path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     if args.json {
         println!("{}", run_report::to_json(&outcome));
     } else {

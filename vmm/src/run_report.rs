@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use memvisor_abi::msg::{CheckId, Report};
+use memvisor_abi::workload::Event;
 
 use crate::config::format_size;
 use crate::vmm::RunOutcome;
@@ -95,6 +96,11 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "page_tables": page_tables,
         "guest_frames": frames,
         "memory": outcome.memory,
+        "dirty": outcome.dirty,
+        "workload_events": outcome.reports.iter().filter_map(|r| match r.report {
+            Report::Workload { event, a, b } => Some(serde_json::json!({ "event": format!("{event:?}"), "a": a, "b": b, "at_us": r.at_us })),
+            _ => None,
+        }).collect::<Vec<_>>(),
         "kvm_mappings": outcome.kvm_mappings,
         "kvm_stats": outcome.kvm_stats,
         "vmm_memory": outcome.vmm_memory,
@@ -232,6 +238,53 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             "unhandled: {} port and {} MMIO accesses, {} bad messages",
             outcome.unhandled.port_accesses, outcome.unhandled.mmio_accesses, outcome.bad_messages
         );
+    }
+    let sums: Vec<(u64, u64, bool)> = outcome
+        .reports
+        .iter()
+        .filter_map(|r| match r.report {
+            Report::Workload { event: Event::Checksum, a, b } => Some((a, b, false)),
+            Report::Workload { event: Event::Mismatch, a, b } => Some((a, b, true)),
+            _ => None,
+        })
+        .collect();
+    if let (Some(first), Some(last)) = (sums.first(), sums.last()) {
+        let bad = sums.iter().filter(|s| s.2).count();
+        let mut values: Vec<u64> = sums.iter().map(|s| s.1).collect();
+        values.sort_unstable();
+        values.dedup();
+        let _ = writeln!(
+            s,
+            "checksum workload: rounds {}..={}, {} distinct checksum(s) {:x?}, {bad} mismatch(es)",
+            first.0,
+            last.0,
+            values.len(),
+            values
+        );
+    }
+    if let Some(d) = &outcome.dirty {
+        let _ = writeln!(s, "dirty workload ({} tracking; {} pages × {} rounds, seed {}, buffer of {} pages at page {:#x}):", d.mode, d.params[0], d.params[1], d.params[2], d.params[3], d.buffer_pfn);
+        for r in &d.rounds {
+            let extra: Vec<String> = r.extra.iter().map(|e| format!("{} {}", e.pages.len(), e.reason)).collect();
+            let _ = writeln!(
+                s,
+                "  round {}: wrote {} pages in {:.0} µs, harvested {} in {:.0} µs, missed {}{}{}",
+                r.round,
+                r.expected,
+                r.guest_us,
+                r.harvested,
+                r.harvest_us,
+                r.missing.len(),
+                if extra.is_empty() { String::new() } else { format!("; also: {}", extra.join("; ")) },
+                if r.ring_overflowed { " (ring overflowed: every page reported)" } else { "" }
+            );
+        }
+        let maps: Vec<String> = d
+            .mappings
+            .iter()
+            .map(|m| format!("{}: 4K={} 2M={}", m.phase, m.pages_4k.map_or("-".into(), |v| v.to_string()), m.pages_2m.map_or("-".into(), |v| v.to_string())))
+            .collect();
+        let _ = writeln!(s, "  KVM mappings: {}", maps.join(" | "));
     }
     let _ = writeln!(s, "exit status: {}", outcome.exit_status);
     s

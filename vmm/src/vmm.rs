@@ -121,6 +121,8 @@ pub struct RunOutcome {
     pub bad_messages: u64,
     /// The memory report, per region.
     pub memory: Vec<RegionReport>,
+    /// The dirty workload's per-round harvest checks, when it ran.
+    pub dirty: Option<crate::dirty::rounds::DirtyReport>,
     /// How KVM maps guest RAM (its page-size counters), when it says.
     pub kvm_mappings: Option<KvmMappings>,
     /// Every KVM statistic of the VM and its vCPU at the end of the run.
@@ -162,7 +164,8 @@ pub fn boot_config(config: &VmConfig, mode: TranslationMode, idle_at_end: bool, 
         flags,
         tsc_khz,
         vmm_start_tsc: 0,
-        workload: Default::default(),
+        // Validated with the configuration.
+        workload: config.workload.as_deref().and_then(|w| crate::workload::parse(w).ok()).unwrap_or_default(),
     }
 }
 
@@ -197,14 +200,27 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
         t.attach_vcpu(&vcpu, 0)?;
     }
     timeline::mark("write boot data");
-    let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None };
+    let dirty_rounds = dirty_rounds_for(config, &vm, tsc_khz);
+    let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None, dirty_rounds };
     machine.drive(options.control)
+}
+
+/// The round checker for a dirty workload, if `config` runs one.
+fn dirty_rounds_for(config: &VmConfig, vm: &Vm, tsc_khz: u64) -> Option<crate::dirty::rounds::DirtyRounds> {
+    let spec = crate::workload::parse(config.workload.as_deref()?).ok()?;
+    if spec.kind != memvisor_abi::workload::WorkloadKind::Dirty as u32 {
+        return None;
+    }
+    let stats = crate::kvm_stats::StatsFd::for_vm(vm.kvm(), vm.fd()).ok();
+    let p = spec.params;
+    Some(crate::dirty::rounds::DirtyRounds::new([p[0], p[1], p[2], p[3], p[4]], tsc_khz, stats))
 }
 
 /// Prepares dirty tracking when anything may need it: a forced mode, or a
 /// control socket (snapshots).
 pub(crate) fn prepare_tracker(config: &VmConfig, vm: &Vm, has_control: bool) -> Result<Option<DirtyTracker>, VmmError> {
-    if config.dirty_mode.is_none() && !has_control {
+    let dirty_workload = config.workload.as_deref().is_some_and(|w| w.starts_with("dirty"));
+    if config.dirty_mode.is_none() && !has_control && !dirty_workload {
         return Ok(None);
     }
     Ok(Some(DirtyTracker::prepare(vm.fd(), vm.ram(), config.dirty_mode)?))
@@ -305,6 +321,7 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
         snapshots.last = Some(crate::snapshot::format::ParentRef { dir: top.dir.clone(), id: top.manifest.id.clone() });
     }
     let guest_idle = chain.state.guest_idle.then_some(chain.state.idle_status);
-    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle };
+    let dirty_rounds = dirty_rounds_for(&config, &vm, vcpu.get_tsc_khz().map_or(0, u64::from));
+    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds };
     machine.drive(options.control)
 }

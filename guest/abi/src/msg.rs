@@ -44,6 +44,8 @@ pub enum MsgKind {
     Frames = 5,
     /// The guest has finished its work and idles until told otherwise.
     Idle = 6,
+    /// A workload event ([`crate::workload::Event`]).
+    Workload = 7,
 }
 
 /// Self-test checks ([`Report::Check`]).
@@ -144,6 +146,15 @@ pub enum Report {
         /// Bytes free in the buddy allocator.
         free_bytes: u64,
     },
+    /// See [`MsgKind::Workload`].
+    Workload {
+        /// The event.
+        event: crate::workload::Event,
+        /// First value (see the event).
+        a: u64,
+        /// Second value.
+        b: u64,
+    },
     /// See [`MsgKind::Idle`]. `status` is what the guest would have exited with.
     Idle {
         /// The would-be exit status.
@@ -189,6 +200,12 @@ impl Report {
                 m.kind = MsgKind::Frames as u32;
                 m.data = [ram_bytes, managed_bytes, free_bytes, 0, 0, 0, 0];
             }
+            Report::Workload { event, a, b } => {
+                m.kind = MsgKind::Workload as u32;
+                m.arg = event as u32;
+                m.data[0] = a;
+                m.data[1] = b;
+            }
             Report::Idle { status } => {
                 m.kind = MsgKind::Idle as u32;
                 m.arg = status;
@@ -222,6 +239,11 @@ impl Report {
             k if k == MsgKind::PageTables as u32 => Report::PageTables { table_pages: d[0], leaves: [d[1], d[2], d[3]] },
             k if k == MsgKind::Frames as u32 => Report::Frames { ram_bytes: d[0], managed_bytes: d[1], free_bytes: d[2] },
             k if k == MsgKind::Idle as u32 => Report::Idle { status: m.arg },
+            k if k == MsgKind::Workload as u32 => Report::Workload {
+                event: crate::workload::Event::from_raw(m.arg).ok_or(DecodeError::BadField("workload event"))?,
+                a: d[0],
+                b: d[1],
+            },
             k => return Err(DecodeError::UnknownKind(k)),
         })
     }
@@ -240,6 +262,7 @@ mod tests {
             Report::PageTables { table_pages: 4, leaves: [1, 2, 3] },
             Report::Frames { ram_bytes: 1, managed_bytes: 2, free_bytes: 3 },
             Report::Idle { status: 3 },
+            Report::Workload { event: crate::workload::Event::Checksum, a: 1, b: 2 },
         ];
         for r in reports {
             let m = r.encode();

@@ -8,6 +8,19 @@ use crate::Pod;
 pub enum WorkloadKind {
     /// Only the self-test.
     None = 0,
+    /// Dirty-page rounds (`dirty:pages=N,rounds=R,seed=S`): `params` =
+    /// [pages per round, rounds, seed, buffer pages, log] (`log` = 0 asks
+    /// the VMM not to track, for a baseline; the guest ignores it). In round `r` a ring-3
+    /// task writes page [`dirty_page`]`(seed, r, i, buffer)` of its buffer
+    /// for `i` in `0..pages`, then reports [`Event::RoundDone`] and waits
+    /// for the VMM to harvest.
+    Dirty = 1,
+    /// Memory checksums across snapshots (`checksum:pages=N,rounds=R,ms=T`):
+    /// `params` = [pages, rounds, milliseconds between rounds, seed]. A
+    /// ring-3 task fills `pages` pages, then every round recomputes their
+    /// checksum, reports it ([`Event::Checksum`]) and compares it with the
+    /// first one, reporting [`Event::Mismatch`] on a difference.
+    Checksum = 2,
 }
 
 impl WorkloadKind {
@@ -16,9 +29,55 @@ impl WorkloadKind {
     pub fn from_raw(raw: u32) -> Option<Self> {
         match raw {
             0 => Some(Self::None),
+            1 => Some(Self::Dirty),
+            2 => Some(Self::Checksum),
             _ => None,
         }
     }
+}
+
+/// Workload events the guest reports (`Report::Workload`), with the
+/// meaning of their two values.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The workload's buffer: a = guest-physical address, b = pages
+    /// (physically contiguous, so page `p` is at `a + p * 4096`).
+    BufferReady = 1,
+    /// A dirty round finished: a = round, b = TSC ticks the round's writes
+    /// took. The VMM harvests before the guest continues.
+    RoundDone = 2,
+    /// A checksum round: a = round, b = checksum.
+    Checksum = 3,
+    /// A checksum differed from the first: a = round, b = checksum.
+    Mismatch = 4,
+    /// The guest kernel's own bookkeeping region: a = guest-physical start,
+    /// b = length in bytes (kernel image, page-table arena).
+    KernelRegion = 5,
+}
+
+impl Event {
+    /// Decodes a raw event.
+    #[must_use]
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        [Self::BufferReady, Self::RoundDone, Self::Checksum, Self::Mismatch, Self::KernelRegion].into_iter().find(|e| *e as u32 == raw)
+    }
+}
+
+/// The page a dirty round writes: SplitMix64 (Steele, Lea and Flood,
+/// "Fast splittable pseudorandom number generators", OOPSLA 2014) of
+/// `seed`, `round` and `i`, reduced to `0..buffer_pages`. The guest and the
+/// VMM both call this, so the VMM knows exactly which pages were written.
+/// `buffer_pages` of zero yields 0.
+#[inline(always)]
+#[must_use]
+pub const fn dirty_page(seed: u64, round: u64, i: u64, buffer_pages: u64) -> u64 {
+    let mut z = seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i.wrapping_mul(0xd1b5_4a32_d192_ed03);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    if buffer_pages == 0 { 0 } else { z % buffer_pages }
 }
 
 /// A workload and its parameters, as written into the boot configuration.
@@ -34,3 +93,28 @@ pub struct WorkloadSpec {
 }
 // SAFETY: repr(C), integer fields only, 64 bytes with no padding.
 unsafe impl Pod for WorkloadSpec {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_pages_are_deterministic_and_spread() {
+        assert_eq!(dirty_page(1, 2, 3, 1000), dirty_page(1, 2, 3, 1000));
+        assert_ne!(dirty_page(1, 0, 0, 1 << 40), dirty_page(2, 0, 0, 1 << 40));
+        let mut seen = [false; 64];
+        for i in 0..1000 {
+            seen[dirty_page(7, 0, i, 64) as usize] = true;
+        }
+        assert!(seen.iter().all(|&s| s), "1000 draws cover 64 pages");
+        assert_eq!(dirty_page(7, 0, 0, 0), 0);
+    }
+
+    #[test]
+    fn kinds_and_events_decode() {
+        assert_eq!(WorkloadKind::from_raw(1), Some(WorkloadKind::Dirty));
+        assert_eq!(WorkloadKind::from_raw(9), None);
+        assert_eq!(Event::from_raw(5), Some(Event::KernelRegion));
+        assert_eq!(Event::from_raw(0), None);
+    }
+}

@@ -30,10 +30,13 @@ pub fn kernel_image() -> (u64, u64) {
     (&raw const __kernel_start as u64, &raw const __kernel_end as u64)
 }
 
+/// End of what the boot page tables identity-map (boot.rs: 512 × 2 MiB).
+const BOOT_MAP_END: u64 = 1 << 30;
+
 /// Why physical memory could not be set up.
 #[derive(Debug, Clone, Copy)]
 pub enum FramesError {
-    /// No RAM range holds the kernel arena.
+    /// No RAM range below 1 GiB holds the kernel arena.
     NoRoomForArena,
 }
 
@@ -119,10 +122,14 @@ pub fn init(info: &BootInfo) -> Result<Frames, FramesError> {
     let image = kernel_image();
     let image = (image.0, image.1.next_multiple_of(PAGE_SIZE));
     let plan = plan::plan_arena(info.ram(), image.1).ok_or(FramesError::NoRoomForArena)?;
+    // The arena is written before the switch to the kernel's own tables,
+    // through the boot tables, which map the first 1 GiB (boot.rs).
+    if plan.end > BOOT_MAP_END {
+        return Err(FramesError::NoRoomForArena);
+    }
     // SAFETY: the arena is RAM (plan_arena checked), identity-mapped by the
-    // boot tables (it ends below 1 GiB for any RAM size this kernel
-    // supports: ~40 MiB at 5 GiB), used for nothing else, and zero (fresh
-    // RAM). The metadata is its first `frames` entries.
+    // boot tables (checked above; ~40 MiB at 5 GiB of RAM), used for nothing
+    // else, and zero (fresh RAM). The metadata is its first `frames` entries.
     let meta = unsafe { core::slice::from_raw_parts_mut(plan.start as *mut FrameMeta, plan.frames as usize) };
     let mut buddy = Buddy::new(meta);
     for &range in info.ram() {

@@ -26,6 +26,7 @@ mod report;
 mod rt;
 mod selftest;
 mod task;
+mod workload;
 
 use memvisor_abi::boot::{FLAG_IDLE_AT_END, FLAG_SKIP_SELFTEST, FLAG_SYSCALL_INSN};
 use memvisor_abi::msg::Report;
@@ -94,7 +95,7 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     let frames = match frames::init(&info) {
         Ok(f) => f,
         Err(frames::FramesError::NoRoomForArena) => {
-            println!("guest: no RAM range holds the kernel arena");
+            println!("guest: no RAM range below 1 GiB holds the kernel arena");
             report::exit(EXIT_SETUP_FAILED)
         }
     };
@@ -107,7 +108,8 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
         }
     };
     // SAFETY: the new tables map the kernel image with its permissions, the
-    // boot stack (.bss), the boot data and the arena: everything used next.
+    // boot stack (.bss) and the arena: everything used next (the boot data
+    // was copied into `info`).
     unsafe { cpu::write_cr3(root.as_u64()) };
     task::set_kernel_root(root);
     // SAFETY: once, at ring 0, on the boot path; GDT before IDT.
@@ -145,6 +147,13 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
                 EXIT_SETUP_FAILED
             }
         }
+    };
+    let status = if status == EXIT_OK {
+        let image = frames::kernel_image();
+        let regions = [(image.0, image.1 - image.0), (frames.arena.0, frames.arena.1 - frames.arena.0)];
+        workload::run(&mut k, &config.workload, config.tsc_khz, &regions)
+    } else {
+        status
     };
     let stats = k.mapper.stats;
     report::send(&Report::PageTables { table_pages: stats.table_pages, leaves: stats.leaves });

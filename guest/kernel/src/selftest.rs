@@ -14,7 +14,7 @@
 use memvisor_abi::layout::{PAGE_SIZE, USER_HEAP_BASE, USER_STACK_TOP};
 use memvisor_abi::msg::{CheckId, Report, pf};
 use memvisor_guest_mm::buddy::FRAME_SIZE;
-use memvisor_guest_mm::paging::{MapError, PageSize, PageTableEntry as Pte};
+use memvisor_guest_mm::paging::{FrameSource, MapError, PageSize, PageTableEntry as Pte};
 use memvisor_user::args::{MAX_RANGES, Range, TaskArgs};
 use memvisor_user::entry;
 
@@ -42,7 +42,7 @@ pub fn run(k: &mut Kernel) -> Result<bool, MapError> {
     space.map(&mut k.mapper, user_layout::STACK_BOTTOM, stack, user_layout::STACK_PAGES * PAGE_SIZE, PageSize::Size4K, Pte::WRITABLE | Pte::NO_EXECUTE)?;
     // Argument page: a pool frame (zero, identity-mapped for the kernel),
     // read-only for the task.
-    let args_pa = memvisor_guest_mm::paging::FrameSource::alloc_table(&mut k.mapper.frames).ok_or(MapError::OutOfFrames)?;
+    let args_pa = k.mapper.frames.alloc_table().ok_or(MapError::OutOfFrames)?;
     space.map(&mut k.mapper, user_layout::ARGS, args_pa.as_u64(), PAGE_SIZE, PageSize::Size4K, Pte::NO_EXECUTE)?;
     // SAFETY: the frame is in the arena (identity-mapped RW at ring 0), page
     // sized and aligned, and used for nothing else.

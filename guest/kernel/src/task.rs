@@ -12,13 +12,17 @@
 //! context switch back to the kernel stack saved on entry (the trap's IST
 //! frame is simply abandoned). System calls arrive as `int3` through a DPL-3
 //! gate with the number in `rax` (works on every host), or as `syscall` when
-//! the VMM set `FLAG_SYSCALL_INSN`.
+//! the VMM set `FLAG_SYSCALL_INSN`. Both come back to ring 3 through the
+//! same `iretq` (the `syscall` stub builds an interrupt-shaped frame):
+//! `sysretq` would save a few cycles but needs its own return path and the
+//! canonical-RIP check that makes it a classic hazard, and the only system
+//! call that exists today, exit, never returns.
 
 use core::arch::global_asm;
 
 use memvisor_abi::layout::{self, PAGE_SIZE};
 use memvisor_guest_mm::paging::{FrameMemory, MapError, PageSize, PageTableEntry as Pte, PhysAddr, VirtAddr};
-use memvisor_user::sys::SYS_EXIT;
+use memvisor_user::sys::{SYS_EVENT, SYS_EXIT};
 
 use crate::cpu;
 use crate::gdt::{USER_CS, USER_DS};
@@ -182,6 +186,16 @@ pub fn handle_trap(frame: &mut TrapFrame) {
         if frame.vector == idt::BREAKPOINT || frame.vector == idt::SYSCALL_MARK {
             match frame.rax {
                 SYS_EXIT => end_task(TaskExit::Exited(frame.rdi)),
+                SYS_EVENT => {
+                    // Forwarded as is; the VMM validates the event.
+                    if let Some(event) = memvisor_abi::workload::Event::from_raw(frame.rdi as u32) {
+                        crate::report::send(&memvisor_abi::msg::Report::Workload { event, a: frame.rsi, b: frame.rdx });
+                        frame.rax = 0;
+                    } else {
+                        frame.rax = u64::MAX;
+                    }
+                    return;
+                }
                 _ => {
                     frame.rax = u64::MAX;
                     return;

@@ -110,21 +110,43 @@ impl<'a> Buddy<'a> {
 
     /// Adds the frames wholly inside `[start, end)` (rounded inwards to
     /// 4 KiB) as free memory, cut into the largest aligned blocks. Frames
-    /// beyond the metadata are ignored. Returns the bytes added.
+    /// beyond the metadata are ignored. The range must not overlap one
+    /// added before (not checked: that would cost a lookup per frame).
+    /// Returns the bytes added.
     pub fn add_range(&mut self, start: u64, end: u64) -> u64 {
-        let mut first = start.div_ceil(FRAME_SIZE);
+        let begin = start.div_ceil(FRAME_SIZE);
         let last = (end >> FRAME_SHIFT).min(self.meta.len() as u64);
+        let mut first = begin;
         let mut added = 0;
+        let mut edges = [None; 2];
         while first < last {
             let align_order = if first == 0 { MAX_ORDER as u32 } else { first.trailing_zeros().min(MAX_ORDER as u32) };
             let fit_order = 63 - (last - first).leading_zeros();
             let order = align_order.min(fit_order) as usize;
-            // The block is aligned, in range and (for fresh ranges) not free.
-            if self.free(first << FRAME_SHIFT, order).is_ok() {
+            let next = first + (1 << order);
+            // Greedy maximal blocks never have their buddy inside the same
+            // range (else the pair would have been one larger block), so
+            // only the first and last block can merge, with free memory
+            // outside the range. The others go straight onto the lists; the
+            // two edge blocks are freed afterwards with merging, so a merge
+            // that grows an edge block into an inner block's buddy is seen.
+            if first == begin {
+                edges[0] = Some((first, order));
+            } else if next == last {
+                edges[1] = Some((first, order));
+            } else if self.meta[first as usize].free_order == 0 {
+                self.free_frames += 1 << order;
+                self.push(first as u32, order);
                 self.managed_frames += 1 << order;
                 added += FRAME_SIZE << order;
             }
-            first += 1 << order;
+            first = next;
+        }
+        for (frame, order) in edges.into_iter().flatten() {
+            if self.free(frame << FRAME_SHIFT, order).is_ok() {
+                self.managed_frames += 1 << order;
+                added += FRAME_SIZE << order;
+            }
         }
         added
     }
@@ -355,6 +377,27 @@ mod tests {
         b.add_range(MIB, 2 * MIB);
         assert_eq!(b.free_blocks()[9], 1);
         assert_eq!(b.free_blocks().iter().sum::<u32>(), 1);
+    }
+
+    #[test]
+    fn a_range_added_in_pieces_ends_as_the_same_blocks_as_whole() {
+        let mut whole = storage(64 * MIB);
+        let mut pieces = storage(64 * MIB);
+        let mut a = Buddy::new(&mut whole);
+        let mut b = Buddy::new(&mut pieces);
+        a.add_range(0x13_5000, 0x3f0_0000);
+        for (s, e) in [(0x13_5000, 0x20_0000), (0x20_0000, 0x123_4000), (0x123_4000, 0x3f0_0000)] {
+            b.add_range(s, e);
+        }
+        assert_eq!(a.free_blocks(), b.free_blocks());
+        assert_eq!(a.free_bytes(), b.free_bytes());
+        // And they hand out the same memory.
+        let drain = |x: &mut Buddy| {
+            let mut v: Vec<(u64, usize)> = core::iter::from_fn(|| x.alloc_largest()).collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(drain(&mut a), drain(&mut b));
     }
 
     #[test]

@@ -366,6 +366,43 @@ impl<M: FrameMemory, S: FrameSource> Mapper<M, S> {
         Ok(())
     }
 
+    /// The table that holds `size` leaves for `va` (a PT for 4 KiB, a PD for
+    /// 2 MiB, a PDPT for 1 GiB), created with its parents if missing; with
+    /// `user`, U/S is set on every entry leading to it.
+    ///
+    /// # Errors
+    /// [`MapError::OutOfFrames`], or [`MapError::HugePageInTheWay`].
+    pub fn leaf_table(&mut self, root: PhysAddr, va: VirtAddr, size: PageSize, user: bool) -> Result<PhysAddr, MapError> {
+        self.table_for(root, va, size.leaf_level(), user)
+    }
+
+    /// Writes `count` consecutive leaves of `size` into `table` from entry
+    /// `first`, mapping consecutive pages from `phys` with `flags` (P, and
+    /// PS for large leaves, are added). A bulk write without checks: the
+    /// entries must be free and `first + count` at most [`ENTRIES`]
+    /// (indices beyond the table are ignored).
+    pub fn fill(&mut self, table: PhysAddr, first: usize, count: usize, phys: PhysAddr, size: PageSize, flags: u64) {
+        let ps = if size == PageSize::Size4K { 0 } else { PageTableEntry::HUGE };
+        let end = (first + count).min(ENTRIES);
+        let Some(entries) = self.mem.table(table).get_mut(first..end) else { return };
+        let step = size.bytes();
+        let mut value = PageTableEntry::new(phys, flags | ps).0;
+        // Eight entries per iteration: ~2 instructions per entry, which is
+        // what a ring-0 bulk mapping costs on a host that emulates ring 0.
+        let mut chunks = entries.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for (k, e) in c.iter_mut().enumerate() {
+                *e = value + k as u64 * step;
+            }
+            value += 8 * step;
+        }
+        for e in chunks.into_remainder() {
+            *e = value;
+            value += step;
+        }
+        self.stats.leaves[size.counter_index()] += (end - first) as u64;
+    }
+
     /// Maps `len` bytes at `va` to `phys`, using the largest leaf up to
     /// `max_size` that alignment and the remaining length allow (so 1 GiB
     /// leaves only where both addresses are 1 GiB-aligned).
@@ -390,7 +427,6 @@ impl<M: FrameMemory, S: FrameSource> Mapper<M, S> {
             let level = size.leaf_level();
             let vaddr = VirtAddr::new(v).ok_or(MapError::Misaligned)?;
             let table = self.table_for(root, vaddr, level, user)?;
-            let ps = if size == PageSize::Size4K { 0 } else { PageTableEntry::HUGE };
             let step = size.bytes();
             // Entries of this table we can fill with this size.
             let first = vaddr.index(level);
@@ -405,14 +441,7 @@ impl<M: FrameMemory, S: FrameSource> Mapper<M, S> {
                     n = n.min(to_boundary);
                 }
             }
-            let template = PageTableEntry::new(PhysAddr(p), flags | ps).0;
-            let entries = &mut self.mem.table(table)[first..first + n as usize];
-            let mut value = template;
-            for e in entries {
-                *e = value;
-                value += step;
-            }
-            self.stats.leaves[size.counter_index()] += n;
+            self.fill(table, first, n as usize, PhysAddr(p), size, flags);
             v += n * step;
             p += n * step;
         }
@@ -688,6 +717,24 @@ mod tests {
     }
 
     #[test]
+    fn leaf_table_then_fill_maps_a_run_of_pages() {
+        let mut mem = FakeMemory::default();
+        let mut m = Mapper::new(&mut mem, Bump { next: 0x10_0000, end: 0x20_0000 });
+        let root = m.new_root().unwrap();
+        let pt = m.leaf_table(root, va(0x40_0000), PageSize::Size4K, true).unwrap();
+        m.fill(pt, 3, 2, pa(0x9000), PageSize::Size4K, PageTableEntry::WRITABLE);
+        // Past the end of the table: clipped, not a panic.
+        m.fill(pt, 511, 5, pa(0xa000), PageSize::Size4K, 0);
+        assert_eq!(m.stats.leaves, [3, 0, 0]);
+        let w = walk(root, va(0x40_4010), 46, read(&*m.mem));
+        assert_eq!(w.result.unwrap().phys, pa(0xa010));
+        // leaf_table(user) sets U on the way down; the leaf's U/S is the caller's.
+        assert!(w.steps().take(3).all(|s| s.entry.unwrap().has(PageTableEntry::USER)));
+        assert!(!w.result.unwrap().user);
+        assert_eq!(walk(root, va(0x40_5000), 46, read(&*m.mem)).result, Err((Level::Pt, WalkStop::NotPresent)));
+    }
+
+    #[test]
     fn mapping_twice_or_under_a_huge_page_is_refused() {
         let mut mem = FakeMemory::default();
         let mut m = Mapper::new(&mut mem, Bump { next: 0x10_0000, end: 0x20_0000 });
@@ -733,6 +780,38 @@ mod tests {
         assert_eq!(w.result, Err((Level::Pt, WalkStop::TableOutsideMemory)));
         assert_eq!(w.steps[3].unwrap().table, pa(0x7777_0000));
         assert_eq!(w.steps[3].unwrap().entry, None);
+    }
+
+    #[test]
+    fn higher_half_addresses_map_and_walk() {
+        let mut mem = FakeMemory::default();
+        let mut m = Mapper::new(&mut mem, Bump { next: 0x10_0000, end: 0x20_0000 });
+        let root = m.new_root().unwrap();
+        let base = 0xffff_8000_0000_0000;
+        m.map_range(root, va(base), pa(0), 4 << 30, PageSize::Size1G, PageTableEntry::NO_EXECUTE).unwrap();
+        assert_eq!(m.stats.leaves, [0, 0, 4]);
+        let w = walk(root, va(base + (3 << 30) + 0x1234_5678), 46, read(&*m.mem));
+        assert_eq!(w.steps[0].unwrap().index, 256);
+        let t = w.result.unwrap();
+        assert_eq!((t.phys, t.size, t.no_execute), (pa((3 << 30) + 0x1234_5678), PageSize::Size1G, true));
+    }
+
+    #[test]
+    fn reserved_bits_depend_on_level_and_page_size() {
+        let huge = PageTableEntry(PageTableEntry::PRESENT | PageTableEntry::HUGE | (1 << 20));
+        // Bit 20 is reserved in both large leaves (29:13 and 20:13), bit 21 only in 1 GiB ones.
+        assert_eq!(reserved_bits(huge, Level::Pdpt, 46), 1 << 20);
+        assert_eq!(reserved_bits(huge, Level::Pd, 46), 1 << 20);
+        let bit21 = PageTableEntry(PageTableEntry::PRESENT | PageTableEntry::HUGE | (1 << 21));
+        assert_eq!(reserved_bits(bit21, Level::Pdpt, 46), 1 << 21);
+        assert_eq!(reserved_bits(bit21, Level::Pd, 46), 0);
+        // PS is reserved in a PML4 entry; the PAT bit (12) of a 2 MiB leaf is not.
+        assert_eq!(reserved_bits(PageTableEntry(PageTableEntry::PRESENT | PageTableEntry::HUGE), Level::Pml4, 46), PageTableEntry::HUGE);
+        assert_eq!(reserved_bits(PageTableEntry(PageTableEntry::PRESENT | PageTableEntry::HUGE | (1 << 12)), Level::Pd, 46), 0);
+        // Address bits at or above MAXPHYADDR, at any level; none with 52 bits.
+        let high = PageTableEntry(PageTableEntry::PRESENT | (1 << 40));
+        assert_eq!(reserved_bits(high, Level::Pt, 39), 1 << 40);
+        assert_eq!(reserved_bits(high, Level::Pt, 52), 0);
     }
 
     #[test]

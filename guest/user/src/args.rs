@@ -10,8 +10,11 @@ pub struct Range {
     pub len: u64,
 }
 
+/// Workload parameters passed in the argument block.
+pub const MAX_PARAMS: usize = 8;
+
 /// How many ranges fit in the one-page argument block.
-pub const MAX_RANGES: usize = (4096 - 16) / size_of::<Range>();
+pub const MAX_RANGES: usize = (4096 - 16 - 8 * MAX_PARAMS) / size_of::<Range>();
 
 /// The argument block, one 4 KiB page mapped read-only into the task; its
 /// address arrives in `rdi`.
@@ -22,6 +25,8 @@ pub struct TaskArgs {
     pub syscall_insn: u64,
     /// Valid entries of `ranges`.
     pub nranges: u64,
+    /// Workload parameters (`memvisor_abi::workload::WorkloadSpec::params`).
+    pub params: [u64; MAX_PARAMS],
     /// The ranges.
     pub ranges: [Range; MAX_RANGES],
 }

@@ -16,3 +16,4 @@ pub mod args;
 pub mod entry;
 pub mod pattern;
 pub mod sys;
+pub mod workloads;

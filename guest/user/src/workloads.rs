@@ -1,0 +1,128 @@
+//! Ring-3 memory workloads the VMM asks for (`vmm run --workload ...`).
+//!
+//! Like everything in this crate they avoid bounds checks and calls into
+//! kernel code: raw pointers and wrapping arithmetic only.
+
+use memvisor_abi::workload::{Event, dirty_page};
+
+use crate::args::TaskArgs;
+use crate::sys::{event, exit};
+
+const PAGE_WORDS: u64 = 512;
+
+/// Dirty rounds: `params` = [pages per round, rounds, seed]; `ranges[0]`
+/// is the buffer. In round `r`, writes one word to page
+/// [`dirty_page`]`(seed, r, i, buffer pages)` for each `i`, then reports
+/// [`Event::RoundDone`] (the VMM harvests before the call returns).
+///
+/// # Safety
+/// Entered only by the kernel, with `args` valid and `ranges[0]` the
+/// task's own writable buffer.
+#[inline(never)]
+pub unsafe extern "C" fn dirty_rounds(args: *const TaskArgs) -> ! {
+    // SAFETY: the kernel passes a valid, mapped argument block.
+    let a = unsafe { &*args };
+    let sys = a.syscall_insn != 0;
+    // SAFETY: nranges >= 1 for this workload (the kernel sets it).
+    let buf = unsafe { (*a.ranges.as_ptr()).start } as *mut u64;
+    // SAFETY: as above.
+    let buffer_pages = unsafe { (*a.ranges.as_ptr()).len } / 4096;
+    let (pages, rounds, seed) = (a.params[0], a.params[1], a.params[2]);
+    let mut r = 0;
+    while r < rounds {
+        let start = rdtsc();
+        let mut i = 0;
+        while i < pages {
+            let p = dirty_page(seed, r, i, buffer_pages);
+            // SAFETY: p < buffer_pages, so the word is inside the buffer.
+            unsafe { buf.add((p * PAGE_WORDS + r % PAGE_WORDS) as usize).write_volatile(r ^ i) };
+            i += 1;
+        }
+        event(Event::RoundDone as u64, r, rdtsc().wrapping_sub(start), sys);
+        r += 1;
+    }
+    // Touch every buffer page once more after logging ended, so the VMM's
+    // last look at KVM's mappings shows whether large ones came back.
+    let mut p = 0;
+    while p < buffer_pages {
+        // SAFETY: p < buffer_pages.
+        unsafe { buf.add((p * PAGE_WORDS) as usize).write_volatile(p) };
+        p += 1;
+    }
+    exit(0, sys)
+}
+
+/// An FNV-1a style checksum of `words` words from `p`.
+///
+/// # Safety
+/// `p` must be valid for `words` reads.
+#[inline(always)]
+unsafe fn checksum(p: *const u64, words: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut i = 0;
+    while i < words {
+        // SAFETY: i < words, within the caller's range.
+        h = (h ^ unsafe { p.add(i as usize).read_volatile() }).wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    h
+}
+
+#[inline(always)]
+fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: rdtsc only reads the time-stamp counter (allowed at CPL 3
+    // unless CR4.TSD, which the kernel leaves clear).
+    unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Checksum rounds: `params` = [pages, rounds, milliseconds between
+/// rounds, seed, TSC kHz]; `ranges[0]` is the buffer. Fills the pages with a
+/// seeded pattern, then every round recomputes the checksum, reports it and
+/// compares it with the first; exits with the number of mismatches. A
+/// snapshot taken between rounds and restored must not change it.
+///
+/// # Safety
+/// As [`dirty_rounds`].
+#[inline(never)]
+pub unsafe extern "C" fn checksum_rounds(args: *const TaskArgs) -> ! {
+    // SAFETY: the kernel passes a valid, mapped argument block.
+    let a = unsafe { &*args };
+    let sys = a.syscall_insn != 0;
+    // SAFETY: nranges >= 1 for this workload.
+    let buf = unsafe { (*a.ranges.as_ptr()).start } as *mut u64;
+    let (pages, rounds, ms, seed, tsc_khz) = (a.params[0], a.params[1], a.params[2], a.params[3], a.params[4]);
+    let words = pages * PAGE_WORDS;
+    let mut x = seed | 1;
+    let mut i = 0;
+    while i < words {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // SAFETY: i < words, inside the buffer.
+        unsafe { buf.add(i as usize).write_volatile(x) };
+        i += 1;
+    }
+    // SAFETY: the buffer holds `words` words.
+    let first = unsafe { checksum(buf, words) };
+    event(Event::Checksum as u64, 0, first, sys);
+    let mut mismatches = 0;
+    let mut r = 1;
+    while r < rounds {
+        let start = rdtsc();
+        while rdtsc().wrapping_sub(start) < ms.wrapping_mul(tsc_khz) {
+            core::hint::spin_loop();
+        }
+        // SAFETY: as above.
+        let c = unsafe { checksum(buf, words) };
+        event(Event::Checksum as u64, r, c, sys);
+        if c != first {
+            mismatches += 1;
+            event(Event::Mismatch as u64, r, c, sys);
+        }
+        r += 1;
+    }
+    exit(mismatches, sys)
+}

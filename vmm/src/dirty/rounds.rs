@@ -1,0 +1,218 @@
+//! The dirty workload's harvests, checked round by round.
+//!
+//! The guest's ring-3 task writes the pages [`dirty_page`] names in each
+//! round and reports `RoundDone`; the VMM then harvests (the guest waits in
+//! the port write) and compares: every page the task wrote must be in the
+//! harvest (a miss is a bug, reported in `missing`); anything else must be
+//! explained: a page the VMM wrote, or one in a region the guest kernel
+//! declared as its own bookkeeping (kernel data and stacks, page-table
+//! arena with its accessed/dirty bits, the task's stack). Pages with no
+//! explanation are listed as `unexplained`.
+
+use std::collections::BTreeSet;
+
+use memvisor_abi::workload::{Event, dirty_page};
+use serde::Serialize;
+
+use crate::dirty::{DirtyError, DirtyMode, DirtyTracker, PageRange};
+use crate::kvm_stats::StatsFd;
+use crate::memory::GuestRam;
+
+/// What each declared kernel region is, in the order the guest sends them.
+const REGION_REASONS: [&str; 3] = [
+    "guest kernel image (kernel data, stacks, message outbox)",
+    "guest page-table arena (page tables, accessed/dirty bits, task argument pages)",
+    "workload task stack",
+];
+
+/// Pages outside the expected set, grouped by reason.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Extra {
+    /// Why they were dirty.
+    pub reason: String,
+    /// Guest page frame numbers.
+    pub pages: Vec<u64>,
+}
+
+/// One round's comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundRecord {
+    /// Round number.
+    pub round: u64,
+    /// Distinct pages the guest task wrote (the expected set).
+    pub expected: u64,
+    /// Pages KVM reported for the guest.
+    pub harvested: u64,
+    /// Expected pages not harvested: must be empty.
+    pub missing: Vec<u64>,
+    /// Pages harvested beyond the expected ones, with their reasons.
+    pub extra: Vec<Extra>,
+    /// Harvest time, µs.
+    pub harvest_us: f64,
+    /// KVM reported a possibly overflowed ring (then every page counts).
+    pub ring_overflowed: bool,
+    /// How long the guest's writes took, µs (guest TSC; 0 when unknown).
+    pub guest_us: f64,
+}
+
+/// KVM's mapping sizes at one moment (binary stats).
+#[derive(Debug, Clone, Serialize)]
+pub struct MappingSample {
+    /// When: "before logging", "round N", "after logging".
+    pub phase: String,
+    /// 4 KiB leaves.
+    pub pages_4k: Option<u64>,
+    /// 2 MiB leaves.
+    pub pages_2m: Option<u64>,
+    /// 1 GiB leaves.
+    pub pages_1g: Option<u64>,
+}
+
+/// The whole dirty workload report (`--dirty-report FILE`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DirtyReport {
+    /// Mechanism.
+    pub mode: DirtyMode,
+    /// Pages per round, rounds, seed, buffer pages, logging on (1) or off (0).
+    pub params: [u64; 5],
+    /// The buffer's first guest page frame.
+    pub buffer_pfn: u64,
+    /// Each round.
+    pub rounds: Vec<RoundRecord>,
+    /// KVM mapping sizes before, during and after logging.
+    pub mappings: Vec<MappingSample>,
+}
+
+/// Follows a dirty workload's events.
+#[derive(Debug)]
+pub struct DirtyRounds {
+    params: [u64; 5],
+    tsc_khz: u64,
+    regions: Vec<(u64, u64)>,
+    buffer: Option<(u64, u64)>,
+    rounds: Vec<RoundRecord>,
+    mappings: Vec<MappingSample>,
+    stats: Option<StatsFd>,
+}
+
+impl DirtyRounds {
+    /// For a workload with `params` = [pages, rounds, seed, buffer pages,
+    /// log]; `tsc_khz` converts the guest's round times.
+    #[must_use]
+    pub fn new(params: [u64; 5], tsc_khz: u64, stats: Option<StatsFd>) -> Self {
+        DirtyRounds { params, tsc_khz, regions: Vec::new(), buffer: None, rounds: Vec::new(), mappings: Vec::new(), stats }
+    }
+
+    fn logging(&self) -> bool {
+        self.params[4] != 0
+    }
+
+    fn sample(&mut self, phase: String) {
+        let snap = self.stats.as_ref().and_then(|s| s.snapshot().ok());
+        let get = |n: &str| snap.as_ref().and_then(|s| s.value(n));
+        self.mappings.push(MappingSample { phase, pages_4k: get("pages_4k"), pages_2m: get("pages_2m"), pages_1g: get("pages_1g") });
+    }
+
+    /// Handles one workload event.
+    ///
+    /// # Errors
+    /// [`DirtyError`] when harvesting fails.
+    pub fn on_event(&mut self, event: Event, a: u64, b: u64, tracker: &mut DirtyTracker, vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<(), DirtyError> {
+        match event {
+            Event::KernelRegion => self.regions.push((a, b)),
+            Event::BufferReady => {
+                // Guest-supplied: only used if it lies in RAM.
+                if ram.ram_offset_of(a).is_some() && b > 0 && ram.ram_offset_of(a + (b - 1) * 4096).is_some() {
+                    self.buffer = Some((a >> 12, b));
+                }
+                self.sample("before logging".into());
+                if self.logging() {
+                    tracker.start(vm, ram)?;
+                }
+            }
+            Event::RoundDone => {
+                let guest_us = if self.tsc_khz == 0 { 0.0 } else { b as f64 * 1000.0 / self.tsc_khz as f64 };
+                if !self.logging() {
+                    let mut record = self.check_round(a, &[], &[], 0.0, false);
+                    record.missing.clear();
+                    record.guest_us = guest_us;
+                    self.rounds.push(record);
+                    return Ok(());
+                }
+                let t = std::time::Instant::now();
+                let h = tracker.harvest(vm, ram)?;
+                let harvest_us = t.elapsed().as_secs_f64() * 1e6;
+                self.sample(format!("round {a}"));
+                let mut record = self.check_round(a, &h.guest, &h.vmm, harvest_us, h.ring_overflowed);
+                record.guest_us = guest_us;
+                self.rounds.push(record);
+                if a + 1 >= self.params[1] {
+                    tracker.stop(vm, ram)?;
+                }
+            }
+            Event::Checksum | Event::Mismatch => {}
+        }
+        Ok(())
+    }
+
+    /// Called when the run ends: the last mapping sample.
+    pub fn finish(&mut self) {
+        self.sample("after logging (guest touched its buffer again)".into());
+    }
+
+    fn check_round(&self, round: u64, guest: &[PageRange], vmm: &[PageRange], harvest_us: f64, ring_overflowed: bool) -> RoundRecord {
+        let (pages, _, seed, _) = (self.params[0], self.params[1], self.params[2], self.params[3]);
+        let (base, buffer_pages) = self.buffer.unwrap_or((0, 0));
+        let expected: BTreeSet<u64> = (0..pages).map(|i| base + dirty_page(seed, round, i, buffer_pages)).collect();
+        let harvested: BTreeSet<u64> = guest.iter().flat_map(|r| r.first..r.end()).collect();
+        let vmm_pages: BTreeSet<u64> = vmm.iter().flat_map(|r| r.first..r.end()).collect();
+        let missing: Vec<u64> = expected.difference(&harvested).copied().collect();
+        let mut extra: Vec<Extra> = Vec::new();
+        let mut add = |reason: &str, page: u64| match extra.iter_mut().find(|e| e.reason == reason) {
+            Some(e) => e.pages.push(page),
+            None => extra.push(Extra { reason: reason.to_string(), pages: vec![page] }),
+        };
+        for &p in harvested.difference(&expected) {
+            let gpa = p << 12;
+            let region = self.regions.iter().position(|&(start, len)| gpa >= start && gpa < start.saturating_add(len));
+            match region {
+                Some(i) => add(REGION_REASONS.get(i).copied().unwrap_or("guest kernel bookkeeping"), p),
+                None if ring_overflowed => add("dirty ring overflowed: every page reported", p),
+                None => add("unexplained", p),
+            }
+        }
+        for &p in &vmm_pages {
+            add("written by the VMM", p);
+        }
+        RoundRecord { round, expected: expected.len() as u64, harvested: harvested.len() as u64, missing, extra, harvest_us, ring_overflowed, guest_us: 0.0 }
+    }
+
+    /// The report.
+    #[must_use]
+    pub fn report(&self, mode: DirtyMode) -> DirtyReport {
+        DirtyReport { mode, params: self.params, buffer_pfn: self.buffer.map_or(0, |b| b.0), rounds: self.rounds.clone(), mappings: self.mappings.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_classify_extras_and_misses() {
+        let mut d = DirtyRounds::new([10, 2, 7, 64, 1], 0, None);
+        d.buffer = Some((0x1000, 64));
+        d.regions = vec![(0x10_0000, 0x1000)];
+        let expected: Vec<u64> = (0..10).map(|i| 0x1000 + dirty_page(7, 0, i, 64)).collect();
+        let mut guest: Vec<PageRange> = expected.iter().skip(1).map(|&p| PageRange { first: p, count: 1 }).collect();
+        guest.push(PageRange { first: 0x100, count: 1 }); // kernel region
+        guest.push(PageRange { first: 0x9999, count: 1 }); // nobody's
+        guest.sort();
+        let r = d.check_round(0, &guest, &[PageRange { first: 5, count: 1 }], 1.0, false);
+        assert_eq!(r.missing, vec![expected[0]].into_iter().filter(|p| !expected[1..].contains(p)).collect::<Vec<_>>());
+        let reasons: Vec<&str> = r.extra.iter().map(|e| e.reason.as_str()).collect();
+        assert!(reasons.contains(&REGION_REASONS[0]));
+        assert!(reasons.contains(&"unexplained"));
+        assert!(reasons.contains(&"written by the VMM"));
+    }
+}
