@@ -256,12 +256,11 @@ impl DirtyTracker {
                 self.collect_rings(vm)?;
             }
             DirtyMode::Bitmap | DirtyMode::Clear => {
+                // Outside ring mode the accumulator is empty between
+                // harvests (cleared below), so KVM's bitmap goes straight
+                // into it: no copy, one scan.
                 for s in &mut self.slots {
-                    log::get(vm, s.info.slot, &mut s.kvm)?;
-                    if self.mode == DirtyMode::Clear && ranges::count_pages(&s.kvm) > 0 {
-                        log::clear(vm, s.info.slot, 0, s.info.pages as u32, &mut s.kvm)?;
-                    }
-                    ranges::merge_into(&mut s.acc, &s.kvm);
+                    log::get(vm, s.info.slot, &mut s.acc)?;
                 }
             }
         }
@@ -281,6 +280,11 @@ impl DirtyTracker {
         let mut out = Harvest { bad_ring_entries: std::mem::take(&mut self.bad_ring_entries), ring_overflowed, ..Default::default() };
         for (s, vmm_bm) in self.slots.iter_mut().zip(vmm_bitmaps) {
             let guest = ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn);
+            if self.mode == DirtyMode::Clear && !guest.is_empty() && !ring_overflowed {
+                // Re-protect exactly what was harvested (KVM reads the
+                // bitmap and leaves it as it is).
+                log::clear(vm, s.info.slot, 0, s.info.pages as u32, &mut s.acc)?;
+            }
             match vmm_bm {
                 None => out.all.extend_from_slice(&guest),
                 Some(vmm_bm) => {
