@@ -44,7 +44,12 @@ pub fn binary() -> &'static Path {
     BINARY.get_or_init(|| {
         let profile_dir = profile_dir();
         let profile = profile_dir.file_name().and_then(OsStr::to_str).unwrap_or("debug").to_string();
-        let target_dir = profile_dir.parent().expect("target/<profile> has a parent").to_path_buf();
+        let mut target_dir = profile_dir.parent().expect("target/<profile> has a parent").to_path_buf();
+        // With a build target configured (the root .cargo/config.toml links
+        // the VMM statically), profiles live in target/<triple>/<profile>.
+        if target_dir.file_name().and_then(OsStr::to_str).is_some_and(|n| n.contains("-unknown-linux-")) {
+            target_dir = target_dir.parent().expect("target/<triple> has a parent").to_path_buf();
+        }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_root()).args(["build", "--quiet", "--bin", "vmm", "--target-dir"]).arg(&target_dir);
