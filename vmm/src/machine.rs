@@ -158,7 +158,7 @@ impl Machine {
                 }
                 VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
                     if let Some(t) = self.tracker.as_mut() {
-                        if let Err(e) = t.collect_rings(self.vm.fd()) {
+                        if let Err(e) = t.on_ring_full(self.vm.fd()) {
                             break Err(e.into());
                         }
                     }

@@ -96,7 +96,7 @@ impl PageWriter {
             match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(PASS_PORT, _)) => return Ok(start.elapsed()),
                 Ok(VcpuExit::Unsupported(31)) => {
-                    self.tracker.collect_rings(self.vm.fd())?;
+                    self.tracker.on_ring_full(self.vm.fd())?;
                 }
                 Ok(other) => {
                     return Err(VmmError::GuestFailed { what: format!("unexpected exit {other:?}"), regs: Box::new(crate::vcpu::RegisterDump::read(&self.vcpu)) });

@@ -109,7 +109,7 @@ struct MicroSamples {
 
 /// Pause, total and throughput figures from the micro guest.
 fn pause_and_throughput(dir: &Path, mem: u64, dirty: u64, reps: usize) -> Result<MicroSamples, VmmError> {
-    let mut w = PageWriter::new(mem, Backing::Anon, crate::dirty::choose_mode(&crate::dirty::DirtyCaps::probe(&crate::vm::open_kvm()?.create_vm().map_err(|source| crate::vm::VmError::Kvm { what: "KVM_CREATE_VM", source })?), None)?)?;
+    let mut w = PageWriter::new(mem, Backing::Anon, crate::dirty::choose_mode(&crate::dirty::DirtyCaps::probe(&crate::vm::open_kvm()?.create_vm().map_err(|source| crate::vm::VmError::Kvm { what: "KVM_CREATE_VM", source })?), None, crate::host::detect().is_pvm())?)?;
     let mode = w.tracker.mode();
     let pages = mem / 4096 - FIRST_DATA_PAGE;
     // Touch every page so the full snapshot saves all of RAM.

@@ -99,20 +99,34 @@ pub enum DirtyError {
         #[source]
         source: std::io::Error,
     },
+    /// A dirty ring stays full although it was harvested: KVM pushed past
+    /// its end (seen on the PVM flavour when guest code at CPL0, which it
+    /// emulates, dirties many pages between two checks) and can no longer
+    /// reset it, so the vCPU cannot run.
+    #[error("the dirty ring of a vCPU is stuck full (KVM overran it); run with --dirty-mode clear")]
+    RingStuck,
     /// Memslot update failed.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
 }
 
 /// Chooses the mode: the forced one if the kernel offers it, else the best
-/// one it offers.
+/// one it offers. On KVM's PVM flavour the ring is chosen only when forced:
+/// its instruction emulator can push more entries than a ring holds before
+/// the vCPU stops, and an overrun ring never drains again (see
+/// [`DirtyError::RingStuck`]); bitmap harvests with manual protect have no
+/// such failure.
 ///
 /// # Errors
 /// [`DirtyError::Unavailable`] when a forced mode is missing.
-pub fn choose_mode(caps: &DirtyCaps, forced: Option<DirtyMode>) -> Result<DirtyMode, DirtyError> {
+pub fn choose_mode(caps: &DirtyCaps, forced: Option<DirtyMode>, pvm: bool) -> Result<DirtyMode, DirtyError> {
     match forced {
         Some(mode) => caps.check(mode).map(|()| mode),
-        None => Ok(DirtyMode::ALL.into_iter().find(|m| caps.check(*m).is_ok()).unwrap_or(DirtyMode::Bitmap)),
+        None => Ok(DirtyMode::ALL
+            .into_iter()
+            .filter(|m| !(pvm && *m == DirtyMode::Ring))
+            .find(|m| caps.check(*m).is_ok())
+            .unwrap_or(DirtyMode::Bitmap)),
     }
 }
 
@@ -123,20 +137,22 @@ mod tests {
     #[test]
     fn best_available_mode_is_chosen() {
         let all = DirtyCaps { manual_protect: 3, ring_bytes: 1 << 20, ring_acq_rel: true, ring_with_bitmap: false };
-        assert_eq!(choose_mode(&all, None).unwrap(), DirtyMode::Ring);
+        assert_eq!(choose_mode(&all, None, false).unwrap(), DirtyMode::Ring);
+        assert_eq!(choose_mode(&all, None, true).unwrap(), DirtyMode::Clear, "no ring by default on PVM");
+        assert_eq!(choose_mode(&all, Some(DirtyMode::Ring), true).unwrap(), DirtyMode::Ring);
         let no_ring = DirtyCaps { ring_bytes: 0, ring_acq_rel: false, ..all };
-        assert_eq!(choose_mode(&no_ring, None).unwrap(), DirtyMode::Clear);
+        assert_eq!(choose_mode(&no_ring, None, false).unwrap(), DirtyMode::Clear);
         let old = DirtyCaps { manual_protect: 0, ..no_ring };
-        assert_eq!(choose_mode(&old, None).unwrap(), DirtyMode::Bitmap);
+        assert_eq!(choose_mode(&old, None, false).unwrap(), DirtyMode::Bitmap);
     }
 
     #[test]
     fn a_forced_mode_the_kernel_lacks_fails_clearly() {
         let old = DirtyCaps::default();
-        let e = choose_mode(&old, Some(DirtyMode::Ring)).unwrap_err();
+        let e = choose_mode(&old, Some(DirtyMode::Ring), false).unwrap_err();
         assert!(e.to_string().contains("ring"), "{e}");
-        assert!(choose_mode(&old, Some(DirtyMode::Clear)).is_err());
-        assert_eq!(choose_mode(&old, Some(DirtyMode::Bitmap)).unwrap(), DirtyMode::Bitmap);
+        assert!(choose_mode(&old, Some(DirtyMode::Clear), false).is_err());
+        assert_eq!(choose_mode(&old, Some(DirtyMode::Bitmap), false).unwrap(), DirtyMode::Bitmap);
     }
 
     #[test]

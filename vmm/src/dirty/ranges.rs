@@ -29,8 +29,17 @@ impl PageRange {
 #[must_use]
 pub fn bitmap_to_ranges(bitmap: &[u64], base: u64) -> Vec<PageRange> {
     let mut ranges: Vec<PageRange> = Vec::new();
-    for (w, &word) in bitmap.iter().enumerate() {
-        let mut bits = word;
+    // Sparse bitmaps are the common case: skip 256 pages at a time while
+    // all four words are zero.
+    let mut next = 0;
+    while next < bitmap.len() {
+        if next + 4 <= bitmap.len() && (bitmap[next] | bitmap[next + 1] | bitmap[next + 2] | bitmap[next + 3]) == 0 {
+            next += 4;
+            continue;
+        }
+        let w = next;
+        next += 1;
+        let mut bits = bitmap[w];
         while bits != 0 {
             let start = bits.trailing_zeros();
             // Length of the run of ones starting at `start`.

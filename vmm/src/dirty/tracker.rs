@@ -72,6 +72,8 @@ pub struct DirtyTracker {
     scratch: Vec<RingEntry>,
     bad_ring_entries: u64,
     ring_overflowed: bool,
+    /// Consecutive ring-full exits that found nothing to collect.
+    empty_full_exits: u32,
     logging: bool,
 }
 
@@ -82,7 +84,7 @@ impl DirtyTracker {
     /// [`DirtyError`] when a forced mode is missing or KVM refuses.
     pub fn prepare(vm: &VmFd, ram: &GuestRam, forced: Option<DirtyMode>) -> Result<Self, DirtyError> {
         let caps = DirtyCaps::probe(vm);
-        let mode = crate::dirty::choose_mode(&caps, forced)?;
+        let mode = crate::dirty::choose_mode(&caps, forced, crate::host::detect().is_pvm())?;
         let mut ring_bytes = 0;
         let mut initially_set = false;
         match mode {
@@ -111,7 +113,7 @@ impl DirtyTracker {
                 }
             })
             .collect();
-        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), bad_ring_entries: 0, ring_overflowed: false, logging: false })
+        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), bad_ring_entries: 0, ring_overflowed: false, empty_full_exits: 0, logging: false })
     }
 
     /// The mechanism in use.
@@ -178,6 +180,28 @@ impl DirtyTracker {
     #[must_use]
     pub fn logging(&self) -> bool {
         self.logging
+    }
+
+    /// Handles `KVM_EXIT_DIRTY_RING_FULL`: collects the rings, and fails
+    /// with [`DirtyError::RingStuck`] when exits keep coming with nothing to
+    /// collect (the vCPU could never run again).
+    ///
+    /// # Errors
+    /// [`DirtyError::RingStuck`], or what [`collect_rings`](Self::collect_rings) fails with.
+    pub fn on_ring_full(&mut self, vm: &VmFd) -> Result<(), DirtyError> {
+        /// Exits without progress tolerated before giving up.
+        const STUCK_AFTER: u32 = 1000;
+        if self.collect_rings(vm)? == 0 {
+            self.empty_full_exits += 1;
+            // An overrun ring is also an overflow: report everything.
+            self.ring_overflowed = true;
+            if self.empty_full_exits >= STUCK_AFTER {
+                return Err(DirtyError::RingStuck);
+            }
+        } else {
+            self.empty_full_exits = 0;
+        }
+        Ok(())
     }
 
     /// Collects published ring entries into the per-slot accumulators and
@@ -294,7 +318,11 @@ impl DirtyTracker {
                 }
             }
             out.guest.extend(guest);
-            s.acc.fill(0);
+            // KVM_GET_DIRTY_LOG overwrites the whole bitmap; only the ring
+            // accumulates into it between harvests.
+            if self.mode == DirtyMode::Ring {
+                s.acc.fill(0);
+            }
         }
         Ok(out)
     }
