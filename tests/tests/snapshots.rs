@@ -153,13 +153,22 @@ fn damaged_snapshots_are_refused_and_left_as_they_were() {
     std::fs::write(&mem, &saved).unwrap();
 
     // One flipped byte inside a saved chunk.
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(full.join("manifest.json")).unwrap()).unwrap();
-    let chunk_off = manifest["chunks"][0]["file_offset"].as_u64().unwrap() as usize;
+    // chunks.bin: 24-byte records, the file offset at bytes 8..16.
+    let records = std::fs::read(full.join("chunks.bin")).unwrap();
+    let chunk_off = u64::from_le_bytes(records[8..16].try_into().unwrap()) as usize;
     let mut bad = saved.clone();
     bad[chunk_off + 100] ^= 0xff;
     std::fs::write(&mem, &bad).unwrap();
     assert_refused(&dir, &full, &[], &["corrupted", "checksum"]);
     std::fs::write(&mem, &saved).unwrap();
+
+    // A damaged chunk table.
+    let table = full.join("chunks.bin");
+    let mut bad = records.clone();
+    bad[20] ^= 1;
+    std::fs::write(&table, &bad).unwrap();
+    assert_refused(&dir, &full, &[], &["chunks.bin", "checksum"]);
+    std::fs::write(&table, &records).unwrap();
 
     // Damaged vCPU state.
     let state = full.join("state.json");

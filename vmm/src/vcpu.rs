@@ -35,10 +35,19 @@ fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
 /// # Errors
 /// [`VmError::Kvm`] when an ioctl fails.
 pub fn create(vm: &Vm, id: u64) -> Result<VcpuFd, VmError> {
+    let cpuid: CpuId = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|source| VmError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
+    create_with_cpuid(vm, id, &cpuid)
+}
+
+/// Creates vCPU `id` with the given CPUID (a restore passes the one the
+/// snapshotted vCPU had).
+///
+/// # Errors
+/// [`VmError::Kvm`] when an ioctl fails.
+pub fn create_with_cpuid(vm: &Vm, id: u64, cpuid: &CpuId) -> Result<VcpuFd, VmError> {
     let kvm_err = |what| move |source| VmError::Kvm { what, source };
     let vcpu = vm.fd().create_vcpu(id).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-    let cpuid: CpuId = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
     Ok(vcpu)
 }
 

@@ -308,7 +308,8 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     let _ = crate::dirty::vmm_writes::take(&ram);
     let vm = Vm::new(kvm, ram)?;
     let mut tracker = prepare_tracker(&config, &vm, options.control.is_some())?;
-    let vcpu = vcpu::create(&vm, 0)?;
+    let saved = &chain.state.vcpus[0];
+    let vcpu = if saved.cpuid.is_empty() { vcpu::create(&vm, 0)? } else { vcpu::create_with_cpuid(&vm, 0, &saved.cpuid()?)? };
     if let Some(t) = tracker.as_mut() {
         t.attach_vcpu(&vcpu, 0)?;
     }

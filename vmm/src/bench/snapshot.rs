@@ -136,7 +136,9 @@ fn pause_and_throughput(dir: &Path, mem: u64, dirty: u64, reps: usize) -> Result
         let captured = snapshot::capture(&live, &mut w.tracker, &mut chain, &dir.join(format!("diff-{rep}")), SnapshotKind::Diff)?;
         let paused = t.elapsed();
         let (info, spare) = captured.persist()?;
-        chain.spare = spare;
+        if spare.is_some() {
+            chain.spare = spare;
+        }
         total.push(ms(t.elapsed()));
         pause.push(ms(paused));
         harvest.push(info.harvest_us / 1e3);

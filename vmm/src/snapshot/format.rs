@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! DIR/manifest.json   Manifest: magic, version, kind, id, parent, config,
-//!                     layout, checksums of state.json and of every memory chunk
+//!                     layout, checksums of state.json and chunks.bin
+//! DIR/chunks.bin      every memory chunk: RAM offset, file offset, length,
+//!                     CRC-32 (24-byte little-endian records)
 //! DIR/state.json      vCPU and device state (serde; checksum in the manifest)
 //! DIR/memory.bin      full: a sparse image of guest RAM (RAM offset = file
 //!                     offset; pages never touched are holes)
@@ -33,6 +35,42 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const STATE_FILE: &str = "state.json";
 /// See the module docs.
 pub const MEMORY_FILE: &str = "memory.bin";
+/// See the module docs.
+pub const CHUNKS_FILE: &str = "chunks.bin";
+/// Size of one encoded chunk: RAM offset, file offset (u64 each), length,
+/// CRC (u32 each), little-endian.
+pub const CHUNK_RECORD: usize = 24;
+
+/// Encodes chunks for chunks.bin.
+#[must_use]
+pub fn encode_chunks(chunks: &[Chunk]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(chunks.len() * CHUNK_RECORD);
+    for c in chunks {
+        out.extend_from_slice(&c.ram_offset.to_le_bytes());
+        out.extend_from_slice(&c.file_offset.to_le_bytes());
+        out.extend_from_slice(&u32::try_from(c.len).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(&c.crc32.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes chunks.bin, which must hold exactly `count` records.
+///
+/// # Errors
+/// [`FormatError::Inconsistent`] on a length mismatch.
+pub fn decode_chunks(bytes: &[u8], count: u64) -> Result<Vec<Chunk>, FormatError> {
+    if bytes.len() as u64 != count.saturating_mul(CHUNK_RECORD as u64) {
+        return Err(FormatError::Inconsistent(format!("chunks.bin holds {} bytes, not {count} records", bytes.len())));
+    }
+    Ok(bytes
+        .chunks_exact(CHUNK_RECORD)
+        .map(|r| {
+            let u64_at = |o: usize| u64::from_le_bytes(r[o..o + 8].try_into().expect("8 bytes"));
+            let u32_at = |o: usize| u32::from_le_bytes(r[o..o + 4].try_into().expect("4 bytes"));
+            Chunk { ram_offset: u64_at(0), file_offset: u64_at(8), len: u64::from(u32_at(16)), crc32: u32_at(20) }
+        })
+        .collect())
+}
 
 /// Full or incremental.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,7 +134,13 @@ pub struct Manifest {
     pub state_crc32: u32,
     /// Length of memory.bin.
     pub memory_file_len: u64,
-    /// The memory chunks, in RAM order.
+    /// Number of chunks in chunks.bin.
+    pub chunk_count: u64,
+    /// CRC-32 of chunks.bin.
+    pub chunks_crc32: u32,
+    /// The memory chunks, in RAM order: stored in chunks.bin (a JSON list
+    /// of thousands of chunks would dominate a lazy restore's start-up).
+    #[serde(skip)]
     pub chunks: Vec<Chunk>,
 }
 
@@ -240,6 +284,8 @@ mod tests {
             regions: vec![RegionRecord { guest_start: 0, size: 8 << 20 }],
             state_crc32: 0,
             memory_file_len: 8 << 20,
+            chunk_count: 0,
+            chunks_crc32: 0,
             chunks: plan_chunks(&[(0, 1 << 20), (4 << 20, 8192)], false),
         }
     }
@@ -249,7 +295,20 @@ mod tests {
         let m = manifest();
         m.validate().unwrap();
         let text = serde_json::to_string(&m).unwrap();
-        assert_eq!(serde_json::from_str::<Manifest>(&text).unwrap(), m);
+        let mut back = serde_json::from_str::<Manifest>(&text).unwrap();
+        assert!(back.chunks.is_empty(), "chunks live in chunks.bin");
+        back.chunks = m.chunks.clone();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn chunk_records_round_trip() {
+        let c = plan_chunks(&[(0, CHUNK_BYTES + 4096)], true);
+        let bytes = encode_chunks(&c);
+        assert_eq!(bytes.len(), 2 * CHUNK_RECORD);
+        assert_eq!(decode_chunks(&bytes, 2).unwrap(), c);
+        assert!(decode_chunks(&bytes, 3).is_err());
+        assert!(decode_chunks(&bytes[1..], 2).is_err());
     }
 
     #[test]

@@ -169,7 +169,9 @@ pub fn take(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotCha
     let captured = capture(live, tracker, chain, dir, kind)?;
     match captured.persist() {
         Ok((info, spare)) => {
-            chain.spare = spare;
+            if spare.is_some() {
+                chain.spare = spare;
+            }
             Ok(info)
         }
         Err(e) => {
@@ -216,6 +218,8 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
         regions: live.ram.regions().iter().map(|r| RegionRecord { guest_start: r.range.start.0, size: r.range.size }).collect(),
         state_crc32: 0,
         memory_file_len: 0,
+        chunk_count: 0,
+        chunks_crc32: 0,
         chunks: Vec::new(),
     };
     let mut harvest_us = 0.0;
@@ -302,6 +306,10 @@ impl Captured {
             }
             write_file_synced(&tmp.join(format::MEMORY_FILE), data)?;
         }
+        let chunks = format::encode_chunks(&self.manifest.chunks);
+        self.manifest.chunk_count = self.manifest.chunks.len() as u64;
+        self.manifest.chunks_crc32 = crc32fast::hash(&chunks);
+        write_file_synced(&tmp.join(format::CHUNKS_FILE), &chunks)?;
         let state_json = serde_json::to_vec(&self.state).map_err(|e| SnapshotError::Corrupt(format!("cannot encode state: {e}")))?;
         self.manifest.state_crc32 = crc32fast::hash(&state_json);
         write_file_synced(&tmp.join(format::STATE_FILE), &state_json)?;
@@ -363,7 +371,13 @@ const MAX_CHAIN: usize = 1000;
 fn load_one(dir: &Path) -> Result<Loaded, SnapshotError> {
     let path = dir.join(format::MANIFEST_FILE);
     let text = std::fs::read(&path).map_err(io(format!("reading {}", path.display())))?;
-    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt(format!("{}: {e}", path.display())))?;
+    let mut manifest: Manifest = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt(format!("{}: {e}", path.display())))?;
+    let chunks_path = dir.join(format::CHUNKS_FILE);
+    let chunks = std::fs::read(&chunks_path).map_err(io(format!("reading {}", chunks_path.display())))?;
+    if crc32fast::hash(&chunks) != manifest.chunks_crc32 {
+        return Err(SnapshotError::Corrupt(format!("{} fails its checksum", chunks_path.display())));
+    }
+    manifest.chunks = format::decode_chunks(&chunks, manifest.chunk_count).map_err(|source| SnapshotError::Format { dir: dir.to_path_buf(), source })?;
     manifest.validate().map_err(|source| SnapshotError::Format { dir: dir.to_path_buf(), source })?;
     let mem_path = dir.join(format::MEMORY_FILE);
     let memory = File::open(&mem_path).map_err(io(format!("opening {}", mem_path.display())))?;

@@ -4,7 +4,7 @@
 //! memvisor creates no in-kernel interrupt controller for its guest, so
 //! there is no LAPIC state to save; when one is added, it belongs here.
 
-use kvm_bindings::{Msrs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
+use kvm_bindings::{Msrs, kvm_cpuid_entry2, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,10 @@ pub struct VcpuState {
     /// Runnable, halted, …
     #[serde(with = "raw_opt")]
     pub mp_state: Option<kvm_mp_state>,
+    /// The CPUID the vCPU had, so the restored one gets the same (and the
+    /// restore skips KVM_GET_SUPPORTED_CPUID).
+    #[serde(with = "raw_vec")]
+    pub cpuid: Vec<kvm_cpuid_entry2>,
 }
 
 impl std::fmt::Debug for VcpuState {
@@ -67,6 +71,8 @@ unsafe impl KvmPod for kvm_xcrs {}
 unsafe impl KvmPod for kvm_vcpu_events {}
 // SAFETY: as above.
 unsafe impl KvmPod for kvm_mp_state {}
+// SAFETY: as above (function, index, flags, four registers, padding).
+unsafe impl KvmPod for kvm_cpuid_entry2 {}
 
 fn to_hex<T: KvmPod>(v: &T) -> String {
     // SAFETY: `KvmPod` types have no uninitialised bytes.
@@ -94,6 +100,20 @@ mod raw {
     pub fn deserialize<'de, T: KvmPod, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
         let s = String::deserialize(d)?;
         from_hex(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod raw_vec {
+    use super::{KvmPod, from_hex, to_hex};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: KvmPod, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(to_hex))
+    }
+
+    pub fn deserialize<'de, T: KvmPod, D: Deserializer<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        v.iter().map(|s| from_hex(s).map_err(serde::de::Error::custom)).collect()
     }
 }
 
@@ -169,7 +189,16 @@ impl VcpuState {
             msrs: read_msrs(vcpu, &indices),
             events: vcpu.get_vcpu_events().ok(),
             mp_state: vcpu.get_mp_state().ok(),
+            cpuid: vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map(|c| c.as_slice().to_vec()).map_err(kvm_err("KVM_GET_CPUID2"))?,
         })
+    }
+
+    /// The saved CPUID, for [`crate::vcpu::create_with_cpuid`].
+    ///
+    /// # Errors
+    /// [`SnapshotError::Corrupt`] when it has too many entries.
+    pub fn cpuid(&self) -> Result<kvm_bindings::CpuId, SnapshotError> {
+        kvm_bindings::CpuId::from_entries(&self.cpuid).map_err(|_| SnapshotError::Corrupt("too many CPUID entries".into()))
     }
 
     /// Writes the state into a fresh vCPU.
