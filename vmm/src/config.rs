@@ -47,6 +47,9 @@ pub enum ConfigError {
     /// A vCPU count out of range.
     #[error("vCPU count must be between 1 and 254, not {0}")]
     BadVcpus(u32),
+    /// More than one vCPU, which memvisor does not run yet.
+    #[error("{0} vCPUs asked for, but memvisor runs one vCPU for now (its guest is uniprocessor; SMP start-up is not implemented)")]
+    Smp(u32),
     /// The config file could not be read.
     #[error("cannot read config file {path}")]
     ReadFile {
@@ -420,6 +423,9 @@ impl VmConfig {
         if !(1..=254).contains(&self.vcpus) {
             return Err(ConfigError::BadVcpus(self.vcpus));
         }
+        if self.vcpus > 1 {
+            return Err(ConfigError::Smp(self.vcpus));
+        }
         match (self.numa_policy, self.numa_nodes.is_empty()) {
             (Some(p), true) => return Err(ConfigError::Numa(format!("NUMA policy {p} needs --numa-nodes"))),
             (None, false) => return Err(ConfigError::Numa("--numa-nodes needs a --numa-policy".into())),
@@ -487,6 +493,12 @@ mod tests {
         assert!(matches!(mk("3M", Backing::Hugetlb2M), Err(ConfigError::NotHugePageMultiple { .. })));
         assert!(matches!(mk("2M", Backing::Hugetlb1G), Err(ConfigError::NotHugePageMultiple { .. })));
         assert!(mk("4M", Backing::Hugetlb2M).is_ok());
+    }
+
+    #[test]
+    fn more_than_one_vcpu_is_refused_until_smp_exists() {
+        let c = ConfigFile { vcpus: Some(2), ..Default::default() };
+        assert!(matches!(c.into_vm_config(), Err(ConfigError::Smp(2))));
     }
 
     #[test]

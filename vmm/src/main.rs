@@ -85,7 +85,7 @@ struct RunArgs {
     /// Guest memory size (256M, 1G, 1073741824). Default 256M.
     #[arg(long, value_name = "SIZE")]
     mem: Option<String>,
-    /// Number of vCPUs (the tiny guest uses the first).
+    /// Number of vCPUs (1; SMP is not implemented yet).
     #[arg(long)]
     vcpus: Option<u32>,
     /// Host backing of guest RAM.
