@@ -49,7 +49,7 @@ fn guest_writes_are_harvested_exactly(mode: DirtyMode) {
             want_vmm.push(3000);
         }
         assert_eq!(vmm, want_vmm, "{mode}: round {round} VMM writes");
-        let all = pages_of(&h.all);
+        let all = pages_of(h.all());
         assert!(want.iter().chain(&want_vmm).all(|p| all.contains(p)), "{mode}: the union holds both");
         assert_eq!(h.bad_ring_entries, 0);
     }

@@ -55,6 +55,19 @@ pub fn bitmap_to_ranges(bitmap: &[u64], base: u64) -> Vec<PageRange> {
     ranges
 }
 
+/// Converts sorted, distinct page offsets into runs starting at `base`.
+#[must_use]
+pub fn pages_to_ranges(sorted: &[u64], base: u64) -> Vec<PageRange> {
+    let mut ranges: Vec<PageRange> = Vec::new();
+    for &p in sorted {
+        match ranges.last_mut() {
+            Some(last) if last.end() == base + p => last.count += 1,
+            _ => ranges.push(PageRange { first: base + p, count: 1 }),
+        }
+    }
+    ranges
+}
+
 /// Sets the bits of `ranges` (relative to `base`) in `bitmap`; pages outside
 /// the bitmap are ignored and counted in the return value.
 pub fn set_ranges(bitmap: &mut [u64], base: u64, ranges: &[PageRange]) -> u64 {
@@ -115,6 +128,17 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn sorted_pages_make_the_same_ranges_as_their_bitmap() {
+        let pages = [0u64, 1, 2, 5, 63, 64, 65, 200];
+        let mut bm = vec![0; words_for(256)];
+        for p in pages {
+            bm[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        assert_eq!(pages_to_ranges(&pages, 7), bitmap_to_ranges(&bm, 7));
+        assert!(pages_to_ranges(&[], 0).is_empty());
     }
 
     #[test]

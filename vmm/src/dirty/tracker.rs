@@ -35,6 +35,15 @@ pub struct SlotInfo {
     pub pages: u64,
 }
 
+impl Harvest {
+    /// Every page written, by the guest or the VMM: what a snapshot must
+    /// save.
+    #[must_use]
+    pub fn all(&self) -> &[PageRange] {
+        if self.vmm.is_empty() { &self.guest } else { &self.union }
+    }
+}
+
 /// What one harvest found.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Harvest {
@@ -42,8 +51,9 @@ pub struct Harvest {
     pub guest: Vec<PageRange>,
     /// Pages the VMM wrote through vm-memory.
     pub vmm: Vec<PageRange>,
-    /// Union of both: what a snapshot must save.
-    pub all: Vec<PageRange>,
+    /// Union of both when the VMM wrote anything (else empty: the union
+    /// is `guest`); read it through [`Harvest::all`].
+    union: Vec<PageRange>,
     /// Ring entries that named a slot or page outside guest RAM (ignored).
     pub bad_ring_entries: u64,
     /// A dirty ring was found completely full, so KVM may have overwritten
@@ -58,6 +68,10 @@ struct SlotState {
     kvm: Vec<u64>,
     /// Accumulated guest-dirty bits (ring mode collects here between harvests).
     acc: Vec<u64>,
+    /// Ring mode: the pages set in `acc` since the last harvest, while they
+    /// are few (a sparse harvest then sorts these instead of scanning the
+    /// whole bitmap); `None` once there are too many to be worth it.
+    ring_pages: Option<Vec<u64>>,
 }
 
 /// The dirty tracker.
@@ -110,6 +124,7 @@ impl DirtyTracker {
                     info: SlotInfo { slot: i as u32, first_pfn: r.range.start.0 >> 12, pages },
                     kvm: vec![0; words],
                     acc: vec![0; words],
+                    ring_pages: Some(Vec::new()),
                 }
             })
             .collect();
@@ -228,7 +243,17 @@ impl DirtyTracker {
             // still checked before they index anything.
             let slot_id = e.slot & 0xffff;
             match self.slots.iter_mut().find(|s| s.info.slot == slot_id && e.slot >> 16 == 0) {
-                Some(s) if e.offset < s.info.pages => s.acc[(e.offset / 64) as usize] |= 1 << (e.offset % 64),
+                Some(s) if e.offset < s.info.pages => {
+                    s.acc[(e.offset / 64) as usize] |= 1 << (e.offset % 64);
+                    // Past one page per 64 the bitmap scan is as cheap.
+                    if let Some(list) = s.ring_pages.as_mut() {
+                        if list.len() as u64 >= s.info.pages / 64 {
+                            s.ring_pages = None;
+                        } else {
+                            list.push(e.offset);
+                        }
+                    }
+                }
                 _ => self.bad_ring_entries += 1,
             }
         }
@@ -302,26 +327,54 @@ impl DirtyTracker {
         }
         let vmm_bitmaps = vmm_writes::take(ram);
         let mut out = Harvest { bad_ring_entries: std::mem::take(&mut self.bad_ring_entries), ring_overflowed, ..Default::default() };
+        let any_vmm = vmm_bitmaps.iter().any(Option::is_some);
         for (s, vmm_bm) in self.slots.iter_mut().zip(vmm_bitmaps) {
-            let guest = ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn);
+            // Ring mode with few entries: sort them rather than scan the
+            // bitmap, and clear just their bits afterwards.
+            let mut sparse = if self.mode == DirtyMode::Ring && !ring_overflowed { s.ring_pages.take() } else { None };
+            let guest = match sparse.as_mut() {
+                Some(list) => {
+                    list.sort_unstable();
+                    list.dedup();
+                    ranges::pages_to_ranges(list, s.info.first_pfn)
+                }
+                None => ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn),
+            };
             if self.mode == DirtyMode::Clear && !guest.is_empty() && !ring_overflowed {
                 // Re-protect exactly what was harvested (KVM reads the
                 // bitmap and leaves it as it is).
                 log::clear(vm, s.info.slot, 0, s.info.pages as u32, &mut s.acc)?;
             }
+            let vmm_merged = vmm_bm.is_some();
             match vmm_bm {
-                None => out.all.extend_from_slice(&guest),
+                None if any_vmm => out.union.extend_from_slice(&guest),
+                None => {}
                 Some(vmm_bm) => {
                     out.vmm.extend(ranges::bitmap_to_ranges(&vmm_bm, s.info.first_pfn));
                     ranges::merge_into(&mut s.acc, &vmm_bm);
-                    out.all.extend(ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn));
+                    out.union.extend(ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn));
                 }
             }
-            out.guest.extend(guest);
+            if out.guest.is_empty() {
+                out.guest = guest;
+            } else {
+                out.guest.extend(guest);
+            }
             // KVM_GET_DIRTY_LOG overwrites the whole bitmap; only the ring
             // accumulates into it between harvests.
             if self.mode == DirtyMode::Ring {
-                s.acc.fill(0);
+                match (sparse, vmm_merged) {
+                    (Some(mut list), false) => {
+                        for p in list.drain(..) {
+                            s.acc[(p / 64) as usize] = 0;
+                        }
+                        s.ring_pages = Some(list);
+                    }
+                    _ => {
+                        s.acc.fill(0);
+                        s.ring_pages = Some(Vec::new());
+                    }
+                }
             }
         }
         Ok(out)

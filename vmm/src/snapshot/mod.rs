@@ -256,7 +256,7 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
             let t = Instant::now();
             let h = tracker.harvest(live.vm_fd, live.ram)?;
             harvest_us = t.elapsed().as_secs_f64() * 1e6;
-            let runs = memory_file::ranges_to_runs(live.ram, &h.all);
+            let runs = memory_file::ranges_to_runs(live.ram, h.all());
             let (chunks, data) = memory_file::copy_out(live.ram, &runs, chain.spare.take().unwrap_or_default())?;
             manifest.memory_file_len = data.len() as u64;
             manifest.chunks = chunks;
