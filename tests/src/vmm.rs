@@ -198,6 +198,15 @@ impl Vmm {
         self
     }
 
+    /// Adds several arguments.
+    #[must_use]
+    pub fn args(mut self, args: &[&str]) -> Self {
+        for a in args {
+            self = self.arg(a);
+        }
+        self
+    }
+
     /// Sets an environment variable.
     #[must_use]
     pub fn env(mut self, k: &str, v: impl AsRef<OsStr>) -> Self {

@@ -8,21 +8,10 @@ use memvisor_tests::vmm::{TempDir, binary};
 use memvisor_tests::Vmm;
 
 fn run(args: &[&str]) -> memvisor_tests::RunResult {
-    Vmm::new(["run"]).args_from(args).output()
+    Vmm::new(["run"]).args(args).output()
 }
 
-trait ArgsFrom {
-    fn args_from(self, args: &[&str]) -> Self;
-}
 
-impl ArgsFrom for Vmm {
-    fn args_from(mut self, args: &[&str]) -> Self {
-        for a in args {
-            self = self.arg(a);
-        }
-        self
-    }
-}
 
 // ---- /dev/kvm ----
 

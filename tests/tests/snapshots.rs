@@ -109,11 +109,11 @@ fn snapshot_into_an_existing_directory_is_refused() {
     let (vm, socket) = idle_vm(&dir);
     let taken = dir.path().join("taken");
     std::fs::create_dir(&taken).unwrap();
-    let r = Vmm::new(["ctl"]).arg(&socket).args_list(&["snapshot", "--full"]).arg(&taken).output();
+    let r = Vmm::new(["ctl"]).arg(&socket).args(&["snapshot", "--full"]).arg(&taken).output();
     assert_ne!(r.code(), 0);
     assert!(r.stdout.contains("already exists") || r.stderr.contains("already exists"), "{}", r.describe());
     // A diff before any full snapshot has nothing to diff against.
-    let r = Vmm::new(["ctl"]).arg(&socket).args_list(&["snapshot", "--diff"]).arg(dir.path().join("d")).output();
+    let r = Vmm::new(["ctl"]).arg(&socket).args(&["snapshot", "--diff"]).arg(dir.path().join("d")).output();
     assert!(r.stderr.contains("full snapshot first") || r.stdout.contains("full snapshot first"), "{}", r.describe());
     assert!(!dir.path().join("d").exists());
     ctl(&socket, &["shutdown"]);
@@ -128,7 +128,7 @@ fn a_snapshot_that_runs_out_of_space_leaves_nothing_behind() {
     let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&small).status().unwrap();
     assert!(mounted.success(), "mounting a 1 MiB tmpfs (the test runs as root)");
     let (vm, socket) = idle_vm(&dir);
-    let r = Vmm::new(["ctl"]).arg(&socket).args_list(&["snapshot", "--full"]).arg(small.join("s")).output();
+    let r = Vmm::new(["ctl"]).arg(&socket).args(&["snapshot", "--full"]).arg(small.join("s")).output();
     let said = format!("{}{}", r.stdout, r.stderr);
     assert!(said.contains("No space left"), "{}", r.describe());
     assert_eq!(std::fs::read_dir(&small).unwrap().count(), 0, "no snapshot and no temporary left in the full file system");
@@ -213,18 +213,7 @@ fn damaged_snapshots_are_refused_and_left_as_they_were() {
     restore(&diff, &[]).assert_success();
 }
 
-trait ArgsList {
-    fn args_list(self, args: &[&str]) -> Self;
-}
 
-impl ArgsList for Vmm {
-    fn args_list(mut self, args: &[&str]) -> Self {
-        for a in args {
-            self = self.arg(a);
-        }
-        self
-    }
-}
 
 /// The checksum events of a run's report: (round, checksum, mismatch?).
 fn checksums(report: &serde_json::Value) -> Vec<(u64, u64, bool)> {

@@ -33,3 +33,20 @@ pub mod vcpu;
 pub mod vm;
 pub mod vmm;
 pub mod workload;
+
+/// An error and its sources on one line ("cannot X: because Y"), each
+/// source's text added only when the message does not already contain it.
+#[must_use]
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        src = inner.source();
+    }
+    s
+}

@@ -164,17 +164,7 @@ mod anyhow_free {
     pub type Result<T> = std::result::Result<T, String>;
 
     pub fn chain(e: &dyn std::error::Error) -> String {
-        let mut s = e.to_string();
-        let mut src = e.source();
-        while let Some(inner) = src {
-            let text = inner.to_string();
-            if !s.contains(&text) {
-                s.push_str(": ");
-                s.push_str(&text);
-            }
-            src = inner.source();
-        }
-        s
+        memvisor::error_chain(e)
     }
 }
 

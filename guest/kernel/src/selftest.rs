@@ -11,18 +11,18 @@
 //! fetch from the NX stack (P|U|I = 0x15), read of a kernel page (P|U =
 //! 0x5), read of an unmapped page (U = 0x4).
 
-use memvisor_abi::layout::{PAGE_SIZE, USER_HEAP_BASE, USER_STACK_TOP};
+use memvisor_abi::layout::{USER_HEAP_BASE, USER_STACK_TOP};
 use memvisor_abi::msg::{CheckId, Report, pf};
 use memvisor_guest_mm::buddy::FRAME_SIZE;
-use memvisor_guest_mm::paging::{FrameSource, MapError, PageSize, PageTableEntry as Pte};
-use memvisor_user::args::{MAX_RANGES, Range, TaskArgs};
+use memvisor_guest_mm::paging::{MapError, PageTableEntry as Pte};
+use memvisor_user::args::{MAX_RANGES, Range};
 use memvisor_user::entry;
 
 use crate::Kernel;
 use crate::console::{Dec, Hex};
 use crate::idt;
 use crate::report;
-use crate::task::{self, AddressSpace, TaskExit, user_layout};
+use crate::task::{self, TaskExit, TaskFrame, user_layout};
 
 /// A word in kernel data for the "ring 3 reads a kernel page" probe.
 static KERNEL_PROBE_TARGET: u64 = 0x6b65_726e_656c;
@@ -35,19 +35,8 @@ const MAX_BLOCKS: usize = MAX_RANGES;
 /// # Errors
 /// [`MapError`] if the task's tables cannot be built.
 pub fn run(k: &mut Kernel) -> Result<bool, MapError> {
-    let pool_mark = k.mapper.frames.mark();
-    let space = AddressSpace::new(&mut k.mapper, k.root)?;
-    // Stack: fresh frames from the buddy, zero.
-    let stack = k.frames_alloc(2).ok_or(MapError::OutOfFrames)?;
-    space.map(&mut k.mapper, user_layout::STACK_BOTTOM, stack, user_layout::STACK_PAGES * PAGE_SIZE, PageSize::Size4K, Pte::WRITABLE | Pte::NO_EXECUTE)?;
-    // Argument page: a pool frame (zero, identity-mapped for the kernel),
-    // read-only for the task.
-    let args_pa = k.mapper.frames.alloc_table().ok_or(MapError::OutOfFrames)?;
-    space.map(&mut k.mapper, user_layout::ARGS, args_pa.as_u64(), PAGE_SIZE, PageSize::Size4K, Pte::NO_EXECUTE)?;
-    // SAFETY: the frame is in the arena (identity-mapped RW at ring 0), page
-    // sized and aligned, and used for nothing else.
-    let args = unsafe { &mut *(args_pa.as_u64() as *mut TaskArgs) };
-    args.syscall_insn = u64::from(k.syscall_insn);
+    let task = TaskFrame::new(k)?;
+    let (space, args) = (task.space, &mut *task.args);
 
     // Drain the allocator into the window.
     let expected = k.buddy().free_bytes();
@@ -101,8 +90,7 @@ pub fn run(k: &mut Kernel) -> Result<bool, MapError> {
             TaskExit::Exited(_) => report_check(id, false, want, u64::MAX, 0, 0),
         };
     }
-    let _ = k.buddy().free(stack, 2);
-    k.mapper.frames.release_to(pool_mark);
+    task.release(k);
     Ok(all)
 }
 

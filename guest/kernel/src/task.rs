@@ -86,6 +86,53 @@ impl AddressSpace {
     }
 }
 
+/// A fresh task: its address space, a 16 KiB stack from the buddy
+/// allocator and a read-only argument page from the table pool (zero, and
+/// identity-mapped RW for the kernel). [`TaskFrame::release`] gives the
+/// stack and every table frame back.
+pub struct TaskFrame {
+    /// The address space.
+    pub space: AddressSpace,
+    /// The argument page, as the kernel writes it.
+    pub args: &'static mut memvisor_user::args::TaskArgs,
+    stack: u64,
+    pool_mark: u64,
+}
+
+impl TaskFrame {
+    /// Builds the address space, stack and argument page.
+    ///
+    /// # Errors
+    /// [`MapError`] when frames run out.
+    pub fn new(k: &mut crate::Kernel) -> Result<Self, MapError> {
+        use memvisor_guest_mm::paging::FrameSource;
+        let pool_mark = k.mapper.frames.mark();
+        let space = AddressSpace::new(&mut k.mapper, k.root)?;
+        // Stack: fresh frames from the buddy, zero.
+        let stack = k.frames_alloc(2).ok_or(MapError::OutOfFrames)?;
+        space.map(&mut k.mapper, user_layout::STACK_BOTTOM, stack, user_layout::STACK_PAGES * PAGE_SIZE, PageSize::Size4K, Pte::WRITABLE | Pte::NO_EXECUTE)?;
+        let args_pa = k.mapper.frames.alloc_table().ok_or(MapError::OutOfFrames)?;
+        space.map(&mut k.mapper, user_layout::ARGS, args_pa.as_u64(), PAGE_SIZE, PageSize::Size4K, Pte::NO_EXECUTE)?;
+        // SAFETY: the frame is in the arena (identity-mapped RW at ring 0),
+        // page sized and aligned, zero, and used for nothing else until
+        // `release` hands it back to the pool.
+        let args = unsafe { &mut *(args_pa.as_u64() as *mut memvisor_user::args::TaskArgs) };
+        args.syscall_insn = u64::from(k.syscall_insn);
+        Ok(TaskFrame { space, args, stack, pool_mark })
+    }
+
+    /// The stack's guest-physical address and length.
+    pub fn stack(&self) -> (u64, u64) {
+        (self.stack, user_layout::STACK_PAGES * PAGE_SIZE)
+    }
+
+    /// Gives back the stack and the table frames.
+    pub fn release(self, k: &mut crate::Kernel) {
+        let _ = k.buddy().free(self.stack, 2);
+        k.mapper.frames.release_to(self.pool_mark);
+    }
+}
+
 /// The kernel's PML4, restored when a task ends.
 static mut KERNEL_ROOT: u64 = 0;
 /// The kernel stack pointer saved by `task_enter`.

@@ -10,14 +10,14 @@
 use memvisor_abi::layout::{PAGE_SIZE, USER_HEAP_BASE, USER_STACK_TOP};
 use memvisor_abi::msg::Report;
 use memvisor_abi::workload::{Event, WorkloadKind, WorkloadSpec};
-use memvisor_guest_mm::paging::{FrameSource, MapError, PageSize, PageTableEntry as Pte};
-use memvisor_user::args::{Range, TaskArgs};
+use memvisor_guest_mm::paging::{MapError, PageTableEntry as Pte};
+use memvisor_user::args::Range;
 use memvisor_user::workloads;
 
 use crate::Kernel;
 use crate::console::{Dec, Hex};
 use crate::report;
-use crate::task::{self, AddressSpace, TaskExit, user_layout};
+use crate::task::{self, TaskExit, TaskFrame, user_layout};
 
 /// Exit status for a workload the kernel does not know or cannot set up.
 const EXIT_BAD_WORKLOAD: u32 = 4;
@@ -51,29 +51,22 @@ pub fn run(k: &mut Kernel, spec: &WorkloadSpec, tsc_khz: u64, kernel_regions: &[
 }
 
 fn run_task(k: &mut Kernel, entry: u64, buffer_pages: u64, params: [u64; 8]) -> Result<TaskExit, MapError> {
-    let pool_mark = k.mapper.frames.mark();
-    let space = AddressSpace::new(&mut k.mapper, k.root)?;
-    let stack = k.frames_alloc(2).ok_or(MapError::OutOfFrames)?;
-    space.map(&mut k.mapper, user_layout::STACK_BOTTOM, stack, user_layout::STACK_PAGES * PAGE_SIZE, PageSize::Size4K, Pte::WRITABLE | Pte::NO_EXECUTE)?;
-    let args_pa = k.mapper.frames.alloc_table().ok_or(MapError::OutOfFrames)?;
-    space.map(&mut k.mapper, user_layout::ARGS, args_pa.as_u64(), PAGE_SIZE, PageSize::Size4K, Pte::NO_EXECUTE)?;
+    let task = TaskFrame::new(k)?;
+    let space = task.space;
     // One buddy block holds the whole buffer (physically contiguous).
     let order = buffer_pages.next_power_of_two().trailing_zeros() as usize;
     let buffer = k.frames_alloc(order).ok_or(MapError::OutOfFrames)?;
     let len = buffer_pages * PAGE_SIZE;
     space.map(&mut k.mapper, USER_HEAP_BASE, buffer, (PAGE_SIZE << order).max(len), k.leaf, Pte::WRITABLE | Pte::NO_EXECUTE)?;
-    // SAFETY: the argument frame is in the arena (identity-mapped RW at
-    // ring 0), page sized and aligned, and used for nothing else.
-    let args = unsafe { &mut *(args_pa.as_u64() as *mut TaskArgs) };
-    args.syscall_insn = u64::from(k.syscall_insn);
+    let args = &mut *task.args;
     args.nranges = 1;
     args.ranges[0] = Range { start: USER_HEAP_BASE, len };
     args.params = params;
-    report::send(&Report::Workload { event: Event::KernelRegion, a: stack, b: user_layout::STACK_PAGES * PAGE_SIZE });
+    let (stack, stack_len) = task.stack();
+    report::send(&Report::Workload { event: Event::KernelRegion, a: stack, b: stack_len });
     report::send(&Report::Workload { event: Event::BufferReady, a: buffer, b: buffer_pages });
     let exit = task::run(&space, entry, USER_STACK_TOP - 8, user_layout::ARGS, 0);
     let _ = k.buddy().free(buffer, order);
-    let _ = k.buddy().free(stack, 2);
-    k.mapper.frames.release_to(pool_mark);
+    task.release(k);
     Ok(exit)
 }

@@ -67,7 +67,7 @@ fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
     let slot: Arc<Mutex<Option<Captured>>> = Arc::default();
     let out = Arc::clone(&slot);
     let captured = control.call(Box::new(move |m| {
-        let c = m.capture_snapshot(&dir, kind).map_err(|e| error_chain(&e))?;
+        let c = m.capture_snapshot(&dir, kind).map_err(|e| crate::error_chain(&e))?;
         *out.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(c);
         Ok(serde_json::Value::Null)
     }));
@@ -94,25 +94,9 @@ fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
                 m.chain.last = None;
                 Ok(serde_json::Value::Null)
             }));
-            Response::error(error_chain(&e))
+            Response::error(crate::error_chain(&e))
         }
     }
-}
-
-/// An error and its sources on one line.
-#[must_use]
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 fn serve(stream: UnixStream, control: &VmControl) {
