@@ -90,3 +90,20 @@ fn ring_mode_survives_a_full_ring() {
         assert_eq!(guest.len(), 100_000, "without an overflow nothing else is");
     }
 }
+
+#[test]
+fn logging_switches_per_memslot_at_run_time() {
+    let mode = if offered(DirtyMode::Clear) { DirtyMode::Clear } else { DirtyMode::Bitmap };
+    let mut w = PageWriter::new(16 << 20, Backing::Anon, mode).unwrap();
+    w.tracker.start(w.vm.fd(), w.vm.ram()).unwrap();
+    w.tracker.set_slot_logging(w.vm.fd(), w.vm.ram(), 0, false).unwrap();
+    assert!(!w.tracker.logging());
+    w.pass(100, 10, 1).unwrap();
+    let h = w.tracker.harvest(w.vm.fd(), w.vm.ram()).unwrap();
+    assert!(h.guest.is_empty(), "nothing is logged while the slot's logging is off");
+    w.tracker.set_slot_logging(w.vm.fd(), w.vm.ram(), 0, true).unwrap();
+    w.pass(200, 10, 1).unwrap();
+    let h = w.tracker.harvest(w.vm.fd(), w.vm.ram()).unwrap();
+    assert_eq!(pages_of(&h.guest), (200..210).collect::<Vec<_>>(), "switched back on, it logs exactly what follows");
+    assert!(w.tracker.set_slot_logging(w.vm.fd(), w.vm.ram(), 9, true).is_err(), "unknown slots are refused");
+}

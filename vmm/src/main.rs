@@ -69,6 +69,15 @@ enum CtlCommand {
     Resume,
     /// End the VM.
     Shutdown,
+    /// Switch dirty logging on or off, for one memslot (`--slot N`) or all.
+    DirtyLog {
+        /// `on` or `off`.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        /// The memslot (RAM region index); default: every slot.
+        #[arg(long)]
+        slot: Option<u32>,
+    },
     /// Take a snapshot: `--full DIR` or `--diff DIR`.
     Snapshot {
         /// Save all guest memory.
@@ -220,6 +229,7 @@ fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
         CtlCommand::Pause => Request::Pause,
         CtlCommand::Resume => Request::Resume,
         CtlCommand::Shutdown => Request::Shutdown,
+        CtlCommand::DirtyLog { state, slot } => Request::DirtyLog { on: state == "on", slot },
         CtlCommand::Snapshot { full, diff } => match (full, diff) {
             (Some(dir), _) => Request::Snapshot { kind: SnapshotKind::Full, dir },
             (None, Some(dir)) => Request::Snapshot { kind: SnapshotKind::Diff, dir },

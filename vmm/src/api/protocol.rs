@@ -23,6 +23,15 @@ pub enum Request {
     Resume,
     /// End the VM.
     Shutdown,
+    /// Switch dirty logging on or off for one memslot, or for all when
+    /// `slot` is absent; answers with every slot's state.
+    DirtyLog {
+        /// On or off.
+        on: bool,
+        /// The memslot (RAM region index), or all.
+        #[serde(default)]
+        slot: Option<u32>,
+    },
     /// Take a snapshot into `dir` (the vCPU is stopped meanwhile).
     Snapshot {
         /// Full or diff.

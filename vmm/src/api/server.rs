@@ -58,6 +58,29 @@ pub fn handle(request: &Request, control: &VmControl) -> Response {
             Response::ok(control.state())
         }
         Request::Snapshot { kind, dir } => snapshot(control, *kind, dir.clone()),
+        Request::DirtyLog { on, slot } => {
+            let (on, slot) = (*on, *slot);
+            let result = control.call(Box::new(move |m| {
+                let tracker = m.tracker.as_mut().ok_or("dirty tracking is not prepared for this VM")?;
+                let (vm, ram) = (m.vm.fd(), m.vm.ram());
+                let result = match (slot, on) {
+                    (Some(s), _) => tracker.set_slot_logging(vm, ram, s, on),
+                    (None, true) => tracker.start(vm, ram),
+                    (None, false) => tracker.stop(vm, ram),
+                };
+                result.map_err(|e| crate::error_chain(&e))?;
+                let slots: Vec<serde_json::Value> = tracker
+                    .slot_logging()
+                    .into_iter()
+                    .map(|(info, logging)| serde_json::json!({ "slot": info.slot, "first_pfn": info.first_pfn, "pages": info.pages, "logging": logging }))
+                    .collect();
+                Ok(serde_json::json!({ "mode": tracker.mode(), "slots": slots }))
+            }));
+            match result {
+                Ok(data) => Response { data: Some(data), ..Response::ok(control.state()) },
+                Err(e) => Response::error(e),
+            }
+        }
     }
 }
 

@@ -105,6 +105,9 @@ pub enum DirtyError {
     /// reset it, so the vCPU cannot run.
     #[error("the dirty ring of a vCPU is stuck full (KVM overran it); run with --dirty-mode clear")]
     RingStuck,
+    /// A memslot number that does not exist.
+    #[error("no memslot {0}")]
+    NoSuchSlot(u32),
     /// Memslot update failed.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),

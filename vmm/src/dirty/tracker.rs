@@ -68,6 +68,8 @@ struct SlotState {
     kvm: Vec<u64>,
     /// Accumulated guest-dirty bits (ring mode collects here between harvests).
     acc: Vec<u64>,
+    /// Whether KVM logs this slot's dirty pages.
+    logging: bool,
     /// Ring mode: the pages set in `acc` since the last harvest, while they
     /// are few (a sparse harvest then sorts these instead of scanning the
     /// whole bitmap); `None` once there are too many to be worth it.
@@ -125,6 +127,7 @@ impl DirtyTracker {
                     kvm: vec![0; words],
                     acc: vec![0; words],
                     ring_pages: Some(Vec::new()),
+                    logging: false,
                 }
             })
             .collect();
@@ -168,6 +171,9 @@ impl DirtyTracker {
     pub fn start(&mut self, vm: &VmFd, ram: &GuestRam) -> Result<(), DirtyError> {
         slots::register(vm, ram, slots::KVM_MEM_LOG_DIRTY_PAGES)?;
         self.logging = true;
+        for s in &mut self.slots {
+            s.logging = true;
+        }
         if self.mode == DirtyMode::Clear && self.initially_set {
             // Every bit starts set and nothing is write-protected yet:
             // clearing everything arms tracking from now on.
@@ -181,6 +187,30 @@ impl DirtyTracker {
         Ok(())
     }
 
+    /// Switches logging for one memslot on or off at run time, leaving the
+    /// others as they are. Turning it on starts that slot from a clean slate
+    /// at the next harvest; pages dirtied while it was off are not reported.
+    ///
+    /// # Errors
+    /// [`DirtyError::NoSuchSlot`], or KVM refusing.
+    pub fn set_slot_logging(&mut self, vm: &VmFd, ram: &GuestRam, slot: u32, on: bool) -> Result<(), DirtyError> {
+        let state = self.slots.iter_mut().find(|s| s.info.slot == slot).ok_or(DirtyError::NoSuchSlot(slot))?;
+        slots::register_one(vm, ram, slot, if on { slots::KVM_MEM_LOG_DIRTY_PAGES } else { 0 })?;
+        state.logging = on;
+        if on && self.mode == DirtyMode::Clear && self.initially_set {
+            state.kvm.fill(u64::MAX);
+            log::clear(vm, slot, 0, state.info.pages as u32, &mut state.kvm)?;
+        }
+        self.logging = self.slots.iter().any(|s| s.logging);
+        Ok(())
+    }
+
+    /// Which slots log dirty pages.
+    #[must_use]
+    pub fn slot_logging(&self) -> Vec<(SlotInfo, bool)> {
+        self.slots.iter().map(|s| (s.info, s.logging)).collect()
+    }
+
     /// Switches logging off (huge pages may then be rebuilt by KVM).
     ///
     /// # Errors
@@ -188,6 +218,9 @@ impl DirtyTracker {
     pub fn stop(&mut self, vm: &VmFd, ram: &GuestRam) -> Result<(), DirtyError> {
         slots::register(vm, ram, 0)?;
         self.logging = false;
+        for s in &mut self.slots {
+            s.logging = false;
+        }
         Ok(())
     }
 
@@ -309,7 +342,11 @@ impl DirtyTracker {
                 // harvests (cleared below), so KVM's bitmap goes straight
                 // into it: no copy, one scan.
                 for s in &mut self.slots {
-                    log::get(vm, s.info.slot, &mut s.acc)?;
+                    if s.logging {
+                        log::get(vm, s.info.slot, &mut s.acc)?;
+                    } else {
+                        s.acc.fill(0);
+                    }
                 }
             }
         }
@@ -340,7 +377,7 @@ impl DirtyTracker {
                 }
                 None => ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn),
             };
-            if self.mode == DirtyMode::Clear && !guest.is_empty() && !ring_overflowed {
+            if self.mode == DirtyMode::Clear && s.logging && !guest.is_empty() && !ring_overflowed {
                 // Re-protect exactly what was harvested (KVM reads the
                 // bitmap and leaves it as it is).
                 log::clear(vm, s.info.slot, 0, s.info.pages as u32, &mut s.acc)?;

@@ -17,8 +17,24 @@ pub const KVM_MEM_LOG_DIRTY_PAGES: u32 = 1;
 /// # Errors
 /// [`MemoryError::SetMemslot`] when KVM refuses one.
 pub fn register(vm: &VmFd, ram: &GuestRam, flags: u32) -> Result<(), MemoryError> {
+    register_only(vm, ram, flags, None)
+}
+
+/// Re-registers memslot `slot` alone with `flags` (e.g. to switch dirty
+/// logging for one region at run time); an unknown slot is ignored.
+///
+/// # Errors
+/// [`MemoryError::SetMemslot`] when KVM refuses.
+pub fn register_one(vm: &VmFd, ram: &GuestRam, slot: u32, flags: u32) -> Result<(), MemoryError> {
+    register_only(vm, ram, flags, Some(slot))
+}
+
+fn register_only(vm: &VmFd, ram: &GuestRam, flags: u32, only: Option<u32>) -> Result<(), MemoryError> {
     for (slot, region) in ram.regions().iter().enumerate() {
         let slot = u32::try_from(slot).expect("fewer than 2^32 regions");
+        if only.is_some_and(|o| o != slot) {
+            continue;
+        }
         let desc = kvm_userspace_memory_region {
             slot,
             flags,
