@@ -11,8 +11,6 @@ fn run(args: &[&str]) -> memvisor_tests::RunResult {
     Vmm::new(["run"]).args(args).output()
 }
 
-
-
 // ---- /dev/kvm ----
 
 #[test]
@@ -229,6 +227,7 @@ fn bad_flag_values_are_refused_with_usage() {
     assert_eq!(r.code(), 2, "{}", r.describe());
     // Values the VMM checks get its one-line error.
     run(&["--vcpus", "0"]).assert_error(&["vCPU count must be between 1 and 254"]);
+    run(&["--vcpus", "2"]).assert_error(&["2 vCPUs asked for", "one vCPU"]);
 }
 
 #[test]
