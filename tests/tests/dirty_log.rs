@@ -74,6 +74,8 @@ fn ring_mode_reports_exactly_the_pages_the_guest_wrote() {
 #[test]
 fn ring_mode_survives_a_full_ring() {
     if !offered(DirtyMode::Ring) {
+        let e = PageWriter::new(16 << 20, Backing::Anon, DirtyMode::Ring).unwrap_err();
+        assert!(e.to_string().contains("not available"), "{e}");
         return;
     }
     // 100,000 pages overflow a 65,536-entry ring: the vCPU exits with

@@ -276,3 +276,45 @@ fn a_running_guest_continues_after_restore_with_identical_memory() {
         }
     }
 }
+
+#[test]
+fn a_diff_after_dirty_logging_was_paused_is_refused() {
+    let dir = TempDir::new("snap-interrupted");
+    let (vm, socket) = idle_vm(&dir);
+    ctl(&socket, &["snapshot", "--full", dir.path().join("full").to_str().unwrap()]);
+    // Logging paused and resumed: pages written meanwhile would be missing.
+    ctl(&socket, &["dirty-log", "off", "--slot", "0"]);
+    ctl(&socket, &["dirty-log", "on", "--slot", "0"]);
+    let r = Vmm::new(["ctl"]).arg(&socket).args(&["snapshot", "--diff"]).arg(dir.path().join("diff")).output();
+    assert!(format!("{}{}", r.stdout, r.stderr).contains("take a full snapshot"), "{}", r.describe());
+    assert!(!dir.path().join("diff").exists());
+    // A new full snapshot starts a new chain.
+    ctl(&socket, &["snapshot", "--full", dir.path().join("full2").to_str().unwrap()]);
+    ctl(&socket, &["snapshot", "--diff", dir.path().join("diff2").to_str().unwrap()]);
+    ctl(&socket, &["shutdown"]);
+    vm.wait(Duration::from_secs(30)).assert_success();
+}
+
+#[test]
+fn guests_split_around_the_mmio_hole_snapshot_and_restore() {
+    // 5 GiB: 3 GiB below the hole and 2 GiB above it, all touched by the
+    // self-test, so the saved pages run right up to both sides of the hole.
+    let dir = TempDir::new("snap-5g");
+    let socket = dir.path().join("api.sock");
+    let vm = Vmm::run_json(["--mem", "5G", "--api-socket"]).arg(&socket).timeout(Duration::from_secs(180)).spawn();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while !(socket.exists() && Vmm::new(["ctl"]).arg(&socket).arg("status").output().stdout.contains("\"idle\"")) {
+        assert!(Instant::now() < deadline, "the 5 GiB guest never idled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let snap = dir.path().join("full");
+    let r = ctl(&socket, &["snapshot", "--full", snap.to_str().unwrap()]);
+    assert!(r["data"]["memory_bytes"].as_u64().unwrap() > 4 << 30, "both regions were saved: {r}");
+    ctl(&socket, &["shutdown"]);
+    vm.wait(Duration::from_secs(60)).assert_success();
+    let restored = Vmm::new(["restore", "--json"]).arg(&snap).timeout(Duration::from_secs(120)).output();
+    restored.assert_success();
+    let report = restored.json();
+    assert_eq!(report["memory"].as_array().unwrap().len(), 2, "two RAM regions");
+    assert_eq!(report["memory"][1]["guest_start"], 1u64 << 32);
+}

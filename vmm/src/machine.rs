@@ -33,6 +33,10 @@ use crate::vmm::{BootTimings, RunOutcome, TimedReport, VmmError};
 /// dirty ring is full and must be harvested before it can run again.
 const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
 
+/// Most guest reports kept for the run report (a workload sends a few per
+/// round); later ones are counted, not kept.
+const MAX_REPORTS: usize = 100_000;
+
 /// A VM ready to run.
 #[derive(Debug)]
 pub struct Machine {
@@ -64,6 +68,7 @@ impl Machine {
     pub fn drive(mut self, control: Option<Arc<VmControl>>) -> Result<RunOutcome, VmmError> {
         let mut reports = Vec::new();
         let mut bad_messages = 0u64;
+        let mut dropped_reports = 0u64;
         let mut timings = BootTimings { vcpu_start_us: timeline::since_start_us(), ..Default::default() };
         if let Some(c) = &control {
             c.vcpu_started();
@@ -117,7 +122,13 @@ impl Machine {
                             Report::Ready { .. } => timings.ready_us = Some(at_us),
                             _ => {}
                         }
-                        reports.push(TimedReport { at_us, report });
+                        // Bounded: a guest that reports without end cannot
+                        // grow the VMM's memory without end.
+                        if reports.len() < MAX_REPORTS {
+                            reports.push(TimedReport { at_us, report });
+                        } else {
+                            dropped_reports += 1;
+                        }
                         if let (Report::Workload { event, a, b }, Some(rounds), Some(tracker)) = (report, self.dirty_rounds.as_mut(), self.tracker.as_mut()) {
                             // The guest waits in this port write while the VMM harvests.
                             if let Err(e) = rounds.on_event(event, a, b, tracker, self.vm.fd(), self.vm.ram()) {
@@ -174,6 +185,9 @@ impl Machine {
         }
         if let Some(c) = &control {
             c.exited();
+        }
+        if dropped_reports > 0 {
+            log::warn!("the guest sent {dropped_reports} reports beyond the {MAX_REPORTS} kept");
         }
         let exit_status = result?;
         let dirty = self.dirty_rounds.as_mut().map(|d| {

@@ -183,6 +183,9 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
         None => ConfigFile::default(),
     };
     let config = file.merged_with(args.flags_as_config()?).into_vm_config().map_err(|e| anyhow_free::chain(&e))?;
+    if args.dirty_report.is_some() && !config.workload.as_deref().is_some_and(|w| w.starts_with("dirty")) {
+        return Err("--dirty-report needs a dirty workload (--workload dirty:...)".into());
+    }
     timeline::mark("config");
     let control = config.api_socket.as_ref().map(|_| Arc::new(VmControl::default()));
     let _server = match (&config.api_socket, &control) {

@@ -285,6 +285,9 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             .map(|m| format!("{}: 4K={} 2M={}", m.phase, m.pages_4k.map_or("-".into(), |v| v.to_string()), m.pages_2m.map_or("-".into(), |v| v.to_string())))
             .collect();
         let _ = writeln!(s, "  KVM mappings: {}", maps.join(" | "));
+        if let (Some(split), Some(recovered)) = (d.huge_split.split, d.huge_split.recovered) {
+            let _ = writeln!(s, "  2 MiB mappings split by logging: {split}; back after logging: {}", if recovered { "yes" } else { "no" });
+        }
     }
     let _ = writeln!(s, "exit status: {}", outcome.exit_status);
     s

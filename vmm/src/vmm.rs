@@ -273,6 +273,7 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     let chain = snapshot::load_chain(dir)?;
     let top = chain.top();
     let mut config = top.manifest.config.clone();
+    config.validate().map_err(|e| snapshot::SnapshotError::Corrupt(format!("the saved configuration is invalid: {e}")))?;
     if let Some(mem) = restore.expected_mem {
         if mem != config.mem_size {
             return Err(snapshot::SnapshotError::Mismatch(format!(
@@ -320,6 +321,7 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
         // Diffs taken from here on apply on top of the restored snapshot.
         t.start(vm.fd(), vm.ram())?;
         snapshots.last = Some(crate::snapshot::format::ParentRef { dir: top.dir.clone(), id: top.manifest.id.clone() });
+        snapshots.generation = t.generation();
     }
     let guest_idle = chain.state.guest_idle.then_some(chain.state.idle_status);
     let dirty_rounds = dirty_rounds_for(&config, &vm, vcpu.get_tsc_khz().map_or(0, u64::from));

@@ -31,6 +31,8 @@ pub enum WorkloadError {
 
 /// Largest dirty buffer: 1 GiB of 4 KiB pages (one buddy block).
 const MAX_BUFFER_PAGES: u64 = 1 << 18;
+/// Most rounds of a workload (the VMM keeps a record per dirty round).
+const MAX_ROUNDS: u64 = 4096;
 
 fn params(text: &str) -> Result<Vec<(String, u64)>, WorkloadError> {
     if text.is_empty() {
@@ -71,6 +73,9 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
             if pages == 0 || rounds == 0 {
                 return Err(bad("pages and rounds must be at least 1".into()));
             }
+            if pages > MAX_BUFFER_PAGES || rounds > MAX_ROUNDS {
+                return Err(bad(format!("at most {MAX_BUFFER_PAGES} pages per round and {MAX_ROUNDS} rounds")));
+            }
             if buffer == 0 || buffer > MAX_BUFFER_PAGES {
                 return Err(bad(format!("buffer of {buffer} pages is outside 1..={MAX_BUFFER_PAGES}")));
             }
@@ -83,7 +88,7 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
             let rounds = get("rounds", &allowed)?.unwrap_or(10);
             let ms = get("ms", &allowed)?.unwrap_or(100);
             let seed = get("seed", &allowed)?.unwrap_or(1);
-            if pages == 0 || pages > MAX_BUFFER_PAGES || rounds == 0 {
+            if pages == 0 || pages > MAX_BUFFER_PAGES || rounds == 0 || rounds > MAX_ROUNDS {
                 return Err(WorkloadError::OutOfRange { kind: "checksum", why: format!("pages must be 1..={MAX_BUFFER_PAGES} and rounds at least 1") });
             }
             spec.kind = WorkloadKind::Checksum as u32;

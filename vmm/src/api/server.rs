@@ -87,6 +87,10 @@ pub fn handle(request: &Request, control: &VmControl) -> Response {
 /// A snapshot: captured on the vCPU thread (the vCPU stopped only for
 /// that), then made durable here while the guest runs on.
 fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
+    // One snapshot at a time, capture through persist: a second one must
+    // not chain to a first that may still fail.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let slot: Arc<Mutex<Option<Captured>>> = Arc::default();
     let out = Arc::clone(&slot);
     let captured = control.call(Box::new(move |m| {

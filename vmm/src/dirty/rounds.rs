@@ -18,6 +18,12 @@ use crate::dirty::{DirtyError, DirtyMode, DirtyTracker, PageRange};
 use crate::kvm_stats::StatsFd;
 use crate::memory::GuestRam;
 
+/// Most kernel regions a guest may declare.
+const MAX_REGIONS: usize = 16;
+/// Most rounds recorded (each holds page lists); later rounds are counted
+/// in the report but their pages are dropped.
+const MAX_ROUNDS: usize = 4096;
+
 /// What each declared kernel region is, in the order the guest sends them.
 const REGION_REASONS: [&str; 3] = [
     "guest kernel image (kernel data, stacks, message outbox)",
@@ -53,6 +59,8 @@ pub struct RoundRecord {
     pub ring_overflowed: bool,
     /// How long the guest's writes took, µs (guest TSC; 0 when unknown).
     pub guest_us: f64,
+    /// Every page KVM reported for the guest this round.
+    pub harvested_pages: Vec<PageRange>,
 }
 
 /// KVM's mapping sizes at one moment (binary stats).
@@ -68,6 +76,37 @@ pub struct MappingSample {
     pub pages_1g: Option<u64>,
 }
 
+/// What logging did to KVM's 2 MiB mappings, from the samples.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HugeSplit {
+    /// 2 MiB mappings before logging.
+    pub before: Option<u64>,
+    /// Fewest 2 MiB mappings while logging.
+    pub during_min: Option<u64>,
+    /// 2 MiB mappings at the end, after logging (the guest touched its
+    /// buffer again).
+    pub after: Option<u64>,
+    /// before − fewest during: mappings split to 4 KiB by logging.
+    pub split: Option<u64>,
+    /// Whether the count got back to at least `before`.
+    pub recovered: Option<bool>,
+}
+
+/// Summarises the 2 MiB mapping samples.
+#[must_use]
+pub fn huge_split(samples: &[MappingSample]) -> HugeSplit {
+    let before = samples.first().and_then(|m| m.pages_2m);
+    let after = if samples.len() > 1 { samples.last().and_then(|m| m.pages_2m) } else { None };
+    let during_min = samples.get(1..samples.len().saturating_sub(1)).and_then(|d| d.iter().filter_map(|m| m.pages_2m).min());
+    HugeSplit {
+        before,
+        during_min,
+        after,
+        split: before.zip(during_min).map(|(b, d)| b.saturating_sub(d)),
+        recovered: before.zip(after).map(|(b, a)| a >= b),
+    }
+}
+
 /// The whole dirty workload report (`--dirty-report FILE`).
 #[derive(Debug, Clone, Serialize)]
 pub struct DirtyReport {
@@ -81,6 +120,8 @@ pub struct DirtyReport {
     pub rounds: Vec<RoundRecord>,
     /// KVM mapping sizes before, during and after logging.
     pub mappings: Vec<MappingSample>,
+    /// What logging did to 2 MiB mappings.
+    pub huge_split: HugeSplit,
 }
 
 /// Follows a dirty workload's events.
@@ -119,10 +160,14 @@ impl DirtyRounds {
     /// [`DirtyError`] when harvesting fails.
     pub fn on_event(&mut self, event: Event, a: u64, b: u64, tracker: &mut DirtyTracker, vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<(), DirtyError> {
         match event {
-            Event::KernelRegion => self.regions.push((a, b)),
+            // A guest declares a handful; more are ignored, so a guest
+            // cannot grow the VMM's memory with them.
+            Event::KernelRegion if self.regions.len() < MAX_REGIONS => self.regions.push((a, b)),
+            Event::KernelRegion => {}
             Event::BufferReady => {
                 // Guest-supplied: only used if it lies in RAM.
-                if ram.ram_offset_of(a).is_some() && b > 0 && ram.ram_offset_of(a + (b - 1) * 4096).is_some() {
+                let last = b.checked_sub(1).and_then(|n| n.checked_mul(4096)).and_then(|n| a.checked_add(n));
+                if ram.ram_offset_of(a).is_some() && last.is_some_and(|l| ram.ram_offset_of(l).is_some()) {
                     self.buffer = Some((a >> 12, b));
                 }
                 self.sample("before logging".into());
@@ -145,8 +190,10 @@ impl DirtyRounds {
                 self.sample(format!("round {a}"));
                 let mut record = self.check_round(a, &h.guest, &h.vmm, harvest_us, h.ring_overflowed);
                 record.guest_us = guest_us;
-                self.rounds.push(record);
-                if a + 1 >= self.params[1] {
+                if self.rounds.len() < MAX_ROUNDS {
+                    self.rounds.push(record);
+                }
+                if a.saturating_add(1) >= self.params[1] {
                     tracker.stop(vm, ram)?;
                 }
             }
@@ -163,7 +210,7 @@ impl DirtyRounds {
     fn check_round(&self, round: u64, guest: &[PageRange], vmm: &[PageRange], harvest_us: f64, ring_overflowed: bool) -> RoundRecord {
         let (pages, _, seed, _) = (self.params[0], self.params[1], self.params[2], self.params[3]);
         let (base, buffer_pages) = self.buffer.unwrap_or((0, 0));
-        let expected: BTreeSet<u64> = (0..pages).map(|i| base + dirty_page(seed, round, i, buffer_pages)).collect();
+        let expected: BTreeSet<u64> = (0..pages).map(|i| base.saturating_add(dirty_page(seed, round, i, buffer_pages))).collect();
         let harvested: BTreeSet<u64> = guest.iter().flat_map(|r| r.first..r.end()).collect();
         let vmm_pages: BTreeSet<u64> = vmm.iter().flat_map(|r| r.first..r.end()).collect();
         let missing: Vec<u64> = expected.difference(&harvested).copied().collect();
@@ -184,19 +231,46 @@ impl DirtyRounds {
         for &p in &vmm_pages {
             add("written by the VMM", p);
         }
-        RoundRecord { round, expected: expected.len() as u64, harvested: harvested.len() as u64, missing, extra, harvest_us, ring_overflowed, guest_us: 0.0 }
+        RoundRecord {
+            round,
+            expected: expected.len() as u64,
+            harvested: harvested.len() as u64,
+            missing,
+            extra,
+            harvest_us,
+            ring_overflowed,
+            guest_us: 0.0,
+            harvested_pages: guest.to_vec(),
+        }
     }
 
     /// The report.
     #[must_use]
     pub fn report(&self, mode: DirtyMode) -> DirtyReport {
-        DirtyReport { mode, params: self.params, buffer_pfn: self.buffer.map_or(0, |b| b.0), rounds: self.rounds.clone(), mappings: self.mappings.clone() }
+        DirtyReport {
+            mode,
+            params: self.params,
+            buffer_pfn: self.buffer.map_or(0, |b| b.0),
+            rounds: self.rounds.clone(),
+            huge_split: huge_split(&self.mappings),
+            mappings: self.mappings.clone(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_splits_and_recovery_are_computed_from_samples() {
+        let s = |phase: &str, m2: u64| MappingSample { phase: phase.into(), pages_4k: Some(0), pages_2m: Some(m2), pages_1g: Some(0) };
+        let h = huge_split(&[s("before", 10), s("round 0", 4), s("round 1", 6), s("after", 10)]);
+        assert_eq!((h.split, h.recovered), (Some(6), Some(true)));
+        let h = huge_split(&[s("before", 10), s("round 0", 10), s("after", 3)]);
+        assert_eq!((h.split, h.recovered), (Some(0), Some(false)));
+        assert_eq!(huge_split(&[]).split, None);
+    }
 
     #[test]
     fn rounds_classify_extras_and_misses() {

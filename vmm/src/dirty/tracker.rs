@@ -91,6 +91,10 @@ pub struct DirtyTracker {
     /// Consecutive ring-full exits that found nothing to collect.
     empty_full_exits: u32,
     logging: bool,
+    /// Bumped by every start, stop, per-slot switch and harvest: whoever
+    /// needs "everything since my last harvest" (a snapshot chain) checks
+    /// that nobody else consumed or paused the log in between.
+    generation: u64,
 }
 
 impl DirtyTracker {
@@ -131,7 +135,7 @@ impl DirtyTracker {
                 }
             })
             .collect();
-        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), bad_ring_entries: 0, ring_overflowed: false, empty_full_exits: 0, logging: false })
+        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), bad_ring_entries: 0, ring_overflowed: false, empty_full_exits: 0, logging: false, generation: 0 })
     }
 
     /// The mechanism in use.
@@ -169,6 +173,7 @@ impl DirtyTracker {
     /// # Errors
     /// [`DirtyError`] when KVM refuses.
     pub fn start(&mut self, vm: &VmFd, ram: &GuestRam) -> Result<(), DirtyError> {
+        self.generation += 1;
         slots::register(vm, ram, slots::KVM_MEM_LOG_DIRTY_PAGES)?;
         self.logging = true;
         for s in &mut self.slots {
@@ -194,6 +199,7 @@ impl DirtyTracker {
     /// # Errors
     /// [`DirtyError::NoSuchSlot`], or KVM refusing.
     pub fn set_slot_logging(&mut self, vm: &VmFd, ram: &GuestRam, slot: u32, on: bool) -> Result<(), DirtyError> {
+        self.generation += 1;
         let state = self.slots.iter_mut().find(|s| s.info.slot == slot).ok_or(DirtyError::NoSuchSlot(slot))?;
         slots::register_one(vm, ram, slot, if on { slots::KVM_MEM_LOG_DIRTY_PAGES } else { 0 })?;
         state.logging = on;
@@ -216,12 +222,25 @@ impl DirtyTracker {
     /// # Errors
     /// [`DirtyError`] when KVM refuses.
     pub fn stop(&mut self, vm: &VmFd, ram: &GuestRam) -> Result<(), DirtyError> {
+        self.generation += 1;
         slots::register(vm, ram, 0)?;
         self.logging = false;
         for s in &mut self.slots {
             s.logging = false;
         }
         Ok(())
+    }
+
+    /// See the field: changes whenever the log is consumed or switched.
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether every slot logs (a diff snapshot needs all of them).
+    #[must_use]
+    pub fn logging_everywhere(&self) -> bool {
+        self.slots.iter().all(|s| s.logging)
     }
 
     /// Whether logging is on.
@@ -333,6 +352,7 @@ impl DirtyTracker {
     /// # Errors
     /// [`DirtyError`] when KVM refuses.
     pub fn harvest(&mut self, vm: &VmFd, ram: &GuestRam) -> Result<Harvest, DirtyError> {
+        self.generation += 1;
         match self.mode {
             DirtyMode::Ring => {
                 self.collect_rings(vm)?;

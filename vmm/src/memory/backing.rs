@@ -29,6 +29,9 @@ pub struct HostMapping {
     backing: Backing,
     /// The memfd for memfd and hugetlb backings (hole punching needs it).
     fd: Option<OwnedFd>,
+    /// A private mapping of a snapshot image (lazy restore): pages the
+    /// guest has not touched live in the file, not in this process.
+    from_image: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; the raw pointer
@@ -48,7 +51,7 @@ impl HostMapping {
         match backing {
             Backing::Anon | Backing::Thp => {
                 let addr = map_aligned(size, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1)?;
-                let mapping = HostMapping { addr, size, backing, fd: None };
+                let mapping = HostMapping { addr, size, backing, fd: None, from_image: false };
                 let advice = if backing == Backing::Thp { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
                 mapping.madvise(advice).map_err(|source| MemoryError::Madvise { what: "MADV_(NO)HUGEPAGE", source })?;
                 Ok(mapping)
@@ -56,7 +59,7 @@ impl HostMapping {
             Backing::Memfd => {
                 let fd = memfd("memvisor-ram", libc::MFD_CLOEXEC, size)?;
                 let addr = map_aligned(size, libc::MAP_SHARED, fd.as_raw_fd())?;
-                Ok(HostMapping { addr, size, backing, fd: Some(fd) })
+                Ok(HostMapping { addr, size, backing, fd: Some(fd), from_image: false })
             }
             Backing::Hugetlb2M | Backing::Hugetlb1G => {
                 let page = backing.hugetlb_page_size().expect("hugetlb backings have a page size");
@@ -71,7 +74,7 @@ impl HostMapping {
                     return Err(MemoryError::Map { size: size as u64, source: std::io::Error::last_os_error() });
                 }
                 let addr = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Map { size: size as u64, source: std::io::Error::other("null mapping") })?;
-                Ok(HostMapping { addr, size, backing, fd: Some(fd) })
+                Ok(HostMapping { addr, size, backing, fd: Some(fd), from_image: false })
             }
         }
     }
@@ -93,7 +96,13 @@ impl HostMapping {
             return Err(MemoryError::Map { size, source: std::io::Error::last_os_error() });
         }
         let addr = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Map { size, source: std::io::Error::other("null mapping") })?;
-        Ok(HostMapping { addr, size: len, backing, fd: None })
+        let mapping = HostMapping { addr, size: len, backing, fd: None, from_image: true };
+        if backing == Backing::Thp {
+            // Pages the guest writes become private anonymous copies, which
+            // THP can back like any anonymous memory.
+            mapping.madvise(libc::MADV_HUGEPAGE).map_err(|source| MemoryError::Madvise { what: "MADV_HUGEPAGE", source })?;
+        }
+        Ok(mapping)
     }
 
     /// Host virtual address of the first byte.
@@ -112,6 +121,12 @@ impl HostMapping {
     #[must_use]
     pub fn backing(&self) -> Backing {
         self.backing
+    }
+
+    /// Whether this maps a snapshot image privately (lazy restore).
+    #[must_use]
+    pub fn from_image(&self) -> bool {
+        self.from_image
     }
 
     /// The memfd, for memfd and hugetlb backings.

@@ -231,6 +231,19 @@ impl GuestRam {
         None
     }
 
+    /// The RAM offset where the region holding `gpa` starts.
+    #[must_use]
+    pub fn region_offset_of(&self, gpa: u64) -> Option<u64> {
+        let mut base = 0;
+        for r in &self.regions {
+            if gpa >= r.range.start.0 && gpa < r.range.end().0 {
+                return Some(base);
+            }
+            base += r.range.size;
+        }
+        None
+    }
+
     /// The RAM offset of a guest-physical address.
     #[must_use]
     pub fn ram_offset_of(&self, gpa: u64) -> Option<u64> {

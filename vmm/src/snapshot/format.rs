@@ -171,8 +171,8 @@ pub enum FormatError {
 
 /// The total RAM size of a layout.
 #[must_use]
-pub fn ram_size(regions: &[RegionRecord]) -> u64 {
-    regions.iter().map(|r| r.size).sum()
+pub fn ram_size(regions: &[RegionRecord]) -> Option<u64> {
+    regions.iter().try_fold(0u64, |acc, r| acc.checked_add(r.size))
 }
 
 impl Manifest {
@@ -193,7 +193,10 @@ impl Manifest {
             (SnapshotKind::Diff, None) => return Err(FormatError::Inconsistent("a diff snapshot has no parent".into())),
             _ => {}
         }
-        let ram = ram_size(&self.regions);
+        let ram = ram_size(&self.regions).ok_or_else(|| FormatError::Inconsistent("the layout's size overflows".into()))?;
+        if self.kind == SnapshotKind::Full && self.memory_file_len != ram {
+            return Err(FormatError::Inconsistent(format!("a full snapshot's memory file must hold all {ram} bytes of RAM, not {}", self.memory_file_len)));
+        }
         if ram != self.config.mem_size {
             return Err(FormatError::Inconsistent(format!("layout holds {ram} bytes but the config says {}", self.config.mem_size)));
         }
@@ -341,6 +344,9 @@ mod tests {
         assert!(matches!(m.validate(), Err(FormatError::BadChunk { why: "outside guest RAM", .. })));
         let mut m = manifest();
         m.memory_file_len = 4096;
+        assert!(matches!(m.validate(), Err(FormatError::Inconsistent(_))), "a full image must hold all of RAM");
+        m.kind = SnapshotKind::Diff;
+        m.parent = Some(ParentRef { dir: "/x".into(), id: "p".into() });
         assert!(matches!(m.validate(), Err(FormatError::BadChunk { why: "outside the memory file", .. })));
         let mut m = manifest();
         m.chunks[0].len = 100;

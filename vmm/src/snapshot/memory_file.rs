@@ -6,6 +6,7 @@
 //! Reading verifies each chunk's CRC before any byte reaches guest memory.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use crate::dirty::PageRange;
@@ -15,47 +16,115 @@ use crate::snapshot::format::{Chunk, plan_chunks};
 
 const PAGE: u64 = 4096;
 
-/// Runs of resident pages of every region, as (RAM offset, length).
+/// `/proc/self/pagemap` bits (Documentation/admin-guide/mm/pagemap.rst):
+/// bit 63 page present, bit 62 page swapped.
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+
+/// Adds `[off, off + len)` to `runs`, merging with the previous run only
+/// when it is in the same region (a run never crosses regions, so every
+/// chunk maps to one host range).
+fn push_run(runs: &mut Vec<(u64, u64)>, region_start: u64, off: u64, len: u64) {
+    match runs.last_mut() {
+        Some(last) if last.0 >= region_start && last.0 + last.1 == off => last.1 += len,
+        _ => runs.push((off, len)),
+    }
+}
+
+/// Which pages of `ram` a full snapshot must save, as runs of (RAM offset,
+/// length), none crossing a region boundary:
+/// - anonymous memory: every page present or swapped out (pagemap), so
+///   pages that were never touched stay holes and none in swap is lost;
+/// - memfd/hugetlb memory: the file's data (SEEK_DATA/SEEK_HOLE, which
+///   counts swapped shmem pages; hugetlbfs reports everything as data);
+/// - a lazily restored region: all of it (untouched pages are in the image
+///   file, not in this process).
 ///
 /// # Errors
-/// [`SnapshotError::Io`] when mincore fails.
-pub fn resident_runs(ram: &GuestRam) -> Result<Vec<(u64, u64)>, SnapshotError> {
+/// [`SnapshotError::Io`] when pagemap or lseek fails.
+pub fn pages_to_save(ram: &GuestRam) -> Result<Vec<(u64, u64)>, SnapshotError> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut base = 0;
     for r in ram.regions() {
-        let pages = r.range.size / PAGE;
-        let mut vec = vec![0u8; pages as usize];
-        // SAFETY: mincore only reports residency of our own mapping into a
-        // vector of one byte per page.
-        let rc = unsafe { libc::mincore(r.mapping.as_ptr().cast(), r.mapping.size(), vec.as_mut_ptr()) };
-        if rc != 0 {
-            return Err(SnapshotError::Io { what: "mincore on guest memory".into(), source: std::io::Error::last_os_error() });
-        }
-        for (i, v) in vec.iter().enumerate() {
-            if v & 1 == 1 {
-                let off = base + i as u64 * PAGE;
-                match runs.last_mut() {
-                    Some(last) if last.0 + last.1 == off => last.1 += PAGE,
-                    _ => runs.push((off, PAGE)),
-                }
-            }
+        let m = &r.mapping;
+        if m.from_image() {
+            push_run(&mut runs, base, base, r.range.size);
+        } else if let Some(fd) = m.fd() {
+            data_runs(fd.as_raw_fd(), r.range.size, base, &mut runs)?;
+        } else {
+            present_runs(m.as_ptr() as u64, r.range.size, base, &mut runs)?;
         }
         base += r.range.size;
     }
     Ok(runs)
 }
 
+fn present_runs(addr: u64, size: u64, base: u64, runs: &mut Vec<(u64, u64)>) -> Result<(), SnapshotError> {
+    const BATCH: u64 = 64 * 1024;
+    let pagemap = File::open("/proc/self/pagemap").map_err(io_err("opening /proc/self/pagemap"))?;
+    let pages = size / PAGE;
+    let mut buf = vec![0u8; (BATCH * 8) as usize];
+    let mut done = 0;
+    while done < pages {
+        let n = BATCH.min(pages - done);
+        let bytes = &mut buf[..(n * 8) as usize];
+        pagemap.read_exact_at(bytes, (addr / PAGE + done) * 8).map_err(io_err("reading /proc/self/pagemap"))?;
+        for (i, e) in bytes.chunks_exact(8).enumerate() {
+            let entry = u64::from_le_bytes(e.try_into().expect("8-byte chunk"));
+            if entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0 {
+                push_run(runs, base, base + (done + i as u64) * PAGE, PAGE);
+            }
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+fn data_runs(fd: i32, size: u64, base: u64, runs: &mut Vec<(u64, u64)>) -> Result<(), SnapshotError> {
+    let mut pos: i64 = 0;
+    let end = i64::try_from(size).unwrap_or(i64::MAX);
+    while pos < end {
+        // SAFETY: lseek on our own memfd only moves its file offset.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data at or after `pos`.
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(io_err("lseek(SEEK_DATA) on guest memory")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) }.min(end);
+        if hole <= data {
+            break;
+        }
+        let start = (data as u64) / PAGE * PAGE;
+        let stop = (hole as u64).div_ceil(PAGE) * PAGE;
+        push_run(runs, base, base + start, stop.min(size) - start);
+        pos = hole;
+    }
+    Ok(())
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    move |source| SnapshotError::Io { what: what.into(), source }
+}
+
 /// Converts guest page ranges into runs of RAM offsets (dropping anything
-/// outside RAM, which a correct harvest never contains).
+/// outside RAM, which a correct harvest never contains); runs never cross
+/// a region boundary.
 #[must_use]
 pub fn ranges_to_runs(ram: &GuestRam, ranges: &[PageRange]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut region_start = u64::MAX;
     for r in ranges {
         for page in r.first..r.end() {
-            if let Some(off) = ram.ram_offset_of(page * PAGE) {
-                match runs.last_mut() {
-                    Some(last) if last.0 + last.1 == off => last.1 += PAGE,
-                    _ => runs.push((off, PAGE)),
+            if let Some((off, start)) = ram.ram_offset_of(page * PAGE).zip(ram.region_offset_of(page * PAGE)) {
+                if start != region_start {
+                    region_start = start;
+                    runs.push((off, PAGE));
+                } else {
+                    push_run(&mut runs, start, off, PAGE);
                 }
             }
         }

@@ -73,6 +73,10 @@ pub enum SnapshotError {
     /// The snapshot does not match what the restore asked for.
     #[error("snapshot does not match: {0}")]
     Mismatch(String),
+    /// Dirty logging was paused or harvested by something else since the
+    /// last snapshot, so a diff could miss pages.
+    #[error("dirty logging was switched or harvested by something else since the last snapshot; take a full snapshot")]
+    LogInterrupted,
     /// A diff without a previous snapshot.
     #[error("no previous snapshot of this VM to take a diff against; take a full snapshot first")]
     NoBase,
@@ -107,6 +111,10 @@ pub struct SnapshotChain {
     /// The previous diff's page buffer, reused so a diff's pause does not
     /// pay for faulting in fresh memory.
     pub spare: Option<Vec<u8>>,
+    /// The tracker's generation right after the last snapshot's own
+    /// start/harvest: if it moved, something else harvested or switched
+    /// logging since, and a diff would miss pages.
+    pub generation: u64,
 }
 
 /// What a snapshot cost.
@@ -199,7 +207,13 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
     }
     let parent = match kind {
         SnapshotKind::Full => None,
-        SnapshotKind::Diff => Some(chain.last.clone().filter(|_| tracker.logging()).ok_or(SnapshotError::NoBase)?),
+        SnapshotKind::Diff => {
+            let last = chain.last.clone().ok_or(SnapshotError::NoBase)?;
+            if !tracker.logging_everywhere() || tracker.generation() != chain.generation {
+                return Err(SnapshotError::LogInterrupted);
+            }
+            Some(last)
+        }
     };
     let dir = absolute(dir)?;
     let state = SavedState {
@@ -231,7 +245,7 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
             // (Re)start dirty logging first, so the next diff holds exactly
             // what changes after this snapshot.
             let written = tracker.start(live.vm_fd, live.ram).map_err(SnapshotError::from).and_then(|()| {
-                let runs = memory_file::resident_runs(live.ram)?;
+                let runs = memory_file::pages_to_save(live.ram)?;
                 let mem_path = tmp.join(format::MEMORY_FILE);
                 let mem = File::create(&mem_path).map_err(io(format!("creating {}", mem_path.display())))?;
                 let chunks = memory_file::write(live.ram, &mem, &runs, false)?;
@@ -264,6 +278,7 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
         }
     };
     chain.last = Some(ParentRef { dir: dir.clone(), id: manifest.id.clone() });
+    chain.generation = tracker.generation();
     Ok(Captured { dir, tmp, manifest, state, diff_data, pause_us: start.elapsed().as_secs_f64() * 1e6, harvest_us })
 }
 

@@ -169,7 +169,7 @@ fn restore_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)]) {
         rest = rest.get(n + 1..).unwrap_or(&[]);
     }
     if !refused.is_empty() {
-        log::debug!("KVM refused to restore MSRs {refused:x?}");
+        log::warn!("KVM refused to restore MSRs {refused:x?}; the guest continues with their reset values");
     }
 }
 
