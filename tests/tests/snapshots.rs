@@ -160,6 +160,9 @@ fn damaged_snapshots_are_refused_and_left_as_they_were() {
     bad[chunk_off + 100] ^= 0xff;
     std::fs::write(&mem, &bad).unwrap();
     assert_refused(&dir, &full, &[], &["corrupted", "checksum"]);
+    // A lazy restore checks the base image beside the running guest and
+    // fails the run just the same.
+    assert_refused(&dir, &full, &["--restore-mode", "lazy"], &["corrupted", "checksum"]);
     std::fs::write(&mem, &saved).unwrap();
 
     // A damaged chunk table.

@@ -58,6 +58,50 @@ pub struct Machine {
     pub guest_idle: Option<u32>,
     /// The dirty workload's round checks, when that workload runs.
     pub dirty_rounds: Option<crate::dirty::rounds::DirtyRounds>,
+    /// A lazy restore's check of the base image, running beside the guest.
+    pub verifier: Option<Verifier>,
+}
+
+/// Checks a lazily restored base image's chunk checksums on a thread while
+/// the guest runs (reading 1 GiB up front would defeat the lazy start). A
+/// mismatch stops the VM at its next exit (the thread kicks the vCPU) with
+/// the error; the run also waits for the check before it reports success.
+#[derive(Debug)]
+pub struct Verifier {
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Verifier {
+    /// Starts checking `chunks` of `file`; the calling thread is the vCPU
+    /// thread to kick on a mismatch.
+    #[must_use]
+    pub fn start(file: std::fs::File, chunks: Vec<crate::snapshot::format::Chunk>) -> Self {
+        crate::control::install_kick_handler();
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let out = Arc::clone(&failed);
+        // SAFETY: pthread_self has no preconditions.
+        let vcpu_thread = unsafe { libc::pthread_self() };
+        let thread = std::thread::spawn(move || {
+            if let Err(e) = crate::snapshot::memory_file::verify(&file, &chunks) {
+                *out.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(crate::error_chain(&e));
+                // SAFETY: the vCPU thread outlives this one: `Machine::drive`
+                // joins it before returning.
+                unsafe { libc::pthread_kill(vcpu_thread, crate::control::kick_signal()) };
+            }
+        });
+        Verifier { failed, thread }
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Waits for the check to end; its failure, if any.
+    fn finish(self) -> Option<String> {
+        let _ = self.thread.join();
+        self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
 }
 
 impl Machine {
@@ -91,6 +135,9 @@ impl Machine {
             } else if let Some(status) = self.guest_idle {
                 // Restored from an idle snapshot without a socket: nothing to do.
                 break Ok(status);
+            }
+            if let Some(why) = self.verifier.as_ref().and_then(Verifier::failure) {
+                break Err(crate::snapshot::SnapshotError::Corrupt(why).into());
             }
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
@@ -189,7 +236,11 @@ impl Machine {
         if dropped_reports > 0 {
             log::warn!("the guest sent {dropped_reports} reports beyond the {MAX_REPORTS} kept");
         }
+        let unverified = self.verifier.take().and_then(Verifier::finish);
         let exit_status = result?;
+        if let Some(why) = unverified {
+            return Err(crate::snapshot::SnapshotError::Corrupt(why).into());
+        }
         let dirty = self.dirty_rounds.as_mut().map(|d| {
             d.finish();
             d.report(self.tracker.as_ref().map_or(crate::dirty::DirtyMode::Bitmap, DirtyTracker::mode))

@@ -201,7 +201,7 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     }
     timeline::mark("write boot data");
     let dirty_rounds = dirty_rounds_for(config, &vm, tsc_khz);
-    let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None, dirty_rounds };
+    let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None, dirty_rounds, verifier: None };
     machine.drive(options.control)
 }
 
@@ -325,6 +325,13 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     }
     let guest_idle = chain.state.guest_idle.then_some(chain.state.idle_status);
     let dirty_rounds = dirty_rounds_for(&config, &vm, vcpu.get_tsc_khz().map_or(0, u64::from));
-    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds };
+    // A lazy restore has not read the base image: check it beside the guest.
+    let verifier = if lazy {
+        let file = base.memory.try_clone().map_err(|source| snapshot::SnapshotError::Io { what: "reopening the base image".into(), source })?;
+        Some(crate::machine::Verifier::start(file, base.manifest.chunks.clone()))
+    } else {
+        None
+    };
+    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds, verifier };
     machine.drive(options.control)
 }
