@@ -79,7 +79,21 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     if line.len() > MAX_LINE {
         return Err(format!("request of {} bytes is longer than {MAX_LINE}", line.len()));
     }
-    serde_json::from_str(line.trim()).map_err(|e| format!("invalid request: {e}"))
+    let value: serde_json::Value = serde_json::from_str(line.trim()).map_err(|e| format!("invalid request: {e}"))?;
+    // serde ignores unknown fields of internally tagged unit variants, so
+    // the fields each command takes are checked here.
+    let cmd = value.get("cmd").and_then(serde_json::Value::as_str).ok_or("invalid request: no \"cmd\"")?;
+    let allowed: &[&str] = match cmd {
+        "dirty-log" => &["cmd", "on", "slot"],
+        "snapshot" => &["cmd", "kind", "dir"],
+        _ => &["cmd"],
+    };
+    if let Some(obj) = value.as_object() {
+        if let Some(extra) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(format!("invalid request: unknown field {extra:?} for {cmd:?}"));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| format!("invalid request: {e}"))
 }
 
 #[cfg(test)]
@@ -101,6 +115,9 @@ mod tests {
         assert!(parse_request("not json").is_err());
         assert!(parse_request("{\"cmd\":\"reboot\"}").is_err());
         assert!(parse_request(&"x".repeat(MAX_LINE + 1)).is_err());
+        assert!(parse_request("{\"cmd\":\"status\",\"extra\":1}").is_err(), "unknown fields are refused");
+        assert!(parse_request("{\"cmd\":\"snapshot\",\"kind\":\"full\",\"dir\":\"/x\",\"force\":true}").is_err());
+        assert!(parse_request("[1,2]").is_err());
     }
 
     #[test]
