@@ -191,20 +191,13 @@ impl Snapshot {
     }
 }
 
+// KVM writes the stats file in native byte order, little-endian on x86-64.
 fn u32_at(bytes: &[u8], at: usize) -> Result<u32, StatsError> {
-    bytes
-        .get(at..at + 4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_ne_bytes)
-        .ok_or_else(|| StatsError::Malformed(format!("u32 at {at} is past the end ({} bytes)", bytes.len())))
+    crate::bytes::u32_le(bytes, at).ok_or_else(|| StatsError::Malformed(format!("u32 at {at} is past the end ({} bytes)", bytes.len())))
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> Result<u64, StatsError> {
-    bytes
-        .get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_ne_bytes)
-        .ok_or_else(|| StatsError::Malformed(format!("u64 at {at} is past the end ({} bytes)", bytes.len())))
+    crate::bytes::u64_le(bytes, at).ok_or_else(|| StatsError::Malformed(format!("u64 at {at} is past the end ({} bytes)", bytes.len())))
 }
 
 fn c_string(bytes: &[u8]) -> String {

@@ -16,6 +16,7 @@
 pub mod api;
 pub mod bench;
 pub mod boot;
+pub mod bytes;
 pub mod config;
 pub mod control;
 pub mod devices;

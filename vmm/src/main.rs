@@ -183,7 +183,7 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
         None => ConfigFile::default(),
     };
     let config = file.merged_with(args.flags_as_config()?).into_vm_config().map_err(|e| anyhow_free::chain(&e))?;
-    if args.dirty_report.is_some() && !config.workload.as_deref().is_some_and(|w| w.starts_with("dirty")) {
+    if args.dirty_report.is_some() && !memvisor::workload::is_dirty(config.workload.as_deref()) {
         return Err("--dirty-report needs a dirty workload (--workload dirty:...)".into());
     }
     timeline::mark("config");

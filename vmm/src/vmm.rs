@@ -219,7 +219,7 @@ fn dirty_rounds_for(config: &VmConfig, vm: &Vm, tsc_khz: u64) -> Option<crate::d
 /// Prepares dirty tracking when anything may need it: a forced mode, or a
 /// control socket (snapshots).
 pub(crate) fn prepare_tracker(config: &VmConfig, vm: &Vm, has_control: bool) -> Result<Option<DirtyTracker>, VmmError> {
-    let dirty_workload = config.workload.as_deref().is_some_and(|w| w.starts_with("dirty"));
+    let dirty_workload = crate::workload::is_dirty(config.workload.as_deref());
     if config.dirty_mode.is_none() && !has_control && !dirty_workload {
         return Ok(None);
     }

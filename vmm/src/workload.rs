@@ -47,6 +47,13 @@ fn params(text: &str) -> Result<Vec<(String, u64)>, WorkloadError> {
         .collect()
 }
 
+/// Whether `text` names a valid dirty workload (the one whose rounds the
+/// VMM harvests and checks).
+#[must_use]
+pub fn is_dirty(text: Option<&str>) -> bool {
+    text.and_then(|t| parse(t).ok()).is_some_and(|s| s.kind == WorkloadKind::Dirty as u32)
+}
+
 /// Parses a workload string.
 ///
 /// # Errors

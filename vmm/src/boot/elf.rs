@@ -14,6 +14,7 @@ use vm_memory::GuestAddress;
 use crate::memory::GuestMemory;
 
 use crate::boot::BootError;
+use crate::bytes::{u16_le as u16_at, u32_le as u32_at, u64_le as u64_at};
 
 /// ELF constants (System V ABI, "ELF Header" and "Program Header").
 const ELFCLASS64: u8 = 2;
@@ -35,15 +36,6 @@ pub struct ElfSummary {
     pub entry: u64,
 }
 
-fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    b.get(off..off + 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
-}
-fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    b.get(off..off + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-}
-fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    b.get(off..off + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes)
-}
 
 /// Checks that `image` is a little-endian x86-64 executable ELF whose
 /// loadable segments lie in `[min_addr, ram_end)`.

@@ -65,8 +65,10 @@ pub fn decode_chunks(bytes: &[u8], count: u64) -> Result<Vec<Chunk>, FormatError
     Ok(bytes
         .chunks_exact(CHUNK_RECORD)
         .map(|r| {
-            let u64_at = |o: usize| u64::from_le_bytes(r[o..o + 8].try_into().expect("8 bytes"));
-            let u32_at = |o: usize| u32::from_le_bytes(r[o..o + 4].try_into().expect("4 bytes"));
+            // Every record is CHUNK_RECORD bytes (chunks_exact), so each
+            // field is inside it.
+            let u64_at = |o| crate::bytes::u64_le(r, o).unwrap_or(0);
+            let u32_at = |o| crate::bytes::u32_le(r, o).unwrap_or(0);
             Chunk { ram_offset: u64_at(0), file_offset: u64_at(8), len: u64::from(u32_at(16)), crc32: u32_at(20) }
         })
         .collect())
