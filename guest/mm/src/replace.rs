@@ -201,16 +201,14 @@ impl<'a> Sim<'a> {
         };
         self.replacer.tick(&mut tac);
         let Some((frame, evict)) = self.replacer.frame_for_fault(&mut tac) else { return };
-        if evict {
-            if let Some(Some(old)) = self.owner.get(frame).copied() {
-                let o = &mut self.pages[old];
-                self.counters.evictions += 1;
-                if o.dirty {
-                    self.counters.writebacks += 1;
-                    o.in_swap = true;
-                }
-                *o = SimPage { in_swap: o.in_swap, ..SimPage::default() };
+        if evict && let Some(Some(old)) = self.owner.get(frame).copied() {
+            let o = &mut self.pages[old];
+            self.counters.evictions += 1;
+            if o.dirty {
+                self.counters.writebacks += 1;
+                o.in_swap = true;
             }
+            *o = SimPage { in_swap: o.in_swap, ..SimPage::default() };
         }
         if self.pages[page].in_swap {
             self.counters.major += 1;
