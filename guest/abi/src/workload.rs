@@ -95,8 +95,9 @@ pub enum Event {
     /// A ring-3 access outside every region of the task (the task is
     /// killed): a = faulting address, b = error code.
     InvalidAccess = 34,
-    /// Paging: a = frames zero-filled for recycled frames (by the swap
-    /// device), b = TSC ticks spent in the page-fault handler.
+    /// Paging: a = recycled frames zero-filled (by the swap device), b =
+    /// microseconds spent in the page-fault handler (0 when the TSC
+    /// frequency is unknown).
     PagingCost = 35,
     /// Copy-on-write: a = 0 for the parent, 1 for the child, b = pages
     /// that showed another task's data or lost the task's own write.

@@ -190,7 +190,7 @@ pub fn page_fault(frame: &mut TrapFrame) -> bool {
 
 /// Runs the paging workload; returns the exit status (0: every access read
 /// back what was last written, and any probe fault was the one asked for).
-pub fn run(k: &mut Kernel, spec: &WorkloadSpec) -> u32 {
+pub fn run(k: &mut Kernel, spec: &WorkloadSpec, tsc_khz: u64) -> u32 {
     let p = spec.params;
     let (Some(policy), frames, pages) = (Policy::from_raw(p[0]), p[1], p[3]) else {
         crate::println!("guest: unknown paging policy {}", Dec(p[0]));
@@ -202,7 +202,7 @@ pub fn run(k: &mut Kernel, spec: &WorkloadSpec) -> u32 {
     }
     let probe = spec.flags;
     let params = [p[0], p[1], p[2], p[3], p[4], p[5], p[6], u64::from(probe)];
-    let exit = match run_task(k, policy, frames, pages, params) {
+    let exit = match run_task(k, policy, frames, pages, params, tsc_khz) {
         Ok(e) => e,
         Err(_) => {
             crate::println!("guest: cannot set up the paging workload ({} pages, {} frames)", Dec(pages), Dec(frames));
@@ -222,7 +222,7 @@ fn order_of(pages: u64) -> usize {
     pages.next_power_of_two().trailing_zeros() as usize
 }
 
-fn run_task(k: &mut Kernel, policy: Policy, frames: u64, pages: u64, params: [u64; 8]) -> Result<TaskExit, MapError> {
+fn run_task(k: &mut Kernel, policy: Policy, frames: u64, pages: u64, params: [u64; 8], tsc_khz: u64) -> Result<TaskExit, MapError> {
     let task = TaskFrame::new(k)?;
     let root = task.space.root;
     let mut tables = [0u64; MAX_TABLES];
@@ -263,7 +263,7 @@ fn run_task(k: &mut Kernel, policy: Policy, frames: u64, pages: u64, params: [u6
     for (event, a, b) in [
         (Event::PagingFaults, s.minor, s.major),
         (Event::PagingEvictions, s.evictions, s.writebacks),
-        (Event::PagingCost, s.zeroed, s.tsc),
+        (Event::PagingCost, s.zeroed, if tsc_khz == 0 { 0 } else { s.tsc * 1000 / tsc_khz }),
     ] {
         crate::report::send(&Report::Workload { event, a, b });
     }
