@@ -263,7 +263,7 @@ fn run_task(k: &mut Kernel, policy: Policy, frames: u64, pages: u64, params: [u6
     for (event, a, b) in [
         (Event::PagingFaults, s.minor, s.major),
         (Event::PagingEvictions, s.evictions, s.writebacks),
-        (Event::PagingCost, s.zeroed, if tsc_khz == 0 { 0 } else { s.tsc * 1000 / tsc_khz }),
+        (Event::PagingCost, s.zeroed, (s.tsc * 1000).checked_div(tsc_khz).unwrap_or(0)),
     ] {
         crate::report::send(&Report::Workload { event, a, b });
     }
