@@ -128,7 +128,8 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// A workload after the self-test: dirty:pages=N,rounds=R,seed=S or
-    /// checksum:pages=N,rounds=R,ms=T.
+    /// checksum:pages=N,rounds=R,ms=T; guest paging (docs/guest-paging.md):
+    /// paging:policy=fifo|clock|lru,frames=N,pattern=seq|random|hotcold or cow:pages=N.
     #[arg(long, value_name = "SPEC")]
     workload: Option<String>,
     /// Write the dirty workload's per-round harvest report (JSON) here.

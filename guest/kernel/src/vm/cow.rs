@@ -132,7 +132,11 @@ impl Cow {
         };
         // SAFETY: as above.
         unsafe { pte.write_volatile(new) };
-        invlpg(REGION_BASE + p * PAGE_SIZE);
+        if kind == FaultKind::CopyOnWrite {
+            // The read-only translation may be cached; a not-present one
+            // never is (SDM Vol. 3A §4.10.2).
+            invlpg(REGION_BASE + p * PAGE_SIZE);
+        }
         true
     }
 
