@@ -6,14 +6,15 @@
 //!   4 × N pages.
 //! - `checksum:pages=N,rounds=R[,ms=T,seed=S]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Checksum`; `ms` defaults to 100.
-//! - `paging:policy=fifo|clock|lru,frames=N,pattern=seq|random|hotcold[,pages=P,accesses=A,seed=S,writes=W,probe=ro|wild]`:
+//! - `paging:policy=fifo|clock|lru,frames=N,pattern=seq|random|hotcold[,pages=P,accesses=A,seed=S,writes=W,probe=ro|wild,measure=0|1]`:
 //!   see `memvisor_abi::workload::WorkloadKind::Paging`; defaults: clock,
-//!   16 frames, seq, P = N + 1, A = 4 × P, seed 1, 100 % writes, no probe.
+//!   16 frames, seq, P = N + 1, A = 4 × P, seed 1, 100 % writes, no probe,
+//!   no copy-cost measurement.
 //! - `cow[:pages=N]`: see `memvisor_abi::workload::WorkloadKind::Cow`;
 //!   N defaults to 64.
 
 use memvisor_abi::paging::{Pattern, Policy};
-use memvisor_abi::workload::{PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, WorkloadKind, WorkloadSpec};
+use memvisor_abi::workload::{PAGING_MEASURE, PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, WorkloadKind, WorkloadSpec};
 use thiserror::Error;
 
 /// A workload string that cannot be used.
@@ -70,7 +71,7 @@ fn paging_spec(rest: &str) -> Result<WorkloadSpec, WorkloadError> {
     let probes = [("none", 0), ("ro", u64::from(PAGING_PROBE_READ_ONLY)), ("wild", u64::from(PAGING_PROBE_WILD))];
     let rest = named(&named(&named(rest, "policy", &policies)?, "pattern", &patterns)?, "probe", &probes)?;
     let given = params(&rest)?;
-    let allowed = ["policy", "frames", "pattern", "pages", "accesses", "seed", "writes", "probe"];
+    let allowed = ["policy", "frames", "pattern", "pages", "accesses", "seed", "writes", "probe", "measure"];
     if let Some((k, _)) = given.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
         return Err(WorkloadError::BadParam(k.clone()));
     }
@@ -95,6 +96,9 @@ fn paging_spec(rest: &str) -> Result<WorkloadSpec, WorkloadError> {
     let mut spec = WorkloadSpec { kind: WorkloadKind::Paging as u32, ..WorkloadSpec::default() };
     spec.params = [get("policy").unwrap_or(Policy::Clock as u64), frames, get("pattern").unwrap_or(Pattern::Seq as u64), pages, accesses, get("seed").unwrap_or(1), writes];
     spec.flags = u32::try_from(get("probe").unwrap_or(0)).unwrap_or(0);
+    if get("measure").unwrap_or(0) != 0 {
+        spec.flags |= PAGING_MEASURE;
+    }
     Ok(spec)
 }
 
@@ -208,6 +212,7 @@ mod tests {
         assert_eq!(s.kind, WorkloadKind::Paging as u32);
         assert_eq!(s.params, [Policy::Lru as u64, 8, Pattern::HotCold as u64, 40, 500, 3, 50]);
         assert_eq!(s.flags, PAGING_PROBE_WILD);
+        assert_eq!(parse("paging:probe=ro,measure=1").unwrap().flags, PAGING_PROBE_READ_ONLY | PAGING_MEASURE);
         let d = parse("paging:frames=10").unwrap();
         assert_eq!(d.params, [Policy::Clock as u64, 10, Pattern::Seq as u64, 11, 44, 1, 100]);
         assert_eq!(d.flags, 0);

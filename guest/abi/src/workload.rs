@@ -46,6 +46,11 @@ pub const PAGING_PROBE_READ_ONLY: u32 = 1;
 /// the task reads an address outside every region it owns (an invalid
 /// access).
 pub const PAGING_PROBE_WILD: u32 = 2;
+/// [`WorkloadSpec::flags`] of [`WorkloadKind::Paging`]: before the task
+/// starts, the kernel times one 4 KiB copy and one zeroing at ring 0 and
+/// through the swap device ([`Event::PagingCopyCost`],
+/// [`Event::PagingZeroCost`]).
+pub const PAGING_MEASURE: u32 = 4;
 
 impl WorkloadKind {
     /// Decodes a raw kind, `None` for unknown values.
@@ -105,6 +110,12 @@ pub enum Event {
     /// Copy-on-write: a = pages copied on a write fault, b = write faults
     /// that found the frame no longer shared and only restored write access.
     CowCopies = 37,
+    /// Paging with [`PAGING_MEASURE`]: a = nanoseconds one 4 KiB copy took
+    /// at ring 0 (`rep movsq`), b = through the swap device (one exit).
+    PagingCopyCost = 38,
+    /// Paging with [`PAGING_MEASURE`]: a = nanoseconds zeroing one 4 KiB
+    /// frame took at ring 0 (`rep stosq`), b = through the swap device.
+    PagingZeroCost = 39,
 }
 
 impl Event {
@@ -125,6 +136,8 @@ impl Event {
             Self::PagingCost,
             Self::CowChecked,
             Self::CowCopies,
+            Self::PagingCopyCost,
+            Self::PagingZeroCost,
         ]
         .into_iter()
         .find(|e| *e as u32 == raw)
