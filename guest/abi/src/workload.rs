@@ -21,6 +21,15 @@ pub enum WorkloadKind {
     /// checksum, reports it ([`Event::Checksum`]) and compares it with the
     /// first one, reporting [`Event::Mismatch`] on a difference.
     Checksum = 2,
+    /// Translation benchmark (`translation:ws=BYTES,workloads=MASK,...`):
+    /// `params` = [workload mask (bit `w` runs workload `w` of
+    /// `memvisor_user::translation::Workload`), working-set bytes, timed
+    /// repetitions, accesses per repetition, seed]. A ring-3 task gets a
+    /// buffer of the working set mapped with the configured leaf size and,
+    /// per workload, reports [`Event::TranslationBegin`], builds and warms
+    /// its data, reports [`Event::TranslationTimed`], one
+    /// [`Event::TranslationRep`] per repetition and [`Event::TranslationEnd`].
+    Translation = 20,
 }
 
 impl WorkloadKind {
@@ -31,6 +40,7 @@ impl WorkloadKind {
             0 => Some(Self::None),
             1 => Some(Self::Dirty),
             2 => Some(Self::Checksum),
+            20 => Some(Self::Translation),
             _ => None,
         }
     }
@@ -54,13 +64,34 @@ pub enum Event {
     /// The guest kernel's own bookkeeping region: a = guest-physical start,
     /// b = length in bytes (kernel image, page-table arena).
     KernelRegion = 5,
+    /// A translation workload starts building its data: a = workload, b =
+    /// units (nodes or words).
+    TranslationBegin = 20,
+    /// Its data is built and warmed; timed repetitions follow: a = workload.
+    TranslationTimed = 21,
+    /// One timed repetition: a = TSC ticks, b = accesses.
+    TranslationRep = 22,
+    /// The workload ended: a = workload, b = checksum of what it read.
+    TranslationEnd = 23,
 }
 
 impl Event {
     /// Decodes a raw event.
     #[must_use]
     pub fn from_raw(raw: u32) -> Option<Self> {
-        [Self::BufferReady, Self::RoundDone, Self::Checksum, Self::Mismatch, Self::KernelRegion].into_iter().find(|e| *e as u32 == raw)
+        [
+            Self::BufferReady,
+            Self::RoundDone,
+            Self::Checksum,
+            Self::Mismatch,
+            Self::KernelRegion,
+            Self::TranslationBegin,
+            Self::TranslationTimed,
+            Self::TranslationRep,
+            Self::TranslationEnd,
+        ]
+        .into_iter()
+        .find(|e| *e as u32 == raw)
     }
 }
 
@@ -116,5 +147,7 @@ mod tests {
         assert_eq!(WorkloadKind::from_raw(9), None);
         assert_eq!(Event::from_raw(5), Some(Event::KernelRegion));
         assert_eq!(Event::from_raw(0), None);
+        assert_eq!(WorkloadKind::from_raw(20), Some(WorkloadKind::Translation));
+        assert_eq!(Event::from_raw(22), Some(Event::TranslationRep));
     }
 }

@@ -16,4 +16,5 @@ pub mod args;
 pub mod entry;
 pub mod pattern;
 pub mod sys;
+pub mod translation;
 pub mod workloads;

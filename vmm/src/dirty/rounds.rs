@@ -198,6 +198,8 @@ impl DirtyRounds {
                 }
             }
             Event::Checksum | Event::Mismatch => {}
+            // The translation benchmark's events (crate::bench::translation::probe).
+            Event::TranslationBegin | Event::TranslationTimed | Event::TranslationRep | Event::TranslationEnd => {}
         }
         Ok(())
     }
