@@ -150,6 +150,7 @@ impl Machine {
                 VcpuExit::IoOut(port, data) => match self.devices.port_out(port, data) {
                     IoAction::Continue => {}
                     IoAction::Exit(status) => break Ok(status),
+                    IoAction::Swap(gpa) => self.devices.swap.handle(self.vm.ram().memory(), gpa),
                     IoAction::Message(gpa) => {
                         let mut bytes = [0u8; Message::SIZE];
                         let decoded = self
@@ -269,6 +270,7 @@ impl Machine {
             dirty,
             timings,
             unhandled: self.devices.unhandled().clone(),
+            swap_device: self.devices.swap.stats(),
             translation_mode: self.mode,
             translations: std::mem::take(&mut self.translation.results),
             translation_probe: self.translation.probe.take().map(|p| p.records),

@@ -14,6 +14,7 @@
 
 pub mod args;
 pub mod entry;
+pub mod paging;
 pub mod pattern;
 pub mod sys;
 pub mod translation;
