@@ -21,6 +21,15 @@ pub enum WorkloadKind {
     /// checksum, reports it ([`Event::Checksum`]) and compares it with the
     /// first one, reporting [`Event::Mismatch`] on a difference.
     Checksum = 2,
+    /// Translation benchmark (`translation:ws=BYTES,workloads=MASK,...`):
+    /// `params` = [workload mask (bit `w` runs workload `w` of
+    /// `memvisor_user::translation::Workload`), working-set bytes, timed
+    /// repetitions, accesses per repetition, seed]. A ring-3 task gets a
+    /// buffer of the working set mapped with the configured leaf size and,
+    /// per workload, reports [`Event::TranslationBegin`], builds and warms
+    /// its data, reports [`Event::TranslationTimed`], one
+    /// [`Event::TranslationRep`] per repetition and [`Event::TranslationEnd`].
+    Translation = 20,
     /// Demand paging with a bounded frame pool and swap (issue 6;
     /// `paging:policy=P,frames=N,pattern=T,...`): `params` = [policy
     /// ([`crate::paging::Policy`]), frames, pattern
@@ -60,6 +69,7 @@ impl WorkloadKind {
             0 => Some(Self::None),
             1 => Some(Self::Dirty),
             2 => Some(Self::Checksum),
+            20 => Some(Self::Translation),
             30 => Some(Self::Paging),
             31 => Some(Self::Cow),
             _ => None,
@@ -85,6 +95,15 @@ pub enum Event {
     /// The guest kernel's own bookkeeping region: a = guest-physical start,
     /// b = length in bytes (kernel image, page-table arena).
     KernelRegion = 5,
+    /// A translation workload starts building its data: a = workload, b =
+    /// units (nodes or words).
+    TranslationBegin = 20,
+    /// Its data is built and warmed; timed repetitions follow: a = workload.
+    TranslationTimed = 21,
+    /// One timed repetition: a = TSC ticks, b = accesses.
+    TranslationRep = 22,
+    /// The workload ended: a = workload, b = checksum of what it read.
+    TranslationEnd = 23,
     /// Paging: a = minor faults (first touch, zero-filled), b = major
     /// faults (read back from swap).
     PagingFaults = 30,
@@ -128,6 +147,10 @@ impl Event {
             Self::Checksum,
             Self::Mismatch,
             Self::KernelRegion,
+            Self::TranslationBegin,
+            Self::TranslationTimed,
+            Self::TranslationRep,
+            Self::TranslationEnd,
             Self::PagingFaults,
             Self::PagingEvictions,
             Self::PagingChecked,
@@ -196,6 +219,8 @@ mod tests {
         assert_eq!(WorkloadKind::from_raw(9), None);
         assert_eq!(Event::from_raw(5), Some(Event::KernelRegion));
         assert_eq!(Event::from_raw(0), None);
+        assert_eq!(WorkloadKind::from_raw(20), Some(WorkloadKind::Translation));
+        assert_eq!(Event::from_raw(22), Some(Event::TranslationRep));
         assert_eq!(WorkloadKind::from_raw(30), Some(WorkloadKind::Paging));
         assert_eq!(WorkloadKind::from_raw(31), Some(WorkloadKind::Cow));
         assert_eq!(Event::from_raw(37), Some(Event::CowCopies));

@@ -17,4 +17,5 @@ pub mod entry;
 pub mod paging;
 pub mod pattern;
 pub mod sys;
+pub mod translation;
 pub mod workloads;

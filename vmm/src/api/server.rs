@@ -58,6 +58,20 @@ pub fn handle(request: &Request, control: &VmControl) -> Response {
             Response::ok(control.state())
         }
         Request::Snapshot { kind, dir } => snapshot(control, *kind, dir.clone()),
+        Request::Translate { gva, map } => {
+            let result = match (gva, map) {
+                (_, true) => control.call(Box::new(crate::translate::ready::map_job)),
+                (Some(gva), false) => {
+                    let gva = *gva;
+                    control.call(Box::new(move |m| crate::translate::ready::explain_job(m, gva)))
+                }
+                (None, false) => Err("translate needs a guest-virtual address or map".into()),
+            };
+            match result {
+                Ok(data) => Response { data: Some(data), ..Response::ok(control.state()) },
+                Err(e) => Response::error(e),
+            }
+        }
         Request::DirtyLog { on, slot } => {
             let (on, slot) = (*on, *slot);
             let result = control.call(Box::new(move |m| {
