@@ -14,6 +14,7 @@ pub mod boot;
 pub mod layout;
 pub mod msg;
 pub mod ports;
+pub mod virtio;
 pub mod workload;
 
 /// Plain-old-data: a `#[repr(C)]` type with no padding-sensitive invariants,
