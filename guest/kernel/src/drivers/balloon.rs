@@ -230,8 +230,9 @@ impl Balloon {
     }
 
     /// Takes up to `want` pages (one step) out of the balloon, tells the
-    /// device, verifies them in ring 3 and frees them. Returns `(pages,
-    /// bytes verified, bytes that read back right)`.
+    /// device, verifies them in ring 3 ([`Event::BalloonVerified`]) and
+    /// frees them. Returns `(pages, bytes verified, bytes that read back
+    /// right)`.
     pub fn deflate_step(&mut self, k: &mut Kernel, want: u64) -> (u64, u64, u64) {
         let cap = want.min(STEP_PAGES);
         let mut runs = [(0u64, 0u64); STEP_BLOCKS];
@@ -255,11 +256,14 @@ impl Balloon {
         }
         let (buf, n) = self.fill(k, &runs[..nr]);
         self.deflate.submit(&self.m, &[(buf, (n * 4) as u32, false)]);
-        self.set_actual(self.actual - pages);
         let good = verify(k, &taken[..nr]);
         for &(a, len) in &taken[..nr] {
             let _ = k.buddy().free(a, (len / PAGE_SIZE).trailing_zeros() as usize);
         }
+        // The report, then `actual`: once the host sees it, the step is
+        // complete and reported.
+        report::send(&Report::Workload { event: Event::BalloonVerified, a: pages * PAGE_SIZE, b: good });
+        self.set_actual(self.actual - pages);
         (pages, pages * PAGE_SIZE, good)
     }
 
@@ -409,8 +413,7 @@ pub fn run(k: &mut Kernel, params: [u64; 7]) -> u32 {
                 continue;
             }
         } else if target < b.actual {
-            let (_, expected, good) = b.deflate_step(k, b.actual - target);
-            send(Event::BalloonVerified, expected, good);
+            b.deflate_step(k, b.actual - target);
             if b.actual == 0 && was_full {
                 done += 1;
                 was_full = false;

@@ -217,12 +217,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
             reg::VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(v as usize, ram),
             reg::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
             reg::VIRTIO_MMIO_STATUS => self.set_status(v),
-            reg::VIRTIO_MMIO_QUEUE_DESC_LOW => self.with_unready_queue(|q| Ok(q.set_desc_table_address(Some(v), None))),
-            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => self.with_unready_queue(|q| Ok(q.set_desc_table_address(None, Some(v)))),
-            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => self.with_unready_queue(|q| Ok(q.set_avail_ring_address(Some(v), None))),
-            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self.with_unready_queue(|q| Ok(q.set_avail_ring_address(None, Some(v)))),
-            reg::VIRTIO_MMIO_QUEUE_USED_LOW => self.with_unready_queue(|q| Ok(q.set_used_ring_address(Some(v), None))),
-            reg::VIRTIO_MMIO_QUEUE_USED_HIGH => self.with_unready_queue(|q| Ok(q.set_used_ring_address(None, Some(v)))),
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW => self.set_ring_address(|q| q.set_desc_table_address(Some(v), None)),
+            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => self.set_ring_address(|q| q.set_desc_table_address(None, Some(v))),
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => self.set_ring_address(|q| q.set_avail_ring_address(Some(v), None)),
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self.set_ring_address(|q| q.set_avail_ring_address(None, Some(v))),
+            reg::VIRTIO_MMIO_QUEUE_USED_LOW => self.set_ring_address(|q| q.set_used_ring_address(Some(v), None)),
+            reg::VIRTIO_MMIO_QUEUE_USED_HIGH => self.set_ring_address(|q| q.set_used_ring_address(None, Some(v))),
             _ => self.device.transport_rejected(TransportReject::BadRegister),
         }
     }
@@ -238,6 +238,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if let Err(why) = result {
             self.device.transport_rejected(why);
         }
+    }
+
+    /// One half of a ring address of the selected, unready queue.
+    fn set_ring_address(&mut self, f: impl FnOnce(&mut Queue)) {
+        self.with_unready_queue(|q| {
+            f(q);
+            Ok(())
+        });
     }
 
     fn set_status(&mut self, v: u32) {

@@ -40,7 +40,7 @@ pub struct BalloonPages {
     bits: Vec<u64>,
     /// Pieces in the balloon per host page (empty when host pages are 4 KiB).
     counts: Vec<u32>,
-    pages: u64,
+    ram_pages: u64,
     pieces_per_host_page: u64,
     /// Pages in the balloon.
     in_balloon: u64,
@@ -56,13 +56,13 @@ impl BalloonPages {
         let pages = ram_bytes / PAGE;
         let per = (host_page / PAGE).max(1);
         let counts = if per > 1 { vec![0; pages.div_ceil(per) as usize] } else { Vec::new() };
-        BalloonPages { bits: vec![0; pages.div_ceil(64) as usize], counts, pages, pieces_per_host_page: per, in_balloon: 0, released_host_pages: 0 }
+        BalloonPages { bits: vec![0; pages.div_ceil(64) as usize], counts, ram_pages: pages, pieces_per_host_page: per, in_balloon: 0, released_host_pages: 0 }
     }
 
     /// Whether page `p` is in the balloon.
     #[must_use]
     pub fn contains(&self, p: u64) -> bool {
-        p < self.pages && self.bits[(p / 64) as usize] & (1 << (p % 64)) != 0
+        p < self.ram_pages && self.bits[(p / 64) as usize] & (1 << (p % 64)) != 0
     }
 
     /// Puts page `p` into the balloon.
@@ -70,7 +70,7 @@ impl BalloonPages {
     /// # Errors
     /// [`PageReject::OutOfRange`] or [`PageReject::Duplicate`]; nothing changes.
     pub fn inflate(&mut self, p: u64) -> Result<Inflated, PageReject> {
-        if p >= self.pages {
+        if p >= self.ram_pages {
             return Err(PageReject::OutOfRange);
         }
         if self.contains(p) {
@@ -87,7 +87,7 @@ impl BalloonPages {
         *c += 1;
         // The last host page may be cut short by the end of RAM: it is
         // complete when every piece that exists is in.
-        let existing = self.pieces_per_host_page.min(self.pages - host * self.pieces_per_host_page);
+        let existing = self.pieces_per_host_page.min(self.ram_pages - host * self.pieces_per_host_page);
         if u64::from(*c) == existing {
             self.released_host_pages += 1;
             Ok(Inflated::Release(host))
@@ -101,7 +101,7 @@ impl BalloonPages {
     /// # Errors
     /// [`PageReject::OutOfRange`] or [`PageReject::NotInBalloon`].
     pub fn deflate(&mut self, p: u64) -> Result<(), PageReject> {
-        if p >= self.pages {
+        if p >= self.ram_pages {
             return Err(PageReject::OutOfRange);
         }
         if !self.contains(p) {
@@ -114,7 +114,7 @@ impl BalloonPages {
             self.released_host_pages -= 1;
             return Ok(());
         }
-        let existing = self.pieces_per_host_page.min(self.pages - host * self.pieces_per_host_page);
+        let existing = self.pieces_per_host_page.min(self.ram_pages - host * self.pieces_per_host_page);
         let c = &mut self.counts[host as usize];
         if u64::from(*c) == existing {
             self.released_host_pages -= 1;
