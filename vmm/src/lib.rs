@@ -22,6 +22,7 @@ pub mod control;
 pub mod devices;
 pub mod dirty;
 pub mod fsutil;
+pub mod guest_paging;
 pub mod host;
 pub mod kvm_stats;
 pub mod layout;

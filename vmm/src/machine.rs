@@ -148,6 +148,7 @@ impl Machine {
                 VcpuExit::IoOut(port, data) => match self.devices.port_out(port, data) {
                     IoAction::Continue => {}
                     IoAction::Exit(status) => break Ok(status),
+                    IoAction::Swap(gpa) => self.devices.swap.handle(self.vm.ram().memory(), gpa),
                     IoAction::Message(gpa) => {
                         let mut bytes = [0u8; Message::SIZE];
                         let decoded = self
@@ -272,6 +273,7 @@ impl Machine {
             balloon: self.devices.balloon.as_ref().map(|b| b.device.info()),
             timings,
             unhandled: self.devices.unhandled().clone(),
+            swap_device: self.devices.swap.stats(),
             translation_mode: self.mode,
             boot_phases: timeline::marks(),
             config: self.config.clone(),

@@ -107,6 +107,9 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "vmm_memory": outcome.vmm_memory,
         "bad_messages": outcome.bad_messages,
         "unhandled": outcome.unhandled,
+        "paging_workload": crate::guest_paging::outcome_paging(outcome),
+        "cow_workload": crate::guest_paging::outcome_cow(outcome),
+        "swap_device": outcome.swap_device,
     })
 }
 
@@ -307,6 +310,7 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             let _ = writeln!(s, "  2 MiB mappings split by logging: {split}; back after logging: {}", if recovered { "yes" } else { "no" });
         }
     }
+    s.push_str(&crate::guest_paging::text(outcome));
     let _ = writeln!(s, "exit status: {}", outcome.exit_status);
     s
 }

@@ -136,6 +136,8 @@ pub struct RunOutcome {
     pub timings: BootTimings,
     /// Accesses to nothing.
     pub unhandled: UnhandledStats,
+    /// What the paravirtual swap device did (guest-paging workloads).
+    pub swap_device: crate::devices::swap::SwapStats,
     /// How the host translates guest-physical addresses.
     pub translation_mode: TranslationMode,
     /// Start-up milestones before the first KVM_RUN: (name, µs since

@@ -10,15 +10,21 @@
 //!   loop (`WorkloadKind::Balloon`; needs `--balloon`); `oom` is a size.
 //! - `balloon-hostile:mode=M`: feed the balloon hostile input `M` (1-7,
 //!   `memvisor_abi::workload::HostileMode`).
+//! - `paging:policy=fifo|clock|lru,frames=N,pattern=seq|random|hotcold[,pages=P,accesses=A,seed=S,writes=W,probe=ro|wild]`:
+//!   see `memvisor_abi::workload::WorkloadKind::Paging`; defaults: clock,
+//!   16 frames, seq, P = N + 1, A = 4 × P, seed 1, 100 % writes, no probe.
+//! - `cow[:pages=N]`: see `memvisor_abi::workload::WorkloadKind::Cow`;
+//!   N defaults to 64.
 
-use memvisor_abi::workload::{WorkloadKind, WorkloadSpec};
+use memvisor_abi::paging::{Pattern, Policy};
+use memvisor_abi::workload::{PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, WorkloadKind, WorkloadSpec};
 use thiserror::Error;
 
 /// A workload string that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WorkloadError {
     /// Unknown kind.
-    #[error("unknown workload {0:?}; known: dirty, checksum, balloon, balloon-hostile")]
+    #[error("unknown workload {0:?}; known: dirty, checksum, balloon, balloon-hostile, paging, cow")]
     UnknownKind(String),
     /// A malformed or unknown parameter.
     #[error("invalid workload parameter {0:?}")]
@@ -37,6 +43,64 @@ pub enum WorkloadError {
 const MAX_BUFFER_PAGES: u64 = 1 << 18;
 /// Most rounds of a workload (the VMM keeps a record per dirty round).
 const MAX_ROUNDS: u64 = 4096;
+/// Most frames of a paging pool (the guest's `vm::pager::MAX_FRAMES`).
+pub const MAX_PAGING_FRAMES: u64 = 1024;
+/// Most pages of a paging region (the guest's `vm::pager::MAX_PAGES`).
+pub const MAX_PAGING_PAGES: u64 = 4096;
+/// Most accesses of a paging run: every one may be a fault costing ~0.2 ms
+/// of emulated ring 0 on this project's host, and the VMM replays them.
+pub const MAX_PAGING_ACCESSES: u64 = 1_000_000;
+/// Most pages of a cow region (the guest's `vm::cow::MAX_PAGES`).
+pub const MAX_COW_PAGES: u64 = 512;
+
+/// Replaces the named value of `key` in `rest` by its number.
+fn named(rest: &str, key: &str, names: &[(&str, u64)]) -> Result<String, WorkloadError> {
+    let mut out = Vec::new();
+    for kv in rest.split(',').filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some((k, v)) if k.trim() == key => {
+                let n = names.iter().find(|(name, _)| *name == v.trim()).ok_or_else(|| WorkloadError::BadParam(kv.to_string()))?.1;
+                out.push(format!("{key}={n}"));
+            }
+            _ => out.push(kv.to_string()),
+        }
+    }
+    Ok(out.join(","))
+}
+
+fn paging_spec(rest: &str) -> Result<WorkloadSpec, WorkloadError> {
+    let policies: Vec<(&str, u64)> = Policy::ALL.iter().map(|p| (p.name(), *p as u64)).collect();
+    let patterns: Vec<(&str, u64)> = Pattern::ALL.iter().map(|p| (p.name(), *p as u64)).collect();
+    let probes = [("none", 0), ("ro", u64::from(PAGING_PROBE_READ_ONLY)), ("wild", u64::from(PAGING_PROBE_WILD))];
+    let rest = named(&named(&named(rest, "policy", &policies)?, "pattern", &patterns)?, "probe", &probes)?;
+    let given = params(&rest)?;
+    let allowed = ["policy", "frames", "pattern", "pages", "accesses", "seed", "writes", "probe"];
+    if let Some((k, _)) = given.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        return Err(WorkloadError::BadParam(k.clone()));
+    }
+    let get = |name: &str| given.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+    let frames = get("frames").unwrap_or(16);
+    let pages = get("pages").unwrap_or(frames.saturating_add(1));
+    let accesses = get("accesses").unwrap_or(pages.saturating_mul(4));
+    let writes = get("writes").unwrap_or(100);
+    let bad = |why: String| WorkloadError::OutOfRange { kind: "paging", why };
+    if !(1..=MAX_PAGING_FRAMES).contains(&frames) {
+        return Err(bad(format!("frames must be 1..={MAX_PAGING_FRAMES}")));
+    }
+    if !(1..=MAX_PAGING_PAGES).contains(&pages) {
+        return Err(bad(format!("pages must be 1..={MAX_PAGING_PAGES}")));
+    }
+    if !(1..=MAX_PAGING_ACCESSES).contains(&accesses) {
+        return Err(bad(format!("accesses must be 1..={MAX_PAGING_ACCESSES}")));
+    }
+    if writes > 100 {
+        return Err(bad("writes is a percentage, 0..=100".into()));
+    }
+    let mut spec = WorkloadSpec { kind: WorkloadKind::Paging as u32, ..WorkloadSpec::default() };
+    spec.params = [get("policy").unwrap_or(Policy::Clock as u64), frames, get("pattern").unwrap_or(Pattern::Seq as u64), pages, accesses, get("seed").unwrap_or(1), writes];
+    spec.flags = u32::try_from(get("probe").unwrap_or(0)).unwrap_or(0);
+    Ok(spec)
+}
 
 fn params(text: &str) -> Result<Vec<(String, u64)>, WorkloadError> {
     if text.is_empty() {
@@ -64,6 +128,10 @@ pub fn is_dirty(text: Option<&str>) -> bool {
 /// [`WorkloadError`].
 pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
     let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
+    if kind == "paging" {
+        // Its policy, pattern and probe are names, not numbers.
+        return paging_spec(rest);
+    }
     let given = params(rest)?;
     let get = |name: &str, allowed: &[&str]| -> Result<Option<u64>, WorkloadError> {
         if let Some((k, _)) = given.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
@@ -124,6 +192,14 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
             spec.kind = WorkloadKind::BalloonHostile as u32;
             spec.params[0] = mode;
         }
+        "cow" => {
+            let pages = get("pages", &["pages"])?.unwrap_or(64);
+            if !(1..=MAX_COW_PAGES).contains(&pages) {
+                return Err(WorkloadError::OutOfRange { kind: "cow", why: format!("pages must be 1..={MAX_COW_PAGES}") });
+            }
+            spec.kind = WorkloadKind::Cow as u32;
+            spec.params[0] = pages;
+        }
         other => return Err(WorkloadError::UnknownKind(other.to_string())),
     }
     Ok(spec)
@@ -157,6 +233,32 @@ mod tests {
         let s = parse("checksum:pages=64,rounds=3,ms=10").unwrap();
         assert_eq!(s.kind, WorkloadKind::Checksum as u32);
         assert_eq!(&s.params[..4], &[64, 3, 10, 1]);
+    }
+
+    #[test]
+    fn paging_specs_parse_names_and_defaults() {
+        let s = parse("paging:policy=lru,frames=8,pattern=hotcold,pages=40,accesses=500,seed=3,writes=50,probe=wild").unwrap();
+        assert_eq!(s.kind, WorkloadKind::Paging as u32);
+        assert_eq!(s.params, [Policy::Lru as u64, 8, Pattern::HotCold as u64, 40, 500, 3, 50]);
+        assert_eq!(s.flags, PAGING_PROBE_WILD);
+        let d = parse("paging:frames=10").unwrap();
+        assert_eq!(d.params, [Policy::Clock as u64, 10, Pattern::Seq as u64, 11, 44, 1, 100]);
+        assert_eq!(d.flags, 0);
+        assert_eq!(parse("paging").unwrap().params[1], 16);
+    }
+
+    #[test]
+    fn bad_paging_and_cow_specs_are_refused() {
+        assert!(matches!(parse("paging:policy=mru"), Err(WorkloadError::BadParam(_))));
+        assert!(matches!(parse("paging:pattern=zipf"), Err(WorkloadError::BadParam(_))));
+        assert!(matches!(parse("paging:frames=0"), Err(WorkloadError::OutOfRange { .. })));
+        assert!(matches!(parse("paging:frames=2000"), Err(WorkloadError::OutOfRange { .. })));
+        assert!(matches!(parse("paging:pages=5000"), Err(WorkloadError::OutOfRange { .. })));
+        assert!(matches!(parse("paging:writes=101"), Err(WorkloadError::OutOfRange { .. })));
+        assert!(matches!(parse("paging:rounds=3"), Err(WorkloadError::BadParam(_))));
+        assert_eq!(parse("cow").unwrap().params[0], 64);
+        assert_eq!(parse("cow:pages=9").unwrap().kind, WorkloadKind::Cow as u32);
+        assert!(matches!(parse("cow:pages=513"), Err(WorkloadError::OutOfRange { .. })));
     }
 
     #[test]

@@ -21,6 +21,22 @@ pub enum WorkloadKind {
     /// checksum, reports it ([`Event::Checksum`]) and compares it with the
     /// first one, reporting [`Event::Mismatch`] on a difference.
     Checksum = 2,
+    /// Demand paging with a bounded frame pool and swap (issue 6;
+    /// `paging:policy=P,frames=N,pattern=T,...`): `params` = [policy
+    /// ([`crate::paging::Policy`]), frames, pattern
+    /// ([`crate::paging::Pattern`]), pages, accesses, seed, write percent];
+    /// `flags` = [`PAGING_PROBE_READ_ONLY`] or [`PAGING_PROBE_WILD`] to end
+    /// with a deliberate bad access. A ring-3 task makes `accesses`
+    /// accesses to a demand-paged region of `pages` pages while the kernel
+    /// holds at most `frames` of them in RAM, then reports its counters
+    /// ([`Event::PagingFaults`], [`Event::PagingEvictions`],
+    /// [`Event::PagingChecked`]).
+    Paging = 30,
+    /// Copy-on-write fork (issue 6; `cow:pages=N`): `params` = [pages]. A
+    /// ring-3 task fills `pages` demand-paged pages, forks, and parent and
+    /// child each write their own subset and check they see only their own
+    /// writes ([`Event::CowChecked`], [`Event::CowCopies`]).
+    Cow = 31,
     /// The balloon driver's service loop (`balloon:rounds=R,report=0|1,oom=P`):
     /// `params` = [rounds, free page reporting (0/1), OOM allocation in
     /// pages]. The guest initialises the virtio balloon, then follows the
@@ -90,6 +106,14 @@ impl HostileMode {
     }
 }
 
+/// [`WorkloadSpec::flags`] of [`WorkloadKind::Paging`]: after its accesses
+/// the task writes to its read-only argument page (a protection fault).
+pub const PAGING_PROBE_READ_ONLY: u32 = 1;
+/// [`WorkloadSpec::flags`] of [`WorkloadKind::Paging`]: after its accesses
+/// the task reads an address outside every region it owns (an invalid
+/// access).
+pub const PAGING_PROBE_WILD: u32 = 2;
+
 impl WorkloadKind {
     /// Decodes a raw kind, `None` for unknown values.
     #[must_use]
@@ -100,6 +124,8 @@ impl WorkloadKind {
             2 => Some(Self::Checksum),
             10 => Some(Self::Balloon),
             11 => Some(Self::BalloonHostile),
+            30 => Some(Self::Paging),
+            31 => Some(Self::Cow),
             _ => None,
         }
     }
@@ -140,6 +166,31 @@ pub enum Event {
     /// The balloon driver could not start: a = step (1: no device, 2:
     /// features refused, 3: no memory for queues), b = detail.
     BalloonFailed = 15,
+    /// Paging: a = minor faults (first touch, zero-filled), b = major
+    /// faults (read back from swap).
+    PagingFaults = 30,
+    /// Paging: a = evictions, b = dirty write-backs (evictions of pages
+    /// whose D bit was set).
+    PagingEvictions = 31,
+    /// Paging: a = accesses made, b = accesses that found other data than
+    /// the page's last write (0 when swap works).
+    PagingChecked = 32,
+    /// A ring-3 protection fault the kernel cannot resolve (the task is
+    /// killed): a = faulting address, b = error code.
+    ProtectionFault = 33,
+    /// A ring-3 access outside every region of the task (the task is
+    /// killed): a = faulting address, b = error code.
+    InvalidAccess = 34,
+    /// Paging: a = recycled frames zero-filled (by the swap device), b =
+    /// microseconds spent in the page-fault handler (0 when the TSC
+    /// frequency is unknown).
+    PagingCost = 35,
+    /// Copy-on-write: a = 0 for the parent, 1 for the child, b = pages
+    /// that showed another task's data or lost the task's own write.
+    CowChecked = 36,
+    /// Copy-on-write: a = pages copied on a write fault, b = write faults
+    /// that found the frame no longer shared and only restored write access.
+    CowCopies = 37,
 }
 
 impl Event {
@@ -158,6 +209,14 @@ impl Event {
             Self::BalloonOomDeflated,
             Self::BalloonHostileDone,
             Self::BalloonFailed,
+            Self::PagingFaults,
+            Self::PagingEvictions,
+            Self::PagingChecked,
+            Self::ProtectionFault,
+            Self::InvalidAccess,
+            Self::PagingCost,
+            Self::CowChecked,
+            Self::CowCopies,
         ]
         .into_iter()
         .find(|e| *e as u32 == raw)
@@ -220,5 +279,8 @@ mod tests {
         assert_eq!(Event::from_raw(13), Some(Event::BalloonOomDeflated));
         assert_eq!(HostileMode::from_raw(7), Some(HostileMode::QueueSizeNotPowerOfTwo));
         assert_eq!(HostileMode::from_raw(0), None);
+        assert_eq!(WorkloadKind::from_raw(30), Some(WorkloadKind::Paging));
+        assert_eq!(WorkloadKind::from_raw(31), Some(WorkloadKind::Cow));
+        assert_eq!(Event::from_raw(37), Some(Event::CowCopies));
     }
 }

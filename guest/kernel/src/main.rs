@@ -27,6 +27,7 @@ mod report;
 mod rt;
 mod selftest;
 mod task;
+mod vm;
 mod workload;
 
 use memvisor_abi::boot::{FLAG_IDLE_AT_END, FLAG_SKIP_SELFTEST, FLAG_SYSCALL_INSN};

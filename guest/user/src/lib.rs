@@ -15,6 +15,7 @@
 pub mod args;
 pub mod balloon;
 pub mod entry;
+pub mod paging;
 pub mod pattern;
 pub mod sys;
 pub mod workloads;

@@ -8,6 +8,7 @@
 
 pub mod serial;
 pub mod virtio;
+pub mod swap;
 
 use std::collections::HashSet;
 
@@ -28,6 +29,9 @@ pub enum IoAction {
     Exit(u32),
     /// The guest sent a message at this guest-physical address.
     Message(u64),
+    /// The guest asked the swap device to perform the request at this
+    /// guest-physical address ([`swap::SwapDevice::handle`]).
+    Swap(u64),
 }
 
 /// Counters of accesses nobody handles.
@@ -55,6 +59,8 @@ pub struct Devices {
     logged_ports: HashSet<u16>,
     logged_mmio: HashSet<u64>,
     unhandled: UnhandledStats,
+    /// The paravirtual swap device (its store is not part of snapshots).
+    pub swap: swap::SwapDevice,
 }
 
 /// Reads up to 4 little-endian bytes as a value.
@@ -66,7 +72,14 @@ impl Devices {
     /// Devices with the console writing to `console`.
     #[must_use]
     pub fn new(console: Box<dyn std::io::Write + Send>) -> Self {
-        Devices { serial: SerialConsole::new(console), balloon: None, logged_ports: HashSet::new(), logged_mmio: HashSet::new(), unhandled: UnhandledStats::default() }
+        Devices {
+            serial: SerialConsole::new(console),
+            balloon: None,
+            logged_ports: HashSet::new(),
+            logged_mmio: HashSet::new(),
+            unhandled: UnhandledStats::default(),
+            swap: swap::SwapDevice::default(),
+        }
     }
 
     /// Devices restored from a snapshot, the console writing to `console`.
@@ -96,6 +109,7 @@ impl Devices {
             }
             ports::DEBUG_EXIT => IoAction::Exit(le_value(data)),
             ports::MESSAGE if data.len() == 4 => IoAction::Message(u64::from(le_value(data))),
+            ports::SWAP if data.len() == 4 => IoAction::Swap(u64::from(le_value(data))),
             _ => {
                 self.unhandled_port(port, "write");
                 IoAction::Continue

@@ -197,7 +197,7 @@ impl DirtyRounds {
                     tracker.stop(vm, ram)?;
                 }
             }
-            // Other workloads' events mean nothing to the dirty rounds.
+            // Other workloads' events.
             _ => {}
         }
         Ok(())
