@@ -1,8 +1,8 @@
 //! The virtio-balloon driver and its service loop (workload `balloon`).
 //!
 //! The driver follows the host's target (`num_pages`): it inflates by
-//! taking blocks from the buddy allocator (2 MiB blocks where it can, so
-//! host huge pages empty completely) and deflates by giving them back,
+//! taking blocks from the buddy allocator (the largest that fit the
+//! remaining target, up to 1 GiB, so host huge pages empty completely) and deflates by giving them back,
 //! after a ring-3 task has written and verified every deflated page. PFN
 //! arrays are filled by a ring-3 task too ([`memvisor_user::balloon`]):
 //! ring-0 work is O(blocks), never O(pages). Free page reporting hands the
@@ -27,8 +27,8 @@ use crate::task::{self, TaskExit, TaskFrame, user_layout};
 /// Blocks per inflate/deflate step (each one run of PFNs and, on deflate,
 /// one window of the verifying task).
 pub const STEP_BLOCKS: usize = 128;
-/// Order of the PFN array: 2^6 pages = 256 KiB = 65536 PFNs (256 MiB).
-const PFN_BUF_ORDER: usize = 6;
+/// Order of the PFN array: 2^8 pages = 1 MiB = 262144 PFNs (1 GiB per step).
+const PFN_BUF_ORDER: usize = 8;
 /// PFNs per step.
 const STEP_PAGES: u64 = (PAGE_SIZE << PFN_BUF_ORDER) / 4;
 /// Up to this many PFNs are written at ring 0 into a scratch page instead
@@ -36,8 +36,13 @@ const STEP_PAGES: u64 = (PAGE_SIZE << PFN_BUF_ORDER) / 4;
 const SMALL_PFNS: u64 = 256;
 /// Pages of the block list (512 entries each).
 const BLOCK_LIST_PAGES: u64 = 4;
-/// The order of a 2 MiB block.
+/// The order of a 2 MiB block: the smallest block free page reporting
+/// reports, and the allocation unit of the OOM allocation.
 const ORDER_2M: usize = 9;
+/// Inflate takes blocks up to this order (the buddy's largest, 1 GiB):
+/// fewer, larger blocks mean less ring-0 work per step, and every block of
+/// 2 MiB or more empties whole host huge pages.
+const MAX_BLOCK_ORDER: usize = memvisor_guest_mm::buddy::MAX_ORDER;
 /// Free page reporting: descriptors per chain, and the largest descriptor.
 const REPORT_CHAIN: usize = 32;
 const REPORT_MAX_LEN: u64 = 1 << 31;
@@ -204,7 +209,7 @@ impl Balloon {
         let mut runs = [(0u64, 0u64); STEP_BLOCKS];
         let (mut nr, mut pages) = (0, 0);
         while pages < cap && nr < STEP_BLOCKS && self.blocks.len < self.blocks.cap {
-            let mut order = ORDER_2M.min(63 - (cap - pages).leading_zeros() as usize);
+            let mut order = MAX_BLOCK_ORDER.min(63 - (cap - pages).leading_zeros() as usize);
             let addr = loop {
                 if let Some(a) = k.frames_alloc(order) {
                     break Some(a);
