@@ -31,6 +31,7 @@ pub mod memory;
 pub mod run_report;
 pub mod snapshot;
 pub mod timeline;
+pub mod translate;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -60,6 +60,8 @@ pub struct Machine {
     pub dirty_rounds: Option<crate::dirty::rounds::DirtyRounds>,
     /// A lazy restore's check of the base image, running beside the guest.
     pub verifier: Option<Verifier>,
+    /// `--translate` addresses and the translation benchmark's probe.
+    pub translation: crate::translate::ready::RunTranslation,
 }
 
 /// Checks a lazily restored base image's chunk checksums on a thread while
@@ -177,6 +179,12 @@ impl Machine {
                         } else {
                             dropped_reports += 1;
                         }
+                        if matches!(report, Report::Ready { .. }) && !self.translation.at_ready.is_empty() {
+                            crate::translate::ready::at_ready(&mut self);
+                        }
+                        if let (Report::Workload { event, a, b }, Some(probe)) = (report, self.translation.probe.as_mut()) {
+                            probe.on_event(event, a, b, self.vm.kvm(), self.vm.fd(), &self.vcpu);
+                        }
                         if let (Report::Workload { event, a, b }, Some(rounds), Some(tracker)) = (report, self.dirty_rounds.as_mut(), self.tracker.as_mut()) {
                             // The guest waits in this port write while the VMM harvests.
                             if let Err(e) = rounds.on_event(event, a, b, tracker, self.vm.fd(), self.vm.ram()) {
@@ -275,6 +283,8 @@ impl Machine {
             unhandled: self.devices.unhandled().clone(),
             swap_device: self.devices.swap.stats(),
             translation_mode: self.mode,
+            translations: std::mem::take(&mut self.translation.results),
+            translation_probe: self.translation.probe.take().map(|p| p.records),
             boot_phases: timeline::marks(),
             config: self.config.clone(),
         })

@@ -75,11 +75,17 @@ pub struct RunOptions {
     pub control: Option<Arc<VmControl>>,
     /// Skip the guest's self-test (boot benchmarks).
     pub skip_selftest: bool,
+    /// Guest-virtual addresses to explain when the guest is ready (`--translate`).
+    pub translate: Vec<u64>,
 }
 
 impl std::fmt::Debug for RunOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunOptions").field("control", &self.control.is_some()).field("skip_selftest", &self.skip_selftest).finish()
+        f.debug_struct("RunOptions")
+            .field("control", &self.control.is_some())
+            .field("skip_selftest", &self.skip_selftest)
+            .field("translate", &self.translate)
+            .finish()
     }
 }
 
@@ -140,6 +146,10 @@ pub struct RunOutcome {
     pub swap_device: crate::devices::swap::SwapStats,
     /// How the host translates guest-physical addresses.
     pub translation_mode: TranslationMode,
+    /// `--translate` explanations, in the order asked.
+    pub translations: Vec<crate::translate::ready::ReadyTranslation>,
+    /// The translation workload's phases and KVM statistic deltas, when it ran.
+    pub translation_probe: Option<Vec<crate::bench::translation::probe::WorkloadRecord>>,
     /// Start-up milestones before the first KVM_RUN: (name, µs since
     /// process start), in order.
     pub boot_phases: Vec<(&'static str, f64)>,
@@ -217,8 +227,19 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     }
     timeline::mark("write boot data");
     let dirty_rounds = dirty_rounds_for(config, &vm, tsc_khz);
-    let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None, dirty_rounds, verifier: None };
+    let translation = crate::translate::ready::RunTranslation {
+        at_ready: options.translate.clone(),
+        results: Vec::new(),
+        probe: is_translation_workload(config).then(crate::bench::translation::probe::StatsProbe::default),
+    };
+    let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None, dirty_rounds, verifier: None, translation };
     machine.drive(options.control)
+}
+
+/// Whether `config` runs the translation benchmark's workload.
+fn is_translation_workload(config: &VmConfig) -> bool {
+    let spec = config.workload.as_deref().and_then(|w| crate::workload::parse(w).ok());
+    spec.is_some_and(|s| s.kind == memvisor_abi::workload::WorkloadKind::Translation as u32)
 }
 
 /// The round checker for a dirty workload, if `config` runs one.
@@ -348,6 +369,7 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     } else {
         None
     };
-    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds, verifier };
+    let translation = crate::translate::ready::RunTranslation::default();
+    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds, verifier, translation };
     machine.drive(options.control)
 }

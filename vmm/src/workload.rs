@@ -10,6 +10,11 @@
 //!   loop (`WorkloadKind::Balloon`; needs `--balloon`); `oom` is a size.
 //! - `balloon-hostile:mode=M`: feed the balloon hostile input `M` (1-7,
 //!   `memvisor_abi::workload::HostileMode`).
+//! - `translation:ws=SIZE[,workloads=MASK,reps=R,steps=N,seed=S]`: see
+//!   `memvisor_abi::workload::WorkloadKind::Translation`; the working set is
+//!   a power of two from 64 KiB to 16 GiB, `workloads` a bit mask of
+//!   `memvisor_user::translation::Workload` (default all), `reps` 5, `steps`
+//!   2^20 accesses per repetition.
 //! - `paging:policy=fifo|clock|lru,frames=N,pattern=seq|random|hotcold[,pages=P,accesses=A,seed=S,writes=W,probe=ro|wild]`:
 //!   see `memvisor_abi::workload::WorkloadKind::Paging`; defaults: clock,
 //!   16 frames, seq, P = N + 1, A = 4 × P, seed 1, 100 % writes, no probe.
@@ -24,7 +29,7 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WorkloadError {
     /// Unknown kind.
-    #[error("unknown workload {0:?}; known: dirty, checksum, balloon, balloon-hostile, paging, cow")]
+    #[error("unknown workload {0:?}; known: dirty, checksum, balloon, balloon-hostile, paging, cow, translation")]
     UnknownKind(String),
     /// A malformed or unknown parameter.
     #[error("invalid workload parameter {0:?}")]
@@ -41,6 +46,10 @@ pub enum WorkloadError {
 
 /// Largest dirty buffer: 1 GiB of 4 KiB pages (one buddy block).
 const MAX_BUFFER_PAGES: u64 = 1 << 18;
+/// Smallest translation working set: 16 pages.
+const MIN_TRANSLATION_WS: u64 = 64 << 10;
+/// Largest translation working set (the guest maps it from several buddy blocks).
+const MAX_TRANSLATION_WS: u64 = 16 << 30;
 /// Most rounds of a workload (the VMM keeps a record per dirty round).
 const MAX_ROUNDS: u64 = 4096;
 /// Most frames of a paging pool (the guest's `vm::pager::MAX_FRAMES`).
@@ -192,6 +201,27 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
             spec.kind = WorkloadKind::BalloonHostile as u32;
             spec.params[0] = mode;
         }
+        "translation" => {
+            let allowed = ["ws", "workloads", "reps", "steps", "seed"];
+            let ws = get("ws", &allowed)?.unwrap_or(64 << 20);
+            let all = (1u64 << memvisor_user::translation::Workload::ALL.len()) - 1;
+            let mask = get("workloads", &allowed)?.unwrap_or(all);
+            let reps = get("reps", &allowed)?.unwrap_or(5);
+            let steps = get("steps", &allowed)?.unwrap_or(1 << 20);
+            let seed = get("seed", &allowed)?.unwrap_or(1);
+            let bad = |why: String| WorkloadError::OutOfRange { kind: "translation", why };
+            if !ws.is_power_of_two() || !(MIN_TRANSLATION_WS..=MAX_TRANSLATION_WS).contains(&ws) {
+                return Err(bad(format!("the working set must be a power of two from 64 KiB to 16 GiB, not {ws}")));
+            }
+            if mask == 0 || mask & !all != 0 {
+                return Err(bad(format!("workloads is a bit mask within {all:#x}")));
+            }
+            if reps == 0 || reps > MAX_ROUNDS || steps == 0 || steps > 1 << 32 {
+                return Err(bad(format!("reps must be 1..={MAX_ROUNDS} and steps 1..=2^32")));
+            }
+            spec.kind = WorkloadKind::Translation as u32;
+            spec.params[..5].copy_from_slice(&[mask, ws, reps, steps, seed]);
+        }
         "cow" => {
             let pages = get("pages", &["pages"])?.unwrap_or(64);
             if !(1..=MAX_COW_PAGES).contains(&pages) {
@@ -233,6 +263,16 @@ mod tests {
         let s = parse("checksum:pages=64,rounds=3,ms=10").unwrap();
         assert_eq!(s.kind, WorkloadKind::Checksum as u32);
         assert_eq!(&s.params[..4], &[64, 3, 10, 1]);
+    }
+
+    #[test]
+    fn translation_specs_parse_and_check_the_working_set() {
+        let s = parse("translation:ws=4M,reps=7").unwrap();
+        assert_eq!(s.kind, WorkloadKind::Translation as u32);
+        assert_eq!(&s.params[..5], &[0xf, 4 << 20, 7, 1 << 20, 1]);
+        assert!(matches!(parse("translation:ws=3M"), Err(WorkloadError::OutOfRange { .. })));
+        assert!(matches!(parse("translation:ws=4K"), Err(WorkloadError::OutOfRange { .. })));
+        assert!(matches!(parse("translation:workloads=64"), Err(WorkloadError::OutOfRange { .. })));
     }
 
     #[test]

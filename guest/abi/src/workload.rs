@@ -21,6 +21,15 @@ pub enum WorkloadKind {
     /// checksum, reports it ([`Event::Checksum`]) and compares it with the
     /// first one, reporting [`Event::Mismatch`] on a difference.
     Checksum = 2,
+    /// Translation benchmark (`translation:ws=BYTES,workloads=MASK,...`):
+    /// `params` = [workload mask (bit `w` runs workload `w` of
+    /// `memvisor_user::translation::Workload`), working-set bytes, timed
+    /// repetitions, accesses per repetition, seed]. A ring-3 task gets a
+    /// buffer of the working set mapped with the configured leaf size and,
+    /// per workload, reports [`Event::TranslationBegin`], builds and warms
+    /// its data, reports [`Event::TranslationTimed`], one
+    /// [`Event::TranslationRep`] per repetition and [`Event::TranslationEnd`].
+    Translation = 20,
     /// Demand paging with a bounded frame pool and swap (issue 6;
     /// `paging:policy=P,frames=N,pattern=T,...`): `params` = [policy
     /// ([`crate::paging::Policy`]), frames, pattern
@@ -124,6 +133,7 @@ impl WorkloadKind {
             2 => Some(Self::Checksum),
             10 => Some(Self::Balloon),
             11 => Some(Self::BalloonHostile),
+            20 => Some(Self::Translation),
             30 => Some(Self::Paging),
             31 => Some(Self::Cow),
             _ => None,
@@ -166,6 +176,15 @@ pub enum Event {
     /// The balloon driver could not start: a = step (1: no device, 2:
     /// features refused, 3: no memory for queues), b = detail.
     BalloonFailed = 15,
+    /// A translation workload starts building its data: a = workload, b =
+    /// units (nodes or words).
+    TranslationBegin = 20,
+    /// Its data is built and warmed; timed repetitions follow: a = workload.
+    TranslationTimed = 21,
+    /// One timed repetition: a = TSC ticks, b = accesses.
+    TranslationRep = 22,
+    /// The workload ended: a = workload, b = checksum of what it read.
+    TranslationEnd = 23,
     /// Paging: a = minor faults (first touch, zero-filled), b = major
     /// faults (read back from swap).
     PagingFaults = 30,
@@ -209,6 +228,10 @@ impl Event {
             Self::BalloonOomDeflated,
             Self::BalloonHostileDone,
             Self::BalloonFailed,
+            Self::TranslationBegin,
+            Self::TranslationTimed,
+            Self::TranslationRep,
+            Self::TranslationEnd,
             Self::PagingFaults,
             Self::PagingEvictions,
             Self::PagingChecked,
@@ -279,6 +302,8 @@ mod tests {
         assert_eq!(Event::from_raw(13), Some(Event::BalloonOomDeflated));
         assert_eq!(HostileMode::from_raw(7), Some(HostileMode::QueueSizeNotPowerOfTwo));
         assert_eq!(HostileMode::from_raw(0), None);
+        assert_eq!(WorkloadKind::from_raw(20), Some(WorkloadKind::Translation));
+        assert_eq!(Event::from_raw(22), Some(Event::TranslationRep));
         assert_eq!(WorkloadKind::from_raw(30), Some(WorkloadKind::Paging));
         assert_eq!(WorkloadKind::from_raw(31), Some(WorkloadKind::Cow));
         assert_eq!(Event::from_raw(37), Some(Event::CowCopies));

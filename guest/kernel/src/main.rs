@@ -27,6 +27,7 @@ mod report;
 mod rt;
 mod selftest;
 mod task;
+mod translation;
 mod vm;
 mod workload;
 
@@ -130,6 +131,9 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
         let _ = unsafe { (memvisor_abi::layout::PAGE_SIZE as *const u64).read_volatile() };
     }
     let mut k = Kernel { mapper, buddy: frames.buddy, root, leaf, syscall_insn, selftest_ram_tsc: 0 };
+    if info.test_hook == bootinfo::TestHook::BadTables {
+        paging::plant_bad_entries(&mut k.mapper, root);
+    }
     report::send(&Report::Ready { tsc: io::rdtsc(), page_shift: leaf.shift(), has_1g_pages: has_1g });
 
     if fell_back {

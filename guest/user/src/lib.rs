@@ -18,4 +18,5 @@ pub mod entry;
 pub mod paging;
 pub mod pattern;
 pub mod sys;
+pub mod translation;
 pub mod workloads;

@@ -48,6 +48,16 @@ pub enum Request {
         /// Destination directory (must not exist).
         dir: std::path::PathBuf,
     },
+    /// Explain the translation of `gva` under the vCPU's CR3, or with `map`
+    /// list every mapping; the answer's data holds the JSON and a `text`.
+    Translate {
+        /// The guest-virtual address.
+        #[serde(default)]
+        gva: Option<u64>,
+        /// List all mappings instead.
+        #[serde(default)]
+        map: bool,
+    },
 }
 
 /// A response.
@@ -96,6 +106,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         "dirty-log" => &["cmd", "on", "slot"],
         "snapshot" => &["cmd", "kind", "dir"],
         "balloon-set" => &["cmd", "bytes"],
+        "translate" => &["cmd", "gva", "map"],
         _ => &["cmd"],
     };
     if let Some(obj) = value.as_object() {
@@ -129,6 +140,12 @@ mod tests {
     }
 
     #[test]
+    fn translate_requests_parse() {
+        assert_eq!(parse_request("{\"cmd\":\"translate\",\"gva\":4096}"), Ok(Request::Translate { gva: Some(4096), map: false }));
+        assert_eq!(parse_request("{\"cmd\":\"translate\",\"map\":true}"), Ok(Request::Translate { gva: None, map: true }));
+    }
+
+    #[test]
     fn garbage_requests_are_refused_with_a_reason() {
         assert!(parse_request("not json").is_err());
         assert!(parse_request("{\"cmd\":\"reboot\"}").is_err());
@@ -136,6 +153,8 @@ mod tests {
         assert!(parse_request("{\"cmd\":\"status\",\"extra\":1}").is_err(), "unknown fields are refused");
         assert!(parse_request("{\"cmd\":\"snapshot\",\"kind\":\"full\",\"dir\":\"/x\",\"force\":true}").is_err());
         assert!(parse_request("[1,2]").is_err());
+        assert!(parse_request("{\"cmd\":\"translate\",\"gva\":\"x\"}").is_err());
+        assert!(parse_request("{\"cmd\":\"translate\",\"gva\":1,\"level\":2}").is_err());
     }
 
     #[test]

@@ -61,6 +61,20 @@ pub fn handle(request: &Request, control: &VmControl) -> Response {
         Request::BalloonSet { bytes } => answer(control, crate::devices::virtio::balloon::control::set(control, *bytes)),
         Request::BalloonGet => answer(control, crate::devices::virtio::balloon::control::get(control)),
         Request::BalloonStats => answer(control, crate::devices::virtio::balloon::control::stats(control)),
+        Request::Translate { gva, map } => {
+            let result = match (gva, map) {
+                (_, true) => control.call(Box::new(crate::translate::ready::map_job)),
+                (Some(gva), false) => {
+                    let gva = *gva;
+                    control.call(Box::new(move |m| crate::translate::ready::explain_job(m, gva)))
+                }
+                (None, false) => Err("translate needs a guest-virtual address or map".into()),
+            };
+            match result {
+                Ok(data) => Response { data: Some(data), ..Response::ok(control.state()) },
+                Err(e) => Response::error(e),
+            }
+        }
         Request::DirtyLog { on, slot } => {
             let (on, slot) = (*on, *slot);
             let result = control.call(Box::new(move |m| {

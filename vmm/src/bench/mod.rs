@@ -7,6 +7,7 @@ pub mod dirty;
 pub mod page_writer;
 pub mod snapshot;
 pub mod stats;
+pub mod translation;
 
 /// Which benchmark.
 #[derive(Debug, clap::Subcommand)]
@@ -19,6 +20,9 @@ pub enum BenchCommand {
     Dirty(dirty::DirtyArgs),
     /// Diff-snapshot pause, full-snapshot throughput and restore latency.
     Snapshot(snapshot::SnapshotArgs),
+    /// What nested (or shadow) translation costs: the same workloads
+    /// natively and in the guest, over working sets, leaf sizes and backings.
+    Translation(translation::TranslationArgs),
 }
 
 /// Runs a benchmark.
@@ -31,5 +35,6 @@ pub fn run(bench: BenchCommand) -> Result<u32, Box<dyn std::error::Error>> {
         BenchCommand::Boot(args) => Ok(boot::run(&args)?),
         BenchCommand::Dirty(args) => Ok(dirty::run(&args)?),
         BenchCommand::Snapshot(args) => Ok(snapshot::run(&args)?),
+        BenchCommand::Translation(args) => Ok(translation::run(&args)?),
     }
 }
