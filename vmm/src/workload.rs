@@ -6,6 +6,10 @@
 //!   4 × N pages.
 //! - `checksum:pages=N,rounds=R[,ms=T,seed=S]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Checksum`; `ms` defaults to 100.
+//! - `balloon[:rounds=R,report=0|1,oom=SIZE]`: the balloon driver's service
+//!   loop (`WorkloadKind::Balloon`; needs `--balloon`); `oom` is a size.
+//! - `balloon-hostile:mode=M`: feed the balloon hostile input `M` (1-7,
+//!   `memvisor_abi::workload::HostileMode`).
 //! - `translation:ws=SIZE[,workloads=MASK,reps=R,steps=N,seed=S]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Translation`; the working set is
 //!   a power of two from 64 KiB to 16 GiB, `workloads` a bit mask of
@@ -26,7 +30,7 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WorkloadError {
     /// Unknown kind.
-    #[error("unknown workload {0:?}; known: dirty, checksum, paging, cow, translation")]
+    #[error("unknown workload {0:?}; known: dirty, checksum, balloon, balloon-hostile, paging, cow, translation")]
     UnknownKind(String),
     /// A malformed or unknown parameter.
     #[error("invalid workload parameter {0:?}")]
@@ -182,6 +186,25 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
             spec.kind = WorkloadKind::Checksum as u32;
             spec.params[..4].copy_from_slice(&[pages, rounds, ms, seed]);
         }
+        "balloon" => {
+            let allowed = ["rounds", "report", "oom"];
+            let rounds = get("rounds", &allowed)?.unwrap_or(0);
+            let report = get("report", &allowed)?.unwrap_or(0).min(1);
+            let oom = get("oom", &allowed)?.unwrap_or(0) / memvisor_abi::layout::PAGE_SIZE;
+            if oom > 128 * 512 {
+                return Err(WorkloadError::OutOfRange { kind: "balloon", why: "oom is at most 256M (128 blocks of 2 MiB)".into() });
+            }
+            spec.kind = WorkloadKind::Balloon as u32;
+            spec.params[..3].copy_from_slice(&[rounds, report, oom]);
+        }
+        "balloon-hostile" => {
+            let mode = get("mode", &["mode"])?.unwrap_or(0);
+            if memvisor_abi::workload::HostileMode::from_raw(mode).is_none() {
+                return Err(WorkloadError::OutOfRange { kind: "balloon-hostile", why: format!("mode {mode} is not 1..=7") });
+            }
+            spec.kind = WorkloadKind::BalloonHostile as u32;
+            spec.params[0] = mode;
+        }
         "translation" => {
             let allowed = ["ws", "workloads", "reps", "steps", "seed"];
             let ws = get("ws", &allowed)?.unwrap_or(64 << 20);
@@ -219,6 +242,16 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn balloon_specs_parse() {
+        let s = parse("balloon:rounds=2,report=1,oom=64M").unwrap();
+        assert_eq!(s.kind, WorkloadKind::Balloon as u32);
+        assert_eq!(&s.params[..3], &[2, 1, 16384]);
+        assert_eq!(parse("balloon-hostile:mode=3").unwrap().params[0], 3);
+        assert!(parse("balloon-hostile:mode=8").is_err());
+        assert!(parse("balloon:oom=1G").is_err());
+    }
 
     #[test]
     fn dirty_specs_parse_with_defaults() {
