@@ -348,7 +348,12 @@ impl VirtioDevice for Balloon {
             let mut hold = false;
             if let Some(descs) = descs {
                 match role {
-                    Role::Inflate => self.inflate(&descs, ram),
+                    Role::Inflate => {
+                        let t = std::time::Instant::now();
+                        self.inflate(&descs, ram);
+                        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        self.metrics.inflate_ns = self.metrics.inflate_ns.saturating_add(ns);
+                    }
                     Role::Deflate => self.deflate(&descs, ram),
                     Role::Reporting => self.report(&descs, ram),
                     Role::Stats => {
