@@ -78,6 +78,8 @@ pub struct Balloon {
     stats_head: Option<u16>,
     stats_requested: bool,
     driver_ok: bool,
+    /// When the target last changed, until the next inflate notification.
+    target_set_at: Option<std::time::Instant>,
 }
 
 impl Balloon {
@@ -96,6 +98,7 @@ impl Balloon {
             stats_head: None,
             stats_requested: false,
             driver_ok: false,
+            target_set_at: None,
         }
     }
 
@@ -105,6 +108,9 @@ impl Balloon {
         let pages = u32::try_from(bytes / PAGE).unwrap_or(u32::MAX);
         let changed = pages != self.target_pages;
         self.target_pages = pages;
+        if changed {
+            self.target_set_at = Some(std::time::Instant::now());
+        }
         changed
     }
 
@@ -350,6 +356,9 @@ impl VirtioDevice for Balloon {
                 match role {
                     Role::Inflate => {
                         let t = std::time::Instant::now();
+                        if let Some(at) = self.target_set_at.take() {
+                            self.metrics.last_target_to_inflate_ns = u64::try_from(t.duration_since(at).as_nanos()).unwrap_or(u64::MAX);
+                        }
                         self.inflate(&descs, ram);
                         let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
                         self.metrics.inflate_ns = self.metrics.inflate_ns.saturating_add(ns);

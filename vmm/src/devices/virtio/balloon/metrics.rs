@@ -22,6 +22,10 @@ pub struct BalloonMetrics {
     /// Nanoseconds spent handling inflate notifications (reading and
     /// checking PFNs, bookkeeping and the release calls).
     pub inflate_ns: u64,
+    /// Nanoseconds from the last target change to the guest's first inflate
+    /// notification after it (the guest's reaction: noticing the change,
+    /// allocating, filling the PFN array).
+    pub last_target_to_inflate_ns: u64,
     /// Bytes the guest reported free (free page reporting).
     pub reported_bytes: u64,
     /// Host bytes released for free page reporting (part of `released_bytes`).
