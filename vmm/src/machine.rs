@@ -60,6 +60,8 @@ pub struct Machine {
     pub dirty_rounds: Option<crate::dirty::rounds::DirtyRounds>,
     /// A lazy restore's check of the base image, running beside the guest.
     pub verifier: Option<Verifier>,
+    /// `--translate` addresses and the translation benchmark's probe.
+    pub translation: crate::translate::ready::RunTranslation,
 }
 
 /// Checks a lazily restored base image's chunk checksums on a thread while
@@ -148,6 +150,7 @@ impl Machine {
                 VcpuExit::IoOut(port, data) => match self.devices.port_out(port, data) {
                     IoAction::Continue => {}
                     IoAction::Exit(status) => break Ok(status),
+                    IoAction::Swap(gpa) => self.devices.swap.handle(self.vm.ram().memory(), gpa),
                     IoAction::Message(gpa) => {
                         let mut bytes = [0u8; Message::SIZE];
                         let decoded = self
@@ -176,6 +179,12 @@ impl Machine {
                         } else {
                             dropped_reports += 1;
                         }
+                        if matches!(report, Report::Ready { .. }) && !self.translation.at_ready.is_empty() {
+                            crate::translate::ready::at_ready(&mut self);
+                        }
+                        if let (Report::Workload { event, a, b }, Some(probe)) = (report, self.translation.probe.as_mut()) {
+                            probe.on_event(event, a, b, self.vm.kvm(), self.vm.fd(), &self.vcpu);
+                        }
                         if let (Report::Workload { event, a, b }, Some(rounds), Some(tracker)) = (report, self.dirty_rounds.as_mut(), self.tracker.as_mut()) {
                             // The guest waits in this port write while the VMM harvests.
                             if let Err(e) = rounds.on_event(event, a, b, tracker, self.vm.fd(), self.vm.ram()) {
@@ -198,8 +207,18 @@ impl Machine {
                     }
                 },
                 VcpuExit::IoIn(port, data) => self.devices.port_in(port, data),
-                VcpuExit::MmioRead(addr, data) => self.devices.mmio_read(addr, data),
-                VcpuExit::MmioWrite(addr, data) => self.devices.mmio_write(addr, data),
+                VcpuExit::MmioRead(addr, data) => {
+                    self.devices.mmio_read(addr, data);
+                    if self.devices.take_idle_hint() {
+                        // A polling guest with nothing to do: wait for host
+                        // work (a job, e.g. a new balloon target) a little.
+                        match &control {
+                            Some(c) => c.idle_wait(std::time::Duration::from_millis(1)),
+                            None => std::thread::sleep(std::time::Duration::from_millis(1)),
+                        }
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => self.devices.mmio_write(addr, data, self.vm.ram()),
                 VcpuExit::Shutdown => break Err(VmmError::TripleFault(Box::new(RegisterDump::read(&self.vcpu)))),
                 VcpuExit::Hlt => break Err(VmmError::Halted(Box::new(RegisterDump::read(&self.vcpu)))),
                 VcpuExit::InternalError => {
@@ -259,9 +278,13 @@ impl Machine {
             kvm_stats,
             vmm_memory,
             dirty,
+            balloon: self.devices.balloon.as_ref().map(|b| b.device.info()),
             timings,
             unhandled: self.devices.unhandled().clone(),
+            swap_device: self.devices.swap.stats(),
             translation_mode: self.mode,
+            translations: std::mem::take(&mut self.translation.results),
+            translation_probe: self.translation.probe.take().map(|p| p.records),
             boot_phases: timeline::marks(),
             config: self.config.clone(),
         })
@@ -274,6 +297,11 @@ impl Machine {
     /// # Errors
     /// [`crate::snapshot::SnapshotError`].
     pub fn capture_snapshot(&mut self, dir: &std::path::Path, kind: crate::snapshot::format::SnapshotKind) -> Result<crate::snapshot::Captured, crate::snapshot::SnapshotError> {
+        if self.devices.balloon.is_some() {
+            // Neither the balloon's state nor the in-kernel irqchip's is
+            // saved yet; a restore would lose them.
+            return Err(crate::snapshot::SnapshotError::Unsupported("snapshots of a VM with a balloon device are not supported yet".into()));
+        }
         let tracker = self.tracker.as_mut().ok_or(crate::snapshot::SnapshotError::NoBase)?;
         let live = crate::snapshot::Live {
             kvm: self.vm.kvm(),

@@ -78,6 +78,11 @@ enum CtlCommand {
         #[arg(long)]
         slot: Option<u32>,
     },
+    /// The balloon: `set SIZE`, `get`, `stats`.
+    Balloon {
+        #[command(subcommand)]
+        command: BalloonCommand,
+    },
     /// Take a snapshot: `--full DIR` or `--diff DIR`.
     Snapshot {
         /// Save all guest memory.
@@ -87,6 +92,32 @@ enum CtlCommand {
         #[arg(long, value_name = "DIR")]
         diff: Option<PathBuf>,
     },
+    /// Explain how a guest-virtual address translates, level by level, down
+    /// to the host-physical frame; or list every mapping (`--map`).
+    Translate {
+        /// The guest-virtual address (hexadecimal, e.g. 0xffff800000200000).
+        #[arg(required_unless_present = "map", conflicts_with = "map")]
+        gva: Option<String>,
+        /// List all of the guest's mappings as merged ranges, like /proc/PID/maps.
+        #[arg(long)]
+        map: bool,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BalloonCommand {
+    /// Set the balloon's target (how much memory the guest should give back).
+    Set {
+        /// A size (512M, 1G, 0).
+        size: String,
+    },
+    /// Print the balloon's target, size, reclaimed and pending bytes and metrics.
+    Get,
+    /// Ask the guest for fresh memory statistics and print them.
+    Stats,
 }
 
 #[derive(Debug, Args)]
@@ -128,7 +159,8 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// A workload after the self-test: dirty:pages=N,rounds=R,seed=S or
-    /// checksum:pages=N,rounds=R,ms=T.
+    /// checksum:pages=N,rounds=R,ms=T; guest paging (docs/guest-paging.md):
+    /// paging:policy=fifo|clock|lru,frames=N,pattern=seq|random|hotcold or cow:pages=N.
     #[arg(long, value_name = "SPEC")]
     workload: Option<String>,
     /// Write the dirty workload's per-round harvest report (JSON) here.
@@ -137,6 +169,14 @@ struct RunArgs {
     /// Force a dirty-tracking mechanism (default: the best the kernel offers).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["ring", "clear", "bitmap"]))]
     dirty_mode: Option<String>,
+    /// Add a virtio balloon with this initial target (0 for an empty one);
+    /// change it later with `vmm ctl PATH balloon set SIZE`.
+    #[arg(long, value_name = "SIZE")]
+    balloon: Option<String>,
+    /// Explain these guest-virtual addresses (hex, comma-separated) when the
+    /// guest is ready, like `vmm ctl SOCKET translate`.
+    #[arg(long, value_name = "GVA[,GVA...]")]
+    translate: Option<String>,
     /// Print the report as one JSON object (the guest console goes to stderr).
     #[arg(long)]
     json: bool,
@@ -164,6 +204,7 @@ impl RunArgs {
             api_socket: self.api_socket.clone(),
             dirty_mode: parse(&self.dirty_mode)?,
             workload: self.workload.clone(),
+            balloon: self.balloon.clone().map(SizeValue::Text),
         })
     }
 }
@@ -192,17 +233,27 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
         (Some(path), Some(c)) => Some(api::server::spawn(path, Arc::clone(c)).map_err(|e| anyhow_free::chain(&e))?),
         _ => None,
     };
+    let translate = args.translate.as_deref().map(memvisor::translate::parse_gva_list).transpose()?.unwrap_or_default();
     let console: Box<dyn std::io::Write + Send> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
-    let outcome = vmm::run(&config, RunOptions { console, control, skip_selftest: args.skip_selftest }).map_err(|e| anyhow_free::chain(&e))?;
+    let outcome = vmm::run(&config, RunOptions { console, control, skip_selftest: args.skip_selftest, translate }).map_err(|e| anyhow_free::chain(&e))?;
     if let Some(path) = &args.dirty_report {
         let report = outcome.dirty.as_ref().ok_or("--dirty-report needs a dirty workload (--workload dirty:...)")?;
         let text = serde_json::to_vec_pretty(report).map_err(|e| e.to_string())?;
         memvisor::fsutil::write_atomic(path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     if args.json {
-        println!("{}", run_report::to_json(&outcome));
+        let mut report = run_report::to_json(&outcome);
+        if args.translate.is_some() {
+            report["translations"] = serde_json::to_value(&outcome.translations).map_err(|e| e.to_string())?;
+        }
+        println!("{report}");
     } else {
         print!("{}", run_report::to_text(&outcome));
+        print!("{}", memvisor::translate::ready::to_text(&outcome.translations));
+    }
+    let failed = outcome.translations.iter().filter(|t| t.error.is_some()).count();
+    if failed > 0 {
+        return Err(format!("{failed} of {} translations failed (see above)", outcome.translations.len()));
     }
     Ok(outcome.exit_status)
 }
@@ -217,7 +268,7 @@ fn restore(dir: PathBuf, mode: &str, api_socket: Option<PathBuf>, mem: Option<St
     };
     let console: Box<dyn std::io::Write + Send> = if json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
     let options = vmm::RestoreOptions { mode, api_socket, expected_mem };
-    let outcome = vmm::restore(&dir, &options, RunOptions { console, control, skip_selftest: false }).map_err(|e| anyhow_free::chain(&e))?;
+    let outcome = vmm::restore(&dir, &options, RunOptions { console, control, skip_selftest: false, translate: Vec::new() }).map_err(|e| anyhow_free::chain(&e))?;
     if json {
         println!("{}", run_report::to_json(&outcome));
     } else {
@@ -233,11 +284,27 @@ fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
         CtlCommand::Resume => Request::Resume,
         CtlCommand::Shutdown => Request::Shutdown,
         CtlCommand::DirtyLog { state, slot } => Request::DirtyLog { on: state == "on", slot },
+        CtlCommand::Balloon { command } => match command {
+            BalloonCommand::Set { size } => Request::BalloonSet { bytes: memvisor::config::parse_size(&size).map_err(|e| anyhow_free::chain(&e))? },
+            BalloonCommand::Get => Request::BalloonGet,
+            BalloonCommand::Stats => Request::BalloonStats,
+        },
         CtlCommand::Snapshot { full, diff } => match (full, diff) {
             (Some(dir), _) => Request::Snapshot { kind: SnapshotKind::Full, dir },
             (None, Some(dir)) => Request::Snapshot { kind: SnapshotKind::Diff, dir },
             (None, None) => return Err("snapshot needs --full DIR or --diff DIR".into()),
         },
+        CtlCommand::Translate { gva, map, json } => {
+            let gva = if map { None } else { gva.as_deref().map(memvisor::translate::parse_gva).transpose()? };
+            let request = Request::Translate { gva, map };
+            let response = api::client::send(&socket, &request).map_err(|e| anyhow_free::chain(&e))?;
+            if json {
+                println!("{}", serde_json::to_string(&response).map_err(|e| e.to_string())?);
+            } else if let Some(text) = response.data.as_ref().and_then(|d| d["text"].as_str()) {
+                print!("{text}");
+            }
+            return if response.ok { Ok(0) } else { Err(response.error.unwrap_or_else(|| "request failed".into())) };
+        }
     };
     let response = api::client::send(&socket, &request).map_err(|e| anyhow_free::chain(&e))?;
     println!("{}", serde_json::to_string(&response).map_err(|e| e.to_string())?);

@@ -97,6 +97,7 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "guest_frames": frames,
         "memory": outcome.memory,
         "dirty": outcome.dirty,
+        "balloon": outcome.balloon,
         "workload_events": outcome.reports.iter().filter_map(|r| match r.report {
             Report::Workload { event, a, b } => Some(serde_json::json!({ "event": format!("{event:?}"), "a": a, "b": b, "at_us": r.at_us })),
             _ => None,
@@ -106,6 +107,9 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "vmm_memory": outcome.vmm_memory,
         "bad_messages": outcome.bad_messages,
         "unhandled": outcome.unhandled,
+        "paging_workload": crate::guest_paging::outcome_paging(outcome),
+        "cow_workload": crate::guest_paging::outcome_cow(outcome),
+        "swap_device": outcome.swap_device,
     })
 }
 
@@ -262,6 +266,23 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             values
         );
     }
+    if let Some(b) = &outcome.balloon {
+        let m = &b.metrics;
+        let _ = writeln!(
+            s,
+            "balloon: target {}, actual {}, in balloon {}, reclaimed {}, pending {} (host pages of {}); released {} in {} calls, reported free {}; rejected {} guest inputs",
+            format_size(b.target_bytes),
+            format_size(b.actual_bytes),
+            format_size(b.balloon_bytes),
+            format_size(b.reclaimed_bytes),
+            format_size(b.pending_bytes),
+            format_size(b.host_page_bytes),
+            format_size(m.released_bytes),
+            m.release_calls,
+            format_size(m.reported_bytes),
+            m.rejected()
+        );
+    }
     if let Some(d) = &outcome.dirty {
         let _ = writeln!(s, "dirty workload ({} tracking; {} pages × {} rounds, seed {}, buffer of {} pages at page {:#x}):", d.mode, d.params[0], d.params[1], d.params[2], d.params[3], d.buffer_pfn);
         for r in &d.rounds {
@@ -289,6 +310,7 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             let _ = writeln!(s, "  2 MiB mappings split by logging: {split}; back after logging: {}", if recovered { "yes" } else { "no" });
         }
     }
+    s.push_str(&crate::guest_paging::text(outcome));
     let _ = writeln!(s, "exit status: {}", outcome.exit_status);
     s
 }

@@ -75,11 +75,17 @@ pub struct RunOptions {
     pub control: Option<Arc<VmControl>>,
     /// Skip the guest's self-test (boot benchmarks).
     pub skip_selftest: bool,
+    /// Guest-virtual addresses to explain when the guest is ready (`--translate`).
+    pub translate: Vec<u64>,
 }
 
 impl std::fmt::Debug for RunOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunOptions").field("control", &self.control.is_some()).field("skip_selftest", &self.skip_selftest).finish()
+        f.debug_struct("RunOptions")
+            .field("control", &self.control.is_some())
+            .field("skip_selftest", &self.skip_selftest)
+            .field("translate", &self.translate)
+            .finish()
     }
 }
 
@@ -125,6 +131,8 @@ pub struct RunOutcome {
     pub dirty: Option<crate::dirty::rounds::DirtyReport>,
     /// How KVM maps guest RAM (its page-size counters), when it says.
     pub kvm_mappings: Option<KvmMappings>,
+    /// The balloon at the end of the run, when the VM had one.
+    pub balloon: Option<crate::devices::virtio::balloon::BalloonInfo>,
     /// Every KVM statistic of the VM and its vCPU at the end of the run.
     pub kvm_stats: KvmStatsReport,
     /// The VMM process's memory at the end of the run, and its overhead
@@ -134,8 +142,14 @@ pub struct RunOutcome {
     pub timings: BootTimings,
     /// Accesses to nothing.
     pub unhandled: UnhandledStats,
+    /// What the paravirtual swap device did (guest-paging workloads).
+    pub swap_device: crate::devices::swap::SwapStats,
     /// How the host translates guest-physical addresses.
     pub translation_mode: TranslationMode,
+    /// `--translate` explanations, in the order asked.
+    pub translations: Vec<crate::translate::ready::ReadyTranslation>,
+    /// The translation workload's phases and KVM statistic deltas, when it ran.
+    pub translation_probe: Option<Vec<crate::bench::translation::probe::WorkloadRecord>>,
     /// Start-up milestones before the first KVM_RUN: (name, µs since
     /// process start), in order.
     pub boot_phases: Vec<(&'static str, f64)>,
@@ -183,6 +197,17 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     timeline::mark("map guest RAM");
     let vm = Vm::new(kvm, ram)?;
     timeline::mark("create VM + memslots");
+    // The irqchip must exist before the vCPU; only VMs with a virtio
+    // device get one (snapshots do not save its state yet).
+    let balloon = match config.balloon {
+        Some(target) => {
+            vm.create_irqchip()?;
+            let irqfd = vm.irqfd(memvisor_abi::virtio::BALLOON_GSI)?;
+            let device = crate::devices::virtio::balloon::Balloon::new(vm.ram(), target);
+            Some(crate::devices::virtio::mmio::MmioTransport::new(device, memvisor_abi::virtio::BALLOON_MMIO_BASE, Some(irqfd)))
+        }
+        None => None,
+    };
     // Before any vCPU exists: the dirty ring can only be enabled then.
     let mut tracker = prepare_tracker(config, &vm, options.control.is_some())?;
     let image = boot::read_kernel(config.kernel.as_deref())?;
@@ -195,14 +220,26 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
     let boot_cfg = boot_config(config, mode, options.control.is_some(), options.skip_selftest, tsc_khz);
     boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &config.cmdline, &boot_cfg)?;
-    let devices = Devices::new(options.console);
+    let mut devices = Devices::new(options.console);
+    devices.balloon = balloon;
     if let Some(t) = tracker.as_mut() {
         t.attach_vcpu(&vcpu, 0)?;
     }
     timeline::mark("write boot data");
     let dirty_rounds = dirty_rounds_for(config, &vm, tsc_khz);
-    let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None, dirty_rounds, verifier: None };
+    let translation = crate::translate::ready::RunTranslation {
+        at_ready: options.translate.clone(),
+        results: Vec::new(),
+        probe: is_translation_workload(config).then(crate::bench::translation::probe::StatsProbe::default),
+    };
+    let machine = Machine { config: config.clone(), mode, vm, vcpu, devices, tracker, chain: SnapshotChain::default(), guest_idle: None, dirty_rounds, verifier: None, translation };
     machine.drive(options.control)
+}
+
+/// Whether `config` runs the translation benchmark's workload.
+fn is_translation_workload(config: &VmConfig) -> bool {
+    let spec = config.workload.as_deref().and_then(|w| crate::workload::parse(w).ok());
+    spec.is_some_and(|s| s.kind == memvisor_abi::workload::WorkloadKind::Translation as u32)
 }
 
 /// The round checker for a dirty workload, if `config` runs one.
@@ -332,6 +369,7 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     } else {
         None
     };
-    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds, verifier };
+    let translation = crate::translate::ready::RunTranslation::default();
+    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds, verifier, translation };
     machine.drive(options.control)
 }

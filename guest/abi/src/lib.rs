@@ -1,7 +1,8 @@
 //! The contract between memvisor's VMM and its tiny guest kernel.
 //!
 //! Everything both sides must agree on lives here, once: the guest-physical
-//! layout ([`layout`]), the I/O ports ([`ports`]), the boot configuration the
+//! layout ([`layout`]), the I/O ports ([`ports`]), the guest-paging workloads'
+//! policies, patterns and swap requests ([`paging`]), the boot configuration the
 //! VMM writes before the first instruction ([`boot`]) and the fixed-size
 //! report messages the guest sends back ([`msg`]).
 //!
@@ -13,7 +14,9 @@
 pub mod boot;
 pub mod layout;
 pub mod msg;
+pub mod paging;
 pub mod ports;
+pub mod virtio;
 pub mod workload;
 
 /// Plain-old-data: a `#[repr(C)]` type with no padding-sensitive invariants,

@@ -17,3 +17,8 @@ pub const DEBUG_EXIT: u16 = 0xf4;
 /// Writing a 32-bit guest-physical address here hands the VMM one
 /// [`crate::msg::Message`] stored at that address.
 pub const MESSAGE: u16 = 0x600;
+
+/// Writing a 32-bit guest-physical address here hands the VMM one
+/// [`crate::paging::SwapRequest`] stored at that address (the paravirtual
+/// swap device of the guest-paging workloads).
+pub const SWAP: u16 = 0x610;

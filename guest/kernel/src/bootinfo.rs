@@ -15,6 +15,9 @@ const TRIPLE_FAULT_HOOK: &[u8] = b"memvisor.test=triple-fault";
 /// Command-line word: take a page fault in the kernel once the IDT is up
 /// (tests the kernel's own fault report and nonzero exit).
 const KERNEL_FAULT_HOOK: &[u8] = b"memvisor.test=kernel-fault";
+/// Command-line word: put two broken entries in the kernel's PML4 before
+/// Ready, for `vmm translate`'s error tests (see `crate::paging::plant_bad_entries`).
+const BAD_TABLES_HOOK: &[u8] = b"memvisor.test=bad-tables";
 
 /// A deliberate failure asked for on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +28,8 @@ pub enum TestHook {
     TripleFault,
     /// `memvisor.test=kernel-fault`.
     KernelFault,
+    /// `memvisor.test=bad-tables`.
+    BadTables,
 }
 
 /// The boot information the kernel uses.
@@ -86,6 +91,9 @@ pub unsafe fn read(start_info: u64) -> BootInfo {
                 // SAFETY: as above.
                 } else if unsafe { cmdline_has(line, KERNEL_FAULT_HOOK) } {
                     info.test_hook = TestHook::KernelFault;
+                // SAFETY: as above.
+                } else if unsafe { cmdline_has(line, BAD_TABLES_HOOK) } {
+                    info.test_hook = TestHook::BadTables;
                 }
             }
         }

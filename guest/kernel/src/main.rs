@@ -17,6 +17,7 @@ mod boot;
 mod bootinfo;
 mod console;
 mod cpu;
+mod drivers;
 mod frames;
 mod gdt;
 mod idt;
@@ -26,6 +27,8 @@ mod report;
 mod rt;
 mod selftest;
 mod task;
+mod translation;
+mod vm;
 mod workload;
 
 use memvisor_abi::boot::{FLAG_IDLE_AT_END, FLAG_SKIP_SELFTEST, FLAG_SYSCALL_INSN};
@@ -128,6 +131,9 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
         let _ = unsafe { (memvisor_abi::layout::PAGE_SIZE as *const u64).read_volatile() };
     }
     let mut k = Kernel { mapper, buddy: frames.buddy, root, leaf, syscall_insn, selftest_ram_tsc: 0 };
+    if info.test_hook == bootinfo::TestHook::BadTables {
+        paging::plant_bad_entries(&mut k.mapper, root);
+    }
     report::send(&Report::Ready { tsc: io::rdtsc(), page_shift: leaf.shift(), has_1g_pages: has_1g });
 
     if fell_back {

@@ -112,3 +112,19 @@ pub fn build_kernel_space(m: &mut KernelMapper, info: &BootInfo, arena: (u64, u6
     }
     Ok(root)
 }
+
+/// PML4 slot whose entry points at a "table" in the MMIO hole (outside RAM).
+pub const BAD_SLOT_OUTSIDE_RAM: usize = 3;
+/// PML4 slot whose entry has PS set (reserved in a PML4E, SDM Vol. 3A
+/// §4.5, Table 4-15).
+pub const BAD_SLOT_RESERVED: usize = 4;
+
+/// The `memvisor.test=bad-tables` hook: two PML4 entries no walk may
+/// follow, for the VMM's translation error tests. Nothing ever accesses
+/// these addresses, and tasks copy only [`KERNEL_SLOTS`].
+pub fn plant_bad_entries(m: &mut KernelMapper, root: PhysAddr) {
+    use memvisor_guest_mm::paging::FrameMemory;
+    let t = m.mem.table(root);
+    t[BAD_SLOT_OUTSIDE_RAM] = memvisor_abi::layout::MMIO_HOLE_START | Pte::PRESENT | Pte::WRITABLE;
+    t[BAD_SLOT_RESERVED] = root.as_u64() | Pte::PRESENT | Pte::WRITABLE | Pte::HUGE;
+}

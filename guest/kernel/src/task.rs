@@ -217,7 +217,9 @@ pub fn run(space: &AddressSpace, entry: u64, rsp: u64, arg0: u64, arg1: u64) -> 
     }
 }
 
-fn end_task(exit: TaskExit) -> ! {
+/// Ends the running task: back to the kernel stack [`run`] saved, which
+/// returns `exit`.
+pub fn end_task(exit: TaskExit) -> ! {
     // SAFETY: single-threaded; the kernel root maps everything the kernel
     // runs; task_resume_kernel returns into `run`.
     unsafe {
@@ -230,7 +232,15 @@ fn end_task(exit: TaskExit) -> ! {
 /// What every trap comes to (called by [`idt`]'s dispatcher).
 pub fn handle_trap(frame: &mut TrapFrame) {
     if frame.is_from_user() {
-        if frame.vector == idt::BREAKPOINT || frame.vector == idt::SYSCALL_MARK {
+        // The guest-paging workloads resolve faults and own fork/yield.
+        if frame.vector == idt::PAGE_FAULT && crate::vm::page_fault(frame) {
+            return;
+        }
+        let is_syscall = frame.vector == idt::BREAKPOINT || frame.vector == idt::SYSCALL_MARK;
+        if is_syscall && crate::vm::syscall(frame) {
+            return;
+        }
+        if is_syscall {
             match frame.rax {
                 SYS_EXIT => end_task(TaskExit::Exited(frame.rdi)),
                 SYS_EVENT => {

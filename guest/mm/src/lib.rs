@@ -4,9 +4,12 @@
 //! the [`paging::FrameMemory`] trait (or a `read_u64` closure for walks), and
 //! the buddy allocator keeps its metadata in storage its caller provides. The
 //! guest kernel plugs in its real memory; the unit tests plug in a fake one;
-//! the VMM can reuse [`paging::walk`] to decode a guest's translations.
+//! the VMM can reuse [`paging::walk`] to decode a guest's translations,
+//! and [`replace::Sim`] to predict what the guest's page replacement does.
 #![no_std]
 
 pub mod buddy;
+pub mod fault;
 pub mod paging;
 pub mod plan;
+pub mod replace;

@@ -13,7 +13,10 @@
 #![no_std]
 
 pub mod args;
+pub mod balloon;
 pub mod entry;
+pub mod paging;
 pub mod pattern;
 pub mod sys;
+pub mod translation;
 pub mod workloads;

@@ -14,6 +14,40 @@ pub const SYS_EXIT: u64 = 0;
 /// (`memvisor_abi::workload::Event`), `rsi`, `rdx` = its values. Returns 0.
 pub const SYS_EVENT: u64 = 1;
 
+/// Duplicate the calling task copy-on-write (issue 6): returns 0 in the
+/// child, 1 in the parent, `u64::MAX` when the kernel cannot.
+pub const SYS_FORK: u64 = 2;
+/// Let the other task run (the kernel has at most two: a parent and its
+/// forked child); returns 0, at once when there is no other task.
+pub const SYS_YIELD: u64 = 3;
+
+/// A system call with no arguments; returns `rax`.
+#[inline(always)]
+fn call0(number: u64, syscall_insn: bool) -> u64 {
+    let r: u64;
+    if syscall_insn {
+        // SAFETY: as in `event`; the kernel preserves every register but
+        // rax (and rcx/r11, which `syscall` clobbers).
+        unsafe { asm!("syscall", inout("rax") number => r, out("rcx") _, out("r11") _, options(nostack)) };
+    } else {
+        // SAFETY: as in `event`.
+        unsafe { asm!("int3", inout("rax") number => r, options(nostack)) };
+    }
+    r
+}
+
+/// Forks the calling task ([`SYS_FORK`]).
+#[inline(always)]
+pub fn fork(syscall_insn: bool) -> u64 {
+    call0(SYS_FORK, syscall_insn)
+}
+
+/// Yields to the other task ([`SYS_YIELD`]).
+#[inline(always)]
+pub fn yield_now(syscall_insn: bool) {
+    let _ = call0(SYS_YIELD, syscall_insn);
+}
+
 /// Reports a workload event and returns when the VMM has seen it.
 #[inline(always)]
 pub fn event(event: u64, a: u64, b: u64, syscall_insn: bool) {

@@ -32,12 +32,31 @@ pub enum Request {
         #[serde(default)]
         slot: Option<u32>,
     },
+    /// Set the balloon's target.
+    BalloonSet {
+        /// Target in bytes (a multiple of 4 KiB).
+        bytes: u64,
+    },
+    /// The balloon's state and metrics.
+    BalloonGet,
+    /// Fresh guest memory statistics from the balloon's stats queue.
+    BalloonStats,
     /// Take a snapshot into `dir` (the vCPU is stopped meanwhile).
     Snapshot {
         /// Full or diff.
         kind: crate::snapshot::format::SnapshotKind,
         /// Destination directory (must not exist).
         dir: std::path::PathBuf,
+    },
+    /// Explain the translation of `gva` under the vCPU's CR3, or with `map`
+    /// list every mapping; the answer's data holds the JSON and a `text`.
+    Translate {
+        /// The guest-virtual address.
+        #[serde(default)]
+        gva: Option<u64>,
+        /// List all mappings instead.
+        #[serde(default)]
+        map: bool,
     },
 }
 
@@ -86,6 +105,8 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     let allowed: &[&str] = match cmd {
         "dirty-log" => &["cmd", "on", "slot"],
         "snapshot" => &["cmd", "kind", "dir"],
+        "balloon-set" => &["cmd", "bytes"],
+        "translate" => &["cmd", "gva", "map"],
         _ => &["cmd"],
     };
     if let Some(obj) = value.as_object() {
@@ -111,6 +132,20 @@ mod tests {
     }
 
     #[test]
+    fn balloon_requests_parse() {
+        assert_eq!(parse_request("{\"cmd\":\"balloon-set\",\"bytes\":4096}"), Ok(Request::BalloonSet { bytes: 4096 }));
+        assert_eq!(parse_request("{\"cmd\":\"balloon-get\"}"), Ok(Request::BalloonGet));
+        assert!(parse_request("{\"cmd\":\"balloon-set\"}").is_err());
+        assert!(parse_request("{\"cmd\":\"balloon-stats\",\"bytes\":1}").is_err());
+    }
+
+    #[test]
+    fn translate_requests_parse() {
+        assert_eq!(parse_request("{\"cmd\":\"translate\",\"gva\":4096}"), Ok(Request::Translate { gva: Some(4096), map: false }));
+        assert_eq!(parse_request("{\"cmd\":\"translate\",\"map\":true}"), Ok(Request::Translate { gva: None, map: true }));
+    }
+
+    #[test]
     fn garbage_requests_are_refused_with_a_reason() {
         assert!(parse_request("not json").is_err());
         assert!(parse_request("{\"cmd\":\"reboot\"}").is_err());
@@ -118,6 +153,8 @@ mod tests {
         assert!(parse_request("{\"cmd\":\"status\",\"extra\":1}").is_err(), "unknown fields are refused");
         assert!(parse_request("{\"cmd\":\"snapshot\",\"kind\":\"full\",\"dir\":\"/x\",\"force\":true}").is_err());
         assert!(parse_request("[1,2]").is_err());
+        assert!(parse_request("{\"cmd\":\"translate\",\"gva\":\"x\"}").is_err());
+        assert!(parse_request("{\"cmd\":\"translate\",\"gva\":1,\"level\":2}").is_err());
     }
 
     #[test]

@@ -58,6 +58,23 @@ pub fn handle(request: &Request, control: &VmControl) -> Response {
             Response::ok(control.state())
         }
         Request::Snapshot { kind, dir } => snapshot(control, *kind, dir.clone()),
+        Request::BalloonSet { bytes } => answer(control, crate::devices::virtio::balloon::control::set(control, *bytes)),
+        Request::BalloonGet => answer(control, crate::devices::virtio::balloon::control::get(control)),
+        Request::BalloonStats => answer(control, crate::devices::virtio::balloon::control::stats(control)),
+        Request::Translate { gva, map } => {
+            let result = match (gva, map) {
+                (_, true) => control.call(Box::new(crate::translate::ready::map_job)),
+                (Some(gva), false) => {
+                    let gva = *gva;
+                    control.call(Box::new(move |m| crate::translate::ready::explain_job(m, gva)))
+                }
+                (None, false) => Err("translate needs a guest-virtual address or map".into()),
+            };
+            match result {
+                Ok(data) => Response { data: Some(data), ..Response::ok(control.state()) },
+                Err(e) => Response::error(e),
+            }
+        }
         Request::DirtyLog { on, slot } => {
             let (on, slot) = (*on, *slot);
             let result = control.call(Box::new(move |m| {
@@ -81,6 +98,14 @@ pub fn handle(request: &Request, control: &VmControl) -> Response {
                 Err(e) => Response::error(e),
             }
         }
+    }
+}
+
+/// A job's result as a response.
+fn answer(control: &VmControl, result: crate::control::JobResult) -> Response {
+    match result {
+        Ok(data) => Response { data: Some(data), ..Response::ok(control.state()) },
+        Err(e) => Response::error(e),
     }
 }
 

@@ -1,17 +1,24 @@
 //! Emulated devices and the port-I/O and MMIO dispatch.
 //!
 //! The tiny guest needs only a UART, a debug-exit port and the message port
-//! of the ABI. Everything else a guest touches is logged once per address
+//! of the ABI; a VM started with `--balloon` also has a virtio-mmio balloon
+//! ([`virtio`]). Everything else a guest touches is logged once per address
 //! and answered with all-ones, as an empty ISA bus would; nothing a guest
 //! does here can stop the VMM.
 
 pub mod serial;
+pub mod virtio;
+pub mod swap;
 
 use std::collections::HashSet;
 
 use memvisor_abi::ports;
 
 use serial::SerialConsole;
+use virtio::balloon::Balloon;
+use virtio::mmio::MmioTransport;
+
+use crate::memory::GuestRam;
 
 /// What the run loop must do after an I/O exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +29,9 @@ pub enum IoAction {
     Exit(u32),
     /// The guest sent a message at this guest-physical address.
     Message(u64),
+    /// The guest asked the swap device to perform the request at this
+    /// guest-physical address ([`swap::SwapDevice::handle`]).
+    Swap(u64),
 }
 
 /// Counters of accesses nobody handles.
@@ -44,9 +54,13 @@ pub struct DevicesState {
 #[derive(Debug)]
 pub struct Devices {
     serial: SerialConsole,
+    /// The balloon, when the VM has one.
+    pub balloon: Option<MmioTransport<Balloon>>,
     logged_ports: HashSet<u16>,
     logged_mmio: HashSet<u64>,
     unhandled: UnhandledStats,
+    /// The paravirtual swap device (its store is not part of snapshots).
+    pub swap: swap::SwapDevice,
 }
 
 /// Reads up to 4 little-endian bytes as a value.
@@ -58,7 +72,14 @@ impl Devices {
     /// Devices with the console writing to `console`.
     #[must_use]
     pub fn new(console: Box<dyn std::io::Write + Send>) -> Self {
-        Devices { serial: SerialConsole::new(console), logged_ports: HashSet::new(), logged_mmio: HashSet::new(), unhandled: UnhandledStats::default() }
+        Devices {
+            serial: SerialConsole::new(console),
+            balloon: None,
+            logged_ports: HashSet::new(),
+            logged_mmio: HashSet::new(),
+            unhandled: UnhandledStats::default(),
+            swap: swap::SwapDevice::default(),
+        }
     }
 
     /// Devices restored from a snapshot, the console writing to `console`.
@@ -88,6 +109,7 @@ impl Devices {
             }
             ports::DEBUG_EXIT => IoAction::Exit(le_value(data)),
             ports::MESSAGE if data.len() == 4 => IoAction::Message(u64::from(le_value(data))),
+            ports::SWAP if data.len() == 4 => IoAction::Swap(u64::from(le_value(data))),
             _ => {
                 self.unhandled_port(port, "write");
                 IoAction::Continue
@@ -109,15 +131,29 @@ impl Devices {
         }
     }
 
-    /// An MMIO read nobody handles: all-ones.
+    /// An MMIO read: the balloon's window, else all-ones.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        if let Some(b) = self.balloon.as_mut().filter(|b| b.contains(addr)) {
+            b.read(addr, data);
+            return;
+        }
         self.unhandled_mmio(addr, "read");
         data.fill(0xff);
     }
 
-    /// An MMIO write nobody handles: dropped.
-    pub fn mmio_write(&mut self, addr: u64, _data: &[u8]) {
+    /// An MMIO write: the balloon's window, else dropped.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8], ram: &GuestRam) {
+        if let Some(b) = self.balloon.as_mut().filter(|b| b.contains(addr)) {
+            b.write(addr, data, ram);
+            return;
+        }
         self.unhandled_mmio(addr, "write");
+    }
+
+    /// Whether a device saw the guest poll with nothing to do since the
+    /// last call (the run loop then waits a little for host work).
+    pub fn take_idle_hint(&mut self) -> bool {
+        self.balloon.as_mut().is_some_and(MmioTransport::take_idle_hint)
     }
 
     /// Flushes the console.

@@ -197,7 +197,8 @@ impl DirtyRounds {
                     tracker.stop(vm, ram)?;
                 }
             }
-            Event::Checksum | Event::Mismatch => {}
+            // Other workloads' events.
+            _ => {}
         }
         Ok(())
     }

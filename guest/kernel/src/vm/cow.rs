@@ -1,0 +1,292 @@
+//! Copy-on-write fork: the `cow` workload, with the kernel's two-task
+//! scheduler (a parent and its one forked child).
+//!
+//! Both tasks' address spaces are built before the parent starts (so that
+//! the trap handler never needs the page-table allocator): their own PML4,
+//! stack, argument page and an empty leaf table for the region. The
+//! parent's region is demand-paged from a pool of fresh (zero) frames.
+//!
+//! `fork` makes every present region PTE of the parent read-only with the
+//! software COW bit, copies it into the child's table and counts the frame
+//! twice; the parent's PTEs are `invlpg`-ed, since the parent keeps running
+//! in that address space. The stacks are copied at once (by the swap
+//! device, natively in the VMM): both tasks write theirs immediately. A
+//! write to a COW page faults (present, write): if its frame is still
+//! shared, the VMM copies it to a fresh frame that the writer maps
+//! writable; if the other task has already copied away, the writer just
+//! gets write access back.
+//!
+//! Scheduling is cooperative: `yield` switches to the other task if it is
+//! alive, by swapping the trap frame the `iretq` will restore and loading
+//! the other task's CR3; when one task exits the other continues; when
+//! both have, `task::run` returns the sum of their statuses. COW pages are
+//! not swapped (no reverse map from a shared frame to its PTEs).
+
+use memvisor_abi::layout::{PAGE_SIZE, USER_STACK_TOP};
+use memvisor_abi::msg::Report;
+use memvisor_abi::paging::SwapOp;
+use memvisor_abi::workload::{Event, WorkloadSpec};
+use memvisor_guest_mm::fault::{FaultKind, PageInfo, classify};
+use memvisor_guest_mm::paging::{MapError, PageSize, PageTableEntry as Pte, VirtAddr};
+use memvisor_user::args::Range;
+use memvisor_user::sys::{SYS_EXIT, SYS_FORK, SYS_YIELD};
+
+use super::swapdev;
+use super::{Active, REGION_BASE, invlpg, region_page, report_fatal, set_active};
+use crate::Kernel;
+use crate::console::Dec;
+use crate::idt::TrapFrame;
+use crate::task::{self, TaskExit, TaskFrame, user_layout};
+
+/// Most pages of a COW region (one page table).
+pub const MAX_PAGES: u64 = 512;
+/// PTE bit 9, ignored by the CPU (SDM Vol. 3A §4.5, Table 4-20): the page
+/// is shared copy-on-write.
+const COW: u64 = 1 << 9;
+/// Exit status when the workload cannot be set up.
+const EXIT_BAD_WORKLOAD: u32 = 4;
+/// Exit status when a task was killed by a fault.
+const EXIT_KILLED: u32 = 5;
+
+/// One task of the pair.
+#[derive(Clone, Copy)]
+struct Task {
+    root: u64,
+    table: u64,
+    stack: u64,
+    alive: bool,
+    saved: Option<TrapFrame>,
+}
+
+struct Cow {
+    pages: u64,
+    pool: u64,
+    pool_frames: u64,
+    next_frame: u64,
+    refs: [u8; 2 * MAX_PAGES as usize],
+    tasks: [Task; 2],
+    current: usize,
+    forked: bool,
+    status: u64,
+    copies: u64,
+    reuses: u64,
+}
+
+static mut COW_STATE: Option<Cow> = None;
+
+fn state() -> Option<&'static mut Cow> {
+    let p = &raw mut COW_STATE;
+    // SAFETY: single-threaded kernel with interrupts off: the workload code
+    // and the trap handler never run at the same time, and each takes this
+    // reference only for the duration of one call.
+    unsafe { (*p).as_mut() }
+}
+
+impl Cow {
+    fn pte(&self, task: usize, p: u64) -> *mut u64 {
+        // The table comes from the kernel's pool, identity-mapped.
+        (self.tasks[task].table as *mut u64).wrapping_add(p as usize)
+    }
+
+    fn alloc(&mut self) -> Option<u64> {
+        if self.next_frame >= self.pool_frames {
+            return None;
+        }
+        self.next_frame += 1;
+        Some(self.pool + (self.next_frame - 1) * PAGE_SIZE)
+    }
+
+    fn frame_index(&self, pte: u64) -> usize {
+        (((pte & Pte::ADDR_MASK) - self.pool) / PAGE_SIZE) as usize
+    }
+
+    fn resolve(&mut self, kind: FaultKind, p: u64) -> bool {
+        let pte = self.pte(self.current, p);
+        // SAFETY: the PTE of a region page in the current task's table; the
+        // task is stopped in this trap.
+        let e = unsafe { pte.read_volatile() };
+        let new = match kind {
+            FaultKind::Minor => {
+                // Fresh pool frames are zero (the VMM's contract).
+                let Some(pa) = self.alloc() else { return false };
+                let f = self.frame_index(pa);
+                self.refs[f] = 1;
+                pa | Pte::PRESENT | Pte::WRITABLE | Pte::USER | Pte::NO_EXECUTE
+            }
+            FaultKind::CopyOnWrite => {
+                let f = self.frame_index(e);
+                let writable = (e | Pte::WRITABLE) & !COW;
+                if self.refs[f] > 1 {
+                    let Some(pa) = self.alloc() else { return false };
+                    if swapdev::request(SwapOp::Copy, pa, e & Pte::ADDR_MASK).is_err() {
+                        return false;
+                    }
+                    self.refs[f] -= 1;
+                    self.refs[self.frame_index(pa)] = 1;
+                    self.copies += 1;
+                    (writable & !Pte::ADDR_MASK) | pa
+                } else {
+                    self.reuses += 1;
+                    writable
+                }
+            }
+            _ => return false,
+        };
+        // SAFETY: as above.
+        unsafe { pte.write_volatile(new) };
+        if kind == FaultKind::CopyOnWrite {
+            // The read-only translation may be cached; a not-present one
+            // never is (SDM Vol. 3A §4.10.2).
+            invlpg(REGION_BASE + p * PAGE_SIZE);
+        }
+        true
+    }
+
+    /// Shares the parent's region with the child, copy-on-write.
+    fn fork(&mut self, frame: &mut TrapFrame) -> bool {
+        if self.forked {
+            return false;
+        }
+        for p in 0..self.pages {
+            let (parent, child) = (self.pte(0, p), self.pte(1, p));
+            // SAFETY: PTEs of both tables; the parent is stopped in this trap.
+            unsafe {
+                let e = parent.read_volatile();
+                if e & Pte::PRESENT == 0 {
+                    continue;
+                }
+                let shared = (e & !Pte::WRITABLE) | COW;
+                parent.write_volatile(shared);
+                child.write_volatile(shared);
+                self.refs[self.frame_index(e)] += 1;
+            }
+            invlpg(REGION_BASE + p * PAGE_SIZE);
+        }
+        let stack_pages = user_layout::STACK_PAGES;
+        for i in 0..stack_pages {
+            let off = i * PAGE_SIZE;
+            if swapdev::request(SwapOp::Copy, self.tasks[1].stack + off, self.tasks[0].stack + off).is_err() {
+                return false;
+            }
+        }
+        let mut child = *frame;
+        child.rax = 0;
+        self.tasks[1].saved = Some(child);
+        self.tasks[1].alive = true;
+        self.forked = true;
+        true
+    }
+
+    /// Switches the trap's return to the other task if it is alive.
+    fn switch(&mut self, frame: &mut TrapFrame, keep_current: bool) -> bool {
+        let other = 1 - self.current;
+        let Some(next) = self.tasks[other].saved.filter(|_| self.tasks[other].alive) else { return false };
+        self.tasks[self.current].saved = keep_current.then_some(*frame);
+        *frame = next;
+        // SAFETY: every task's PML4 shares the kernel's slots, so the
+        // handler keeps running; the trap returns into that task.
+        unsafe { crate::cpu::write_cr3(self.tasks[other].root) };
+        self.current = other;
+        true
+    }
+}
+
+/// A ring-3 page fault while the cow workload runs.
+pub fn page_fault(frame: &mut TrapFrame) -> bool {
+    let cr2 = crate::cpu::read_cr2();
+    let Some(s) = state() else { return false };
+    let page = region_page(cr2, s.pages);
+    let cow = page.is_some_and(|p| {
+        // SAFETY: the current task's PTE for a region page.
+        unsafe { s.pte(s.current, p).read_volatile() & COW != 0 }
+    });
+    let kind = classify(frame.error, PageInfo { in_region: page.is_some(), in_swap: false, cow });
+    match (kind, page) {
+        (FaultKind::Minor | FaultKind::CopyOnWrite, Some(p)) => s.resolve(kind, p),
+        _ => report_fatal(kind, cr2, frame.error),
+    }
+}
+
+/// fork, yield and exit while the cow workload runs.
+pub fn syscall(frame: &mut TrapFrame) -> bool {
+    let Some(s) = state() else { return false };
+    match frame.rax {
+        SYS_FORK => {
+            frame.rax = if s.current == 0 && s.fork(frame) { 1 } else { u64::MAX };
+            true
+        }
+        SYS_YIELD => {
+            frame.rax = 0;
+            s.switch(frame, true);
+            true
+        }
+        SYS_EXIT => {
+            s.status = s.status.saturating_add(frame.rdi);
+            s.tasks[s.current].alive = false;
+            if !s.switch(frame, false) {
+                task::end_task(TaskExit::Exited(s.status));
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Runs the cow workload; returns the exit status (0: both tasks saw
+/// exactly their own writes).
+pub fn run(k: &mut Kernel, spec: &WorkloadSpec) -> u32 {
+    let pages = spec.params[0];
+    if !(1..=MAX_PAGES).contains(&pages) {
+        crate::println!("guest: cow needs 1..={} pages", Dec(MAX_PAGES));
+        return EXIT_BAD_WORKLOAD;
+    }
+    match run_tasks(k, pages) {
+        Ok(TaskExit::Exited(s)) => u32::try_from(s).unwrap_or(u32::MAX),
+        Ok(TaskExit::Faulted(_)) => EXIT_KILLED,
+        Err(_) => {
+            crate::println!("guest: cannot set up the cow workload ({} pages)", Dec(pages));
+            EXIT_BAD_WORKLOAD
+        }
+    }
+}
+
+fn run_tasks(k: &mut Kernel, pages: u64) -> Result<TaskExit, MapError> {
+    let mut parent = TaskFrame::new(k)?;
+    let mut child = TaskFrame::new(k)?;
+    let va = VirtAddr::new(REGION_BASE).ok_or(MapError::Misaligned)?;
+    let mut tasks = [parent.space.root, child.space.root].map(|root| Task { root: root.as_u64(), table: 0, stack: 0, alive: true, saved: None });
+    for (t, frame) in tasks.iter_mut().zip([&parent, &child]) {
+        t.table = k.mapper.leaf_table(frame.space.root, va, PageSize::Size4K, true)?.as_u64();
+        t.stack = frame.stack().0;
+    }
+    tasks[1].alive = false;
+    // Each page needs at most two frames (one per task).
+    let pool_frames = 2 * pages;
+    let order = pool_frames.next_power_of_two().trailing_zeros() as usize;
+    let pool = k.frames_alloc(order).ok_or(MapError::OutOfFrames)?;
+    for frame in [&mut parent, &mut child] {
+        let args = &mut *frame.args;
+        args.nranges = 1;
+        args.ranges[0] = Range { start: REGION_BASE, len: pages * PAGE_SIZE };
+        args.params[0] = pages;
+    }
+    let cow = Cow { pages, pool, pool_frames, next_frame: 0, refs: [0; 2 * MAX_PAGES as usize], tasks, current: 0, forked: false, status: 0, copies: 0, reuses: 0 };
+    let p = &raw mut COW_STATE;
+    // SAFETY: single-threaded; no task runs yet.
+    unsafe { *p = Some(cow) };
+    set_active(Active::Cow);
+    let entry = memvisor_user::paging::cow_fork as *const () as usize as u64;
+    let exit = task::run(&parent.space, entry, USER_STACK_TOP - 8, user_layout::ARGS, 0);
+    set_active(Active::None);
+    // SAFETY: as above; both tasks have ended.
+    let s = unsafe { (*p).take() };
+    let (used, copies, reuses) = s.map_or((0, 0, 0), |s| (s.next_frame, s.copies, s.reuses));
+    crate::report::send(&Report::Workload { event: Event::CowCopies, a: copies, b: reuses });
+    for f in 0..used {
+        let _ = swapdev::request(SwapOp::Zero, pool + f * PAGE_SIZE, 0);
+    }
+    let _ = k.buddy().free(pool, order);
+    child.release(k);
+    parent.release(k);
+    Ok(exit)
+}

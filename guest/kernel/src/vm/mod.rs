@@ -1,0 +1,92 @@
+//! The guest's own virtual memory for ring-3 tasks (issue 6): demand
+//! paging with a bounded frame pool, swap through the VMM's paravirtual
+//! swap device, page replacement, and copy-on-write fork.
+//!
+//! Two workloads use it, one at a time: [`pager`] (`paging:...`) and
+//! [`cow`] (`cow:...`). While one runs, [`page_fault`] and [`syscall`]
+//! (called first by [`crate::task::handle_trap`] for ring-3 traps) route
+//! the task's page faults and its fork/yield/exit calls to it; otherwise
+//! they decline and traps keep their default meaning (the task ends).
+//!
+//! Every fault is classified by [`memvisor_guest_mm::fault::classify`]:
+//! minor (first touch, zero frame), major (read back from swap),
+//! copy-on-write, protection (reported, task killed) or invalid (reported,
+//! task killed). Every PTE the kernel clears or restricts while its
+//! address space is live is followed by `invlpg`: on this project's host
+//! shadow paging would hide a missing one, on hardware a stale TLB entry
+//! would let the task keep using an evicted frame.
+
+pub mod cow;
+pub mod pager;
+pub mod swapdev;
+
+use core::arch::asm;
+
+use memvisor_abi::layout::{PAGE_SIZE, USER_HEAP_BASE};
+use memvisor_abi::msg::Report;
+use memvisor_abi::workload::Event;
+use memvisor_guest_mm::fault::FaultKind;
+
+use crate::idt::TrapFrame;
+
+/// Where a task's demand-paged region starts.
+pub const REGION_BASE: u64 = USER_HEAP_BASE;
+
+/// Which workload owns ring-3 faults now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Active {
+    None,
+    Paging,
+    Cow,
+}
+
+static mut ACTIVE: Active = Active::None;
+
+fn set_active(a: Active) {
+    // SAFETY: single-threaded kernel; written only outside traps.
+    unsafe { ACTIVE = a };
+}
+
+fn active() -> Active {
+    // SAFETY: as above.
+    unsafe { ACTIVE }
+}
+
+/// Invalidates the TLB entry for `va` (SDM Vol. 2A, INVLPG).
+#[inline(always)]
+pub fn invlpg(va: u64) {
+    // SAFETY: invlpg only drops a TLB entry.
+    unsafe { asm!("invlpg [{}]", in(reg) va, options(nostack, preserves_flags)) };
+}
+
+/// The region page `va` falls in, if it is inside `pages` pages.
+#[inline(always)]
+fn region_page(va: u64, pages: u64) -> Option<u64> {
+    let off = va.wrapping_sub(REGION_BASE);
+    if off < pages * PAGE_SIZE { Some(off / PAGE_SIZE) } else { None }
+}
+
+/// Reports a fault that kills the task; `false` so the caller kills it.
+fn report_fatal(kind: FaultKind, cr2: u64, error: u64) -> bool {
+    let event = if kind == FaultKind::Invalid { Event::InvalidAccess } else { Event::ProtectionFault };
+    crate::report::send(&Report::Workload { event, a: cr2, b: error });
+    false
+}
+
+/// A ring-3 page fault: `true` when resolved (the task retries the access),
+/// `false` when the task must end (the default path then records it).
+pub fn page_fault(frame: &mut TrapFrame) -> bool {
+    match active() {
+        Active::None => false,
+        Active::Paging => pager::page_fault(frame),
+        Active::Cow => cow::page_fault(frame),
+    }
+}
+
+/// A ring-3 system call: `true` when handled here.
+pub fn syscall(frame: &mut TrapFrame) -> bool {
+    match active() {
+        Active::Cow => cow::syscall(frame),
+        Active::None | Active::Paging => false,
+    }
+}

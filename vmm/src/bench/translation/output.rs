@@ -1,0 +1,158 @@
+//! The translation benchmark's results as files: JSON (everything), CSV
+//! (one row per cell) and Markdown (one table per workload, plus the KVM
+//! deltas), and the plots ([`super::plot`]). Every file is written
+//! atomically.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::{Cell, CellStatus, TranslationResults};
+use crate::config::format_size;
+
+/// KVM statistics shown in the CSV and Markdown (all are in the JSON).
+pub const KEY_STATS: [&str; 6] = ["pages_4k", "pages_2m", "pages_1g", "vcpu.pf_fixed", "vcpu.pf_taken", "vcpu.exits"];
+
+fn fmt_ns(v: f64) -> String {
+    if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.1}") }
+}
+
+/// The cells as CSV.
+#[must_use]
+pub fn csv(r: &TranslationResults) -> String {
+    let mut s = String::from("workload,ws_bytes,leaf,backing,status,median_ns,min_ns,max_ns,reps,ratio_to_native");
+    for k in KEY_STATS {
+        let _ = write!(s, ",warm_{k},timed_{k}");
+    }
+    s.push_str(",reason\n");
+    for c in &r.cells {
+        let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
+        let _ = write!(
+            s,
+            "{},{},{},{},{},{},{},{},{},{}",
+            c.workload,
+            c.ws,
+            c.leaf,
+            c.backing,
+            serde_json::to_value(c.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            num(c.ns.map(|n| n.median)),
+            num(c.ns.map(|n| n.min)),
+            num(c.ns.map(|n| n.max)),
+            c.ns.map_or(0, |n| n.n),
+            num(c.ratio)
+        );
+        for k in KEY_STATS {
+            let _ = write!(s, ",{},{}", c.kvm_warm.get(k).copied().unwrap_or(0), c.kvm_timed.get(k).copied().unwrap_or(0));
+        }
+        let _ = writeln!(s, ",\"{}\"", c.reason.as_deref().unwrap_or("").replace('"', "'"));
+    }
+    s
+}
+
+fn cell_text(c: &Cell) -> String {
+    match (c.status, c.ns) {
+        (CellStatus::Ok, Some(n)) => {
+            let ratio = c.ratio.map_or(String::new(), |r| format!(" ×{r:.2}"));
+            format!("{} [{}–{}]{ratio}", fmt_ns(n.median), fmt_ns(n.min), fmt_ns(n.max))
+        }
+        (CellStatus::NotAvailable, _) => "n/a¹".into(),
+        _ => "failed²".into(),
+    }
+}
+
+/// The results as Markdown.
+#[must_use]
+pub fn markdown(r: &TranslationResults) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "Host: {}; TSC {} kHz; {} timed repetitions per cell; {} accesses per repetition (chases, GUPS).\n", r.mode_description, r.tsc_khz, r.reps, r.steps);
+    let _ = writeln!(s, "Reading: {}\n", r.reading);
+    let mut ws: Vec<u64> = r.cells.iter().map(|c| c.ws).collect();
+    ws.sort_unstable();
+    ws.dedup();
+    let mut rows: Vec<(String, String)> = Vec::new();
+    for c in &r.cells {
+        let key = (c.backing.to_string(), c.leaf.clone());
+        if !rows.contains(&key) {
+            rows.push(key);
+        }
+    }
+    let mut workloads: Vec<&str> = Vec::new();
+    for c in &r.cells {
+        if !workloads.contains(&c.workload) {
+            workloads.push(c.workload);
+        }
+    }
+    for w in &workloads {
+        let _ = writeln!(s, "**{w}** — ns per access, median [min–max] ×guest/native on the same backing\n");
+        let _ = write!(s, "| backing | guest leaf |");
+        for x in &ws {
+            let _ = write!(s, " {} |", format_size(*x));
+        }
+        let _ = write!(s, "\n|---|---|");
+        for _ in &ws {
+            s.push_str("---|");
+        }
+        s.push('\n');
+        for (backing, leaf) in &rows {
+            let _ = write!(s, "| {backing} | {leaf} |");
+            for x in &ws {
+                let c = r.cells.iter().find(|c| c.workload == *w && c.ws == *x && c.backing.to_string() == *backing && c.leaf == *leaf);
+                let _ = write!(s, " {} |", c.map_or(String::new(), cell_text));
+            }
+            s.push('\n');
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(s, "KVM statistics during the timed repetitions of chase-page (Δ pages_4k / Δ pages_2m / Δ pf_fixed / Δ exits):\n");
+    let _ = writeln!(s, "| backing | guest leaf | working set | Δ4k | Δ2m | Δpf_fixed | Δexits | warm-up Δ4k / Δ2m / Δpf_fixed |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for c in r.cells.iter().filter(|c| c.workload == "chase-page" && c.leaf != "native" && c.status == CellStatus::Ok) {
+        let t = |m: &std::collections::BTreeMap<String, i64>, k: &str| m.get(k).copied().unwrap_or(0);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} / {} / {} |",
+            c.backing,
+            c.leaf,
+            format_size(c.ws),
+            t(&c.kvm_timed, "pages_4k"),
+            t(&c.kvm_timed, "pages_2m"),
+            t(&c.kvm_timed, "vcpu.pf_fixed"),
+            t(&c.kvm_timed, "vcpu.exits"),
+            t(&c.kvm_warm, "pages_4k"),
+            t(&c.kvm_warm, "pages_2m"),
+            t(&c.kvm_warm, "vcpu.pf_fixed")
+        );
+    }
+    let mut notes: Vec<String> = Vec::new();
+    for c in r.cells.iter().filter(|c| c.status != CellStatus::Ok) {
+        let tag = if c.status == CellStatus::NotAvailable { "¹ not available" } else { "² failed" };
+        let n = format!("{tag}: {}", c.reason.as_deref().unwrap_or("no reason recorded"));
+        if !notes.contains(&n) {
+            notes.push(n);
+        }
+    }
+    if !notes.is_empty() {
+        s.push('\n');
+        for n in notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    let _ = writeln!(s, "\nWall time {:.0} s.", r.seconds);
+    s
+}
+
+/// Writes results.json, results.csv, results.md and the plots into `dir`.
+///
+/// # Errors
+/// A message naming the file that could not be written.
+pub fn write_all(r: &TranslationResults, dir: &Path) -> Result<Vec<PathBuf>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut written = Vec::new();
+    let json = serde_json::to_vec_pretty(r).map_err(|e| e.to_string())?;
+    for (name, bytes) in [("results.json", json), ("results.csv", csv(r).into_bytes()), ("results.md", markdown(r).into_bytes())] {
+        let path = dir.join(name);
+        crate::fsutil::write_atomic(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        written.push(path);
+    }
+    written.extend(super::plot::write_plots(r, dir)?);
+    Ok(written)
+}
