@@ -434,5 +434,10 @@ mod tests {
         // A notification for a queue that does not exist is counted.
         wr(&mut t, &ram, r::QUEUE_NOTIFY, 9);
         assert_eq!(t.device.metrics.bad_notify, 1);
+        // A reset empties the balloon: the memory is the guest's again.
+        assert_eq!(t.device.info().balloon_bytes, 8192);
+        wr(&mut t, &ram, r::STATUS, 0);
+        assert_eq!(t.device.info().balloon_bytes, 0);
+        assert!(!t.driver_ok());
     }
 }

@@ -70,6 +70,7 @@ pub struct Balloon {
     target_pages: u32,
     actual_pages: u32,
     pages: BalloonPages,
+    ram_bytes: u64,
     host_page: u64,
     /// Metrics (read by the transport's owner).
     pub metrics: BalloonMetrics,
@@ -92,6 +93,7 @@ impl Balloon {
             target_pages: u32::try_from(target_bytes / PAGE).unwrap_or(u32::MAX),
             actual_pages: 0,
             pages: BalloonPages::new(ram.size(), host_page),
+            ram_bytes: ram.size(),
             host_page,
             metrics: BalloonMetrics::default(),
             stats: None,
@@ -398,9 +400,10 @@ impl VirtioDevice for Balloon {
     }
 
     fn reset(&mut self) {
-        // The pages stay in the balloon's accounting: the guest's memory
-        // is not given back by a reset, and a new driver starts over with
-        // `actual` = 0 (its released pages read as zero, which is fine).
+        // After a reset all memory is the guest's again (a new driver starts
+        // with an empty balloon, as after a reboot): pages released so far
+        // read as zero and fault back in on touch.
+        self.pages = BalloonPages::new(self.ram_bytes, self.host_page);
         self.acked = 0;
         self.actual_pages = 0;
         self.stats_head = None;
