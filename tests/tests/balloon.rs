@@ -123,3 +123,26 @@ fn balloon_commands_without_a_balloon_are_refused() {
     assert_eq!(ctl(&socket, &["shutdown"])["ok"], Value::Bool(true));
     vm.wait(Duration::from_secs(60)).assert_success();
 }
+
+#[test]
+fn the_driver_can_sleep_until_the_balloon_interrupts_it() {
+    // irq=1: the guest routes the balloon's GSI through the IOAPIC and
+    // halts between requests; only the device's interrupt (irqfd into the
+    // in-kernel irqchip) wakes it.
+    let mut b = BalloonVm::start("balloon-irq", &["--mem", "512M", "--balloon", "0", "--workload", "balloon:rounds=1,irq=1"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let state = b.set_and_wait(128 * MIB);
+    assert_eq!(state["reclaimed_bytes"].as_u64(), Some(128 * MIB), "{state}");
+    let stats = ctl(&b.socket, &["balloon", "stats"]);
+    assert_eq!(stats["ok"], Value::Bool(true), "a stats request wakes the guest too: {stats}");
+    b.set_and_wait(0);
+    let report = b.finish().json();
+    let verified = events(&report, "BalloonVerified");
+    assert_eq!(verified.iter().map(|v| v.0).sum::<u64>(), 128 * MIB, "{verified:?}");
+    assert!(verified.iter().all(|(a, b)| a == b), "{verified:?}");
+    let vcpu = &report["kvm_stats"]["vcpus"][0];
+    let injections = vcpu["irq_injections"].as_u64().unwrap_or(0);
+    let halts = vcpu["halt_exits"].as_u64().unwrap_or(0);
+    assert!(injections >= 3, "two target changes and a stats request were interrupts: {injections} injected");
+    assert!(halts >= 3, "the guest halted while it waited: {halts} halts");
+}

@@ -6,8 +6,9 @@
 //!   4 × N pages.
 //! - `checksum:pages=N,rounds=R[,ms=T,seed=S]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Checksum`; `ms` defaults to 100.
-//! - `balloon[:rounds=R,report=0|1,oom=SIZE]`: the balloon driver's service
-//!   loop (`WorkloadKind::Balloon`; needs `--balloon`); `oom` is a size.
+//! - `balloon[:rounds=R,report=0|1,oom=SIZE,irq=0|1]`: the balloon driver's
+//!   service loop (`WorkloadKind::Balloon`; needs `--balloon`); `oom` is a
+//!   size; `irq=1` waits for the device's interrupt instead of polling.
 //! - `balloon-hostile:mode=M`: feed the balloon hostile input `M` (1-7,
 //!   `memvisor_abi::workload::HostileMode`).
 //! - `translation:ws=SIZE[,workloads=MASK,reps=R,steps=N,seed=S]`: see
@@ -187,15 +188,16 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
             spec.params[..4].copy_from_slice(&[pages, rounds, ms, seed]);
         }
         "balloon" => {
-            let allowed = ["rounds", "report", "oom"];
+            let allowed = ["rounds", "report", "oom", "irq"];
             let rounds = get("rounds", &allowed)?.unwrap_or(0);
             let report = get("report", &allowed)?.unwrap_or(0).min(1);
             let oom = get("oom", &allowed)?.unwrap_or(0) / memvisor_abi::layout::PAGE_SIZE;
             if oom > 128 * 512 {
                 return Err(WorkloadError::OutOfRange { kind: "balloon", why: "oom is at most 256M (128 blocks of 2 MiB)".into() });
             }
+            let irq = get("irq", &allowed)?.unwrap_or(0).min(1);
             spec.kind = WorkloadKind::Balloon as u32;
-            spec.params[..3].copy_from_slice(&[rounds, report, oom]);
+            spec.params[..4].copy_from_slice(&[rounds, report, oom, irq]);
         }
         "balloon-hostile" => {
             let mode = get("mode", &["mode"])?.unwrap_or(0);

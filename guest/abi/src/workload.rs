@@ -46,9 +46,9 @@ pub enum WorkloadKind {
     /// child each write their own subset and check they see only their own
     /// writes ([`Event::CowChecked`], [`Event::CowCopies`]).
     Cow = 31,
-    /// The balloon driver's service loop (`balloon:rounds=R,report=0|1,oom=P`):
+    /// The balloon driver's service loop (`balloon:rounds=R,report=0|1,oom=P,irq=0|1`):
     /// `params` = [rounds, free page reporting (0/1), OOM allocation in
-    /// pages]. The guest initialises the virtio balloon, then follows the
+    /// pages, wait for the interrupt (1) or poll (0)]. The guest initialises the virtio balloon, then follows the
     /// host's target; after every deflate it writes and verifies the pages
     /// it got back in ring 3 ([`Event::BalloonVerified`]). It ends after
     /// `rounds` returns of the balloon to zero (0: never), or, with `oom`,

@@ -422,13 +422,17 @@ fn verify(k: &mut Kernel, blocks: &[(u64, u64)]) -> u64 {
     run_user(k, entry, blocks, &[]).unwrap_or(0)
 }
 
-/// The `balloon` workload: `params` = [rounds, reporting, OOM pages].
+/// The `balloon` workload: `params` = [rounds, reporting, OOM pages,
+/// interrupts].
 pub fn run(k: &mut Kernel, params: [u64; 7]) -> u32 {
-    let (rounds, reporting, oom) = (params[0], params[1] != 0, params[2]);
+    let (rounds, reporting, oom, irq) = (params[0], params[1] != 0, params[2], params[3] != 0);
     let mut b = match Balloon::start(k, reporting, None) {
         Ok(b) => b,
         Err(e) => return failed(e),
     };
+    if irq && let Err(e) = super::irq::enable(k) {
+        return failed(e);
+    }
     let send = |event, a, b| report::send(&Report::Workload { event, a, b });
     if reporting {
         let (bytes, blocks) = b.report_free(k);
@@ -469,8 +473,12 @@ pub fn run(k: &mut Kernel, params: [u64; 7]) -> u32 {
             b.stop(k);
             return 0;
         }
-        if b.m.take_interrupts() & mmio::INT_VRING != 0 {
+        let isr = b.m.take_interrupts();
+        if isr & mmio::INT_VRING != 0 {
             b.service_stats(k);
+        }
+        if irq && isr == 0 {
+            super::irq::wait();
         }
     }
 }
