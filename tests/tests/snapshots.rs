@@ -304,8 +304,10 @@ fn guests_split_around_the_mmio_hole_snapshot_and_restore() {
     // self-test, so the saved pages run right up to both sides of the hole.
     let dir = TempDir::new("snap-5g");
     let socket = dir.path().join("api.sock");
-    let vm = Vmm::run_json(["--mem", "5G", "--api-socket"]).arg(&socket).timeout(Duration::from_secs(180)).spawn();
-    let deadline = Instant::now() + Duration::from_secs(150);
+    // Generous hang guards: 5 GiB is written and read back, and CI machines
+    // share their disk.
+    let vm = Vmm::run_json(["--mem", "5G", "--api-socket"]).arg(&socket).timeout(Duration::from_secs(400)).spawn();
+    let deadline = Instant::now() + Duration::from_secs(300);
     while !(socket.exists() && Vmm::new(["ctl"]).arg(&socket).arg("status").output().stdout.contains("\"idle\"")) {
         assert!(Instant::now() < deadline, "the 5 GiB guest never idled");
         std::thread::sleep(Duration::from_millis(100));
@@ -314,8 +316,8 @@ fn guests_split_around_the_mmio_hole_snapshot_and_restore() {
     let r = ctl(&socket, &["snapshot", "--full", snap.to_str().unwrap()]);
     assert!(r["data"]["memory_bytes"].as_u64().unwrap() > 4 << 30, "both regions were saved: {r}");
     ctl(&socket, &["shutdown"]);
-    vm.wait(Duration::from_secs(60)).assert_success();
-    let restored = Vmm::new(["restore", "--json"]).arg(&snap).timeout(Duration::from_secs(120)).output();
+    vm.wait(Duration::from_secs(120)).assert_success();
+    let restored = Vmm::new(["restore", "--json"]).arg(&snap).timeout(Duration::from_secs(400)).output();
     restored.assert_success();
     let report = restored.json();
     assert_eq!(report["memory"].as_array().unwrap().len(), 2, "two RAM regions");

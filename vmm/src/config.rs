@@ -44,6 +44,9 @@ pub enum ConfigError {
     /// A NUMA policy without nodes, or nodes without a policy.
     #[error("{0}")]
     Numa(String),
+    /// A balloon target that is not a page multiple within guest memory.
+    #[error("balloon target {} must be a multiple of 4 KiB and at most the guest memory ({})", format_size(*.0), format_size(*.1))]
+    Balloon(u64, u64),
     /// A vCPU count out of range.
     #[error("vCPU count must be between 1 and 254, not {0}")]
     BadVcpus(u32),
@@ -267,6 +270,9 @@ pub struct ConfigFile {
     pub dirty_mode: Option<DirtyMode>,
     /// A workload after the self-test (`dirty:pages=N,...`).
     pub workload: Option<String>,
+    /// Add a virtio balloon with this initial target (a size; "0" for
+    /// none yet).
+    pub balloon: Option<SizeValue>,
 }
 
 /// A size in a config file: `"256M"` or `268435456`.
@@ -316,6 +322,7 @@ impl ConfigFile {
             api_socket: over.api_socket.or(self.api_socket),
             dirty_mode: over.dirty_mode.or(self.dirty_mode),
             workload: over.workload.or(self.workload),
+            balloon: over.balloon.or(self.balloon),
         }
     }
 
@@ -338,7 +345,13 @@ impl ConfigFile {
             }
             Some(NodesValue::Text(t)) => parse_node_list(&t)?,
         };
+        let balloon = match self.balloon {
+            None => None,
+            Some(SizeValue::Bytes(b)) => Some(b),
+            Some(SizeValue::Text(t)) => Some(parse_size(&t)?),
+        };
         let config = VmConfig {
+            balloon,
             mem_size,
             vcpus: self.vcpus.unwrap_or(1),
             backing: self.backing.unwrap_or(Backing::Anon),
@@ -388,6 +401,10 @@ pub struct VmConfig {
     pub dirty_mode: Option<DirtyMode>,
     /// Workload after the self-test, as given (see [`crate::workload`]).
     pub workload: Option<String>,
+    /// A virtio balloon with this initial target in bytes (`None`: no
+    /// balloon device).
+    #[serde(default)]
+    pub balloon: Option<u64>,
 }
 
 impl Default for VmConfig {
@@ -419,6 +436,11 @@ impl VmConfig {
         }
         if let Some(w) = &self.workload {
             crate::workload::parse(w)?;
+        }
+        if let Some(b) = self.balloon {
+            if b > self.mem_size || b % PAGE_SIZE != 0 {
+                return Err(ConfigError::Balloon(b, self.mem_size));
+            }
         }
         if !(1..=254).contains(&self.vcpus) {
             return Err(ConfigError::BadVcpus(self.vcpus));

@@ -187,6 +187,15 @@ impl VmControl {
         }
     }
 
+    /// Called by the vCPU thread when a polling guest found nothing to do:
+    /// waits up to `timeout` unless jobs, a pause or a shutdown are pending.
+    pub fn idle_wait(&self, timeout: Duration) {
+        let g = self.lock();
+        if g.jobs.is_empty() && !g.pause_requested && !g.shutdown_requested {
+            let _ = self.changed.wait_timeout(g, timeout);
+        }
+    }
+
     /// Called by the vCPU thread when the guest has finished its work: it
     /// will not be entered again; jobs and shutdown are still served.
     pub fn guest_idled(&self) {

@@ -104,6 +104,20 @@ pub struct Killed {
     pub error_code: u64,
 }
 
+/// One 4 KiB copy and one zeroing, timed by the guest at ring 0 and
+/// through the swap device (`measure=1`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CopyCost {
+    /// ns for a copy at ring 0 (`rep movsq`).
+    pub ring0_copy_ns: u64,
+    /// ns for a copy by the swap device (one exit and a native copy).
+    pub device_copy_ns: u64,
+    /// ns for zeroing at ring 0 (`rep stosq`).
+    pub ring0_zero_ns: u64,
+    /// ns for zeroing by the swap device.
+    pub device_zero_ns: u64,
+}
+
 /// A paging run: parameters, the guest's counters, the VMM's prediction
 /// from the same trace, and Belady's OPT.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -140,6 +154,8 @@ pub struct PagingSummary {
     pub opt_fault_rate: f64,
     /// The fault that killed the task, if one did.
     pub killed: Option<Killed>,
+    /// Copy and zeroing costs, when measured.
+    pub copy_cost: Option<CopyCost>,
 }
 
 /// A copy-on-write run.
@@ -181,8 +197,11 @@ pub fn paging_summary(spec: &WorkloadSpec, reports: &[TimedReport]) -> Option<Pa
     let pattern = Pattern::from_raw(pattern)?;
     let mut g = GuestCounters::default();
     let mut killed = None;
+    let mut cost: Option<CopyCost> = None;
     for (event, a, b) in events(reports) {
         match event {
+            Event::PagingCopyCost => (cost.get_or_insert_default().ring0_copy_ns, cost.get_or_insert_default().device_copy_ns) = (a, b),
+            Event::PagingZeroCost => (cost.get_or_insert_default().ring0_zero_ns, cost.get_or_insert_default().device_zero_ns) = (a, b),
             Event::PagingFaults => (g.minor_faults, g.major_faults) = (a, b),
             Event::PagingEvictions => (g.evictions, g.dirty_writebacks) = (a, b),
             Event::PagingCost => (g.frames_zeroed, g.handler_us) = (a, b),
@@ -215,6 +234,7 @@ pub fn paging_summary(spec: &WorkloadSpec, reports: &[TimedReport]) -> Option<Pa
         opt_fault_rate: rate(opt),
         guest: g,
         killed,
+        copy_cost: cost,
     })
 }
 
@@ -294,6 +314,16 @@ pub fn text(outcome: &RunOutcome) -> String {
             p.opt_fault_rate
         );
         let _ = writeln!(s, "  data check: {} accesses, {} mismatches", g.accesses_checked, g.mismatches);
+        if let Some(c) = &p.copy_cost {
+            let _ = writeln!(
+                s,
+                "  one 4 KiB page: copy {:.1} µs at ring 0 vs {:.1} µs by the swap device; zeroing {:.1} µs vs {:.1} µs",
+                c.ring0_copy_ns as f64 / 1000.0,
+                c.device_copy_ns as f64 / 1000.0,
+                c.ring0_zero_ns as f64 / 1000.0,
+                c.device_zero_ns as f64 / 1000.0
+            );
+        }
         if let Some(k) = &p.killed {
             let _ = writeln!(s, "  task killed: {} fault at {:#x}, error code {:#x}", k.kind, k.address, k.error_code);
         }

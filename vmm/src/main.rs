@@ -78,6 +78,11 @@ enum CtlCommand {
         #[arg(long)]
         slot: Option<u32>,
     },
+    /// The balloon: `set SIZE`, `get`, `stats`.
+    Balloon {
+        #[command(subcommand)]
+        command: BalloonCommand,
+    },
     /// Take a snapshot: `--full DIR` or `--diff DIR`.
     Snapshot {
         /// Save all guest memory.
@@ -100,6 +105,19 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BalloonCommand {
+    /// Set the balloon's target (how much memory the guest should give back).
+    Set {
+        /// A size (512M, 1G, 0).
+        size: String,
+    },
+    /// Print the balloon's target, size, reclaimed and pending bytes and metrics.
+    Get,
+    /// Ask the guest for fresh memory statistics and print them.
+    Stats,
 }
 
 #[derive(Debug, Args)]
@@ -141,7 +159,8 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// A workload after the self-test: dirty:pages=N,rounds=R,seed=S or
-    /// checksum:pages=N,rounds=R,ms=T.
+    /// checksum:pages=N,rounds=R,ms=T; guest paging (docs/guest-paging.md):
+    /// paging:policy=fifo|clock|lru,frames=N,pattern=seq|random|hotcold or cow:pages=N.
     #[arg(long, value_name = "SPEC")]
     workload: Option<String>,
     /// Write the dirty workload's per-round harvest report (JSON) here.
@@ -150,6 +169,10 @@ struct RunArgs {
     /// Force a dirty-tracking mechanism (default: the best the kernel offers).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["ring", "clear", "bitmap"]))]
     dirty_mode: Option<String>,
+    /// Add a virtio balloon with this initial target (0 for an empty one);
+    /// change it later with `vmm ctl PATH balloon set SIZE`.
+    #[arg(long, value_name = "SIZE")]
+    balloon: Option<String>,
     /// Explain these guest-virtual addresses (hex, comma-separated) when the
     /// guest is ready, like `vmm ctl SOCKET translate`.
     #[arg(long, value_name = "GVA[,GVA...]")]
@@ -181,6 +204,7 @@ impl RunArgs {
             api_socket: self.api_socket.clone(),
             dirty_mode: parse(&self.dirty_mode)?,
             workload: self.workload.clone(),
+            balloon: self.balloon.clone().map(SizeValue::Text),
         })
     }
 }
@@ -260,6 +284,11 @@ fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
         CtlCommand::Resume => Request::Resume,
         CtlCommand::Shutdown => Request::Shutdown,
         CtlCommand::DirtyLog { state, slot } => Request::DirtyLog { on: state == "on", slot },
+        CtlCommand::Balloon { command } => match command {
+            BalloonCommand::Set { size } => Request::BalloonSet { bytes: memvisor::config::parse_size(&size).map_err(|e| anyhow_free::chain(&e))? },
+            BalloonCommand::Get => Request::BalloonGet,
+            BalloonCommand::Stats => Request::BalloonStats,
+        },
         CtlCommand::Snapshot { full, diff } => match (full, diff) {
             (Some(dir), _) => Request::Snapshot { kind: SnapshotKind::Full, dir },
             (None, Some(dir)) => Request::Snapshot { kind: SnapshotKind::Diff, dir },

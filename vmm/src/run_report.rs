@@ -97,6 +97,7 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "guest_frames": frames,
         "memory": outcome.memory,
         "dirty": outcome.dirty,
+        "balloon": outcome.balloon,
         "workload_events": outcome.reports.iter().filter_map(|r| match r.report {
             Report::Workload { event, a, b } => Some(serde_json::json!({ "event": format!("{event:?}"), "a": a, "b": b, "at_us": r.at_us })),
             _ => None,
@@ -263,6 +264,23 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             last.0,
             values.len(),
             values
+        );
+    }
+    if let Some(b) = &outcome.balloon {
+        let m = &b.metrics;
+        let _ = writeln!(
+            s,
+            "balloon: target {}, actual {}, in balloon {}, reclaimed {}, pending {} (host pages of {}); released {} in {} calls, reported free {}; rejected {} guest inputs",
+            format_size(b.target_bytes),
+            format_size(b.actual_bytes),
+            format_size(b.balloon_bytes),
+            format_size(b.reclaimed_bytes),
+            format_size(b.pending_bytes),
+            format_size(b.host_page_bytes),
+            format_size(m.released_bytes),
+            m.release_calls,
+            format_size(m.reported_bytes),
+            m.rejected()
         );
     }
     if let Some(d) = &outcome.dirty {

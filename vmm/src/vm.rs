@@ -98,6 +98,28 @@ impl Vm {
         Ok(Vm { fd, kvm, ram })
     }
 
+    /// Creates KVM's in-kernel interrupt controllers (PIC, IOAPIC and a
+    /// LAPIC per vCPU; KVM api.rst, KVM_CREATE_IRQCHIP) so devices can
+    /// raise interrupts through irqfds. Must come before any vCPU.
+    ///
+    /// # Errors
+    /// [`VmError::Kvm`].
+    pub fn create_irqchip(&self) -> Result<(), VmError> {
+        self.fd.create_irq_chip().map_err(|source| VmError::Kvm { what: "KVM_CREATE_IRQCHIP", source })
+    }
+
+    /// An eventfd that raises `gsi` on the in-kernel IOAPIC when written
+    /// (KVM api.rst, KVM_IRQFD).
+    ///
+    /// # Errors
+    /// [`VmError::Kvm`] (or the eventfd could not be made).
+    pub fn irqfd(&self, gsi: u32) -> Result<vmm_sys_util::eventfd::EventFd, VmError> {
+        let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmError::Kvm { what: "eventfd", source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)) })?;
+        self.fd.register_irqfd(&fd, gsi).map_err(|source| VmError::Kvm { what: "KVM_IRQFD", source })?;
+        Ok(fd)
+    }
+
     /// The VM fd.
     #[must_use]
     pub fn fd(&self) -> &VmFd {

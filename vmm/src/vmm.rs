@@ -131,6 +131,8 @@ pub struct RunOutcome {
     pub dirty: Option<crate::dirty::rounds::DirtyReport>,
     /// How KVM maps guest RAM (its page-size counters), when it says.
     pub kvm_mappings: Option<KvmMappings>,
+    /// The balloon at the end of the run, when the VM had one.
+    pub balloon: Option<crate::devices::virtio::balloon::BalloonInfo>,
     /// Every KVM statistic of the VM and its vCPU at the end of the run.
     pub kvm_stats: KvmStatsReport,
     /// The VMM process's memory at the end of the run, and its overhead
@@ -195,6 +197,17 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     timeline::mark("map guest RAM");
     let vm = Vm::new(kvm, ram)?;
     timeline::mark("create VM + memslots");
+    // The irqchip must exist before the vCPU; only VMs with a virtio
+    // device get one (snapshots do not save its state yet).
+    let balloon = match config.balloon {
+        Some(target) => {
+            vm.create_irqchip()?;
+            let irqfd = vm.irqfd(memvisor_abi::virtio::BALLOON_GSI)?;
+            let device = crate::devices::virtio::balloon::Balloon::new(vm.ram(), target);
+            Some(crate::devices::virtio::mmio::MmioTransport::new(device, memvisor_abi::virtio::BALLOON_MMIO_BASE, Some(irqfd)))
+        }
+        None => None,
+    };
     // Before any vCPU exists: the dirty ring can only be enabled then.
     let mut tracker = prepare_tracker(config, &vm, options.control.is_some())?;
     let image = boot::read_kernel(config.kernel.as_deref())?;
@@ -207,7 +220,8 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
     let boot_cfg = boot_config(config, mode, options.control.is_some(), options.skip_selftest, tsc_khz);
     boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &config.cmdline, &boot_cfg)?;
-    let devices = Devices::new(options.console);
+    let mut devices = Devices::new(options.console);
+    devices.balloon = balloon;
     if let Some(t) = tracker.as_mut() {
         t.attach_vcpu(&vcpu, 0)?;
     }

@@ -6,26 +6,31 @@
 //!   4 × N pages.
 //! - `checksum:pages=N,rounds=R[,ms=T,seed=S]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Checksum`; `ms` defaults to 100.
+//! - `balloon[:rounds=R,report=0|1,oom=SIZE]`: the balloon driver's service
+//!   loop (`WorkloadKind::Balloon`; needs `--balloon`); `oom` is a size.
+//! - `balloon-hostile:mode=M`: feed the balloon hostile input `M` (1-7,
+//!   `memvisor_abi::workload::HostileMode`).
 //! - `translation:ws=SIZE[,workloads=MASK,reps=R,steps=N,seed=S]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Translation`; the working set is
 //!   a power of two from 64 KiB to 16 GiB, `workloads` a bit mask of
 //!   `memvisor_user::translation::Workload` (default all), `reps` 5, `steps`
 //!   2^20 accesses per repetition.
-//! - `paging:policy=fifo|clock|lru,frames=N,pattern=seq|random|hotcold[,pages=P,accesses=A,seed=S,writes=W,probe=ro|wild]`:
+//! - `paging:policy=fifo|clock|lru,frames=N,pattern=seq|random|hotcold[,pages=P,accesses=A,seed=S,writes=W,probe=ro|wild,measure=0|1]`:
 //!   see `memvisor_abi::workload::WorkloadKind::Paging`; defaults: clock,
-//!   16 frames, seq, P = N + 1, A = 4 × P, seed 1, 100 % writes, no probe.
+//!   16 frames, seq, P = N + 1, A = 4 × P, seed 1, 100 % writes, no probe,
+//!   no copy-cost measurement.
 //! - `cow[:pages=N]`: see `memvisor_abi::workload::WorkloadKind::Cow`;
 //!   N defaults to 64.
 
 use memvisor_abi::paging::{Pattern, Policy};
-use memvisor_abi::workload::{PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, WorkloadKind, WorkloadSpec};
+use memvisor_abi::workload::{PAGING_MEASURE, PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, WorkloadKind, WorkloadSpec};
 use thiserror::Error;
 
 /// A workload string that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WorkloadError {
     /// Unknown kind.
-    #[error("unknown workload {0:?}; known: dirty, checksum, paging, cow, translation")]
+    #[error("unknown workload {0:?}; known: dirty, checksum, balloon, balloon-hostile, paging, cow, translation")]
     UnknownKind(String),
     /// A malformed or unknown parameter.
     #[error("invalid workload parameter {0:?}")]
@@ -79,7 +84,7 @@ fn paging_spec(rest: &str) -> Result<WorkloadSpec, WorkloadError> {
     let probes = [("none", 0), ("ro", u64::from(PAGING_PROBE_READ_ONLY)), ("wild", u64::from(PAGING_PROBE_WILD))];
     let rest = named(&named(&named(rest, "policy", &policies)?, "pattern", &patterns)?, "probe", &probes)?;
     let given = params(&rest)?;
-    let allowed = ["policy", "frames", "pattern", "pages", "accesses", "seed", "writes", "probe"];
+    let allowed = ["policy", "frames", "pattern", "pages", "accesses", "seed", "writes", "probe", "measure"];
     if let Some((k, _)) = given.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
         return Err(WorkloadError::BadParam(k.clone()));
     }
@@ -104,6 +109,9 @@ fn paging_spec(rest: &str) -> Result<WorkloadSpec, WorkloadError> {
     let mut spec = WorkloadSpec { kind: WorkloadKind::Paging as u32, ..WorkloadSpec::default() };
     spec.params = [get("policy").unwrap_or(Policy::Clock as u64), frames, get("pattern").unwrap_or(Pattern::Seq as u64), pages, accesses, get("seed").unwrap_or(1), writes];
     spec.flags = u32::try_from(get("probe").unwrap_or(0)).unwrap_or(0);
+    if get("measure").unwrap_or(0) != 0 {
+        spec.flags |= PAGING_MEASURE;
+    }
     Ok(spec)
 }
 
@@ -178,6 +186,25 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
             spec.kind = WorkloadKind::Checksum as u32;
             spec.params[..4].copy_from_slice(&[pages, rounds, ms, seed]);
         }
+        "balloon" => {
+            let allowed = ["rounds", "report", "oom"];
+            let rounds = get("rounds", &allowed)?.unwrap_or(0);
+            let report = get("report", &allowed)?.unwrap_or(0).min(1);
+            let oom = get("oom", &allowed)?.unwrap_or(0) / memvisor_abi::layout::PAGE_SIZE;
+            if oom > 128 * 512 {
+                return Err(WorkloadError::OutOfRange { kind: "balloon", why: "oom is at most 256M (128 blocks of 2 MiB)".into() });
+            }
+            spec.kind = WorkloadKind::Balloon as u32;
+            spec.params[..3].copy_from_slice(&[rounds, report, oom]);
+        }
+        "balloon-hostile" => {
+            let mode = get("mode", &["mode"])?.unwrap_or(0);
+            if memvisor_abi::workload::HostileMode::from_raw(mode).is_none() {
+                return Err(WorkloadError::OutOfRange { kind: "balloon-hostile", why: format!("mode {mode} is not 1..=7") });
+            }
+            spec.kind = WorkloadKind::BalloonHostile as u32;
+            spec.params[0] = mode;
+        }
         "translation" => {
             let allowed = ["ws", "workloads", "reps", "steps", "seed"];
             let ws = get("ws", &allowed)?.unwrap_or(64 << 20);
@@ -217,6 +244,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn balloon_specs_parse() {
+        let s = parse("balloon:rounds=2,report=1,oom=64M").unwrap();
+        assert_eq!(s.kind, WorkloadKind::Balloon as u32);
+        assert_eq!(&s.params[..3], &[2, 1, 16384]);
+        assert_eq!(parse("balloon-hostile:mode=3").unwrap().params[0], 3);
+        assert!(parse("balloon-hostile:mode=8").is_err());
+        assert!(parse("balloon:oom=1G").is_err());
+    }
+
+    #[test]
     fn dirty_specs_parse_with_defaults() {
         let s = parse("dirty:pages=100,rounds=5,seed=7").unwrap();
         assert_eq!(s.kind, WorkloadKind::Dirty as u32);
@@ -248,6 +285,7 @@ mod tests {
         assert_eq!(s.kind, WorkloadKind::Paging as u32);
         assert_eq!(s.params, [Policy::Lru as u64, 8, Pattern::HotCold as u64, 40, 500, 3, 50]);
         assert_eq!(s.flags, PAGING_PROBE_WILD);
+        assert_eq!(parse("paging:probe=ro,measure=1").unwrap().flags, PAGING_PROBE_READ_ONLY | PAGING_MEASURE);
         let d = parse("paging:frames=10").unwrap();
         assert_eq!(d.params, [Policy::Clock as u64, 10, Pattern::Seq as u64, 11, 44, 1, 100]);
         assert_eq!(d.flags, 0);

@@ -46,6 +46,73 @@ pub enum WorkloadKind {
     /// child each write their own subset and check they see only their own
     /// writes ([`Event::CowChecked`], [`Event::CowCopies`]).
     Cow = 31,
+    /// The balloon driver's service loop (`balloon:rounds=R,report=0|1,oom=P`):
+    /// `params` = [rounds, free page reporting (0/1), OOM allocation in
+    /// pages]. The guest initialises the virtio balloon, then follows the
+    /// host's target; after every deflate it writes and verifies the pages
+    /// it got back in ring 3 ([`Event::BalloonVerified`]). It ends after
+    /// `rounds` returns of the balloon to zero (0: never), or, with `oom`,
+    /// after allocating that many pages once the first inflate is done,
+    /// deflating on OOM as needed ([`Event::BalloonOomDeflated`]).
+    Balloon = 10,
+    /// Feeds the balloon one kind of hostile input (`balloon-hostile:mode=M`):
+    /// `params` = [[`HostileMode`] as `u64`]. Reports
+    /// [`Event::BalloonHostileDone`] and ends.
+    BalloonHostile = 11,
+}
+
+/// What [`WorkloadKind::BalloonHostile`] feeds the device.
+#[repr(u64)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostileMode {
+    /// Inflate PFNs beyond the end of guest RAM.
+    PfnOutsideRam = 1,
+    /// Inflate PFNs inside the 32-bit MMIO hole.
+    PfnInHole = 2,
+    /// Inflate the same PFN twice.
+    DuplicatePfn = 3,
+    /// Inflate only part of a 2 MiB page (meaningful with huge-page
+    /// backings: the host page must stay).
+    PartialHugePage = 4,
+    /// A descriptor whose buffer lies outside guest RAM.
+    DescriptorOutsideRam = 5,
+    /// A descriptor chain that loops.
+    LoopingChain = 6,
+    /// A queue size that is not a power of two.
+    QueueSizeNotPowerOfTwo = 7,
+}
+
+impl HostileMode {
+    /// All modes.
+    pub const ALL: [HostileMode; 7] = [
+        Self::PfnOutsideRam,
+        Self::PfnInHole,
+        Self::DuplicatePfn,
+        Self::PartialHugePage,
+        Self::DescriptorOutsideRam,
+        Self::LoopingChain,
+        Self::QueueSizeNotPowerOfTwo,
+    ];
+
+    /// Decodes a raw mode.
+    #[must_use]
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| *m as u64 == raw)
+    }
+
+    /// The name used on the command line.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PfnOutsideRam => "pfn-outside-ram",
+            Self::PfnInHole => "pfn-in-hole",
+            Self::DuplicatePfn => "duplicate-pfn",
+            Self::PartialHugePage => "partial-huge-page",
+            Self::DescriptorOutsideRam => "descriptor-outside-ram",
+            Self::LoopingChain => "looping-chain",
+            Self::QueueSizeNotPowerOfTwo => "queue-size-not-power-of-two",
+        }
+    }
 }
 
 /// [`WorkloadSpec::flags`] of [`WorkloadKind::Paging`]: after its accesses
@@ -55,6 +122,11 @@ pub const PAGING_PROBE_READ_ONLY: u32 = 1;
 /// the task reads an address outside every region it owns (an invalid
 /// access).
 pub const PAGING_PROBE_WILD: u32 = 2;
+/// [`WorkloadSpec::flags`] of [`WorkloadKind::Paging`]: before the task
+/// starts, the kernel times one 4 KiB copy and one zeroing at ring 0 and
+/// through the swap device ([`Event::PagingCopyCost`],
+/// [`Event::PagingZeroCost`]).
+pub const PAGING_MEASURE: u32 = 4;
 
 impl WorkloadKind {
     /// Decodes a raw kind, `None` for unknown values.
@@ -64,6 +136,8 @@ impl WorkloadKind {
             0 => Some(Self::None),
             1 => Some(Self::Dirty),
             2 => Some(Self::Checksum),
+            10 => Some(Self::Balloon),
+            11 => Some(Self::BalloonHostile),
             20 => Some(Self::Translation),
             30 => Some(Self::Paging),
             31 => Some(Self::Cow),
@@ -90,6 +164,23 @@ pub enum Event {
     /// The guest kernel's own bookkeeping region: a = guest-physical start,
     /// b = length in bytes (kernel image, page-table arena).
     KernelRegion = 5,
+    /// The balloon driver met the target: a = pages in the balloon, b = the
+    /// target it read.
+    BalloonActual = 10,
+    /// Pages deflated and verified in ring 3: a = bytes written and read
+    /// back, b = bytes that read back right.
+    BalloonVerified = 11,
+    /// Free page reporting: a = bytes reported, b = blocks (of 2 MiB or more).
+    BalloonReported = 12,
+    /// Deflate on OOM: a = pages deflated, b = bytes of the allocation that
+    /// then verified right.
+    BalloonOomDeflated = 13,
+    /// The hostile workload fed its input: a = [`HostileMode`], b = 1 when
+    /// the device still answered afterwards.
+    BalloonHostileDone = 14,
+    /// The balloon driver could not start: a = step (1: no device, 2:
+    /// features refused, 3: no memory for queues), b = detail.
+    BalloonFailed = 15,
     /// A translation workload starts building its data: a = workload, b =
     /// units (nodes or words).
     TranslationBegin = 20,
@@ -124,6 +215,12 @@ pub enum Event {
     /// Copy-on-write: a = pages copied on a write fault, b = write faults
     /// that found the frame no longer shared and only restored write access.
     CowCopies = 37,
+    /// Paging with [`PAGING_MEASURE`]: a = nanoseconds one 4 KiB copy took
+    /// at ring 0 (`rep movsq`), b = through the swap device (one exit).
+    PagingCopyCost = 38,
+    /// Paging with [`PAGING_MEASURE`]: a = nanoseconds zeroing one 4 KiB
+    /// frame took at ring 0 (`rep stosq`), b = through the swap device.
+    PagingZeroCost = 39,
 }
 
 impl Event {
@@ -136,6 +233,12 @@ impl Event {
             Self::Checksum,
             Self::Mismatch,
             Self::KernelRegion,
+            Self::BalloonActual,
+            Self::BalloonVerified,
+            Self::BalloonReported,
+            Self::BalloonOomDeflated,
+            Self::BalloonHostileDone,
+            Self::BalloonFailed,
             Self::TranslationBegin,
             Self::TranslationTimed,
             Self::TranslationRep,
@@ -148,6 +251,8 @@ impl Event {
             Self::PagingCost,
             Self::CowChecked,
             Self::CowCopies,
+            Self::PagingCopyCost,
+            Self::PagingZeroCost,
         ]
         .into_iter()
         .find(|e| *e as u32 == raw)
@@ -206,6 +311,10 @@ mod tests {
         assert_eq!(WorkloadKind::from_raw(9), None);
         assert_eq!(Event::from_raw(5), Some(Event::KernelRegion));
         assert_eq!(Event::from_raw(0), None);
+        assert_eq!(WorkloadKind::from_raw(10), Some(WorkloadKind::Balloon));
+        assert_eq!(Event::from_raw(13), Some(Event::BalloonOomDeflated));
+        assert_eq!(HostileMode::from_raw(7), Some(HostileMode::QueueSizeNotPowerOfTwo));
+        assert_eq!(HostileMode::from_raw(0), None);
         assert_eq!(WorkloadKind::from_raw(20), Some(WorkloadKind::Translation));
         assert_eq!(Event::from_raw(22), Some(Event::TranslationRep));
         assert_eq!(WorkloadKind::from_raw(30), Some(WorkloadKind::Paging));

@@ -17,6 +17,7 @@ mod boot;
 mod bootinfo;
 mod console;
 mod cpu;
+mod drivers;
 mod frames;
 mod gdt;
 mod idt;

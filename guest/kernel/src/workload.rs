@@ -31,6 +31,8 @@ pub fn run(k: &mut Kernel, spec: &WorkloadSpec, tsc_khz: u64, kernel_regions: &[
     let p = spec.params;
     let (entry, buffer_pages, params) = match kind {
         WorkloadKind::None => return 0,
+        WorkloadKind::Balloon => return crate::drivers::balloon::run(k, p),
+        WorkloadKind::BalloonHostile => return crate::drivers::balloon_hostile::run(k, p[0]),
         WorkloadKind::Translation => return crate::translation::run(k, spec),
         WorkloadKind::Paging => return crate::vm::pager::run(k, spec, tsc_khz),
         WorkloadKind::Cow => return crate::vm::cow::run(k, spec),

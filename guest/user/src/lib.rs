@@ -13,6 +13,7 @@
 #![no_std]
 
 pub mod args;
+pub mod balloon;
 pub mod entry;
 pub mod paging;
 pub mod pattern;

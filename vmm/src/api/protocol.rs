@@ -32,6 +32,15 @@ pub enum Request {
         #[serde(default)]
         slot: Option<u32>,
     },
+    /// Set the balloon's target.
+    BalloonSet {
+        /// Target in bytes (a multiple of 4 KiB).
+        bytes: u64,
+    },
+    /// The balloon's state and metrics.
+    BalloonGet,
+    /// Fresh guest memory statistics from the balloon's stats queue.
+    BalloonStats,
     /// Take a snapshot into `dir` (the vCPU is stopped meanwhile).
     Snapshot {
         /// Full or diff.
@@ -96,6 +105,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     let allowed: &[&str] = match cmd {
         "dirty-log" => &["cmd", "on", "slot"],
         "snapshot" => &["cmd", "kind", "dir"],
+        "balloon-set" => &["cmd", "bytes"],
         "translate" => &["cmd", "gva", "map"],
         _ => &["cmd"],
     };
@@ -119,6 +129,14 @@ mod tests {
             parse_request("{\"cmd\":\"snapshot\",\"kind\":\"diff\",\"dir\":\"/tmp/s\"}"),
             Ok(Request::Snapshot { kind: crate::snapshot::format::SnapshotKind::Diff, dir: "/tmp/s".into() })
         );
+    }
+
+    #[test]
+    fn balloon_requests_parse() {
+        assert_eq!(parse_request("{\"cmd\":\"balloon-set\",\"bytes\":4096}"), Ok(Request::BalloonSet { bytes: 4096 }));
+        assert_eq!(parse_request("{\"cmd\":\"balloon-get\"}"), Ok(Request::BalloonGet));
+        assert!(parse_request("{\"cmd\":\"balloon-set\"}").is_err());
+        assert!(parse_request("{\"cmd\":\"balloon-stats\",\"bytes\":1}").is_err());
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub fn handle(request: &Request, control: &VmControl) -> Response {
             Response::ok(control.state())
         }
         Request::Snapshot { kind, dir } => snapshot(control, *kind, dir.clone()),
+        Request::BalloonSet { bytes } => answer(control, crate::devices::virtio::balloon::control::set(control, *bytes)),
+        Request::BalloonGet => answer(control, crate::devices::virtio::balloon::control::get(control)),
+        Request::BalloonStats => answer(control, crate::devices::virtio::balloon::control::stats(control)),
         Request::Translate { gva, map } => {
             let result = match (gva, map) {
                 (_, true) => control.call(Box::new(crate::translate::ready::map_job)),
@@ -95,6 +98,14 @@ pub fn handle(request: &Request, control: &VmControl) -> Response {
                 Err(e) => Response::error(e),
             }
         }
+    }
+}
+
+/// A job's result as a response.
+fn answer(control: &VmControl, result: crate::control::JobResult) -> Response {
+    match result {
+        Ok(data) => Response { data: Some(data), ..Response::ok(control.state()) },
+        Err(e) => Response::error(e),
     }
 }
 

@@ -147,6 +147,7 @@ fn measure_mode(mode: DirtyMode, mem: u64, fractions: &[f64], reps: usize) -> Re
         let mut ours = Vec::new();
         let mut logged_pass = Vec::new();
         let mut complete = true;
+        let mut h = crate::dirty::Harvest::default();
         for _ in 0..reps {
             logged_pass.push(w.pass(FIRST_DATA_PAGE, count as u32, stride)?.as_secs_f64() * 1e6);
             let t = Instant::now();
@@ -155,7 +156,7 @@ fn measure_mode(mode: DirtyMode, mem: u64, fractions: &[f64], reps: usize) -> Re
 
             logged_pass.push(w.pass(FIRST_DATA_PAGE, count as u32, stride)?.as_secs_f64() * 1e6);
             let t = Instant::now();
-            let h = w.tracker.harvest(w.vm.fd(), w.vm.ram())?;
+            w.tracker.harvest_into(w.vm.fd(), w.vm.ram(), &mut h)?;
             ours.push(t.elapsed().as_secs_f64() * 1e6 / gib);
             // The parameter page is a VMM write; the data pages are the guest's.
             complete &= ranges::pages_in(&h.guest) >= count || mode == DirtyMode::Ring;

@@ -1,6 +1,7 @@
 //! Benchmarks (`vmm bench ...`): one file per benchmark, plus the summary
 //! statistics they share.
 
+pub mod balloon;
 pub mod boot;
 pub mod dirty;
 pub mod page_writer;
@@ -11,6 +12,8 @@ pub mod translation;
 /// Which benchmark.
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
+    /// Balloon reclaim rate per backing against raw madvise/punch-hole, and re-fault time.
+    Balloon(balloon::BalloonArgs),
     /// Boot time and VMM memory overhead, over fresh processes.
     Boot(boot::BootArgs),
     /// Dirty-page harvest cost per mechanism, against the raw ioctls.
@@ -28,6 +31,7 @@ pub enum BenchCommand {
 /// Whatever the benchmark fails with.
 pub fn run(bench: BenchCommand) -> Result<u32, Box<dyn std::error::Error>> {
     match bench {
+        BenchCommand::Balloon(args) => Ok(balloon::run(&args)?),
         BenchCommand::Boot(args) => Ok(boot::run(&args)?),
         BenchCommand::Dirty(args) => Ok(dirty::run(&args)?),
         BenchCommand::Snapshot(args) => Ok(snapshot::run(&args)?),

@@ -1,11 +1,13 @@
 //! Emulated devices and the port-I/O and MMIO dispatch.
 //!
 //! The tiny guest needs only a UART, a debug-exit port and the message port
-//! of the ABI. Everything else a guest touches is logged once per address
+//! of the ABI; a VM started with `--balloon` also has a virtio-mmio balloon
+//! ([`virtio`]). Everything else a guest touches is logged once per address
 //! and answered with all-ones, as an empty ISA bus would; nothing a guest
 //! does here can stop the VMM.
 
 pub mod serial;
+pub mod virtio;
 pub mod swap;
 
 use std::collections::HashSet;
@@ -13,6 +15,10 @@ use std::collections::HashSet;
 use memvisor_abi::ports;
 
 use serial::SerialConsole;
+use virtio::balloon::Balloon;
+use virtio::mmio::MmioTransport;
+
+use crate::memory::GuestRam;
 
 /// What the run loop must do after an I/O exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +54,8 @@ pub struct DevicesState {
 #[derive(Debug)]
 pub struct Devices {
     serial: SerialConsole,
+    /// The balloon, when the VM has one.
+    pub balloon: Option<MmioTransport<Balloon>>,
     logged_ports: HashSet<u16>,
     logged_mmio: HashSet<u64>,
     unhandled: UnhandledStats,
@@ -66,6 +74,7 @@ impl Devices {
     pub fn new(console: Box<dyn std::io::Write + Send>) -> Self {
         Devices {
             serial: SerialConsole::new(console),
+            balloon: None,
             logged_ports: HashSet::new(),
             logged_mmio: HashSet::new(),
             unhandled: UnhandledStats::default(),
@@ -122,15 +131,29 @@ impl Devices {
         }
     }
 
-    /// An MMIO read nobody handles: all-ones.
+    /// An MMIO read: the balloon's window, else all-ones.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        if let Some(b) = self.balloon.as_mut().filter(|b| b.contains(addr)) {
+            b.read(addr, data);
+            return;
+        }
         self.unhandled_mmio(addr, "read");
         data.fill(0xff);
     }
 
-    /// An MMIO write nobody handles: dropped.
-    pub fn mmio_write(&mut self, addr: u64, _data: &[u8]) {
+    /// An MMIO write: the balloon's window, else dropped.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8], ram: &GuestRam) {
+        if let Some(b) = self.balloon.as_mut().filter(|b| b.contains(addr)) {
+            b.write(addr, data, ram);
+            return;
+        }
         self.unhandled_mmio(addr, "write");
+    }
+
+    /// Whether a device saw the guest poll with nothing to do since the
+    /// last call (the run loop then waits a little for host work).
+    pub fn take_idle_hint(&mut self) -> bool {
+        self.balloon.as_mut().is_some_and(MmioTransport::take_idle_hint)
     }
 
     /// Flushes the console.

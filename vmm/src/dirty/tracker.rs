@@ -71,9 +71,44 @@ struct SlotState {
     /// Whether KVM logs this slot's dirty pages.
     logging: bool,
     /// Ring mode: the pages set in `acc` since the last harvest, while they
-    /// are few (a sparse harvest then sorts these instead of scanning the
-    /// whole bitmap); `None` once there are too many to be worth it.
+    /// are few or arrive in ascending order (a harvest then turns this list
+    /// into ranges instead of scanning the whole bitmap); `None` once there
+    /// are too many to be worth it.
     ring_pages: Option<Vec<u64>>,
+    /// Ring mode: `ring_pages` is strictly ascending (no sort needed).
+    ring_sorted: bool,
+}
+
+impl SlotState {
+    /// Most unsorted entries kept in `ring_pages`: past one page per 64,
+    /// scanning the bitmap costs less than sorting.
+    fn unsorted_limit(&self) -> usize {
+        (self.info.pages / 64) as usize
+    }
+
+    /// Most ascending entries kept: one full ring's worth (KVM api.rst,
+    /// KVM_CAP_DIRTY_LOG_RING: 64 Ki 16-byte entries fill the 1 MiB ring
+    /// memvisor asks for), since a guest that writes memory in address
+    /// order fills the ring in that order, and walking a sorted list beats
+    /// scanning and re-clearing the bitmap.
+    fn sorted_limit(&self) -> usize {
+        self.unsorted_limit().max(65_536).min(self.info.pages as usize)
+    }
+
+    /// Notes page `offset` of this slot, already set in `acc`.
+    fn note_ring_page(&mut self, offset: u64) {
+        let (sorted_limit, unsorted_limit) = (self.sorted_limit(), self.unsorted_limit());
+        let Some(list) = self.ring_pages.as_mut() else { return };
+        if self.ring_sorted && list.last().is_some_and(|&last| last >= offset) {
+            self.ring_sorted = false;
+        }
+        let limit = if self.ring_sorted { sorted_limit } else { unsorted_limit };
+        if list.len() >= limit {
+            self.ring_pages = None;
+        } else {
+            list.push(offset);
+        }
+    }
 }
 
 /// The dirty tracker.
@@ -131,6 +166,7 @@ impl DirtyTracker {
                     kvm: vec![0; words],
                     acc: vec![0; words],
                     ring_pages: Some(Vec::new()),
+                    ring_sorted: true,
                     logging: false,
                 }
             })
@@ -278,38 +314,41 @@ impl DirtyTracker {
     /// # Errors
     /// [`DirtyError::Kvm`] from `KVM_RESET_DIRTY_RINGS`.
     pub fn collect_rings(&mut self, vm: &VmFd) -> Result<usize, DirtyError> {
-        self.scratch.clear();
+        let mut n = 0;
+        let mut bad = 0;
+        let slots = &mut self.slots;
+        // Entries come in runs from the same slot: remember the last one.
+        let mut last = 0usize;
         for r in &mut self.rings {
+            let got = r.drain(|slot, offset| {
+                // Address space 0 only; slot and offset come from KVM but
+                // are still checked before they index anything.
+                let hit = match slots.get(last) {
+                    Some(s) if s.info.slot == slot => Some(last),
+                    _ => slots.iter().position(|s| s.info.slot == slot),
+                };
+                match hit.filter(|_| slot >> 16 == 0) {
+                    Some(i) if offset < slots[i].info.pages => {
+                        last = i;
+                        let s = &mut slots[i];
+                        s.acc[(offset / 64) as usize] |= 1 << (offset % 64);
+                        s.note_ring_page(offset);
+                    }
+                    _ => bad += 1,
+                }
+            });
             // KVM exits with KVM_EXIT_DIRTY_RING_FULL while some reserved
             // entries are still free, so a correct ring is never found
             // completely full. A full one means KVM kept pushing past the
             // soft limit (seen on the PVM flavour, whose instruction
             // emulator dirties many pages between two checks) and may have
             // overwritten entries: lose nothing by reporting every page.
-            if r.harvest(&mut self.scratch) >= r.entries() as usize {
+            if got >= r.entries() as usize {
                 self.ring_overflowed = true;
             }
+            n += got;
         }
-        for e in &self.scratch {
-            // Address space 0 only; slot and offset come from KVM but are
-            // still checked before they index anything.
-            let slot_id = e.slot & 0xffff;
-            match self.slots.iter_mut().find(|s| s.info.slot == slot_id && e.slot >> 16 == 0) {
-                Some(s) if e.offset < s.info.pages => {
-                    s.acc[(e.offset / 64) as usize] |= 1 << (e.offset % 64);
-                    // Past one page per 64 the bitmap scan is as cheap.
-                    if let Some(list) = s.ring_pages.as_mut() {
-                        if list.len() as u64 >= s.info.pages / 64 {
-                            s.ring_pages = None;
-                        } else {
-                            list.push(e.offset);
-                        }
-                    }
-                }
-                _ => self.bad_ring_entries += 1,
-            }
-        }
-        let n = self.scratch.len();
+        self.bad_ring_entries += bad;
         if n > 0 {
             log::reset_rings(vm)?;
         }
@@ -352,6 +391,31 @@ impl DirtyTracker {
     /// # Errors
     /// [`DirtyError`] when KVM refuses.
     pub fn harvest(&mut self, vm: &VmFd, ram: &GuestRam) -> Result<Harvest, DirtyError> {
+        let mut out = Harvest::default();
+        self.harvest_into(vm, ram, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`harvest`](Self::harvest) into `out`, replacing its contents but
+    /// keeping its buffers: a caller that harvests in a loop (rounds,
+    /// migration passes, `vmm bench dirty`) allocates nothing per harvest.
+    ///
+    /// # Errors
+    /// [`DirtyError`] when KVM refuses; `out` then holds no pages.
+    pub fn harvest_into(&mut self, vm: &VmFd, ram: &GuestRam, out: &mut Harvest) -> Result<(), DirtyError> {
+        let result = self.fill_harvest(vm, ram, out);
+        if result.is_err() {
+            out.guest.clear();
+            out.vmm.clear();
+            out.union.clear();
+        }
+        result
+    }
+
+    fn fill_harvest(&mut self, vm: &VmFd, ram: &GuestRam, out: &mut Harvest) -> Result<(), DirtyError> {
+        out.guest.clear();
+        out.vmm.clear();
+        out.union.clear();
         self.generation += 1;
         match self.mode {
             DirtyMode::Ring => {
@@ -382,58 +446,104 @@ impl DirtyTracker {
                 }
             }
         }
-        let vmm_bitmaps = vmm_writes::take(ram);
-        let mut out = Harvest { bad_ring_entries: std::mem::take(&mut self.bad_ring_entries), ring_overflowed, ..Default::default() };
-        let any_vmm = vmm_bitmaps.iter().any(Option::is_some);
-        for (s, vmm_bm) in self.slots.iter_mut().zip(vmm_bitmaps) {
-            // Ring mode with few entries: sort them rather than scan the
-            // bitmap, and clear just their bits afterwards.
+        let vmm_writes = vmm_writes::take(ram);
+        out.bad_ring_entries = std::mem::take(&mut self.bad_ring_entries);
+        out.ring_overflowed = ring_overflowed;
+        let any_vmm = vmm_writes.iter().any(Option::is_some);
+        for (s, vmm_words) in self.slots.iter_mut().zip(vmm_writes) {
+            // Ring mode with few or ascending entries: use the list rather
+            // than scan the bitmap, and clear just their bits afterwards.
             let mut sparse = if self.mode == DirtyMode::Ring && !ring_overflowed { s.ring_pages.take() } else { None };
-            let guest = match sparse.as_mut() {
+            let start = out.guest.len();
+            match sparse.as_mut() {
                 Some(list) => {
-                    list.sort_unstable();
-                    list.dedup();
-                    ranges::pages_to_ranges(list, s.info.first_pfn)
+                    if !s.ring_sorted {
+                        list.sort_unstable();
+                        list.dedup();
+                    }
+                    ranges::pages_to_ranges_into(list, s.info.first_pfn, &mut out.guest);
                 }
-                None => ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn),
-            };
+                None => ranges::bitmap_to_ranges_into(&s.acc, s.info.first_pfn, &mut out.guest),
+            }
+            let guest = &out.guest[start..];
             if self.mode == DirtyMode::Clear && s.logging && !guest.is_empty() && !ring_overflowed {
                 // Re-protect exactly what was harvested (KVM reads the
                 // bitmap and leaves it as it is).
                 log::clear(vm, s.info.slot, 0, s.info.pages as u32, &mut s.acc)?;
             }
-            let vmm_merged = vmm_bm.is_some();
-            match vmm_bm {
-                None if any_vmm => out.union.extend_from_slice(&guest),
+            // The VMM's writes are merged as ranges (linear in the number
+            // of runs), never through a second pass over the slot bitmap.
+            match vmm_words {
+                None if any_vmm => out.union.extend_from_slice(guest),
                 None => {}
-                Some(vmm_bm) => {
-                    out.vmm.extend(ranges::bitmap_to_ranges(&vmm_bm, s.info.first_pfn));
-                    ranges::merge_into(&mut s.acc, &vmm_bm);
-                    out.union.extend(ranges::bitmap_to_ranges(&s.acc, s.info.first_pfn));
+                Some(words) => {
+                    let v = out.vmm.len();
+                    ranges::sparse_words_to_ranges_into(&words, s.info.first_pfn, &mut out.vmm);
+                    ranges::union_into(guest, &out.vmm[v..], &mut out.union);
                 }
-            }
-            if out.guest.is_empty() {
-                out.guest = guest;
-            } else {
-                out.guest.extend(guest);
             }
             // KVM_GET_DIRTY_LOG overwrites the whole bitmap; only the ring
             // accumulates into it between harvests.
             if self.mode == DirtyMode::Ring {
-                match (sparse, vmm_merged) {
-                    (Some(mut list), false) => {
+                match sparse {
+                    Some(mut list) => {
                         for p in list.drain(..) {
                             s.acc[(p / 64) as usize] = 0;
                         }
                         s.ring_pages = Some(list);
                     }
-                    _ => {
+                    None => {
                         s.acc.fill(0);
                         s.ring_pages = Some(Vec::new());
                     }
                 }
+                s.ring_sorted = true;
             }
         }
-        Ok(out)
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(pages: u64) -> SlotState {
+        SlotState { info: SlotInfo { slot: 0, first_pfn: 0, pages }, kvm: Vec::new(), acc: Vec::new(), logging: true, ring_pages: Some(Vec::new()), ring_sorted: true }
+    }
+
+    #[test]
+    fn ascending_ring_pages_are_kept_up_to_a_full_ring() {
+        let mut s = slot(1 << 18);
+        for p in 0..65_536 {
+            s.note_ring_page(p * 4);
+        }
+        assert!(s.ring_sorted);
+        assert_eq!(s.ring_pages.as_ref().map(Vec::len), Some(65_536));
+        s.note_ring_page((1 << 18) - 1);
+        assert!(s.ring_pages.is_none(), "past a full ring the bitmap takes over");
+    }
+
+    #[test]
+    fn unordered_ring_pages_fall_back_to_the_bitmap_past_one_in_64() {
+        let mut s = slot(64 * 100);
+        s.note_ring_page(10);
+        s.note_ring_page(5);
+        assert!(!s.ring_sorted, "a step back clears the sorted flag");
+        s.note_ring_page(5);
+        for p in 0..97 {
+            s.note_ring_page(p);
+        }
+        assert_eq!(s.ring_pages.as_ref().map(Vec::len), Some(100));
+        s.note_ring_page(200);
+        assert!(s.ring_pages.is_none());
+    }
+
+    #[test]
+    fn a_repeated_page_is_not_ascending() {
+        let mut s = slot(1 << 20);
+        s.note_ring_page(7);
+        s.note_ring_page(7);
+        assert!(!s.ring_sorted, "duplicates need the sort-and-dedup path");
     }
 }

@@ -80,6 +80,9 @@ pub enum SnapshotError {
     /// A diff without a previous snapshot.
     #[error("no previous snapshot of this VM to take a diff against; take a full snapshot first")]
     NoBase,
+    /// The VM has something snapshots cannot save yet.
+    #[error("{0}")]
+    Unsupported(String),
     /// Dirty tracking failed.
     #[error(transparent)]
     Dirty(#[from] DirtyError),

@@ -45,6 +45,8 @@ pub const MAX_PAGES: u64 = 512;
 const COW: u64 = 1 << 9;
 /// Exit status when the workload cannot be set up.
 const EXIT_BAD_WORKLOAD: u32 = 4;
+/// Exit status when a task was killed by a fault.
+const EXIT_KILLED: u32 = 5;
 
 /// One task of the pair.
 #[derive(Clone, Copy)]
@@ -132,7 +134,11 @@ impl Cow {
         };
         // SAFETY: as above.
         unsafe { pte.write_volatile(new) };
-        invlpg(REGION_BASE + p * PAGE_SIZE);
+        if kind == FaultKind::CopyOnWrite {
+            // The read-only translation may be cached; a not-present one
+            // never is (SDM Vol. 3A §4.10.2).
+            invlpg(REGION_BASE + p * PAGE_SIZE);
+        }
         true
     }
 
@@ -236,7 +242,7 @@ pub fn run(k: &mut Kernel, spec: &WorkloadSpec) -> u32 {
     }
     match run_tasks(k, pages) {
         Ok(TaskExit::Exited(s)) => u32::try_from(s).unwrap_or(u32::MAX),
-        Ok(TaskExit::Faulted(_)) => EXIT_BAD_WORKLOAD + 1,
+        Ok(TaskExit::Faulted(_)) => EXIT_KILLED,
         Err(_) => {
             crate::println!("guest: cannot set up the cow workload ({} pages)", Dec(pages));
             EXIT_BAD_WORKLOAD

@@ -18,7 +18,7 @@
 use memvisor_abi::layout::PAGE_SIZE;
 use memvisor_abi::msg::Report;
 use memvisor_abi::paging::{Policy, SwapOp};
-use memvisor_abi::workload::{Event, PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, WorkloadSpec};
+use memvisor_abi::workload::{Event, PAGING_MEASURE, PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, WorkloadSpec};
 use memvisor_guest_mm::fault::{FaultKind, PageInfo, classify};
 use memvisor_guest_mm::paging::{MapError, PageSize, PageTableEntry as Pte, VirtAddr};
 use memvisor_guest_mm::replace::Replacer;
@@ -200,7 +200,10 @@ pub fn run(k: &mut Kernel, spec: &WorkloadSpec, tsc_khz: u64) -> u32 {
         crate::println!("guest: paging needs 1..={} frames and 1..={} pages", Dec(MAX_FRAMES), Dec(MAX_PAGES));
         return EXIT_BAD_WORKLOAD;
     }
-    let probe = spec.flags;
+    if spec.flags & PAGING_MEASURE != 0 {
+        measure_copies(k, tsc_khz);
+    }
+    let probe = spec.flags & (PAGING_PROBE_READ_ONLY | PAGING_PROBE_WILD);
     let params = [p[0], p[1], p[2], p[3], p[4], p[5], p[6], u64::from(probe)];
     let exit = match run_task(k, policy, frames, pages, params, tsc_khz) {
         Ok(e) => e,
@@ -216,6 +219,33 @@ pub fn run(k: &mut Kernel, spec: &WorkloadSpec, tsc_khz: u64) -> u32 {
             if asked { 0 } else { EXIT_KILLED }
         }
     }
+}
+
+/// Times one 4 KiB copy and one zeroing at ring 0 and through the swap
+/// device, between two page-table-pool frames (identity-mapped, so ring 0
+/// reaches them whatever the direct map's leaf size), and reports them.
+fn measure_copies(k: &mut Kernel, tsc_khz: u64) {
+    use memvisor_guest_mm::paging::FrameSource;
+    let mark = k.mapper.frames.mark();
+    if let (Some(a), Some(b)) = (k.mapper.frames.alloc_table(), k.mapper.frames.alloc_table()) {
+        let (a, b) = (a.as_u64(), b.as_u64());
+        let ns = |ticks: u64| (ticks * 1_000_000).checked_div(tsc_khz).unwrap_or(0);
+        let t0 = rdtsc();
+        // SAFETY: two distinct pool frames, identity-mapped RW at ring 0,
+        // used for nothing else until they go back to the pool below.
+        unsafe { core::ptr::copy_nonoverlapping(a as *const u8, b as *mut u8, PAGE_SIZE as usize) };
+        let t1 = rdtsc();
+        let _ = swapdev::request(SwapOp::Copy, b, a);
+        let t2 = rdtsc();
+        // SAFETY: as above.
+        unsafe { core::ptr::write_bytes(b as *mut u8, 0, PAGE_SIZE as usize) };
+        let t3 = rdtsc();
+        let _ = swapdev::request(SwapOp::Zero, a, 0);
+        let t4 = rdtsc();
+        crate::report::send(&Report::Workload { event: Event::PagingCopyCost, a: ns(t1 - t0), b: ns(t2 - t1) });
+        crate::report::send(&Report::Workload { event: Event::PagingZeroCost, a: ns(t3 - t2), b: ns(t4 - t3) });
+    }
+    k.mapper.frames.release_to(mark);
 }
 
 fn order_of(pages: u64) -> usize {

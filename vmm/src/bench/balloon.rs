@@ -1,0 +1,236 @@
+//! `vmm bench balloon`: how fast memory given back through the balloon
+//! really leaves the VMM, against the raw system call in the same run.
+//!
+//! Per backing (anon, memfd, and hugetlb-2m when the host has the pages
+//! reserved; the bench never changes host knobs):
+//! - **raw**: map `--mem` of that backing in this process, write every page,
+//!   and time one release of `--size` bytes with the same call the device
+//!   uses (`MADV_DONTNEED` or `fallocate(PUNCH_HOLE)`): bytes per second.
+//! - **end to end**: start a VM (this binary, `vmm run --balloon 0
+//!   --workload balloon`) whose self-test touches all its RAM, then time
+//!   from sending `balloon set SIZE` on the control socket until the
+//!   device reports `SIZE` bytes reclaimed (released to the host): this is
+//!   the guest noticing the new target, allocating, filling PFN arrays,
+//!   the device checking every PFN and the system calls. The ratio to raw
+//!   is the figure of merit (the target is ≥ 0.8).
+//! - **re-fault**: time from `balloon set 0` until the guest has deflated,
+//!   written and verified every page again (each first write faults a
+//!   fresh host page in), per 4 KiB page.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::api::client;
+use crate::api::protocol::Request;
+use crate::config::{Backing, VmConfig, format_size, parse_size};
+use crate::devices::virtio::balloon::reclaim;
+use crate::memory::GuestRam;
+
+/// Arguments.
+#[derive(Debug, clap::Args)]
+pub struct BalloonArgs {
+    /// Guest memory per VM.
+    #[arg(long, default_value = "1G")]
+    pub mem: String,
+    /// How much to inflate.
+    #[arg(long, default_value = "512M")]
+    pub size: String,
+    /// Runs per backing (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// A subset in well under a minute: 512M guests, 256M inflates, one run.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Errors of the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BalloonBenchError {
+    /// A size that does not parse.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Guest memory for the raw measurement.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// The VM did something unexpected.
+    #[error("{0}")]
+    Vm(String),
+}
+
+/// One backing's figures (medians over the runs).
+#[derive(Debug, Clone, Serialize)]
+pub struct BackingResult {
+    /// The backing.
+    pub backing: Backing,
+    /// Raw release throughput, GiB/s.
+    pub raw_gib_s: f64,
+    /// End-to-end reclaim rate (target set → reclaimed), GiB/s.
+    pub end_to_end_gib_s: f64,
+    /// end_to_end / raw.
+    pub ratio: f64,
+    /// The device's own release calls, GiB/s (time in the system calls only).
+    pub device_syscall_gib_s: f64,
+    /// Milliseconds from `balloon set SIZE` to reclaimed.
+    pub inflate_ms: f64,
+    /// Microseconds per 4 KiB page to deflate, re-fault, write and verify.
+    pub refault_us_per_page: f64,
+    /// Runs measured.
+    pub runs: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// One raw release of `size` bytes of a freshly written `mem` mapping.
+fn raw_once(backing: Backing, mem: u64, size: u64) -> Result<f64, BalloonBenchError> {
+    let config = VmConfig { mem_size: mem, backing, prefault: true, ..VmConfig::default() };
+    let ram = GuestRam::new(&config)?;
+    let m = &ram.regions()[0].mapping;
+    // SAFETY: writing our own fresh mapping (touches every page, as the
+    // guest's self-test does).
+    unsafe { m.as_ptr().write_bytes(0x5a, m.size()) };
+    let t = Instant::now();
+    let r = reclaim::release(&ram, 0, size);
+    let secs = t.elapsed().as_secs_f64();
+    if r.errors > 0 || r.bytes != size {
+        return Err(BalloonBenchError::Vm(format!("raw release of {size} bytes released {} with {} errors", r.bytes, r.errors)));
+    }
+    Ok(size as f64 / GIB / secs)
+}
+
+fn request(socket: &Path, r: &Request) -> Result<serde_json::Value, BalloonBenchError> {
+    let resp = client::send(socket, r).map_err(|e| BalloonBenchError::Vm(crate::error_chain(&e)))?;
+    if !resp.ok {
+        return Err(BalloonBenchError::Vm(resp.error.unwrap_or_default()));
+    }
+    Ok(resp.data.unwrap_or_default())
+}
+
+fn wait_balloon(socket: &Path, timeout: Duration, done: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value, BalloonBenchError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(v) = request(socket, &Request::BalloonGet) {
+            if done(&v) {
+                return Ok(v);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(BalloonBenchError::Vm(format!("the balloon did not get there within {timeout:?}")));
+        }
+        // Each poll is a job on the vCPU thread (it kicks the guest out of
+        // KVM_RUN): once a millisecond keeps that cost small.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// One VM: (inflate seconds, device syscall GiB/s, re-fault µs per page).
+fn vm_once(backing: Backing, mem: u64, size: u64, dir: &Path) -> Result<(f64, f64, f64), BalloonBenchError> {
+    let socket = dir.join(format!("balloon-bench-{}.sock", std::process::id()));
+    let exe = std::env::current_exe().map_err(|e| BalloonBenchError::Vm(format!("cannot find this binary: {e}")))?;
+    let mut child = Command::new(exe)
+        .args(["run", "--json", "--mem", &mem.to_string(), "--backing", backing.as_str(), "--balloon", "0", "--workload", "balloon:rounds=1", "--api-socket"])
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| BalloonBenchError::Vm(format!("cannot start the VM: {e}")))?;
+    let result = (|| {
+        wait_balloon(&socket, Duration::from_secs(120), |v| v["driver_ok"] == serde_json::Value::Bool(true))?;
+        // Let the guest settle into its polling loop.
+        std::thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        request(&socket, &Request::BalloonSet { bytes: size })?;
+        let v = wait_balloon(&socket, Duration::from_secs(120), |v| v["reclaimed_bytes"].as_u64() >= Some(size))?;
+        let inflate = t.elapsed().as_secs_f64();
+        let m = &v["metrics"];
+        let ns = m["release_ns"].as_f64().unwrap_or(f64::NAN);
+        let syscall = m["released_bytes"].as_f64().unwrap_or(0.0) / GIB / (ns / 1e9);
+        let t = Instant::now();
+        request(&socket, &Request::BalloonSet { bytes: 0 })?;
+        wait_balloon(&socket, Duration::from_secs(120), |v| v["actual_bytes"].as_u64() == Some(0))?;
+        let refault = t.elapsed().as_secs_f64() * 1e6 / (size / 4096) as f64;
+        Ok((inflate, syscall, refault))
+    })();
+    let _ = request(&socket, &Request::Shutdown);
+    let _ = child.wait();
+    result
+}
+
+/// Runs the benchmark; prints the table (or JSON).
+///
+/// # Errors
+/// [`BalloonBenchError`].
+pub fn run(args: &BalloonArgs) -> Result<u32, BalloonBenchError> {
+    let (mem, size, runs) = if args.quick { (512 << 20, 256 << 20, 1) } else { (parse_size(&args.mem)?, parse_size(&args.size)?, args.runs.max(1)) };
+    let dir = std::env::temp_dir();
+    let mut results = Vec::new();
+    let mut skipped = Vec::new();
+    for backing in [Backing::Anon, Backing::Memfd, Backing::Hugetlb2M] {
+        if let Some(page) = backing.hugetlb_page_size() {
+            // The raw mapping and the VM each need `mem` of pages.
+            let (free, _) = crate::memory::hugetlb_available(page);
+            if free * page < mem {
+                skipped.push(format!("{backing}: {} of free hugetlb pages needed, {} free", format_size(mem), format_size(free * page)));
+                continue;
+            }
+        }
+        let mut raw = Vec::new();
+        let mut e2e = Vec::new();
+        let mut sys = Vec::new();
+        let mut refault = Vec::new();
+        let mut inflate_ms = Vec::new();
+        for _ in 0..runs {
+            raw.push(raw_once(backing, mem, size)?);
+            let (secs, syscall, re) = vm_once(backing, mem, size, &dir)?;
+            e2e.push(size as f64 / GIB / secs);
+            inflate_ms.push(secs * 1e3);
+            sys.push(syscall);
+            refault.push(re);
+        }
+        let (raw, e2e) = (median(raw), median(e2e));
+        results.push(BackingResult {
+            backing,
+            raw_gib_s: raw,
+            end_to_end_gib_s: e2e,
+            ratio: e2e / raw,
+            device_syscall_gib_s: median(sys),
+            inflate_ms: median(inflate_ms),
+            refault_us_per_page: median(refault),
+            runs,
+        });
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "mem": mem, "size": size, "results": results, "skipped": skipped }));
+        return Ok(0);
+    }
+    println!("balloon reclaim: {} inflated in a {} guest that touched all its RAM; medians of {runs} run(s)", format_size(size), format_size(mem));
+    println!("{:<11} {:>12} {:>14} {:>7} {:>14} {:>11} {:>16}", "backing", "raw GiB/s", "end-to-end", "ratio", "device calls", "inflate ms", "re-fault µs/page");
+    for r in &results {
+        println!(
+            "{:<11} {:>12.2} {:>14.2} {:>7.2} {:>14.2} {:>11.1} {:>16.2}",
+            r.backing.as_str(),
+            r.raw_gib_s,
+            r.end_to_end_gib_s,
+            r.ratio,
+            r.device_syscall_gib_s,
+            r.inflate_ms,
+            r.refault_us_per_page
+        );
+    }
+    for s in &skipped {
+        println!("skipped {s}");
+    }
+    Ok(0)
+}
+

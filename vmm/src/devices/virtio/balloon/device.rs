@@ -1,0 +1,407 @@
+//! The virtio-balloon device (virtio 1.2 §5.5) behind the MMIO transport.
+//!
+//! Queues, in index order among those whose feature was negotiated (as
+//! Linux's driver numbers them): inflate, deflate, stats
+//! (`VIRTIO_BALLOON_F_STATS_VQ`), free page reporting
+//! (`VIRTIO_BALLOON_F_REPORTING`). Inflate and deflate buffers are arrays
+//! of 32-bit PFNs (4 KiB frames); every PFN is checked against guest RAM
+//! and the balloon's page set ([`super::pages`]) before anything happens,
+//! and host memory is released through [`super::reclaim`] only for whole
+//! host pages. `VIRTIO_BALLOON_F_DEFLATE_ON_OOM` needs nothing from the
+//! device: the driver may deflate below the target, which is always honoured.
+
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
+
+use memvisor_abi::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
+use memvisor_abi::virtio::{CONFIG_ACTUAL, CONFIG_NUM_PAGES, CONFIG_SIZE, DEVICE_ID_BALLOON, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ, F_VERSION_1};
+
+use super::metrics::{BalloonMetrics, bump};
+use super::pages::{BalloonPages, Inflated, PAGE, PageReject, inner_units, runs};
+use super::reclaim;
+use super::stats::{GuestStats, MAX_ENTRIES};
+use crate::devices::virtio::{TransportReject, VirtioDevice};
+use crate::memory::{GuestMemory, GuestRam};
+
+/// Size of every balloon queue (a power of two; virtio 1.2 §2.7).
+pub const QUEUE_SIZE: u16 = 256;
+/// PFNs read from guest memory per step (bounds the VMM's buffer whatever
+/// length a descriptor claims).
+const PFN_CHUNK: usize = 4096;
+
+/// What a queue is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Inflate,
+    Deflate,
+    Stats,
+    Reporting,
+}
+
+/// The balloon's state as `balloon get` and the run report show it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BalloonInfo {
+    /// The host's target, bytes.
+    pub target_bytes: u64,
+    /// What the driver says it holds (`actual`), bytes.
+    pub actual_bytes: u64,
+    /// Pages the device holds in the balloon, bytes.
+    pub balloon_bytes: u64,
+    /// Of those, bytes whose host pages are released.
+    pub reclaimed_bytes: u64,
+    /// Of those, bytes waiting for the rest of their huge host page.
+    pub pending_bytes: u64,
+    /// The host page size releases are made in.
+    pub host_page_bytes: u64,
+    /// Whether the driver finished its set-up (`DRIVER_OK`).
+    pub driver_ok: bool,
+    /// Features the driver accepted.
+    pub features: u64,
+    /// Counters.
+    pub metrics: BalloonMetrics,
+}
+
+/// The balloon device.
+#[derive(Debug)]
+pub struct Balloon {
+    acked: u64,
+    target_pages: u32,
+    actual_pages: u32,
+    pages: BalloonPages,
+    host_page: u64,
+    /// Metrics (read by the transport's owner).
+    pub metrics: BalloonMetrics,
+    stats: Option<GuestStats>,
+    /// The stats buffer the device holds until it wants fresh numbers.
+    stats_head: Option<u16>,
+    stats_requested: bool,
+    driver_ok: bool,
+}
+
+impl Balloon {
+    /// A balloon for `ram` with an initial target of `target_bytes`.
+    #[must_use]
+    pub fn new(ram: &GuestRam, target_bytes: u64) -> Self {
+        let host_page = reclaim::host_page_size(ram);
+        Balloon {
+            acked: 0,
+            target_pages: u32::try_from(target_bytes / PAGE).unwrap_or(u32::MAX),
+            actual_pages: 0,
+            pages: BalloonPages::new(ram.size(), host_page),
+            host_page,
+            metrics: BalloonMetrics::default(),
+            stats: None,
+            stats_head: None,
+            stats_requested: false,
+            driver_ok: false,
+        }
+    }
+
+    /// Sets the target; returns whether it changed (the transport then
+    /// raises a configuration-change interrupt).
+    pub fn set_target(&mut self, bytes: u64) -> bool {
+        let pages = u32::try_from(bytes / PAGE).unwrap_or(u32::MAX);
+        let changed = pages != self.target_pages;
+        self.target_pages = pages;
+        changed
+    }
+
+    /// The current state.
+    #[must_use]
+    pub fn info(&self) -> BalloonInfo {
+        BalloonInfo {
+            target_bytes: u64::from(self.target_pages) * PAGE,
+            actual_bytes: u64::from(self.actual_pages) * PAGE,
+            balloon_bytes: self.pages.pages() * PAGE,
+            reclaimed_bytes: self.pages.released_pages() * PAGE,
+            pending_bytes: self.pages.pending_pages() * PAGE,
+            host_page_bytes: self.host_page,
+            driver_ok: self.driver_ok,
+            features: self.acked,
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// The guest's last statistics.
+    #[must_use]
+    pub fn stats(&self) -> Option<&GuestStats> {
+        self.stats.as_ref()
+    }
+
+    /// Asks the driver for fresh statistics (its buffer is handed back at
+    /// the next [`VirtioDevice::pending_used`]); false when there is no
+    /// stats queue or buffer.
+    pub fn request_stats(&mut self) -> bool {
+        if self.acked & F_STATS_VQ == 0 || self.stats_head.is_none() {
+            return false;
+        }
+        self.stats_requested = true;
+        true
+    }
+
+    fn roles(&self) -> Vec<Role> {
+        let mut r = vec![Role::Inflate, Role::Deflate];
+        if self.acked & F_STATS_VQ != 0 {
+            r.push(Role::Stats);
+        }
+        if self.acked & F_REPORTING != 0 {
+            r.push(Role::Reporting);
+        }
+        r
+    }
+
+    /// The chain's descriptors, or `None` (counted) for a chain that loops,
+    /// runs past the table or names memory outside guest RAM.
+    fn descriptors(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> Option<Vec<Descriptor>> {
+        let mut out = Vec::new();
+        let mut unfinished = false;
+        for d in chain {
+            unfinished = d.has_next();
+            out.push(d);
+        }
+        if unfinished || out.is_empty() {
+            bump(&mut self.metrics.chain_too_long);
+            return None;
+        }
+        for d in &out {
+            let len = u64::from(d.len());
+            if len == 0 || d.addr().0.checked_add(len).is_none() || !mem.check_range(d.addr(), len as usize, vm_memory::Permissions::Read) {
+                bump(&mut self.metrics.descriptor_outside_ram);
+                return None;
+            }
+        }
+        Some(out)
+    }
+
+    /// The RAM page of a guest PFN, counting a refusal.
+    fn ram_page(&mut self, pfn: u32, ram: &GuestRam) -> Option<u64> {
+        let gpa = u64::from(pfn) << memvisor_abi::virtio::BALLOON_PAGE_SHIFT;
+        match ram.ram_offset_of(gpa) {
+            Some(off) => Some(off / PAGE),
+            None if (MMIO_HOLE_START..MMIO_HOLE_END).contains(&gpa) => {
+                bump(&mut self.metrics.pfn_in_hole);
+                None
+            }
+            None => {
+                bump(&mut self.metrics.pfn_outside_ram);
+                None
+            }
+        }
+    }
+
+    /// Reads the PFN arrays of `descs` and applies `f` to each PFN.
+    fn for_each_pfn(&mut self, descs: &[Descriptor], mem: &GuestMemory, mut f: impl FnMut(&mut Self, u32)) {
+        let mut buf = vec![0u8; PFN_CHUNK * 4];
+        for d in descs {
+            if d.is_write_only() || d.len() % 4 != 0 {
+                bump(&mut self.metrics.descriptor_malformed);
+                continue;
+            }
+            let mut done = 0u64;
+            let len = u64::from(d.len());
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                if mem.read_slice(&mut buf[..n], GuestAddress(d.addr().0 + done)).is_err() {
+                    bump(&mut self.metrics.descriptor_outside_ram);
+                    break;
+                }
+                for c in buf[..n].chunks_exact(4) {
+                    f(self, u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                }
+                done += n as u64;
+            }
+        }
+    }
+
+    fn inflate(&mut self, descs: &[Descriptor], ram: &GuestRam) {
+        let mut release = Vec::new();
+        self.for_each_pfn(descs, ram.memory(), |b, pfn| {
+            let Some(page) = b.ram_page(pfn, ram) else { return };
+            match b.pages.inflate(page) {
+                Ok(Inflated::Release(host)) => {
+                    bump(&mut b.metrics.inflated_pages);
+                    release.push(host);
+                }
+                Ok(Inflated::Pending) => {
+                    bump(&mut b.metrics.inflated_pages);
+                    bump(&mut b.metrics.partial_host_page_pieces);
+                }
+                Err(PageReject::Duplicate) => bump(&mut b.metrics.duplicate_pfn),
+                Err(_) => bump(&mut b.metrics.pfn_outside_ram),
+            }
+        });
+        for (first, count) in runs(&mut release) {
+            self.release(ram, first * self.host_page, count * self.host_page, false);
+        }
+    }
+
+    fn deflate(&mut self, descs: &[Descriptor], ram: &GuestRam) {
+        self.for_each_pfn(descs, ram.memory(), |b, pfn| {
+            let Some(page) = b.ram_page(pfn, ram) else { return };
+            match b.pages.deflate(page) {
+                Ok(()) => bump(&mut b.metrics.deflated_pages),
+                Err(_) => bump(&mut b.metrics.deflate_not_in_balloon),
+            }
+        });
+    }
+
+    fn report(&mut self, descs: &[Descriptor], ram: &GuestRam) {
+        for d in descs {
+            let (gpa, len) = (d.addr().0, u64::from(d.len()));
+            // One RAM region, so RAM offsets are contiguous over the range.
+            let (Some(first), Some(last)) = (ram.ram_offset_of(gpa), ram.ram_offset_of(gpa + len - 1)) else {
+                bump(&mut self.metrics.descriptor_outside_ram);
+                continue;
+            };
+            if last - first != len - 1 {
+                bump(&mut self.metrics.descriptor_outside_ram);
+                continue;
+            }
+            self.metrics.reported_bytes = self.metrics.reported_bytes.saturating_add(len);
+            if let Some((unit, count)) = inner_units(first, len, self.host_page) {
+                self.release(ram, unit * self.host_page, count * self.host_page, true);
+            }
+        }
+    }
+
+    fn take_stats(&mut self, descs: &[Descriptor], mem: &GuestMemory) {
+        let Some(d) = descs.first() else { return };
+        let n = (d.len() as usize).min(MAX_ENTRIES * memvisor_abi::virtio::stat::ENTRY_SIZE);
+        let mut buf = vec![0u8; n];
+        if mem.read_slice(&mut buf, d.addr()).is_ok() {
+            self.stats = Some(GuestStats::parse(&buf));
+            bump(&mut self.metrics.stats_updates);
+        }
+    }
+
+    fn release(&mut self, ram: &GuestRam, start: u64, len: u64, reported: bool) {
+        let r = reclaim::release(ram, start, len);
+        let m = &mut self.metrics;
+        m.released_bytes = m.released_bytes.saturating_add(r.bytes);
+        if reported {
+            m.reported_released_bytes = m.reported_released_bytes.saturating_add(r.bytes);
+        }
+        m.release_calls = m.release_calls.saturating_add(r.calls);
+        m.release_errors = m.release_errors.saturating_add(r.errors);
+        m.release_ns = m.release_ns.saturating_add(r.ns);
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn device_id(&self) -> u32 {
+        DEVICE_ID_BALLOON
+    }
+
+    fn features(&self) -> u64 {
+        F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_REPORTING
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.features();
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; self.roles().len()]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut space = [0u8; CONFIG_SIZE as usize];
+        space[CONFIG_NUM_PAGES as usize..][..4].copy_from_slice(&self.target_pages.to_le_bytes());
+        space[CONFIG_ACTUAL as usize..][..4].copy_from_slice(&self.actual_pages.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| space.get(o)).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `actual` is driver-writable (§5.5.4).
+        let mut actual = self.actual_pages.to_le_bytes();
+        for (i, b) in data.iter().enumerate() {
+            let o = offset.saturating_add(i as u64);
+            if (CONFIG_ACTUAL..CONFIG_ACTUAL + 4).contains(&o) {
+                actual[(o - CONFIG_ACTUAL) as usize] = *b;
+            }
+        }
+        self.actual_pages = u32::from_le_bytes(actual);
+    }
+
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, ram: &GuestRam) -> bool {
+        let Some(&role) = self.roles().get(index) else {
+            bump(&mut self.metrics.bad_notify);
+            return false;
+        };
+        let mem = ram.memory();
+        let chains: Vec<_> = match queue.iter(mem) {
+            Ok(it) => it.collect(),
+            Err(_) => {
+                // The available index ran more than a queue ahead.
+                bump(&mut self.metrics.descriptor_malformed);
+                return false;
+            }
+        };
+        let mut used = false;
+        for chain in chains {
+            let head = chain.head_index();
+            let descs = self.descriptors(chain, mem);
+            let mut hold = false;
+            if let Some(descs) = descs {
+                match role {
+                    Role::Inflate => self.inflate(&descs, ram),
+                    Role::Deflate => self.deflate(&descs, ram),
+                    Role::Reporting => self.report(&descs, ram),
+                    Role::Stats => {
+                        self.take_stats(&descs, mem);
+                        // Held until the host wants fresh numbers; a
+                        // previously held buffer goes back now.
+                        if let Some(old) = self.stats_head.replace(head) {
+                            used |= queue.add_used(mem, old, 0).is_ok();
+                        }
+                        hold = true;
+                    }
+                }
+            }
+            if !hold {
+                used |= queue.add_used(mem, head, 0).is_ok();
+            }
+        }
+        used
+    }
+
+    fn pending_used(&mut self, queues: &mut [Queue], ram: &GuestRam) -> bool {
+        if !self.stats_requested {
+            return false;
+        }
+        self.stats_requested = false;
+        let Some(i) = self.roles().iter().position(|r| *r == Role::Stats) else { return false };
+        let (Some(head), Some(q)) = (self.stats_head.take(), queues.get_mut(i)) else { return false };
+        q.add_used(ram.memory(), head, 0).is_ok()
+    }
+
+    fn set_driver_ok(&mut self, ok: bool) {
+        self.driver_ok = ok;
+    }
+
+    fn reset(&mut self) {
+        // The pages stay in the balloon's accounting: the guest's memory
+        // is not given back by a reset, and a new driver starts over with
+        // `actual` = 0 (its released pages read as zero, which is fine).
+        self.acked = 0;
+        self.actual_pages = 0;
+        self.stats_head = None;
+        self.stats_requested = false;
+        self.driver_ok = false;
+    }
+
+    fn transport_rejected(&mut self, what: TransportReject) {
+        let m = &mut self.metrics;
+        bump(match what {
+            TransportReject::BadQueueSize => &mut m.bad_queue_size,
+            TransportReject::BadNotify => &mut m.bad_notify,
+            TransportReject::BadQueueAddress => &mut m.bad_queue_address,
+            TransportReject::BadRegister => &mut m.bad_register,
+        });
+    }
+}
+

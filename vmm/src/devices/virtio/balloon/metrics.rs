@@ -1,0 +1,78 @@
+//! The balloon's counters: what it did and everything it refused.
+//!
+//! Every rejection of guest input has its own counter so that a test can
+//! check that a hostile input was seen and refused, and the run report can
+//! show it. Counters only grow (saturating).
+
+use serde::Serialize;
+
+/// Device metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BalloonMetrics {
+    /// PFNs accepted into the balloon.
+    pub inflated_pages: u64,
+    /// PFNs taken out of the balloon.
+    pub deflated_pages: u64,
+    /// Host bytes released (`MADV_DONTNEED` or hole punching), in total.
+    pub released_bytes: u64,
+    /// Calls into the kernel to release memory.
+    pub release_calls: u64,
+    /// Nanoseconds spent in those calls.
+    pub release_ns: u64,
+    /// Bytes the guest reported free (free page reporting).
+    pub reported_bytes: u64,
+    /// Host bytes released for free page reporting (part of `released_bytes`).
+    pub reported_released_bytes: u64,
+    /// Statistics buffers received.
+    pub stats_updates: u64,
+    /// Rejected: PFN beyond guest RAM.
+    pub pfn_outside_ram: u64,
+    /// Rejected: PFN inside the 32-bit MMIO hole.
+    pub pfn_in_hole: u64,
+    /// Rejected: PFN already in the balloon.
+    pub duplicate_pfn: u64,
+    /// Rejected: deflate of a PFN not in the balloon.
+    pub deflate_not_in_balloon: u64,
+    /// Pieces of huge host pages held back because the rest of the host
+    /// page is not in the balloon (counted when they arrive).
+    pub partial_host_page_pieces: u64,
+    /// Rejected: a descriptor whose buffer is not inside guest RAM.
+    pub descriptor_outside_ram: u64,
+    /// Rejected: a descriptor of the wrong direction or length.
+    pub descriptor_malformed: u64,
+    /// Rejected: a chain that loops or is longer than the queue.
+    pub chain_too_long: u64,
+    /// Rejected: a queue size that is not a power of two (or too big).
+    pub bad_queue_size: u64,
+    /// Rejected: a notification for a missing or unready queue.
+    pub bad_notify: u64,
+    /// Rejected: queue rings outside guest RAM.
+    pub bad_queue_address: u64,
+    /// Rejected: register accesses of the wrong width or offset.
+    pub bad_register: u64,
+    /// Release calls the kernel refused (logged).
+    pub release_errors: u64,
+}
+
+impl BalloonMetrics {
+    /// Every rejection counter summed (a quick "did anything go wrong").
+    #[must_use]
+    pub fn rejected(&self) -> u64 {
+        self.pfn_outside_ram
+            + self.pfn_in_hole
+            + self.duplicate_pfn
+            + self.deflate_not_in_balloon
+            + self.descriptor_outside_ram
+            + self.descriptor_malformed
+            + self.chain_too_long
+            + self.bad_queue_size
+            + self.bad_notify
+            + self.bad_queue_address
+            + self.bad_register
+    }
+}
+
+/// Adds one, saturating.
+pub fn bump(counter: &mut u64) {
+    *counter = counter.saturating_add(1);
+}

@@ -1,0 +1,234 @@
+//! Which guest pages are in the balloon, and which host pages that frees.
+//!
+//! Pure bookkeeping, no system calls: pages are 4 KiB units of *RAM
+//! offset* (guest RAM regions concatenated in guest-physical order, the
+//! offset the host mappings use). A host page of `host_page` bytes (4 KiB
+//! for anonymous and memfd backings, 2 MiB or 1 GiB for huge-page ones) is
+//! released only when every 4 KiB piece of it is in the balloon; until
+//! then its pieces are *pending*. Taking a piece out of a released host page
+//! makes the whole host page resident again on the guest's next touch, so
+//! the host page counts as not released from then on.
+
+/// 4 KiB: the balloon's page (virtio 1.2 §5.5.6: PFNs are 4 KiB frames).
+pub const PAGE: u64 = 4096;
+
+/// Why a page was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageReject {
+    /// Beyond guest RAM.
+    OutOfRange,
+    /// Inflate of a page already in the balloon.
+    Duplicate,
+    /// Deflate of a page not in the balloon.
+    NotInBalloon,
+}
+
+/// What inflating one page did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inflated {
+    /// The page completed its host page: release host page `n` (index in
+    /// units of the host page size).
+    Release(u64),
+    /// The host page is still partly outside the balloon.
+    Pending,
+}
+
+/// The balloon's page set.
+#[derive(Debug, Clone)]
+pub struct BalloonPages {
+    /// One bit per 4 KiB page of RAM.
+    bits: Vec<u64>,
+    /// Pieces in the balloon per host page (empty when host pages are 4 KiB).
+    counts: Vec<u32>,
+    ram_pages: u64,
+    pieces_per_host_page: u64,
+    /// Pages in the balloon.
+    in_balloon: u64,
+    /// Host pages released (all pieces in the balloon).
+    released_host_pages: u64,
+}
+
+impl BalloonPages {
+    /// An empty balloon over `ram_bytes` of RAM backed by `host_page`-byte
+    /// pages (a power of two, at least 4 KiB).
+    #[must_use]
+    pub fn new(ram_bytes: u64, host_page: u64) -> Self {
+        let pages = ram_bytes / PAGE;
+        let per = (host_page / PAGE).max(1);
+        let counts = if per > 1 { vec![0; pages.div_ceil(per) as usize] } else { Vec::new() };
+        BalloonPages { bits: vec![0; pages.div_ceil(64) as usize], counts, ram_pages: pages, pieces_per_host_page: per, in_balloon: 0, released_host_pages: 0 }
+    }
+
+    /// Whether page `p` is in the balloon.
+    #[must_use]
+    pub fn contains(&self, p: u64) -> bool {
+        p < self.ram_pages && self.bits[(p / 64) as usize] & (1 << (p % 64)) != 0
+    }
+
+    /// Puts page `p` into the balloon.
+    ///
+    /// # Errors
+    /// [`PageReject::OutOfRange`] or [`PageReject::Duplicate`]; nothing changes.
+    pub fn inflate(&mut self, p: u64) -> Result<Inflated, PageReject> {
+        if p >= self.ram_pages {
+            return Err(PageReject::OutOfRange);
+        }
+        if self.contains(p) {
+            return Err(PageReject::Duplicate);
+        }
+        self.bits[(p / 64) as usize] |= 1 << (p % 64);
+        self.in_balloon += 1;
+        let host = p / self.pieces_per_host_page;
+        if self.counts.is_empty() {
+            self.released_host_pages += 1;
+            return Ok(Inflated::Release(host));
+        }
+        let c = &mut self.counts[host as usize];
+        *c += 1;
+        // The last host page may be cut short by the end of RAM: it is
+        // complete when every piece that exists is in.
+        let existing = self.pieces_per_host_page.min(self.ram_pages - host * self.pieces_per_host_page);
+        if u64::from(*c) == existing {
+            self.released_host_pages += 1;
+            Ok(Inflated::Release(host))
+        } else {
+            Ok(Inflated::Pending)
+        }
+    }
+
+    /// Takes page `p` out of the balloon.
+    ///
+    /// # Errors
+    /// [`PageReject::OutOfRange`] or [`PageReject::NotInBalloon`].
+    pub fn deflate(&mut self, p: u64) -> Result<(), PageReject> {
+        if p >= self.ram_pages {
+            return Err(PageReject::OutOfRange);
+        }
+        if !self.contains(p) {
+            return Err(PageReject::NotInBalloon);
+        }
+        self.bits[(p / 64) as usize] &= !(1 << (p % 64));
+        self.in_balloon -= 1;
+        let host = p / self.pieces_per_host_page;
+        if self.counts.is_empty() {
+            self.released_host_pages -= 1;
+            return Ok(());
+        }
+        let existing = self.pieces_per_host_page.min(self.ram_pages - host * self.pieces_per_host_page);
+        let c = &mut self.counts[host as usize];
+        if u64::from(*c) == existing {
+            self.released_host_pages -= 1;
+        }
+        *c -= 1;
+        Ok(())
+    }
+
+    /// Pages in the balloon.
+    #[must_use]
+    pub fn pages(&self) -> u64 {
+        self.in_balloon
+    }
+
+    /// Pages in the balloon whose host page is released.
+    #[must_use]
+    pub fn released_pages(&self) -> u64 {
+        // The short last host page counts its existing pieces only; it is
+        // at most one host page, so bound by what is in the balloon.
+        (self.released_host_pages * self.pieces_per_host_page).min(self.in_balloon)
+    }
+
+    /// Pages in the balloon still waiting for the rest of their host page.
+    #[must_use]
+    pub fn pending_pages(&self) -> u64 {
+        self.in_balloon - self.released_pages()
+    }
+
+    /// 4 KiB pages per host page.
+    #[must_use]
+    pub fn pieces_per_host_page(&self) -> u64 {
+        self.pieces_per_host_page
+    }
+}
+
+/// Sorts `units` and merges neighbours into `(first, count)` runs, so each
+/// run is one system call.
+#[must_use]
+pub fn runs(units: &mut [u64]) -> Vec<(u64, u64)> {
+    units.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &u in units.iter() {
+        match out.last_mut() {
+            Some((first, count)) if *first + *count == u => *count += 1,
+            Some((first, count)) if u < *first + *count => {} // duplicate
+            _ => out.push((u, 1)),
+        }
+    }
+    out
+}
+
+/// The whole `align`-sized units inside `[start, start + len)`, as
+/// `(first unit, count)`; `None` when none fits.
+#[must_use]
+pub fn inner_units(start: u64, len: u64, align: u64) -> Option<(u64, u64)> {
+    let first = start.div_ceil(align);
+    let end = start.checked_add(len)? / align;
+    (end > first).then(|| (first, end - first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn four_k_host_pages_release_at_once() {
+        let mut b = BalloonPages::new(1 << 20, PAGE);
+        assert_eq!(b.inflate(3), Ok(Inflated::Release(3)));
+        assert_eq!(b.inflate(3), Err(PageReject::Duplicate));
+        assert_eq!(b.inflate(256), Err(PageReject::OutOfRange));
+        assert_eq!((b.pages(), b.pending_pages()), (1, 0));
+        assert_eq!(b.deflate(3), Ok(()));
+        assert_eq!(b.deflate(3), Err(PageReject::NotInBalloon));
+        assert_eq!(b.released_pages(), 0);
+    }
+
+    #[test]
+    fn huge_host_page_is_released_only_when_complete() {
+        let mut b = BalloonPages::new(8 << 20, 2 << 20);
+        for p in 512..1023 {
+            assert_eq!(b.inflate(p), Ok(Inflated::Pending));
+        }
+        assert_eq!(b.pending_pages(), 511);
+        assert_eq!(b.inflate(1023), Ok(Inflated::Release(1)));
+        assert_eq!((b.pending_pages(), b.released_pages()), (0, 512));
+        // One piece out: the host page will be faulted back, the rest pend.
+        b.deflate(600).unwrap();
+        assert_eq!((b.pending_pages(), b.released_pages()), (511, 0));
+        assert_eq!(b.inflate(600), Ok(Inflated::Release(1)));
+    }
+
+    #[test]
+    fn a_short_last_host_page_completes_with_its_existing_pieces() {
+        // 3 MiB of RAM over 2 MiB host pages: the second has 256 pieces.
+        let mut b = BalloonPages::new(3 << 20, 2 << 20);
+        for p in 512..767 {
+            assert_eq!(b.inflate(p), Ok(Inflated::Pending));
+        }
+        assert_eq!(b.inflate(767), Ok(Inflated::Release(1)));
+        assert_eq!(b.released_pages(), 256);
+    }
+
+    #[test]
+    fn runs_merge_neighbours_and_drop_duplicates() {
+        assert_eq!(runs(&mut [5, 1, 2, 3, 9, 2, 10]), vec![(1, 3), (5, 1), (9, 2)]);
+        assert!(runs(&mut []).is_empty());
+    }
+
+    #[test]
+    fn inner_units_round_inwards() {
+        let m2 = 2 << 20;
+        assert_eq!(inner_units(0, 4 << 20, m2), Some((0, 2)));
+        assert_eq!(inner_units(4096, 4 << 20, m2), Some((1, 1)));
+        assert_eq!(inner_units(4096, m2, m2), None);
+        assert_eq!(inner_units(u64::MAX - 10, 100, m2), None);
+    }
+}

@@ -1,0 +1,175 @@
+//! Giving guest RAM back to the host: the only code that drops host pages.
+//!
+//! Anonymous and THP backings: `MADV_DONTNEED` (the next touch faults in a
+//! zero page). memfd and hugetlbfs backings: `fallocate(PUNCH_HOLE |
+//! KEEP_SIZE)` on the backing file, because `MADV_DONTNEED` on a shared
+//! mapping only unmaps and leaves the file's pages (host-facts.md). Either
+//! way KVM's MMU notifier drops its mappings, and the guest reads zeros
+//! next time. Ranges are in RAM offsets (see [`super::pages`]) and are split
+//! at region boundaries; nothing outside guest RAM can be named.
+//!
+//! A released range changes the guest's memory without a guest write, so
+//! it is marked in the VMM-write bitmap (`dirty::vmm_writes`), as every
+//! device write is: dirty tracking then sees the page as changed.
+
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemoryBackend, MmapRegion};
+
+use crate::config::Backing;
+use crate::dirty::vmm_writes::VmmWriteBitmap;
+use crate::memory::GuestRam;
+
+/// The largest host page size among the regions: the unit in which the
+/// balloon releases memory (a THP-backed region releases whole 2 MiB so
+/// that huge pages are not split).
+#[must_use]
+pub fn host_page_size(ram: &GuestRam) -> u64 {
+    ram.regions()
+        .iter()
+        .map(|r| match r.mapping.backing() {
+            Backing::Anon | Backing::Memfd => super::pages::PAGE,
+            Backing::Thp => memvisor_abi::layout::PAGE_SIZE_2M,
+            b => b.hugetlb_page_size().unwrap_or(super::pages::PAGE),
+        })
+        .max()
+        .unwrap_or(super::pages::PAGE)
+}
+
+/// What one release did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Released {
+    /// Bytes released.
+    pub bytes: u64,
+    /// System calls made.
+    pub calls: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// Time spent in the calls.
+    pub ns: u64,
+}
+
+/// Releases `len` bytes of RAM from RAM offset `start`; parts beyond RAM
+/// are ignored (callers pass validated ranges).
+#[must_use]
+pub fn release(ram: &GuestRam, start: u64, len: u64) -> Released {
+    let mut out = Released::default();
+    let end = start.saturating_add(len);
+    let mut base = 0u64;
+    for (region, vm_region) in ram.regions().iter().zip(ram.memory().iter()) {
+        let size = region.range.size;
+        let (s, e) = (start.max(base), end.min(base + size));
+        if s < e {
+            let (off, n) = (s - base, e - s);
+            let t = Instant::now();
+            let result = release_in(&region.mapping, off, n);
+            out.ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            out.calls += 1;
+            match result {
+                Ok(()) => {
+                    out.bytes += n;
+                    let mapping: &MmapRegion<VmmWriteBitmap> = vm_region;
+                    mapping.bitmap().mark_dirty(off as usize, n as usize);
+                }
+                Err(e) => {
+                    out.errors += 1;
+                    log::warn!("releasing {n} bytes of guest RAM at RAM offset {s:#x} failed: {e}");
+                }
+            }
+        }
+        base += size;
+    }
+    out
+}
+
+/// One call on one mapping: `[off, off + len)` lies inside it.
+fn release_in(mapping: &crate::memory::backing::HostMapping, off: u64, len: u64) -> std::io::Result<()> {
+    if mapping.from_image() {
+        // MADV_DONTNEED on a private file mapping would bring back the
+        // snapshot's bytes, not zeros.
+        return Err(std::io::Error::other("guest RAM maps a snapshot image privately; not released"));
+    }
+    let (ioff, ilen) = (usize::try_from(off).map_err(std::io::Error::other)?, usize::try_from(len).map_err(std::io::Error::other)?);
+    if ioff.checked_add(ilen).is_none_or(|e| e > mapping.size()) {
+        return Err(std::io::Error::other("range outside the mapping"));
+    }
+    match mapping.fd() {
+        Some(fd) => {
+            let (o, l) = (libc::off_t::try_from(off).map_err(std::io::Error::other)?, libc::off_t::try_from(len).map_err(std::io::Error::other)?);
+            // SAFETY: fallocate on our own memfd; punching a hole frees the
+            // file's pages and our mapping reads zeros there afterwards,
+            // which is what the guest agreed to by ballooning them. No Rust
+            // reference points into guest RAM.
+            let rc = unsafe { libc::fallocate(fd.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, o, l) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        None => {
+            // SAFETY: the range is inside our private anonymous mapping
+            // (checked above); MADV_DONTNEED replaces its pages with zero
+            // pages on next touch. No Rust reference points into guest RAM.
+            let rc = unsafe { libc::madvise(mapping.as_ptr().add(ioff).cast(), ilen, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::VmConfig;
+
+    fn resident(ram: &GuestRam) -> u64 {
+        let m = &ram.regions()[0].mapping;
+        let pages = m.size() / 4096;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: mincore on our own mapping into a buffer of one byte per page.
+        assert_eq!(unsafe { libc::mincore(m.as_ptr().cast(), m.size(), vec.as_mut_ptr()) }, 0);
+        vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * 4096
+    }
+
+    fn filled(backing: Backing) -> GuestRam {
+        let config = VmConfig { mem_size: 8 << 20, backing, prefault: true, ..VmConfig::default() };
+        let ram = GuestRam::new(&config).unwrap();
+        let m = &ram.regions()[0].mapping;
+        // SAFETY: writing our own fresh mapping.
+        unsafe { m.as_ptr().write_bytes(0x5a, m.size()) };
+        ram
+    }
+
+    #[test]
+    fn anon_release_drops_pages_and_reads_zero() {
+        let ram = filled(Backing::Anon);
+        let r = release(&ram, 1 << 20, 2 << 20);
+        assert_eq!((r.bytes, r.errors), (2 << 20, 0));
+        assert_eq!(resident(&ram), 6 << 20);
+        // SAFETY: reading our own mapping.
+        let b = unsafe { *ram.regions()[0].mapping.as_ptr().add(1 << 20) };
+        assert_eq!(b, 0);
+        assert!(crate::dirty::vmm_writes::take(&ram)[0].is_some(), "released pages count as VMM writes");
+    }
+
+    #[test]
+    fn memfd_release_punches_holes() {
+        let ram = filled(Backing::Memfd);
+        let r = release(&ram, 0, 4 << 20);
+        assert_eq!((r.bytes, r.errors), (4 << 20, 0));
+        // SAFETY: reading our own mapping.
+        let b = unsafe { *ram.regions()[0].mapping.as_ptr().add(4095) };
+        assert_eq!(b, 0);
+    }
+
+    #[test]
+    fn ranges_beyond_ram_are_cut() {
+        let ram = filled(Backing::Anon);
+        assert_eq!(release(&ram, 6 << 20, 100 << 20).bytes, 2 << 20);
+        assert_eq!(release(&ram, 100 << 20, 4096).calls, 0);
+        assert_eq!(host_page_size(&ram), 4096);
+    }
+}

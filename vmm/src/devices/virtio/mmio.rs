@@ -1,0 +1,301 @@
+//! The virtio-mmio transport, modern layout (virtio 1.2 §4.2.2, version 2).
+//!
+//! Owns the registers, the device status state machine (§2.1, §3.1.1),
+//! feature negotiation, the queues (`virtio-queue`'s [`Queue`]) and the
+//! interrupt: the interrupt status register plus an irqfd (an `EventFd`
+//! KVM turns into an edge on the device's GSI of the in-kernel IOAPIC), so
+//! a guest with interrupts is woken and a polling guest sees the status
+//! register. A queue notification is handled synchronously, inside the
+//! guest's MMIO write exit: when the write returns to the guest, the used
+//! ring is already updated.
+//!
+//! A guest that polls the interrupt status and finds nothing twice in a row
+//! is *idle-polling*; the run loop then waits up to a millisecond for host
+//! work before re-entering it ([`MmioTransport::take_idle_hint`]), so a
+//! polling guest does not burn a host CPU.
+
+use virtio_bindings::virtio_mmio as reg;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use memvisor_abi::virtio::{mmio::MAGIC, status};
+
+use super::{TransportReject, VirtioDevice};
+use crate::memory::GuestRam;
+
+/// `VendorID`: "MVSR" (any value is allowed; §4.2.2).
+const VENDOR_ID: u32 = u32::from_le_bytes(*b"MVSR");
+/// The modern layout's version (§4.2.2).
+const VERSION: u32 = 2;
+/// Consecutive idle polls before the run loop is told to back off.
+const IDLE_POLLS: u32 = 2;
+
+/// A device behind the MMIO registers.
+#[derive(Debug)]
+pub struct MmioTransport<D: VirtioDevice> {
+    /// The device.
+    pub device: D,
+    base: u64,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<Queue>,
+    interrupt_status: u32,
+    config_generation: u32,
+    irqfd: Option<EventFd>,
+    idle_polls: u32,
+    idle_hint: bool,
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// `device` at guest-physical `base`; interrupts go to `irqfd` when given.
+    #[must_use]
+    pub fn new(device: D, base: u64, irqfd: Option<EventFd>) -> Self {
+        MmioTransport {
+            device,
+            base,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues: Vec::new(),
+            interrupt_status: 0,
+            config_generation: 0,
+            irqfd,
+            idle_polls: 0,
+            idle_hint: false,
+        }
+    }
+
+    /// Whether `addr` is in this device's window.
+    #[must_use]
+    pub fn contains(&self, addr: u64) -> bool {
+        (self.base..self.base + memvisor_abi::layout::VIRTIO_MMIO_SIZE).contains(&addr)
+    }
+
+    /// Whether the driver has set `DRIVER_OK`.
+    #[must_use]
+    pub fn driver_ok(&self) -> bool {
+        self.status & status::DRIVER_OK != 0
+    }
+
+    /// The device status register.
+    #[must_use]
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Whether the guest polled idle since the last call.
+    pub fn take_idle_hint(&mut self) -> bool {
+        std::mem::take(&mut self.idle_hint)
+    }
+
+    /// Raises interrupt status `bits` and the irqfd.
+    pub fn signal(&mut self, bits: u32) {
+        self.interrupt_status |= bits;
+        if let Some(fd) = &self.irqfd {
+            if let Err(e) = fd.write(1) {
+                log::warn!("virtio-mmio: cannot signal the irqfd: {e}");
+            }
+        }
+    }
+
+    /// The configuration changed (e.g. a new balloon target).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.driver_ok() {
+            self.signal(reg::VIRTIO_MMIO_INT_CONFIG);
+        }
+    }
+
+    /// Hands back buffers the device finished outside a notification.
+    pub fn flush_pending(&mut self, ram: &GuestRam) {
+        if self.driver_ok() && self.device.pending_used(&mut self.queues, ram) {
+            self.signal(reg::VIRTIO_MMIO_INT_VRING);
+        }
+    }
+
+    /// A guest read of `data.len()` bytes at `addr` (inside the window).
+    pub fn read(&mut self, addr: u64, data: &mut [u8]) {
+        let offset = addr - self.base;
+        if offset >= u64::from(reg::VIRTIO_MMIO_CONFIG) {
+            self.device.read_config(offset - u64::from(reg::VIRTIO_MMIO_CONFIG), data);
+            return;
+        }
+        if data.len() != 4 {
+            self.device.transport_rejected(TransportReject::BadRegister);
+            data.fill(0);
+            return;
+        }
+        let q = self.queues.get(self.queue_sel as usize);
+        let v = match offset as u32 {
+            reg::VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            reg::VIRTIO_MMIO_VERSION => VERSION,
+            reg::VIRTIO_MMIO_DEVICE_ID => self.device.device_id(),
+            reg::VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            reg::VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
+            reg::VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
+            reg::VIRTIO_MMIO_INTERRUPT_STATUS => {
+                if self.interrupt_status == 0 {
+                    self.idle_polls = self.idle_polls.saturating_add(1);
+                    self.idle_hint = self.idle_polls >= IDLE_POLLS;
+                } else {
+                    self.idle_polls = 0;
+                }
+                self.interrupt_status
+            }
+            reg::VIRTIO_MMIO_STATUS => self.status,
+            reg::VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            _ => {
+                self.device.transport_rejected(TransportReject::BadRegister);
+                0
+            }
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// A guest write at `addr` (inside the window).
+    pub fn write(&mut self, addr: u64, data: &[u8], ram: &GuestRam) {
+        let offset = addr - self.base;
+        if offset >= u64::from(reg::VIRTIO_MMIO_CONFIG) {
+            self.device.write_config(offset - u64::from(reg::VIRTIO_MMIO_CONFIG), data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.device.transport_rejected(TransportReject::BadRegister);
+            return;
+        };
+        let v = u32::from_le_bytes(bytes);
+        self.idle_polls = 0;
+        match offset as u32 {
+            reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES => {
+                // Only between DRIVER and FEATURES_OK (§3.1.1 steps 4-5).
+                if self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0 {
+                    match self.driver_features_sel {
+                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                        1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                        _ => {}
+                    }
+                } else {
+                    self.device.transport_rejected(TransportReject::BadRegister);
+                }
+            }
+            reg::VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            reg::VIRTIO_MMIO_QUEUE_NUM => self.with_unready_queue(|q| {
+                // virtio-queue ignores a bad size silently; refuse it here so it is counted.
+                let ok = u16::try_from(v).is_ok_and(|n| n != 0 && n.is_power_of_two() && n <= q.max_size());
+                if ok {
+                    q.set_size(v as u16);
+                }
+                ok.then_some(()).ok_or(TransportReject::BadQueueSize)
+            }),
+            reg::VIRTIO_MMIO_QUEUE_READY => {
+                let i = self.queue_sel as usize;
+                let mem = ram.memory();
+                match self.queues.get_mut(i) {
+                    Some(q) if v == 1 => {
+                        q.set_ready(true);
+                        if !q.is_valid(mem) {
+                            q.set_ready(false);
+                            self.device.transport_rejected(TransportReject::BadQueueAddress);
+                        }
+                    }
+                    Some(q) => q.set_ready(false),
+                    None => self.device.transport_rejected(TransportReject::BadNotify),
+                }
+            }
+            reg::VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(v as usize, ram),
+            reg::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
+            reg::VIRTIO_MMIO_STATUS => self.set_status(v),
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW => self.set_ring_address(|q| q.set_desc_table_address(Some(v), None)),
+            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => self.set_ring_address(|q| q.set_desc_table_address(None, Some(v))),
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => self.set_ring_address(|q| q.set_avail_ring_address(Some(v), None)),
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self.set_ring_address(|q| q.set_avail_ring_address(None, Some(v))),
+            reg::VIRTIO_MMIO_QUEUE_USED_LOW => self.set_ring_address(|q| q.set_used_ring_address(Some(v), None)),
+            reg::VIRTIO_MMIO_QUEUE_USED_HIGH => self.set_ring_address(|q| q.set_used_ring_address(None, Some(v))),
+            _ => self.device.transport_rejected(TransportReject::BadRegister),
+        }
+    }
+
+    /// Applies `f` to the selected queue if it exists and is not ready
+    /// (queue registers are frozen while it is; §4.2.3.2).
+    fn with_unready_queue(&mut self, f: impl FnOnce(&mut Queue) -> Result<(), TransportReject>) {
+        let i = self.queue_sel as usize;
+        let result = match self.queues.get_mut(i) {
+            Some(q) if !q.ready() => f(q),
+            _ => Err(TransportReject::BadRegister),
+        };
+        if let Err(why) = result {
+            self.device.transport_rejected(why);
+        }
+    }
+
+    /// One half of a ring address of the selected, unready queue.
+    fn set_ring_address(&mut self, f: impl FnOnce(&mut Queue)) {
+        self.with_unready_queue(|q| {
+            f(q);
+            Ok(())
+        });
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let mut v = v;
+        if v & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
+            // §3.1.1 step 5: accept only features the device offered, with
+            // VERSION_1 (this is a modern-only device); otherwise leave
+            // FEATURES_OK clear for the driver to see.
+            let offered = self.device.features();
+            let f = self.driver_features;
+            if f & !offered != 0 || f & memvisor_abi::virtio::F_VERSION_1 == 0 {
+                v &= !status::FEATURES_OK;
+            } else {
+                self.device.ack_features(f);
+                self.queues = self.device.queue_max_sizes().into_iter().filter_map(|n| Queue::new(n).ok()).collect();
+            }
+        }
+        if v & status::DRIVER_OK != 0 && v & status::FEATURES_OK == 0 {
+            v &= !status::DRIVER_OK;
+        }
+        self.status = v;
+        self.device.set_driver_ok(v & status::DRIVER_OK != 0);
+    }
+
+    fn reset(&mut self) {
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.queues.clear();
+        self.interrupt_status = 0;
+        self.device.reset();
+    }
+
+    fn notify(&mut self, index: usize, ram: &GuestRam) {
+        if !self.driver_ok() {
+            self.device.transport_rejected(TransportReject::BadNotify);
+            return;
+        }
+        let Some(q) = self.queues.get_mut(index).filter(|q| q.ready()) else {
+            self.device.transport_rejected(TransportReject::BadNotify);
+            return;
+        };
+        if self.device.process_queue(index, q, ram) {
+            self.signal(reg::VIRTIO_MMIO_INT_VRING);
+        }
+    }
+}
