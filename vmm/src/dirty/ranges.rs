@@ -113,19 +113,27 @@ fn scan(bitmap: &[u64], base: u64, ranges: &mut Vec<PageRange>, nonzero: impl Fn
 }
 
 /// Appends the runs of set bits of one bitmap word whose bit 0 is page
-/// `first_page`, extending the last range when it ends where a run starts
-/// and lies at index `floor` or later.
+/// `first_page`, extending the last range (if at index `floor` or later)
+/// when it ends where this word's first run starts.
 #[inline]
 fn word_runs(mut bits: u64, first_page: u64, ranges: &mut Vec<PageRange>, floor: usize) {
+    // Runs inside a word are maximal, so only one starting at bit 0 can
+    // continue an earlier range (one that ended at the previous word's bit
+    // 63); every other run is a new range, with no comparison.
+    if bits & 1 != 0 {
+        if let Some(last) = ranges.get_mut(floor..).and_then(<[PageRange]>::last_mut) {
+            if last.end() == first_page {
+                let len = (!bits).trailing_zeros();
+                last.count += u64::from(len);
+                bits = if len >= 64 { 0 } else { bits & !((1u64 << len) - 1) };
+            }
+        }
+    }
     while bits != 0 {
         let start = bits.trailing_zeros();
         // Length of the run of ones starting at `start`.
         let len = (!(bits >> start)).trailing_zeros().min(64 - start);
-        let first = first_page + u64::from(start);
-        match ranges.get_mut(floor..).and_then(<[PageRange]>::last_mut) {
-            Some(last) if last.end() == first => last.count += u64::from(len),
-            _ => ranges.push(PageRange { first, count: u64::from(len) }),
-        }
+        ranges.push(PageRange { first: first_page + u64::from(start), count: u64::from(len) });
         bits = if start + len >= 64 { 0 } else { bits & !(((1u64 << len) - 1) << start) };
     }
 }

@@ -70,44 +70,47 @@ struct SlotState {
     acc: Vec<u64>,
     /// Whether KVM logs this slot's dirty pages.
     logging: bool,
-    /// Ring mode: the pages set in `acc` since the last harvest, while they
-    /// are few or arrive in ascending order (a harvest then turns this list
-    /// into ranges instead of scanning the whole bitmap); `None` once there
-    /// are too many to be worth it.
-    ring_pages: Option<Vec<u64>>,
-    /// Ring mode: `ring_pages` is strictly ascending (no sort needed).
-    ring_sorted: bool,
+    /// Ring mode: the pages dirtied since the last harvest, as guest page
+    /// runs, while they arrive in ascending order (a guest writing memory
+    /// in address order fills the ring that way); the harvest then hands
+    /// this list over instead of scanning the whole bitmap. `None` after an
+    /// entry out of order or past [`MAX_RING_RUNS`] runs, and then `acc`
+    /// holds them all. While this is `Some`, `acc` is all zero.
+    ring_runs: Option<Vec<PageRange>>,
 }
 
+/// Most runs a slot keeps as a list between two harvests: one full ring's
+/// worth (KVM api.rst, KVM_CAP_DIRTY_LOG_RING: 64 Ki 16-byte entries fill
+/// the 1 MiB ring memvisor asks for per vCPU), at most 1 MiB of runs.
+const MAX_RING_RUNS: usize = 65_536;
+
 impl SlotState {
-    /// Most unsorted entries kept in `ring_pages`: past one page per 64,
-    /// scanning the bitmap costs less than sorting.
-    fn unsorted_limit(&self) -> usize {
-        (self.info.pages / 64) as usize
-    }
-
-    /// Most ascending entries kept: one full ring's worth (KVM api.rst,
-    /// KVM_CAP_DIRTY_LOG_RING: 64 Ki 16-byte entries fill the 1 MiB ring
-    /// memvisor asks for), since a guest that writes memory in address
-    /// order fills the ring in that order, and walking a sorted list beats
-    /// scanning and re-clearing the bitmap.
-    fn sorted_limit(&self) -> usize {
-        self.unsorted_limit().max(65_536).min(self.info.pages as usize)
-    }
-
-    /// Notes page `offset` of this slot, already set in `acc`.
+    /// Records ring entry `offset` (checked to be inside the slot): in the
+    /// run list while entries ascend, else in `acc`.
     fn note_ring_page(&mut self, offset: u64) {
-        let (sorted_limit, unsorted_limit) = (self.sorted_limit(), self.unsorted_limit());
-        let Some(list) = self.ring_pages.as_mut() else { return };
-        if self.ring_sorted && list.last().is_some_and(|&last| last >= offset) {
-            self.ring_sorted = false;
+        let pfn = self.info.first_pfn + offset;
+        if let Some(runs) = self.ring_runs.as_mut() {
+            match runs.last().map(PageRange::end) {
+                Some(end) if end == pfn => {
+                    if let Some(last) = runs.last_mut() {
+                        last.count += 1;
+                    }
+                    return;
+                }
+                // A page before the last run's end: out of order (or seen
+                // twice, from two vCPUs' rings).
+                Some(end) if end > pfn => {}
+                _ if runs.len() < MAX_RING_RUNS => {
+                    runs.push(PageRange { first: pfn, count: 1 });
+                    return;
+                }
+                _ => {}
+            }
+            // From now on the bitmap holds them.
+            ranges::set_ranges(&mut self.acc, self.info.first_pfn, runs);
+            self.ring_runs = None;
         }
-        let limit = if self.ring_sorted { sorted_limit } else { unsorted_limit };
-        if list.len() >= limit {
-            self.ring_pages = None;
-        } else {
-            list.push(offset);
-        }
+        self.acc[(offset / 64) as usize] |= 1 << (offset % 64);
     }
 }
 
@@ -165,8 +168,7 @@ impl DirtyTracker {
                     info: SlotInfo { slot: i as u32, first_pfn: r.range.start.0 >> 12, pages },
                     kvm: vec![0; words],
                     acc: vec![0; words],
-                    ring_pages: Some(Vec::new()),
-                    ring_sorted: true,
+                    ring_runs: Some(Vec::new()),
                     logging: false,
                 }
             })
@@ -452,17 +454,14 @@ impl DirtyTracker {
         let any_vmm = vmm_writes.iter().any(Option::is_some);
         for (s, vmm_words) in self.slots.iter_mut().zip(vmm_writes) {
             // Ring mode with few or ascending entries: use the list rather
-            // than scan the bitmap, and clear just their bits afterwards.
-            let mut sparse = if self.mode == DirtyMode::Ring && !ring_overflowed { s.ring_pages.take() } else { None };
+            // than scan the bitmap.
+            let mut sparse = if self.mode == DirtyMode::Ring && !ring_overflowed { s.ring_runs.take() } else { None };
             let start = out.guest.len();
             match sparse.as_mut() {
-                Some(list) => {
-                    if !s.ring_sorted {
-                        list.sort_unstable();
-                        list.dedup();
-                    }
-                    ranges::pages_to_ranges_into(list, s.info.first_pfn, &mut out.guest);
-                }
+                // The first slot's runs become the output as they are (the
+                // output's old buffer goes back to the slot).
+                Some(runs) if start == 0 => std::mem::swap(&mut out.guest, runs),
+                Some(runs) => out.guest.extend_from_slice(runs),
                 None => ranges::bitmap_to_ranges_into(&s.acc, s.info.first_pfn, &mut out.guest),
             }
             let guest = &out.guest[start..];
@@ -486,18 +485,16 @@ impl DirtyTracker {
             // accumulates into it between harvests.
             if self.mode == DirtyMode::Ring {
                 match sparse {
-                    Some(mut list) => {
-                        for p in list.drain(..) {
-                            s.acc[(p / 64) as usize] = 0;
-                        }
-                        s.ring_pages = Some(list);
+                    Some(mut runs) => {
+                        // Its pages were never put in `acc`.
+                        runs.clear();
+                        s.ring_runs = Some(runs);
                     }
                     None => {
                         s.acc.fill(0);
-                        s.ring_pages = Some(Vec::new());
+                        s.ring_runs = Some(Vec::new());
                     }
                 }
-                s.ring_sorted = true;
             }
         }
         Ok(())
@@ -509,34 +506,34 @@ mod tests {
     use super::*;
 
     fn slot(pages: u64) -> SlotState {
-        SlotState { info: SlotInfo { slot: 0, first_pfn: 0, pages }, kvm: Vec::new(), acc: Vec::new(), logging: true, ring_pages: Some(Vec::new()), ring_sorted: true }
+        SlotState { info: SlotInfo { slot: 0, first_pfn: 1000, pages }, kvm: Vec::new(), acc: vec![0; ranges::words_for(pages)], logging: true, ring_runs: Some(Vec::new()) }
     }
 
     #[test]
-    fn ascending_ring_pages_are_kept_up_to_a_full_ring() {
-        let mut s = slot(1 << 18);
-        for p in 0..65_536 {
+    fn ascending_ring_pages_are_kept_as_runs_up_to_a_full_ring() {
+        let mut s = slot(1 << 20);
+        for p in 0..MAX_RING_RUNS as u64 {
             s.note_ring_page(p * 4);
+            s.note_ring_page(p * 4 + 1);
         }
-        assert!(s.ring_sorted);
-        assert_eq!(s.ring_pages.as_ref().map(Vec::len), Some(65_536));
-        s.note_ring_page((1 << 18) - 1);
-        assert!(s.ring_pages.is_none(), "past a full ring the bitmap takes over");
+        let runs = s.ring_runs.as_ref().unwrap();
+        assert_eq!(runs.len(), MAX_RING_RUNS);
+        assert_eq!(runs[1], PageRange { first: 1004, count: 2 });
+        assert_eq!(ranges::count_pages(&s.acc), 0, "the bitmap is untouched while runs last");
+        s.note_ring_page((1 << 20) - 1);
+        assert!(s.ring_runs.is_none(), "past a full ring the bitmap takes over");
+        assert_eq!(ranges::count_pages(&s.acc), 2 * MAX_RING_RUNS as u64 + 1, "with every page noted so far");
     }
 
     #[test]
-    fn unordered_ring_pages_fall_back_to_the_bitmap_past_one_in_64() {
+    fn an_entry_out_of_order_moves_everything_to_the_bitmap() {
         let mut s = slot(64 * 100);
         s.note_ring_page(10);
+        s.note_ring_page(11);
         s.note_ring_page(5);
-        assert!(!s.ring_sorted, "a step back clears the sorted flag");
-        s.note_ring_page(5);
-        for p in 0..97 {
-            s.note_ring_page(p);
-        }
-        assert_eq!(s.ring_pages.as_ref().map(Vec::len), Some(100));
+        assert!(s.ring_runs.is_none());
         s.note_ring_page(200);
-        assert!(s.ring_pages.is_none());
+        assert_eq!(ranges::bitmap_to_ranges(&s.acc, 0), vec![PageRange { first: 5, count: 1 }, PageRange { first: 10, count: 2 }, PageRange { first: 200, count: 1 }]);
     }
 
     #[test]
@@ -544,6 +541,7 @@ mod tests {
         let mut s = slot(1 << 20);
         s.note_ring_page(7);
         s.note_ring_page(7);
-        assert!(!s.ring_sorted, "duplicates need the sort-and-dedup path");
+        assert!(s.ring_runs.is_none(), "a page seen twice goes through the bitmap");
+        assert_eq!(ranges::count_pages(&s.acc), 1);
     }
 }
