@@ -74,7 +74,9 @@ pub fn to_text(e: &Explanation) -> String {
     );
     match (&e.kvm.agrees, &e.kvm.error) {
         (Some(true), _) => {
-            let _ = writeln!(s, "  KVM_TRANSLATE agrees: {:#x} (writeable {}, usermode {})", e.kvm.gpa, e.kvm.writeable, e.kvm.usermode);
+            // x86 KVM fills `writeable` and `usermode` with constants, so
+            // only the address is compared.
+            let _ = writeln!(s, "  KVM_TRANSLATE agrees: {:#x} (its own walk; x86 KVM does not report permissions)", e.kvm.gpa);
         }
         (_, Some(err)) => {
             let _ = writeln!(s, "  KVM_TRANSLATE not available on this host ({err}); the walk is not cross-checked");

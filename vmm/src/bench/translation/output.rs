@@ -136,7 +136,8 @@ pub fn markdown(r: &TranslationResults) -> String {
             let _ = writeln!(s, "- {n}");
         }
     }
-    let _ = writeln!(s, "\nWall time {:.0} s.", r.seconds);
+    let load = |l: Option<f64>| l.map_or_else(|| "?".to_string(), |v| format!("{v:.2}"));
+    let _ = writeln!(s, "\nWall time {:.0} s; 1-minute load average {} at the start, {} at the end.", r.seconds, load(r.load_average.0), load(r.load_average.1));
     s
 }
 
