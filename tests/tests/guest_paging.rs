@@ -101,12 +101,19 @@ fn protection_faults_and_invalid_accesses_are_reported_and_kill_the_task() {
     let p = paging("frames=4,probe=ro");
     assert_eq!(p["killed"]["kind"], "protection", "{p}");
     assert_eq!(n(&p, "killed.error_code"), 0x7);
+    // The argument page, user_layout::ARGS in the guest kernel.
+    assert_eq!(n(&p, "killed.address"), 0x80_0020_0000);
+    // The probe comes after all (default 4 x 5 pages) accesses.
+    assert_eq!(n(&p, "guest.accesses_checked"), 20, "{p}");
     // probe=wild: a read just past the region, where nothing is mapped (U).
     let p = paging("frames=4,pages=5,probe=wild");
     assert_eq!(p["killed"]["kind"], "invalid", "{p}");
     assert_eq!(n(&p, "killed.error_code"), 0x4);
     assert_eq!(n(&p, "killed.address"), 0x80_4000_0000 + 5 * 4096);
-    // The accesses before the probe still ran and checked out.
+    // The accesses before the probe still ran and checked out (the count
+    // shows the guest's report arrived; mismatches alone would read 0
+    // without one).
+    assert_eq!(n(&p, "guest.accesses_checked"), 20, "{p}");
     assert_eq!(n(&p, "guest.mismatches"), 0);
 }
 
