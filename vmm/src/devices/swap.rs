@@ -211,7 +211,7 @@ mod tests {
             (req(SwapOp::Zero as u32, 0x1008, 0), SwapError::Misaligned(0x1008)),
             (req(SwapOp::Zero as u32, 16 * PAGE as u64, 0), SwapError::FrameOutsideRam(16 * PAGE as u64)),
             (req(SwapOp::Read as u32, 0x1000, MAX_SLOTS), SwapError::SlotOutOfRange(MAX_SLOTS)),
-            (req(SwapOp::Write as u32, u64::MAX & !0xfff, 0), SwapError::FrameOutsideRam(u64::MAX & !0xfff)),
+            (req(SwapOp::Write as u32, !0xfff, 0), SwapError::FrameOutsideRam(!0xfff)),
             (req(SwapOp::Copy as u32, 0x1000, 0x1010), SwapError::Misaligned(0x1010)),
             (req(SwapOp::Copy as u32, 0x1000, 1 << 30), SwapError::FrameOutsideRam(1 << 30)),
         ];
