@@ -25,9 +25,12 @@ use vm_memory::{Bytes, GuestAddress};
 
 /// Size of a frame and of a swap slot.
 const PAGE: usize = 4096;
-/// Most swap slots: 1 GiB of swapped pages (the guest's regions are far
-/// smaller; the bound keeps a guest from growing the VMM without end).
-pub const MAX_SLOTS: u64 = 1 << 18;
+/// Most swap slots: 64 MiB of swapped pages. The guest's paging region is
+/// at most 4096 pages (`workload::MAX_PAGING_PAGES`, slot = page index), so
+/// this is four times what it can use; the bound is what a guest that
+/// writes every slot makes the VMM allocate, so it is kept small (the VMM's
+/// own footprint beyond guest RAM is ~1 MiB otherwise).
+pub const MAX_SLOTS: u64 = 1 << 14;
 
 /// Why a swap request was refused (each answered with `SWAP_STATUS_ERROR`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -118,9 +121,11 @@ impl SwapDevice {
         match op {
             SwapOp::Write => {
                 check_slot()?;
-                let mut page = Box::new([0u8; PAGE]);
-                mem.read_slice(&mut page[..], frame).map_err(outside)?;
-                self.slots.insert(req.slot, page);
+                // Read first, so a refused write changes no slot; rewriting
+                // a slot reuses its buffer.
+                let mut page = [0u8; PAGE];
+                mem.read_slice(&mut page, frame).map_err(outside)?;
+                **self.slots.entry(req.slot).or_insert_with(|| Box::new([0u8; PAGE])) = page;
                 self.stats.writes += 1;
             }
             SwapOp::Read => {
@@ -200,6 +205,27 @@ mod tests {
         // A request straddling the end of RAM is outside it too.
         dev.handle(&mem, 16 * PAGE as u64 - 8);
         assert_eq!(dev.stats().errors, 7);
+    }
+
+    #[test]
+    fn rewriting_a_slot_keeps_one_buffer_and_a_refused_write_changes_no_slot() {
+        let (mem, mut dev) = (memory(), SwapDevice::default());
+        for fill in [1u8, 2] {
+            mem.write_slice(&[fill; PAGE], GuestAddress(0x1000)).unwrap();
+            assert_eq!(request(&mut dev, &mem, SwapOp::Write as u32, 0x1000, 3), SWAP_STATUS_OK);
+        }
+        assert_eq!(request(&mut dev, &mem, SwapOp::Read as u32, 0x2000, 3), SWAP_STATUS_OK);
+        let mut back = [0u8; PAGE];
+        mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
+        assert!(back.iter().all(|&b| b == 2), "the last write wins");
+        // A frame outside RAM: refused, slot 4 is not allocated and slot 3
+        // keeps its data.
+        assert_eq!(request(&mut dev, &mem, SwapOp::Write as u32, 1 << 30, 4), SWAP_STATUS_ERROR);
+        assert_eq!(request(&mut dev, &mem, SwapOp::Write as u32, 1 << 30, 3), SWAP_STATUS_ERROR);
+        assert_eq!(dev.slots_used(), 1);
+        assert_eq!(request(&mut dev, &mem, SwapOp::Read as u32, 0x2000, 3), SWAP_STATUS_OK);
+        mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
+        assert!(back.iter().all(|&b| b == 2));
     }
 
     #[test]
