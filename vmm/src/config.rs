@@ -47,6 +47,9 @@ pub enum ConfigError {
     /// A balloon target that is not a page multiple within guest memory.
     #[error("balloon target {} must be a multiple of 4 KiB and at most the guest memory ({})", format_size(*.0), format_size(*.1))]
     Balloon(u64, u64),
+    /// A balloon workload that cannot run as configured.
+    #[error("{0}")]
+    BalloonWorkload(&'static str),
     /// A vCPU count out of range.
     #[error("vCPU count must be between 1 and 254, not {0}")]
     BadVcpus(u32),
@@ -442,6 +445,17 @@ impl VmConfig {
                 return Err(ConfigError::Balloon(b, self.mem_size));
             }
         }
+        if let Some(spec) = self.workload.as_deref().and_then(|w| crate::workload::parse(w).ok()) {
+            use memvisor_abi::workload::WorkloadKind;
+            let balloon_kind = spec.kind == WorkloadKind::Balloon as u32 || spec.kind == WorkloadKind::BalloonHostile as u32;
+            if balloon_kind && self.balloon.is_none() {
+                return Err(ConfigError::BalloonWorkload("the balloon workloads need a balloon device: add --balloon SIZE (0 for an empty one)"));
+            }
+            // Without rounds or oom the driver serves until shut down.
+            if spec.kind == WorkloadKind::Balloon as u32 && spec.params[0] == 0 && spec.params[2] == 0 && self.api_socket.is_none() {
+                return Err(ConfigError::BalloonWorkload("balloon without rounds=R or oom=SIZE serves until shut down: add --api-socket PATH (or give rounds or oom)"));
+            }
+        }
         if !(1..=254).contains(&self.vcpus) {
             return Err(ConfigError::BadVcpus(self.vcpus));
         }
@@ -521,6 +535,25 @@ mod tests {
     fn more_than_one_vcpu_is_refused_until_smp_exists() {
         let c = ConfigFile { vcpus: Some(2), ..Default::default() };
         assert!(matches!(c.into_vm_config(), Err(ConfigError::Smp(2))));
+    }
+
+    #[test]
+    fn balloon_workloads_need_a_balloon_and_an_end() {
+        let mk = |workload: &str, balloon: Option<&str>, socket: bool| {
+            ConfigFile {
+                workload: Some(workload.into()),
+                balloon: balloon.map(|b| SizeValue::Text(b.into())),
+                api_socket: socket.then(|| "/tmp/x.sock".into()),
+                ..Default::default()
+            }
+            .into_vm_config()
+        };
+        assert!(mk("balloon:rounds=1", None, false).is_err());
+        assert!(mk("balloon-hostile:mode=1", None, false).is_err());
+        assert!(mk("balloon", Some("0"), false).is_err());
+        assert!(mk("balloon", Some("0"), true).is_ok());
+        assert!(mk("balloon:oom=64M", Some("128M"), false).is_ok());
+        assert!(mk("balloon:rounds=1", Some("300M"), true).is_err(), "target above the memory");
     }
 
     #[test]

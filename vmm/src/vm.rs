@@ -138,3 +138,51 @@ impl Vm {
         &self.ram
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::VmConfig;
+
+    /// Reads one 32-bit LAPIC register from a `kvm_lapic_state`.
+    fn lapic_reg(l: &kvm_bindings::kvm_lapic_state, off: usize) -> u32 {
+        u32::from_le_bytes([l.regs[off] as u8, l.regs[off + 1] as u8, l.regs[off + 2] as u8, l.regs[off + 3] as u8])
+    }
+
+    #[test]
+    fn an_irqfd_write_becomes_an_interrupt_pending_at_the_vcpu() {
+        const VECTOR: u64 = 0x30;
+        let ram = GuestRam::new(&VmConfig { mem_size: 2 << 20, ..VmConfig::default() }).unwrap();
+        let vm = Vm::new(open_kvm().unwrap(), ram).unwrap();
+        vm.create_irqchip().unwrap();
+        let vcpu = crate::vcpu::create(&vm, 0).unwrap();
+        // Software-enable the LAPIC (SVR at 0xF0, bit 8; SDM Vol. 3A §11.9).
+        let mut lapic = vcpu.get_lapic().unwrap();
+        for (i, b) in 0x1ffu32.to_le_bytes().iter().enumerate() {
+            lapic.regs[0xf0 + i] = *b as std::os::raw::c_char;
+        }
+        vcpu.set_lapic(&lapic).unwrap();
+        // Route the balloon's GSI: fixed delivery of VECTOR to APIC 0, edge,
+        // unmasked (82093AA datasheet §3.2.4, redirection table entry).
+        let gsi = memvisor_abi::virtio::BALLOON_GSI;
+        let mut chip = kvm_bindings::kvm_irqchip { chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC, ..Default::default() };
+        vm.fd().get_irqchip(&mut chip).unwrap();
+        // SAFETY: chip_id IOAPIC selects the ioapic member of the union.
+        unsafe { chip.chip.ioapic.redirtbl[gsi as usize].bits = VECTOR };
+        vm.fd().set_irqchip(&chip).unwrap();
+
+        let fd = vm.irqfd(gsi).unwrap();
+        fd.write(1).unwrap();
+        // KVM consumes the eventfd asynchronously (its irqfd worker).
+        let mut irr = 0;
+        for _ in 0..100 {
+            // IRR bits 32-63 are the register at 0x210 (SDM Vol. 3A §11.8.4).
+            irr = lapic_reg(&vcpu.get_lapic().unwrap(), 0x210);
+            if irr & (1 << (VECTOR - 32)) != 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_ne!(irr & (1 << (VECTOR - 32)), 0, "LAPIC IRR[63:32] = {irr:#x}");
+    }
+}

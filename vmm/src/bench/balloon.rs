@@ -78,6 +78,13 @@ pub struct BackingResult {
     pub device_syscall_gib_s: f64,
     /// Milliseconds from `balloon set SIZE` to reclaimed.
     pub inflate_ms: f64,
+    /// Of those, milliseconds inside the device's inflate handling (PFN
+    /// checks, bookkeeping, release calls); the rest is the guest and the
+    /// control path.
+    pub device_ms: f64,
+    /// Of those, milliseconds from the target change (in the VMM) to the
+    /// guest's inflate notification.
+    pub guest_ms: f64,
     /// Microseconds per 4 KiB page to deflate, re-fault, write and verify.
     pub refault_us_per_page: f64,
     /// Runs measured.
@@ -133,8 +140,17 @@ fn wait_balloon(socket: &Path, timeout: Duration, done: impl Fn(&serde_json::Val
     }
 }
 
-/// One VM: (inflate seconds, device syscall GiB/s, re-fault µs per page).
-fn vm_once(backing: Backing, mem: u64, size: u64, dir: &Path) -> Result<(f64, f64, f64), BalloonBenchError> {
+/// What one VM measured.
+struct VmRun {
+    inflate_s: f64,
+    syscall_gib_s: f64,
+    device_ms: f64,
+    guest_ms: f64,
+    refault_us: f64,
+}
+
+/// One VM.
+fn vm_once(backing: Backing, mem: u64, size: u64, dir: &Path) -> Result<VmRun, BalloonBenchError> {
     let socket = dir.join(format!("balloon-bench-{}.sock", std::process::id()));
     let exe = std::env::current_exe().map_err(|e| BalloonBenchError::Vm(format!("cannot find this binary: {e}")))?;
     let mut child = Command::new(exe)
@@ -156,11 +172,13 @@ fn vm_once(backing: Backing, mem: u64, size: u64, dir: &Path) -> Result<(f64, f6
         let m = &v["metrics"];
         let ns = m["release_ns"].as_f64().unwrap_or(f64::NAN);
         let syscall = m["released_bytes"].as_f64().unwrap_or(0.0) / GIB / (ns / 1e9);
+        let device_ms = m["inflate_ns"].as_f64().unwrap_or(f64::NAN) / 1e6;
+        let guest_ms = m["last_target_to_inflate_ns"].as_f64().unwrap_or(f64::NAN) / 1e6;
         let t = Instant::now();
         request(&socket, &Request::BalloonSet { bytes: 0 })?;
         wait_balloon(&socket, Duration::from_secs(120), |v| v["actual_bytes"].as_u64() == Some(0))?;
         let refault = t.elapsed().as_secs_f64() * 1e6 / (size / 4096) as f64;
-        Ok((inflate, syscall, refault))
+        Ok(VmRun { inflate_s: inflate, syscall_gib_s: syscall, device_ms, guest_ms, refault_us: refault })
     })();
     let _ = request(&socket, &Request::Shutdown);
     let _ = child.wait();
@@ -190,13 +208,17 @@ pub fn run(args: &BalloonArgs) -> Result<u32, BalloonBenchError> {
         let mut sys = Vec::new();
         let mut refault = Vec::new();
         let mut inflate_ms = Vec::new();
+        let mut device_ms = Vec::new();
+        let mut guest_ms = Vec::new();
         for _ in 0..runs {
             raw.push(raw_once(backing, mem, size)?);
-            let (secs, syscall, re) = vm_once(backing, mem, size, &dir)?;
-            e2e.push(size as f64 / GIB / secs);
-            inflate_ms.push(secs * 1e3);
-            sys.push(syscall);
-            refault.push(re);
+            let v = vm_once(backing, mem, size, &dir)?;
+            device_ms.push(v.device_ms);
+            guest_ms.push(v.guest_ms);
+            e2e.push(size as f64 / GIB / v.inflate_s);
+            inflate_ms.push(v.inflate_s * 1e3);
+            sys.push(v.syscall_gib_s);
+            refault.push(v.refault_us);
         }
         let (raw, e2e) = (median(raw), median(e2e));
         results.push(BackingResult {
@@ -206,6 +228,8 @@ pub fn run(args: &BalloonArgs) -> Result<u32, BalloonBenchError> {
             ratio: e2e / raw,
             device_syscall_gib_s: median(sys),
             inflate_ms: median(inflate_ms),
+            device_ms: median(device_ms),
+            guest_ms: median(guest_ms),
             refault_us_per_page: median(refault),
             runs,
         });
@@ -215,16 +239,21 @@ pub fn run(args: &BalloonArgs) -> Result<u32, BalloonBenchError> {
         return Ok(0);
     }
     println!("balloon reclaim: {} inflated in a {} guest that touched all its RAM; medians of {runs} run(s)", format_size(size), format_size(mem));
-    println!("{:<11} {:>12} {:>14} {:>7} {:>14} {:>11} {:>16}", "backing", "raw GiB/s", "end-to-end", "ratio", "device calls", "inflate ms", "re-fault µs/page");
+    println!(
+        "{:<11} {:>10} {:>11} {:>6} {:>13} {:>11} {:>9} {:>10} {:>17}",
+        "backing", "raw GiB/s", "e2e GiB/s", "ratio", "calls GiB/s", "inflate ms", "guest ms", "device ms", "re-fault µs/page"
+    );
     for r in &results {
         println!(
-            "{:<11} {:>12.2} {:>14.2} {:>7.2} {:>14.2} {:>11.1} {:>16.2}",
+            "{:<11} {:>10.2} {:>11.2} {:>6.2} {:>13.2} {:>11.1} {:>9.1} {:>10.1} {:>17.2}",
             r.backing.as_str(),
             r.raw_gib_s,
             r.end_to_end_gib_s,
             r.ratio,
             r.device_syscall_gib_s,
             r.inflate_ms,
+            r.guest_ms,
+            r.device_ms,
             r.refault_us_per_page
         );
     }

@@ -93,6 +93,9 @@ pub struct Balloon {
     /// An arena page for small PFN arrays.
     pub scratch: u64,
     stats_page: u64,
+    /// The ring-3 task that fills PFN arrays, with the array mapped at
+    /// `USER_HEAP_BASE`; kept for the driver's life.
+    fill_task: Option<TaskFrame>,
 }
 
 fn setup_code(e: SetupError) -> u64 {
@@ -142,9 +145,18 @@ impl Balloon {
             arena()?;
         }
         let pfn_buf = k.frames_alloc(PFN_BUF_ORDER).ok_or(SetupError::NoMemory)?;
+        // One ring-3 task, built once, fills every PFN array: building an
+        // address space and mapping the array costs milliseconds at ring 0,
+        // entering an existing task microseconds.
+        let fill_task = TaskFrame::new(k).map_err(|_| SetupError::NoMemory)?;
+        fill_task
+            .space
+            .map(&mut k.mapper, USER_HEAP_BASE, pfn_buf, PAGE_SIZE << PFN_BUF_ORDER, PageSize::Size2M, Pte::WRITABLE | Pte::NO_EXECUTE)
+            .map_err(|_| SetupError::NoMemory)?;
+        fill_task.args.ranges[0] = Range { start: USER_HEAP_BASE, len: PAGE_SIZE << PFN_BUF_ORDER };
         let blocks = BlockList { base: list as *mut u64, len: 0, cap: (BLOCK_LIST_PAGES * PAGE_SIZE / 8) as usize };
         m.driver_ok();
-        let mut b = Balloon { m, inflate, deflate, stats, reporting, blocks, actual: 0, pfn_buf, scratch, stats_page };
+        let mut b = Balloon { m, inflate, deflate, stats, reporting, blocks, actual: 0, pfn_buf, scratch, stats_page, fill_task: Some(fill_task) };
         b.post_stats(k);
         Ok(b)
     }
@@ -174,7 +186,7 @@ impl Balloon {
     }
 
     /// The PFNs of `runs` as one array: `(guest-physical address, count)`.
-    fn fill(&mut self, k: &mut Kernel, runs: &[(u64, u64)]) -> (u64, u64) {
+    fn fill(&mut self, runs: &[(u64, u64)]) -> (u64, u64) {
         let total: u64 = runs.iter().map(|r| r.1).sum();
         if total <= SMALL_PFNS {
             let out = self.scratch as *mut u32;
@@ -188,13 +200,25 @@ impl Balloon {
             }
             return (self.scratch, total);
         }
-        let mut extra = [Range::default(); STEP_BLOCKS];
-        for (e, &(first, count)) in extra.iter_mut().zip(runs) {
-            *e = Range { start: first, len: count };
+        let Some(task) = self.fill_task.as_mut() else { return (self.pfn_buf, 0) };
+        let n = runs.len().min(STEP_BLOCKS).min(MAX_RANGES - 1);
+        for (i, &(first, count)) in runs.iter().take(n).enumerate() {
+            task.args.ranges[i + 1] = Range { start: first, len: count };
         }
+        task.args.nranges = n as u64 + 1;
         let entry = memvisor_user::balloon::fill_pfns as *const () as usize as u64;
-        let n = run_user(k, entry, &[(self.pfn_buf, PAGE_SIZE << PFN_BUF_ORDER)], &extra[..runs.len().min(STEP_BLOCKS)]).unwrap_or(0);
-        (self.pfn_buf, n)
+        let filled = match task::run(&task.space, entry, USER_STACK_TOP - 8, user_layout::ARGS, 0) {
+            TaskExit::Exited(v) => v,
+            TaskExit::Faulted(_) => 0,
+        };
+        (self.pfn_buf, filled)
+    }
+
+    /// Gives back the fill task's frames (the driver is done).
+    pub fn stop(&mut self, k: &mut Kernel) {
+        if let Some(t) = self.fill_task.take() {
+            t.release(k);
+        }
     }
 
     fn set_actual(&mut self, pages: u64) {
@@ -228,7 +252,7 @@ impl Balloon {
         if pages == 0 {
             return 0;
         }
-        let (buf, n) = self.fill(k, &runs[..nr]);
+        let (buf, n) = self.fill(&runs[..nr]);
         self.inflate.submit(&self.m, &[(buf, (n * 4) as u32, false)]);
         self.set_actual(self.actual + pages);
         pages
@@ -259,7 +283,7 @@ impl Balloon {
         if pages == 0 {
             return (0, 0, 0);
         }
-        let (buf, n) = self.fill(k, &runs[..nr]);
+        let (buf, n) = self.fill(&runs[..nr]);
         self.deflate.submit(&self.m, &[(buf, (n * 4) as u32, false)]);
         let good = verify(k, &taken[..nr]);
         for &(a, len) in &taken[..nr] {
@@ -435,12 +459,14 @@ pub fn run(k: &mut Kernel, params: [u64; 7]) -> u32 {
             was_full |= b.actual > 0;
         }
         if rounds > 0 && done >= rounds {
+            b.stop(k);
             return 0;
         }
         if oom > 0 && b.actual > 0 && b.actual == target {
             let (deflated, good) = b.oom_alloc(k, oom);
             send(Event::BalloonOomDeflated, deflated, good);
             send(Event::BalloonActual, b.actual, target);
+            b.stop(k);
             return 0;
         }
         if b.m.take_interrupts() & mmio::INT_VRING != 0 {

@@ -83,5 +83,6 @@ pub fn run(k: &mut Kernel, raw: u64) -> u32 {
         None => false,
     };
     report::send(&Report::Workload { event: Event::BalloonHostileDone, a: raw, b: u64::from(alive) });
+    b.stop(k);
     0
 }

@@ -299,3 +299,145 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::config::VmConfig;
+    use crate::devices::virtio::balloon::Balloon;
+    use memvisor_abi::virtio::{F_STATS_VQ, F_VERSION_1, mmio as r};
+
+    const BASE: u64 = memvisor_abi::virtio::BALLOON_MMIO_BASE;
+
+    fn rd(t: &mut MmioTransport<Balloon>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(BASE + off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport<Balloon>, ram: &GuestRam, off: u64, v: u32) {
+        t.write(BASE + off, &v.to_le_bytes(), ram);
+    }
+
+    fn setup() -> (GuestRam, MmioTransport<Balloon>) {
+        let ram = GuestRam::new(&VmConfig { mem_size: 4 << 20, ..VmConfig::default() }).unwrap();
+        let t = MmioTransport::new(Balloon::new(&ram, 0), BASE, None);
+        (ram, t)
+    }
+
+    fn negotiate(t: &mut MmioTransport<Balloon>, ram: &GuestRam, features: u64) -> u32 {
+        wr(t, ram, r::STATUS, 0);
+        wr(t, ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(t, ram, r::DRIVER_FEATURES_SEL, 0);
+        wr(t, ram, r::DRIVER_FEATURES, features as u32);
+        wr(t, ram, r::DRIVER_FEATURES_SEL, 1);
+        wr(t, ram, r::DRIVER_FEATURES, (features >> 32) as u32);
+        wr(t, ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        rd(t, r::STATUS)
+    }
+
+    #[test]
+    fn the_guests_register_offsets_match_virtio_bindings() {
+        let pairs = [
+            (r::MAGIC_VALUE, reg::VIRTIO_MMIO_MAGIC_VALUE),
+            (r::VERSION, reg::VIRTIO_MMIO_VERSION),
+            (r::DEVICE_ID, reg::VIRTIO_MMIO_DEVICE_ID),
+            (r::DEVICE_FEATURES, reg::VIRTIO_MMIO_DEVICE_FEATURES),
+            (r::DEVICE_FEATURES_SEL, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL),
+            (r::DRIVER_FEATURES, reg::VIRTIO_MMIO_DRIVER_FEATURES),
+            (r::DRIVER_FEATURES_SEL, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL),
+            (r::QUEUE_SEL, reg::VIRTIO_MMIO_QUEUE_SEL),
+            (r::QUEUE_NUM_MAX, reg::VIRTIO_MMIO_QUEUE_NUM_MAX),
+            (r::QUEUE_NUM, reg::VIRTIO_MMIO_QUEUE_NUM),
+            (r::QUEUE_READY, reg::VIRTIO_MMIO_QUEUE_READY),
+            (r::QUEUE_NOTIFY, reg::VIRTIO_MMIO_QUEUE_NOTIFY),
+            (r::INTERRUPT_STATUS, reg::VIRTIO_MMIO_INTERRUPT_STATUS),
+            (r::INTERRUPT_ACK, reg::VIRTIO_MMIO_INTERRUPT_ACK),
+            (r::STATUS, reg::VIRTIO_MMIO_STATUS),
+            (r::QUEUE_DESC_LOW, reg::VIRTIO_MMIO_QUEUE_DESC_LOW),
+            (r::QUEUE_DESC_HIGH, reg::VIRTIO_MMIO_QUEUE_DESC_HIGH),
+            (r::QUEUE_AVAIL_LOW, reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW),
+            (r::QUEUE_AVAIL_HIGH, reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH),
+            (r::QUEUE_USED_LOW, reg::VIRTIO_MMIO_QUEUE_USED_LOW),
+            (r::QUEUE_USED_HIGH, reg::VIRTIO_MMIO_QUEUE_USED_HIGH),
+            (r::CONFIG_GENERATION, reg::VIRTIO_MMIO_CONFIG_GENERATION),
+            (r::CONFIG, reg::VIRTIO_MMIO_CONFIG),
+        ];
+        for (ours, theirs) in pairs {
+            assert_eq!(ours, u64::from(theirs));
+        }
+        assert_eq!((r::INT_VRING, r::INT_CONFIG), (reg::VIRTIO_MMIO_INT_VRING, reg::VIRTIO_MMIO_INT_CONFIG));
+    }
+
+    #[test]
+    fn registers_identify_a_modern_balloon() {
+        let (_ram, mut t) = setup();
+        assert_eq!(rd(&mut t, r::MAGIC_VALUE), r::MAGIC);
+        assert_eq!(rd(&mut t, r::VERSION), 2);
+        assert_eq!(rd(&mut t, r::DEVICE_ID), 5);
+        wr(&mut t, &_ram, r::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(&mut t, r::DEVICE_FEATURES), 1, "VIRTIO_F_VERSION_1 is offered");
+    }
+
+    #[test]
+    fn features_without_version_1_or_not_offered_are_refused() {
+        let (ram, mut t) = setup();
+        assert_eq!(negotiate(&mut t, &ram, F_STATS_VQ) & status::FEATURES_OK, 0);
+        assert_eq!(negotiate(&mut t, &ram, F_VERSION_1 | (1 << 40)) & status::FEATURES_OK, 0);
+        assert_ne!(negotiate(&mut t, &ram, F_VERSION_1 | F_STATS_VQ) & status::FEATURES_OK, 0);
+        // DRIVER_OK needs FEATURES_OK first.
+        wr(&mut t, &ram, r::STATUS, 0);
+        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK);
+        assert!(!t.driver_ok());
+    }
+
+    #[test]
+    fn an_inflate_buffer_is_checked_page_by_page_and_used() {
+        let (ram, mut t) = setup();
+        let mem = ram.memory();
+        negotiate(&mut t, &ram, F_VERSION_1);
+        wr(&mut t, &ram, r::QUEUE_SEL, 0);
+        assert_eq!(rd(&mut t, r::QUEUE_NUM_MAX), 256);
+        wr(&mut t, &ram, r::QUEUE_NUM, 100);
+        assert_eq!(t.device.metrics.bad_queue_size, 1, "a size that is not a power of two is counted");
+        wr(&mut t, &ram, r::QUEUE_NUM, 8);
+        for (reg, addr) in [(r::QUEUE_DESC_LOW, 0x10000u32), (r::QUEUE_AVAIL_LOW, 0x11000), (r::QUEUE_USED_LOW, 0x12000)] {
+            wr(&mut t, &ram, reg, addr);
+        }
+        wr(&mut t, &ram, r::QUEUE_READY, 1);
+        assert_eq!(rd(&mut t, r::QUEUE_READY), 1);
+        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        // PFNs: two good ones, a duplicate, one in the MMIO hole, one beyond RAM.
+        for (i, pfn) in [0x100u32, 0x101, 0x100, 0xd0000, 0x5000].iter().enumerate() {
+            mem.write_obj(*pfn, GuestAddress(0x20000 + 4 * i as u64)).unwrap();
+        }
+        mem.write_obj(0x20000u64, GuestAddress(0x10000)).unwrap(); // addr
+        mem.write_obj(20u32, GuestAddress(0x10008)).unwrap(); // len; flags 0, next 0
+        mem.write_obj(0u16, GuestAddress(0x11004)).unwrap(); // ring[0] = head 0
+        mem.write_obj(1u16, GuestAddress(0x11002)).unwrap(); // avail idx
+        wr(&mut t, &ram, r::QUEUE_NOTIFY, 0);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x12002)).unwrap(), 1, "the buffer was used");
+        assert_eq!(rd(&mut t, r::INTERRUPT_STATUS), r::INT_VRING);
+        let m = &t.device.metrics;
+        assert_eq!((m.inflated_pages, m.duplicate_pfn, m.pfn_in_hole, m.pfn_outside_ram), (2, 1, 1, 1));
+        assert_eq!(m.released_bytes, 8192);
+        wr(&mut t, &ram, r::INTERRUPT_ACK, r::INT_VRING);
+        // A new target: configuration-change interrupt and generation.
+        let generation = rd(&mut t, r::CONFIG_GENERATION);
+        assert!(t.device.set_target(1 << 20));
+        t.config_changed();
+        assert_eq!(rd(&mut t, r::INTERRUPT_STATUS), r::INT_CONFIG);
+        assert_ne!(rd(&mut t, r::CONFIG_GENERATION), generation);
+        assert_eq!(rd(&mut t, r::CONFIG), 256, "num_pages");
+        // A notification for a queue that does not exist is counted.
+        wr(&mut t, &ram, r::QUEUE_NOTIFY, 9);
+        assert_eq!(t.device.metrics.bad_notify, 1);
+        // A reset empties the balloon: the memory is the guest's again.
+        assert_eq!(t.device.info().balloon_bytes, 8192);
+        wr(&mut t, &ram, r::STATUS, 0);
+        assert_eq!(t.device.info().balloon_bytes, 0);
+        assert!(!t.driver_ok());
+    }
+}

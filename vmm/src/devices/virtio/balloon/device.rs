@@ -70,6 +70,7 @@ pub struct Balloon {
     target_pages: u32,
     actual_pages: u32,
     pages: BalloonPages,
+    ram_bytes: u64,
     host_page: u64,
     /// Metrics (read by the transport's owner).
     pub metrics: BalloonMetrics,
@@ -78,6 +79,8 @@ pub struct Balloon {
     stats_head: Option<u16>,
     stats_requested: bool,
     driver_ok: bool,
+    /// When the target last changed, until the next inflate notification.
+    target_set_at: Option<std::time::Instant>,
 }
 
 impl Balloon {
@@ -90,12 +93,14 @@ impl Balloon {
             target_pages: u32::try_from(target_bytes / PAGE).unwrap_or(u32::MAX),
             actual_pages: 0,
             pages: BalloonPages::new(ram.size(), host_page),
+            ram_bytes: ram.size(),
             host_page,
             metrics: BalloonMetrics::default(),
             stats: None,
             stats_head: None,
             stats_requested: false,
             driver_ok: false,
+            target_set_at: None,
         }
     }
 
@@ -105,6 +110,9 @@ impl Balloon {
         let pages = u32::try_from(bytes / PAGE).unwrap_or(u32::MAX);
         let changed = pages != self.target_pages;
         self.target_pages = pages;
+        if changed {
+            self.target_set_at = Some(std::time::Instant::now());
+        }
         changed
     }
 
@@ -348,7 +356,15 @@ impl VirtioDevice for Balloon {
             let mut hold = false;
             if let Some(descs) = descs {
                 match role {
-                    Role::Inflate => self.inflate(&descs, ram),
+                    Role::Inflate => {
+                        let t = std::time::Instant::now();
+                        if let Some(at) = self.target_set_at.take() {
+                            self.metrics.last_target_to_inflate_ns = u64::try_from(t.duration_since(at).as_nanos()).unwrap_or(u64::MAX);
+                        }
+                        self.inflate(&descs, ram);
+                        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        self.metrics.inflate_ns = self.metrics.inflate_ns.saturating_add(ns);
+                    }
                     Role::Deflate => self.deflate(&descs, ram),
                     Role::Reporting => self.report(&descs, ram),
                     Role::Stats => {
@@ -384,9 +400,10 @@ impl VirtioDevice for Balloon {
     }
 
     fn reset(&mut self) {
-        // The pages stay in the balloon's accounting: the guest's memory
-        // is not given back by a reset, and a new driver starts over with
-        // `actual` = 0 (its released pages read as zero, which is fine).
+        // After a reset all memory is the guest's again (a new driver starts
+        // with an empty balloon, as after a reboot): pages released so far
+        // read as zero and fault back in on touch.
+        self.pages = BalloonPages::new(self.ram_bytes, self.host_page);
         self.acked = 0;
         self.actual_pages = 0;
         self.stats_head = None;

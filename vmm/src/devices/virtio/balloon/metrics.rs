@@ -19,6 +19,13 @@ pub struct BalloonMetrics {
     pub release_calls: u64,
     /// Nanoseconds spent in those calls.
     pub release_ns: u64,
+    /// Nanoseconds spent handling inflate notifications (reading and
+    /// checking PFNs, bookkeeping and the release calls).
+    pub inflate_ns: u64,
+    /// Nanoseconds from the last target change to the guest's first inflate
+    /// notification after it (the guest's reaction: noticing the change,
+    /// allocating, filling the PFN array).
+    pub last_target_to_inflate_ns: u64,
     /// Bytes the guest reported free (free page reporting).
     pub reported_bytes: u64,
     /// Host bytes released for free page reporting (part of `released_bytes`).

@@ -154,7 +154,10 @@ impl BalloonPages {
 /// run is one system call.
 #[must_use]
 pub fn runs(units: &mut [u64]) -> Vec<(u64, u64)> {
-    units.sort_unstable();
+    // PFN arrays usually come in ascending runs: skip the sort then.
+    if !units.is_sorted() {
+        units.sort_unstable();
+    }
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &u in units.iter() {
         match out.last_mut() {
