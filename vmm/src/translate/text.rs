@@ -132,3 +132,17 @@ pub fn reading(mode: TranslationMode) -> &'static str {
         TranslationMode::Unknown => "unknown host mode: read the three counts as bounds",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_show_set_bits_by_name_and_clear_ones_as_dashes() {
+        let f = Flags::decode(0x8000_0000_0000_0083);
+        assert_eq!(flags(&f), "P RW -- --- --- - - PS - NX");
+        assert_eq!(size(2 << 20), "2 MiB");
+        assert!(reading(TranslationMode::PvmShadow).contains("no 2D walk"));
+        assert!(reading(TranslationMode::Ept).contains("nested count"));
+    }
+}
