@@ -7,7 +7,10 @@
 //! is emulated on the reference host (~0.2-0.3 ms per fault here).
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+use std::time::{Duration, Instant};
+
 use memvisor_tests::Vmm;
+use memvisor_tests::vmm::TempDir;
 use serde_json::Value;
 
 const POLICIES: [&str; 3] = ["fifo", "clock", "lru"];
@@ -101,12 +104,19 @@ fn protection_faults_and_invalid_accesses_are_reported_and_kill_the_task() {
     let p = paging("frames=4,probe=ro");
     assert_eq!(p["killed"]["kind"], "protection", "{p}");
     assert_eq!(n(&p, "killed.error_code"), 0x7);
+    // The argument page, user_layout::ARGS in the guest kernel.
+    assert_eq!(n(&p, "killed.address"), 0x80_0020_0000);
+    // The probe comes after all (default 4 x 5 pages) accesses.
+    assert_eq!(n(&p, "guest.accesses_checked"), 20, "{p}");
     // probe=wild: a read just past the region, where nothing is mapped (U).
     let p = paging("frames=4,pages=5,probe=wild");
     assert_eq!(p["killed"]["kind"], "invalid", "{p}");
     assert_eq!(n(&p, "killed.error_code"), 0x4);
     assert_eq!(n(&p, "killed.address"), 0x80_4000_0000 + 5 * 4096);
-    // The accesses before the probe still ran and checked out.
+    // The accesses before the probe still ran and checked out (the count
+    // shows the guest's report arrived; mismatches alone would read 0
+    // without one).
+    assert_eq!(n(&p, "guest.accesses_checked"), 20, "{p}");
     assert_eq!(n(&p, "guest.mismatches"), 0);
 }
 
@@ -144,4 +154,53 @@ fn bad_paging_specs_are_refused() {
     Vmm::run_json(["--workload", "paging:policy=mru"]).output().assert_error(&["invalid workload parameter"]);
     Vmm::run_json(["--workload", "paging:frames=0"]).output().assert_error(&["frames must be"]);
     Vmm::run_json(["--workload", "cow:pages=1000"]).output().assert_error(&["pages must be"]);
+}
+
+/// `vmm ctl SOCKET ARGS...`.
+fn ctl(socket: &std::path::Path, args: &[&str]) -> memvisor_tests::RunResult {
+    args.iter().fold(Vmm::new(["ctl"]).arg(socket), |v, a| v.arg(a)).output()
+}
+
+/// Waits until `socket` answers `status` with a state containing `state`.
+fn wait_state(socket: &std::path::Path, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "the VM never reached state {state}");
+        if socket.exists() {
+            let r = ctl(socket, &["status"]);
+            if r.code() == 0 && r.stdout.contains(state) {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn snapshots_are_refused_while_the_swap_device_holds_a_running_guests_pages() {
+    // The swap store lives outside guest RAM and is not saved: a restored
+    // guest would read zeros where its swapped-out data was.
+    let dir = TempDir::new("paging-snapshot");
+    let socket = dir.path().join("api.sock");
+    let vm = Vmm::run_json(["--mem", "64M", "--workload", "paging:policy=fifo,frames=4,pages=5,accesses=1000000", "--api-socket"]).arg(&socket).spawn();
+    wait_state(&socket, "\"running\"");
+    // Every access faults and writes back from the fifth on (~0.3 ms each):
+    // within a second the store holds all five pages.
+    std::thread::sleep(Duration::from_secs(1));
+    let snap = dir.path().join("mid");
+    ctl(&socket, &["snapshot", "--full", snap.to_str().unwrap()]).assert_error(&["swap device", "snapshots do not save"]);
+    assert!(!snap.exists(), "a refused snapshot left {snap:?}");
+    ctl(&socket, &["shutdown"]).assert_success();
+    vm.wait(Duration::from_secs(30)).assert_success();
+
+    // After the workload the store is dead data: snapshots are allowed.
+    let socket = dir.path().join("api2.sock");
+    let vm = Vmm::run_json(["--mem", "64M", "--workload", "paging:policy=fifo,frames=4,pages=5", "--api-socket"]).arg(&socket).spawn();
+    wait_state(&socket, "\"idle\"");
+    let snap = dir.path().join("after");
+    ctl(&socket, &["snapshot", "--full", snap.to_str().unwrap()]).assert_success();
+    ctl(&socket, &["shutdown"]).assert_success();
+    let report = vm.wait(Duration::from_secs(30));
+    report.assert_success();
+    assert!(n(&report.json(), "swap_device.slots_used") > 0, "the second run never swapped: {}", report.stdout);
 }

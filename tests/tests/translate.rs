@@ -218,3 +218,42 @@ fn walk_agrees_with_kvm_translate_for_random_addresses_under_every_leaf_size() {
         }
     }
 }
+
+#[test]
+fn a_paused_workload_task_shows_its_own_user_mappings() {
+    let dir = TempDir::new("translate-paused");
+    let socket = dir.path().join("api.sock");
+    // A long translation workload: most of its time is spent inside the
+    // ring-3 task, whose address space maps the buffer at USER_HEAP_BASE
+    // with 4 KiB user leaves.
+    let spec = "translation:ws=256M,reps=200,steps=4000000";
+    let mut vm = Vmm::run_json(["--mem", "512M", "--guest-page", "4k", "--skip-selftest", "--workload", spec, "--api-socket"]).arg(&socket).spawn();
+    let heap = memvisor_abi::layout::USER_HEAP_BASE;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = None;
+    while Instant::now() < deadline && seen.is_none() {
+        assert!(!vm.has_exited(), "the VM ended before a translation inside the task");
+        if UnixStream::connect(&socket).is_err() {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let p = request(&socket, "{\"cmd\":\"pause\"}");
+        assert_eq!(p["ok"], Value::Bool(true), "{p}");
+        let t = request(&socket, &format!("{{\"cmd\":\"translate\",\"gva\":{}}}", heap + 0x12_3456));
+        if t["ok"] == Value::Bool(true) {
+            seen = Some(t);
+        }
+        assert_eq!(request(&socket, "{\"cmd\":\"resume\"}")["ok"], Value::Bool(true));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = seen.expect("a pause landed while the task ran");
+    let d = &t["data"];
+    assert_eq!(u(&d["leaf_bytes"]), 4096, "{d}");
+    assert_eq!((d["user"].as_bool(), d["writable"].as_bool(), d["no_execute"].as_bool()), (Some(true), Some(true), Some(true)), "{d}");
+    assert_eq!(d["steps"].as_array().map(Vec::len), Some(4));
+    assert!(d["steps"].as_array().expect("steps").iter().all(|s| s["flags"]["us"] == Value::Bool(true)), "U/S at every level for a user page: {d}");
+    assert_eq!(d["kvm"]["agrees"], Value::Bool(true));
+    assert_eq!(u(&d["gpa"]) & 0xfff, 0x456);
+    request(&socket, "{\"cmd\":\"shutdown\"}");
+    vm.wait(Duration::from_secs(60)).assert_success();
+}

@@ -83,6 +83,15 @@ fn a_buffer_larger_than_one_buddy_block_is_built_from_several() {
 }
 
 #[test]
+fn a_working_set_larger_than_free_ram_fails_cleanly() {
+    // 256 MiB of guest RAM cannot hold a 256 MiB buffer beside the kernel:
+    // the guest says so and exits nonzero instead of looping or faulting.
+    let r = Vmm::new(["run", "--mem", "256M", "--skip-selftest", "--workload", "translation:ws=256M,reps=1,steps=10"]).timeout(std::time::Duration::from_secs(60)).output();
+    assert_ne!(r.code(), 0, "{}", r.describe());
+    assert!(r.stdout.contains("cannot build a 268435456 byte translation buffer"), "{}", r.describe());
+}
+
+#[test]
 fn bad_translation_workloads_are_refused() {
     let r = Vmm::new(["run", "--workload", "translation:ws=3M"]).output();
     r.assert_error(&["power of two"]);

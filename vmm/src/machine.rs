@@ -302,6 +302,16 @@ impl Machine {
             // saved yet; a restore would lose them.
             return Err(crate::snapshot::SnapshotError::Unsupported("snapshots of a VM with a balloon device are not supported yet".into()));
         }
+        let swapped = self.devices.swap.slots_used();
+        if swapped > 0 && self.guest_idle.is_none() {
+            // The swap store is host memory outside guest RAM and is not
+            // saved: a restored guest would read zeros for pages it swapped
+            // out. Once the guest idles its workload is over and the store
+            // is dead data.
+            return Err(crate::snapshot::SnapshotError::Unsupported(format!(
+                "the guest has {swapped} pages in the swap device, whose store snapshots do not save; take the snapshot before the paging workload swaps or after it ends"
+            )));
+        }
         let tracker = self.tracker.as_mut().ok_or(crate::snapshot::SnapshotError::NoBase)?;
         let live = crate::snapshot::Live {
             kvm: self.vm.kvm(),

@@ -66,6 +66,12 @@ fn run_task(k: &mut Kernel, spec: &WorkloadSpec) -> Result<TaskExit, MapError> {
             break;
         }
         let Some(pa) = k.frames_alloc(order) else {
+            // Smaller blocks, down to the leaf size; below that the buffer
+            // cannot be built (not enough free RAM).
+            if order == min_order {
+                result = Err(MapError::OutOfFrames);
+                break;
+            }
             order -= 1;
             continue;
         };

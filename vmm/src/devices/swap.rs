@@ -25,9 +25,32 @@ use vm_memory::{Bytes, GuestAddress};
 
 /// Size of a frame and of a swap slot.
 const PAGE: usize = 4096;
-/// Most swap slots: 1 GiB of swapped pages (the guest's regions are far
-/// smaller; the bound keeps a guest from growing the VMM without end).
-pub const MAX_SLOTS: u64 = 1 << 18;
+/// Most swap slots: 64 MiB of swapped pages. The guest's paging region is
+/// at most 4096 pages (`workload::MAX_PAGING_PAGES`, slot = page index), so
+/// this is four times what it can use; the bound is what a guest that
+/// writes every slot makes the VMM allocate, so it is kept small (the VMM's
+/// own footprint beyond guest RAM is ~1 MiB otherwise).
+pub const MAX_SLOTS: u64 = 1 << 14;
+
+/// Why a swap request was refused (each answered with `SWAP_STATUS_ERROR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SwapError {
+    /// The request itself does not lie in guest RAM.
+    #[error("request at {0:#x} is outside guest RAM")]
+    RequestOutsideRam(u64),
+    /// `op` is no [`SwapOp`].
+    #[error("unknown operation {0}")]
+    UnknownOp(u32),
+    /// The frame (or a copy's source) is not 4 KiB-aligned.
+    #[error("frame {0:#x} is not 4 KiB-aligned")]
+    Misaligned(u64),
+    /// The frame (or a copy's source) is not wholly in guest RAM.
+    #[error("frame {0:#x} is outside guest RAM")]
+    FrameOutsideRam(u64),
+    /// The slot is beyond the swap area.
+    #[error("slot {0} is beyond the swap area ({MAX_SLOTS} slots)")]
+    SlotOutOfRange(u64),
+}
 
 /// What the device did in a run.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
@@ -60,13 +83,19 @@ impl SwapDevice {
         SwapStats { slots_used: self.slots.len() as u64, ..self.stats.clone() }
     }
 
+    /// Swap slots holding data (pages a guest evicted and may read back).
+    #[must_use]
+    pub fn slots_used(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Performs the request at guest-physical `request` and writes its
     /// status back (when the request itself is readable).
     pub fn handle<M: Bytes<GuestAddress>>(&mut self, mem: &M, request: u64) {
         let mut bytes = [0u8; size_of::<SwapRequest>()];
         let Some(mut req) = mem.read_slice(&mut bytes, GuestAddress(request)).ok().and_then(|()| SwapRequest::from_bytes(&bytes)) else {
             self.stats.errors += 1;
-            log::warn!("swap request at {request:#x} is outside guest RAM; ignored");
+            log::warn!("swap request ignored: {}", SwapError::RequestOutsideRam(request));
             return;
         };
         req.status = match self.perform(mem, &req) {
@@ -81,27 +110,26 @@ impl SwapDevice {
         let _ = mem.write_slice(req.as_bytes(), GuestAddress(request));
     }
 
-    fn perform<M: Bytes<GuestAddress>>(&mut self, mem: &M, req: &SwapRequest) -> Result<(), &'static str> {
-        let op = SwapOp::from_raw(req.op).ok_or("unknown operation")?;
+    fn perform<M: Bytes<GuestAddress>>(&mut self, mem: &M, req: &SwapRequest) -> Result<(), SwapError> {
+        let op = SwapOp::from_raw(req.op).ok_or(SwapError::UnknownOp(req.op))?;
         if req.gpa % PAGE as u64 != 0 {
-            return Err("frame not 4 KiB-aligned");
+            return Err(SwapError::Misaligned(req.gpa));
         }
         let frame = GuestAddress(req.gpa);
-        let outside = |_| "frame outside guest RAM";
+        let outside = |_| SwapError::FrameOutsideRam(req.gpa);
+        let check_slot = || if req.slot < MAX_SLOTS { Ok(()) } else { Err(SwapError::SlotOutOfRange(req.slot)) };
         match op {
             SwapOp::Write => {
-                if req.slot >= MAX_SLOTS {
-                    return Err("slot beyond the swap area");
-                }
-                let mut page = Box::new([0u8; PAGE]);
-                mem.read_slice(&mut page[..], frame).map_err(outside)?;
-                self.slots.insert(req.slot, page);
+                check_slot()?;
+                // Read first, so a refused write changes no slot; rewriting
+                // a slot reuses its buffer.
+                let mut page = [0u8; PAGE];
+                mem.read_slice(&mut page, frame).map_err(outside)?;
+                **self.slots.entry(req.slot).or_insert_with(|| Box::new([0u8; PAGE])) = page;
                 self.stats.writes += 1;
             }
             SwapOp::Read => {
-                if req.slot >= MAX_SLOTS {
-                    return Err("slot beyond the swap area");
-                }
+                check_slot()?;
                 // A never-written slot reads as zeros, like a fresh disk.
                 let zero = [0u8; PAGE];
                 let page = self.slots.get(&req.slot).map_or(&zero, |p| &**p);
@@ -114,10 +142,10 @@ impl SwapDevice {
             }
             SwapOp::Copy => {
                 if req.slot % PAGE as u64 != 0 {
-                    return Err("source frame not 4 KiB-aligned");
+                    return Err(SwapError::Misaligned(req.slot));
                 }
                 let mut page = [0u8; PAGE];
-                mem.read_slice(&mut page, GuestAddress(req.slot)).map_err(outside)?;
+                mem.read_slice(&mut page, GuestAddress(req.slot)).map_err(|_| SwapError::FrameOutsideRam(req.slot))?;
                 mem.write_slice(&page, frame).map_err(outside)?;
                 self.stats.copies += 1;
             }
@@ -174,6 +202,48 @@ mod tests {
         assert_eq!(request(&mut dev, &mem, SwapOp::Read as u32, 1 << 30, 0), SWAP_STATUS_ERROR);
         assert_eq!(request(&mut dev, &mem, SwapOp::Copy as u32, 0x1000, 1 << 30), SWAP_STATUS_ERROR);
         dev.handle(&mem, 1 << 40);
-        assert_eq!(dev.stats().errors, 6);
+        // A request straddling the end of RAM is outside it too.
+        dev.handle(&mem, 16 * PAGE as u64 - 8);
+        assert_eq!(dev.stats().errors, 7);
+    }
+
+    #[test]
+    fn rewriting_a_slot_keeps_one_buffer_and_a_refused_write_changes_no_slot() {
+        let (mem, mut dev) = (memory(), SwapDevice::default());
+        for fill in [1u8, 2] {
+            mem.write_slice(&[fill; PAGE], GuestAddress(0x1000)).unwrap();
+            assert_eq!(request(&mut dev, &mem, SwapOp::Write as u32, 0x1000, 3), SWAP_STATUS_OK);
+        }
+        assert_eq!(request(&mut dev, &mem, SwapOp::Read as u32, 0x2000, 3), SWAP_STATUS_OK);
+        let mut back = [0u8; PAGE];
+        mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
+        assert!(back.iter().all(|&b| b == 2), "the last write wins");
+        // A frame outside RAM: refused, slot 4 is not allocated and slot 3
+        // keeps its data.
+        assert_eq!(request(&mut dev, &mem, SwapOp::Write as u32, 1 << 30, 4), SWAP_STATUS_ERROR);
+        assert_eq!(request(&mut dev, &mem, SwapOp::Write as u32, 1 << 30, 3), SWAP_STATUS_ERROR);
+        assert_eq!(dev.slots_used(), 1);
+        assert_eq!(request(&mut dev, &mem, SwapOp::Read as u32, 0x2000, 3), SWAP_STATUS_OK);
+        mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
+        assert!(back.iter().all(|&b| b == 2));
+    }
+
+    #[test]
+    fn every_refusal_names_its_reason() {
+        let (mem, mut dev) = (memory(), SwapDevice::default());
+        let req = |op, gpa, slot| SwapRequest { op, status: 0, gpa, slot };
+        let cases = [
+            (req(99, 0x1000, 0), SwapError::UnknownOp(99)),
+            (req(SwapOp::Zero as u32, 0x1008, 0), SwapError::Misaligned(0x1008)),
+            (req(SwapOp::Zero as u32, 16 * PAGE as u64, 0), SwapError::FrameOutsideRam(16 * PAGE as u64)),
+            (req(SwapOp::Read as u32, 0x1000, MAX_SLOTS), SwapError::SlotOutOfRange(MAX_SLOTS)),
+            (req(SwapOp::Write as u32, !0xfff, 0), SwapError::FrameOutsideRam(!0xfff)),
+            (req(SwapOp::Copy as u32, 0x1000, 0x1010), SwapError::Misaligned(0x1010)),
+            (req(SwapOp::Copy as u32, 0x1000, 1 << 30), SwapError::FrameOutsideRam(1 << 30)),
+        ];
+        for (r, want) in cases {
+            assert_eq!(dev.perform(&mem, &r), Err(want), "{r:?}");
+        }
+        assert_eq!(SwapError::SlotOutOfRange(7).to_string(), format!("slot 7 is beyond the swap area ({MAX_SLOTS} slots)"));
     }
 }

@@ -227,9 +227,9 @@ pub struct KvmCheck {
     pub valid: bool,
     /// KVM's guest-physical address.
     pub gpa: u64,
-    /// KVM's `writeable`.
+    /// KVM's `writeable` (x86 KVM always answers 1: not compared).
     pub writeable: bool,
-    /// KVM's `usermode`.
+    /// KVM's `usermode` (x86 KVM always answers 0: not compared).
     pub usermode: bool,
     /// Whether it agrees with our walk (`None` when the ioctl failed).
     pub agrees: Option<bool>,

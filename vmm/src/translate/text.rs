@@ -74,7 +74,9 @@ pub fn to_text(e: &Explanation) -> String {
     );
     match (&e.kvm.agrees, &e.kvm.error) {
         (Some(true), _) => {
-            let _ = writeln!(s, "  KVM_TRANSLATE agrees: {:#x} (writeable {}, usermode {})", e.kvm.gpa, e.kvm.writeable, e.kvm.usermode);
+            // x86 KVM fills `writeable` and `usermode` with constants, so
+            // only the address is compared.
+            let _ = writeln!(s, "  KVM_TRANSLATE agrees: {:#x} (its own walk; x86 KVM does not report permissions)", e.kvm.gpa);
         }
         (_, Some(err)) => {
             let _ = writeln!(s, "  KVM_TRANSLATE not available on this host ({err}); the walk is not cross-checked");
@@ -128,5 +130,19 @@ pub fn reading(mode: TranslationMode) -> &'static str {
             "a TLB miss pays the shadow count; there is no 2D walk. Guest page-table updates trap to KVM instead"
         }
         TranslationMode::Unknown => "unknown host mode: read the three counts as bounds",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_show_set_bits_by_name_and_clear_ones_as_dashes() {
+        let f = Flags::decode(0x8000_0000_0000_0083);
+        assert_eq!(flags(&f), "P RW -- --- --- - - PS - NX");
+        assert_eq!(size(2 << 20), "2 MiB");
+        assert!(reading(TranslationMode::PvmShadow).contains("no 2D walk"));
+        assert!(reading(TranslationMode::Ept).contains("nested count"));
     }
 }

@@ -19,7 +19,7 @@ use memvisor_abi::layout::PAGE_SIZE;
 use memvisor_abi::msg::Report;
 use memvisor_abi::paging::{Policy, SwapOp};
 use memvisor_abi::workload::{Event, PAGING_MEASURE, PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, WorkloadSpec};
-use memvisor_guest_mm::fault::{FaultKind, PageInfo, classify};
+use memvisor_guest_mm::fault::{ERR_PRESENT, FaultKind, PageInfo, classify};
 use memvisor_guest_mm::paging::{MapError, PageSize, PageTableEntry as Pte, VirtAddr};
 use memvisor_guest_mm::replace::Replacer;
 use memvisor_user::args::Range;
@@ -215,8 +215,13 @@ pub fn run(k: &mut Kernel, spec: &WorkloadSpec, tsc_khz: u64) -> u32 {
     match exit {
         TaskExit::Exited(mismatches) => u32::try_from(mismatches).unwrap_or(u32::MAX),
         TaskExit::Faulted(f) => {
-            let asked = (probe == PAGING_PROBE_READ_ONLY && f.error & 1 != 0) || (probe == PAGING_PROBE_WILD && f.error & 1 == 0);
-            if asked { 0 } else { EXIT_KILLED }
+            // Only the probe's own #PF, at the address it targets, counts as
+            // asked for: a task killed by a swap I/O error (a not-present
+            // fault in the region) or by another exception must not pass.
+            let pf = f.vector == crate::idt::PAGE_FAULT;
+            let ro = probe == PAGING_PROBE_READ_ONLY && f.cr2 == user_layout::ARGS && f.error & ERR_PRESENT != 0;
+            let wild = probe == PAGING_PROBE_WILD && f.cr2 == REGION_BASE + pages * PAGE_SIZE && f.error & ERR_PRESENT == 0;
+            if pf && (ro || wild) { 0 } else { EXIT_KILLED }
         }
     }
 }

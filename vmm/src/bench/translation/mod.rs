@@ -138,6 +138,9 @@ pub struct TranslationResults {
     pub cells: Vec<Cell>,
     /// Wall time, seconds.
     pub seconds: f64,
+    /// The host's 1-minute load average at the start and the end (other
+    /// work on the machine shows up as noise in the min–max spread).
+    pub load_average: (Option<f64>, Option<f64>),
 }
 
 /// What the results mean on a host in `mode`.
@@ -216,6 +219,7 @@ fn failed(mut c: Cell, status: CellStatus, why: &str) -> Cell {
 /// fail are recorded as failed, not fatal.
 pub fn run(args: &TranslationArgs) -> Result<u32, String> {
     let start = std::time::Instant::now();
+    let load_start = crate::bench::boot::load_average();
     let ws_list = sizes(args.ws.as_deref(), if args.quick { "4M,64M" } else { "4M,16M,64M,256M,1G,4G" })?;
     let leaves: Vec<GuestPage> = list(args.leaves.as_deref(), if args.quick { "4k,2m" } else { "4k,2m,1g" })?;
     let backings: Vec<Backing> = list(args.backings.as_deref(), if args.quick { "anon,thp" } else { "anon,thp,hugetlb-2m,hugetlb-1g" })?;
@@ -314,6 +318,7 @@ pub fn run(args: &TranslationArgs) -> Result<u32, String> {
         steps,
         cells,
         seconds: start.elapsed().as_secs_f64(),
+        load_average: (load_start, crate::bench::boot::load_average()),
     };
     let written = output::write_all(&results, &args.out)?;
     if args.json {

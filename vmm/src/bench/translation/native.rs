@@ -25,7 +25,9 @@ pub struct NativeRun {
 /// # Errors
 /// [`MemoryError`] when the buffer cannot be mapped.
 pub fn run(backing: Backing, bytes: u64, workloads: &[Workload], reps: u64, steps: u64, seed: u64) -> Result<Vec<(Workload, NativeRun)>, MemoryError> {
-    let buffer = HostMapping::new(backing, bytes)?;
+    // A hugetlb mapping is a whole number of its pages (a 4 MiB buffer of
+    // 1 GiB pages maps one page and uses its first 4 MiB).
+    let buffer = HostMapping::new(backing, bytes.next_multiple_of(backing.hugetlb_page_size().unwrap_or(4096)))?;
     let base = buffer.as_ptr();
     let mut out = Vec::new();
     for &w in workloads {

@@ -136,7 +136,8 @@ pub fn markdown(r: &TranslationResults) -> String {
             let _ = writeln!(s, "- {n}");
         }
     }
-    let _ = writeln!(s, "\nWall time {:.0} s.", r.seconds);
+    let load = |l: Option<f64>| l.map_or_else(|| "?".to_string(), |v| format!("{v:.2}"));
+    let _ = writeln!(s, "\nWall time {:.0} s; 1-minute load average {} at the start, {} at the end.", r.seconds, load(r.load_average.0), load(r.load_average.1));
     s
 }
 
@@ -155,4 +156,62 @@ pub fn write_all(r: &TranslationResults, dir: &Path) -> Result<Vec<PathBuf>, Str
     }
     written.extend(super::plot::write_plots(r, dir)?);
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::bench::translation::{Cell, Ns};
+    use crate::config::Backing;
+    use crate::host::TranslationMode;
+
+    fn results() -> TranslationResults {
+        let ok = Cell {
+            workload: "chase-page",
+            ws: 4 << 20,
+            leaf: "4k".into(),
+            backing: Backing::Anon,
+            status: CellStatus::Ok,
+            reason: None,
+            ns: Some(Ns { n: 5, median: 12.5, min: 10.0, max: 300.0 }),
+            ratio: Some(1.25),
+            kvm_warm: BTreeMap::from([("pages_4k".to_string(), 1024)]),
+            kvm_timed: BTreeMap::new(),
+        };
+        let na = Cell { leaf: "1g".into(), status: CellStatus::NotAvailable, reason: Some("no 1 GiB pages".into()), ns: None, ratio: None, ..ok.clone() };
+        TranslationResults {
+            command: "vmm bench translation".into(),
+            mode: TranslationMode::PvmShadow,
+            mode_description: TranslationMode::PvmShadow.describe(),
+            reading: "r".into(),
+            tsc_khz: 2_500_000,
+            reps: 5,
+            steps: 1 << 20,
+            cells: vec![ok, na],
+            seconds: 1.0,
+            load_average: (Some(0.5), None),
+        }
+    }
+
+    #[test]
+    fn csv_has_a_row_per_cell_with_stats_and_reasons() {
+        let text = csv(&results());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("workload,ws_bytes,leaf,backing,status,median_ns"));
+        assert!(lines[1].starts_with("chase-page,4194304,4k,anon,ok,12.500,10.000,300.000,5,1.250,1024,0"), "{}", lines[1]);
+        assert!(lines[2].contains("not-available") && lines[2].ends_with("\"no 1 GiB pages\""), "{}", lines[2]);
+    }
+
+    #[test]
+    fn markdown_shows_the_spread_the_ratio_and_why_cells_are_missing() {
+        let text = markdown(&results());
+        assert!(text.contains("| anon | 4k | 12.5 [10.0–300] ×1.25 |"), "{text}");
+        assert!(text.contains("| anon | 1g | n/a¹ |"));
+        assert!(text.contains("¹ not available: no 1 GiB pages"));
+        assert!(text.contains("shadow paging"));
+        assert!(text.contains("load average 0.50 at the start, ? at the end"));
+    }
 }
