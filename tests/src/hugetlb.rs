@@ -68,6 +68,24 @@ impl PageSize {
     }
 }
 
+/// How many times [`Reservation::reserve`] drops caches and compacts before
+/// it reports a shortfall.
+const RETRIES: u32 = 3;
+
+/// Writes back dirty data, drops the clean page cache and compacts memory, so
+/// that a following hugetlb pool increase finds contiguous free memory.
+/// Failures are reported and otherwise ignored: the retry then says whether
+/// the pool grew.
+fn make_contiguous_memory() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    for (knob, value) in [("/proc/sys/vm/drop_caches", "1\n"), ("/proc/sys/vm/compact_memory", "1\n")] {
+        if let Err(e) = std::fs::write(knob, value) {
+            eprintln!("memvisor-tests: cannot write {knob}: {e}");
+        }
+    }
+}
+
 /// An exclusive hold on [`LOCK_PATH`]; closing the file releases it.
 #[derive(Debug)]
 pub struct PoolLock {
@@ -120,11 +138,24 @@ impl Reservation {
         let lock = PoolLock::acquire();
         let previous = size.pool()?;
         let r = Reservation { size, previous, _lock: lock };
-        let available = size.available()?;
-        if available < pages {
-            size.set_pool(previous + (pages - available))?;
+        let target = previous + pages.saturating_sub(size.available()?);
+        let mut now = size.available()?;
+        // A huge page needs physically contiguous free memory. After a build
+        // the host's free memory is mostly clean page cache, which the
+        // kernel's allocation of a 1 GiB page (alloc_contig_range) cannot
+        // always move out of the way: drop the clean cache, compact, and ask
+        // again before giving up (admin-guide/sysctl/vm.rst, drop_caches and
+        // compact_memory). Both only discard or move reclaimable memory.
+        for attempt in 0..=RETRIES {
+            if now >= pages {
+                break;
+            }
+            if attempt > 0 {
+                make_contiguous_memory();
+            }
+            size.set_pool(target)?;
+            now = size.available()?;
         }
-        let now = size.available()?;
         if now < pages {
             return Err(format!(
                 "the host refused to reserve {pages} hugetlb pages of {} KiB: after raising nr_hugepages from {previous} to {} only {now} are free \
