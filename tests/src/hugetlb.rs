@@ -62,24 +62,54 @@ impl PageSize {
         Ok(self.read("free_hugepages")?.saturating_sub(self.read("resv_hugepages")?))
     }
 
+    /// Raises the pool to `target` pages, as far as the host allows.
+    ///
+    /// A huge page needs physically contiguous free memory. After a build
+    /// the host's free memory is mostly clean page cache, and dentry and
+    /// inode slabs sit in pageblocks across every 1 GiB range; the kernel's
+    /// allocation of a 1 GiB page (alloc_contig_range) cannot move slab out
+    /// of the way. So when the pool falls short, this drops the clean cache
+    /// and the reclaimable slab, compacts, and asks again
+    /// (admin-guide/sysctl/vm.rst: drop_caches = 3, compact_memory); both
+    /// only discard or move reclaimable memory. Seen on the reference host:
+    /// with only the cache dropped (1) a 1 GiB page still failed, with the
+    /// slab dropped too (3) it was granted.
+    fn grow_pool(self, target: u64) -> Result<(), String> {
+        for attempt in 0..=RETRIES {
+            if attempt > 0 {
+                // Pages in flight (freed by a VM that just exited, or being
+                // reported to this machine's own hypervisor) settle within a
+                // second or so.
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                make_contiguous_memory();
+            }
+            self.set_pool(target)?;
+            if self.pool()? >= target {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn set_pool(self, pages: u64) -> Result<(), String> {
         let p = self.sysfs_dir().join("nr_hugepages");
         std::fs::write(&p, format!("{pages}\n")).map_err(|e| format!("cannot write {pages} to {}: {e}", p.display()))
     }
 }
 
-/// How many times [`Reservation::reserve`] drops caches and compacts before
-/// it reports a shortfall.
-const RETRIES: u32 = 3;
+/// How many times a pool increase drops caches and compacts before it gives
+/// up.
+const RETRIES: u32 = 5;
 
-/// Writes back dirty data, drops the clean page cache and compacts memory, so
-/// that a following hugetlb pool increase finds contiguous free memory.
+/// Writes back dirty data, drops the clean page cache and the reclaimable
+/// slab, and compacts memory, so that a following hugetlb pool increase finds
+/// contiguous free memory.
 /// Failures are reported and otherwise ignored: the retry then says whether
 /// the pool grew.
 fn make_contiguous_memory() {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
-    for (knob, value) in [("/proc/sys/vm/drop_caches", "1\n"), ("/proc/sys/vm/compact_memory", "1\n")] {
+    for (knob, value) in [("/proc/sys/vm/drop_caches", "3\n"), ("/proc/sys/vm/compact_memory", "1\n")] {
         if let Err(e) = std::fs::write(knob, value) {
             eprintln!("memvisor-tests: cannot write {knob}: {e}");
         }
@@ -122,6 +152,9 @@ impl PoolLock {
 /// A hugetlb pool set up for one test; the old pool size comes back on drop.
 #[derive(Debug)]
 pub struct Reservation {
+    // Dropped first: the held pages go back to the pool before the pool's
+    // size is restored.
+    _held: Option<HeldPages>,
     size: PageSize,
     previous: u64,
     _lock: PoolLock,
@@ -137,25 +170,12 @@ impl Reservation {
     pub fn reserve(size: PageSize, pages: u64) -> Result<Self, String> {
         let lock = PoolLock::acquire();
         let previous = size.pool()?;
-        let r = Reservation { size, previous, _lock: lock };
-        let target = previous + pages.saturating_sub(size.available()?);
-        let mut now = size.available()?;
-        // A huge page needs physically contiguous free memory. After a build
-        // the host's free memory is mostly clean page cache, which the
-        // kernel's allocation of a 1 GiB page (alloc_contig_range) cannot
-        // always move out of the way: drop the clean cache, compact, and ask
-        // again before giving up (admin-guide/sysctl/vm.rst, drop_caches and
-        // compact_memory). Both only discard or move reclaimable memory.
-        for attempt in 0..=RETRIES {
-            if now >= pages {
-                break;
-            }
-            if attempt > 0 {
-                make_contiguous_memory();
-            }
-            size.set_pool(target)?;
-            now = size.available()?;
+        let r = Reservation { _held: None, size, previous, _lock: lock };
+        let missing = pages.saturating_sub(size.available()?);
+        if missing > 0 {
+            size.grow_pool(previous + missing)?;
         }
+        let now = size.available()?;
         if now < pages {
             return Err(format!(
                 "the host refused to reserve {pages} hugetlb pages of {} KiB: after raising nr_hugepages from {previous} to {} only {now} are free \
@@ -168,21 +188,21 @@ impl Reservation {
     }
 
     /// Makes sure no page of `size` is available (for the "not reserved"
-    /// error test): frees the pool's free pages.
+    /// error test) by holding every free page in a mapping of this process,
+    /// so the pool itself never shrinks: growing it back is what can fail on
+    /// a busy host (see [`PageSize::grow_pool`]).
     ///
     /// # Errors
-    /// When the pool cannot be shrunk; the message says what is left.
+    /// When the free pages cannot be mapped; the message says what is left.
     pub fn none_available(size: PageSize) -> Result<Self, String> {
         let lock = PoolLock::acquire();
         let previous = size.pool()?;
-        let r = Reservation { size, previous, _lock: lock };
         let available = size.available()?;
-        if available > 0 {
-            size.set_pool(previous - available.min(previous))?;
-        }
+        let held = if available > 0 { Some(HeldPages::map(size, available)?) } else { None };
+        let r = Reservation { _held: held, size, previous, _lock: lock };
         let now = size.available()?;
         if now > 0 {
-            return Err(format!("cannot empty the {} KiB hugetlb pool: {now} pages still free", size.bytes() >> 10));
+            return Err(format!("cannot hold the {} KiB hugetlb pool's free pages: {now} pages still free", size.bytes() >> 10));
         }
         Ok(r)
     }
@@ -196,8 +216,46 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        // A reservation only grows the pool, so this shrinks it, which
+        // always succeeds (pages still mapped somewhere are freed when
+        // their mapping goes).
         if let Err(e) = self.size.set_pool(self.previous) {
             eprintln!("memvisor-tests: could not give back hugetlb pages: {e}");
         }
+    }
+}
+
+/// Free hugetlb pages taken out of the pool by mapping and touching them in
+/// this process (MAP_HUGETLB with the size in the MAP_HUGE_* bits, mmap(2));
+/// unmapped on drop.
+#[derive(Debug)]
+struct HeldPages {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl HeldPages {
+    fn map(size: PageSize, pages: u64) -> Result<Self, String> {
+        let len = usize::try_from(pages * size.bytes()).map_err(|e| format!("{pages} pages do not fit in memory: {e}"))?;
+        let huge = match size {
+            PageSize::M2 => libc::MAP_HUGE_2MB,
+            PageSize::G1 => libc::MAP_HUGE_1GB,
+        };
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_POPULATE | huge;
+        // SAFETY: a new anonymous mapping at an address the kernel picks;
+        // no existing memory is affected.
+        let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+        if addr == libc::MAP_FAILED {
+            return Err(format!("cannot map {pages} hugetlb pages of {} KiB: {}", size.bytes() >> 10, std::io::Error::last_os_error()));
+        }
+        Ok(HeldPages { addr, len })
+    }
+}
+
+impl Drop for HeldPages {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` is the mapping `map` made; nothing else
+        // refers to it.
+        unsafe { libc::munmap(self.addr, self.len) };
     }
 }
