@@ -152,10 +152,10 @@ fn compare_random_addresses(leaf: &str) -> (usize, usize, Vec<u64>) {
         .as_array()
         .expect("ranges")
         .iter()
-        .map(|r| (u(&r["start"]), u(&r["end"]), u(&r["gpa"]), u(&r["leaf_bytes"])))
+        .map(|r| (u(&r["start"]), u(&r["last"]), u(&r["gpa"]), u(&r["leaf_bytes"])))
         .collect();
     assert!(!ranges.is_empty());
-    let mapped = |a: u64| ranges.iter().find(|r| a >= r.0 && a < r.1);
+    let mapped = |a: u64| ranges.iter().find(|r| a >= r.0 && a <= r.1);
     let mut rng = 0x5eed_u64 ^ leaf.len() as u64;
     let (mut hits, mut misses) = (0, 0);
     let mut leaves = Vec::new();
@@ -166,7 +166,7 @@ fn compare_random_addresses(leaf: &str) -> (usize, usize, Vec<u64>) {
             if a & (1 << 47) != 0 { a | 0xffff_0000_0000_0000 } else { a }
         } else {
             let r = ranges[(next(&mut rng) % ranges.len() as u64) as usize];
-            r.0 + next(&mut rng) % (r.1 - r.0)
+            r.0 + next(&mut rng) % (r.1 - r.0 + 1)
         };
         let reply = request(&socket, &format!("{{\"cmd\":\"translate\",\"gva\":{gva}}}"));
         match mapped(gva) {
