@@ -176,6 +176,14 @@ fn wait_state(socket: &std::path::Path, state: &str) {
     }
 }
 
+/// The swap device's slots holding data, through `vmm ctl SOCKET swap`.
+fn swap_slots(socket: &std::path::Path) -> u64 {
+    let r = ctl(socket, &["swap"]);
+    r.assert_success();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{:?} is not JSON: {e}", r.stdout));
+    v["data"]["slots_used"].as_u64().unwrap_or_else(|| panic!("no slot count: {v}"))
+}
+
 #[test]
 fn snapshots_are_refused_while_the_swap_device_holds_a_running_guests_pages() {
     // The swap store lives outside guest RAM and is not saved: a restored
@@ -184,9 +192,13 @@ fn snapshots_are_refused_while_the_swap_device_holds_a_running_guests_pages() {
     let socket = dir.path().join("api.sock");
     let vm = Vmm::run_json(["--mem", "64M", "--workload", "paging:policy=fifo,frames=4,pages=5,accesses=1000000", "--api-socket"]).arg(&socket).spawn();
     wait_state(&socket, "\"running\"");
-    // Every access faults and writes back from the fifth on (~0.3 ms each):
-    // within a second the store holds all five pages.
-    std::thread::sleep(Duration::from_secs(1));
+    // Every access faults and writes back from the fifth on: wait until the
+    // device's store holds pages (bounded; the workload outlasts it).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while swap_slots(&socket) == 0 {
+        assert!(Instant::now() < deadline, "the guest put nothing in swap within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let snap = dir.path().join("mid");
     ctl(&socket, &["snapshot", "--full", snap.to_str().unwrap()]).assert_error(&["swap device", "snapshots do not save"]);
     assert!(!snap.exists(), "a refused snapshot left {snap:?}");

@@ -93,6 +93,8 @@ enum CtlCommand {
         #[command(subcommand)]
         command: BalloonCommand,
     },
+    /// Print the swap device's counters and how many slots hold data now.
+    Swap,
     /// Take a snapshot: `--full DIR` or `--diff DIR`.
     Snapshot {
         /// Save all guest memory.
@@ -300,6 +302,7 @@ fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
         CtlCommand::Pause => Request::Pause,
         CtlCommand::Resume => Request::Resume,
         CtlCommand::Shutdown => Request::Shutdown,
+        CtlCommand::Swap => Request::Swap,
         CtlCommand::DirtyLog { state, slot } => Request::DirtyLog { on: state == "on", slot },
         CtlCommand::Balloon { command } => match command {
             BalloonCommand::Set { size } => Request::BalloonSet { bytes: memvisor::config::parse_size(&size).map_err(|e| anyhow_free::chain(&e))? },
