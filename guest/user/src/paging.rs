@@ -3,12 +3,12 @@
 //!
 //! Both run in memory the kernel maps lazily: every first touch, and every
 //! touch of a page the kernel evicted, is a page fault the task never sees.
-//! What they check is that the data survives: each page's first and last
-//! words hold [`page_tag`]`(page, version)`, and the task keeps the version
+//! What they check is that the data survives: every word `w` of a page
+//! holds [`word_tag`]`(page, version, w)`, and the task keeps the version
 //! it last wrote in memory the kernel maps eagerly, so a lost write-back or a
 //! wrong page read back from swap shows up as a mismatch.
 
-use memvisor_abi::paging::{access, is_write, page_tag};
+use memvisor_abi::paging::{access, is_write, word_tag};
 use memvisor_abi::workload::{Event, PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD};
 
 use crate::args::TaskArgs;
@@ -16,29 +16,35 @@ use crate::sys::{event, exit, fork, yield_now};
 
 const PAGE_WORDS: usize = 512;
 
-/// Checks that `page` (index `p`) holds version `v`; 1 if not.
+/// Checks that every word of `page` (index `p`) holds version `v`; 1 if
+/// any does not. Ring 3 runs at native speed, so reading the whole page is
+/// cheap next to the fault that brought it in.
 ///
 /// # Safety
 /// `page` must point at a readable 4 KiB page of the task.
 #[inline(always)]
 unsafe fn mismatch(page: *const u64, p: u64, v: u64) -> u64 {
-    let t = page_tag(p, v);
-    // SAFETY: the caller's page; both words are inside it.
-    let (first, last) = unsafe { (page.read_volatile(), page.add(PAGE_WORDS - 1).read_volatile()) };
-    u64::from(first != t || last != t)
+    let mut bad = false;
+    let mut w = 0;
+    while w < PAGE_WORDS {
+        // SAFETY: the caller's page; w < PAGE_WORDS keeps the word inside it.
+        bad |= unsafe { page.add(w).read_volatile() } != word_tag(p, v, w as u64);
+        w += 1;
+    }
+    u64::from(bad)
 }
 
-/// Writes version `v` of page `p`.
+/// Writes version `v` of page `p` into every word.
 ///
 /// # Safety
 /// `page` must point at a writable 4 KiB page of the task.
 #[inline(always)]
 unsafe fn stamp(page: *mut u64, p: u64, v: u64) {
-    let t = page_tag(p, v);
-    // SAFETY: the caller's page; both words are inside it.
-    unsafe {
-        page.write_volatile(t);
-        page.add(PAGE_WORDS - 1).write_volatile(t);
+    let mut w = 0;
+    while w < PAGE_WORDS {
+        // SAFETY: the caller's page; w < PAGE_WORDS keeps the word inside it.
+        unsafe { page.add(w).write_volatile(word_tag(p, v, w as u64)) };
+        w += 1;
     }
 }
 
