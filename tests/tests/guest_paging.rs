@@ -121,7 +121,7 @@ fn protection_faults_and_invalid_accesses_are_reported_and_kill_the_task() {
 }
 
 #[test]
-fn forked_tasks_see_only_their_own_writes_and_copies_are_counted() {
+fn forked_tasks_see_only_their_own_writes_to_region_and_stack_and_copies_are_counted() {
     let r = Vmm::run_json(["--mem", "64M", "--workload", "cow:pages=64"]).output();
     r.assert_success();
     let report = r.json();
@@ -133,8 +133,14 @@ fn forked_tasks_see_only_their_own_writes_and_copies_are_counted() {
     // copied away by the parent and only get write access back.
     assert_eq!((n(c, "copies"), n(c, "reuses")), (43, 11), "{c}");
     assert_eq!((n(c, "expected_copies"), n(c, "expected_reuses")), (43, 11));
-    // The swap device made the copies (plus the four stack pages of the fork).
-    assert_eq!(n(&report, "swap_device.copies"), 43 + 4);
+    // The stack is shared copy-on-write too: the parent runs first after
+    // the fork and copies the stack pages it writes (at least the two its
+    // check buffer spans); the child's writes to those only regain write
+    // access. At most the four stack pages, each copied once.
+    let (sc, sr) = (n(c, "stack_copies"), n(c, "stack_reuses"));
+    assert!(sc >= 2 && sr >= 2 && sc <= 4 && sr <= 4, "stack copies {sc}, reuses {sr}: {c}");
+    // The swap device made every copy, and nothing was copied eagerly.
+    assert_eq!(n(&report, "swap_device.copies"), 43 + sc);
 }
 
 #[test]

@@ -178,6 +178,11 @@ pub struct CowSummary {
     pub expected_copies: u64,
     /// Write faults that should only restore write access.
     pub expected_reuses: u64,
+    /// Stack pages copied on a write fault (fork shares the stack
+    /// copy-on-write too; how many depends on the compiled code's stack use).
+    pub stack_copies: u64,
+    /// Stack write faults that only restored write access.
+    pub stack_reuses: u64,
     /// Pages where the parent saw other data than its own (None: no report).
     pub parent_mismatches: Option<u64>,
     /// Pages where the child saw other data than its own.
@@ -264,10 +269,21 @@ pub fn cow_summary(spec: &WorkloadSpec, reports: &[TimedReport]) -> Option<CowSu
     }
     let pages = spec.params[0];
     let (expected_copies, expected_reuses) = cow_expected(pages);
-    let mut s = CowSummary { pages, copies: 0, reuses: 0, expected_copies, expected_reuses, parent_mismatches: None, child_mismatches: None };
+    let mut s = CowSummary {
+        pages,
+        copies: 0,
+        reuses: 0,
+        expected_copies,
+        expected_reuses,
+        stack_copies: 0,
+        stack_reuses: 0,
+        parent_mismatches: None,
+        child_mismatches: None,
+    };
     for (event, a, b) in events(reports) {
         match event {
             Event::CowCopies => (s.copies, s.reuses) = (a, b),
+            Event::CowStackCopies => (s.stack_copies, s.stack_reuses) = (a, b),
             Event::CowChecked if a == 0 => s.parent_mismatches = Some(b),
             Event::CowChecked => s.child_mismatches = Some(b),
             _ => {}
@@ -343,12 +359,14 @@ pub fn text(outcome: &RunOutcome) -> String {
         let show = |m: Option<u64>| m.map_or("no report".to_string(), |m| format!("{m} mismatches"));
         let _ = writeln!(
             s,
-            "copy-on-write: {} pages; {} copies (expected {}), {} write faults on no-longer-shared frames (expected {}); parent {}, child {}",
+            "copy-on-write: {} pages; {} copies (expected {}), {} write faults on no-longer-shared frames (expected {}); stack {} copies, {} reuses; parent {}, child {}",
             c.pages,
             c.copies,
             c.expected_copies,
             c.reuses,
             c.expected_reuses,
+            c.stack_copies,
+            c.stack_reuses,
             show(c.parent_mismatches),
             show(c.child_mismatches)
         );
@@ -428,7 +446,8 @@ mod tests {
         assert!((s.fault_rate - 1.0).abs() < 1e-9);
         assert!(cow_summary(&spec, &reports).is_none());
         let cow = crate::workload::parse("cow:pages=16").unwrap();
-        let c = cow_summary(&cow, &[ev(Event::CowCopies, 11, 3), ev(Event::CowChecked, 1, 0)]).unwrap();
+        let c = cow_summary(&cow, &[ev(Event::CowCopies, 11, 3), ev(Event::CowStackCopies, 2, 2), ev(Event::CowChecked, 1, 0)]).unwrap();
         assert_eq!((c.copies, c.expected_copies, c.parent_mismatches, c.child_mismatches), (11, 11, None, Some(0)));
+        assert_eq!((c.stack_copies, c.stack_reuses), (2, 2));
     }
 }
