@@ -1,6 +1,6 @@
 //! `vmm bench translation --quick` end to end: it runs the whole quick
-//! matrix against real KVM and writes every output file, and each file
-//! parses as what it claims to be.
+//! matrix against real KVM and writes every output file, each file parses
+//! as what it claims to be, and `--replot` redraws the plots from the CSV.
 
 use std::time::{Duration, Instant};
 
@@ -55,5 +55,15 @@ fn quick_bench_writes_json_csv_markdown_and_plots_that_parse() {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains("guest 2m"), "{w}.svg");
         let png = read(&format!("{w}.png"));
         assert!(png.starts_with(PNG_MAGIC) && png.len() > 1000, "{w}.png is a PNG");
+    }
+
+    // --replot redraws the same plots from the CSV alone.
+    for w in WORKLOADS {
+        std::fs::remove_file(out.join(format!("{w}.svg"))).expect("remove a plot");
+    }
+    Vmm::new(["bench".as_ref(), "translation".as_ref(), "--replot".as_ref(), out.as_os_str()]).output().assert_success();
+    for w in WORKLOADS {
+        let svg = String::from_utf8(read(&format!("{w}.svg"))).expect("SVG is text");
+        assert!(svg.starts_with("<svg") && svg.contains("anon guest 4k"), "{w}.svg redrawn");
     }
 }
