@@ -50,7 +50,9 @@ pub const MAX_PAGES: u64 = 512;
 const STACK_PAGES: usize = user_layout::STACK_PAGES as usize;
 /// Frames whose sharing is counted: the pool (at most two per region page
 /// plus one copy per stack page), then the parent's own stack frames.
-const MAX_REFS: usize = 2 * MAX_PAGES as usize + 2 * STACK_PAGES;
+const MAX_REFS: usize = PARENT_STACK_REFS + STACK_PAGES;
+/// Where the parent's stack frames' counts start in `refs`.
+const PARENT_STACK_REFS: usize = 2 * MAX_PAGES as usize + STACK_PAGES;
 /// PTE bit 9, ignored by the CPU (SDM Vol. 3A §4.5, Table 4-20): the page
 /// is shared copy-on-write.
 const COW: u64 = 1 << 9;
@@ -142,7 +144,7 @@ impl Cow {
         let pa = pte & Pte::ADDR_MASK;
         let stack = self.tasks[0].stack;
         if pa >= stack && pa < stack + STACK_PAGES as u64 * PAGE_SIZE {
-            2 * MAX_PAGES as usize + STACK_PAGES + ((pa - stack) / PAGE_SIZE) as usize
+            PARENT_STACK_REFS + ((pa - stack) / PAGE_SIZE) as usize
         } else {
             (pa.wrapping_sub(self.pool) / PAGE_SIZE) as usize
         }
@@ -150,8 +152,8 @@ impl Cow {
 
     fn resolve(&mut self, kind: FaultKind, page: Shared) -> bool {
         let pte = self.pte(self.current, page);
-        // SAFETY: the PTE of a region page in the current task's table; the
-        // task is stopped in this trap.
+        // SAFETY: the PTE of a region or stack page in the current task's
+        // table; the task is stopped in this trap.
         let e = unsafe { pte.read_volatile() };
         let new = match kind {
             FaultKind::Minor if matches!(page, Shared::Region(_)) => {
@@ -326,7 +328,7 @@ fn run_tasks(k: &mut Kernel, pages: u64) -> Result<TaskExit, MapError> {
     }
     let mut refs = [0; MAX_REFS];
     // The parent owns its stack frames until fork shares them.
-    refs[2 * MAX_PAGES as usize + STACK_PAGES..].fill(1);
+    refs[PARENT_STACK_REFS..].fill(1);
     let cow = Cow {
         pages,
         pool,
