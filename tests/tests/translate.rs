@@ -152,10 +152,10 @@ fn compare_random_addresses(leaf: &str) -> (usize, usize, Vec<u64>) {
         .as_array()
         .expect("ranges")
         .iter()
-        .map(|r| (u(&r["start"]), u(&r["end"]), u(&r["gpa"]), u(&r["leaf_bytes"])))
+        .map(|r| (u(&r["start"]), u(&r["last"]), u(&r["gpa"]), u(&r["leaf_bytes"])))
         .collect();
     assert!(!ranges.is_empty());
-    let mapped = |a: u64| ranges.iter().find(|r| a >= r.0 && a < r.1);
+    let mapped = |a: u64| ranges.iter().find(|r| a >= r.0 && a <= r.1);
     let mut rng = 0x5eed_u64 ^ leaf.len() as u64;
     let (mut hits, mut misses) = (0, 0);
     let mut leaves = Vec::new();
@@ -166,7 +166,7 @@ fn compare_random_addresses(leaf: &str) -> (usize, usize, Vec<u64>) {
             if a & (1 << 47) != 0 { a | 0xffff_0000_0000_0000 } else { a }
         } else {
             let r = ranges[(next(&mut rng) % ranges.len() as u64) as usize];
-            r.0 + next(&mut rng) % (r.1 - r.0)
+            r.0 + next(&mut rng) % (r.1 - r.0 + 1)
         };
         let reply = request(&socket, &format!("{{\"cmd\":\"translate\",\"gva\":{gva}}}"));
         match mapped(gva) {
@@ -189,19 +189,42 @@ fn compare_random_addresses(leaf: &str) -> (usize, usize, Vec<u64>) {
             }
         }
     }
-    // The text form, through `vmm ctl`.
-    let (lo, _, _, _) = ranges[0];
-    let text = Vmm::new(["ctl".as_ref(), socket.as_os_str(), "translate".as_ref(), format!("{lo:#x}").as_ref()]).output();
-    text.assert_success();
-    assert!(text.stdout.contains("PML4E") && text.stdout.contains("KVM_TRANSLATE agrees") && text.stdout.contains("nested (EPT/NPT) walk"), "{}", text.stdout);
-    let maps = Vmm::new(["ctl".as_ref(), socket.as_os_str(), "translate".as_ref(), "--map".as_ref()]).output();
-    maps.assert_success();
-    assert!(maps.stdout.lines().count() > ranges.len(), "one line per range plus a header: {}", maps.stdout);
+    check_translate_command(&socket, &ranges);
     request(&socket, "{\"cmd\":\"shutdown\"}");
     vm.wait(Duration::from_secs(30)).assert_success();
     leaves.sort_unstable();
     leaves.dedup();
     (hits, misses, leaves)
+}
+
+/// `vmm translate SOCKET ...`, the top-level command, and its `vmm ctl`
+/// spelling: text for several addresses, JSON lines, the map, and a failure
+/// among successes.
+fn check_translate_command(socket: &Path, ranges: &[(u64, u64, u64, u64)]) {
+    let (lo, hi) = (ranges[0].0, ranges[ranges.len() - 1].0);
+    let both = format!("{lo:#x},{hi:#x}");
+    let text = Vmm::new(["translate".as_ref(), socket.as_os_str(), both.as_ref()]).output();
+    text.assert_success();
+    assert_eq!(text.stdout.matches("KVM_TRANSLATE agrees").count(), 2, "one explanation per address: {}", text.stdout);
+    assert!(text.stdout.contains("PML4E") && text.stdout.contains("nested (EPT/NPT) walk"), "{}", text.stdout);
+    let json = Vmm::new(["translate".as_ref(), socket.as_os_str(), both.as_ref(), "--json".as_ref()]).output();
+    json.assert_success();
+    let lines: Vec<Value> = json.stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}"))).collect();
+    assert_eq!(lines.len(), 2, "one JSON line per address: {}", json.stdout);
+    assert_eq!((u(&lines[0]["data"]["gva"]), u(&lines[1]["data"]["gva"])), (lo, hi));
+    let maps = Vmm::new(["translate".as_ref(), socket.as_os_str(), "--map".as_ref()]).output();
+    maps.assert_success();
+    assert!(maps.stdout.lines().count() > ranges.len(), "one line per range plus a header: {}", maps.stdout);
+    // An unmapped address among mapped ones: the others are still explained.
+    let mixed = format!("{lo:#x},0x7fff00001000");
+    let r = Vmm::new(["translate".as_ref(), socket.as_os_str(), mixed.as_ref()]).output();
+    assert_ne!(r.code(), 0, "{}", r.describe());
+    assert!(r.stdout.contains("KVM_TRANSLATE agrees") && r.stdout.contains("0x00007fff00001000: error:") && r.stdout.contains("not mapped"), "{}", r.describe());
+    assert!(r.stderr.contains("1 of 2 translations failed"), "{}", r.describe());
+    // `vmm ctl SOCKET translate` is the same command.
+    let ctl = Vmm::new(["ctl".as_ref(), socket.as_os_str(), "translate".as_ref(), format!("{lo:#x}").as_ref()]).output();
+    ctl.assert_success();
+    assert!(ctl.stdout.contains("KVM_TRANSLATE agrees"), "{}", ctl.stdout);
 }
 
 #[test]

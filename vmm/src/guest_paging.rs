@@ -140,13 +140,18 @@ pub struct PagingSummary {
     pub guest: GuestCounters,
     /// Faults per access, as the guest counted them.
     pub fault_rate: f64,
-    /// What the VMM's replay of the guest's policy predicts.
+    /// What the VMM's replay of the guest's policy predicts: all faults.
     pub predicted_faults: u64,
+    /// Predicted minor faults (first touches, zero-filled).
+    pub predicted_minor_faults: u64,
+    /// Predicted major faults (read back from swap).
+    pub predicted_major_faults: u64,
     /// Predicted evictions.
     pub predicted_evictions: u64,
     /// Predicted dirty write-backs.
     pub predicted_writebacks: u64,
-    /// Whether faults, evictions and write-backs match the prediction.
+    /// Whether minor faults, major faults, evictions and write-backs all
+    /// match the prediction.
     pub matches_prediction: bool,
     /// Faults of Belady's OPT on the same trace.
     pub opt_faults: u64,
@@ -173,6 +178,11 @@ pub struct CowSummary {
     pub expected_copies: u64,
     /// Write faults that should only restore write access.
     pub expected_reuses: u64,
+    /// Stack pages copied on a write fault (fork shares the stack
+    /// copy-on-write too; how many depends on the compiled code's stack use).
+    pub stack_copies: u64,
+    /// Stack write faults that only restored write access.
+    pub stack_reuses: u64,
     /// Pages where the parent saw other data than its own (None: no report).
     pub parent_mismatches: Option<u64>,
     /// Pages where the child saw other data than its own.
@@ -217,6 +227,8 @@ pub fn paging_summary(spec: &WorkloadSpec, reports: &[TimedReport]) -> Option<Pa
     let opt = opt_faults(&t.iter().map(|(p, _)| *p).collect::<Vec<_>>(), frames_n);
     let faults = g.minor_faults + g.major_faults;
     let rate = |f: u64| if accesses == 0 { 0.0 } else { f as f64 / accesses as f64 };
+    let matches_prediction = (g.minor_faults, g.major_faults, g.evictions, g.dirty_writebacks)
+        == (predicted.minor, predicted.major, predicted.evictions, predicted.writebacks);
     Some(PagingSummary {
         policy: policy.name(),
         pattern: pattern.name(),
@@ -227,9 +239,11 @@ pub fn paging_summary(spec: &WorkloadSpec, reports: &[TimedReport]) -> Option<Pa
         seed,
         fault_rate: rate(faults),
         predicted_faults: predicted.faults(),
+        predicted_minor_faults: predicted.minor,
+        predicted_major_faults: predicted.major,
         predicted_evictions: predicted.evictions,
         predicted_writebacks: predicted.writebacks,
-        matches_prediction: faults == predicted.faults() && g.evictions == predicted.evictions && g.dirty_writebacks == predicted.writebacks,
+        matches_prediction,
         opt_faults: opt,
         opt_fault_rate: rate(opt),
         guest: g,
@@ -255,10 +269,21 @@ pub fn cow_summary(spec: &WorkloadSpec, reports: &[TimedReport]) -> Option<CowSu
     }
     let pages = spec.params[0];
     let (expected_copies, expected_reuses) = cow_expected(pages);
-    let mut s = CowSummary { pages, copies: 0, reuses: 0, expected_copies, expected_reuses, parent_mismatches: None, child_mismatches: None };
+    let mut s = CowSummary {
+        pages,
+        copies: 0,
+        reuses: 0,
+        expected_copies,
+        expected_reuses,
+        stack_copies: 0,
+        stack_reuses: 0,
+        parent_mismatches: None,
+        child_mismatches: None,
+    };
     for (event, a, b) in events(reports) {
         match event {
             Event::CowCopies => (s.copies, s.reuses) = (a, b),
+            Event::CowStackCopies => (s.stack_copies, s.stack_reuses) = (a, b),
             Event::CowChecked if a == 0 => s.parent_mismatches = Some(b),
             Event::CowChecked => s.child_mismatches = Some(b),
             _ => {}
@@ -305,8 +330,10 @@ pub fn text(outcome: &RunOutcome) -> String {
         let _ = writeln!(s, "  fault handler: {} µs in all, {per_fault:.0} µs per fault (guest TSC)", g.handler_us);
         let _ = writeln!(
             s,
-            "  VMM replay of the policy: {} faults, {} evictions, {} write-backs ({}); Belady's OPT: {} faults, rate {:.3}",
+            "  VMM replay of the policy: {} faults ({} minor, {} major), {} evictions, {} write-backs ({}); Belady's OPT: {} faults, rate {:.3}",
             p.predicted_faults,
+            p.predicted_minor_faults,
+            p.predicted_major_faults,
             p.predicted_evictions,
             p.predicted_writebacks,
             if p.matches_prediction { "matches the guest" } else { "DIFFERS from the guest" },
@@ -332,12 +359,14 @@ pub fn text(outcome: &RunOutcome) -> String {
         let show = |m: Option<u64>| m.map_or("no report".to_string(), |m| format!("{m} mismatches"));
         let _ = writeln!(
             s,
-            "copy-on-write: {} pages; {} copies (expected {}), {} write faults on no-longer-shared frames (expected {}); parent {}, child {}",
+            "copy-on-write: {} pages; {} copies (expected {}), {} write faults on no-longer-shared frames (expected {}); stack {} copies, {} reuses; parent {}, child {}",
             c.pages,
             c.copies,
             c.expected_copies,
             c.reuses,
             c.expected_reuses,
+            c.stack_copies,
+            c.stack_reuses,
             show(c.parent_mismatches),
             show(c.child_mismatches)
         );
@@ -410,10 +439,15 @@ mod tests {
         let s = paging_summary(&spec, &reports).unwrap();
         assert!(s.matches_prediction, "{s:?}");
         assert_eq!((s.predicted_faults, s.opt_faults), (36, 9 + 27 / 8));
+        assert_eq!((s.predicted_minor_faults, s.predicted_major_faults), (9, 27));
+        // The same total split differently between minor and major is a mismatch.
+        let split = [ev(Event::PagingChecked, 36, 0), ev(Event::PagingFaults, 10, 26), ev(Event::PagingEvictions, 28, 28)];
+        assert!(!paging_summary(&spec, &split).unwrap().matches_prediction);
         assert!((s.fault_rate - 1.0).abs() < 1e-9);
         assert!(cow_summary(&spec, &reports).is_none());
         let cow = crate::workload::parse("cow:pages=16").unwrap();
-        let c = cow_summary(&cow, &[ev(Event::CowCopies, 11, 3), ev(Event::CowChecked, 1, 0)]).unwrap();
+        let c = cow_summary(&cow, &[ev(Event::CowCopies, 11, 3), ev(Event::CowStackCopies, 2, 2), ev(Event::CowChecked, 1, 0)]).unwrap();
         assert_eq!((c.copies, c.expected_copies, c.parent_mismatches, c.child_mismatches), (11, 11, None, Some(0)));
+        assert_eq!((c.stack_copies, c.stack_reuses), (2, 2));
     }
 }

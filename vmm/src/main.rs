@@ -1,4 +1,5 @@
-//! The `vmm` command: `vmm run`, `vmm ctl`, `vmm bench`.
+//! The `vmm` command: `vmm run`, `vmm ctl`, `vmm translate`, `vmm restore`,
+//! `vmm bench`.
 //!
 //! Parses flags into the shared config shape, runs, prints the report, and
 //! maps the outcome to an exit status: the guest's own status after a run,
@@ -34,6 +35,15 @@ enum Command {
         socket: PathBuf,
         #[command(subcommand)]
         command: CtlCommand,
+    },
+    /// Explain how guest-virtual addresses of a running or paused VM
+    /// translate, level by level, down to host-physical frames; or list every
+    /// mapping (`--map`). Talks to the VM's control socket.
+    Translate {
+        /// The control socket (`vmm run --api-socket PATH`).
+        socket: PathBuf,
+        #[command(flatten)]
+        args: TranslateArgs,
     },
     /// Start a VM from a snapshot (and the chain of snapshots it diffs against).
     Restore {
@@ -83,6 +93,8 @@ enum CtlCommand {
         #[command(subcommand)]
         command: BalloonCommand,
     },
+    /// Print the swap device's counters and how many slots hold data now.
+    Swap,
     /// Take a snapshot: `--full DIR` or `--diff DIR`.
     Snapshot {
         /// Save all guest memory.
@@ -93,18 +105,25 @@ enum CtlCommand {
         diff: Option<PathBuf>,
     },
     /// Explain how a guest-virtual address translates, level by level, down
-    /// to the host-physical frame; or list every mapping (`--map`).
-    Translate {
-        /// The guest-virtual address (hexadecimal, e.g. 0xffff800000200000).
-        #[arg(required_unless_present = "map", conflicts_with = "map")]
-        gva: Option<String>,
-        /// List all of the guest's mappings as merged ranges, like /proc/PID/maps.
-        #[arg(long)]
-        map: bool,
-        /// Print the answer as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    /// to the host-physical frame; or list every mapping (`--map`). The same
+    /// as `vmm translate SOCKET ...`.
+    Translate(TranslateArgs),
+}
+
+/// What `vmm translate` (and `vmm ctl SOCKET translate`) asks for.
+#[derive(Debug, Args)]
+struct TranslateArgs {
+    /// Guest-virtual addresses, comma-separated (hexadecimal, e.g.
+    /// 0xffff800000200000,0x108abc).
+    #[arg(value_name = "GVA[,GVA...]", required_unless_present = "map", conflicts_with = "map")]
+    gva: Option<String>,
+    /// List all of the guest's mappings as merged ranges, like /proc/PID/maps.
+    #[arg(long)]
+    map: bool,
+    /// Print the answer as JSON: one response object per line, one line per
+    /// address.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -283,6 +302,7 @@ fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
         CtlCommand::Pause => Request::Pause,
         CtlCommand::Resume => Request::Resume,
         CtlCommand::Shutdown => Request::Shutdown,
+        CtlCommand::Swap => Request::Swap,
         CtlCommand::DirtyLog { state, slot } => Request::DirtyLog { on: state == "on", slot },
         CtlCommand::Balloon { command } => match command {
             BalloonCommand::Set { size } => Request::BalloonSet { bytes: memvisor::config::parse_size(&size).map_err(|e| anyhow_free::chain(&e))? },
@@ -294,21 +314,50 @@ fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
             (None, Some(dir)) => Request::Snapshot { kind: SnapshotKind::Diff, dir },
             (None, None) => return Err("snapshot needs --full DIR or --diff DIR".into()),
         },
-        CtlCommand::Translate { gva, map, json } => {
-            let gva = if map { None } else { gva.as_deref().map(memvisor::translate::parse_gva).transpose()? };
-            let request = Request::Translate { gva, map };
-            let response = api::client::send(&socket, &request).map_err(|e| anyhow_free::chain(&e))?;
-            if json {
-                println!("{}", serde_json::to_string(&response).map_err(|e| e.to_string())?);
-            } else if let Some(text) = response.data.as_ref().and_then(|d| d["text"].as_str()) {
-                print!("{text}");
-            }
-            return if response.ok { Ok(0) } else { Err(response.error.unwrap_or_else(|| "request failed".into())) };
-        }
+        CtlCommand::Translate(args) => return translate(&socket, &args),
     };
     let response = api::client::send(&socket, &request).map_err(|e| anyhow_free::chain(&e))?;
     println!("{}", serde_json::to_string(&response).map_err(|e| e.to_string())?);
     if response.ok { Ok(0) } else { Err(response.error.unwrap_or_else(|| "request failed".into())) }
+}
+
+/// `vmm translate SOCKET (GVA[,GVA...] | --map) [--json]`: one control
+/// request per address (or one for the map), each answer printed as it
+/// comes; fails when any address did not translate.
+fn translate(socket: &std::path::Path, args: &TranslateArgs) -> anyhow_free::Result<u32> {
+    let requests = if args.map {
+        vec![Request::Translate { gva: None, map: true }]
+    } else {
+        let gvas = memvisor::translate::parse_gva_list(args.gva.as_deref().unwrap_or_default())?;
+        if gvas.is_empty() {
+            return Err("translate needs at least one guest-virtual address, or --map".into());
+        }
+        gvas.into_iter().map(|gva| Request::Translate { gva: Some(gva), map: false }).collect()
+    };
+    let total = requests.len();
+    let mut errors = Vec::new();
+    for request in &requests {
+        let response = api::client::send(socket, request).map_err(|e| anyhow_free::chain(&e))?;
+        if args.json {
+            println!("{}", serde_json::to_string(&response).map_err(|e| e.to_string())?);
+        } else if let Some(text) = response.data.as_ref().and_then(|d| d["text"].as_str()) {
+            print!("{text}");
+        }
+        if !response.ok {
+            let why = response.error.unwrap_or_else(|| "request failed".into());
+            if total > 1 && !args.json {
+                if let Request::Translate { gva: Some(gva), .. } = request {
+                    println!("guest-virtual {gva:#018x}: error: {why}");
+                }
+            }
+            errors.push(why);
+        }
+    }
+    match errors.len() {
+        0 => Ok(0),
+        1 if total == 1 => Err(errors.remove(0)),
+        n => Err(format!("{n} of {total} translations failed (see above)")),
+    }
 }
 
 fn exit_code(status: u32) -> ExitCode {
@@ -327,6 +376,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Ctl { socket, command } => ctl(socket, command),
+        Command::Translate { socket, args } => translate(&socket, &args),
         Command::Restore { dir, restore_mode, api_socket, mem, json } => restore(dir, &restore_mode, api_socket, mem, json),
         Command::Bench { bench } => memvisor::bench::run(bench).map_err(|e| anyhow_free::chain(&*e)),
     };

@@ -122,12 +122,23 @@ pub const fn is_write(seed: u64, i: u64, write_pct: u64) -> bool {
     mix(seed ^ 0x5752_4954_4521_2121, i) % 100 < write_pct
 }
 
-/// The value a page's first and last words hold after its `version`-th
-/// write (version 0: never written, so zero like fresh memory).
+/// The tag of a page after its `version`-th write, from which each word's
+/// value is made ([`word_tag`]; version 0: never written, so zero like
+/// fresh memory).
 #[inline(always)]
 #[must_use]
 pub const fn page_tag(page: u64, version: u64) -> u64 {
     if version == 0 { 0 } else { mix(page, version) | 1 }
+}
+
+/// The value word `word` (0..512) of a page holds after its `version`-th
+/// write: [`page_tag`] with the word index folded in above bit 0, so every
+/// word differs and a word from another page, version or offset shows up
+/// (version 0: zero, like fresh memory).
+#[inline(always)]
+#[must_use]
+pub const fn word_tag(page: u64, version: u64, word: u64) -> u64 {
+    if version == 0 { 0 } else { page_tag(page, version) ^ (word << 1) }
 }
 
 /// Swap-device operations ([`SwapRequest::op`]).
@@ -219,6 +230,10 @@ mod tests {
         assert_ne!(page_tag(5, 1), 0);
         assert_ne!(page_tag(5, 1), page_tag(5, 2));
         assert_ne!(page_tag(5, 1), page_tag(6, 1));
+        assert_eq!(word_tag(5, 0, 7), 0);
+        assert_eq!(word_tag(5, 1, 0), page_tag(5, 1));
+        assert_ne!(word_tag(5, 1, 1), word_tag(5, 1, 2));
+        assert!((0..512).all(|w| word_tag(5, 1, w) != 0));
     }
 
     #[test]

@@ -221,6 +221,10 @@ pub enum Event {
     /// Paging with [`PAGING_MEASURE`]: a = nanoseconds zeroing one 4 KiB
     /// frame took at ring 0 (`rep stosq`), b = through the swap device.
     PagingZeroCost = 39,
+    /// Copy-on-write: a = stack pages copied on a write fault, b = stack
+    /// write faults that only restored write access (fork shares the stack
+    /// copy-on-write like the region).
+    CowStackCopies = 40,
 }
 
 impl Event {
@@ -253,6 +257,7 @@ impl Event {
             Self::CowCopies,
             Self::PagingCopyCost,
             Self::PagingZeroCost,
+            Self::CowStackCopies,
         ]
         .into_iter()
         .find(|e| *e as u32 == raw)
@@ -320,5 +325,6 @@ mod tests {
         assert_eq!(WorkloadKind::from_raw(30), Some(WorkloadKind::Paging));
         assert_eq!(WorkloadKind::from_raw(31), Some(WorkloadKind::Cow));
         assert_eq!(Event::from_raw(37), Some(Event::CowCopies));
+        assert_eq!(Event::from_raw(40), Some(Event::CowStackCopies));
     }
 }

@@ -48,6 +48,8 @@ pub enum Request {
         /// Destination directory (must not exist).
         dir: std::path::PathBuf,
     },
+    /// The swap device's counters and the slots holding data now.
+    Swap,
     /// Explain the translation of `gva` under the vCPU's CR3, or with `map`
     /// list every mapping; the answer's data holds the JSON and a `text`.
     Translate {
@@ -137,6 +139,12 @@ mod tests {
         assert_eq!(parse_request("{\"cmd\":\"balloon-get\"}"), Ok(Request::BalloonGet));
         assert!(parse_request("{\"cmd\":\"balloon-set\"}").is_err());
         assert!(parse_request("{\"cmd\":\"balloon-stats\",\"bytes\":1}").is_err());
+    }
+
+    #[test]
+    fn swap_requests_parse_and_take_no_fields() {
+        assert_eq!(parse_request("{\"cmd\":\"swap\"}"), Ok(Request::Swap));
+        assert!(parse_request("{\"cmd\":\"swap\",\"slot\":1}").is_err());
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub fn handle(request: &Request, control: &VmControl) -> Response {
         Request::BalloonSet { bytes } => answer(control, crate::devices::virtio::balloon::control::set(control, *bytes)),
         Request::BalloonGet => answer(control, crate::devices::virtio::balloon::control::get(control)),
         Request::BalloonStats => answer(control, crate::devices::virtio::balloon::control::stats(control)),
+        Request::Swap => answer(
+            control,
+            control.call(Box::new(|m| serde_json::to_value(m.devices.swap.stats()).map_err(|e| format!("cannot encode the swap counters: {e}")))),
+        ),
         Request::Translate { gva, map } => {
             let result = match (gva, map) {
                 (_, true) => control.call(Box::new(crate::translate::ready::map_job)),

@@ -169,7 +169,8 @@ impl HostReader {
             gpa,
             slot: u32::try_from(slot).unwrap_or(u32::MAX),
             hva,
-            hpa: pfn.map(|p| p * 4096 + (hva & 0xfff)),
+            // The PFN field is 55 bits wide: checked, so a corrupt entry cannot wrap.
+            hpa: pfn.and_then(|p| p.checked_mul(4096)).map(|a| a | (hva & 0xfff)),
             pfn,
             page: classify(present, kps, flags),
             swapped: entry.is_some_and(|e| e.swapped),

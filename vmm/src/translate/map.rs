@@ -23,8 +23,9 @@ pub const MAX_TABLES: usize = 1 << 16;
 pub struct MapRange {
     /// First guest-virtual address.
     pub start: u64,
-    /// One past the last.
-    pub end: u64,
+    /// Last guest-virtual address, inclusive: a range can end at the top of
+    /// the address space, where "one past the last" does not fit in 64 bits.
+    pub last: u64,
     /// Guest-physical address of `start`.
     pub gpa: u64,
     /// Leaf size in bytes.
@@ -52,9 +53,15 @@ impl MapRange {
         )
     }
 
+    /// Bytes covered (at most 2^47 for one canonical half, so no overflow).
+    #[must_use]
+    pub const fn bytes(&self) -> u64 {
+        self.last - self.start + 1
+    }
+
     fn continues(&self, next: &MapRange) -> bool {
-        self.end == next.start
-            && self.gpa + (self.end - self.start) == next.gpa
+        self.last.checked_add(1) == Some(next.start)
+            && self.gpa.checked_add(self.bytes()) == Some(next.gpa)
             && (self.leaf_bytes, self.writable, self.user, self.no_execute, self.global)
                 == (next.leaf_bytes, next.writable, next.user, next.no_execute, next.global)
     }
@@ -76,7 +83,7 @@ struct Walker<F> {
 impl<F: FnMut(u64) -> Option<u64>> Walker<F> {
     fn push(&mut self, r: MapRange) {
         match self.out.last_mut() {
-            Some(last) if last.continues(&r) => last.end = r.end,
+            Some(prev) if prev.continues(&r) => prev.last = r.last,
             _ => self.out.push(r),
         }
     }
@@ -101,7 +108,9 @@ impl<F: FnMut(u64) -> Option<u64>> Walker<F> {
                 let size = 1u64 << level.shift();
                 let gpa = raw & Pte::ADDR_MASK & !(size - 1);
                 let start = canonical(va);
-                self.push(MapRange { start, end: start + size, gpa, leaf_bytes: size, writable: w, user: u, no_execute: nx, global: e.has(Pte::GLOBAL) });
+                // `start` is aligned to `size`, so this cannot wrap, even for
+                // the last leaf of the address space.
+                self.push(MapRange { start, last: start | (size - 1), gpa, leaf_bytes: size, writable: w, user: u, no_execute: nx, global: e.has(Pte::GLOBAL) });
             } else if let Some(down) = level.next_down() {
                 self.table(e.addr().as_u64(), down, va, (w, u, nx))?;
             }
@@ -130,7 +139,7 @@ pub fn mappings_up_to(root: u64, phys_bits: u32, read: impl FnMut(u64) -> Option
     Ok(w.out)
 }
 
-/// The ranges as text, one per line.
+/// The ranges as text, one per line: `first-last` (both inclusive).
 #[must_use]
 pub fn to_text(ranges: &[MapRange]) -> String {
     let mut s = String::new();
@@ -143,10 +152,10 @@ pub fn to_text(ranges: &[MapRange]) -> String {
         s.push_str(&format!(
             "{:016x}-{:016x} {} {size} gpa {:#014x} ({} pages)\n",
             r.start,
-            r.end,
+            r.last,
             r.perms(),
             r.gpa,
-            (r.end - r.start) / r.leaf_bytes
+            r.bytes() / r.leaf_bytes
         ));
     }
     s
@@ -192,13 +201,54 @@ mod tests {
         let _ = m;
         let r = mappings(root.as_u64(), 46, read(&mem)).unwrap();
         assert_eq!(r.len(), 3, "{r:#?}");
-        assert_eq!((r[0].start, r[0].end, r[0].gpa, r[0].perms().as_str()), (0x40_0000, 0x40_4000, 0x80_0000, "rwxs-"));
-        assert_eq!((r[1].start, r[1].end, r[1].perms().as_str()), (0x40_4000, 0x40_5000, "r-xs-"));
-        assert_eq!((r[2].start, r[2].end, r[2].leaf_bytes), (0xffff_8000_0000_0000, 0xffff_8000_0040_0000, 2 << 20));
-        assert!(to_text(&r).contains("ffff800000000000-ffff800000400000 rw-s- 2M"));
+        assert_eq!((r[0].start, r[0].last, r[0].gpa, r[0].perms().as_str()), (0x40_0000, 0x40_3fff, 0x80_0000, "rwxs-"));
+        assert_eq!((r[1].start, r[1].last, r[1].perms().as_str()), (0x40_4000, 0x40_4fff, "r-xs-"));
+        assert_eq!((r[2].start, r[2].last, r[2].leaf_bytes), (0xffff_8000_0000_0000, 0xffff_8000_003f_ffff, 2 << 20));
+        assert!(to_text(&r).contains("ffff800000000000-ffff8000003fffff rw-s- 2M"));
         // A PML4E with PS set (reserved) maps nothing.
         mem.0.get_mut(&root.as_u64()).unwrap()[7] = root.as_u64() | Pte::PRESENT | Pte::HUGE;
         assert_eq!(mappings(root.as_u64(), 46, read(&mem)).unwrap().len(), 3);
+    }
+
+    /// Hand-built tables mapping the last leaf of the address space (PML4
+    /// index 511, PDPT 511, ...) with a leaf of `level`, and a neighbour just
+    /// below it so merging runs at the top too.
+    fn top_leaf(level: Level) -> Vec<MapRange> {
+        let p = Pte::PRESENT | Pte::WRITABLE;
+        let mut mem = Mem::default();
+        let (pml4, pdpt, pd, pt) = (0x1000, 0x2000, 0x3000, 0x4000);
+        fn table(mem: &mut Mem, at: u64) -> &mut [u64; ENTRIES] {
+            mem.0.entry(at).or_insert([0; ENTRIES])
+        }
+        table(&mut mem, pml4)[511] = pdpt | p;
+        let (t, leaf, bytes) = match level {
+            Level::Pdpt => (pdpt, Pte::HUGE, 1u64 << 30),
+            Level::Pd => {
+                table(&mut mem, pdpt)[511] = pd | p;
+                (pd, Pte::HUGE, 2 << 20)
+            }
+            _ => {
+                table(&mut mem, pdpt)[511] = pd | p;
+                table(&mut mem, pd)[511] = pt | p;
+                (pt, 0, 4096)
+            }
+        };
+        let frame = 0x4000_0000;
+        table(&mut mem, t)[510] = (frame - bytes) | p | leaf;
+        table(&mut mem, t)[511] = frame | p | leaf;
+        mappings(pml4, 46, read(&mem)).unwrap()
+    }
+
+    #[test]
+    fn the_last_leaf_of_the_address_space_ends_at_the_top_without_overflow() {
+        for (level, bytes) in [(Level::Pt, 4096u64), (Level::Pd, 2 << 20), (Level::Pdpt, 1 << 30)] {
+            let r = top_leaf(level);
+            assert_eq!(r.len(), 1, "two leaves continuing each other merge: {r:#?}");
+            assert_eq!((r[0].start, r[0].last, r[0].leaf_bytes), (0u64.wrapping_sub(2 * bytes), u64::MAX, bytes));
+            assert_eq!((r[0].gpa, r[0].bytes()), (0x4000_0000 - bytes, 2 * bytes));
+            let text = to_text(&r);
+            assert!(text.contains("-ffffffffffffffff rw") && text.contains("(2 pages)"), "{text}");
+        }
     }
 
     #[test]

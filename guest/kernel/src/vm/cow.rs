@@ -1,20 +1,25 @@
 //! Copy-on-write fork: the `cow` workload, with the kernel's two-task
 //! scheduler (a parent and its one forked child).
 //!
-//! Both tasks' address spaces are built before the parent starts (so that
-//! the trap handler never needs the page-table allocator): their own PML4,
-//! stack, argument page and an empty leaf table for the region. The
-//! parent's region is demand-paged from a pool of fresh (zero) frames.
+//! Both tasks' page tables are built before the parent starts (so that the
+//! trap handler never needs the page-table allocator, and `fork` costs only
+//! PTE writes at emulated ring 0): their own PML4, the tables of the stack
+//! and argument page, and an empty leaf table for the region. The parent's
+//! region is demand-paged from a pool of fresh (zero) frames.
 //!
-//! `fork` makes every present region PTE of the parent read-only with the
-//! software COW bit, copies it into the child's table and counts the frame
-//! twice; the parent's PTEs are `invlpg`-ed, since the parent keeps running
-//! in that address space. The stacks are copied at once (by the swap
-//! device, natively in the VMM): both tasks write theirs immediately. A
-//! write to a COW page faults (present, write): if its frame is still
-//! shared, the VMM copies it to a fresh frame that the writer maps
-//! writable; if the other task has already copied away, the writer just
-//! gets write access back.
+//! `fork` shares every writable user page of the parent — the present
+//! region pages and the stack — copy-on-write: it makes each PTE read-only
+//! with the software COW bit, copies it into the child's table and counts
+//! the frame twice; the parent's PTEs are `invlpg`-ed, since the parent
+//! keeps running in that address space. (The child's own stack frames,
+//! allocated with its page tables, are then unused until both tasks end.)
+//! The argument page and the ring-3 code are read-only and already the
+//! same in both. A write to a COW page faults (present, write): if its
+//! frame is still shared, the VMM copies it to a fresh frame that the
+//! writer maps writable; if the other task has already copied away, the
+//! writer just gets write access back. Both tasks write their stacks at
+//! once, so the stack pages they touch are copied on the first write and
+//! reused on the second.
 //!
 //! Scheduling is cooperative: `yield` switches to the other task if it is
 //! alive, by swapping the trap frame the `iretq` will restore and loading
@@ -40,6 +45,14 @@ use crate::task::{self, TaskExit, TaskFrame, user_layout};
 
 /// Most pages of a COW region (one page table).
 pub const MAX_PAGES: u64 = 512;
+/// The user stack's pages (all inside one page table: the stack lies in
+/// the first 2 MiB of the user range, `memvisor_abi::layout`).
+const STACK_PAGES: usize = user_layout::STACK_PAGES as usize;
+/// Frames whose sharing is counted: the pool (at most two per region page
+/// plus one copy per stack page), then the parent's own stack frames.
+const MAX_REFS: usize = PARENT_STACK_REFS + STACK_PAGES;
+/// Where the parent's stack frames' counts start in `refs`.
+const PARENT_STACK_REFS: usize = 2 * MAX_PAGES as usize + STACK_PAGES;
 /// PTE bit 9, ignored by the CPU (SDM Vol. 3A §4.5, Table 4-20): the page
 /// is shared copy-on-write.
 const COW: u64 = 1 << 9;
@@ -53,6 +66,8 @@ const EXIT_KILLED: u32 = 5;
 struct Task {
     root: u64,
     table: u64,
+    /// The stack's first PTE (the leaf table is identity-mapped).
+    stack_ptes: u64,
     stack: u64,
     alive: bool,
     saved: Option<TrapFrame>,
@@ -63,13 +78,37 @@ struct Cow {
     pool: u64,
     pool_frames: u64,
     next_frame: u64,
-    refs: [u8; 2 * MAX_PAGES as usize],
+    refs: [u8; MAX_REFS],
     tasks: [Task; 2],
     current: usize,
     forked: bool,
     status: u64,
     copies: u64,
     reuses: u64,
+    stack_copies: u64,
+    stack_reuses: u64,
+}
+
+/// A page `fork` shares: region page `p`, or stack page `i` (from the bottom).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shared {
+    Region(u64),
+    Stack(usize),
+}
+
+impl Shared {
+    fn va(self) -> u64 {
+        match self {
+            Shared::Region(p) => REGION_BASE + p * PAGE_SIZE,
+            Shared::Stack(i) => user_layout::STACK_BOTTOM + i as u64 * PAGE_SIZE,
+        }
+    }
+}
+
+/// The stack page `va` falls in, if any.
+fn stack_page(va: u64) -> Option<usize> {
+    let off = va.wrapping_sub(user_layout::STACK_BOTTOM);
+    if off < STACK_PAGES as u64 * PAGE_SIZE { Some((off / PAGE_SIZE) as usize) } else { None }
 }
 
 static mut COW_STATE: Option<Cow> = None;
@@ -83,9 +122,12 @@ fn state() -> Option<&'static mut Cow> {
 }
 
 impl Cow {
-    fn pte(&self, task: usize, p: u64) -> *mut u64 {
-        // The table comes from the kernel's pool, identity-mapped.
-        (self.tasks[task].table as *mut u64).wrapping_add(p as usize)
+    fn pte(&self, task: usize, page: Shared) -> *mut u64 {
+        // The tables come from the kernel's pool, identity-mapped.
+        match page {
+            Shared::Region(p) => (self.tasks[task].table as *mut u64).wrapping_add(p as usize),
+            Shared::Stack(i) => (self.tasks[task].stack_ptes as *mut u64).wrapping_add(i),
+        }
     }
 
     fn alloc(&mut self) -> Option<u64> {
@@ -96,17 +138,25 @@ impl Cow {
         Some(self.pool + (self.next_frame - 1) * PAGE_SIZE)
     }
 
+    /// The sharing count of the frame `pte` maps: a pool frame, or one of
+    /// the parent's stack frames (the only frames a COW PTE can hold).
     fn frame_index(&self, pte: u64) -> usize {
-        (((pte & Pte::ADDR_MASK) - self.pool) / PAGE_SIZE) as usize
+        let pa = pte & Pte::ADDR_MASK;
+        let stack = self.tasks[0].stack;
+        if pa >= stack && pa < stack + STACK_PAGES as u64 * PAGE_SIZE {
+            PARENT_STACK_REFS + ((pa - stack) / PAGE_SIZE) as usize
+        } else {
+            (pa.wrapping_sub(self.pool) / PAGE_SIZE) as usize
+        }
     }
 
-    fn resolve(&mut self, kind: FaultKind, p: u64) -> bool {
-        let pte = self.pte(self.current, p);
-        // SAFETY: the PTE of a region page in the current task's table; the
-        // task is stopped in this trap.
+    fn resolve(&mut self, kind: FaultKind, page: Shared) -> bool {
+        let pte = self.pte(self.current, page);
+        // SAFETY: the PTE of a region or stack page in the current task's
+        // table; the task is stopped in this trap.
         let e = unsafe { pte.read_volatile() };
         let new = match kind {
-            FaultKind::Minor => {
+            FaultKind::Minor if matches!(page, Shared::Region(_)) => {
                 // Fresh pool frames are zero (the VMM's contract).
                 let Some(pa) = self.alloc() else { return false };
                 let f = self.frame_index(pa);
@@ -122,11 +172,18 @@ impl Cow {
                         return false;
                     }
                     self.refs[f] -= 1;
-                    self.refs[self.frame_index(pa)] = 1;
-                    self.copies += 1;
+                    let g = self.frame_index(pa);
+                    self.refs[g] = 1;
+                    match page {
+                        Shared::Region(_) => self.copies += 1,
+                        Shared::Stack(_) => self.stack_copies += 1,
+                    }
                     (writable & !Pte::ADDR_MASK) | pa
                 } else {
-                    self.reuses += 1;
+                    match page {
+                        Shared::Region(_) => self.reuses += 1,
+                        Shared::Stack(_) => self.stack_reuses += 1,
+                    }
                     writable
                 }
             }
@@ -137,18 +194,19 @@ impl Cow {
         if kind == FaultKind::CopyOnWrite {
             // The read-only translation may be cached; a not-present one
             // never is (SDM Vol. 3A §4.10.2).
-            invlpg(REGION_BASE + p * PAGE_SIZE);
+            invlpg(page.va());
         }
         true
     }
 
-    /// Shares the parent's region with the child, copy-on-write.
+    /// Shares the parent's region and stack with the child, copy-on-write.
     fn fork(&mut self, frame: &mut TrapFrame) -> bool {
         if self.forked {
             return false;
         }
-        for p in 0..self.pages {
-            let (parent, child) = (self.pte(0, p), self.pte(1, p));
+        let region = (0..self.pages).map(Shared::Region);
+        for page in region.chain((0..STACK_PAGES).map(Shared::Stack)) {
+            let (parent, child) = (self.pte(0, page), self.pte(1, page));
             // SAFETY: PTEs of both tables; the parent is stopped in this trap.
             unsafe {
                 let e = parent.read_volatile();
@@ -158,16 +216,10 @@ impl Cow {
                 let shared = (e & !Pte::WRITABLE) | COW;
                 parent.write_volatile(shared);
                 child.write_volatile(shared);
-                self.refs[self.frame_index(e)] += 1;
+                let f = self.frame_index(e);
+                self.refs[f] += 1;
             }
-            invlpg(REGION_BASE + p * PAGE_SIZE);
-        }
-        let stack_pages = user_layout::STACK_PAGES;
-        for i in 0..stack_pages {
-            let off = i * PAGE_SIZE;
-            if swapdev::request(SwapOp::Copy, self.tasks[1].stack + off, self.tasks[0].stack + off).is_err() {
-                return false;
-            }
+            invlpg(page.va());
         }
         let mut child = *frame;
         child.rax = 0;
@@ -195,9 +247,9 @@ impl Cow {
 pub fn page_fault(frame: &mut TrapFrame) -> bool {
     let cr2 = crate::cpu::read_cr2();
     let Some(s) = state() else { return false };
-    let page = region_page(cr2, s.pages);
+    let page = region_page(cr2, s.pages).map(Shared::Region).or_else(|| stack_page(cr2).map(Shared::Stack));
     let cow = page.is_some_and(|p| {
-        // SAFETY: the current task's PTE for a region page.
+        // SAFETY: the current task's PTE for a region or stack page.
         unsafe { s.pte(s.current, p).read_volatile() & COW != 0 }
     });
     let kind = classify(frame.error, PageInfo { in_region: page.is_some(), in_swap: false, cow });
@@ -254,14 +306,18 @@ fn run_tasks(k: &mut Kernel, pages: u64) -> Result<TaskExit, MapError> {
     let mut parent = TaskFrame::new(k)?;
     let mut child = TaskFrame::new(k)?;
     let va = VirtAddr::new(REGION_BASE).ok_or(MapError::Misaligned)?;
-    let mut tasks = [parent.space.root, child.space.root].map(|root| Task { root: root.as_u64(), table: 0, stack: 0, alive: true, saved: None });
+    let stack_va = VirtAddr::new(user_layout::STACK_BOTTOM).ok_or(MapError::Misaligned)?;
+    let mut tasks = [parent.space.root, child.space.root].map(|root| Task { root: root.as_u64(), table: 0, stack_ptes: 0, stack: 0, alive: true, saved: None });
     for (t, frame) in tasks.iter_mut().zip([&parent, &child]) {
         t.table = k.mapper.leaf_table(frame.space.root, va, PageSize::Size4K, true)?.as_u64();
+        let stack_table = k.mapper.leaf_table(frame.space.root, stack_va, PageSize::Size4K, true)?.as_u64();
+        t.stack_ptes = stack_table + 8 * stack_va.index(memvisor_guest_mm::paging::Level::Pt) as u64;
         t.stack = frame.stack().0;
     }
     tasks[1].alive = false;
-    // Each page needs at most two frames (one per task).
-    let pool_frames = 2 * pages;
+    // Each region page needs at most two frames (one per task), each stack
+    // page at most one copy besides the parent's own frame.
+    let pool_frames = 2 * pages + STACK_PAGES as u64;
     let order = pool_frames.next_power_of_two().trailing_zeros() as usize;
     let pool = k.frames_alloc(order).ok_or(MapError::OutOfFrames)?;
     for frame in [&mut parent, &mut child] {
@@ -270,7 +326,24 @@ fn run_tasks(k: &mut Kernel, pages: u64) -> Result<TaskExit, MapError> {
         args.ranges[0] = Range { start: REGION_BASE, len: pages * PAGE_SIZE };
         args.params[0] = pages;
     }
-    let cow = Cow { pages, pool, pool_frames, next_frame: 0, refs: [0; 2 * MAX_PAGES as usize], tasks, current: 0, forked: false, status: 0, copies: 0, reuses: 0 };
+    let mut refs = [0; MAX_REFS];
+    // The parent owns its stack frames until fork shares them.
+    refs[PARENT_STACK_REFS..].fill(1);
+    let cow = Cow {
+        pages,
+        pool,
+        pool_frames,
+        next_frame: 0,
+        refs,
+        tasks,
+        current: 0,
+        forked: false,
+        status: 0,
+        copies: 0,
+        reuses: 0,
+        stack_copies: 0,
+        stack_reuses: 0,
+    };
     let p = &raw mut COW_STATE;
     // SAFETY: single-threaded; no task runs yet.
     unsafe { *p = Some(cow) };
@@ -280,8 +353,9 @@ fn run_tasks(k: &mut Kernel, pages: u64) -> Result<TaskExit, MapError> {
     set_active(Active::None);
     // SAFETY: as above; both tasks have ended.
     let s = unsafe { (*p).take() };
-    let (used, copies, reuses) = s.map_or((0, 0, 0), |s| (s.next_frame, s.copies, s.reuses));
+    let (used, copies, reuses, stack) = s.map_or((0, 0, 0, (0, 0)), |s| (s.next_frame, s.copies, s.reuses, (s.stack_copies, s.stack_reuses)));
     crate::report::send(&Report::Workload { event: Event::CowCopies, a: copies, b: reuses });
+    crate::report::send(&Report::Workload { event: Event::CowStackCopies, a: stack.0, b: stack.1 });
     for f in 0..used {
         let _ = swapdev::request(SwapOp::Zero, pool + f * PAGE_SIZE, 0);
     }

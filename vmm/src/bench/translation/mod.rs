@@ -21,6 +21,7 @@ pub mod native;
 pub mod output;
 pub mod plot;
 pub mod probe;
+pub mod replot;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -62,6 +63,10 @@ pub struct TranslationArgs {
     /// Print the JSON instead of the Markdown table.
     #[arg(long)]
     pub json: bool,
+    /// Measure nothing: redraw the plots in DIR from its results.csv (for
+    /// example after merging the cells of a second run into it).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "ws", "leaves", "backings", "steps", "json"])]
+    pub replot: Option<PathBuf>,
 }
 
 /// Median, min and max of a cell's ns per access.
@@ -218,6 +223,11 @@ fn failed(mut c: Cell, status: CellStatus, why: &str) -> Cell {
 /// A message for bad flags or a host that cannot run KVM at all; cells that
 /// fail are recorded as failed, not fatal.
 pub fn run(args: &TranslationArgs) -> Result<u32, String> {
+    if let Some(dir) = &args.replot {
+        let written = replot::replot(dir)?;
+        eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        return Ok(0);
+    }
     let start = std::time::Instant::now();
     let load_start = crate::bench::boot::load_average();
     let ws_list = sizes(args.ws.as_deref(), if args.quick { "4M,64M" } else { "4M,16M,64M,256M,1G,4G" })?;
@@ -225,6 +235,9 @@ pub fn run(args: &TranslationArgs) -> Result<u32, String> {
     let backings: Vec<Backing> = list(args.backings.as_deref(), if args.quick { "anon,thp" } else { "anon,thp,hugetlb-2m,hugetlb-1g" })?;
     if args.reps < 5 {
         return Err("at least 5 repetitions per cell (--reps)".into());
+    }
+    if args.reps > probe::MAX_REPS as u64 {
+        return Err(format!("at most {} repetitions per cell (--reps)", probe::MAX_REPS));
     }
     let steps = args.steps.unwrap_or(if args.quick { 1 << 18 } else { 1 << 20 });
     for ws in &ws_list {

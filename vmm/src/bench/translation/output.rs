@@ -102,23 +102,25 @@ pub fn markdown(r: &TranslationResults) -> String {
         }
         s.push('\n');
     }
-    let _ = writeln!(s, "KVM statistics during the timed repetitions of chase-page (Δ pages_4k / Δ pages_2m / Δ pf_fixed / Δ exits):\n");
-    let _ = writeln!(s, "| backing | guest leaf | working set | Δ4k | Δ2m | Δpf_fixed | Δexits | warm-up Δ4k / Δ2m / Δpf_fixed |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "KVM statistics during the timed repetitions of chase-page (Δ pages_4k / Δ pages_2m / Δ pages_1g / Δ pf_fixed / Δ exits):\n");
+    let _ = writeln!(s, "| backing | guest leaf | working set | Δ4k | Δ2m | Δ1g | Δpf_fixed | Δexits | warm-up Δ4k / Δ2m / Δ1g / Δpf_fixed |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for c in r.cells.iter().filter(|c| c.workload == "chase-page" && c.leaf != "native" && c.status == CellStatus::Ok) {
         let t = |m: &std::collections::BTreeMap<String, i64>, k: &str| m.get(k).copied().unwrap_or(0);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} / {} / {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} / {} |",
             c.backing,
             c.leaf,
             format_size(c.ws),
             t(&c.kvm_timed, "pages_4k"),
             t(&c.kvm_timed, "pages_2m"),
+            t(&c.kvm_timed, "pages_1g"),
             t(&c.kvm_timed, "vcpu.pf_fixed"),
             t(&c.kvm_timed, "vcpu.exits"),
             t(&c.kvm_warm, "pages_4k"),
             t(&c.kvm_warm, "pages_2m"),
+            t(&c.kvm_warm, "pages_1g"),
             t(&c.kvm_warm, "vcpu.pf_fixed")
         );
     }
@@ -213,5 +215,8 @@ mod tests {
         assert!(text.contains("¹ not available: no 1 GiB pages"));
         assert!(text.contains("shadow paging"));
         assert!(text.contains("load average 0.50 at the start, ? at the end"));
+        // The KVM table shows every page-size counter, pages_1g included.
+        assert!(text.contains("| Δ4k | Δ2m | Δ1g |"), "{text}");
+        assert!(text.contains("| anon | 4k | 4 MiB | 0 | 0 | 0 | 0 | 0 | 1024 / 0 / 0 / 0 |"), "{text}");
     }
 }

@@ -1,7 +1,9 @@
 //! Plots of the translation benchmark (plotters): for each workload, ns per
 //! access against the working set, both axes logarithmic, one line per
 //! (host backing, guest leaf) pair, native as the thick reference line of
-//! each backing's colour. Written as SVG and PNG.
+//! each backing's colour; guest leaves differ in dash pattern and marker
+//! (4K solid with circles, 2M dashed with triangles, 1G dotted with
+//! crosses), in the legend too. Written as SVG and PNG.
 //!
 //! Text in the PNG needs a font: plotters' `ab_glyph` feature renders it
 //! in pure Rust from a TrueType file, which is read at run time from
@@ -37,6 +39,30 @@ fn colour(b: Backing) -> RGBColor {
         Backing::Hugetlb2M => RGBColor(255, 127, 14),
         Backing::Hugetlb1G => RGBColor(148, 103, 189),
         Backing::Memfd => RGBColor(140, 86, 75),
+    }
+}
+
+/// How a line is drawn: native thick and solid; guest 4K solid with
+/// circles, 2M dashed with triangles, 1G dotted with crosses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineKind {
+    Native,
+    Guest4K,
+    Guest2M,
+    Guest1G,
+}
+
+impl LineKind {
+    fn of(native: bool, label: &str) -> Self {
+        if native {
+            Self::Native
+        } else if label.ends_with("4k") {
+            Self::Guest4K
+        } else if label.ends_with("2m") {
+            Self::Guest2M
+        } else {
+            Self::Guest1G
+        }
     }
 }
 
@@ -91,22 +117,43 @@ where
         .draw()
         .map_err(|e| err(&e))?;
     for (label, c, native, points) in lines {
+        let kind = LineKind::of(native, &label);
         let style = if native { c.stroke_width(4) } else { c.stroke_width(1) };
-        let marker = if label.ends_with("4k") { 0 } else if label.ends_with("2m") { 1 } else { 2 };
-        chart
-            .draw_series(LineSeries::new(points.clone(), style))
-            .map_err(|e| err(&e))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
-        if !native {
-            let pts = points.into_iter();
-            match marker {
-                0 => chart.draw_series(pts.map(|p| Circle::new(p, 3, c.filled()))).map(|_| ()),
-                1 => chart.draw_series(pts.map(|p| TriangleMarker::new(p, 4, c.filled()))).map(|_| ()),
-                _ => chart.draw_series(pts.map(|p| Cross::new(p, 4, c))).map(|_| ()),
-            }
-            .map_err(|e| err(&e))?;
+        let anno = match kind {
+            LineKind::Native | LineKind::Guest4K => chart.draw_series(LineSeries::new(points.clone(), style)),
+            LineKind::Guest2M => chart.draw_series(DashedLineSeries::new(points.clone(), 8, 5, style)),
+            LineKind::Guest1G => chart.draw_series(DashedLineSeries::new(points.clone(), 2, 4, style)),
         }
+        .map_err(|e| err(&e))?
+        .label(label);
+        // The legend repeats each line's dash pattern and marker, so lines
+        // of one backing (one colour) can be told apart there too.
+        match kind {
+            LineKind::Native => anno.legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style)),
+            LineKind::Guest4K => anno.legend(move |(x, y)| {
+                EmptyElement::at((x, y)) + PathElement::new(vec![(0, 0), (18, 0)], style) + Circle::new((9, 0), 3, c.filled())
+            }),
+            LineKind::Guest2M => anno.legend(move |(x, y)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (4, 0)], style)
+                    + PathElement::new(vec![(14, 0), (18, 0)], style)
+                    + TriangleMarker::new((9, 0), 4, c.filled())
+            }),
+            LineKind::Guest1G => anno.legend(move |(x, y)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (2, 0)], style)
+                    + PathElement::new(vec![(16, 0), (18, 0)], style)
+                    + Cross::new((9, 0), 4, c)
+            }),
+        };
+        let pts = points.into_iter();
+        match kind {
+            LineKind::Native => Ok(()),
+            LineKind::Guest4K => chart.draw_series(pts.map(|p| Circle::new(p, 3, c.filled()))).map(|_| ()),
+            LineKind::Guest2M => chart.draw_series(pts.map(|p| TriangleMarker::new(p, 4, c.filled()))).map(|_| ()),
+            LineKind::Guest1G => chart.draw_series(pts.map(|p| Cross::new(p, 4, c))).map(|_| ()),
+        }
+        .map_err(|e| err(&e))?;
     }
     chart
         .configure_series_labels()

@@ -42,6 +42,10 @@ pub struct StatsProbe {
     last: Option<KvmStatsReport>,
 }
 
+/// Most repetitions kept per workload record: far above any `--reps`, and
+/// a bound on what a misbehaving guest's reports can make the VMM hold.
+pub const MAX_REPS: usize = 1 << 16;
+
 /// Every numeric statistic of a report, vCPU ones prefixed `vcpu.`.
 fn flatten(r: &KvmStatsReport) -> BTreeMap<String, i64> {
     let mut out = BTreeMap::new();
@@ -53,7 +57,8 @@ fn flatten(r: &KvmStatsReport) -> BTreeMap<String, i64> {
     for m in &r.vcpus {
         for (k, v) in m {
             if let Some(n) = v.as_i64() {
-                *out.entry(format!("vcpu.{k}")).or_insert(0) += n;
+                let sum = out.entry(format!("vcpu.{k}")).or_insert(0);
+                *sum = sum.saturating_add(n);
             }
         }
     }
@@ -65,7 +70,7 @@ fn flatten(r: &KvmStatsReport) -> BTreeMap<String, i64> {
 pub fn delta(before: &KvmStatsReport, after: &KvmStatsReport) -> BTreeMap<String, i64> {
     let (b, a) = (flatten(before), flatten(after));
     a.iter().filter_map(|(k, v)| {
-        let d = v - b.get(k).copied().unwrap_or(0);
+        let d = v.saturating_sub(b.get(k).copied().unwrap_or(0));
         (d != 0).then(|| (k.clone(), d))
     }).collect()
 }
@@ -86,7 +91,8 @@ impl StatsProbe {
                 self.last = Some(now);
             }
             Event::TranslationRep => {
-                if let Some(r) = self.records.last_mut() {
+                // The guest sends these: keep at most MAX_REPS, whatever it sends.
+                if let Some(r) = self.records.last_mut().filter(|r| r.reps.len() < MAX_REPS) {
                     r.reps.push((a, b));
                 }
             }
