@@ -239,6 +239,20 @@ pub fn set_ranges(bitmap: &mut [u64], base: u64, ranges: &[PageRange]) -> u64 {
     outside
 }
 
+/// Zeroes the words of `bitmap` (bit 0 = page `base`) that hold any page
+/// of `ranges`; pages outside the bitmap are ignored. After
+/// [`bitmap_to_ranges_into`] this empties the bitmap in time proportional
+/// to what it held.
+pub fn clear_ranges(bitmap: &mut [u64], base: u64, ranges: &[PageRange]) {
+    for r in ranges {
+        let Some(first) = r.first.checked_sub(base) else { continue };
+        let (w0, w1) = ((first / 64) as usize, ((first + r.count.max(1) - 1) / 64) as usize);
+        if let Some(words) = bitmap.get_mut(w0..=w1.min(bitmap.len().saturating_sub(1))) {
+            words.fill(0);
+        }
+    }
+}
+
 /// Converts sparse bitmap words — `(word index, bits)` in ascending word
 /// order, bit `b` of word `w` being page `base + 64 w + b` — into maximal
 /// runs, like [`bitmap_to_ranges`] over the same words laid out densely.
@@ -419,6 +433,33 @@ mod tests {
         edge[64] = 0b11;
         edge[129] = 1 << 63;
         assert_eq!(bitmap_to_ranges(&edge, 0), vec![PageRange { first: 64 * 63 + 63, count: 3 }, PageRange { first: 129 * 64 + 63, count: 1 }]);
+    }
+
+    #[test]
+    fn clearing_the_ranges_found_empties_the_bitmap() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for density in 0..4 {
+            let mut bm: Vec<u64> = (0..150)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    match density {
+                        0 => x & (x >> 5) & (x >> 11) & (x >> 17),
+                        1 => x & (x >> 3),
+                        2 => x,
+                        _ => u64::MAX,
+                    }
+                })
+                .collect();
+            let found = bitmap_to_ranges(&bm, 500);
+            clear_ranges(&mut bm, 500, &found);
+            assert_eq!(count_pages(&bm), 0, "density {density}");
+        }
+        // Ranges outside the bitmap change nothing and do not panic.
+        let mut bm = vec![u64::MAX; 2];
+        clear_ranges(&mut bm, 500, &[PageRange { first: 10, count: 5 }, PageRange { first: 500 + 128, count: 3 }, PageRange { first: 500 + 100, count: 1000 }]);
+        assert_eq!(bm, vec![u64::MAX, 0]);
     }
 
     #[test]

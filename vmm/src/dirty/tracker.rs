@@ -135,8 +135,12 @@ impl SlotState {
                 self.ring_runs = Some(runs);
             }
             runs => {
+                let start = out.len();
                 ranges::bitmap_to_ranges_into(&self.acc, self.info.first_pfn, out);
-                self.acc.fill(0);
+                // Every set bit is in one of these ranges: zeroing their
+                // words empties `acc` at a cost that follows the pages
+                // found, not the slot's size.
+                ranges::clear_ranges(&mut self.acc, self.info.first_pfn, &out[start..]);
                 let mut runs = runs.unwrap_or_default();
                 runs.clear();
                 self.ring_runs = Some(runs);
@@ -176,6 +180,8 @@ pub struct DirtyTracker {
     slots: Vec<SlotState>,
     rings: Vec<DirtyRing>,
     scratch: Vec<RingEntry>,
+    /// Reused buffer for the VMM's writes, one entry per slot.
+    vmm_scratch: Vec<Option<vmm_writes::SparseWords>>,
     bad_ring_entries: u64,
     ring_overflowed: bool,
     /// Consecutive ring-full exits that found nothing to collect.
@@ -225,7 +231,7 @@ impl DirtyTracker {
                 }
             })
             .collect();
-        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), bad_ring_entries: 0, ring_overflowed: false, empty_full_exits: 0, logging: false, generation: 0 })
+        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), vmm_scratch: Vec::new(), bad_ring_entries: 0, ring_overflowed: false, empty_full_exits: 0, logging: false, generation: 0 })
     }
 
     /// The mechanism in use.
@@ -490,11 +496,11 @@ impl DirtyTracker {
                 }
             }
         }
-        let vmm_writes = vmm_writes::take(ram);
+        vmm_writes::take_into(ram, &mut self.vmm_scratch);
         out.bad_ring_entries = std::mem::take(&mut self.bad_ring_entries);
         out.ring_overflowed = ring_overflowed;
-        let any_vmm = vmm_writes.iter().any(Option::is_some);
-        for (s, vmm_words) in self.slots.iter_mut().zip(vmm_writes) {
+        let any_vmm = self.vmm_scratch.iter().any(Option::is_some);
+        for (s, vmm_words) in self.slots.iter_mut().zip(self.vmm_scratch.drain(..)) {
             let start = out.guest.len();
             if self.mode == DirtyMode::Ring {
                 s.take_ring_pages(&mut out.guest, ring_overflowed);
