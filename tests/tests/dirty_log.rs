@@ -4,7 +4,7 @@
 //! offers; a forced mechanism the kernel lacks must fail clearly.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use memvisor::bench::page_writer::{PARAMS, PageWriter};
+use memvisor::bench::page_writer::{PARAMS, PageWriter, scatter_step, scattered_order};
 use memvisor::config::Backing;
 use memvisor::dirty::{DirtyCaps, DirtyMode, PageRange};
 use memvisor::vm::open_kvm;
@@ -69,6 +69,54 @@ fn clear_mode_reports_exactly_the_pages_the_guest_wrote() {
 #[test]
 fn ring_mode_reports_exactly_the_pages_the_guest_wrote() {
     guest_writes_are_harvested_exactly(DirtyMode::Ring);
+}
+
+/// An ascending pass (the ring's run-list path) followed by a scattered one
+/// (its bitmap path): the second harvest must hold exactly the second pass's
+/// pages, none left over from the first, with the VMM's one write (the new
+/// parameter block) listed apart.
+fn an_out_of_order_harvest_after_an_ascending_one_is_exact(mode: DirtyMode) {
+    if !offered(mode) {
+        eprintln!("{mode} is not offered here");
+        return;
+    }
+    let mut w = PageWriter::new(16 << 20, Backing::Anon, mode).unwrap();
+    w.tracker.start(w.vm.fd(), w.vm.ram()).unwrap();
+    for round in 0..3u64 {
+        let first = 100 + round * 1000;
+        w.pass(first, 64, 2).unwrap();
+        let h = w.tracker.harvest(w.vm.fd(), w.vm.ram()).unwrap();
+        assert_eq!(pages_of(&h.guest), (0..64).map(|i| first + 2 * i).collect::<Vec<_>>(), "{mode}: ascending round {round}");
+
+        let (sfirst, count, stride) = (150 + round * 1000, 200u32, 3u64);
+        let step = scatter_step(u64::from(count));
+        let order = scattered_order(sfirst, u64::from(count), stride, step);
+        assert!(order.windows(2).any(|p| p[1] < p[0]), "the pass really is out of order");
+        w.pass_scattered(sfirst, count, stride, step).unwrap();
+        let h = w.tracker.harvest(w.vm.fd(), w.vm.ram()).unwrap();
+        let mut want = order;
+        want.sort_unstable();
+        assert_eq!(pages_of(&h.guest), want, "{mode}: round {round}: the scattered pass's pages and nothing else");
+        assert_eq!(pages_of(&h.vmm), vec![PARAMS >> 12], "{mode}: round {round}: the VMM's parameter write, listed apart");
+        assert!(!h.ring_overflowed);
+        assert_eq!(h.bad_ring_entries, 0);
+    }
+    w.tracker.stop(w.vm.fd(), w.vm.ram()).unwrap();
+}
+
+#[test]
+fn ring_mode_reports_only_new_pages_when_an_out_of_order_harvest_follows_an_ascending_one() {
+    an_out_of_order_harvest_after_an_ascending_one_is_exact(DirtyMode::Ring);
+}
+
+#[test]
+fn clear_mode_reports_only_new_pages_when_an_out_of_order_harvest_follows_an_ascending_one() {
+    an_out_of_order_harvest_after_an_ascending_one_is_exact(DirtyMode::Clear);
+}
+
+#[test]
+fn bitmap_mode_reports_only_new_pages_when_an_out_of_order_harvest_follows_an_ascending_one() {
+    an_out_of_order_harvest_after_an_ascending_one_is_exact(DirtyMode::Bitmap);
 }
 
 #[test]

@@ -286,6 +286,10 @@ pub fn to_text(outcome: &RunOutcome) -> String {
     if let Some(d) = &outcome.dirty {
         let _ = writeln!(s, "dirty workload ({} tracking; {} pages × {} rounds, seed {}, buffer of {} pages at page {:#x}):", d.mode, d.params[0], d.params[1], d.params[2], d.params[3], d.buffer_pfn);
         for r in &d.rounds {
+            if !r.logged {
+                let _ = writeln!(s, "  round {}: wrote {} pages in {:.0} µs, not logged", r.round, r.expected, r.guest_us);
+                continue;
+            }
             let extra: Vec<String> = r.extra.iter().map(|e| format!("{} {}", e.pages.len(), e.reason)).collect();
             let _ = writeln!(
                 s,

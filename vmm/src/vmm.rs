@@ -250,7 +250,7 @@ fn dirty_rounds_for(config: &VmConfig, vm: &Vm, tsc_khz: u64) -> Option<crate::d
     }
     let stats = crate::kvm_stats::StatsFd::for_vm(vm.kvm(), vm.fd()).ok();
     let p = spec.params;
-    Some(crate::dirty::rounds::DirtyRounds::new([p[0], p[1], p[2], p[3], p[4]], tsc_khz, stats))
+    Some(crate::dirty::rounds::DirtyRounds::new([p[0], p[1], p[2], p[3], p[4], p[5]], tsc_khz, stats))
 }
 
 /// Prepares dirty tracking when anything may need it: a forced mode, or a

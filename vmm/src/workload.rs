@@ -1,9 +1,10 @@
 //! Naming workloads on the command line: `--workload KIND:key=value,...`
 //! parsed into the boot configuration's `WorkloadSpec` (pure, tested).
 //!
-//! - `dirty:pages=N,rounds=R,seed=S[,buffer=B,log=0|1]`: see
+//! - `dirty:pages=N,rounds=R,seed=S[,buffer=B,log=0|1,warmup=W]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Dirty`; the buffer defaults to
-//!   4 × N pages.
+//!   4 × N pages; the first `W` rounds (default 0, fewer than `R`) run
+//!   before the VMM switches logging on.
 //! - `checksum:pages=N,rounds=R[,ms=T,seed=S]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Checksum`; `ms` defaults to 100.
 //! - `balloon[:rounds=R,report=0|1,oom=SIZE,irq=0|1]`: the balloon driver's
@@ -156,13 +157,17 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
     let mut spec = WorkloadSpec::default();
     match kind {
         "dirty" => {
-            let allowed = ["pages", "rounds", "seed", "buffer", "log"];
+            let allowed = ["pages", "rounds", "seed", "buffer", "log", "warmup"];
             let pages = get("pages", &allowed)?.unwrap_or(256);
             let rounds = get("rounds", &allowed)?.unwrap_or(3);
             let seed = get("seed", &allowed)?.unwrap_or(1);
             let buffer = get("buffer", &allowed)?.unwrap_or(pages.saturating_mul(4));
             let log = get("log", &allowed)?.unwrap_or(1).min(1);
+            let warmup = get("warmup", &allowed)?.unwrap_or(0);
             let bad = |why: String| WorkloadError::OutOfRange { kind: "dirty", why };
+            if warmup >= rounds {
+                return Err(bad(format!("warmup={warmup} leaves no logged round of {rounds}")));
+            }
             if pages == 0 || rounds == 0 {
                 return Err(bad("pages and rounds must be at least 1".into()));
             }
@@ -173,7 +178,7 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
                 return Err(bad(format!("buffer of {buffer} pages is outside 1..={MAX_BUFFER_PAGES}")));
             }
             spec.kind = WorkloadKind::Dirty as u32;
-            spec.params[..5].copy_from_slice(&[pages, rounds, seed, buffer, log]);
+            spec.params[..6].copy_from_slice(&[pages, rounds, seed, buffer, log, warmup]);
         }
         "checksum" => {
             let allowed = ["pages", "rounds", "ms", "seed"];
@@ -262,6 +267,8 @@ mod tests {
         assert_eq!(&s.params[..5], &[100, 5, 7, 400, 1]);
         assert_eq!(parse("dirty").unwrap().params[..5], [256, 3, 1, 1024, 1]);
         assert_eq!(parse("dirty:log=0").unwrap().params[4], 0);
+        assert_eq!(parse("dirty:rounds=4,warmup=1").unwrap().params[5], 1);
+        assert!(matches!(parse("dirty:rounds=2,warmup=2"), Err(WorkloadError::OutOfRange { .. })));
     }
 
     #[test]

@@ -9,8 +9,10 @@ pub enum WorkloadKind {
     /// Only the self-test.
     None = 0,
     /// Dirty-page rounds (`dirty:pages=N,rounds=R,seed=S`): `params` =
-    /// [pages per round, rounds, seed, buffer pages, log] (`log` = 0 asks
-    /// the VMM not to track, for a baseline; the guest ignores it). In round `r` a ring-3
+    /// [pages per round, rounds, seed, buffer pages, log, warm-up rounds]
+    /// (`log` = 0 asks the VMM not to track, for a baseline; the first
+    /// `warm-up` rounds run before the VMM switches logging on; the guest
+    /// ignores both). In round `r` a ring-3
     /// task writes page [`dirty_page`]`(seed, r, i, buffer)` of its buffer
     /// for `i` in `0..pages`, then reports [`Event::RoundDone`] and waits
     /// for the VMM to harvest.

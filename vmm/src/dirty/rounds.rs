@@ -8,6 +8,11 @@
 //! declared as its own bookkeeping (kernel data and stacks, page-table
 //! arena with its accessed/dirty bits, the task's stack). Pages with no
 //! explanation are listed as `unexplained`.
+//!
+//! With `warmup=W` the first `W` rounds run before logging is switched on
+//! (recorded, not harvested): the task has then touched its buffer, so KVM
+//! has built its mappings, huge ones included, and the samples show what
+//! switching logging on does to them.
 
 use std::collections::BTreeSet;
 
@@ -61,6 +66,21 @@ pub struct RoundRecord {
     pub guest_us: f64,
     /// Every page KVM reported for the guest this round.
     pub harvested_pages: Vec<PageRange>,
+    /// Whether logging was on for this round (off: a warm-up round, or a
+    /// `log=0` baseline; nothing was harvested).
+    pub logged: bool,
+}
+
+/// Where in the run a mapping sample was taken.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// Before logging was switched on.
+    BeforeLogging,
+    /// While logging was on.
+    Logging,
+    /// After logging was switched off.
+    AfterLogging,
 }
 
 /// KVM's mapping sizes at one moment (binary stats).
@@ -68,6 +88,8 @@ pub struct RoundRecord {
 pub struct MappingSample {
     /// When: "before logging", "round N", "after logging".
     pub phase: String,
+    /// The stage `phase` belongs to.
+    pub stage: Stage,
     /// 4 KiB leaves.
     pub pages_4k: Option<u64>,
     /// 2 MiB leaves.
@@ -79,7 +101,7 @@ pub struct MappingSample {
 /// What logging did to KVM's 2 MiB mappings, from the samples.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct HugeSplit {
-    /// 2 MiB mappings before logging.
+    /// 2 MiB mappings right before logging was switched on.
     pub before: Option<u64>,
     /// Fewest 2 MiB mappings while logging.
     pub during_min: Option<u64>,
@@ -92,12 +114,14 @@ pub struct HugeSplit {
     pub recovered: Option<bool>,
 }
 
-/// Summarises the 2 MiB mapping samples.
+/// Summarises the 2 MiB mapping samples: the last one before logging, the
+/// fewest while logging, the last one after it.
 #[must_use]
 pub fn huge_split(samples: &[MappingSample]) -> HugeSplit {
-    let before = samples.first().and_then(|m| m.pages_2m);
-    let after = if samples.len() > 1 { samples.last().and_then(|m| m.pages_2m) } else { None };
-    let during_min = samples.get(1..samples.len().saturating_sub(1)).and_then(|d| d.iter().filter_map(|m| m.pages_2m).min());
+    let last_of = |stage: Stage| samples.iter().rev().find(|m| m.stage == stage).and_then(|m| m.pages_2m);
+    let before = last_of(Stage::BeforeLogging);
+    let after = last_of(Stage::AfterLogging);
+    let during_min = samples.iter().filter(|m| m.stage == Stage::Logging).filter_map(|m| m.pages_2m).min();
     HugeSplit {
         before,
         during_min,
@@ -112,8 +136,9 @@ pub fn huge_split(samples: &[MappingSample]) -> HugeSplit {
 pub struct DirtyReport {
     /// Mechanism.
     pub mode: DirtyMode,
-    /// Pages per round, rounds, seed, buffer pages, logging on (1) or off (0).
-    pub params: [u64; 5],
+    /// Pages per round, rounds, seed, buffer pages, logging on (1) or off
+    /// (0), warm-up rounds before logging.
+    pub params: [u64; 6],
     /// The buffer's first guest page frame.
     pub buffer_pfn: u64,
     /// Each round.
@@ -127,7 +152,7 @@ pub struct DirtyReport {
 /// Follows a dirty workload's events.
 #[derive(Debug)]
 pub struct DirtyRounds {
-    params: [u64; 5],
+    params: [u64; 6],
     tsc_khz: u64,
     regions: Vec<(u64, u64)>,
     buffer: Option<(u64, u64)>,
@@ -138,9 +163,9 @@ pub struct DirtyRounds {
 
 impl DirtyRounds {
     /// For a workload with `params` = [pages, rounds, seed, buffer pages,
-    /// log]; `tsc_khz` converts the guest's round times.
+    /// log, warm-up rounds]; `tsc_khz` converts the guest's round times.
     #[must_use]
-    pub fn new(params: [u64; 5], tsc_khz: u64, stats: Option<StatsFd>) -> Self {
+    pub fn new(params: [u64; 6], tsc_khz: u64, stats: Option<StatsFd>) -> Self {
         DirtyRounds { params, tsc_khz, regions: Vec::new(), buffer: None, rounds: Vec::new(), mappings: Vec::new(), stats }
     }
 
@@ -148,10 +173,14 @@ impl DirtyRounds {
         self.params[4] != 0
     }
 
-    fn sample(&mut self, phase: String) {
+    fn warmup(&self) -> u64 {
+        self.params[5]
+    }
+
+    fn sample(&mut self, phase: String, stage: Stage) {
         let snap = self.stats.as_ref().and_then(|s| s.snapshot().ok());
         let get = |n: &str| snap.as_ref().and_then(|s| s.value(n));
-        self.mappings.push(MappingSample { phase, pages_4k: get("pages_4k"), pages_2m: get("pages_2m"), pages_1g: get("pages_1g") });
+        self.mappings.push(MappingSample { phase, stage, pages_4k: get("pages_4k"), pages_2m: get("pages_2m"), pages_1g: get("pages_1g") });
     }
 
     /// Handles one workload event.
@@ -170,24 +199,37 @@ impl DirtyRounds {
                 if ram.ram_offset_of(a).is_some() && last.is_some_and(|l| ram.ram_offset_of(l).is_some()) {
                     self.buffer = Some((a >> 12, b));
                 }
-                self.sample("before logging".into());
-                if self.logging() {
-                    tracker.start(vm, ram)?;
+                if self.warmup() == 0 {
+                    self.sample("before logging".into(), Stage::BeforeLogging);
+                    if self.logging() {
+                        tracker.start(vm, ram)?;
+                    }
+                } else {
+                    self.sample("before warm-up".into(), Stage::BeforeLogging);
                 }
             }
             Event::RoundDone => {
                 let guest_us = if self.tsc_khz == 0 { 0.0 } else { b as f64 * 1000.0 / self.tsc_khz as f64 };
-                if !self.logging() {
+                if !self.logging() || a < self.warmup() {
                     let mut record = self.check_round(a, &[], &[], 0.0, false);
                     record.missing.clear();
                     record.guest_us = guest_us;
-                    self.rounds.push(record);
+                    record.logged = false;
+                    if self.rounds.len() < MAX_ROUNDS {
+                        self.rounds.push(record);
+                    }
+                    if a.saturating_add(1) == self.warmup() {
+                        self.sample(format!("before logging (after {} warm-up rounds)", self.warmup()), Stage::BeforeLogging);
+                        if self.logging() {
+                            tracker.start(vm, ram)?;
+                        }
+                    }
                     return Ok(());
                 }
                 let t = std::time::Instant::now();
                 let h = tracker.harvest(vm, ram)?;
                 let harvest_us = t.elapsed().as_secs_f64() * 1e6;
-                self.sample(format!("round {a}"));
+                self.sample(format!("round {a}"), Stage::Logging);
                 let mut record = self.check_round(a, &h.guest, &h.vmm, harvest_us, h.ring_overflowed);
                 record.guest_us = guest_us;
                 if self.rounds.len() < MAX_ROUNDS {
@@ -205,7 +247,7 @@ impl DirtyRounds {
 
     /// Called when the run ends: the last mapping sample.
     pub fn finish(&mut self) {
-        self.sample("after logging (guest touched its buffer again)".into());
+        self.sample("after logging (guest touched its buffer again)".into(), Stage::AfterLogging);
     }
 
     fn check_round(&self, round: u64, guest: &[PageRange], vmm: &[PageRange], harvest_us: f64, ring_overflowed: bool) -> RoundRecord {
@@ -242,6 +284,7 @@ impl DirtyRounds {
             ring_overflowed,
             guest_us: 0.0,
             harvested_pages: guest.to_vec(),
+            logged: true,
         }
     }
 
@@ -265,17 +308,22 @@ mod tests {
 
     #[test]
     fn huge_splits_and_recovery_are_computed_from_samples() {
-        let s = |phase: &str, m2: u64| MappingSample { phase: phase.into(), pages_4k: Some(0), pages_2m: Some(m2), pages_1g: Some(0) };
-        let h = huge_split(&[s("before", 10), s("round 0", 4), s("round 1", 6), s("after", 10)]);
+        let s = |stage: Stage, m2: u64| MappingSample { phase: String::new(), stage, pages_4k: Some(0), pages_2m: Some(m2), pages_1g: Some(0) };
+        use Stage::{AfterLogging as After, BeforeLogging as Before, Logging as During};
+        let h = huge_split(&[s(Before, 10), s(During, 4), s(During, 6), s(After, 10)]);
         assert_eq!((h.split, h.recovered), (Some(6), Some(true)));
-        let h = huge_split(&[s("before", 10), s("round 0", 10), s("after", 3)]);
+        let h = huge_split(&[s(Before, 10), s(During, 10), s(After, 3)]);
         assert_eq!((h.split, h.recovered), (Some(0), Some(false)));
         assert_eq!(huge_split(&[]).split, None);
+        // After warm-up rounds the last sample before logging counts, not
+        // the first (taken before the guest touched anything).
+        let h = huge_split(&[s(Before, 0), s(Before, 8), s(During, 1), s(After, 2)]);
+        assert_eq!(h, HugeSplit { before: Some(8), during_min: Some(1), after: Some(2), split: Some(7), recovered: Some(false) });
     }
 
     #[test]
     fn rounds_classify_extras_and_misses() {
-        let mut d = DirtyRounds::new([10, 2, 7, 64, 1], 0, None);
+        let mut d = DirtyRounds::new([10, 2, 7, 64, 1, 0], 0, None);
         d.buffer = Some((0x1000, 64));
         d.regions = vec![(0x10_0000, 0x1000)];
         let expected: Vec<u64> = (0..10).map(|i| 0x1000 + dirty_page(7, 0, i, 64)).collect();

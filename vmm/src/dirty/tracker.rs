@@ -114,6 +114,62 @@ impl SlotState {
     }
 }
 
+impl SlotState {
+    /// Ring mode, at a harvest: appends the pages collected since the last
+    /// one to `out` (from the run list while it lasted, else from `acc`,
+    /// which `overflowed` has filled) and starts the slot over with an
+    /// empty list and an all-zero `acc`, so the next harvest reports only
+    /// what is collected after this one.
+    fn take_ring_pages(&mut self, out: &mut Vec<PageRange>, overflowed: bool) {
+        match self.ring_runs.take() {
+            Some(mut runs) if !overflowed => {
+                // `acc` is all zero while the list lasts (see the field).
+                if out.is_empty() {
+                    // The first slot's runs become the output as they are;
+                    // the output's old (empty) buffer goes back to the slot.
+                    std::mem::swap(out, &mut runs);
+                } else {
+                    out.extend_from_slice(&runs);
+                }
+                runs.clear();
+                self.ring_runs = Some(runs);
+            }
+            runs => {
+                let start = out.len();
+                ranges::bitmap_to_ranges_into(&self.acc, self.info.first_pfn, out);
+                // Every set bit is in one of these ranges: zeroing their
+                // words empties `acc` at a cost that follows the pages
+                // found, not the slot's size.
+                ranges::clear_ranges(&mut self.acc, self.info.first_pfn, &out[start..]);
+                let mut runs = runs.unwrap_or_default();
+                runs.clear();
+                self.ring_runs = Some(runs);
+            }
+        }
+    }
+}
+
+/// Routes one ring entry (`slot` as KVM writes it: address space << 16 |
+/// slot id) to its slot's record; `last` is the index of the slot the
+/// previous entry hit, tried first since entries come in runs from one
+/// slot. Returns false, recording nothing, for an entry naming no page of
+/// a tracked slot in address space 0: slot and offset come from KVM but
+/// are still checked before they index anything.
+fn note_ring_entry(slots: &mut [SlotState], last: &mut usize, slot: u32, offset: u64) -> bool {
+    let hit = match slots.get(*last) {
+        Some(s) if s.info.slot == slot => Some(*last),
+        _ => slots.iter().position(|s| s.info.slot == slot),
+    };
+    match hit.filter(|_| slot >> 16 == 0) {
+        Some(i) if offset < slots[i].info.pages => {
+            *last = i;
+            slots[i].note_ring_page(offset);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The dirty tracker.
 #[derive(Debug)]
 pub struct DirtyTracker {
@@ -124,6 +180,8 @@ pub struct DirtyTracker {
     slots: Vec<SlotState>,
     rings: Vec<DirtyRing>,
     scratch: Vec<RingEntry>,
+    /// Reused buffer for the VMM's writes, one entry per slot.
+    vmm_scratch: Vec<Option<vmm_writes::SparseWords>>,
     bad_ring_entries: u64,
     ring_overflowed: bool,
     /// Consecutive ring-full exits that found nothing to collect.
@@ -173,7 +231,7 @@ impl DirtyTracker {
                 }
             })
             .collect();
-        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), bad_ring_entries: 0, ring_overflowed: false, empty_full_exits: 0, logging: false, generation: 0 })
+        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), vmm_scratch: Vec::new(), bad_ring_entries: 0, ring_overflowed: false, empty_full_exits: 0, logging: false, generation: 0 })
     }
 
     /// The mechanism in use.
@@ -325,18 +383,8 @@ impl DirtyTracker {
             let got = r.drain(|slot, offset| {
                 // Address space 0 only; slot and offset come from KVM but
                 // are still checked before they index anything.
-                let hit = match slots.get(last) {
-                    Some(s) if s.info.slot == slot => Some(last),
-                    _ => slots.iter().position(|s| s.info.slot == slot),
-                };
-                match hit.filter(|_| slot >> 16 == 0) {
-                    Some(i) if offset < slots[i].info.pages => {
-                        last = i;
-                        let s = &mut slots[i];
-                        s.acc[(offset / 64) as usize] |= 1 << (offset % 64);
-                        s.note_ring_page(offset);
-                    }
-                    _ => bad += 1,
+                if !note_ring_entry(slots, &mut last, slot, offset) {
+                    bad += 1;
                 }
             });
             // KVM exits with KVM_EXIT_DIRTY_RING_FULL while some reserved
@@ -448,21 +496,16 @@ impl DirtyTracker {
                 }
             }
         }
-        let vmm_writes = vmm_writes::take(ram);
+        vmm_writes::take_into(ram, &mut self.vmm_scratch);
         out.bad_ring_entries = std::mem::take(&mut self.bad_ring_entries);
         out.ring_overflowed = ring_overflowed;
-        let any_vmm = vmm_writes.iter().any(Option::is_some);
-        for (s, vmm_words) in self.slots.iter_mut().zip(vmm_writes) {
-            // Ring mode with few or ascending entries: use the list rather
-            // than scan the bitmap.
-            let mut sparse = if self.mode == DirtyMode::Ring && !ring_overflowed { s.ring_runs.take() } else { None };
+        let any_vmm = self.vmm_scratch.iter().any(Option::is_some);
+        for (s, vmm_words) in self.slots.iter_mut().zip(self.vmm_scratch.drain(..)) {
             let start = out.guest.len();
-            match sparse.as_mut() {
-                // The first slot's runs become the output as they are (the
-                // output's old buffer goes back to the slot).
-                Some(runs) if start == 0 => std::mem::swap(&mut out.guest, runs),
-                Some(runs) => out.guest.extend_from_slice(runs),
-                None => ranges::bitmap_to_ranges_into(&s.acc, s.info.first_pfn, &mut out.guest),
+            if self.mode == DirtyMode::Ring {
+                s.take_ring_pages(&mut out.guest, ring_overflowed);
+            } else {
+                ranges::bitmap_to_ranges_into(&s.acc, s.info.first_pfn, &mut out.guest);
             }
             let guest = &out.guest[start..];
             if self.mode == DirtyMode::Clear && s.logging && !guest.is_empty() && !ring_overflowed {
@@ -479,21 +522,6 @@ impl DirtyTracker {
                     let v = out.vmm.len();
                     ranges::sparse_words_to_ranges_into(&words, s.info.first_pfn, &mut out.vmm);
                     ranges::union_into(guest, &out.vmm[v..], &mut out.union);
-                }
-            }
-            // KVM_GET_DIRTY_LOG overwrites the whole bitmap; only the ring
-            // accumulates into it between harvests.
-            if self.mode == DirtyMode::Ring {
-                match sparse {
-                    Some(mut runs) => {
-                        // Its pages were never put in `acc`.
-                        runs.clear();
-                        s.ring_runs = Some(runs);
-                    }
-                    None => {
-                        s.acc.fill(0);
-                        s.ring_runs = Some(Vec::new());
-                    }
                 }
             }
         }
@@ -534,6 +562,64 @@ mod tests {
         assert!(s.ring_runs.is_none());
         s.note_ring_page(200);
         assert_eq!(ranges::bitmap_to_ranges(&s.acc, 0), vec![PageRange { first: 5, count: 1 }, PageRange { first: 10, count: 2 }, PageRange { first: 200, count: 1 }]);
+    }
+
+    /// Feeds `pages` (offsets in slot 0) through the ring-entry path and
+    /// harvests the slot as `fill_harvest` does in ring mode.
+    fn ring_round(slots: &mut [SlotState], pages: &[u64]) -> Vec<u64> {
+        let mut last = 0;
+        for &p in pages {
+            assert!(note_ring_entry(slots, &mut last, 0, p));
+        }
+        let mut out = Vec::new();
+        for s in slots.iter_mut() {
+            s.take_ring_pages(&mut out, false);
+        }
+        out.iter().flat_map(|r| r.first..r.end()).map(|p| p - 1000).collect()
+    }
+
+    #[test]
+    fn a_bitmap_harvest_after_list_harvests_reports_only_its_own_pages() {
+        let mut slots = [slot(64 * 64)];
+        // Two ascending rounds: harvested from the run list.
+        assert_eq!(ring_round(&mut slots, &[3, 4, 5, 100, 2000]), vec![3, 4, 5, 100, 2000]);
+        assert_eq!(ring_round(&mut slots, &[7, 8, 900]), vec![7, 8, 900]);
+        // Out of order: harvested from the bitmap, which must not still hold
+        // the earlier rounds' pages.
+        assert_eq!(ring_round(&mut slots, &[50, 10, 4000, 9]), vec![9, 10, 50, 4000]);
+        assert_eq!(ranges::count_pages(&slots[0].acc), 0, "a harvest leaves the bitmap empty");
+        // And back to the list, again with nothing from before.
+        assert_eq!(ring_round(&mut slots, &[1, 2]), vec![1, 2]);
+        assert!(ring_round(&mut slots, &[]).is_empty(), "nothing written, nothing reported");
+    }
+
+    #[test]
+    fn an_overflowed_ring_reports_the_filled_bitmap_and_starts_over() {
+        let mut s = slot(128);
+        let mut last = 0;
+        assert!(note_ring_entry(std::slice::from_mut(&mut s), &mut last, 0, 5));
+        s.acc.fill(u64::MAX);
+        let mut out = Vec::new();
+        s.take_ring_pages(&mut out, true);
+        assert_eq!(out, vec![PageRange { first: 1000, count: 128 }]);
+        assert_eq!(ranges::count_pages(&s.acc), 0);
+        assert_eq!(s.ring_runs.as_deref(), Some(&[][..]), "the next harvest starts with an empty list");
+    }
+
+    #[test]
+    fn ring_entries_outside_tracked_slots_are_refused() {
+        let mut slots = [slot(64), SlotState { info: SlotInfo { slot: 3, first_pfn: 5000, pages: 64 }, ..slot(64) }];
+        let mut last = 0;
+        assert!(!note_ring_entry(&mut slots, &mut last, 0, 64), "offset past the slot");
+        assert!(!note_ring_entry(&mut slots, &mut last, 1, 0), "unknown slot");
+        assert!(!note_ring_entry(&mut slots, &mut last, 1 << 16, 0), "address space 1");
+        assert!(note_ring_entry(&mut slots, &mut last, 3, 63));
+        assert_eq!(last, 1, "the slot hit is remembered");
+        let mut out = Vec::new();
+        for s in &mut slots {
+            s.take_ring_pages(&mut out, false);
+        }
+        assert_eq!(out, vec![PageRange { first: 5063, count: 1 }]);
     }
 
     #[test]

@@ -118,13 +118,19 @@ impl NewBitmap for VmmWriteBitmap {
 /// regions the VMM did not write.
 #[must_use]
 pub fn take(ram: &GuestRam) -> Vec<Option<SparseWords>> {
-    ram.memory()
-        .iter()
-        .map(|region| {
-            let mapping: &MmapRegion<VmmWriteBitmap> = region;
-            mapping.bitmap().take()
-        })
-        .collect()
+    let mut out = Vec::new();
+    take_into(ram, &mut out);
+    out
+}
+
+/// [`take`] into `out`, replacing its contents but keeping its buffer (a
+/// harvest allocates nothing when the VMM wrote nothing).
+pub fn take_into(ram: &GuestRam, out: &mut Vec<Option<SparseWords>>) {
+    out.clear();
+    out.extend(ram.memory().iter().map(|region| {
+        let mapping: &MmapRegion<VmmWriteBitmap> = region;
+        mapping.bitmap().take()
+    }));
 }
 
 #[cfg(test)]
