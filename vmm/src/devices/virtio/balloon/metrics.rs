@@ -2,7 +2,8 @@
 //!
 //! Every rejection of guest input has its own counter so that a test can
 //! check that a hostile input was seen and refused, and the run report can
-//! show it. Counters only grow (saturating).
+//! show it. Counters only grow (saturating); the `last_target_to_*` timings
+//! start again from 0 at each target change.
 
 use serde::Serialize;
 
@@ -26,6 +27,14 @@ pub struct BalloonMetrics {
     /// notification after it (the guest's reaction: noticing the change,
     /// allocating, filling the PFN array).
     pub last_target_to_inflate_ns: u64,
+    /// Nanoseconds from the last target change until the host pages of a
+    /// balloon at least that big were released (the last release call of
+    /// the inflate that got there returned); 0 until then.
+    pub last_target_to_reclaimed_ns: u64,
+    /// Nanoseconds from the last target change until the driver wrote an
+    /// `actual` equal to it (for a deflate: the guest has taken its pages
+    /// back, written and verified them); 0 until then.
+    pub last_target_to_actual_ns: u64,
     /// Bytes the guest reported free (free page reporting).
     pub reported_bytes: u64,
     /// Host bytes released for free page reporting (part of `released_bytes`).
