@@ -19,7 +19,7 @@ use memvisor_abi::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 use memvisor_abi::virtio::{CONFIG_ACTUAL, CONFIG_NUM_PAGES, CONFIG_SIZE, DEVICE_ID_BALLOON, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ, F_VERSION_1};
 
 use super::metrics::{BalloonMetrics, bump};
-use super::pages::{BalloonPages, Inflated, PAGE, PageReject, inner_units, merge_runs};
+use super::pages::{BalloonPages, Inflated, PAGE, PageReject, inner_units, merge_runs, pfn_runs};
 use super::reclaim;
 use super::stats::{GuestStats, MAX_ENTRIES};
 use crate::devices::virtio::{TransportReject, VirtioDevice};
@@ -219,7 +219,7 @@ impl Balloon {
     /// consecutive PFNs, as `(first PFN, count)`, in array order. Runs are
     /// cut at the VMM's read chunk; nothing is assumed about the values.
     fn for_each_run(&mut self, descs: &[Descriptor], mem: &GuestMemory, mut f: impl FnMut(&mut Self, u32, u32)) {
-        let mut buf = vec![0u8; PFN_CHUNK * 4];
+        let mut pfns = vec![0u32; PFN_CHUNK];
         for d in descs {
             if d.is_write_only() || d.len() % 4 != 0 {
                 bump(&mut self.metrics.descriptor_malformed);
@@ -228,25 +228,20 @@ impl Balloon {
             let mut done = 0u64;
             let len = u64::from(d.len());
             while done < len {
-                let n = (len - done).min(buf.len() as u64) as usize;
-                if mem.read_slice(&mut buf[..n], GuestAddress(d.addr().0 + done)).is_err() {
+                let n = ((len - done) / 4).min(PFN_CHUNK as u64) as usize;
+                let chunk = &mut pfns[..n];
+                // SAFETY: the bytes of `chunk`, a plain u32 slice: any byte
+                // pattern is a valid u32, and the view lives only for the
+                // read below.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(chunk.as_mut_ptr().cast::<u8>(), n * 4) };
+                if mem.read_slice(bytes, GuestAddress(d.addr().0 + done)).is_err() {
                     bump(&mut self.metrics.descriptor_outside_ram);
                     break;
                 }
-                let mut pfns = buf[..n].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-                if let Some(mut first) = pfns.next() {
-                    let mut count = 1u32;
-                    for pfn in pfns {
-                        if first.checked_add(count) == Some(pfn) {
-                            count += 1;
-                        } else {
-                            f(self, first, count);
-                            (first, count) = (pfn, 1);
-                        }
-                    }
-                    f(self, first, count);
-                }
-                done += n as u64;
+                // PFNs are little-endian (virtio 1.2 §5.5.6); a no-op on x86.
+                chunk.iter_mut().for_each(|p| *p = u32::from_le(*p));
+                pfn_runs(chunk, |first, count| f(self, first, count));
+                done += n as u64 * 4;
             }
         }
     }

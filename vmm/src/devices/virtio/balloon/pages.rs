@@ -269,6 +269,32 @@ pub fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
+/// Calls `f(first, count)` for each run of consecutive values in `pfns`,
+/// in order. An array that is one run (what our driver sends) is found by
+/// one branch-free pass the compiler vectorises; any other is scanned value
+/// by value. Every value is looked at either way.
+pub fn pfn_runs(pfns: &[u32], mut f: impl FnMut(u32, u32)) {
+    let Some(&first) = pfns.first() else { return };
+    let Ok(len) = u32::try_from(pfns.len()) else { return };
+    if first.checked_add(len - 1).is_some() {
+        let off = pfns.iter().enumerate().fold(0u32, |acc, (i, &p)| acc | (p ^ first.wrapping_add(i as u32)));
+        if off == 0 {
+            f(first, len);
+            return;
+        }
+    }
+    let (mut first, mut count) = (first, 1u32);
+    for &pfn in &pfns[1..] {
+        if first.checked_add(count) == Some(pfn) {
+            count += 1;
+        } else {
+            f(first, count);
+            (first, count) = (pfn, 1);
+        }
+    }
+    f(first, count);
+}
+
 /// The whole `align`-sized units inside `[start, start + len)`, as
 /// `(first unit, count)`; `None` when none fits.
 #[must_use]
@@ -372,6 +398,23 @@ mod tests {
         assert_eq!(merge_runs(one(&[5, 1, 2, 3, 9, 2, 10])), vec![(1, 3), (5, 1), (9, 2)]);
         assert_eq!(merge_runs(vec![(8, 4), (0, 8), (10, 1)]), vec![(0, 12)]);
         assert!(merge_runs(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn pfn_runs_split_where_values_stop_being_consecutive() {
+        let runs = |v: &[u32]| {
+            let mut out = Vec::new();
+            pfn_runs(v, |a, n| out.push((a, n)));
+            out
+        };
+        let long: Vec<u32> = (100..5000).collect();
+        assert_eq!(runs(&long), vec![(100, 4900)]);
+        let mut broken = long.clone();
+        broken[3000] = 7;
+        assert_eq!(runs(&broken), vec![(100, 3000), (7, 1), (3101, 1899)]);
+        assert_eq!(runs(&[u32::MAX - 1, u32::MAX, 0, 1]), vec![(u32::MAX - 1, 2), (0, 2)], "no run wraps around");
+        assert_eq!(runs(&[5, 5, 6]), vec![(5, 1), (5, 2)]);
+        assert!(runs(&[]).is_empty());
     }
 
     #[test]
