@@ -206,7 +206,7 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
         "balloon-hostile" => {
             let mode = get("mode", &["mode"])?.unwrap_or(0);
             if memvisor_abi::workload::HostileMode::from_raw(mode).is_none() {
-                return Err(WorkloadError::OutOfRange { kind: "balloon-hostile", why: format!("mode {mode} is not 1..=7") });
+                return Err(WorkloadError::OutOfRange { kind: "balloon-hostile", why: format!("mode {mode} is not 1..=9") });
             }
             spec.kind = WorkloadKind::BalloonHostile as u32;
             spec.params[0] = mode;

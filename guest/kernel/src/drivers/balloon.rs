@@ -95,8 +95,10 @@ pub struct Balloon {
     pub inflate: Virtqueue,
     /// The deflate queue.
     pub deflate: Virtqueue,
-    stats: Option<Virtqueue>,
-    reporting: Option<Virtqueue>,
+    /// The stats queue, if negotiated.
+    pub stats: Option<Virtqueue>,
+    /// The free page reporting queue, if negotiated.
+    pub reporting: Option<Virtqueue>,
     blocks: BlockList,
     /// Pages in the balloon.
     pub actual: u64,

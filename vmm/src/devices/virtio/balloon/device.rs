@@ -176,8 +176,9 @@ impl Balloon {
         r
     }
 
-    /// The chain's descriptors, or `None` (counted) for a chain that loops,
-    /// runs past the table or names memory outside guest RAM.
+    /// The chain's descriptors, or `None` (counted) for a chain whose head
+    /// index is outside the table, that loops or runs past the table, or
+    /// that names memory outside guest RAM.
     fn descriptors(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> Option<Vec<Descriptor>> {
         let mut out = Vec::new();
         let mut unfinished = false;
@@ -185,7 +186,13 @@ impl Balloon {
             unfinished = d.has_next();
             out.push(d);
         }
-        if unfinished || out.is_empty() {
+        if out.is_empty() {
+            // virtio-queue yields nothing for a head index of queue size or
+            // more (virtio 1.2 §2.7.6) or an unreadable head descriptor.
+            bump(&mut self.metrics.bad_head_descriptor);
+            return None;
+        }
+        if unfinished {
             bump(&mut self.metrics.chain_too_long);
             return None;
         }

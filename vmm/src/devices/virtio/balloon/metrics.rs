@@ -56,8 +56,12 @@ pub struct BalloonMetrics {
     pub descriptor_outside_ram: u64,
     /// Rejected: a descriptor of the wrong direction or length.
     pub descriptor_malformed: u64,
-    /// Rejected: a chain that loops or is longer than the queue.
+    /// Rejected: a chain that loops, is longer than the queue or names a
+    /// next descriptor beyond the table.
     pub chain_too_long: u64,
+    /// Rejected: an available-ring entry whose head index is beyond the
+    /// descriptor table, or whose head descriptor cannot be read.
+    pub bad_head_descriptor: u64,
     /// Rejected: a queue size that is not a power of two (or too big).
     pub bad_queue_size: u64,
     /// Rejected: a notification for a missing or unready queue.
@@ -81,6 +85,7 @@ impl BalloonMetrics {
             + self.descriptor_outside_ram
             + self.descriptor_malformed
             + self.chain_too_long
+            + self.bad_head_descriptor
             + self.bad_queue_size
             + self.bad_notify
             + self.bad_queue_address
