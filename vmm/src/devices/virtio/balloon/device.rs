@@ -496,6 +496,7 @@ impl VirtioDevice for Balloon {
             TransportReject::BadNotify => &mut m.bad_notify,
             TransportReject::BadQueueAddress => &mut m.bad_queue_address,
             TransportReject::BadRegister => &mut m.bad_register,
+            TransportReject::BadStatus => &mut m.bad_status,
         });
     }
 }

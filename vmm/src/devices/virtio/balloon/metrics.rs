@@ -70,6 +70,9 @@ pub struct BalloonMetrics {
     pub bad_queue_address: u64,
     /// Rejected: register accesses of the wrong width or offset.
     pub bad_register: u64,
+    /// Rejected: device status writes that clear a bit without resetting,
+    /// or set bits out of order (virtio 1.2 §2.1.1, §3.1.1).
+    pub bad_status: u64,
     /// Release calls the kernel refused (logged).
     pub release_errors: u64,
 }
@@ -90,6 +93,7 @@ impl BalloonMetrics {
             + self.bad_notify
             + self.bad_queue_address
             + self.bad_register
+            + self.bad_status
     }
 }
 
