@@ -150,7 +150,7 @@ impl BalloonPages {
         let mut p = first;
         while p < end {
             // One segment: inside one bitmap word and one host page.
-            let seg_end = end.min((p / 64 + 1) * 64).min((p / per + 1) * per);
+            let seg_end = end.min((p / 64 + 1) * 64).min(self.host_page_end(p));
             let (w, shift, n) = ((p / 64) as usize, p % 64, seg_end - p);
             let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << shift };
             let fresh = mask & !self.bits[w];
@@ -200,7 +200,7 @@ impl BalloonPages {
         let mut taken = 0;
         let mut p = first;
         while p < end {
-            let seg_end = end.min((p / 64 + 1) * 64).min((p / per + 1) * per);
+            let seg_end = end.min((p / 64 + 1) * 64).min(self.host_page_end(p));
             let (w, shift, n) = ((p / 64) as usize, p % 64, seg_end - p);
             let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << shift };
             let held = mask & self.bits[w];
@@ -222,6 +222,12 @@ impl BalloonPages {
             p = seg_end;
         }
         Ok(taken)
+    }
+
+    /// The first page past page `p`'s host page; with 4 KiB host pages
+    /// (no per-host-page counts) segments need not stop at each page.
+    fn host_page_end(&self, p: u64) -> u64 {
+        if self.counts.is_empty() { u64::MAX } else { (p / self.pieces_per_host_page + 1) * self.pieces_per_host_page }
     }
 
     /// Pages in the balloon.
