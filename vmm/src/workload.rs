@@ -256,7 +256,8 @@ mod tests {
         assert_eq!(&s.params[..3], &[2, 1, 16384]);
         assert_eq!(&parse("balloon:report=2,paging=1").unwrap().params[..5], &[0, 2, 0, 0, 1]);
         assert_eq!(parse("balloon-hostile:mode=3").unwrap().params[0], 3);
-        assert!(parse("balloon-hostile:mode=8").is_err());
+        assert_eq!(parse("balloon-hostile:mode=9").unwrap().params[0], 9);
+        assert!(parse("balloon-hostile:mode=10").is_err());
         assert!(parse("balloon:oom=1G").is_err());
     }
 
