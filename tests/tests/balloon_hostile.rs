@@ -74,3 +74,20 @@ fn queue_size_not_a_power_of_two_is_refused_and_counted() {
     let b = hostile(7, &[]);
     assert_eq!(counter(&b, "bad_queue_size"), 1, "{b}");
 }
+
+#[test]
+fn head_index_beyond_the_queue_is_refused_and_counted_on_its_own() {
+    let b = hostile(8, &[]);
+    assert_eq!(counter(&b, "bad_head_descriptor"), 1, "{b}");
+    assert_eq!(counter(&b, "chain_too_long"), 0, "a bad head is not a long chain: {b}");
+}
+
+#[test]
+fn bad_input_on_the_deflate_reporting_and_stats_queues_is_refused_and_counted() {
+    let b = hostile(9, &[]);
+    assert_eq!(counter(&b, "pfn_outside_ram"), 1, "deflate of a PFN beyond RAM: {b}");
+    assert_eq!(counter(&b, "deflate_not_in_balloon"), 1, "deflate of a page never inflated: {b}");
+    assert_eq!(counter(&b, "descriptor_outside_ram"), 2, "a free page report and a stats buffer in the MMIO window: {b}");
+    assert_eq!(counter(&b, "reported_bytes"), 0, "{b}");
+    assert_eq!(counter(&b, "released_bytes"), 4096, "only the final check's well-formed page was released: {b}");
+}

@@ -7,9 +7,11 @@
 //!   before the VMM switches logging on.
 //! - `checksum:pages=N,rounds=R[,ms=T,seed=S]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Checksum`; `ms` defaults to 100.
-//! - `balloon[:rounds=R,report=0|1,oom=SIZE,irq=0|1]`: the balloon driver's
+//! - `balloon[:rounds=R,report=0|1|2,oom=SIZE,irq=0|1,paging=0|1]`: the balloon driver's
 //!   service loop (`WorkloadKind::Balloon`; needs `--balloon`); `oom` is a
-//!   size; `irq=1` waits for the device's interrupt instead of polling.
+//!   size; `irq=1` waits for the device's interrupt instead of polling;
+//!   `report=2` reports free pages only after deflates (not at start);
+//!   `paging=1` runs a small demand-paging task first (faults for the stats).
 //! - `balloon-hostile:mode=M`: feed the balloon hostile input `M` (1-7,
 //!   `memvisor_abi::workload::HostileMode`).
 //! - `translation:ws=SIZE[,workloads=MASK,reps=R,steps=N,seed=S]`: see
@@ -193,21 +195,23 @@ pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
             spec.params[..4].copy_from_slice(&[pages, rounds, ms, seed]);
         }
         "balloon" => {
-            let allowed = ["rounds", "report", "oom", "irq"];
+            let allowed = ["rounds", "report", "oom", "irq", "paging"];
             let rounds = get("rounds", &allowed)?.unwrap_or(0);
-            let report = get("report", &allowed)?.unwrap_or(0).min(1);
+            // 1: report free pages at start and after each deflate; 2: only after deflates.
+            let report = get("report", &allowed)?.unwrap_or(0).min(2);
             let oom = get("oom", &allowed)?.unwrap_or(0) / memvisor_abi::layout::PAGE_SIZE;
             if oom > 128 * 512 {
                 return Err(WorkloadError::OutOfRange { kind: "balloon", why: "oom is at most 256M (128 blocks of 2 MiB)".into() });
             }
             let irq = get("irq", &allowed)?.unwrap_or(0).min(1);
+            let paging = get("paging", &allowed)?.unwrap_or(0).min(1);
             spec.kind = WorkloadKind::Balloon as u32;
-            spec.params[..4].copy_from_slice(&[rounds, report, oom, irq]);
+            spec.params[..5].copy_from_slice(&[rounds, report, oom, irq, paging]);
         }
         "balloon-hostile" => {
             let mode = get("mode", &["mode"])?.unwrap_or(0);
             if memvisor_abi::workload::HostileMode::from_raw(mode).is_none() {
-                return Err(WorkloadError::OutOfRange { kind: "balloon-hostile", why: format!("mode {mode} is not 1..=7") });
+                return Err(WorkloadError::OutOfRange { kind: "balloon-hostile", why: format!("mode {mode} is not 1..=9") });
             }
             spec.kind = WorkloadKind::BalloonHostile as u32;
             spec.params[0] = mode;
@@ -255,8 +259,10 @@ mod tests {
         let s = parse("balloon:rounds=2,report=1,oom=64M").unwrap();
         assert_eq!(s.kind, WorkloadKind::Balloon as u32);
         assert_eq!(&s.params[..3], &[2, 1, 16384]);
+        assert_eq!(&parse("balloon:report=2,paging=1").unwrap().params[..5], &[0, 2, 0, 0, 1]);
         assert_eq!(parse("balloon-hostile:mode=3").unwrap().params[0], 3);
-        assert!(parse("balloon-hostile:mode=8").is_err());
+        assert_eq!(parse("balloon-hostile:mode=9").unwrap().params[0], 9);
+        assert!(parse("balloon-hostile:mode=10").is_err());
         assert!(parse("balloon:oom=1G").is_err());
     }
 

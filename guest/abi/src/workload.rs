@@ -82,11 +82,16 @@ pub enum HostileMode {
     LoopingChain = 6,
     /// A queue size that is not a power of two.
     QueueSizeNotPowerOfTwo = 7,
+    /// An available-ring entry naming a head descriptor beyond the queue.
+    BadHeadIndex = 8,
+    /// Bad input on the other queues: deflate PFNs outside RAM and not in
+    /// the balloon, a free page report and a stats buffer outside RAM.
+    OtherQueues = 9,
 }
 
 impl HostileMode {
     /// All modes.
-    pub const ALL: [HostileMode; 7] = [
+    pub const ALL: [HostileMode; 9] = [
         Self::PfnOutsideRam,
         Self::PfnInHole,
         Self::DuplicatePfn,
@@ -94,6 +99,8 @@ impl HostileMode {
         Self::DescriptorOutsideRam,
         Self::LoopingChain,
         Self::QueueSizeNotPowerOfTwo,
+        Self::BadHeadIndex,
+        Self::OtherQueues,
     ];
 
     /// Decodes a raw mode.
@@ -113,6 +120,8 @@ impl HostileMode {
             Self::DescriptorOutsideRam => "descriptor-outside-ram",
             Self::LoopingChain => "looping-chain",
             Self::QueueSizeNotPowerOfTwo => "queue-size-not-power-of-two",
+            Self::BadHeadIndex => "bad-head-index",
+            Self::OtherQueues => "other-queues",
         }
     }
 }
@@ -321,6 +330,8 @@ mod tests {
         assert_eq!(WorkloadKind::from_raw(10), Some(WorkloadKind::Balloon));
         assert_eq!(Event::from_raw(13), Some(Event::BalloonOomDeflated));
         assert_eq!(HostileMode::from_raw(7), Some(HostileMode::QueueSizeNotPowerOfTwo));
+        assert_eq!(HostileMode::from_raw(9), Some(HostileMode::OtherQueues));
+        assert_eq!(HostileMode::from_raw(10), None);
         assert_eq!(HostileMode::from_raw(0), None);
         assert_eq!(WorkloadKind::from_raw(20), Some(WorkloadKind::Translation));
         assert_eq!(Event::from_raw(22), Some(Event::TranslationRep));

@@ -13,6 +13,9 @@ use crate::report;
 
 /// A PFN far beyond any guest RAM (2^32 - 16 frames: 16 TiB).
 const FAR_PFN: u32 = 0xffff_fff0;
+/// A head index beyond every queue the driver sets up (virtio 1.2 §2.7.6:
+/// ring entries are indices into the descriptor table of queue-size entries).
+const BAD_HEAD: u16 = 300;
 /// Exit status for an unknown mode.
 const EXIT_BAD_MODE: u32 = 4;
 
@@ -34,7 +37,7 @@ pub fn run(k: &mut Kernel, raw: u64) -> u32 {
         return EXIT_BAD_MODE;
     };
     let bad_size = (mode == HostileMode::QueueSizeNotPowerOfTwo).then_some(100);
-    let mut b = match Balloon::start(k, false, bad_size) {
+    let mut b = match Balloon::start(k, mode == HostileMode::OtherQueues, bad_size) {
         Ok(b) => b,
         Err(e) => return failed(e),
     };
@@ -71,6 +74,23 @@ pub fn run(k: &mut Kernel, raw: u64) -> u32 {
             b.inflate.publish(&b.m, 0);
         }
         HostileMode::QueueSizeNotPowerOfTwo => {}
+        HostileMode::BadHeadIndex => {
+            b.inflate.publish(&b.m, BAD_HEAD);
+        }
+        HostileMode::OtherQueues => {
+            send_pfns(&mut b, &[FAR_PFN], false);
+            if let Some(a) = k.frames_alloc(0) {
+                send_pfns(&mut b, &[(a / PAGE_SIZE) as u32], false);
+                let _ = k.buddy().free(a, 0);
+            }
+            let outside = memvisor_abi::virtio::BALLOON_MMIO_BASE;
+            if let Some(q) = b.reporting.as_mut() {
+                q.submit(&b.m, &[(outside, 2 << 20, true)]);
+            }
+            if let Some(q) = b.stats.as_mut() {
+                q.submit(&b.m, &[(outside, 40, false)]);
+            }
+        }
     }
     // Still alive? One well-formed page in and out.
     let alive = match k.frames_alloc(0) {

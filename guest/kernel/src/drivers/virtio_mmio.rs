@@ -91,7 +91,8 @@ impl Mmio {
         self.write(mmio::DRIVER_FEATURES, (accepted >> 32) as u32);
         self.write(mmio::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         if self.read(mmio::STATUS) & status::FEATURES_OK == 0 {
-            self.write(mmio::STATUS, status::FAILED);
+            // Add FAILED; clearing the other bits is not allowed (§2.1.1).
+            self.write(mmio::STATUS, self.read(mmio::STATUS) | status::FAILED);
             return Err(SetupError::FeaturesRefused);
         }
         Ok(accepted)

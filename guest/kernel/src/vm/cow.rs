@@ -254,7 +254,13 @@ pub fn page_fault(frame: &mut TrapFrame) -> bool {
     });
     let kind = classify(frame.error, PageInfo { in_region: page.is_some(), in_swap: false, cow });
     match (kind, page) {
-        (FaultKind::Minor | FaultKind::CopyOnWrite, Some(p)) => s.resolve(kind, p),
+        (FaultKind::Minor | FaultKind::CopyOnWrite, Some(p)) => {
+            let resolved = s.resolve(kind, p);
+            if resolved {
+                super::count_fault(false);
+            }
+            resolved
+        }
         _ => report_fatal(kind, cr2, frame.error),
     }
 }

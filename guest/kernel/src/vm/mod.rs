@@ -52,6 +52,29 @@ fn active() -> Active {
     unsafe { ACTIVE }
 }
 
+/// Page faults the kernel resolved since boot: `(major, minor)`. Major:
+/// read back from swap; minor: a zero frame or a copy-on-write copy, with
+/// no I/O (as Linux counts them). The balloon driver reports these.
+static mut FAULTS: (u64, u64) = (0, 0);
+
+/// Counts one resolved fault.
+fn count_fault(major: bool) {
+    let f = &raw mut FAULTS;
+    // SAFETY: single-threaded kernel; the trap handlers that call this
+    // and the readers never run at the same time.
+    unsafe {
+        if major { (*f).0 += 1 } else { (*f).1 += 1 }
+    }
+}
+
+/// `(major, minor)` faults resolved since boot.
+#[must_use]
+pub fn fault_counts() -> (u64, u64) {
+    let f = &raw const FAULTS;
+    // SAFETY: as for `count_fault`.
+    unsafe { *f }
+}
+
 /// Invalidates the TLB entry for `va` (SDM Vol. 2A, INVLPG).
 #[inline(always)]
 pub fn invlpg(va: u64) {

@@ -151,6 +151,7 @@ impl Pager {
         if major {
             swapdev::request(SwapOp::Read, pa, p)?;
             self.stats.major += 1;
+            super::count_fault(true);
         } else {
             if evict {
                 // A recycled frame holds its last page's data.
@@ -158,6 +159,7 @@ impl Pager {
                 self.stats.zeroed += 1;
             }
             self.stats.minor += 1;
+            super::count_fault(false);
         }
         owner()[f] = p as u16;
         // SAFETY: as above; the entry is not present (the fault says so).

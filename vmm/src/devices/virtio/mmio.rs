@@ -248,9 +248,27 @@ impl<D: VirtioDevice> MmioTransport<D> {
         });
     }
 
+    /// A driver write of the device status (virtio 1.2 §2.1, §3.1.1).
+    ///
+    /// 0 resets the device (§2.1.1, §4.2.3.1). Otherwise the write may only
+    /// add bits ("The driver MUST NOT clear a device status bit", §2.1.1),
+    /// and the bits it leaves set must follow §3.1.1's order: DRIVER needs
+    /// ACKNOWLEDGE, FEATURES_OK needs DRIVER, DRIVER_OK needs FEATURES_OK;
+    /// FAILED may be added at any time; NEEDS_RESET is the device's to set.
+    /// Any other write is refused (counted) and changes nothing. FEATURES_OK
+    /// is checked once, when it is first set (§3.1.1 step 5); setting it
+    /// again changes nothing, so queues the driver has set up, and buffers
+    /// the device holds in them (the stats buffer), stay as they are.
     fn set_status(&mut self, v: u32) {
         if v == 0 {
             self.reset();
+            return;
+        }
+        let known = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK | status::FAILED;
+        let needs = |bit: u32, before: u32| v & bit == 0 || v & before != 0;
+        let in_order = needs(status::DRIVER, status::ACKNOWLEDGE) && needs(status::FEATURES_OK, status::DRIVER) && needs(status::DRIVER_OK, status::FEATURES_OK);
+        if v & !known != 0 || self.status & !v != 0 || !in_order {
+            self.device.transport_rejected(TransportReject::BadStatus);
             return;
         }
         let mut v = v;
@@ -261,14 +279,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             let offered = self.device.features();
             let f = self.driver_features;
             if f & !offered != 0 || f & memvisor_abi::virtio::F_VERSION_1 == 0 {
-                v &= !status::FEATURES_OK;
+                v &= !(status::FEATURES_OK | status::DRIVER_OK);
             } else {
                 self.device.ack_features(f);
                 self.queues = self.device.queue_max_sizes().into_iter().filter_map(|n| Queue::new(n).ok()).collect();
             }
-        }
-        if v & status::DRIVER_OK != 0 && v & status::FEATURES_OK == 0 {
-            v &= !status::DRIVER_OK;
         }
         self.status = v;
         self.device.set_driver_ok(v & status::DRIVER_OK != 0);
@@ -391,6 +406,72 @@ mod tests {
         wr(&mut t, &ram, r::STATUS, 0);
         wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK);
         assert!(!t.driver_ok());
+        assert_eq!(t.device.metrics.bad_status, 1);
+        // Refused features leave FEATURES_OK, and a DRIVER_OK with it, clear.
+        negotiate(&mut t, &ram, F_STATS_VQ);
+        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        assert_eq!(rd(&mut t, r::STATUS), status::ACKNOWLEDGE | status::DRIVER);
+    }
+
+    #[test]
+    fn status_bits_out_of_order_are_refused_and_change_nothing() {
+        let (ram, mut t) = setup();
+        // DRIVER before ACKNOWLEDGE, FEATURES_OK before DRIVER (§3.1.1).
+        wr(&mut t, &ram, r::STATUS, status::DRIVER);
+        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::FEATURES_OK);
+        assert_eq!((rd(&mut t, r::STATUS), t.device.metrics.bad_status), (0, 2));
+        // NEEDS_RESET is the device's bit (§2.1).
+        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::NEEDS_RESET);
+        assert_eq!((rd(&mut t, r::STATUS), t.device.metrics.bad_status), (0, 3));
+        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE);
+        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        assert_eq!(rd(&mut t, r::STATUS), status::ACKNOWLEDGE | status::DRIVER);
+        // FAILED may be added at any point.
+        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FAILED);
+        assert_eq!(rd(&mut t, r::STATUS), status::ACKNOWLEDGE | status::DRIVER | status::FAILED);
+        assert_eq!(t.device.metrics.bad_status, 3);
+    }
+
+    #[test]
+    fn clearing_a_status_bit_is_refused_except_by_writing_zero() {
+        let (ram, mut t) = setup();
+        negotiate(&mut t, &ram, F_VERSION_1);
+        let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        wr(&mut t, &ram, r::STATUS, all);
+        assert!(t.driver_ok());
+        // Dropping DRIVER_OK, or FEATURES_OK, without a reset (§2.1.1).
+        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        assert_eq!((rd(&mut t, r::STATUS), t.device.metrics.bad_status), (all, 2));
+        assert!(t.driver_ok() && t.device.info().driver_ok, "the device is still live");
+        wr(&mut t, &ram, r::STATUS, 0);
+        assert_eq!(rd(&mut t, r::STATUS), 0);
+        assert!(!t.device.info().driver_ok);
+    }
+
+    #[test]
+    fn features_ok_set_again_keeps_the_queues_and_the_accepted_features() {
+        let (ram, mut t) = setup();
+        let s = negotiate(&mut t, &ram, F_VERSION_1 | F_STATS_VQ);
+        assert_ne!(s & status::FEATURES_OK, 0);
+        wr(&mut t, &ram, r::QUEUE_SEL, 2);
+        wr(&mut t, &ram, r::QUEUE_NUM, 8);
+        for (reg, addr) in [(r::QUEUE_DESC_LOW, 0x10000u32), (r::QUEUE_AVAIL_LOW, 0x11000), (r::QUEUE_USED_LOW, 0x12000)] {
+            wr(&mut t, &ram, reg, addr);
+        }
+        wr(&mut t, &ram, r::QUEUE_READY, 1);
+        assert_eq!(rd(&mut t, r::QUEUE_READY), 1);
+        // The same status again, and with DRIVER_OK: no second check, no
+        // new queues (a rebuilt queue 2 would be unready and a stats buffer
+        // the device holds would name a queue that no longer exists).
+        wr(&mut t, &ram, r::STATUS, s);
+        wr(&mut t, &ram, r::STATUS, s | status::DRIVER_OK);
+        assert_eq!(rd(&mut t, r::QUEUE_READY), 1, "queue 2 survived");
+        assert_eq!(t.device.info().features, F_VERSION_1 | F_STATS_VQ);
+        assert_eq!(t.device.metrics.bad_status, 0);
+        // Features cannot change after FEATURES_OK (§3.1.1 step 5).
+        wr(&mut t, &ram, r::DRIVER_FEATURES, 0);
+        assert_eq!(t.device.metrics.bad_register, 1);
     }
 
     #[test]

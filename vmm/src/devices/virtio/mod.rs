@@ -57,4 +57,7 @@ pub enum TransportReject {
     BadQueueAddress,
     /// A register access of the wrong width or to an unknown offset.
     BadRegister,
+    /// A device status write that clears a bit (other than a reset), sets
+    /// bits out of §3.1.1's order, or sets a bit the driver may not set.
+    BadStatus,
 }

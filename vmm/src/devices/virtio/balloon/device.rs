@@ -19,7 +19,7 @@ use memvisor_abi::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 use memvisor_abi::virtio::{CONFIG_ACTUAL, CONFIG_NUM_PAGES, CONFIG_SIZE, DEVICE_ID_BALLOON, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ, F_VERSION_1};
 
 use super::metrics::{BalloonMetrics, bump};
-use super::pages::{BalloonPages, Inflated, PAGE, PageReject, inner_units, runs};
+use super::pages::{BalloonPages, Inflated, PAGE, PageReject, inner_units, merge_runs, pfn_runs};
 use super::reclaim;
 use super::stats::{GuestStats, MAX_ENTRIES};
 use crate::devices::virtio::{TransportReject, VirtioDevice};
@@ -79,8 +79,21 @@ pub struct Balloon {
     stats_head: Option<u16>,
     stats_requested: bool,
     driver_ok: bool,
-    /// When the target last changed, until the next inflate notification.
-    target_set_at: Option<std::time::Instant>,
+    /// When the target last changed, and which milestones since were timed.
+    clock: Option<TargetClock>,
+}
+
+/// Times from a target change to what followed it (the benchmark's clock).
+#[derive(Debug, Clone, Copy)]
+struct TargetClock {
+    at: std::time::Instant,
+    inflate_seen: bool,
+    reclaimed: bool,
+    met: bool,
+}
+
+fn ns_since(at: std::time::Instant) -> u64 {
+    u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Balloon {
@@ -100,7 +113,7 @@ impl Balloon {
             stats_head: None,
             stats_requested: false,
             driver_ok: false,
-            target_set_at: None,
+            clock: None,
         }
     }
 
@@ -111,7 +124,10 @@ impl Balloon {
         let changed = pages != self.target_pages;
         self.target_pages = pages;
         if changed {
-            self.target_set_at = Some(std::time::Instant::now());
+            self.clock = Some(TargetClock { at: std::time::Instant::now(), inflate_seen: false, reclaimed: false, met: false });
+            // The timings are of this change: none is stale.
+            let m = &mut self.metrics;
+            (m.last_target_to_inflate_ns, m.last_target_to_reclaimed_ns, m.last_target_to_actual_ns) = (0, 0, 0);
         }
         changed
     }
@@ -160,8 +176,9 @@ impl Balloon {
         r
     }
 
-    /// The chain's descriptors, or `None` (counted) for a chain that loops,
-    /// runs past the table or names memory outside guest RAM.
+    /// The chain's descriptors, or `None` (counted) for a chain whose head
+    /// index is outside the table, that loops or runs past the table, or
+    /// that names memory outside guest RAM.
     fn descriptors(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> Option<Vec<Descriptor>> {
         let mut out = Vec::new();
         let mut unfinished = false;
@@ -169,7 +186,13 @@ impl Balloon {
             unfinished = d.has_next();
             out.push(d);
         }
-        if unfinished || out.is_empty() {
+        if out.is_empty() {
+            // virtio-queue yields nothing for a head index of queue size or
+            // more (virtio 1.2 §2.7.6) or an unreadable head descriptor.
+            bump(&mut self.metrics.bad_head_descriptor);
+            return None;
+        }
+        if unfinished {
             bump(&mut self.metrics.chain_too_long);
             return None;
         }
@@ -199,9 +222,11 @@ impl Balloon {
         }
     }
 
-    /// Reads the PFN arrays of `descs` and applies `f` to each PFN.
-    fn for_each_pfn(&mut self, descs: &[Descriptor], mem: &GuestMemory, mut f: impl FnMut(&mut Self, u32)) {
-        let mut buf = vec![0u8; PFN_CHUNK * 4];
+    /// Reads the PFN arrays of `descs` and applies `f` to each run of
+    /// consecutive PFNs, as `(first PFN, count)`, in array order. Runs are
+    /// cut at the VMM's read chunk; nothing is assumed about the values.
+    fn for_each_run(&mut self, descs: &[Descriptor], mem: &GuestMemory, mut f: impl FnMut(&mut Self, u32, u32)) {
+        let mut pfns = vec![0u32; PFN_CHUNK];
         for d in descs {
             if d.is_write_only() || d.len() % 4 != 0 {
                 bump(&mut self.metrics.descriptor_malformed);
@@ -210,47 +235,89 @@ impl Balloon {
             let mut done = 0u64;
             let len = u64::from(d.len());
             while done < len {
-                let n = (len - done).min(buf.len() as u64) as usize;
-                if mem.read_slice(&mut buf[..n], GuestAddress(d.addr().0 + done)).is_err() {
+                let n = ((len - done) / 4).min(PFN_CHUNK as u64) as usize;
+                let chunk = &mut pfns[..n];
+                // SAFETY: the bytes of `chunk`, a plain u32 slice: any byte
+                // pattern is a valid u32, and the view lives only for the
+                // read below.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(chunk.as_mut_ptr().cast::<u8>(), n * 4) };
+                if mem.read_slice(bytes, GuestAddress(d.addr().0 + done)).is_err() {
                     bump(&mut self.metrics.descriptor_outside_ram);
                     break;
                 }
-                for c in buf[..n].chunks_exact(4) {
-                    f(self, u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-                }
-                done += n as u64;
+                // PFNs are little-endian (virtio 1.2 §5.5.6); a no-op on x86.
+                chunk.iter_mut().for_each(|p| *p = u32::from_le(*p));
+                pfn_runs(chunk, |first, count| f(self, first, count));
+                done += n as u64 * 4;
             }
         }
     }
 
+    /// The RAM pages of the PFN run `[pfn, pfn + count)` when all of them
+    /// are contiguous guest RAM: `(first RAM page, count)`.
+    fn ram_run(pfn: u32, count: u32, ram: &GuestRam) -> Option<(u64, u64)> {
+        let shift = memvisor_abi::virtio::BALLOON_PAGE_SHIFT;
+        let (first, last) = (u64::from(pfn) << shift, (u64::from(pfn) + u64::from(count) - 1) << shift);
+        let (a, b) = (ram.ram_offset_of(first)?, ram.ram_offset_of(last)?);
+        // Regions are in guest-physical order with gaps between them: equal
+        // spans mean no gap inside the run.
+        (b - a == last - first).then_some((a / PAGE, u64::from(count)))
+    }
+
     fn inflate(&mut self, descs: &[Descriptor], ram: &GuestRam) {
-        let mut release = Vec::new();
-        self.for_each_pfn(descs, ram.memory(), |b, pfn| {
-            let Some(page) = b.ram_page(pfn, ram) else { return };
-            match b.pages.inflate(page) {
-                Ok(Inflated::Release(host)) => {
-                    bump(&mut b.metrics.inflated_pages);
-                    release.push(host);
+        let mut release: Vec<(u64, u64)> = Vec::new();
+        let mut add = |first: u64, count: u64| match release.last_mut() {
+            Some((f, c)) if *f + *c == first => *c += count,
+            _ => release.push((first, count)),
+        };
+        self.for_each_run(descs, ram.memory(), |b, pfn, count| {
+            if let Some((page, n)) = Self::ram_run(pfn, count, ram)
+                && let Ok(o) = b.pages.inflate_run(page, n, &mut add)
+            {
+                let m = &mut b.metrics;
+                m.inflated_pages = m.inflated_pages.saturating_add(o.accepted);
+                m.partial_host_page_pieces = m.partial_host_page_pieces.saturating_add(o.pending);
+                m.duplicate_pfn = m.duplicate_pfn.saturating_add(o.duplicates);
+                return;
+            }
+            // Not all RAM: page by page, so each refusal is counted.
+            for pfn in (0..count).filter_map(|i| pfn.checked_add(i)) {
+                let Some(page) = b.ram_page(pfn, ram) else { continue };
+                match b.pages.inflate(page) {
+                    Ok(Inflated::Release(host)) => {
+                        bump(&mut b.metrics.inflated_pages);
+                        add(host, 1);
+                    }
+                    Ok(Inflated::Pending) => {
+                        bump(&mut b.metrics.inflated_pages);
+                        bump(&mut b.metrics.partial_host_page_pieces);
+                    }
+                    Err(PageReject::Duplicate) => bump(&mut b.metrics.duplicate_pfn),
+                    Err(_) => bump(&mut b.metrics.pfn_outside_ram),
                 }
-                Ok(Inflated::Pending) => {
-                    bump(&mut b.metrics.inflated_pages);
-                    bump(&mut b.metrics.partial_host_page_pieces);
-                }
-                Err(PageReject::Duplicate) => bump(&mut b.metrics.duplicate_pfn),
-                Err(_) => bump(&mut b.metrics.pfn_outside_ram),
             }
         });
-        for (first, count) in runs(&mut release) {
+        for (first, count) in merge_runs(release) {
             self.release(ram, first * self.host_page, count * self.host_page, false);
         }
     }
 
     fn deflate(&mut self, descs: &[Descriptor], ram: &GuestRam) {
-        self.for_each_pfn(descs, ram.memory(), |b, pfn| {
-            let Some(page) = b.ram_page(pfn, ram) else { return };
-            match b.pages.deflate(page) {
-                Ok(()) => bump(&mut b.metrics.deflated_pages),
-                Err(_) => bump(&mut b.metrics.deflate_not_in_balloon),
+        self.for_each_run(descs, ram.memory(), |b, pfn, count| {
+            if let Some((page, n)) = Self::ram_run(pfn, count, ram)
+                && let Ok(taken) = b.pages.deflate_run(page, n)
+            {
+                let m = &mut b.metrics;
+                m.deflated_pages = m.deflated_pages.saturating_add(taken);
+                m.deflate_not_in_balloon = m.deflate_not_in_balloon.saturating_add(n - taken);
+                return;
+            }
+            for pfn in (0..count).filter_map(|i| pfn.checked_add(i)) {
+                let Some(page) = b.ram_page(pfn, ram) else { continue };
+                match b.pages.deflate(page) {
+                    Ok(()) => bump(&mut b.metrics.deflated_pages),
+                    Err(_) => bump(&mut b.metrics.deflate_not_in_balloon),
+                }
             }
         });
     }
@@ -333,6 +400,10 @@ impl VirtioDevice for Balloon {
             }
         }
         self.actual_pages = u32::from_le_bytes(actual);
+        if let Some(c) = self.clock.as_mut().filter(|c| !c.met && self.actual_pages == self.target_pages) {
+            c.met = true;
+            self.metrics.last_target_to_actual_ns = ns_since(c.at);
+        }
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, ram: &GuestRam) -> bool {
@@ -358,12 +429,18 @@ impl VirtioDevice for Balloon {
                 match role {
                     Role::Inflate => {
                         let t = std::time::Instant::now();
-                        if let Some(at) = self.target_set_at.take() {
-                            self.metrics.last_target_to_inflate_ns = u64::try_from(t.duration_since(at).as_nanos()).unwrap_or(u64::MAX);
+                        if let Some(c) = self.clock.as_mut().filter(|c| !c.inflate_seen) {
+                            c.inflate_seen = true;
+                            self.metrics.last_target_to_inflate_ns = ns_since(c.at);
                         }
                         self.inflate(&descs, ram);
-                        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        let ns = ns_since(t);
                         self.metrics.inflate_ns = self.metrics.inflate_ns.saturating_add(ns);
+                        let reclaimed = self.pages.released_pages();
+                        if let Some(c) = self.clock.as_mut().filter(|c| !c.reclaimed && reclaimed >= u64::from(self.target_pages)) {
+                            c.reclaimed = true;
+                            self.metrics.last_target_to_reclaimed_ns = ns_since(c.at);
+                        }
                     }
                     Role::Deflate => self.deflate(&descs, ram),
                     Role::Reporting => self.report(&descs, ram),
@@ -409,6 +486,7 @@ impl VirtioDevice for Balloon {
         self.stats_head = None;
         self.stats_requested = false;
         self.driver_ok = false;
+        self.clock = None;
     }
 
     fn transport_rejected(&mut self, what: TransportReject) {
@@ -418,6 +496,7 @@ impl VirtioDevice for Balloon {
             TransportReject::BadNotify => &mut m.bad_notify,
             TransportReject::BadQueueAddress => &mut m.bad_queue_address,
             TransportReject::BadRegister => &mut m.bad_register,
+            TransportReject::BadStatus => &mut m.bad_status,
         });
     }
 }

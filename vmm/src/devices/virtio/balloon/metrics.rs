@@ -2,7 +2,8 @@
 //!
 //! Every rejection of guest input has its own counter so that a test can
 //! check that a hostile input was seen and refused, and the run report can
-//! show it. Counters only grow (saturating).
+//! show it. Counters only grow (saturating); the `last_target_to_*` timings
+//! start again from 0 at each target change.
 
 use serde::Serialize;
 
@@ -26,6 +27,14 @@ pub struct BalloonMetrics {
     /// notification after it (the guest's reaction: noticing the change,
     /// allocating, filling the PFN array).
     pub last_target_to_inflate_ns: u64,
+    /// Nanoseconds from the last target change until the host pages of a
+    /// balloon at least that big were released (the last release call of
+    /// the inflate that got there returned); 0 until then.
+    pub last_target_to_reclaimed_ns: u64,
+    /// Nanoseconds from the last target change until the driver wrote an
+    /// `actual` equal to it (for a deflate: the guest has taken its pages
+    /// back, written and verified them); 0 until then.
+    pub last_target_to_actual_ns: u64,
     /// Bytes the guest reported free (free page reporting).
     pub reported_bytes: u64,
     /// Host bytes released for free page reporting (part of `released_bytes`).
@@ -47,8 +56,12 @@ pub struct BalloonMetrics {
     pub descriptor_outside_ram: u64,
     /// Rejected: a descriptor of the wrong direction or length.
     pub descriptor_malformed: u64,
-    /// Rejected: a chain that loops or is longer than the queue.
+    /// Rejected: a chain that loops, is longer than the queue or names a
+    /// next descriptor beyond the table.
     pub chain_too_long: u64,
+    /// Rejected: an available-ring entry whose head index is beyond the
+    /// descriptor table, or whose head descriptor cannot be read.
+    pub bad_head_descriptor: u64,
     /// Rejected: a queue size that is not a power of two (or too big).
     pub bad_queue_size: u64,
     /// Rejected: a notification for a missing or unready queue.
@@ -57,6 +70,9 @@ pub struct BalloonMetrics {
     pub bad_queue_address: u64,
     /// Rejected: register accesses of the wrong width or offset.
     pub bad_register: u64,
+    /// Rejected: device status writes that clear a bit without resetting,
+    /// or set bits out of order (virtio 1.2 §2.1.1, §3.1.1).
+    pub bad_status: u64,
     /// Release calls the kernel refused (logged).
     pub release_errors: u64,
 }
@@ -72,10 +88,12 @@ impl BalloonMetrics {
             + self.descriptor_outside_ram
             + self.descriptor_malformed
             + self.chain_too_long
+            + self.bad_head_descriptor
             + self.bad_queue_size
             + self.bad_notify
             + self.bad_queue_address
             + self.bad_register
+            + self.bad_status
     }
 }
 

@@ -33,6 +33,18 @@ pub enum Inflated {
     Pending,
 }
 
+/// What inflating a run of pages did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// Pages that entered the balloon.
+    pub accepted: u64,
+    /// Of those, pages whose host page is still partly outside the balloon
+    /// after them (as [`Inflated::Pending`]).
+    pub pending: u64,
+    /// Pages already in the balloon (refused, as [`PageReject::Duplicate`]).
+    pub duplicates: u64,
+}
+
 /// The balloon's page set.
 #[derive(Debug, Clone)]
 pub struct BalloonPages {
@@ -123,6 +135,101 @@ impl BalloonPages {
         Ok(())
     }
 
+    /// Puts the run of pages `[first, first + count)` into the balloon, a
+    /// bitmap word and a host page at a time; the same outcome as
+    /// [`Self::inflate`] on each page in order. `release` is called with
+    /// `(first host page, count)` for host pages the run completed, in
+    /// ascending order.
+    ///
+    /// # Errors
+    /// [`PageReject::OutOfRange`] when the run ends beyond RAM; nothing changes.
+    pub fn inflate_run(&mut self, first: u64, count: u64, mut release: impl FnMut(u64, u64)) -> Result<RunOutcome, PageReject> {
+        let end = first.checked_add(count).filter(|&e| e <= self.ram_pages).ok_or(PageReject::OutOfRange)?;
+        let mut out = RunOutcome::default();
+        let per = self.pieces_per_host_page;
+        let mut p = first;
+        while p < end {
+            // One segment: inside one bitmap word and one host page.
+            let seg_end = end.min((p / 64 + 1) * 64).min(self.host_page_end(p));
+            let (w, shift, n) = ((p / 64) as usize, p % 64, seg_end - p);
+            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << shift };
+            let fresh = mask & !self.bits[w];
+            self.bits[w] |= mask;
+            let added = u64::from(fresh.count_ones());
+            out.duplicates += n - added;
+            out.accepted += added;
+            self.in_balloon += added;
+            if self.counts.is_empty() {
+                // 4 KiB host pages: every fresh page is released, in runs
+                // of consecutive fresh bits.
+                let mut bits = fresh;
+                while bits != 0 {
+                    let lo = u64::from(bits.trailing_zeros());
+                    let len = u64::from((bits >> lo).trailing_ones());
+                    release(w as u64 * 64 + lo, len);
+                    self.released_host_pages += len;
+                    bits &= if lo + len == 64 { 0 } else { !0u64 << (lo + len) };
+                }
+            } else if added > 0 {
+                let host = p / per;
+                let existing = per.min(self.ram_pages - host * per);
+                let c = &mut self.counts[host as usize];
+                *c += added as u32;
+                if u64::from(*c) == existing {
+                    self.released_host_pages += 1;
+                    out.pending += added - 1;
+                    release(host, 1);
+                } else {
+                    out.pending += added;
+                }
+            }
+            p = seg_end;
+        }
+        Ok(out)
+    }
+
+    /// Takes the run `[first, first + count)` out of the balloon, as
+    /// [`Self::deflate`] on each page; returns how many were in it (the
+    /// rest are counted as not in the balloon by the caller).
+    ///
+    /// # Errors
+    /// [`PageReject::OutOfRange`] when the run ends beyond RAM; nothing changes.
+    pub fn deflate_run(&mut self, first: u64, count: u64) -> Result<u64, PageReject> {
+        let end = first.checked_add(count).filter(|&e| e <= self.ram_pages).ok_or(PageReject::OutOfRange)?;
+        let per = self.pieces_per_host_page;
+        let mut taken = 0;
+        let mut p = first;
+        while p < end {
+            let seg_end = end.min((p / 64 + 1) * 64).min(self.host_page_end(p));
+            let (w, shift, n) = ((p / 64) as usize, p % 64, seg_end - p);
+            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << shift };
+            let held = mask & self.bits[w];
+            self.bits[w] &= !mask;
+            let removed = u64::from(held.count_ones());
+            taken += removed;
+            self.in_balloon -= removed;
+            if self.counts.is_empty() {
+                self.released_host_pages -= removed;
+            } else if removed > 0 {
+                let host = p / per;
+                let existing = per.min(self.ram_pages - host * per);
+                let c = &mut self.counts[host as usize];
+                if u64::from(*c) == existing {
+                    self.released_host_pages -= 1;
+                }
+                *c -= removed as u32;
+            }
+            p = seg_end;
+        }
+        Ok(taken)
+    }
+
+    /// The first page past page `p`'s host page; with 4 KiB host pages
+    /// (no per-host-page counts) segments need not stop at each page.
+    fn host_page_end(&self, p: u64) -> u64 {
+        if self.counts.is_empty() { u64::MAX } else { (p / self.pieces_per_host_page + 1) * self.pieces_per_host_page }
+    }
+
     /// Pages in the balloon.
     #[must_use]
     pub fn pages(&self) -> u64 {
@@ -150,23 +257,48 @@ impl BalloonPages {
     }
 }
 
-/// Sorts `units` and merges neighbours into `(first, count)` runs, so each
-/// run is one system call.
+/// Sorts `(first, count)` runs and merges neighbours and overlaps, so
+/// each merged run is one system call.
 #[must_use]
-pub fn runs(units: &mut [u64]) -> Vec<(u64, u64)> {
+pub fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     // PFN arrays usually come in ascending runs: skip the sort then.
-    if !units.is_sorted() {
-        units.sort_unstable();
+    if !runs.is_sorted() {
+        runs.sort_unstable();
     }
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &u in units.iter() {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (u, n) in runs {
         match out.last_mut() {
-            Some((first, count)) if *first + *count == u => *count += 1,
-            Some((first, count)) if u < *first + *count => {} // duplicate
-            _ => out.push((u, 1)),
+            Some((first, count)) if u <= *first + *count => *count = (*count).max(u + n - *first),
+            _ => out.push((u, n)),
         }
     }
     out
+}
+
+/// Calls `f(first, count)` for each run of consecutive values in `pfns`,
+/// in order. An array that is one run (what our driver sends) is found by
+/// one branch-free pass the compiler vectorises; any other is scanned value
+/// by value. Every value is looked at either way.
+pub fn pfn_runs(pfns: &[u32], mut f: impl FnMut(u32, u32)) {
+    let Some(&first) = pfns.first() else { return };
+    let Ok(len) = u32::try_from(pfns.len()) else { return };
+    if first.checked_add(len - 1).is_some() {
+        let off = pfns.iter().enumerate().fold(0u32, |acc, (i, &p)| acc | (p ^ first.wrapping_add(i as u32)));
+        if off == 0 {
+            f(first, len);
+            return;
+        }
+    }
+    let (mut first, mut count) = (first, 1u32);
+    for &pfn in &pfns[1..] {
+        if first.checked_add(count) == Some(pfn) {
+            count += 1;
+        } else {
+            f(first, count);
+            (first, count) = (pfn, 1);
+        }
+    }
+    f(first, count);
 }
 
 /// The whole `align`-sized units inside `[start, start + len)`, as
@@ -220,10 +352,75 @@ mod tests {
         assert_eq!(b.released_pages(), 256);
     }
 
+    /// Run-wise and page-wise inflate and deflate agree on every outcome.
+    #[test]
+    fn runs_behave_like_their_pages_one_by_one() {
+        for host_page in [PAGE, 64 * PAGE, 2 << 20] {
+            let (mut by_run, mut by_page) = (BalloonPages::new(9 << 20, host_page), BalloonPages::new(9 << 20, host_page));
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            for round in 0..400 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let first = x % 1600;
+                let count = 1 + (x >> 20) % 700;
+                let (mut run_rel, mut page_rel) = (Vec::new(), Vec::new());
+                if round % 3 != 2 {
+                    let o = by_run.inflate_run(first, count, |h, n| run_rel.push((h, n))).unwrap();
+                    let mut expect = RunOutcome::default();
+                    for p in first..first + count {
+                        match by_page.inflate(p) {
+                            Ok(Inflated::Release(h)) => {
+                                expect.accepted += 1;
+                                page_rel.push((h, 1));
+                            }
+                            Ok(Inflated::Pending) => {
+                                expect.accepted += 1;
+                                expect.pending += 1;
+                            }
+                            Err(_) => expect.duplicates += 1,
+                        }
+                    }
+                    assert_eq!(o, expect, "host page {host_page}, run {first}+{count}");
+                    assert_eq!(merge_runs(run_rel), merge_runs(page_rel));
+                } else {
+                    let taken = by_run.deflate_run(first, count).unwrap();
+                    let expect = (first..first + count).filter(|&p| by_page.deflate(p).is_ok()).count() as u64;
+                    assert_eq!(taken, expect);
+                }
+                assert_eq!((by_run.pages(), by_run.released_pages(), by_run.pending_pages()), (by_page.pages(), by_page.released_pages(), by_page.pending_pages()));
+                assert_eq!((&by_run.bits, &by_run.counts), (&by_page.bits, &by_page.counts));
+            }
+        }
+        let mut b = BalloonPages::new(1 << 20, PAGE);
+        assert_eq!(b.inflate_run(250, 7, |_, _| {}), Err(PageReject::OutOfRange));
+        assert_eq!(b.inflate_run(u64::MAX, 2, |_, _| {}), Err(PageReject::OutOfRange));
+        assert_eq!(b.pages(), 0, "a refused run changes nothing");
+    }
+
     #[test]
     fn runs_merge_neighbours_and_drop_duplicates() {
-        assert_eq!(runs(&mut [5, 1, 2, 3, 9, 2, 10]), vec![(1, 3), (5, 1), (9, 2)]);
-        assert!(runs(&mut []).is_empty());
+        let one = |v: &[u64]| v.iter().map(|&u| (u, 1)).collect::<Vec<_>>();
+        assert_eq!(merge_runs(one(&[5, 1, 2, 3, 9, 2, 10])), vec![(1, 3), (5, 1), (9, 2)]);
+        assert_eq!(merge_runs(vec![(8, 4), (0, 8), (10, 1)]), vec![(0, 12)]);
+        assert!(merge_runs(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn pfn_runs_split_where_values_stop_being_consecutive() {
+        let runs = |v: &[u32]| {
+            let mut out = Vec::new();
+            pfn_runs(v, |a, n| out.push((a, n)));
+            out
+        };
+        let long: Vec<u32> = (100..5000).collect();
+        assert_eq!(runs(&long), vec![(100, 4900)]);
+        let mut broken = long.clone();
+        broken[3000] = 7;
+        assert_eq!(runs(&broken), vec![(100, 3000), (7, 1), (3101, 1899)]);
+        assert_eq!(runs(&[u32::MAX - 1, u32::MAX, 0, 1]), vec![(u32::MAX - 1, 2), (0, 2)], "no run wraps around");
+        assert_eq!(runs(&[5, 5, 6]), vec![(5, 1), (5, 2)]);
+        assert!(runs(&[]).is_empty());
     }
 
     #[test]
