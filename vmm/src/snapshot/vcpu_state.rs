@@ -84,7 +84,18 @@ fn from_hex<T: KvmPod>(s: &str) -> Result<T, String> {
     if s.len() != 2 * size_of::<T>() {
         return Err(format!("expected {} hex bytes, found {}", size_of::<T>(), s.len() / 2));
     }
-    let bytes: Vec<u8> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    // By bytes, not by `str` slices: a multi-byte character (which can
+    // pass the CRC of a deliberately edited file) must be an error, not a
+    // slice across a character boundary.
+    let digit = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let bytes: Vec<u8> = s
+        .as_bytes()
+        .chunks_exact(2)
+        .map(|pair| match (digit(pair[0]), digit(pair[1])) {
+            (Some(hi), Some(lo)) => Ok(hi << 4 | lo),
+            _ => Err(format!("invalid hex byte {:?}", String::from_utf8_lossy(pair))),
+        })
+        .collect::<Result<_, _>>()?;
     // SAFETY: the length matches and `KvmPod` types accept any bit pattern.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
@@ -239,5 +250,17 @@ mod tests {
         assert_eq!((back.rip, back.rax, back.rflags), (0x1234, 7, 2));
         assert!(from_hex::<kvm_regs>("00").is_err());
         assert!(from_hex::<kvm_mp_state>("zzzzzzzz").is_err());
+    }
+
+    #[test]
+    fn non_ascii_hex_is_an_error_not_a_panic() {
+        // Eight bytes, the length of a kvm_mp_state's hex, but "é" is two
+        // bytes: slicing by two would cut it in half.
+        assert_eq!("0é00000".len(), 8);
+        assert!(from_hex::<kvm_mp_state>("0é00000").is_err());
+        assert!(from_hex::<kvm_mp_state>("éééé").is_err());
+        assert!(from_hex::<kvm_mp_state>("+1000000").is_err(), "a sign is not a hex digit");
+        let mp = kvm_mp_state { mp_state: 0x0102_0304 };
+        assert_eq!(from_hex::<kvm_mp_state>(&to_hex(&mp)).unwrap().mp_state, 0x0102_0304);
     }
 }
