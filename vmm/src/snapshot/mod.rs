@@ -287,8 +287,9 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
 
 impl Captured {
     /// Writes what is left, fsyncs every file and renames the snapshot into
-    /// place. On error the temporary directory is removed and nothing named
-    /// like the snapshot exists. Also returns the diff's page buffer, for
+    /// place. When writing or the rename fails the temporary directory is
+    /// removed and no snapshot is created (a destination that appeared
+    /// meanwhile is left as it was). Also returns the diff's page buffer, for
     /// the next diff to reuse ([`SnapshotChain::spare`]).
     ///
     /// # Errors
@@ -302,7 +303,10 @@ impl Captured {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        std::fs::rename(&tmp, &self.dir).map_err(io(format!("renaming {} to {}", tmp.display(), self.dir.display())))?;
+        if let Err(e) = std::fs::rename(&tmp, &self.dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io(format!("renaming {} to {}", tmp.display(), self.dir.display()))(e));
+        }
         if let Some(p) = self.dir.parent() {
             File::open(p).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot's parent directory"))?;
         }
@@ -438,4 +442,66 @@ pub fn load_chain(dir: &Path) -> Result<Chain, SnapshotError> {
         return Err(SnapshotError::Corrupt("no vCPU state".into()));
     }
     Ok(Chain { links, state })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn captured(dir: &Path) -> Captured {
+        let config = crate::config::VmConfig { mem_size: 1 << 20, ..crate::config::VmConfig::default() };
+        let manifest = Manifest {
+            magic: format::MAGIC.into(),
+            version: format::VERSION,
+            kind: SnapshotKind::Diff,
+            id: "child".into(),
+            parent: Some(ParentRef { dir: "/nonexistent".into(), id: "parent".into() }),
+            config,
+            regions: vec![RegionRecord { guest_start: 0, size: 1 << 20 }],
+            state_crc32: 0,
+            memory_file_len: 4096,
+            chunk_count: 0,
+            chunks_crc32: 0,
+            chunks: format::plan_chunks(&[(0, 4096)], true),
+        };
+        let state = SavedState { vcpus: Vec::new(), devices: crate::devices::Devices::new(Box::new(std::io::sink())).state(), guest_idle: false, idle_status: 0 };
+        Captured { dir: dir.to_path_buf(), tmp: None, manifest, state, diff_data: Some(vec![7; 4096]), pause_us: 0.0, harvest_us: 0.0 }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("memvisor-snapshot-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_persisted_diff_is_renamed_into_place_with_every_file() {
+        let root = scratch("ok");
+        let dest = root.join("snap");
+        let (info, spare) = captured(&dest).persist().unwrap();
+        assert_eq!(info.memory_bytes, 4096);
+        assert_eq!(spare.map(|s| s.len()), Some(4096), "the page buffer comes back for reuse");
+        let mut names: Vec<String> = std::fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, ["chunks.bin", "manifest.json", "memory.bin", "state.json"]);
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1, "no temporary directory is left");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_failed_rename_leaves_no_temporary_directory() {
+        let root = scratch("rename");
+        let dest = root.join("snap");
+        // A destination that appeared after the capture checked for it: a
+        // non-empty directory, which rename(2) will not replace (ENOTEMPTY).
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("someone-else"), b"x").unwrap();
+        let e = captured(&dest).persist().unwrap_err();
+        assert!(e.to_string().starts_with("renaming"), "{e}");
+        let left: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, [std::ffi::OsString::from("snap")], "only the destination is left, untouched");
+        assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 1);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }
