@@ -251,13 +251,15 @@ fn buffer(report: &serde_json::Value) -> (u64, u64) {
 fn snapshotted_checksum_run(dir: &TempDir) -> (serde_json::Value, PathBuf, PathBuf, PathBuf) {
     let socket = dir.path().join("api.sock");
     let vm = Vmm::run_json(["--mem", "64M", "--workload", "checksum:pages=4096,rounds=40,ms=50", "--api-socket"]).arg(&socket).spawn();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(socket.exists() && Vmm::new(["ctl"]).arg(&socket).arg("status").output().stdout.contains("\"running\"")) {
-        assert!(Instant::now() < deadline, "the VM never ran");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // The guest prints this line (to stderr with --json) when its
+    // self-test is over and the workload starts.
+    while !vm.stderr_so_far().contains("guest: workload starting") {
+        assert!(Instant::now() < deadline, "the workload never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Let the self-test finish and a few rounds pass.
-    std::thread::sleep(Duration::from_millis(700));
+    // Let a few rounds pass.
+    std::thread::sleep(Duration::from_millis(200));
     let full = dir.path().join("full");
     let d1 = dir.path().join("d1");
     let d2 = dir.path().join("d2");
