@@ -50,14 +50,14 @@ pub struct SnapshotArgs {
     /// Dirty memory between diffs (default 57M; 16M with --quick).
     #[arg(long)]
     pub dirty: Option<String>,
-    /// Guest RAM of the restore runs (default 1G; 256M with --quick).
+    /// Guest RAM of the restore runs (default 1G; 128M with --quick).
     #[arg(long)]
     pub restore_mem: Option<String>,
     /// Repetitions of the full snapshot and dd (default 3; 2 with --quick);
-    /// restores run 10 lazy and 6 copy (5 and 2 with --quick).
+    /// restores run 10 lazy and 6 copy (4 and 2 with --quick).
     #[arg(long)]
     pub reps: Option<usize>,
-    /// Diff snapshots measured (default 30; 8 with --quick).
+    /// Diff snapshots measured (default 30; 6 with --quick).
     #[arg(long)]
     pub diff_reps: Option<usize>,
     /// Where snapshots are written (default: a directory under /var/tmp).
@@ -354,9 +354,9 @@ pub fn run(args: &SnapshotArgs) -> Result<u32, VmmError> {
     let size = |v: &Option<String>, full: u64, quick: u64| v.as_deref().map_or(Ok(if args.quick { quick } else { full }), |s| parse_size(s).map_err(err));
     let mem = size(&args.mem, 2 << 30, 512 << 20)?;
     let dirty = size(&args.dirty, 57 << 20, 16 << 20)?;
-    let restore_mem = size(&args.restore_mem, 1 << 30, 256 << 20)?;
+    let restore_mem = size(&args.restore_mem, 1 << 30, 128 << 20)?;
     let reps = args.reps.unwrap_or(if args.quick { 2 } else { 3 }).max(1);
-    let diff_reps = args.diff_reps.unwrap_or(if args.quick { 8 } else { 30 }).max(1);
+    let diff_reps = args.diff_reps.unwrap_or(if args.quick { 6 } else { 30 }).max(1);
     let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from(format!("/var/tmp/memvisor-bench-snapshot-{}", std::process::id())));
     std::fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
     let result = (|| -> Result<SnapshotResults, VmmError> {
@@ -372,7 +372,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u32, VmmError> {
         make_guest_snapshot(&dir, restore_mem, &snap)?;
         // One unmeasured restore warms the page cache.
         restore_once(&snap, "copy")?;
-        let (lazy, lazy_exit): (Vec<f64>, Vec<f64>) = (0..if args.quick { 5 } else { 10 }).map(|_| restore_once(&snap, "lazy")).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
+        let (lazy, lazy_exit): (Vec<f64>, Vec<f64>) = (0..if args.quick { 4 } else { 10 }).map(|_| restore_once(&snap, "lazy")).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
         let (copy, copy_exit): (Vec<f64>, Vec<f64>) = (0..if args.quick { 2 } else { 6 }).map(|_| restore_once(&snap, "copy")).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
         let full_s = summary(&full_mb_s)?;
         let dd_s = summary(&dd_mb_s)?;
