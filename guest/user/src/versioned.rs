@@ -25,6 +25,11 @@ pub const fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+// The odd multipliers below only spread their inputs before [`mix`]:
+// 0x9e37_79b9_7f4a_7c15 is 2^64 / φ (splitmix64's increment), and
+// 0xd1b5_4a32_d192_ed03 and 0xc2b2_ae3d_27d4_eb4f are the
+// `memvisor_abi::workload::dirty_page` and xxHash64 (PRIME64_2) constants.
+
 /// Whether round `round` (≥ 1) rewrites `page`. Round 0 is the initial
 /// fill, which writes every page.
 #[inline(always)]
@@ -33,7 +38,6 @@ pub const fn rewritten(seed: u64, round: u64, page: u64) -> bool {
     if round == 0 {
         return true;
     }
-    // 0x9e37... is the 64-bit golden ratio, splitmix64's increment.
     let h = mix(seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ page.wrapping_mul(0xd1b5_4a32_d192_ed03));
     h & (REWRITE_ONE_IN - 1) == 0
 }

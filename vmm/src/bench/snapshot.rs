@@ -168,6 +168,7 @@ fn diff_of_running_guest(w: &mut PageWriter, config: &VmConfig, chain: &mut Snap
         while !stop.load(Ordering::SeqCst) {
             match w.vcpu.run() {
                 Ok(VcpuExit::IoOut(PASS_PORT, _)) => {}
+                // KVM_EXIT_DIRTY_RING_FULL (KVM api.rst, kvm_run exit reasons).
                 Ok(VcpuExit::Unsupported(31)) => w.tracker.on_ring_full(w.vm.fd())?,
                 Ok(other) => return Err(err(format!("unexpected exit {other:?}"))),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}

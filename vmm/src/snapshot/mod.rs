@@ -370,7 +370,7 @@ impl Captured {
 /// 5–10 µs per page to touch it again); without this the diff's pause
 /// pays for it, page by page, while copying.
 pub fn warm(buf: &mut [u8]) {
-    for page in buf.chunks_mut(4096) {
+    for page in buf.chunks_mut(memvisor_abi::layout::PAGE_SIZE as usize) {
         if let Some(b) = page.first_mut() {
             let p: *mut u8 = b;
             // SAFETY: `p` comes from a live `&mut u8`; a volatile write of
