@@ -262,21 +262,36 @@ pub struct Running {
     started: Instant,
     stdout: Option<std::thread::JoinHandle<String>>,
     stderr: Option<std::thread::JoinHandle<String>>,
+    /// stderr as read so far.
+    stderr_live: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
-fn collect(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+fn collect(mut r: impl Read + Send + 'static, live: std::sync::Arc<std::sync::Mutex<Vec<u8>>>) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = r.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
     })
 }
 
 impl Running {
     fn new(mut child: Child, command: String) -> Self {
-        let stdout = child.stdout.take().map(collect);
-        let stderr = child.stderr.take().map(collect);
-        Running { child, command, started: Instant::now(), stdout, stderr }
+        let stderr_live = std::sync::Arc::default();
+        let stdout = child.stdout.take().map(|r| collect(r, std::sync::Arc::default()));
+        let stderr = child.stderr.take().map(|r| collect(r, std::sync::Arc::clone(&stderr_live)));
+        Running { child, command, started: Instant::now(), stdout, stderr, stderr_live }
+    }
+
+    /// What the process has written to stderr so far (with `--json`, the
+    /// guest console).
+    #[must_use]
+    pub fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stderr_live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
     }
 
     /// The process id.

@@ -91,7 +91,8 @@ fn free_page_reporting_returns_memory_without_inflate() {
     let free = stats["data"]["free_memory"].as_u64().unwrap_or(0);
     let total = stats["data"]["total_memory"].as_u64().unwrap_or(0);
     assert!(total > 900 * MIB && free > 800 * MIB && free <= total, "{stats}");
-    // Snapshots do not save the balloon or the irqchip yet: refused, clearly.
+    // Snapshots save the irqchip and LAPIC but not the balloon's own
+    // device state yet: refused, clearly.
     let snap = Vmm::new(["ctl".as_ref(), b.socket.as_os_str(), "snapshot".as_ref(), "--full".as_ref(), b.socket.with_extension("snap").as_os_str()]).output();
     assert!(snap.error_line().contains("balloon"), "{}", snap.describe());
     // The memory is the guest's again: a round trip through the balloon

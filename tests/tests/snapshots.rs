@@ -206,6 +206,17 @@ fn damaged_snapshots_are_refused_and_left_as_they_were() {
     assert_refused(&dir, &diff, &[], &["layout differs"]);
     std::fs::write(&diff_manifest, &saved_diff).unwrap();
 
+    // A layout that is not this build's for the recorded memory size (the
+    // manifest itself carries no checksum; its sizes still add up, so only
+    // the layout check can refuse it).
+    let full_manifest = full.join("manifest.json");
+    let saved_full = std::fs::read_to_string(&full_manifest).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&saved_full).unwrap();
+    v["regions"] = serde_json::json!([{ "guest_start": 0, "size": 32 << 20 }, { "guest_start": 1u64 << 32, "size": 32 << 20 }]);
+    std::fs::write(&full_manifest, serde_json::to_string(&v).unwrap()).unwrap();
+    assert_refused(&dir, &full, &[], &["RAM layout", "differs from this build's"]);
+    std::fs::write(&full_manifest, &saved_full).unwrap();
+
     // A diff whose base is gone.
     let moved = dir.path().join("moved");
     std::fs::rename(&full, &moved).unwrap();
@@ -216,38 +227,50 @@ fn damaged_snapshots_are_refused_and_left_as_they_were() {
     restore(&diff, &[]).assert_success();
 }
 
+/// (round, value) pairs of one kind of workload event.
+type Events = Vec<(u64, u64)>;
 
-
-/// The checksum events of a run's report: (round, checksum, mismatch?).
-fn checksums(report: &serde_json::Value) -> Vec<(u64, u64, bool)> {
-    report["workload_events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["event"] == "Checksum" || e["event"] == "Mismatch")
-        .map(|e| (e["a"].as_u64().unwrap(), e["b"].as_u64().unwrap(), e["event"] == "Mismatch"))
-        .collect()
+/// The checksum workload's checks of a run's report: (round, checksum)
+/// per round, and (round, differing pages) per check that found any.
+fn checks(report: &serde_json::Value) -> (Events, Events) {
+    let events = report["workload_events"].as_array().unwrap();
+    let pick = |kind: &str| events.iter().filter(|e| e["event"] == kind).map(|e| (e["a"].as_u64().unwrap(), e["b"].as_u64().unwrap())).collect::<Vec<_>>();
+    (pick("Checksum"), pick("Mismatch"))
 }
 
-#[test]
-fn a_running_guest_continues_after_restore_with_identical_memory() {
-    let dir = TempDir::new("snap-continue");
+/// The checksum workload's buffer (guest-physical start, pages).
+fn buffer(report: &serde_json::Value) -> (u64, u64) {
+    let e = report["workload_events"].as_array().unwrap().iter().find(|e| e["event"] == "BufferReady").expect("the workload reported its buffer");
+    (e["a"].as_u64().unwrap(), e["b"].as_u64().unwrap())
+}
+
+/// A checksum workload (4096 pages, an eighth rewritten every 50 ms round)
+/// snapshotted mid-run: a full snapshot, then two diffs 300 ms apart (six
+/// rounds of rewrites each). Returns the finished run's report, the full
+/// snapshot and the diffs.
+fn snapshotted_checksum_run(dir: &TempDir) -> (serde_json::Value, PathBuf, PathBuf, PathBuf) {
     let socket = dir.path().join("api.sock");
-    // 40 rounds, 50 ms apart: the snapshots land mid-workload.
     let vm = Vmm::run_json(["--mem", "64M", "--workload", "checksum:pages=4096,rounds=40,ms=50", "--api-socket"]).arg(&socket).spawn();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(socket.exists() && Vmm::new(["ctl"]).arg(&socket).arg("status").output().stdout.contains("\"running\"")) {
-        assert!(Instant::now() < deadline, "the VM never ran");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // The guest prints this line (to stderr with --json) when its
+    // self-test is over and the workload starts.
+    while !vm.stderr_so_far().contains("guest: workload starting") {
+        assert!(Instant::now() < deadline, "the workload never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Let the self-test finish and a few rounds pass.
-    std::thread::sleep(Duration::from_millis(700));
+    // Let a few rounds pass.
+    std::thread::sleep(Duration::from_millis(200));
     let full = dir.path().join("full");
-    let diff = dir.path().join("diff");
+    let d1 = dir.path().join("d1");
+    let d2 = dir.path().join("d2");
     ctl(&socket, &["snapshot", "--full", full.to_str().unwrap()]);
-    std::thread::sleep(Duration::from_millis(300));
-    let d = ctl(&socket, &["snapshot", "--diff", diff.to_str().unwrap()]);
-    assert_eq!(d["state"], "running", "the guest was mid-workload: {d}");
+    for d in [&d1, &d2] {
+        std::thread::sleep(Duration::from_millis(300));
+        let r = ctl(&socket, &["snapshot", "--diff", d.to_str().unwrap()]);
+        assert_eq!(r["state"], "running", "the guest was mid-workload: {r}");
+        // ~6 rounds rewrite about half of the 16 MiB buffer.
+        assert!(r["data"]["memory_bytes"].as_u64().unwrap() > 2 << 20, "the diff holds the pages the guest rewrote: {r}");
+    }
     let original = loop {
         let status = Vmm::new(["ctl"]).arg(&socket).arg("status").output();
         if status.stdout.contains("\"idle\"") {
@@ -258,26 +281,108 @@ fn a_running_guest_continues_after_restore_with_identical_memory() {
         std::thread::sleep(Duration::from_millis(50));
     };
     original.assert_success();
-    let first = checksums(&original.json());
-    assert_eq!(first.len(), 40, "the original run reported every round");
-    let reference = first[0].1;
-    assert!(first.iter().all(|&(_, c, bad)| c == reference && !bad));
+    let report = original.json();
+    let (sums, bad) = checks(&report);
+    assert_eq!(sums.len(), 40, "the original run reported every round");
+    assert!(bad.is_empty(), "the original run found no differing page: {bad:?}");
+    let mut distinct: Vec<u64> = sums.iter().map(|s| s.1).collect();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 40, "every round rewrote pages, so every round's checksum is new");
+    (report, full, d1, d2)
+}
 
-    for target in [&full, &diff] {
+#[test]
+fn a_guest_restored_from_a_chain_of_diffs_finds_every_page_it_rewrote() {
+    let dir = TempDir::new("snap-continue");
+    let (original, full, d1, d2) = snapshotted_checksum_run(&dir);
+    let (reference, _) = checks(&original);
+    for target in [&full, &d1, &d2] {
         for mode in ["copy", "lazy"] {
+            let what = format!("{mode} restore of {}", target.display());
             let r = restore(target, &["--restore-mode", mode]);
             r.assert_success();
             let report = r.json();
-            assert_eq!(report["exit_status"], 0, "no mismatch after a {mode} restore of {}", target.display());
-            let after = checksums(&report);
-            assert!(!after.is_empty(), "the restored guest went on with its rounds");
-            assert!(after[0].0 > 0, "it continued where it was (round {} first), not from the start", after[0].0);
-            assert_eq!(after.last().map(|a| a.0), Some(39), "and ran to the last round");
-            for (round, c, bad) in after {
-                assert!(!bad && c == reference, "{mode} restore of {}: round {round} saw checksum {c:#x}, not {reference:#x}", target.display());
+            let (after, bad) = checks(&report);
+            // The guest checked every page against its last write at the
+            // start of each round after the restore, and once more at the end.
+            assert!(bad.is_empty(), "{what}: the guest found differing pages {bad:?}");
+            assert_eq!(report["exit_status"], 0, "{what}");
+            assert!(!after.is_empty(), "{what}: the restored guest went on with its rounds");
+            assert!(after[0].0 > 0, "{what}: it continued where it was (round {} first), not from the start", after[0].0);
+            assert_eq!(after.last().map(|a| a.0), Some(39), "{what}: and ran to the last round");
+            for (round, c) in after {
+                assert_eq!(c, reference[round as usize].1, "{what}: round {round} rewrote the same pages as the original run");
             }
         }
     }
+}
+
+/// Drops every chunk of `diff` that holds part of guest RAM `[start, end)`,
+/// fixing up chunks.bin's count and checksum in the manifest, as a diff
+/// that lost those pages would look. Returns the chunks dropped.
+fn drop_diff_pages(diff: &Path, start: u64, end: u64) -> usize {
+    let records = std::fs::read(diff.join("chunks.bin")).unwrap();
+    let kept: Vec<u8> = records
+        .chunks_exact(24)
+        .filter(|r| {
+            let ram = u64::from_le_bytes(r[0..8].try_into().unwrap());
+            let len = u64::from(u32::from_le_bytes(r[16..20].try_into().unwrap()));
+            ram + len <= start || ram >= end
+        })
+        .flatten()
+        .copied()
+        .collect();
+    std::fs::write(diff.join("chunks.bin"), &kept).unwrap();
+    let manifest = diff.join("manifest.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    v["chunk_count"] = serde_json::json!(kept.len() / 24);
+    v["chunks_crc32"] = serde_json::json!(crc32fast::hash(&kept));
+    std::fs::write(&manifest, serde_json::to_string(&v).unwrap()).unwrap();
+    (records.len() - kept.len()) / 24
+}
+
+#[test]
+fn a_diff_that_lost_guest_writes_is_caught_by_the_guest() {
+    let dir = TempDir::new("snap-lost");
+    let (original, _full, d1, _d2) = snapshotted_checksum_run(&dir);
+    let (buf, pages) = buffer(&original);
+    // 64 MiB guests have one RAM region at 0: RAM offset = guest-physical.
+    let dropped = drop_diff_pages(&d1, buf, buf + pages * 4096);
+    assert!(dropped > 0, "the diff held pages of the buffer");
+    for mode in ["copy", "lazy"] {
+        let r = restore(&d1, &["--restore-mode", mode]);
+        let report = r.json();
+        let (_, bad) = checks(&report);
+        assert!(!bad.is_empty() && bad[0].1 > 0, "{mode}: the guest noticed pages that went back to the full snapshot's contents\n{}", r.describe());
+        assert_ne!(report["exit_status"], 0, "{mode}");
+        assert_ne!(r.code(), 0, "{mode}: the run fails");
+    }
+}
+
+#[test]
+fn a_full_snapshot_of_a_mostly_untouched_guest_is_sparse() {
+    let dir = TempDir::new("snap-sparse");
+    let socket = dir.path().join("api.sock");
+    // Without the self-test the guest touches a few MiB of its 1 GiB.
+    let vm = Vmm::run_json(["--mem", "1G", "--skip-selftest", "--api-socket"]).arg(&socket).spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(socket.exists() && Vmm::new(["ctl"]).arg(&socket).arg("status").output().stdout.contains("\"idle\"")) {
+        assert!(Instant::now() < deadline, "the guest never idled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let snap = dir.path().join("full");
+    let r = ctl(&socket, &["snapshot", "--full", snap.to_str().unwrap()]);
+    ctl(&socket, &["shutdown"]);
+    vm.wait(Duration::from_secs(30)).assert_success();
+    let saved = r["data"]["memory_bytes"].as_u64().unwrap();
+    let meta = std::fs::metadata(snap.join("memory.bin")).unwrap();
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    assert_eq!(meta.len(), 1 << 30, "the image is as long as RAM");
+    assert!(saved < 64 << 20, "only touched pages were saved: {saved} bytes");
+    assert!(allocated < 64 << 20, "the untouched pages are holes: {allocated} bytes allocated for a {} byte image", meta.len());
+    assert!(allocated >= saved, "the saved pages are on disk");
+    // And the holes read back as zeros: the restored guest runs.
+    restore(&snap, &[]).assert_success();
 }
 
 #[test]

@@ -146,6 +146,9 @@ impl Machine {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => break Err(VmmError::Run(e)),
             };
+            if timings.first_exit_us.is_none() {
+                timings.first_exit_us = Some(timeline::since_start_us());
+            }
             match exit {
                 VcpuExit::IoOut(port, data) => match self.devices.port_out(port, data) {
                     IoAction::Continue => {}
@@ -298,9 +301,12 @@ impl Machine {
     /// [`crate::snapshot::SnapshotError`].
     pub fn capture_snapshot(&mut self, dir: &std::path::Path, kind: crate::snapshot::format::SnapshotKind) -> Result<crate::snapshot::Captured, crate::snapshot::SnapshotError> {
         if self.devices.balloon.is_some() {
-            // Neither the balloon's state nor the in-kernel irqchip's is
-            // saved yet; a restore would lose them.
-            return Err(crate::snapshot::SnapshotError::Unsupported("snapshots of a VM with a balloon device are not supported yet".into()));
+            // The in-kernel irqchip and LAPIC state are saved, but not the
+            // virtio balloon's own (its queues, negotiated features and the
+            // pages it holds); a restore would lose it.
+            return Err(crate::snapshot::SnapshotError::Unsupported(
+                "snapshots of a VM with a balloon device are not supported yet: the virtio balloon's device state is not saved".into(),
+            ));
         }
         let swapped = self.devices.swap.slots_used();
         if swapped > 0 && self.guest_idle.is_none() {
@@ -321,6 +327,7 @@ impl Machine {
             config: &self.config,
             devices: self.devices.state(),
             guest_idle: self.guest_idle,
+            irqchip: self.vm.has_irqchip(),
         };
         crate::snapshot::capture(&live, tracker, &mut self.chain, dir, kind)
     }

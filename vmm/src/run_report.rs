@@ -252,18 +252,16 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             _ => None,
         })
         .collect();
-    if let (Some(first), Some(last)) = (sums.first(), sums.last()) {
-        let bad = sums.iter().filter(|s| s.2).count();
-        let mut values: Vec<u64> = sums.iter().map(|s| s.1).collect();
-        values.sort_unstable();
-        values.dedup();
+    if let (Some(first), Some(last)) = (sums.iter().find(|s| !s.2), sums.iter().rev().find(|s| !s.2)) {
+        let bad: Vec<&(u64, u64, bool)> = sums.iter().filter(|s| s.2).collect();
+        let differing: u64 = bad.iter().map(|s| s.1).sum();
         let _ = writeln!(
             s,
-            "checksum workload: rounds {}..={}, {} distinct checksum(s) {:x?}, {bad} mismatch(es)",
+            "checksum workload: rounds {}..={}, last checksum {:#x}, {} check(s) found {differing} differing page(s)",
             first.0,
             last.0,
-            values.len(),
-            values
+            last.1,
+            bad.len(),
         );
     }
     if let Some(b) = &outcome.balloon {

@@ -75,6 +75,8 @@ pub struct Vm {
     kvm: Kvm,
     /// Guest RAM.
     ram: GuestRam,
+    /// Whether [`Vm::create_irqchip`] ran (snapshots then save its state).
+    irqchip: std::sync::atomic::AtomicBool,
 }
 
 impl Vm {
@@ -95,7 +97,7 @@ impl Vm {
             log::debug!("KVM_SET_TSS_ADDR: {e}");
         }
         slots::register(&fd, &ram, 0)?;
-        Ok(Vm { fd, kvm, ram })
+        Ok(Vm { fd, kvm, ram, irqchip: std::sync::atomic::AtomicBool::new(false) })
     }
 
     /// Creates KVM's in-kernel interrupt controllers (PIC, IOAPIC and a
@@ -105,7 +107,15 @@ impl Vm {
     /// # Errors
     /// [`VmError::Kvm`].
     pub fn create_irqchip(&self) -> Result<(), VmError> {
-        self.fd.create_irq_chip().map_err(|source| VmError::Kvm { what: "KVM_CREATE_IRQCHIP", source })
+        self.fd.create_irq_chip().map_err(|source| VmError::Kvm { what: "KVM_CREATE_IRQCHIP", source })?;
+        self.irqchip.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the VM has KVM's in-kernel interrupt controllers.
+    #[must_use]
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// An eventfd that raises `gsi` on the in-kernel IOAPIC when written

@@ -110,6 +110,10 @@ pub struct BootTimings {
     pub vcpu_start_us: f64,
     /// The guest's first report (Hello).
     pub first_report_us: Option<f64>,
+    /// The first exit of the vCPU to the VMM (any exit but a kick): the
+    /// guest has run by then, so this bounds its first instruction from
+    /// above (`vcpu_start_us` bounds it from below).
+    pub first_exit_us: Option<f64>,
     /// The guest was ready (kernel initialised, before the self-test).
     pub ready_us: Option<f64>,
     /// The guest exited or idled.
@@ -198,7 +202,8 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     let vm = Vm::new(kvm, ram)?;
     timeline::mark("create VM + memslots");
     // The irqchip must exist before the vCPU; only VMs with a virtio
-    // device get one (snapshots do not save its state yet).
+    // device get one (snapshots save its state and the LAPIC's, but such
+    // VMs are refused for the balloon's own state: Machine::capture_snapshot).
     let balloon = match config.balloon {
         Some(target) => {
             vm.create_irqchip()?;
@@ -345,11 +350,18 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     // Writes made while restoring are not guest activity.
     let _ = crate::dirty::vmm_writes::take(&ram);
     let vm = Vm::new(kvm, ram)?;
+    // Before the vCPU, as at boot; its state is set once the vCPU exists.
+    if chain.state.irqchip.is_some() {
+        vm.create_irqchip()?;
+    }
     let mut tracker = prepare_tracker(&config, &vm, options.control.is_some())?;
     let saved = &chain.state.vcpus[0];
     let vcpu = if saved.cpuid.is_empty() { vcpu::create(&vm, 0)? } else { vcpu::create_with_cpuid(&vm, 0, &saved.cpuid()?)? };
     if let Some(t) = tracker.as_mut() {
         t.attach_vcpu(&vcpu, 0)?;
+    }
+    if let Some(chips) = &chain.state.irqchip {
+        chips.restore(vm.fd())?;
     }
     chain.state.vcpus[0].restore(&vcpu)?;
     let devices = Devices::from_state(&chain.state.devices, options.console).map_err(snapshot::SnapshotError::Corrupt)?;

@@ -17,11 +17,14 @@ pub enum WorkloadKind {
     /// for `i` in `0..pages`, then reports [`Event::RoundDone`] and waits
     /// for the VMM to harvest.
     Dirty = 1,
-    /// Memory checksums across snapshots (`checksum:pages=N,rounds=R,ms=T`):
+    /// Memory checks across snapshots (`checksum:pages=N,rounds=R,ms=T`):
     /// `params` = [pages, rounds, milliseconds between rounds, seed]. A
-    /// ring-3 task fills `pages` pages, then every round recomputes their
-    /// checksum, reports it ([`Event::Checksum`]) and compares it with the
-    /// first one, reporting [`Event::Mismatch`] on a difference.
+    /// ring-3 task fills `pages` pages, then every round checks that each
+    /// page holds what its last write put there, rewrites a pseudo-random
+    /// eighth of the pages with a round-dependent pattern
+    /// (`memvisor_user::versioned`) and reports the buffer's checksum
+    /// ([`Event::Checksum`]); a check that finds differing pages reports
+    /// [`Event::Mismatch`].
     Checksum = 2,
     /// Translation benchmark (`translation:ws=BYTES,workloads=MASK,...`):
     /// `params` = [workload mask (bit `w` runs workload `w` of
@@ -168,9 +171,11 @@ pub enum Event {
     /// A dirty round finished: a = round, b = TSC ticks the round's writes
     /// took. The VMM harvests before the guest continues.
     RoundDone = 2,
-    /// A checksum round: a = round, b = checksum.
+    /// A checksum round: a = round, b = checksum of the buffer after the
+    /// round's rewrites (a function of the workload's parameters only).
     Checksum = 3,
-    /// A checksum differed from the first: a = round, b = checksum.
+    /// The check at the start of round a (or after the last round, a =
+    /// rounds) found b pages that differ from their last write.
     Mismatch = 4,
     /// The guest kernel's own bookkeeping region: a = guest-physical start,
     /// b = length in bytes (kernel image, page-table arena).

@@ -42,6 +42,9 @@ pub fn run(k: &mut Kernel, spec: &WorkloadSpec, tsc_khz: u64, kernel_regions: &[
     for &(start, len) in kernel_regions {
         report::send(&Report::Workload { event: Event::KernelRegion, a: start, b: len });
     }
+    // Watchers (the snapshot benchmark) wait for this line to know the
+    // workload is under way. ~30 µs per byte, once.
+    crate::println!("guest: workload starting");
     match run_task(k, entry, buffer_pages, params) {
         Ok(TaskExit::Exited(status)) => u32::try_from(status).unwrap_or(u32::MAX),
         Ok(TaskExit::Faulted(f)) => {

@@ -5,7 +5,7 @@
 //! into kernel-only code: no panics, no bounds-checked indexing, no calls to
 //! `memcpy`/`memset` (the kernel provides those, at ring 0 addresses). Loops
 //! use raw pointers and wrapping arithmetic for that reason. The pure parts
-//! ([`pattern`]) are ordinary functions the VMM can also run natively.
+//! ([`pattern`], [`versioned`]) are ordinary functions the VMM can also run natively.
 //!
 //! [`args`] is the layout the kernel hands a task; [`sys`] the system-call
 //! numbers and the two ways of entering the kernel; [`entry`] the task entry
@@ -19,4 +19,5 @@ pub mod paging;
 pub mod pattern;
 pub mod sys;
 pub mod translation;
+pub mod versioned;
 pub mod workloads;

@@ -7,8 +7,7 @@ use memvisor_abi::workload::{Event, dirty_page};
 
 use crate::args::TaskArgs;
 use crate::sys::{event, exit};
-
-const PAGE_WORDS: u64 = 512;
+use crate::versioned::{self, PAGE_WORDS};
 
 /// Dirty rounds: `params` = [pages per round, rounds, seed]; `ranges[0]`
 /// is the buffer. In round `r`, writes one word to page
@@ -79,10 +78,15 @@ fn rdtsc() -> u64 {
 }
 
 /// Checksum rounds: `params` = [pages, rounds, milliseconds between
-/// rounds, seed, TSC kHz]; `ranges[0]` is the buffer. Fills the pages with a
-/// seeded pattern, then every round recomputes the checksum, reports it and
-/// compares it with the first; exits with the number of mismatches. A
-/// snapshot taken between rounds and restored must not change it.
+/// rounds, seed, TSC kHz]; `ranges[0]` is the buffer. Fills every page
+/// (round 0), then in each round `r` ≥ 1: waits, checks that every page
+/// holds what it must after round `r - 1` ([`versioned`]), rewrites the
+/// pages round `r` selects, and reports the buffer's checksum. After the
+/// last round it checks once more. Reports [`Event::Mismatch`] (round,
+/// pages that differ) for every check that found differences and exits
+/// with the number of such checks. The checksums depend only on the
+/// parameters, so a run restored from a snapshot reports the same
+/// checksum for each round as the run that was snapshotted.
 ///
 /// # Safety
 /// As [`dirty_rounds`].
@@ -95,34 +99,43 @@ pub unsafe extern "C" fn checksum_rounds(args: *const TaskArgs) -> ! {
     let buf = unsafe { (*a.ranges.as_ptr()).start } as *mut u64;
     let (pages, rounds, ms, seed, tsc_khz) = (a.params[0], a.params[1], a.params[2], a.params[3], a.params[4]);
     let words = pages * PAGE_WORDS;
-    let mut x = seed | 1;
-    let mut i = 0;
-    while i < words {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        // SAFETY: i < words, inside the buffer.
-        unsafe { buf.add(i as usize).write_volatile(x) };
-        i += 1;
-    }
-    // SAFETY: the buffer holds `words` words.
-    let first = unsafe { checksum(buf, words) };
-    event(Event::Checksum as u64, 0, first, sys);
     let mut mismatches = 0;
-    let mut r = 1;
+    let mut r = 0;
     while r < rounds {
-        let start = rdtsc();
-        while rdtsc().wrapping_sub(start) < ms.wrapping_mul(tsc_khz) {
-            core::hint::spin_loop();
+        if r > 0 {
+            let start = rdtsc();
+            while rdtsc().wrapping_sub(start) < ms.wrapping_mul(tsc_khz) {
+                core::hint::spin_loop();
+            }
+            // SAFETY: the buffer holds `pages` pages.
+            let bad = unsafe { versioned::differing_pages(buf, pages, seed, r - 1) };
+            if bad > 0 {
+                mismatches += 1;
+                event(Event::Mismatch as u64, r, bad, sys);
+            }
         }
-        // SAFETY: as above.
+        let mut p = 0;
+        while p < pages {
+            if versioned::rewritten(seed, r, p) {
+                // SAFETY: p < pages: page p is inside the buffer.
+                unsafe { versioned::write_page(buf.add((p * PAGE_WORDS) as usize), seed, p, r) };
+            }
+            p += 1;
+        }
+        // SAFETY: the buffer holds `words` words.
         let c = unsafe { checksum(buf, words) };
         event(Event::Checksum as u64, r, c, sys);
-        if c != first {
-            mismatches += 1;
-            event(Event::Mismatch as u64, r, c, sys);
-        }
         r += 1;
+    }
+    let bad = if rounds > 0 {
+        // SAFETY: as above.
+        unsafe { versioned::differing_pages(buf, pages, seed, rounds.wrapping_sub(1)) }
+    } else {
+        0
+    };
+    if bad > 0 {
+        mismatches += 1;
+        event(Event::Mismatch as u64, rounds, bad, sys);
     }
     exit(mismatches, sys)
 }

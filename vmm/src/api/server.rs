@@ -119,10 +119,21 @@ fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
     // One snapshot at a time, capture through persist: a second one must
     // not chain to a first that may still fail.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    // The previous diff's page buffer, kept here between snapshots (a VM
+    // has one control server) so it can be warmed while the guest runs and
+    // handed back without stopping the vCPU again.
+    static SPARE: Mutex<Option<Vec<u8>>> = Mutex::new(None);
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut spare = SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    if let Some(buf) = spare.as_mut() {
+        crate::snapshot::warm(buf);
+    }
     let slot: Arc<Mutex<Option<Captured>>> = Arc::default();
     let out = Arc::clone(&slot);
     let captured = control.call(Box::new(move |m| {
+        if spare.is_some() {
+            m.chain.spare = spare;
+        }
         let c = m.capture_snapshot(&dir, kind).map_err(|e| crate::error_chain(&e))?;
         *out.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(c);
         Ok(serde_json::Value::Null)
@@ -136,10 +147,7 @@ fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
     match captured.persist() {
         Ok((info, spare)) => {
             if spare.is_some() {
-                let _ = control.call(Box::new(move |m| {
-                    m.chain.spare = spare;
-                    Ok(serde_json::Value::Null)
-                }));
+                *SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = spare;
             }
             Response { data: serde_json::to_value(info).ok(), ..Response::ok(control.state()) }
         }

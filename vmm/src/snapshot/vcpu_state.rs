@@ -1,10 +1,10 @@
 //! Saving and restoring a vCPU: registers, special registers, FPU/XSAVE,
-//! XCRs, MSRs, pending events and MP state.
-//!
-//! memvisor creates no in-kernel interrupt controller for its guest, so
-//! there is no LAPIC state to save; when one is added, it belongs here.
+//! XCRs, MSRs, pending events, MP state and, when the VM has an in-kernel
+//! irqchip, the LAPIC (the PICs and IOAPIC are VM state: [`super::irqchip`]).
+//! Most VMs have no in-kernel irqchip (only a virtio device makes one), and
+//! then there is no LAPIC to save.
 
-use kvm_bindings::{Msrs, kvm_cpuid_entry2, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
+use kvm_bindings::{Msrs, kvm_cpuid_entry2, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,10 @@ pub struct VcpuState {
     /// Runnable, halted, …
     #[serde(with = "raw_opt")]
     pub mp_state: Option<kvm_mp_state>,
+    /// The local APIC's registers, when the VM has an in-kernel irqchip
+    /// (absent in snapshots written before it was saved).
+    #[serde(default, with = "raw_opt")]
+    pub lapic: Option<kvm_lapic_state>,
     /// The CPUID the vCPU had, so the restored one gets the same (and the
     /// restore skips KVM_GET_SUPPORTED_CPUID).
     #[serde(with = "raw_vec")]
@@ -73,6 +77,12 @@ unsafe impl KvmPod for kvm_vcpu_events {}
 unsafe impl KvmPod for kvm_mp_state {}
 // SAFETY: as above (function, index, flags, four registers, padding).
 unsafe impl KvmPod for kvm_cpuid_entry2 {}
+// SAFETY: as above (1024 register bytes).
+unsafe impl KvmPod for kvm_lapic_state {}
+// SAFETY: as above (chip id, explicit padding, and a union of integer
+// structs and a 512-byte array, the union's full size, so every byte is
+// covered by the array member).
+unsafe impl KvmPod for kvm_irqchip {}
 
 fn to_hex<T: KvmPod>(v: &T) -> String {
     // SAFETY: `KvmPod` types have no uninitialised bytes.
@@ -84,7 +94,18 @@ fn from_hex<T: KvmPod>(s: &str) -> Result<T, String> {
     if s.len() != 2 * size_of::<T>() {
         return Err(format!("expected {} hex bytes, found {}", size_of::<T>(), s.len() / 2));
     }
-    let bytes: Vec<u8> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    // By bytes, not by `str` slices: a multi-byte character (which can
+    // pass the CRC of a deliberately edited file) must be an error, not a
+    // slice across a character boundary.
+    let digit = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let bytes: Vec<u8> = s
+        .as_bytes()
+        .chunks_exact(2)
+        .map(|pair| match (digit(pair[0]), digit(pair[1])) {
+            (Some(hi), Some(lo)) => Ok(hi << 4 | lo),
+            _ => Err(format!("invalid hex byte {:?}", String::from_utf8_lossy(pair))),
+        })
+        .collect::<Result<_, _>>()?;
     // SAFETY: the length matches and `KvmPod` types accept any bit pattern.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
@@ -103,7 +124,7 @@ mod raw {
     }
 }
 
-mod raw_vec {
+pub(crate) mod raw_vec {
     use super::{KvmPod, from_hex, to_hex};
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -117,7 +138,7 @@ mod raw_vec {
     }
 }
 
-mod raw_opt {
+pub(crate) mod raw_opt {
     use super::{KvmPod, from_hex, to_hex};
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -174,11 +195,13 @@ fn restore_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)]) {
 }
 
 impl VcpuState {
-    /// Reads the state of a stopped vCPU.
+    /// Reads the state of a stopped vCPU; its LAPIC too when the VM has an
+    /// in-kernel irqchip (`irqchip`).
     ///
     /// # Errors
     /// [`SnapshotError::Kvm`] when a mandatory read fails.
-    pub fn save(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Self, SnapshotError> {
+    pub fn save(kvm: &Kvm, vcpu: &VcpuFd, irqchip: bool) -> Result<Self, SnapshotError> {
+        let lapic = if irqchip { Some(vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?) } else { None };
         let indices: Vec<u32> = kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default();
         Ok(VcpuState {
             regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
@@ -189,6 +212,7 @@ impl VcpuState {
             msrs: read_msrs(vcpu, &indices),
             events: vcpu.get_vcpu_events().ok(),
             mp_state: vcpu.get_mp_state().ok(),
+            lapic,
             cpuid: vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map(|c| c.as_slice().to_vec()).map_err(kvm_err("KVM_GET_CPUID2"))?,
         })
     }
@@ -201,7 +225,8 @@ impl VcpuState {
         kvm_bindings::CpuId::from_entries(&self.cpuid).map_err(|_| SnapshotError::Corrupt("too many CPUID entries".into()))
     }
 
-    /// Writes the state into a fresh vCPU.
+    /// Writes the state into a fresh vCPU (of a VM with an in-kernel
+    /// irqchip when the state holds a LAPIC).
     ///
     /// # Errors
     /// [`SnapshotError::Kvm`] when KVM refuses a part.
@@ -216,6 +241,11 @@ impl VcpuState {
         }
         if let Some(xcrs) = &self.xcrs {
             vcpu.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        }
+        // After the special registers (the APIC base) and before the MSRs
+        // (the TSC deadline timer needs the LAPIC's mode).
+        if let Some(lapic) = &self.lapic {
+            vcpu.set_lapic(lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
         }
         restore_msrs(vcpu, &self.msrs);
         if let Some(events) = &self.events {
@@ -239,5 +269,17 @@ mod tests {
         assert_eq!((back.rip, back.rax, back.rflags), (0x1234, 7, 2));
         assert!(from_hex::<kvm_regs>("00").is_err());
         assert!(from_hex::<kvm_mp_state>("zzzzzzzz").is_err());
+    }
+
+    #[test]
+    fn non_ascii_hex_is_an_error_not_a_panic() {
+        // Eight bytes, the length of a kvm_mp_state's hex, but "é" is two
+        // bytes: slicing by two would cut it in half.
+        assert_eq!("0é00000".len(), 8);
+        assert!(from_hex::<kvm_mp_state>("0é00000").is_err());
+        assert!(from_hex::<kvm_mp_state>("éééé").is_err());
+        assert!(from_hex::<kvm_mp_state>("+1000000").is_err(), "a sign is not a hex digit");
+        let mp = kvm_mp_state { mp_state: 0x0102_0304 };
+        assert_eq!(from_hex::<kvm_mp_state>(&to_hex(&mp)).unwrap().mp_state, 0x0102_0304);
     }
 }
