@@ -128,6 +128,10 @@ fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
     // not chain to a first that may still fail.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // This thread's work is background work to the guest: when the vCPU
+    // thread wakes it at the end of a stop it must not take the vCPU's CPU
+    // before the vCPU is back in the guest.
+    let _batch = crate::snapshot::diff::BatchPolicy::enter();
     let mut spares = std::mem::take(&mut *SPARES.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     for buf in [spares.pages.as_mut(), spares.late.as_mut()].into_iter().flatten() {
         crate::snapshot::warm(buf);
