@@ -454,4 +454,125 @@ mod tests {
         expected.extend(std::iter::repeat_n(D2 + 1, PAGE as usize));
         assert_eq!(crc32fast::hash(bytes), crc32fast::hash(&expected));
     }
+
+    /// A running micro guest with a full snapshot taken, for the KVM tests.
+    struct Guest {
+        w: crate::bench::page_writer::PageWriter,
+        config: crate::config::VmConfig,
+        chain: SnapshotChain,
+        root: PathBuf,
+    }
+
+    const MEM: u64 = 64 << 20;
+
+    impl Guest {
+        fn new(name: &str) -> Guest {
+            let mut w = crate::bench::page_writer::PageWriter::new(MEM, crate::config::Backing::Anon, crate::dirty::DirtyMode::Bitmap).unwrap();
+            w.pass(FIRST, 16, 1).unwrap();
+            let root = std::env::temp_dir().join(format!("memvisor-diff-unit-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(&root).unwrap();
+            let mut g = Guest { w, config: crate::config::VmConfig { mem_size: MEM, ..crate::config::VmConfig::default() }, chain: SnapshotChain::default(), root };
+            let dir = g.root.join("full");
+            let (live, tracker, chain) = g.parts();
+            crate::snapshot::take(&live, tracker, chain, &dir, SnapshotKind::Full).unwrap();
+            g
+        }
+
+        fn parts(&mut self) -> (Live<'_>, &mut DirtyTracker, &mut SnapshotChain) {
+            let w = &mut self.w;
+            let devices = crate::devices::Devices::new(Box::new(std::io::sink())).state();
+            let live = Live { kvm: w.vm.kvm(), vm_fd: w.vm.fd(), vcpu: &w.vcpu, ram: w.vm.ram(), config: &self.config, devices, guest_idle: None, irqchip: w.vm.has_irqchip() };
+            (live, &mut w.tracker, &mut self.chain)
+        }
+
+        /// The guest pages a persisted snapshot holds.
+        fn saved_pages(dir: &Path) -> Vec<u64> {
+            let chain = crate::snapshot::load_chain(dir).unwrap();
+            let chunks = &chain.links.last().unwrap().manifest.chunks;
+            // One region at guest-physical 0: RAM offset = address.
+            chunks.iter().flat_map(|c| (0..c.len / PAGE).map(move |i| c.ram_offset / PAGE + i)).collect()
+        }
+    }
+
+    impl Drop for Guest {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    const FIRST: u64 = crate::bench::page_writer::FIRST_DATA_PAGE;
+
+    #[test]
+    fn a_diff_that_failed_between_its_stops_leaves_its_pages_to_the_next() {
+        let mut g = Guest::new("retry");
+        g.w.pass(FIRST + 100, 8, 1).unwrap();
+        let lost = g.root.join("lost");
+        let (live, tracker, chain) = g.parts();
+        let pre = begin(&live, tracker, chain, &lost).unwrap();
+        // The diff fails after its first stop harvested pages 100..108.
+        drop(pre);
+        g.w.pass(FIRST + 200, 4, 1).unwrap();
+        let next = g.root.join("next");
+        let (live, tracker, chain) = g.parts();
+        crate::snapshot::take(&live, tracker, chain, &next, SnapshotKind::Diff).unwrap();
+        let saved = Guest::saved_pages(&next);
+        for page in (FIRST + 100..FIRST + 108).chain(FIRST + 200..FIRST + 204) {
+            assert!(saved.contains(&page), "page {page} is in the next diff: {saved:?}");
+        }
+        assert!(g.chain.pending.is_empty(), "nothing is pending once a diff holds it");
+    }
+
+    #[test]
+    fn a_harvest_elsewhere_between_the_stops_refuses_the_diff() {
+        let mut g = Guest::new("elsewhere");
+        g.w.pass(FIRST + 100, 8, 1).unwrap();
+        let dir = g.root.join("diff");
+        let (live, tracker, chain) = g.parts();
+        let mut pre = begin(&live, tracker, chain, &dir).unwrap();
+        // SAFETY: the guest's RAM lives as long as `g`.
+        unsafe { pre.copy() };
+        let (live, tracker, chain) = g.parts();
+        tracker.harvest(live.vm_fd, live.ram).unwrap();
+        let e = finish(&live, tracker, chain, pre).unwrap_err();
+        assert!(matches!(e, SnapshotError::LogInterrupted), "{e}");
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_two_stop_diff_saves_each_page_as_of_the_second_stop() {
+        let mut g = Guest::new("two-stop");
+        g.w.pass(FIRST + 100, 8, 1).unwrap();
+        let dir = g.root.join("diff");
+        let (live, tracker, chain) = g.parts();
+        let mut pre = begin(&live, tracker, chain, &dir).unwrap();
+        // SAFETY: the guest's RAM lives as long as `g`.
+        unsafe { pre.copy() };
+        // Between the stops the guest rewrites page 103 (in D1) and writes
+        // page 300 (D2 only); each pass writes a new value.
+        g.w.pass(FIRST + 103, 1, 1).unwrap();
+        g.w.pass(FIRST + 300, 1, 1).unwrap();
+        let (live, tracker, chain) = g.parts();
+        let captured = finish(&live, tracker, chain, pre).unwrap();
+        let (info, _) = captured.persist().unwrap();
+        // The 8 pages, and the page the VMM wrote the pass's parameters to.
+        assert!(info.precopied_bytes >= 8 * PAGE, "{info:?}");
+        assert!(info.late_bytes >= 2 * PAGE, "{info:?}");
+        let saved = Guest::saved_pages(&dir);
+        assert!(saved.contains(&(FIRST + 300)), "{saved:?}");
+        // Every saved page equals guest memory now (the guest is stopped).
+        let chain = crate::snapshot::load_chain(&dir).unwrap();
+        let link = chain.links.last().unwrap();
+        let file = std::fs::File::open(dir.join(crate::snapshot::format::MEMORY_FILE)).unwrap();
+        let ram = g.w.vm.ram();
+        for c in &link.manifest.chunks {
+            let mut buf = vec![0u8; c.len as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, c.file_offset).unwrap();
+            let p = ram.host_range(c.ram_offset, c.len).unwrap();
+            // SAFETY: inside guest RAM (host_range), the vCPU is not running.
+            let live_bytes = unsafe { std::slice::from_raw_parts(p, c.len as usize) };
+            assert!(buf == live_bytes, "chunk at {:#x} holds guest memory as it is", c.ram_offset);
+            assert_eq!(crc32fast::hash(&buf), c.crc32);
+        }
+    }
 }
