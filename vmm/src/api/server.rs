@@ -144,14 +144,14 @@ fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
                 m.begin_diff(&dir)
             });
             pre.and_then(|mut pre| {
-                let Some(_lease) = control.lease_ram() else {
+                let Some(lease) = control.lease_ram() else {
                     return Err("the VM has exited".into());
                 };
                 // SAFETY: the plan comes from this VM's first stop, and the
                 // lease keeps its RAM mapped until it is dropped after the
                 // copy (VmControl::exited waits for it).
                 unsafe { pre.copy() };
-                drop(_lease);
+                drop(lease);
                 on_vcpu(control, move |m| m.finish_diff(pre))
             })
         }
