@@ -428,3 +428,63 @@ fn guests_split_around_the_mmio_hole_snapshot_and_restore() {
     assert_eq!(report["memory"].as_array().unwrap().len(), 2, "two RAM regions");
     assert_eq!(report["memory"][1]["guest_start"], 1u64 << 32);
 }
+
+#[test]
+fn pages_the_guest_rewrites_between_a_diffs_two_stops_are_saved_as_of_the_second() {
+    // The checksum workload with no wait between rounds: the guest rewrites
+    // an eighth of its 32 MiB buffer every few ms, all through each diff,
+    // so pages are written after the first stop's harvest, while the
+    // control server pre-copies them. The restored guest checks every page
+    // against its last write before each round.
+    let dir = TempDir::new("snap-precopy");
+    let socket = dir.path().join("api.sock");
+    let rounds = 600;
+    let vm = Vmm::run_json(["--mem", "128M", "--workload", &format!("checksum:pages=8192,rounds={rounds},ms=0"), "--api-socket"]).arg(&socket).spawn();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !vm.stderr_so_far().contains("guest: workload starting") {
+        assert!(Instant::now() < deadline, "the workload never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    ctl(&socket, &["snapshot", "--full", dir.path().join("full").to_str().unwrap()]);
+    let mut diffs = Vec::new();
+    let mut late = 0;
+    for i in 0..4 {
+        std::thread::sleep(Duration::from_millis(100));
+        let d = dir.path().join(format!("d{i}"));
+        let r = ctl(&socket, &["snapshot", "--diff", d.to_str().unwrap()]);
+        assert_eq!(r["state"], "running", "the guest was mid-workload: {r}");
+        assert!(r["data"]["precopied_bytes"].as_u64().unwrap() > 1 << 20, "the diff was pre-copied: {r}");
+        late += r["data"]["late_bytes"].as_u64().unwrap();
+        diffs.push(d);
+    }
+    assert!(late > 0, "the guest wrote pages between the stops of some diff");
+    let original = loop {
+        let status = Vmm::new(["ctl"]).arg(&socket).arg("status").output();
+        if status.stdout.contains("\"idle\"") {
+            ctl(&socket, &["shutdown"]);
+            break vm.wait(Duration::from_secs(30));
+        }
+        assert!(Instant::now() < deadline + Duration::from_secs(120), "the workload never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    original.assert_success();
+    let (reference, bad) = checks(&original.json());
+    assert!(bad.is_empty(), "the original run found no differing page: {bad:?}");
+    for (i, d) in diffs.iter().enumerate() {
+        let modes: &[&str] = if i + 1 == diffs.len() { &["copy", "lazy"] } else { &["copy"] };
+        for mode in modes {
+            let what = format!("{mode} restore of {}", d.display());
+            let r = restore(d, &["--restore-mode", mode]);
+            r.assert_success();
+            let report = r.json();
+            let (after, bad) = checks(&report);
+            assert!(bad.is_empty(), "{what}: the guest found differing pages {bad:?}");
+            assert!(!after.is_empty() && after[0].0 > 0, "{what}: it continued mid-workload");
+            assert_eq!(after.last().map(|a| a.0), Some(rounds - 1), "{what}: and ran to the last round");
+            for (round, c) in after {
+                assert_eq!(c, reference[round as usize].1, "{what}: round {round}'s checksum matches the original run's");
+            }
+        }
+    }
+}

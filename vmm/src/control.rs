@@ -79,6 +79,26 @@ struct Inner {
     guest_idle: bool,
     jobs: VecDeque<PendingJob>,
     vcpu_thread: Option<libc::pthread_t>,
+    /// Live [`RamLease`]s: threads reading guest RAM outside the vCPU
+    /// thread ([`VmControl::exited`] waits for them to end before the VM,
+    /// and its RAM, can be torn down).
+    ram_readers: usize,
+}
+
+/// Keeps the VM's guest RAM mapped while held: the VM's teardown waits in
+/// [`VmControl::exited`] until every lease is dropped, and no lease is
+/// granted once the VM has exited.
+#[derive(Debug)]
+pub struct RamLease<'a> {
+    control: &'a VmControl,
+}
+
+impl Drop for RamLease<'_> {
+    fn drop(&mut self) {
+        let mut g = self.control.lock();
+        g.ram_readers = g.ram_readers.saturating_sub(1);
+        self.control.changed.notify_all();
+    }
 }
 
 /// Shared run control of one VM.
@@ -98,6 +118,7 @@ impl Default for VmControl {
                 guest_idle: false,
                 jobs: VecDeque::new(),
                 vcpu_thread: None,
+                ram_readers: 0,
             }),
             changed: Condvar::new(),
         }
@@ -204,7 +225,21 @@ impl VmControl {
         self.changed.notify_all();
     }
 
-    /// Called when the VM has ended: pending jobs are refused.
+    /// A lease on the VM's guest RAM, for reading it from another thread
+    /// while the vCPU runs; `None` once the VM has exited.
+    #[must_use]
+    pub fn lease_ram(&self) -> Option<RamLease<'_>> {
+        let mut g = self.lock();
+        if g.state == VmState::Exited {
+            return None;
+        }
+        g.ram_readers += 1;
+        Some(RamLease { control: self })
+    }
+
+    /// Called when the VM has ended, before its RAM is unmapped: pending
+    /// jobs are refused, no [`RamLease`] is granted any more, and this
+    /// waits until the leases held are dropped.
     pub fn exited(&self) {
         let mut g = self.lock();
         g.state = VmState::Exited;
@@ -213,6 +248,9 @@ impl VmControl {
             let _ = job.reply.send(Err("the VM has exited".into()));
         }
         self.changed.notify_all();
+        while g.ram_readers > 0 {
+            g = self.changed.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
     }
 
     /// Pauses the vCPU and waits until it is out of guest code. Returns the

@@ -300,6 +300,32 @@ impl Machine {
     /// # Errors
     /// [`crate::snapshot::SnapshotError`].
     pub fn capture_snapshot(&mut self, dir: &std::path::Path, kind: crate::snapshot::format::SnapshotKind) -> Result<crate::snapshot::Captured, crate::snapshot::SnapshotError> {
+        self.with_live(|live, tracker, chain| crate::snapshot::capture(live, tracker, chain, dir, kind))
+    }
+
+    /// A diff's first stop ([`crate::snapshot::diff::begin`]): harvests the
+    /// dirty log; the caller pre-copies the pages while the vCPU runs, then
+    /// calls [`Machine::finish_diff`].
+    ///
+    /// # Errors
+    /// [`crate::snapshot::SnapshotError`].
+    pub fn begin_diff(&mut self, dir: &std::path::Path) -> Result<crate::snapshot::diff::Precopy, crate::snapshot::SnapshotError> {
+        self.with_live(|live, tracker, chain| crate::snapshot::diff::begin(live, tracker, chain, dir))
+    }
+
+    /// A diff's second stop ([`crate::snapshot::diff::finish`]).
+    ///
+    /// # Errors
+    /// [`crate::snapshot::SnapshotError`].
+    pub fn finish_diff(&mut self, pre: crate::snapshot::diff::Precopy) -> Result<crate::snapshot::Captured, crate::snapshot::SnapshotError> {
+        self.with_live(|live, tracker, chain| crate::snapshot::diff::finish(live, tracker, chain, pre))
+    }
+
+    /// Runs `f` on the stopped VM, when it can be snapshotted.
+    fn with_live<T>(
+        &mut self,
+        f: impl FnOnce(&crate::snapshot::Live<'_>, &mut DirtyTracker, &mut SnapshotChain) -> Result<T, crate::snapshot::SnapshotError>,
+    ) -> Result<T, crate::snapshot::SnapshotError> {
         if self.devices.balloon.is_some() {
             // The in-kernel irqchip and LAPIC state are saved, but not the
             // virtio balloon's own (its queues, negotiated features and the
@@ -329,6 +355,6 @@ impl Machine {
             guest_idle: self.guest_idle,
             irqchip: self.vm.has_irqchip(),
         };
-        crate::snapshot::capture(&live, tracker, &mut self.chain, dir, kind)
+        f(&live, tracker, &mut self.chain)
     }
 }

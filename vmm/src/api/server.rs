@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::api::ApiError;
 use crate::api::protocol::{MAX_LINE, Request, Response, parse_request};
 use crate::control::VmControl;
-use crate::snapshot::Captured;
+use crate::snapshot::Spares;
 use crate::snapshot::format::SnapshotKind;
 
 /// A listening control socket; the file is removed on drop.
@@ -113,42 +113,58 @@ fn answer(control: &VmControl, result: crate::control::JobResult) -> Response {
     }
 }
 
+/// The previous diff's page buffers, kept here between snapshots (a VM has
+/// one control server) so they can be warmed while the guest runs and
+/// handed back without stopping the vCPU again.
+static SPARES: Mutex<Spares> = Mutex::new(Spares { pages: None, late: None });
+
 /// A snapshot: captured on the vCPU thread (the vCPU stopped only for
-/// that), then made durable here while the guest runs on.
+/// that), then made durable here while the guest runs on. A diff stops the
+/// vCPU twice: once to harvest the dirty log, then, after this thread has
+/// copied those pages with the guest running, to recopy the pages written
+/// meanwhile and save the vCPU state (`crate::snapshot::diff`).
 fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
     // One snapshot at a time, capture through persist: a second one must
     // not chain to a first that may still fail.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    // The previous diff's page buffer, kept here between snapshots (a VM
-    // has one control server) so it can be warmed while the guest runs and
-    // handed back without stopping the vCPU again.
-    static SPARE: Mutex<Option<Vec<u8>>> = Mutex::new(None);
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut spare = SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-    if let Some(buf) = spare.as_mut() {
+    // This thread's work is background work to the guest: when the vCPU
+    // thread wakes it at the end of a stop it must not take the vCPU's CPU
+    // before the vCPU is back in the guest.
+    let _batch = crate::snapshot::diff::BatchPolicy::enter();
+    let mut spares = std::mem::take(&mut *SPARES.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    for buf in [spares.pages.as_mut(), spares.late.as_mut()].into_iter().flatten() {
         crate::snapshot::warm(buf);
     }
-    let slot: Arc<Mutex<Option<Captured>>> = Arc::default();
-    let out = Arc::clone(&slot);
-    let captured = control.call(Box::new(move |m| {
-        if spare.is_some() {
-            m.chain.spare = spare;
+    let captured = match kind {
+        SnapshotKind::Full => on_vcpu(control, move |m| m.capture_snapshot(&dir, kind)),
+        SnapshotKind::Diff => {
+            let pre = on_vcpu(control, move |m| {
+                m.chain.keep(spares);
+                m.begin_diff(&dir)
+            });
+            pre.and_then(|mut pre| {
+                let Some(lease) = control.lease_ram() else {
+                    return Err("the VM has exited".into());
+                };
+                // SAFETY: the plan comes from this VM's first stop, and the
+                // lease keeps its RAM mapped until it is dropped after the
+                // copy (VmControl::exited waits for it).
+                unsafe { pre.copy() };
+                drop(lease);
+                on_vcpu(control, move |m| m.finish_diff(pre))
+            })
         }
-        let c = m.capture_snapshot(&dir, kind).map_err(|e| crate::error_chain(&e))?;
-        *out.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(c);
-        Ok(serde_json::Value::Null)
-    }));
-    if let Err(e) = captured {
-        return Response::error(e);
-    }
-    let Some(captured) = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() else {
-        return Response::error("the snapshot was not captured");
+    };
+    let captured = match captured {
+        Ok(c) => c,
+        // A failure before the final stop's capture leaves any harvested
+        // pages in the chain's `pending` list: the next diff includes them.
+        Err(e) => return Response::error(e),
     };
     match captured.persist() {
-        Ok((info, spare)) => {
-            if spare.is_some() {
-                *SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = spare;
-            }
+        Ok((info, spares)) => {
+            *SPARES.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = spares;
             Response { data: serde_json::to_value(info).ok(), ..Response::ok(control.state()) }
         }
         Err(e) => {
@@ -161,6 +177,20 @@ fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
             Response::error(crate::error_chain(&e))
         }
     }
+}
+
+/// Runs `job` on the vCPU thread (the vCPU stopped) and hands back what it
+/// returned.
+fn on_vcpu<T: Send + 'static>(control: &VmControl, job: impl FnOnce(&mut crate::machine::Machine) -> Result<T, crate::snapshot::SnapshotError> + Send + 'static) -> Result<T, String> {
+    let slot: Arc<Mutex<Option<T>>> = Arc::default();
+    let out = Arc::clone(&slot);
+    control.call(Box::new(move |m| {
+        let value = job(m).map_err(|e| crate::error_chain(&e))?;
+        *out.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(value);
+        Ok(serde_json::Value::Null)
+    }))?;
+    let value = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    value.ok_or_else(|| "the snapshot was not captured".into())
 }
 
 fn serve(stream: UnixStream, control: &VmControl) {

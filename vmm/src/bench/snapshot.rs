@@ -2,14 +2,21 @@
 //!
 //! - Diff-snapshot pause: a micro guest ([`super::page_writer`]) with
 //!   2 GiB of RAM, all touched, dirties 57 MiB between snapshots and then
-//!   keeps running (re-writing one page in a loop). A second thread asks
-//!   for the diff the way the control socket does: it sets a flag and
-//!   kicks the vCPU thread out of `KVM_RUN` with a signal. The pause is
-//!   the time from that request until the vCPU is back in `KVM_RUN`: the
-//!   kick, leaving guest code, harvesting the dirty pages, copying them
-//!   out, and re-entering. The file is written after the vCPU resumed.
-//!   Diffs chain on one full snapshot. Cloud Hypervisor reports 15 ms for
-//!   this case; the target is ≤ 10 ms.
+//!   keeps running during the snapshot, re-writing one page in a loop. A
+//!   second thread takes the diff the way the control socket does, in two
+//!   stops (`crate::snapshot::diff`): it sets a flag and kicks the vCPU
+//!   thread out of `KVM_RUN` with a signal; the vCPU thread harvests the
+//!   dirty log and resumes the guest; the second thread copies those pages
+//!   with the guest running, then stops the vCPU again, which harvests
+//!   again, copies the pages written since the first stop and saves the
+//!   vCPU state. Each stop's pause is the time from its request until the
+//!   vCPU is back in `KVM_RUN` (the kick, leaving guest code, the work,
+//!   re-entering); both are reported, and their sum. The file is written
+//!   after the vCPU resumed. Diffs chain on one full snapshot. Cloud
+//!   Hypervisor reports 15 ms for this case; the target is ≤ 10 ms.
+//!   A second, shorter series has the guest keep re-writing all of its
+//!   57 MiB in a loop during the snapshot, so the final stop has more to
+//!   recopy.
 //! - Full-snapshot throughput: bytes saved per second, alternating with
 //!   `dd` writing the same amount with `conv=fsync` into the same directory
 //!   in the same run (target ≥ 0.8 of dd).
@@ -80,15 +87,11 @@ pub struct SnapshotResults {
     pub dirty_bytes: u64,
     /// Dirty-tracking mechanism used.
     pub dirty_mode: DirtyMode,
-    /// Diff pause as the guest sees it: request (kick) → vCPU back in
-    /// `KVM_RUN`, ms.
-    pub diff_pause_ms: Summary,
-    /// Of which the capture alone (vCPU out of guest code), ms.
-    pub diff_capture_ms: Summary,
-    /// Of which harvesting, ms.
-    pub diff_harvest_ms: Summary,
-    /// Diff total (pause + write + fsync), ms.
-    pub diff_total_ms: Summary,
+    /// Diffs with the guest re-writing one page during the snapshot.
+    pub diff: DiffSeries,
+    /// Diffs with the guest re-writing all its dirty pages in a loop
+    /// during the snapshot.
+    pub diff_rewriting: DiffSeries,
     /// Full snapshot bytes written.
     pub full_bytes: u64,
     /// Full snapshot throughput, MB/s.
@@ -121,13 +124,101 @@ fn summary(v: &[f64]) -> Result<Summary, VmmError> {
     summarize(v).ok_or_else(|| err("no samples"))
 }
 
+/// One series of diffs.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiffSeries {
+    /// What the guest does during the snapshot.
+    pub guest: String,
+    /// The final stop, as the guest sees it: its request (kick) → vCPU
+    /// back in `KVM_RUN`, ms.
+    pub pause_ms: Summary,
+    /// The first stop (harvest only), request → back in `KVM_RUN`, ms.
+    pub precopy_pause_ms: Summary,
+    /// Both stops together, ms.
+    pub total_pause_ms: Summary,
+    /// The final stop's capture alone (vCPU out of guest code), ms.
+    pub capture_ms: Summary,
+    /// The first stop's capture alone, ms.
+    pub first_capture_ms: Summary,
+    /// Harvesting, both stops, ms.
+    pub harvest_ms: Summary,
+    /// The pre-copy, between the stops (guest running), ms.
+    pub precopy_ms: Summary,
+    /// MiB copied between the stops.
+    pub precopied_mib: Summary,
+    /// KiB copied in the final stop.
+    pub late_kib: Summary,
+    /// Diff total, first request → durable (both stops, pre-copy, merge,
+    /// write + fsync), ms.
+    pub total_ms: Summary,
+}
+
+/// Raw samples of one diff.
+#[derive(Debug, Default)]
+struct DiffSamples {
+    pause: Vec<f64>,
+    precopy_pause: Vec<f64>,
+    total_pause: Vec<f64>,
+    capture: Vec<f64>,
+    first_capture: Vec<f64>,
+    harvest: Vec<f64>,
+    precopy: Vec<f64>,
+    precopied: Vec<f64>,
+    late: Vec<f64>,
+    total: Vec<f64>,
+}
+
+impl DiffSamples {
+    fn push(&mut self, d: &DiffSample) {
+        self.pause.push(d.pause);
+        self.precopy_pause.push(d.precopy_pause);
+        self.total_pause.push(d.pause + d.precopy_pause);
+        self.capture.push(d.capture);
+        self.first_capture.push(d.first_capture);
+        self.harvest.push(d.harvest);
+        self.precopy.push(d.precopy);
+        self.precopied.push(d.precopied as f64 / f64::from(1 << 20));
+        self.late.push(d.late as f64 / 1024.0);
+        self.total.push(d.total);
+    }
+
+    fn series(&self, guest: &str) -> Result<DiffSeries, VmmError> {
+        Ok(DiffSeries {
+            guest: guest.into(),
+            pause_ms: summary(&self.pause)?,
+            precopy_pause_ms: summary(&self.precopy_pause)?,
+            total_pause_ms: summary(&self.total_pause)?,
+            capture_ms: summary(&self.capture)?,
+            first_capture_ms: summary(&self.first_capture)?,
+            harvest_ms: summary(&self.harvest)?,
+            precopy_ms: summary(&self.precopy)?,
+            precopied_mib: summary(&self.precopied)?,
+            late_kib: summary(&self.late)?,
+            total_ms: summary(&self.total)?,
+        })
+    }
+}
+
+/// One diff's figures, ms and bytes.
+#[derive(Debug)]
+struct DiffSample {
+    pause: f64,
+    precopy_pause: f64,
+    capture: f64,
+    first_capture: f64,
+    harvest: f64,
+    precopy: f64,
+    precopied: u64,
+    late: u64,
+    total: f64,
+    bytes: u64,
+}
+
 /// Raw samples from the micro guest.
 struct MicroSamples {
     mode: DirtyMode,
-    pause: Vec<f64>,
-    capture: Vec<f64>,
-    harvest: Vec<f64>,
-    total: Vec<f64>,
+    diff: DiffSeries,
+    rewriting: DiffSeries,
     full_bytes: u64,
     full_mb_s: Vec<f64>,
     dd_mb_s: Vec<f64>,
@@ -141,61 +232,101 @@ fn live<'a>(vm: &'a crate::vm::Vm, vcpu: &'a kvm_ioctls::VcpuFd, config: &'a VmC
 /// How long after the guest resumed looping the stop is asked for.
 const STOP_AFTER: Duration = Duration::from_millis(2);
 
-/// One diff of a running guest, asked for from another thread as the
-/// control socket does; returns (request → vCPU back in `KVM_RUN`, capture
-/// alone, harvest, request → diff durable), ms, and the bytes saved.
-fn diff_of_running_guest(w: &mut PageWriter, config: &VmConfig, chain: &mut SnapshotChain, dir: &Path) -> Result<([f64; 4], u64), VmmError> {
+/// Runs the guest until `stop` is set, serving its exits.
+fn run_until(w: &mut PageWriter, stop: &AtomicBool) -> Result<(), VmmError> {
+    while !stop.load(Ordering::SeqCst) {
+        match w.vcpu.run() {
+            Ok(VcpuExit::IoOut(PASS_PORT, _)) => {}
+            // KVM_EXIT_DIRTY_RING_FULL (KVM api.rst, kvm_run exit reasons).
+            Ok(VcpuExit::Unsupported(31)) => w.tracker.on_ring_full(w.vm.fd())?,
+            Ok(other) => return Err(err(format!("unexpected exit {other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(VmmError::Run(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Asks the vCPU thread to stop, as the control socket does: a flag and a
+/// kick out of `KVM_RUN`; returns when it was asked.
+fn ask_stop(stop: &AtomicBool, vcpu_thread: libc::pthread_t) -> Instant {
+    let asked = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+    // SAFETY: the vCPU thread owns the scope this runs in and outlives it;
+    // the kick handler is installed.
+    unsafe { libc::pthread_kill(vcpu_thread, crate::control::kick_signal()) };
+    asked
+}
+
+/// One two-stop diff of a running guest, asked for from another thread as
+/// the control socket does. During it the guest loops over `during`
+/// (first page, count, stride) passes.
+fn diff_of_running_guest(w: &mut PageWriter, config: &VmConfig, chain: &mut SnapshotChain, dir: &Path, during: (u64, u32, u64)) -> Result<DiffSample, VmmError> {
     // As the control server does before asking for the stop.
-    if let Some(buf) = chain.spare.as_mut() {
+    for buf in [chain.spare.as_mut(), chain.spare_late.as_mut()].into_iter().flatten() {
         snapshot::warm(buf);
     }
-    // The guest now re-writes one page in a loop, exiting after each pass.
-    w.pass(FIRST_DATA_PAGE, 1, 1)?;
+    // From here each KVM_RUN runs one more such pass.
+    w.pass(during.0, during.1, during.2)?;
     crate::control::install_kick_handler();
     let stop = AtomicBool::new(false);
     // SAFETY: pthread_self has no preconditions.
     let vcpu_thread = unsafe { libc::pthread_self() };
-    let (asked, captured, resumed) = std::thread::scope(|s| -> Result<(Instant, crate::snapshot::Captured, Instant), VmmError> {
-        let asker = s.spawn(|| {
+    let (plan_tx, plan_rx) = std::sync::mpsc::channel::<snapshot::diff::Precopy>();
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<snapshot::diff::Precopy>();
+    let (asked, captured, resumed, precopy_ms) = std::thread::scope(|s| -> Result<([Instant; 2], crate::snapshot::Captured, [Instant; 2], f64), VmmError> {
+        let stop = &stop;
+        let asker = s.spawn(move || {
+            // As the control server's thread does for a snapshot.
+            let _batch = snapshot::diff::BatchPolicy::enter();
             std::thread::sleep(STOP_AFTER);
-            let asked = Instant::now();
-            stop.store(true, Ordering::SeqCst);
-            // SAFETY: the vCPU thread is this scope's owner and outlives
-            // the scoped thread; the kick handler is installed.
-            unsafe { libc::pthread_kill(vcpu_thread, crate::control::kick_signal()) };
-            asked
+            let first = ask_stop(stop, vcpu_thread);
+            let mut pre = plan_rx.recv().ok()?;
+            let t = Instant::now();
+            // SAFETY: the plan is of `w`'s RAM, which outlives this scope.
+            unsafe { pre.copy() };
+            let copy_ms = ms(t.elapsed());
+            back_tx.send(pre).ok()?;
+            Some((first, copy_ms, ask_stop(stop, vcpu_thread)))
         });
-        while !stop.load(Ordering::SeqCst) {
-            match w.vcpu.run() {
-                Ok(VcpuExit::IoOut(PASS_PORT, _)) => {}
-                // KVM_EXIT_DIRTY_RING_FULL (KVM api.rst, kvm_run exit reasons).
-                Ok(VcpuExit::Unsupported(31)) => w.tracker.on_ring_full(w.vm.fd())?,
-                Ok(other) => return Err(err(format!("unexpected exit {other:?}"))),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-                Err(e) => return Err(VmmError::Run(e)),
-            }
-        }
-        let captured = snapshot::capture(&live(&w.vm, &w.vcpu, config), &mut w.tracker, chain, dir, SnapshotKind::Diff)?;
+        let plan_tx = plan_tx;
+        run_until(w, stop)?;
+        let pre = snapshot::diff::begin(&live(&w.vm, &w.vcpu, config), &mut w.tracker, chain, dir)?;
+        stop.store(false, Ordering::SeqCst);
+        plan_tx.send(pre).map_err(|_| err("the pre-copy thread is gone"))?;
+        let resumed_first = Instant::now();
+        run_until(w, stop)?;
+        let pre = back_rx.recv().map_err(|_| err("the pre-copy thread is gone"))?;
+        let captured = snapshot::diff::finish(&live(&w.vm, &w.vcpu, config), &mut w.tracker, chain, pre)?;
         let resumed = Instant::now();
         // Back into the guest; its next exit shows it ran.
         loop {
             match w.vcpu.run() {
                 Ok(VcpuExit::IoOut(PASS_PORT, _)) => break,
+                Ok(VcpuExit::Unsupported(31)) => w.tracker.on_ring_full(w.vm.fd())?,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Ok(other) => return Err(err(format!("unexpected exit {other:?}"))),
                 Err(e) => return Err(VmmError::Run(e)),
             }
         }
-        let asked = asker.join().map_err(|_| err("the stop thread panicked"))?;
-        Ok((asked, captured, resumed))
+        let (first, copy_ms, second) = asker.join().map_err(|_| err("the stop thread panicked"))?.ok_or_else(|| err("the pre-copy thread failed"))?;
+        Ok(([first, second], captured, [resumed_first, resumed], copy_ms))
     })?;
-    let (capture_us, harvest_us) = (captured.pause_us(), captured.harvest_us());
-    let (info, spare) = captured.persist()?;
-    if spare.is_some() {
-        chain.spare = spare;
-    }
-    let pause = ms(resumed.saturating_duration_since(asked));
-    Ok(([pause, capture_us / 1e3, harvest_us / 1e3, ms(asked.elapsed())], info.memory_bytes))
+    let capture_us = captured.pause_us();
+    let (info, spares) = captured.persist()?;
+    chain.keep(spares);
+    Ok(DiffSample {
+        pause: ms(resumed[1].saturating_duration_since(asked[1])),
+        precopy_pause: ms(resumed[0].saturating_duration_since(asked[0])),
+        capture: capture_us / 1e3,
+        first_capture: info.precopy_pause_us / 1e3,
+        harvest: info.harvest_us / 1e3,
+        precopy: precopy_ms,
+        precopied: info.precopied_bytes,
+        late: info.late_bytes,
+        total: ms(asked[0].elapsed()),
+        bytes: info.memory_bytes,
+    })
 }
 
 /// Pause, total and throughput figures from the micro guest.
@@ -222,24 +353,28 @@ fn pause_and_throughput(dir: &Path, mem: u64, dirty: u64, reps: usize, diff_reps
         }
         dd_mb_s.push(dd(dir, full_bytes)?);
     }
-    let (mut pause, mut capture, mut harvest, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let dirty_pages = (dirty / 4096).max(1);
     let stride = (pages / dirty_pages).max(1);
-    for rep in 0..diff_reps {
+    let (mut one_page, mut rewriting) = (DiffSamples::default(), DiffSamples::default());
+    // The rewriting series is a third as long: each of its diffs has the
+    // guest write 57 MiB per pass, several passes per snapshot.
+    let rewriting_reps = diff_reps.div_ceil(3);
+    for rep in 0..diff_reps + rewriting_reps {
         w.pass(FIRST_DATA_PAGE, dirty_pages as u32, stride)?;
         let diff_dir = dir.join(format!("diff-{rep}"));
-        let ([p, c, h, t], bytes) = diff_of_running_guest(&mut w, &config, &mut chain, &diff_dir)?;
-        pause.push(p);
-        capture.push(c);
-        harvest.push(h);
-        total.push(t);
-        if bytes < dirty_pages * 4096 {
-            return Err(err(format!("the diff saved {bytes} bytes, fewer than the {} dirtied", dirty_pages * 4096)));
+        let rewrite = rep >= diff_reps;
+        let during = if rewrite { (FIRST_DATA_PAGE, dirty_pages as u32, stride) } else { (FIRST_DATA_PAGE, 1, 1) };
+        let d = diff_of_running_guest(&mut w, &config, &mut chain, &diff_dir, during)?;
+        if d.bytes < dirty_pages * 4096 {
+            return Err(err(format!("the diff saved {} bytes, fewer than the {} dirtied", d.bytes, dirty_pages * 4096)));
         }
+        if rewrite { rewriting.push(&d) } else { one_page.push(&d) }
         // Only the chain's metadata is needed for the next diff.
         let _ = std::fs::remove_dir_all(&diff_dir);
     }
-    Ok(MicroSamples { mode, pause, capture, harvest, total, full_bytes, full_mb_s, dd_mb_s })
+    let diff = one_page.series("re-writes one page in a loop")?;
+    let rewriting = rewriting.series(&format!("re-writes its {} dirty pages in a loop", dirty_pages))?;
+    Ok(MicroSamples { mode, diff, rewriting, full_bytes, full_mb_s, dd_mb_s })
 }
 
 /// `dd` writing `bytes` with fsync into `dir`, MB/s.
@@ -367,7 +502,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u32, VmmError> {
             }
         };
         say(&format!("full throughput ({reps} reps, alternating with dd) and diff pause ({diff_reps} diffs): {} guest, {} dirty per diff ...", format_size(mem), format_size(dirty)));
-        let MicroSamples { mode: dirty_mode, pause, capture, harvest, total, full_bytes, full_mb_s, dd_mb_s } = pause_and_throughput(&dir, mem, dirty, reps, diff_reps)?;
+        let MicroSamples { mode: dirty_mode, diff, rewriting, full_bytes, full_mb_s, dd_mb_s } = pause_and_throughput(&dir, mem, dirty, reps, diff_reps)?;
         say(&format!("restore latency: {} tiny-guest snapshot ...", format_size(restore_mem)));
         let snap = dir.join("restore-src");
         make_guest_snapshot(&dir, restore_mem, &snap)?;
@@ -381,10 +516,8 @@ pub fn run(args: &SnapshotArgs) -> Result<u32, VmmError> {
             mem_bytes: mem,
             dirty_bytes: dirty,
             dirty_mode,
-            diff_pause_ms: summary(&pause)?,
-            diff_capture_ms: summary(&capture)?,
-            diff_harvest_ms: summary(&harvest)?,
-            diff_total_ms: summary(&total)?,
+            diff,
+            diff_rewriting: rewriting,
             full_bytes,
             full_vs_dd: full_s.median / dd_s.median,
             full_mb_s: full_s,
@@ -412,10 +545,18 @@ pub fn to_text(r: &SnapshotResults) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let f = |x: &Summary| format!("p50 {:.2} p90 {:.2} [min {:.2}, max {:.2}; n {}]", x.median, x.p90, x.min, x.max, x.n);
+    let f3 = |x: &Summary| format!("p50 {:.0} p90 {:.0} [min {:.0}, max {:.0}; n {}]", x.median, x.p90, x.min, x.max, x.n);
     let _ = writeln!(s, "snapshots ({} dirty tracking)", r.dirty_mode);
-    let _ = writeln!(s, "  diff pause (request → vCPU back in KVM_RUN), {} guest, {} dirty: {} ms (target ≤ 10 ms; Cloud Hypervisor 15 ms)", format_size(r.mem_bytes), format_size(r.dirty_bytes), f(&r.diff_pause_ms));
-    let _ = writeln!(s, "    of which capture: {} ms; harvest: {} ms", f(&r.diff_capture_ms), f(&r.diff_harvest_ms));
-    let _ = writeln!(s, "    request → diff durable (write + fsync after resuming): {} ms", f(&r.diff_total_ms));
+    for (d, title) in [(&r.diff, "diff"), (&r.diff_rewriting, "diff, guest rewriting")] {
+        let _ = writeln!(s, "  {title}: {} guest, {} dirty, during the snapshot the guest {}:", format_size(r.mem_bytes), format_size(r.dirty_bytes), d.guest);
+        let _ = writeln!(s, "    final-stop pause (request → vCPU back in KVM_RUN): {} ms (target ≤ 10 ms; Cloud Hypervisor 15 ms)", f(&d.pause_ms));
+        let _ = writeln!(s, "    first-stop pause (harvest only): {} ms; its capture alone: {} ms", f(&d.precopy_pause_ms), f(&d.first_capture_ms));
+        let _ = writeln!(s, "    total paused (both stops): {} ms", f(&d.total_pause_ms));
+        let _ = writeln!(s, "    final capture alone: {} ms; harvests: {} ms", f(&d.capture_ms), f(&d.harvest_ms));
+        let _ = writeln!(s, "    pre-copied with the guest running: {} MiB in {} ms", f(&d.precopied_mib), f(&d.precopy_ms));
+        let _ = writeln!(s, "    copied in the final stop: {} KiB", f3(&d.late_kib));
+        let _ = writeln!(s, "    first request → diff durable (merge, write + fsync after resuming): {} ms", f(&d.total_ms));
+    }
     let _ = writeln!(s, "  full snapshot of {}: {} MB/s; dd: {} MB/s; ratio of medians {:.2} (target ≥ 0.8)", format_size(r.full_bytes), f(&r.full_mb_s), f(&r.dd_mb_s), r.full_vs_dd);
     let _ = writeln!(s, "  restore of {}, process start → vCPU ready for KVM_RUN / → first guest exit (target ≤ 3 ms, lazy):", format_size(r.restore_mem_bytes));
     let _ = writeln!(s, "    lazy: {} ms / {} ms", f(&r.restore_lazy_ms), f(&r.restore_lazy_first_exit_ms));

@@ -1,14 +1,16 @@
 //! Snapshots: full and incremental (diff), and loading a chain of them.
 //!
-//! A snapshot is taken on the vCPU thread while the vCPU is stopped
+//! A full snapshot is taken on the vCPU thread while the vCPU is stopped
 //! ([`take`]); a diff saves only the pages dirty tracking harvested since
-//! the previous snapshot of the same VM. Each snapshot is written into a
+//! the previous snapshot of the same VM, in two stops with a pre-copy of
+//! the pages in between ([`diff`]). Each snapshot is written into a
 //! temporary directory beside its destination, every file fsynced, then
 //! renamed into place, so a crash or ENOSPC midway leaves earlier
 //! snapshots whole and no half-written one behind. [`load_chain`] reads a
 //! snapshot and its ancestors back, checking every manifest and checksum
 //! before anything is restored.
 
+pub mod diff;
 pub mod format;
 pub mod irqchip;
 pub mod memory_file;
@@ -116,9 +118,17 @@ pub struct SavedState {
 pub struct SnapshotChain {
     /// The last snapshot taken (or restored from).
     pub last: Option<ParentRef>,
-    /// The previous diff's page buffer, reused so a diff's pause does not
-    /// pay for faulting in fresh memory.
+    /// The previous diff's page buffer, reused so a diff does not pay for
+    /// faulting in fresh memory.
     pub spare: Option<Vec<u8>>,
+    /// The previous diff's buffer for the pages copied at its second stop
+    /// (reused likewise: that copy is inside the pause).
+    pub spare_late: Option<Vec<u8>>,
+    /// Pages harvested from the dirty log since the last snapshot that no
+    /// captured snapshot holds yet (a diff that failed between its stops
+    /// leaves them here, and the next diff includes them). Empty after
+    /// every capture.
+    pub pending: Vec<crate::dirty::PageRange>,
     /// The tracker's generation right after the last snapshot's own
     /// start/harvest: if it moved, something else harvested or switched
     /// logging since, and a diff would miss pages.
@@ -134,10 +144,21 @@ pub struct SnapshotInfo {
     pub kind: SnapshotKind,
     /// Bytes of guest memory saved.
     pub memory_bytes: u64,
-    /// Time the vCPU was stopped for, microseconds.
+    /// Time the vCPU was stopped for the final (or only) stop, which saves
+    /// the vCPU state, microseconds.
     pub pause_us: f64,
-    /// Of which: harvesting dirty pages.
+    /// A diff's first stop, which only harvests the dirty log (0 for a
+    /// full snapshot or a one-stop diff), microseconds.
+    pub precopy_pause_us: f64,
+    /// Both stops together, microseconds.
+    pub total_pause_us: f64,
+    /// Of which: harvesting dirty pages (both harvests of a diff).
     pub harvest_us: f64,
+    /// A diff's bytes copied between the stops, with the guest running.
+    pub precopied_bytes: u64,
+    /// A diff's bytes copied in its final stop (pages written since the
+    /// first stop, and the VMM's writes).
+    pub late_bytes: u64,
 }
 
 /// What [`take`] needs from the live VM.
@@ -172,11 +193,38 @@ pub struct Captured {
     tmp: Option<PathBuf>,
     manifest: Manifest,
     state: SavedState,
-    /// A diff's pages, packed in chunk order; `None` for a full snapshot,
-    /// whose memory.bin is already written.
+    /// A diff's pages, packed in chunk order, once merged; `None` for a
+    /// full snapshot, whose memory.bin is already written.
     diff_data: Option<Vec<u8>>,
+    /// A diff's pages from both stops, still to be merged into `diff_data`
+    /// (done by [`Captured::persist`], with the vCPU running).
+    merge: Option<diff::Pending>,
     pause_us: f64,
+    precopy_pause_us: f64,
     harvest_us: f64,
+    precopied_bytes: u64,
+    late_bytes: u64,
+}
+
+/// Page buffers a persisted diff hands back for the next one to reuse.
+#[derive(Debug, Default)]
+pub struct Spares {
+    /// The diff's page buffer ([`SnapshotChain::spare`]).
+    pub pages: Option<Vec<u8>>,
+    /// The buffer of its final stop ([`SnapshotChain::spare_late`]).
+    pub late: Option<Vec<u8>>,
+}
+
+impl SnapshotChain {
+    /// Keeps `spares` for the next diff.
+    pub fn keep(&mut self, spares: Spares) {
+        if spares.pages.is_some() {
+            self.spare = spares.pages;
+        }
+        if spares.late.is_some() {
+            self.spare_late = spares.late;
+        }
+    }
 }
 
 /// Takes a snapshot into `dir` (which must not exist) and makes it durable
@@ -187,10 +235,8 @@ pub struct Captured {
 pub fn take(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotChain, dir: &Path, kind: SnapshotKind) -> Result<SnapshotInfo, SnapshotError> {
     let captured = capture(live, tracker, chain, dir, kind)?;
     match captured.persist() {
-        Ok((info, spare)) => {
-            if spare.is_some() {
-                chain.spare = spare;
-            }
+        Ok((info, spares)) => {
+            chain.keep(spares);
             Ok(info)
         }
         Err(e) => {
@@ -203,7 +249,9 @@ pub fn take(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotCha
 /// The part of a snapshot that needs the vCPU stopped: vCPU and device
 /// state, and guest memory: a full snapshot writes memory.bin directly; a
 /// diff harvests the dirty pages and copies them into a buffer, so the
-/// vCPU can resume while [`Captured::persist`] writes them out.
+/// vCPU can resume while [`Captured::persist`] writes them out. This takes
+/// a diff in one stop ([`diff::begin`] then [`diff::finish`] with no
+/// pre-copy between); the control server uses the two stops.
 ///
 /// `chain.last` names the new snapshot from here on; if persisting fails
 /// the caller must clear it (the pages it harvested are gone from the dirty
@@ -212,29 +260,62 @@ pub fn take(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotCha
 /// # Errors
 /// Any [`SnapshotError`].
 pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotChain, dir: &Path, kind: SnapshotKind) -> Result<Captured, SnapshotError> {
+    if kind == SnapshotKind::Diff {
+        let pre = diff::begin(live, tracker, chain, dir)?;
+        return diff::finish(live, tracker, chain, pre);
+    }
     let start = Instant::now();
     if dir.exists() {
         return Err(SnapshotError::Exists(dir.to_path_buf()));
     }
-    let parent = match kind {
-        SnapshotKind::Full => None,
-        SnapshotKind::Diff => {
-            let last = chain.last.clone().ok_or(SnapshotError::NoBase)?;
-            if !tracker.logging_everywhere() || tracker.generation() != chain.generation {
-                return Err(SnapshotError::LogInterrupted);
-            }
-            Some(last)
-        }
-    };
     let dir = absolute(dir)?;
-    let state = SavedState {
+    let state = save_state(live)?;
+    let mut manifest = new_manifest(live, kind, None);
+    let tmp = temp_sibling(&dir)?;
+    // (Re)start dirty logging first, so the next diff holds exactly what
+    // changes after this snapshot (and nothing harvested before it is
+    // pending any more: this snapshot holds all of memory).
+    let written = tracker.start(live.vm_fd, live.ram).map_err(SnapshotError::from).and_then(|()| {
+        let runs = memory_file::pages_to_save(live.ram)?;
+        let mem_path = tmp.join(format::MEMORY_FILE);
+        let mem = File::create(&mem_path).map_err(io(format!("creating {}", mem_path.display())))?;
+        let chunks = memory_file::write(live.ram, &mem, &runs, false)?;
+        // A full image is as long as RAM, holes included.
+        mem.set_len(live.ram.size()).map_err(io("sizing memory.bin"))?;
+        mem.sync_all().map_err(io("syncing memory.bin"))?;
+        Ok(chunks)
+    });
+    match written {
+        Ok(chunks) => {
+            manifest.chunks = chunks;
+            manifest.memory_file_len = live.ram.size();
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    }
+    chain.pending.clear();
+    chain.last = Some(ParentRef { dir: dir.clone(), id: manifest.id.clone() });
+    chain.generation = tracker.generation();
+    let pause_us = start.elapsed().as_secs_f64() * 1e6;
+    Ok(Captured { dir, tmp: Some(tmp), manifest, state, diff_data: None, merge: None, pause_us, precopy_pause_us: 0.0, harvest_us: 0.0, precopied_bytes: 0, late_bytes: 0 })
+}
+
+/// Saves vCPU, irqchip and device state (the vCPU stopped).
+fn save_state(live: &Live<'_>) -> Result<SavedState, SnapshotError> {
+    Ok(SavedState {
         vcpus: vec![VcpuState::save(live.kvm, live.vcpu, live.irqchip)?],
         irqchip: if live.irqchip { Some(irqchip::IrqchipState::save(live.vm_fd)?) } else { None },
         devices: live.devices.clone(),
         guest_idle: live.guest_idle.is_some(),
         idle_status: live.guest_idle.unwrap_or(0),
-    };
-    let mut manifest = Manifest {
+    })
+}
+
+/// A manifest with no memory chunks yet.
+fn new_manifest(live: &Live<'_>, kind: SnapshotKind, parent: Option<ParentRef>) -> Manifest {
+    Manifest {
         magic: format::MAGIC.into(),
         version: format::VERSION,
         kind,
@@ -247,59 +328,21 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
         chunk_count: 0,
         chunks_crc32: 0,
         chunks: Vec::new(),
-    };
-    let mut harvest_us = 0.0;
-    let mut tmp = None;
-    let diff_data = match kind {
-        SnapshotKind::Full => {
-            let dir_tmp = temp_sibling(&dir)?;
-            let tmp = tmp.insert(dir_tmp);
-            // (Re)start dirty logging first, so the next diff holds exactly
-            // what changes after this snapshot.
-            let written = tracker.start(live.vm_fd, live.ram).map_err(SnapshotError::from).and_then(|()| {
-                let runs = memory_file::pages_to_save(live.ram)?;
-                let mem_path = tmp.join(format::MEMORY_FILE);
-                let mem = File::create(&mem_path).map_err(io(format!("creating {}", mem_path.display())))?;
-                let chunks = memory_file::write(live.ram, &mem, &runs, false)?;
-                // A full image is as long as RAM, holes included.
-                mem.set_len(live.ram.size()).map_err(io("sizing memory.bin"))?;
-                mem.sync_all().map_err(io("syncing memory.bin"))?;
-                Ok(chunks)
-            });
-            match written {
-                Ok(chunks) => {
-                    manifest.chunks = chunks;
-                    manifest.memory_file_len = live.ram.size();
-                }
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&tmp);
-                    return Err(e);
-                }
-            }
-            None
-        }
-        SnapshotKind::Diff => {
-            let t = Instant::now();
-            let h = tracker.harvest(live.vm_fd, live.ram)?;
-            harvest_us = t.elapsed().as_secs_f64() * 1e6;
-            let runs = memory_file::ranges_to_runs(live.ram, h.all());
-            let (chunks, data) = memory_file::copy_out(live.ram, &runs, chain.spare.take().unwrap_or_default())?;
-            manifest.memory_file_len = data.len() as u64;
-            manifest.chunks = chunks;
-            Some(data)
-        }
-    };
-    chain.last = Some(ParentRef { dir: dir.clone(), id: manifest.id.clone() });
-    chain.generation = tracker.generation();
-    Ok(Captured { dir, tmp, manifest, state, diff_data, pause_us: start.elapsed().as_secs_f64() * 1e6, harvest_us })
+    }
 }
 
 impl Captured {
-    /// How long the capture kept the vCPU stopped, microseconds (not
-    /// counting leaving and re-entering `KVM_RUN`).
+    /// How long the capture's final (or only) stop kept the vCPU stopped,
+    /// microseconds (not counting leaving and re-entering `KVM_RUN`).
     #[must_use]
     pub fn pause_us(&self) -> f64 {
         self.pause_us
+    }
+
+    /// A diff's bytes pre-copied, and copied in its final stop.
+    #[must_use]
+    pub fn copied_bytes(&self) -> (u64, u64) {
+        (self.precopied_bytes, self.late_bytes)
     }
 
     /// Of which harvesting the dirty pages, microseconds.
@@ -308,15 +351,24 @@ impl Captured {
         self.harvest_us
     }
 
-    /// Writes what is left, fsyncs every file and renames the snapshot into
-    /// place. When writing or the rename fails the temporary directory is
+    /// Merges a diff's pages ([`diff::merge`]), writes what is left, fsyncs
+    /// every file and renames the snapshot into place. When writing or the rename fails the temporary directory is
     /// removed and no snapshot is created (a destination that appeared
-    /// meanwhile is left as it was). Also returns the diff's page buffer, for
-    /// the next diff to reuse ([`SnapshotChain::spare`]).
+    /// meanwhile is left as it was). Also returns the diff's page buffers,
+    /// for the next diff to reuse ([`SnapshotChain::keep`]).
     ///
     /// # Errors
-    /// [`SnapshotError::Io`] (e.g. ENOSPC).
-    pub fn persist(mut self) -> Result<(SnapshotInfo, Option<Vec<u8>>), SnapshotError> {
+    /// [`SnapshotError::Io`] (e.g. ENOSPC); [`SnapshotError::Corrupt`] when
+    /// a diff's pages do not merge (a bug).
+    pub fn persist(mut self) -> Result<(SnapshotInfo, Spares), SnapshotError> {
+        let mut late = None;
+        if let Some(m) = self.merge.take() {
+            let (chunks, data) = diff::merge(&m.d1_runs, m.d1_buf, &m.d2_runs, &m.d2_buf, &m.region_starts)?;
+            self.manifest.memory_file_len = data.len() as u64;
+            self.manifest.chunks = chunks;
+            self.diff_data = Some(data);
+            late = Some(m.d2_buf);
+        }
         let tmp = match self.tmp.take() {
             Some(t) => t,
             None => temp_sibling(&self.dir)?,
@@ -337,13 +389,19 @@ impl Captured {
             kind: self.manifest.kind,
             memory_bytes: self.manifest.chunks.iter().map(|c| c.len).sum(),
             pause_us: self.pause_us,
+            precopy_pause_us: self.precopy_pause_us,
+            total_pause_us: self.pause_us + self.precopy_pause_us,
             harvest_us: self.harvest_us,
+            precopied_bytes: self.precopied_bytes,
+            late_bytes: self.late_bytes,
         };
-        Ok((info, self.diff_data))
+        Ok((info, Spares { pages: self.diff_data, late }))
     }
 
     fn write_rest(&mut self, tmp: &Path) -> Result<(), SnapshotError> {
         if let Some(data) = &self.diff_data {
+            // Over the final content: after the merge, so a page recopied
+            // at a diff's second stop is checksummed as saved.
             for c in &mut self.manifest.chunks {
                 let start = c.file_offset as usize;
                 c.crc32 = crc32fast::hash(&data[start..start + c.len as usize]);
@@ -504,7 +562,7 @@ mod tests {
             chunks: format::plan_chunks(&[(0, 4096)], true),
         };
         let state = SavedState { vcpus: Vec::new(), irqchip: None, devices: crate::devices::Devices::new(Box::new(std::io::sink())).state(), guest_idle: false, idle_status: 0 };
-        Captured { dir: dir.to_path_buf(), tmp: None, manifest, state, diff_data: Some(vec![7; 4096]), pause_us: 0.0, harvest_us: 0.0 }
+        Captured { dir: dir.to_path_buf(), tmp: None, manifest, state, diff_data: Some(vec![7; 4096]), merge: None, pause_us: 0.0, precopy_pause_us: 0.0, harvest_us: 0.0, precopied_bytes: 0, late_bytes: 0 }
     }
 
     fn scratch(name: &str) -> PathBuf {
@@ -518,9 +576,9 @@ mod tests {
     fn a_persisted_diff_is_renamed_into_place_with_every_file() {
         let root = scratch("ok");
         let dest = root.join("snap");
-        let (info, spare) = captured(&dest).persist().unwrap();
+        let (info, spares) = captured(&dest).persist().unwrap();
         assert_eq!(info.memory_bytes, 4096);
-        assert_eq!(spare.map(|s| s.len()), Some(4096), "the page buffer comes back for reuse");
+        assert_eq!(spares.pages.map(|s| s.len()), Some(4096), "the page buffer comes back for reuse");
         let mut names: Vec<String> = std::fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         assert_eq!(names, ["chunks.bin", "manifest.json", "memory.bin", "state.json"]);
