@@ -37,7 +37,7 @@ use memvisor_user::args::Range;
 use memvisor_user::sys::{SYS_EXIT, SYS_FORK, SYS_YIELD};
 
 use super::swapdev;
-use super::{Active, REGION_BASE, invlpg, region_page, report_fatal, set_active};
+use super::{Active, REGION_BASE, invlpg, page_index, region_page, report_fatal, set_active};
 use crate::Kernel;
 use crate::console::Dec;
 use crate::idt::TrapFrame;
@@ -107,8 +107,7 @@ impl Shared {
 
 /// The stack page `va` falls in, if any.
 fn stack_page(va: u64) -> Option<usize> {
-    let off = va.wrapping_sub(user_layout::STACK_BOTTOM);
-    if off < STACK_PAGES as u64 * PAGE_SIZE { Some((off / PAGE_SIZE) as usize) } else { None }
+    page_index(va, user_layout::STACK_BOTTOM, STACK_PAGES as u64).map(|i| i as usize)
 }
 
 static mut COW_STATE: Option<Cow> = None;
@@ -150,11 +149,10 @@ impl Cow {
         }
     }
 
-    fn resolve(&mut self, kind: FaultKind, page: Shared) -> bool {
-        let pte = self.pte(self.current, page);
-        // SAFETY: the PTE of a region or stack page in the current task's
-        // table; the task is stopped in this trap.
-        let e = unsafe { pte.read_volatile() };
+    /// Resolves a fault on `page`, whose PTE in the current task's table is
+    /// `pte`, holding `e` (read once by the fault handler: every instruction
+    /// of this path is emulated on a PVM host).
+    fn resolve(&mut self, kind: FaultKind, page: Shared, pte: *mut u64, e: u64) -> bool {
         let new = match kind {
             FaultKind::Minor if matches!(page, Shared::Region(_)) => {
                 // Fresh pool frames are zero (the VMM's contract).
@@ -248,14 +246,17 @@ pub fn page_fault(frame: &mut TrapFrame) -> bool {
     let cr2 = crate::cpu::read_cr2();
     let Some(s) = state() else { return false };
     let page = region_page(cr2, s.pages).map(Shared::Region).or_else(|| stack_page(cr2).map(Shared::Stack));
-    let cow = page.is_some_and(|p| {
-        // SAFETY: the current task's PTE for a region or stack page.
-        unsafe { s.pte(s.current, p).read_volatile() & COW != 0 }
+    let entry = page.map(|p| {
+        let pte = s.pte(s.current, p);
+        // SAFETY: the current task's PTE for a region or stack page; the
+        // task is stopped in this trap.
+        (p, pte, unsafe { pte.read_volatile() })
     });
+    let cow = entry.is_some_and(|(_, _, e)| e & COW != 0);
     let kind = classify(frame.error, PageInfo { in_region: page.is_some(), in_swap: false, cow });
-    match (kind, page) {
-        (FaultKind::Minor | FaultKind::CopyOnWrite, Some(p)) => {
-            let resolved = s.resolve(kind, p);
+    match (kind, entry) {
+        (FaultKind::Minor | FaultKind::CopyOnWrite, Some((p, pte, e))) => {
+            let resolved = s.resolve(kind, p, pte, e);
             if resolved {
                 super::count_fault(false);
             }

@@ -82,11 +82,17 @@ pub fn invlpg(va: u64) {
     unsafe { asm!("invlpg [{}]", in(reg) va, options(nostack, preserves_flags)) };
 }
 
+/// The page of the `pages`-page range at `base` that `va` falls in, if any.
+#[inline(always)]
+fn page_index(va: u64, base: u64, pages: u64) -> Option<u64> {
+    let off = va.wrapping_sub(base);
+    if off < pages * PAGE_SIZE { Some(off / PAGE_SIZE) } else { None }
+}
+
 /// The region page `va` falls in, if it is inside `pages` pages.
 #[inline(always)]
 fn region_page(va: u64, pages: u64) -> Option<u64> {
-    let off = va.wrapping_sub(REGION_BASE);
-    if off < pages * PAGE_SIZE { Some(off / PAGE_SIZE) } else { None }
+    page_index(va, REGION_BASE, pages)
 }
 
 /// Reports a fault that kills the task; `false` so the caller kills it.
