@@ -132,13 +132,15 @@ fn snapshot(control: &VmControl, kind: SnapshotKind, dir: PathBuf) -> Response {
     // thread wakes it at the end of a stop it must not take the vCPU's CPU
     // before the vCPU is back in the guest.
     let _batch = crate::snapshot::diff::BatchPolicy::enter();
-    let mut spares = std::mem::take(&mut *SPARES.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-    for buf in [spares.pages.as_mut(), spares.late.as_mut()].into_iter().flatten() {
-        crate::snapshot::warm(buf);
-    }
     let captured = match kind {
         SnapshotKind::Full => on_vcpu(control, move |m| m.capture_snapshot(&dir, kind)),
         SnapshotKind::Diff => {
+            // Only a diff uses the previous diff's buffers: warm them here,
+            // with the guest running, not in the stop.
+            let mut spares = std::mem::take(&mut *SPARES.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            for buf in [spares.pages.as_mut(), spares.late.as_mut()].into_iter().flatten() {
+                crate::snapshot::warm(buf);
+            }
             let pre = on_vcpu(control, move |m| {
                 m.chain.keep(spares);
                 m.begin_diff(&dir)

@@ -29,7 +29,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::dirty::{DirtyTracker, ranges};
+use crate::dirty::{DirtyTracker, Harvest, ranges};
 use crate::snapshot::format::{Chunk, ParentRef, SnapshotKind, plan_chunks};
 use crate::snapshot::{Captured, Live, SnapshotChain, SnapshotError, absolute, memory_file};
 
@@ -173,12 +173,12 @@ fn check_chain(tracker: &DirtyTracker, chain: &SnapshotChain) -> Result<ParentRe
 /// from here the harvested pages are out of the dirty log, and `pending`
 /// holds them until a snapshot holding them is captured. The chain's
 /// generation follows this harvest, which is the chain's own.
-fn harvest_pending(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotChain) -> Result<(Vec<ranges::PageRange>, f64), SnapshotError> {
+fn harvest_pending(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotChain) -> Result<(Harvest, f64), SnapshotError> {
     let t = Instant::now();
     let h = tracker.harvest(live.vm_fd, live.ram)?;
     chain.generation = tracker.generation();
     chain.pending = ranges::union(&chain.pending, h.all());
-    Ok((h.all().to_vec(), t.elapsed().as_secs_f64() * 1e6))
+    Ok((h, t.elapsed().as_secs_f64() * 1e6))
 }
 
 /// The first stop of a diff (vCPU stopped): harvests D1 (with any pages a
@@ -229,7 +229,7 @@ pub fn finish(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotC
         return Err(SnapshotError::LogInterrupted);
     }
     let (d2, harvest_us) = harvest_pending(live, tracker, chain)?;
-    let d2_runs = memory_file::ranges_to_runs(live.ram, &d2);
+    let d2_runs = memory_file::ranges_to_runs(live.ram, d2.all());
     let (_, d2_buf) = memory_file::copy_out(live.ram, &d2_runs, chain.spare_late.take().unwrap_or_default())?;
     let precopied_bytes = pre.bytes();
     let state = super::save_state(live)?;

@@ -10,7 +10,7 @@ use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
 use super::SnapshotError;
-use super::vcpu_state::raw_vec;
+use super::vcpu_state::{kvm_err, raw_vec};
 
 /// `kvm_irqchip.chip_id` values (KVM api.rst, KVM_GET_IRQCHIP):
 /// `KVM_IRQCHIP_PIC_MASTER`, `KVM_IRQCHIP_PIC_SLAVE`, `KVM_IRQCHIP_IOAPIC`.
@@ -28,10 +28,6 @@ impl std::fmt::Debug for IrqchipState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IrqchipState").field("chips", &self.chips.iter().map(|c| c.chip_id).collect::<Vec<_>>()).finish()
     }
-}
-
-fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> SnapshotError {
-    move |e| SnapshotError::Kvm { what, source: std::io::Error::from_raw_os_error(e.errno()) }
 }
 
 impl IrqchipState {

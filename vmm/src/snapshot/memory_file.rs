@@ -155,10 +155,16 @@ pub fn write(ram: &GuestRam, file: &File, runs: &[(u64, u64)], packed: bool) -> 
     Ok(chunks)
 }
 
+/// Below this many bytes [`copy_out`] copies on the calling thread: a
+/// thread's start and join (tens of µs) would cost more than the copy.
+const SPLIT_COPY_BYTES: u64 = 1 << 20;
+
 /// Copies `runs` of guest RAM into `buf` (reused; resized), packed in
 /// chunk order, and returns the chunks (CRCs not yet computed) with the
-/// buffer. This is all a diff snapshot does while the vCPU is stopped; the
-/// copy is split over two threads (the reference host has two cores).
+/// buffer. This is all a diff snapshot does while the vCPU is stopped; a
+/// large copy is split over two threads (the reference host has two
+/// cores), a small one (a diff's final stop usually copies a page or two)
+/// is not worth starting a thread for.
 ///
 /// # Errors
 /// [`SnapshotError::Corrupt`] when a run is outside guest RAM.
@@ -177,10 +183,15 @@ pub fn copy_out(ram: &GuestRam, runs: &[(u64, u64)], mut buf: Vec<u8>) -> Result
             at += s.len();
         }
     };
-    std::thread::scope(|scope| {
-        scope.spawn(|| copy(back, &sources[half..]));
+    if total < SPLIT_COPY_BYTES {
         copy(front, &sources[..half]);
-    });
+        copy(back, &sources[half..]);
+    } else {
+        std::thread::scope(|scope| {
+            scope.spawn(|| copy(back, &sources[half..]));
+            copy(front, &sources[..half]);
+        });
+    }
     Ok((chunks, buf))
 }
 

@@ -155,7 +155,7 @@ pub(crate) mod raw_opt {
     }
 }
 
-fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> SnapshotError {
+pub(super) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> SnapshotError {
     move |e| SnapshotError::Kvm { what, source: std::io::Error::from_raw_os_error(e.errno()) }
 }
 
