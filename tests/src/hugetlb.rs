@@ -152,9 +152,9 @@ impl PoolLock {
 /// A hugetlb pool set up for one test; the old pool size comes back on drop.
 #[derive(Debug)]
 pub struct Reservation {
-    // Dropped first: the held pages go back to the pool before the pool's
-    // size is restored.
-    _held: Option<HeldPages>,
+    /// Free pages held by `none_available`, unmapped (back to the pool)
+    /// before the pool's size is restored.
+    held: Option<HeldPages>,
     size: PageSize,
     previous: u64,
     _lock: PoolLock,
@@ -170,7 +170,7 @@ impl Reservation {
     pub fn reserve(size: PageSize, pages: u64) -> Result<Self, String> {
         let lock = PoolLock::acquire();
         let previous = size.pool()?;
-        let r = Reservation { _held: None, size, previous, _lock: lock };
+        let r = Reservation { held: None, size, previous, _lock: lock };
         let missing = pages.saturating_sub(size.available()?);
         if missing > 0 {
             size.grow_pool(previous + missing)?;
@@ -199,7 +199,7 @@ impl Reservation {
         let previous = size.pool()?;
         let available = size.available()?;
         let held = if available > 0 { Some(HeldPages::map(size, available)?) } else { None };
-        let r = Reservation { _held: held, size, previous, _lock: lock };
+        let r = Reservation { held, size, previous, _lock: lock };
         let now = size.available()?;
         if now > 0 {
             return Err(format!("cannot hold the {} KiB hugetlb pool's free pages: {now} pages still free", size.bytes() >> 10));
@@ -216,6 +216,8 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        // Fields drop only after this body: give the held pages back first.
+        drop(self.held.take());
         // A reservation only grows the pool, so this shrinks it, which
         // always succeeds (pages still mapped somewhere are freed when
         // their mapping goes).
