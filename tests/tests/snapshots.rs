@@ -21,21 +21,48 @@ fn ctl(socket: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("ctl answered {:?}: {e}", r.stdout))
 }
 
+/// Whether the VM behind `socket` answers `status` with the idle state.
+fn is_idle(socket: &Path) -> bool {
+    socket.exists() && {
+        let r = Vmm::new(["ctl"]).arg(socket).arg("status").output();
+        r.code() == 0 && r.stdout.contains("\"idle\"")
+    }
+}
+
+/// Polls until the guest behind `socket` idles; panics with `what` after
+/// `within`.
+fn wait_idle(socket: &Path, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while !is_idle(socket) {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for the guest's "workload starting" line (stderr with --json,
+/// printed once its self-test is over).
+fn wait_workload_started(vm: &Running, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !vm.stderr_so_far().contains("guest: workload starting") {
+        assert!(Instant::now() < deadline, "the workload never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for the workload to end (the guest idles), shuts the VM down and
+/// returns how it ended.
+fn shut_down_when_idle(vm: Running, socket: &Path, within: Duration) -> RunResult {
+    wait_idle(socket, within, "the workload never finished");
+    ctl(socket, &["shutdown"]);
+    vm.wait(Duration::from_secs(30))
+}
+
 /// A VM serving a control socket, waited on until the guest idles.
 fn idle_vm(dir: &TempDir) -> (Running, PathBuf) {
     let socket = dir.path().join("api.sock");
     let vm = Vmm::run_json(["--mem", "64M", "--api-socket"]).arg(&socket).spawn();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(Instant::now() < deadline, "the guest never idled");
-        if socket.exists() {
-            let r = Vmm::new(["ctl"]).arg(&socket).arg("status").output();
-            if r.code() == 0 && r.stdout.contains("\"idle\"") {
-                return (vm, socket);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_idle(&socket, Duration::from_secs(60), "the guest never idled");
+    (vm, socket)
 }
 
 /// Takes a full snapshot and a diff on top of it; returns (full, diff).
@@ -251,13 +278,7 @@ fn buffer(report: &serde_json::Value) -> (u64, u64) {
 fn snapshotted_checksum_run(dir: &TempDir) -> (serde_json::Value, PathBuf, PathBuf, PathBuf) {
     let socket = dir.path().join("api.sock");
     let vm = Vmm::run_json(["--mem", "64M", "--workload", "checksum:pages=4096,rounds=40,ms=50", "--api-socket"]).arg(&socket).spawn();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    // The guest prints this line (to stderr with --json) when its
-    // self-test is over and the workload starts.
-    while !vm.stderr_so_far().contains("guest: workload starting") {
-        assert!(Instant::now() < deadline, "the workload never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_workload_started(&vm, Duration::from_secs(120));
     // Let a few rounds pass.
     std::thread::sleep(Duration::from_millis(200));
     let full = dir.path().join("full");
@@ -271,15 +292,7 @@ fn snapshotted_checksum_run(dir: &TempDir) -> (serde_json::Value, PathBuf, PathB
         // ~6 rounds rewrite about half of the 16 MiB buffer.
         assert!(r["data"]["memory_bytes"].as_u64().unwrap() > 2 << 20, "the diff holds the pages the guest rewrote: {r}");
     }
-    let original = loop {
-        let status = Vmm::new(["ctl"]).arg(&socket).arg("status").output();
-        if status.stdout.contains("\"idle\"") {
-            ctl(&socket, &["shutdown"]);
-            break vm.wait(Duration::from_secs(30));
-        }
-        assert!(Instant::now() < deadline, "the workload never finished");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let original = shut_down_when_idle(vm, &socket, Duration::from_secs(120));
     original.assert_success();
     let report = original.json();
     let (sums, bad) = checks(&report);
@@ -287,7 +300,7 @@ fn snapshotted_checksum_run(dir: &TempDir) -> (serde_json::Value, PathBuf, PathB
     assert!(bad.is_empty(), "the original run found no differing page: {bad:?}");
     let mut distinct: Vec<u64> = sums.iter().map(|s| s.1).collect();
     distinct.dedup();
-    assert_eq!(distinct.len(), 40, "every round rewrote pages, so every round's checksum is new");
+    assert_eq!(distinct.len(), 40, "every round rewrote pages, so no round's checksum equals the round before's");
     (report, full, d1, d2)
 }
 
@@ -365,11 +378,7 @@ fn a_full_snapshot_of_a_mostly_untouched_guest_is_sparse() {
     let socket = dir.path().join("api.sock");
     // Without the self-test the guest touches a few MiB of its 1 GiB.
     let vm = Vmm::run_json(["--mem", "1G", "--skip-selftest", "--api-socket"]).arg(&socket).spawn();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(socket.exists() && Vmm::new(["ctl"]).arg(&socket).arg("status").output().stdout.contains("\"idle\"")) {
-        assert!(Instant::now() < deadline, "the guest never idled");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_idle(&socket, Duration::from_secs(60), "the guest never idled");
     let snap = dir.path().join("full");
     let r = ctl(&socket, &["snapshot", "--full", snap.to_str().unwrap()]);
     ctl(&socket, &["shutdown"]);
@@ -412,11 +421,7 @@ fn guests_split_around_the_mmio_hole_snapshot_and_restore() {
     // Generous hang guards: 5 GiB is written and read back, and CI machines
     // share their disk.
     let vm = Vmm::run_json(["--mem", "5G", "--api-socket"]).arg(&socket).timeout(Duration::from_secs(400)).spawn();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !(socket.exists() && Vmm::new(["ctl"]).arg(&socket).arg("status").output().stdout.contains("\"idle\"")) {
-        assert!(Instant::now() < deadline, "the 5 GiB guest never idled");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_idle(&socket, Duration::from_secs(300), "the 5 GiB guest never idled");
     let snap = dir.path().join("full");
     let r = ctl(&socket, &["snapshot", "--full", snap.to_str().unwrap()]);
     assert!(r["data"]["memory_bytes"].as_u64().unwrap() > 4 << 30, "both regions were saved: {r}");
@@ -440,11 +445,7 @@ fn pages_the_guest_rewrites_between_a_diffs_two_stops_are_saved_as_of_the_second
     let socket = dir.path().join("api.sock");
     let rounds = 600;
     let vm = Vmm::run_json(["--mem", "128M", "--workload", &format!("checksum:pages=8192,rounds={rounds},ms=0"), "--api-socket"]).arg(&socket).spawn();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !vm.stderr_so_far().contains("guest: workload starting") {
-        assert!(Instant::now() < deadline, "the workload never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_workload_started(&vm, Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(100));
     ctl(&socket, &["snapshot", "--full", dir.path().join("full").to_str().unwrap()]);
     let mut diffs = Vec::new();
@@ -459,15 +460,7 @@ fn pages_the_guest_rewrites_between_a_diffs_two_stops_are_saved_as_of_the_second
         diffs.push(d);
     }
     assert!(late > 0, "the guest wrote pages between the stops of some diff");
-    let original = loop {
-        let status = Vmm::new(["ctl"]).arg(&socket).arg("status").output();
-        if status.stdout.contains("\"idle\"") {
-            ctl(&socket, &["shutdown"]);
-            break vm.wait(Duration::from_secs(30));
-        }
-        assert!(Instant::now() < deadline + Duration::from_secs(120), "the workload never finished");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let original = shut_down_when_idle(vm, &socket, Duration::from_secs(240));
     original.assert_success();
     let (reference, bad) = checks(&original.json());
     assert!(bad.is_empty(), "the original run found no differing page: {bad:?}");
