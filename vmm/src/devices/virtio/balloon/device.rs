@@ -19,7 +19,7 @@ use memvisor_abi::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 use memvisor_abi::virtio::{CONFIG_ACTUAL, CONFIG_NUM_PAGES, CONFIG_SIZE, DEVICE_ID_BALLOON, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ, F_VERSION_1};
 
 use super::metrics::{BalloonMetrics, bump};
-use super::pages::{BalloonPages, Inflated, PAGE, PageReject, inner_units, merge_runs, pfn_runs};
+use super::pages::{BalloonPages, PAGE, RunOutcome, inner_units, merge_runs, pfn_runs};
 use super::reclaim;
 use super::stats::{GuestStats, MAX_ENTRIES};
 use crate::devices::virtio::{TransportReject, VirtioDevice};
@@ -270,29 +270,24 @@ impl Balloon {
             Some((f, c)) if *f + *c == first => *c += count,
             _ => release.push((first, count)),
         };
-        self.for_each_run(descs, ram.memory(), |b, pfn, count| {
-            if let Some((page, n)) = Self::ram_run(pfn, count, ram)
+        let count = |m: &mut BalloonMetrics, o: RunOutcome| {
+            m.inflated_pages = m.inflated_pages.saturating_add(o.accepted);
+            m.partial_host_page_pieces = m.partial_host_page_pieces.saturating_add(o.pending);
+            m.duplicate_pfn = m.duplicate_pfn.saturating_add(o.duplicates);
+        };
+        self.for_each_run(descs, ram.memory(), |b, pfn, n| {
+            if let Some((page, n)) = Self::ram_run(pfn, n, ram)
                 && let Ok(o) = b.pages.inflate_run(page, n, &mut add)
             {
-                let m = &mut b.metrics;
-                m.inflated_pages = m.inflated_pages.saturating_add(o.accepted);
-                m.partial_host_page_pieces = m.partial_host_page_pieces.saturating_add(o.pending);
-                m.duplicate_pfn = m.duplicate_pfn.saturating_add(o.duplicates);
+                count(&mut b.metrics, o);
                 return;
             }
-            // Not all RAM: page by page, so each refusal is counted.
-            for pfn in (0..count).filter_map(|i| pfn.checked_add(i)) {
+            // Not all RAM: page by page (runs of one), so each refusal is
+            // counted.
+            for pfn in (0..n).filter_map(|i| pfn.checked_add(i)) {
                 let Some(page) = b.ram_page(pfn, ram) else { continue };
-                match b.pages.inflate(page) {
-                    Ok(Inflated::Release(host)) => {
-                        bump(&mut b.metrics.inflated_pages);
-                        add(host, 1);
-                    }
-                    Ok(Inflated::Pending) => {
-                        bump(&mut b.metrics.inflated_pages);
-                        bump(&mut b.metrics.partial_host_page_pieces);
-                    }
-                    Err(PageReject::Duplicate) => bump(&mut b.metrics.duplicate_pfn),
+                match b.pages.inflate_run(page, 1, &mut add) {
+                    Ok(o) => count(&mut b.metrics, o),
                     Err(_) => bump(&mut b.metrics.pfn_outside_ram),
                 }
             }
@@ -303,19 +298,22 @@ impl Balloon {
     }
 
     fn deflate(&mut self, descs: &[Descriptor], ram: &GuestRam) {
-        self.for_each_run(descs, ram.memory(), |b, pfn, count| {
-            if let Some((page, n)) = Self::ram_run(pfn, count, ram)
+        let count = |m: &mut BalloonMetrics, asked: u64, taken: u64| {
+            m.deflated_pages = m.deflated_pages.saturating_add(taken);
+            m.deflate_not_in_balloon = m.deflate_not_in_balloon.saturating_add(asked - taken);
+        };
+        self.for_each_run(descs, ram.memory(), |b, pfn, n| {
+            if let Some((page, n)) = Self::ram_run(pfn, n, ram)
                 && let Ok(taken) = b.pages.deflate_run(page, n)
             {
-                let m = &mut b.metrics;
-                m.deflated_pages = m.deflated_pages.saturating_add(taken);
-                m.deflate_not_in_balloon = m.deflate_not_in_balloon.saturating_add(n - taken);
+                count(&mut b.metrics, n, taken);
                 return;
             }
-            for pfn in (0..count).filter_map(|i| pfn.checked_add(i)) {
+            // As for inflate: page by page.
+            for pfn in (0..n).filter_map(|i| pfn.checked_add(i)) {
                 let Some(page) = b.ram_page(pfn, ram) else { continue };
-                match b.pages.deflate(page) {
-                    Ok(()) => bump(&mut b.metrics.deflated_pages),
+                match b.pages.deflate_run(page, 1) {
+                    Ok(taken) => count(&mut b.metrics, 1, taken),
                     Err(_) => bump(&mut b.metrics.deflate_not_in_balloon),
                 }
             }
