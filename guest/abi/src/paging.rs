@@ -85,11 +85,8 @@ impl Pattern {
 #[inline(always)]
 #[must_use]
 pub const fn mix(seed: u64, i: u64) -> u64 {
-    let mut z = seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    let z = seed ^ i.wrapping_mul(crate::splitmix::GOLDEN_GAMMA);
+    crate::splitmix::finalise(z.wrapping_add(crate::splitmix::GOLDEN_GAMMA))
 }
 
 /// The page (`0..pages`) access `i` touches. `pattern` is a raw

@@ -288,11 +288,8 @@ impl Event {
 #[inline(always)]
 #[must_use]
 pub const fn dirty_page(seed: u64, round: u64, i: u64, buffer_pages: u64) -> u64 {
-    let mut z = seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i.wrapping_mul(0xd1b5_4a32_d192_ed03);
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
+    let z = seed ^ round.wrapping_mul(crate::splitmix::GOLDEN_GAMMA) ^ i.wrapping_mul(0xd1b5_4a32_d192_ed03);
+    let z = crate::splitmix::finalise(z.wrapping_add(crate::splitmix::GOLDEN_GAMMA));
     if buffer_pages == 0 { 0 } else { z % buffer_pages }
 }
 

@@ -105,15 +105,6 @@ pub fn rdtsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
-/// SplitMix64 (Steele, Lea and Flood, OOPSLA 2014): the next value of `state`.
-#[inline(always)]
-pub fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 /// A number in `0..n` from a 64-bit random `r` (Lemire's multiply-high).
 #[inline(always)]
@@ -160,7 +151,7 @@ unsafe fn page_cycle(base: *mut u8, pages: u64, seed: u64) {
     let mut i = pages;
     while i > 1 {
         i -= 1;
-        let j = below(splitmix(&mut rng), i);
+        let j = below(memvisor_abi::splitmix::next(&mut rng), i);
         // SAFETY: i, j < pages.
         unsafe {
             let (a, b) = (scratch(i).read_volatile(), scratch(j).read_volatile());

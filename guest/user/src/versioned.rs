@@ -15,18 +15,10 @@ pub const PAGE_WORDS: u64 = 512;
 /// so selection is a mask: ring-3 code must not divide).
 pub const REWRITE_ONE_IN: u64 = 8;
 
-/// The splitmix64 finaliser (Steele, Lea, Flood: "Fast splittable
-/// pseudorandom number generators", OOPSLA 2014): a cheap bijective mix.
-#[inline(always)]
-#[must_use]
-pub const fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+use memvisor_abi::splitmix::{GOLDEN_GAMMA, finalise};
 
-// The odd multipliers below only spread their inputs before [`mix`]:
-// 0x9e37_79b9_7f4a_7c15 is 2^64 / φ (splitmix64's increment), and
+// The odd multipliers below only spread their inputs before SplitMix64's
+// output function ([`finalise`]): [`GOLDEN_GAMMA`] is its increment, and
 // 0xd1b5_4a32_d192_ed03 and 0xc2b2_ae3d_27d4_eb4f are the
 // `memvisor_abi::workload::dirty_page` and xxHash64 (PRIME64_2) constants.
 
@@ -38,7 +30,7 @@ pub const fn rewritten(seed: u64, round: u64, page: u64) -> bool {
     if round == 0 {
         return true;
     }
-    let h = mix(seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ page.wrapping_mul(0xd1b5_4a32_d192_ed03));
+    let h = finalise(seed ^ round.wrapping_mul(GOLDEN_GAMMA) ^ page.wrapping_mul(0xd1b5_4a32_d192_ed03));
     h & (REWRITE_ONE_IN - 1) == 0
 }
 
@@ -60,14 +52,14 @@ pub const fn version(seed: u64, round: u64, page: u64) -> u64 {
 #[inline(always)]
 #[must_use]
 pub const fn page_key(seed: u64, page: u64, version: u64) -> u64 {
-    mix(seed.wrapping_add(page.wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ version.wrapping_mul(0xc2b2_ae3d_27d4_eb4f))
+    finalise(seed.wrapping_add(page.wrapping_mul(GOLDEN_GAMMA)) ^ version.wrapping_mul(0xc2b2_ae3d_27d4_eb4f))
 }
 
 /// Word `word` of a page whose [`page_key`] is `key`.
 #[inline(always)]
 #[must_use]
 pub const fn word(key: u64, word: u64) -> u64 {
-    mix(key ^ word.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    finalise(key ^ word.wrapping_mul(GOLDEN_GAMMA))
 }
 
 /// Writes `page`'s contents at `version` to `p`.
