@@ -15,6 +15,10 @@ use std::path::PathBuf;
 /// The lock file shared with the tests.
 const LOCK_PATH: &str = "/tmp/memvisor-hugetlb.lock";
 
+/// How many times a pool increase that fell short compacts memory and tries
+/// again.
+const RETRIES: u32 = 3;
+
 /// A raised hugetlb pool; the previous size comes back on drop.
 #[derive(Debug)]
 pub struct PoolGuard {
@@ -44,15 +48,27 @@ impl PoolGuard {
         let dir = PathBuf::from(format!("/sys/kernel/mm/hugepages/hugepages-{}kB", page_bytes >> 10));
         let previous = read(&dir, "nr_hugepages")?;
         let guard = PoolGuard { knob: dir.join("nr_hugepages"), previous, _lock: lock };
-        let free = read(&dir, "free_hugepages")?.saturating_sub(read(&dir, "resv_hugepages")?);
-        if free < pages {
-            std::fs::write(&guard.knob, (previous + pages - free).to_string()).map_err(|e| format!("cannot write {}: {e}", guard.knob.display()))?;
+        let available = || Ok::<u64, String>(read(&dir, "free_hugepages")?.saturating_sub(read(&dir, "resv_hugepages")?));
+        let mut now = available()?;
+        for attempt in 0..=RETRIES {
+            if now >= pages {
+                return Ok(guard);
+            }
+            if attempt > 0 {
+                // Memory freed by a VM that just exited settles within a
+                // second or so; compaction then moves movable pages out of
+                // the way. (The page cache is left alone: dropping it is the
+                // host owner's call, not a benchmark's.)
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                if let Err(e) = std::fs::write("/proc/sys/vm/compact_memory", "1\n") {
+                    log::warn!("cannot compact memory: {e}");
+                }
+            }
+            let total = read(&dir, "nr_hugepages")?;
+            std::fs::write(&guard.knob, (total + pages - now).to_string()).map_err(|e| format!("cannot write {}: {e}", guard.knob.display()))?;
+            now = available()?;
         }
-        let now = read(&dir, "free_hugepages")?.saturating_sub(read(&dir, "resv_hugepages")?);
-        if now < pages {
-            return Err(format!("the host gave only {now} of {pages} hugetlb pages of {} KiB (not enough contiguous free memory)", page_bytes >> 10));
-        }
-        Ok(guard)
+        Err(format!("the host gave only {now} of {pages} hugetlb pages of {} KiB after {RETRIES} compactions (not enough contiguous free memory)", page_bytes >> 10))
     }
 }
 
