@@ -59,11 +59,15 @@ fn quick_bench_writes_json_csv_markdown_and_plots_that_parse() {
 
     // --replot redraws the same plots from the CSV alone.
     for w in WORKLOADS {
-        std::fs::remove_file(out.join(format!("{w}.svg"))).expect("remove a plot");
+        for ext in ["svg", "png"] {
+            std::fs::remove_file(out.join(format!("{w}.{ext}"))).expect("remove a plot");
+        }
     }
     Vmm::new(["bench".as_ref(), "translation".as_ref(), "--replot".as_ref(), out.as_os_str()]).output().assert_success();
     for w in WORKLOADS {
         let svg = String::from_utf8(read(&format!("{w}.svg"))).expect("SVG is text");
         assert!(svg.starts_with("<svg") && svg.contains("anon guest 4k"), "{w}.svg redrawn");
+        let png = read(&format!("{w}.png"));
+        assert!(png.starts_with(PNG_MAGIC) && png.len() > 1000, "{w}.png redrawn");
     }
 }
