@@ -16,10 +16,15 @@ fn fmt_ns(v: f64) -> String {
     if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.1}") }
 }
 
+/// The CSV's columns before the KVM statistics (`warm_<stat>,timed_<stat>`
+/// per [`KEY_STATS`] entry) and the closing `reason`; `--replot` reads
+/// them back by position (`super::replot`).
+pub const LEADING_COLUMNS: [&str; 10] = ["workload", "ws_bytes", "leaf", "backing", "status", "median_ns", "min_ns", "max_ns", "reps", "ratio_to_native"];
+
 /// The cells as CSV.
 #[must_use]
 pub fn csv(r: &TranslationResults) -> String {
-    let mut s = String::from("workload,ws_bytes,leaf,backing,status,median_ns,min_ns,max_ns,reps,ratio_to_native");
+    let mut s = LEADING_COLUMNS.join(",");
     for k in KEY_STATS {
         let _ = write!(s, ",warm_{k},timed_{k}");
     }

@@ -17,8 +17,8 @@ use super::{Cell, CellStatus, Ns, TranslationResults};
 use crate::config::Backing;
 use crate::host::TranslationMode;
 
-/// Columns before the KVM statistics: workload .. ratio_to_native.
-const LEADING_COLUMNS: usize = 10;
+/// Columns before the KVM statistics.
+const LEADING_COLUMNS: usize = super::output::LEADING_COLUMNS.len();
 /// Columns before the reason.
 pub const FIXED_COLUMNS: usize = LEADING_COLUMNS + 2 * KEY_STATS.len();
 
