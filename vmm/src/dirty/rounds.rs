@@ -183,6 +183,16 @@ impl DirtyRounds {
         self.mappings.push(MappingSample { phase, stage, pages_4k: get("pages_4k"), pages_2m: get("pages_2m"), pages_1g: get("pages_1g") });
     }
 
+    /// Samples the mappings as `phase`, then switches logging on when the
+    /// workload logs at all.
+    fn start_logging(&mut self, phase: String, tracker: &mut DirtyTracker, vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<(), DirtyError> {
+        self.sample(phase, Stage::BeforeLogging);
+        if self.logging() {
+            tracker.start(vm, ram)?;
+        }
+        Ok(())
+    }
+
     /// Handles one workload event.
     ///
     /// # Errors
@@ -200,10 +210,7 @@ impl DirtyRounds {
                     self.buffer = Some((a >> 12, b));
                 }
                 if self.warmup() == 0 {
-                    self.sample("before logging".into(), Stage::BeforeLogging);
-                    if self.logging() {
-                        tracker.start(vm, ram)?;
-                    }
+                    self.start_logging("before logging".into(), tracker, vm, ram)?;
                 } else {
                     self.sample("before warm-up".into(), Stage::BeforeLogging);
                 }
@@ -219,10 +226,7 @@ impl DirtyRounds {
                         self.rounds.push(record);
                     }
                     if a.saturating_add(1) == self.warmup() {
-                        self.sample(format!("before logging (after {} warm-up rounds)", self.warmup()), Stage::BeforeLogging);
-                        if self.logging() {
-                            tracker.start(vm, ram)?;
-                        }
+                        self.start_logging(format!("before logging (after {} warm-up rounds)", self.warmup()), tracker, vm, ram)?;
                     }
                     return Ok(());
                 }
