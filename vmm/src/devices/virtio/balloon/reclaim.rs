@@ -8,6 +8,14 @@
 //! next time. Ranges are in RAM offsets (see [`super::pages`]) and are split
 //! at region boundaries; nothing outside guest RAM can be named.
 //!
+//! A lazily restored VM maps a snapshot image privately
+//! (`HostMapping::file_private`); `MADV_DONTNEED` there frees the guest's
+//! private copies, and a released page reads the image's bytes again rather
+//! than zeros. The balloon makes no promise about a page's contents once it
+//! is back with the guest (virtio 1.2 §5.5.6: only
+//! `VIRTIO_BALLOON_F_PAGE_POISON`, which memvisor does not offer, would
+//! constrain them), so both are correct.
+//!
 //! A released range changes the guest's memory without a guest write, so
 //! it is marked in the VMM-write bitmap (`dirty::vmm_writes`), as every
 //! device write is: dirty tracking then sees the page as changed.
@@ -86,11 +94,6 @@ pub fn release(ram: &GuestRam, start: u64, len: u64) -> Released {
 
 /// One call on one mapping: `[off, off + len)` lies inside it.
 fn release_in(mapping: &crate::memory::backing::HostMapping, off: u64, len: u64) -> std::io::Result<()> {
-    if mapping.from_image() {
-        // MADV_DONTNEED on a private file mapping would bring back the
-        // snapshot's bytes, not zeros.
-        return Err(std::io::Error::other("guest RAM maps a snapshot image privately; not released"));
-    }
     let (ioff, ilen) = (usize::try_from(off).map_err(std::io::Error::other)?, usize::try_from(len).map_err(std::io::Error::other)?);
     if ioff.checked_add(ilen).is_none_or(|e| e > mapping.size()) {
         return Err(std::io::Error::other("range outside the mapping"));
@@ -108,9 +111,13 @@ fn release_in(mapping: &crate::memory::backing::HostMapping, off: u64, len: u64)
             }
         }
         None => {
-            // SAFETY: the range is inside our private anonymous mapping
-            // (checked above); MADV_DONTNEED replaces its pages with zero
-            // pages on next touch. No Rust reference points into guest RAM.
+            // SAFETY: the range is inside our private mapping (checked
+            // above): anonymous, or a lazily restored snapshot image. No
+            // Rust reference points into guest RAM. MADV_DONTNEED drops the
+            // range's page-table entries: anonymous pages are freed and read
+            // zero on next touch; in an image mapping the guest's private
+            // copies are freed and the next touch reads the image's page
+            // again (clean page cache the host can drop at will).
             let rc = unsafe { libc::madvise(mapping.as_ptr().add(ioff).cast(), ilen, libc::MADV_DONTNEED) };
             if rc != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -163,6 +170,42 @@ mod tests {
         // SAFETY: reading our own mapping.
         let b = unsafe { *ram.regions()[0].mapping.as_ptr().add(4095) };
         assert_eq!(b, 0);
+    }
+
+    /// Whether each page of `[addr, addr + len)` is mapped in this
+    /// process (the pagemap present bit, Documentation/admin-guide/mm/pagemap.rst).
+    fn mapped_pages(addr: *const u8, len: usize) -> usize {
+        use std::os::unix::fs::FileExt;
+        let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+        let mut buf = vec![0u8; len / 4096 * 8];
+        pagemap.read_exact_at(&mut buf, addr as u64 / 4096 * 8).unwrap();
+        buf.chunks_exact(8).filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) & (1 << 63) != 0).count()
+    }
+
+    #[test]
+    fn image_release_frees_private_copies_and_reads_the_image_again() {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("memvisor-reclaim-image-{}", std::process::id()));
+        let mut image = std::fs::File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        image.write_all(&vec![0x77u8; 8 << 20]).unwrap();
+        let config = VmConfig { mem_size: 8 << 20, ..VmConfig::default() };
+        let ram = GuestRam::from_image(&config, &image).unwrap();
+        let m = &ram.regions()[0].mapping;
+        // SAFETY: writing our own private mapping (copies on write; the
+        // file is not changed).
+        unsafe { m.as_ptr().write_bytes(0x5a, m.size()) };
+        assert_eq!(mapped_pages(m.as_ptr(), m.size()), 2048);
+        let r = release(&ram, 1 << 20, 2 << 20);
+        assert_eq!((r.bytes, r.errors), (2 << 20, 0));
+        // SAFETY: the range lies inside the mapping.
+        let released = unsafe { m.as_ptr().add(1 << 20) };
+        assert_eq!(mapped_pages(released, 2 << 20), 0, "the guest's copies are gone");
+        assert_eq!(mapped_pages(m.as_ptr(), m.size()), 2048 - 512);
+        // SAFETY: reading our own mapping.
+        let (inside, outside) = unsafe { (*released, *m.as_ptr()) };
+        assert_eq!((inside, outside), (0x77, 0x5a), "released pages read the image, the rest the guest's writes");
+        assert!(crate::dirty::vmm_writes::take(&ram)[0].is_some(), "released pages count as VMM writes");
     }
 
     #[test]
