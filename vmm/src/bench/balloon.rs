@@ -51,6 +51,9 @@ pub struct BalloonArgs {
     /// A subset in well under a minute: 512M guests, 256M inflates, one run.
     #[arg(long)]
     pub quick: bool,
+    /// Only these backings (comma-separated: anon, memfd, hugetlb-2m).
+    #[arg(long, value_delimiter = ',', default_value = "anon,memfd,hugetlb-2m")]
+    pub backing: Vec<Backing>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -235,7 +238,11 @@ pub fn run(args: &BalloonArgs) -> Result<u32, BalloonBenchError> {
     let dir = std::env::temp_dir();
     let mut results = Vec::new();
     let mut skipped = Vec::new();
-    for backing in [Backing::Anon, Backing::Memfd, Backing::Hugetlb2M] {
+    for &backing in &args.backing {
+        if !matches!(backing, Backing::Anon | Backing::Memfd | Backing::Hugetlb2M) {
+            skipped.push(format!("{backing}: not measured by this bench (anon, memfd and hugetlb-2m are)"));
+            continue;
+        }
         if let Some(page) = backing.hugetlb_page_size() {
             // The raw mapping and the VM each need `mem` of pages.
             let (free, _) = crate::memory::hugetlb_available(page);
