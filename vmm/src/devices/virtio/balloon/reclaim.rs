@@ -84,13 +84,33 @@ pub fn release(ram: &GuestRam, start: u64, len: u64) -> Released {
     out
 }
 
-/// One call on one mapping: `[off, off + len)` lies inside it.
-fn release_in(mapping: &crate::memory::backing::HostMapping, off: u64, len: u64) -> std::io::Result<()> {
-    if mapping.from_image() {
-        // MADV_DONTNEED on a private file mapping would bring back the
-        // snapshot's bytes, not zeros.
-        return Err(std::io::Error::other("guest RAM maps a snapshot image privately; not released"));
+/// Marks `len` bytes of RAM from RAM offset `start` as changed by the VMM
+/// (parts beyond RAM are ignored): a deflated page that had been released
+/// reads as zeros, not as the copy a snapshot may hold, so the next diff
+/// must save it ([`super::state`]: snapshots skip released pages).
+pub fn mark_changed(ram: &GuestRam, start: u64, len: u64) {
+    let end = start.saturating_add(len);
+    let mut base = 0u64;
+    for (region, vm_region) in ram.regions().iter().zip(ram.memory().iter()) {
+        let size = region.range.size;
+        let (s, e) = (start.max(base), end.min(base + size));
+        if s < e {
+            let mapping: &MmapRegion<VmmWriteBitmap> = vm_region;
+            mapping.bitmap().mark_dirty((s - base) as usize, (e - s) as usize);
+        }
+        base += size;
     }
+}
+
+/// One call on one mapping: `[off, off + len)` lies inside it.
+///
+/// A lazily restored region maps the snapshot image privately; there
+/// `MADV_DONTNEED` drops the private copy, and the page reads the image's
+/// bytes again, not zeros, on its next touch. That is enough for the
+/// balloon: its pages are not the guest's to read, their contents after a
+/// deflate are undefined without `VIRTIO_BALLOON_F_PAGE_POISON` (virtio 1.2
+/// §5.5.6.1; not offered), and snapshots save what the page then holds.
+fn release_in(mapping: &crate::memory::backing::HostMapping, off: u64, len: u64) -> std::io::Result<()> {
     let (ioff, ilen) = (usize::try_from(off).map_err(std::io::Error::other)?, usize::try_from(len).map_err(std::io::Error::other)?);
     if ioff.checked_add(ilen).is_none_or(|e| e > mapping.size()) {
         return Err(std::io::Error::other("range outside the mapping"));
@@ -108,9 +128,11 @@ fn release_in(mapping: &crate::memory::backing::HostMapping, off: u64, len: u64)
             }
         }
         None => {
-            // SAFETY: the range is inside our private anonymous mapping
-            // (checked above); MADV_DONTNEED replaces its pages with zero
-            // pages on next touch. No Rust reference points into guest RAM.
+            // SAFETY: the range is inside our private mapping (checked
+            // above; anonymous, or a snapshot image mapped privately);
+            // MADV_DONTNEED drops its pages, which read as zeros (or the
+            // image's bytes) on next touch. No Rust reference points into
+            // guest RAM.
             let rc = unsafe { libc::madvise(mapping.as_ptr().add(ioff).cast(), ilen, libc::MADV_DONTNEED) };
             if rc != 0 {
                 return Err(std::io::Error::last_os_error());
