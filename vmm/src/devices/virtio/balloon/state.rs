@@ -99,7 +99,7 @@ pub enum BalloonStateError {
     #[error("accepted features {0:#x} include some the balloon does not offer")]
     Features(u64),
     /// A page run that is empty, out of order, overlapping or beyond RAM.
-    #[error("balloon page run {index} ({first:#x}, {count} pages) is empty, out of order, overlapping or beyond the {ram_pages} pages of guest RAM")]
+    #[error("balloon page run {index} (first page {first:#x}, {count} pages) {why}")]
     PageRun {
         /// Run index.
         index: usize,
@@ -107,8 +107,8 @@ pub enum BalloonStateError {
         first: u64,
         /// Pages.
         count: u64,
-        /// RAM pages.
-        ram_pages: u64,
+        /// What is wrong with it.
+        why: String,
     },
     /// A stats buffer without a stats queue, or beyond it.
     #[error("the held statistics buffer {head:?} is not inside a statistics queue")]
@@ -205,14 +205,21 @@ fn pages_from_runs(runs: &[(u64, u64)], ram_bytes: u64, host_page: u64) -> Resul
     let ram_pages = pages.ram_pages();
     let mut end = 0;
     for (index, &(first, count)) in runs.iter().enumerate() {
-        let bad = BalloonStateError::PageRun { index, first, count, ram_pages };
-        let run_end = first.checked_add(count).ok_or_else(|| bad.clone())?;
-        if count == 0 || first < end || run_end > ram_pages {
-            return Err(bad);
+        let bad = |why: String| BalloonStateError::PageRun { index, first, count, why };
+        let beyond = || bad(format!("ends beyond the {ram_pages} pages of guest RAM"));
+        let run_end = first.checked_add(count).ok_or_else(beyond)?;
+        if count == 0 {
+            return Err(bad("is empty".into()));
+        }
+        if first < end {
+            return Err(bad("overlaps or precedes the previous run".into()));
+        }
+        if run_end > ram_pages {
+            return Err(beyond());
         }
         // In order and disjoint, so nothing is a duplicate; inside RAM, so
         // nothing is refused. Releases are the caller's ([`restore`]).
-        pages.inflate_run(first, count, |_, _| {}).map_err(|_| bad)?;
+        pages.inflate_run(first, count, |_, _| {}).map_err(|_| beyond())?;
         end = run_end;
     }
     Ok(pages)
@@ -326,11 +333,11 @@ mod tests {
         check(&|s| s.acked = 1 << 40, "does not offer");
         // Pages beyond the 1024 of RAM, overlapping, out of order, empty,
         // overflowing.
-        check(&|s| s.pages.push((1020, 8)), "run 2");
-        check(&|s| s.pages.push((605, 1)), "run 2");
-        check(&|s| s.pages.insert(0, (700, 1)), "run 1");
-        check(&|s| s.pages.push((900, 0)), "run 2");
-        check(&|s| s.pages.push((u64::MAX, 2)), "run 2");
+        check(&|s| s.pages.push((1020, 8)), "run 2 (first page 0x3fc, 8 pages) ends beyond the 1024 pages");
+        check(&|s| s.pages.push((605, 1)), "run 2 (first page 0x25d, 1 pages) overlaps or precedes");
+        check(&|s| s.pages.insert(0, (700, 1)), "run 1 (first page 0x8, 256 pages) overlaps or precedes");
+        check(&|s| s.pages.push((900, 0)), "run 2 (first page 0x384, 0 pages) is empty");
+        check(&|s| s.pages.push((u64::MAX, 2)), "run 2 (first page 0xffffffffffffffff, 2 pages) ends beyond");
     }
 
     #[test]
