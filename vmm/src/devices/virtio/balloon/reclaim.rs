@@ -188,6 +188,25 @@ mod tests {
     }
 
     #[test]
+    fn a_lazily_mapped_image_releases_its_private_copies() {
+        let path = std::env::temp_dir().join(format!("memvisor-reclaim-image-{}", std::process::id()));
+        std::fs::write(&path, vec![0x5au8; 8 << 20]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let config = VmConfig { mem_size: 8 << 20, ..VmConfig::default() };
+        let ram = GuestRam::from_image(&config, &file).unwrap();
+        let m = &ram.regions()[0].mapping;
+        // SAFETY: writing our own fresh private mapping (copies on write).
+        unsafe { m.as_ptr().write_bytes(0x11, m.size()) };
+        let r = release(&ram, 2 << 20, 4 << 20);
+        assert_eq!((r.bytes, r.errors), (4 << 20, 0));
+        // (mincore would count the image's page cache, not the copies.)
+        // SAFETY: reading our own mapping.
+        let (kept, released) = unsafe { (*m.as_ptr().add(1 << 20), *m.as_ptr().add(3 << 20)) };
+        assert_eq!((kept, released), (0x11, 0x5a), "the private copy is gone: a released page reads the image again");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
     fn ranges_beyond_ram_are_cut() {
         let ram = filled(Backing::Anon);
         assert_eq!(release(&ram, 6 << 20, 100 << 20).bytes, 2 << 20);
