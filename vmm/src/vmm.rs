@@ -407,7 +407,9 @@ fn restore_balloon(
         (false, None) => return Ok(None),
         (true, Some(saved)) => saved,
         (true, None) => {
-            return Err(SnapshotError::Corrupt("the configuration has a balloon but the snapshot holds no balloon state (a format this build cannot restore it from)".into()).into());
+            // Builds before balloon state was saved refused such snapshots,
+            // so this is damage, not an old format.
+            return Err(SnapshotError::Corrupt("the configuration has a balloon but the snapshot holds no balloon state".into()).into());
         }
         (false, Some(_)) => return Err(SnapshotError::Corrupt("the snapshot holds balloon state but its configuration has no balloon".into()).into()),
     };
