@@ -4,6 +4,8 @@
 //! exit, and no file changed.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod balloon_util;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -480,4 +482,179 @@ fn pages_the_guest_rewrites_between_a_diffs_two_stops_are_saved_as_of_the_second
             }
         }
     }
+}
+
+/// Bytes of `path` allocated on disk (a sparse file's holes take none).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// The balloon's sizes of a `balloon get` answer: (target, actual, in
+/// balloon, reclaimed, pending).
+fn balloon_sizes(b: &serde_json::Value) -> [u64; 5] {
+    ["target_bytes", "actual_bytes", "balloon_bytes", "reclaimed_bytes", "pending_bytes"].map(|k| b[k].as_u64().unwrap_or(u64::MAX))
+}
+
+/// Deflates a restored VM to 0, lets the guest's driver write and verify
+/// every page it got back (the workload's one round then ends), and checks
+/// that `expected` bytes were verified, all of them good, and that the
+/// guest, which sleeps until the balloon interrupts it (`irq=1`), was woken
+/// through the restored irqfd.
+fn deflate_and_verify(mut b: balloon_util::BalloonVm, expected: u64, what: &str) {
+    b.set_and_wait(0);
+    let report = b.finish().json();
+    let verified = balloon_util::events(&report, "BalloonVerified");
+    let (sum, good) = verified.iter().fold((0, 0), |(s, g), (a, b)| (s + a, g + b));
+    assert_eq!((sum, good), (expected, expected), "{what}: every returned page written and read back by the guest: {verified:?}");
+    let injections = report["kvm_stats"]["vcpus"][0]["irq_injections"].as_u64().unwrap_or(0);
+    assert!(injections >= 1, "{what}: the restored guest was interrupted by the balloon ({injections} injections)");
+}
+
+/// A balloon inflated to 256 MiB of a 512 MiB guest that touched all its
+/// RAM: full snapshot; the balloon grows to 320 MiB: diff. Each restores by
+/// copy and lazily with the balloon as it was, the reclaimed memory not in
+/// the restored VMM, and a deflate whose pages the guest writes and
+/// verifies (the driver sleeps until interrupted: `irq=1`).
+#[test]
+fn a_ballooned_guest_restores_with_its_balloon_and_its_holes() {
+    use balloon_util::{BalloonVm, MIB};
+    let dir = TempDir::new("snap-balloon");
+    let mut b = BalloonVm::start("snap-balloon-vm", &["--mem", "512M", "--balloon", "0", "--workload", "balloon:rounds=1,irq=1"]);
+    let full = dir.path().join("full");
+    let diff = dir.path().join("diff");
+    let at_full = b.set_and_wait(256 * MIB);
+    assert_eq!(balloon_sizes(&at_full), [256 * MIB, 256 * MIB, 256 * MIB, 256 * MIB, 0], "{at_full}");
+    let r = ctl(&b.socket, &["snapshot", "--full", full.to_str().unwrap()]);
+    assert_eq!(r["ok"], true, "{r}");
+    // The 256 MiB the guest gave back are holes in the image.
+    let image = allocated(&full.join("memory.bin"));
+    assert!(image < (512 - 256 + 16) * MIB, "the ballooned pages are not saved: {} MiB allocated", image / MIB);
+    let at_diff = b.set_and_wait(320 * MIB);
+    let r = ctl(&b.socket, &["snapshot", "--diff", diff.to_str().unwrap()]);
+    // The 64 MiB ballooned since are released (VMM writes) but not saved.
+    let saved = r["data"]["memory_bytes"].as_u64().unwrap();
+    assert!(saved < 16 * MIB, "the diff skips the newly ballooned pages: {saved} bytes saved; {r}");
+    assert_eq!(ctl(&b.socket, &["shutdown"])["ok"], true);
+    b.vm.wait(Duration::from_secs(60)).assert_success();
+
+    for (snap, state, held) in [(&full, &at_full, 256 * MIB), (&diff, &at_diff, 320 * MIB)] {
+        for mode in ["copy", "lazy"] {
+            let what = format!("{mode} restore of {}", snap.display());
+            let mut r = BalloonVm::restore("snap-balloon-restored", snap, &["--restore-mode", mode]);
+            let got = r.get();
+            assert_eq!(balloon_sizes(&got), [held, held, held, held, 0], "{what}: the balloon is as it was: {got}");
+            assert_eq!(got["features"], state["features"], "{what}: {got}");
+            assert_eq!(got["metrics"]["inflated_pages"], state["metrics"]["inflated_pages"], "{what}: the metrics came back: {got}");
+            let resident = r.resident();
+            eprintln!("{what}: resident {} MiB with {} MiB in the balloon", resident / MIB, held / MIB);
+            assert!(resident + held <= (512 + 24) * MIB, "{what}: the reclaimed memory stays with the host: {} MiB resident", resident / MIB);
+            deflate_and_verify(r, held, &what);
+        }
+    }
+}
+
+/// hugetlb-2m: a host page half in the balloon (1 MiB pending) survives a
+/// snapshot; restored, the rest of it arrives and the host page is
+/// released.
+#[test]
+fn pending_pieces_of_a_huge_host_page_survive_a_snapshot() {
+    use balloon_util::{BalloonVm, MIB};
+    use memvisor_tests::hugetlb::{PageSize, Reservation};
+    // 128 pages for the guest, one VM at a time.
+    let _pool = Reservation::reserve(PageSize::M2, 136).unwrap_or_else(|e| panic!("{e}"));
+    let dir = TempDir::new("snap-pending");
+    let snap = dir.path().join("full");
+    let mut b = BalloonVm::start("snap-pending-vm", &["--mem", "256M", "--backing", "hugetlb-2m", "--balloon", "0", "--workload", "balloon:rounds=1,irq=1"]);
+    b.set_and_wait(4 * MIB);
+    // As in balloon.rs: the driver deflates the first 1 MiB of its 4 MiB
+    // block, leaving half of a host page in the balloon.
+    let s = b.set_and_wait(3 * MIB);
+    assert_eq!(balloon_sizes(&s), [3 * MIB, 3 * MIB, 3 * MIB, 2 * MIB, MIB], "{s}");
+    assert_eq!(ctl(&b.socket, &["snapshot", "--full", snap.to_str().unwrap()])["ok"], true);
+    assert_eq!(ctl(&b.socket, &["shutdown"])["ok"], true);
+    b.vm.wait(Duration::from_secs(60)).assert_success();
+
+    let mut r = BalloonVm::restore("snap-pending-restored", &snap, &[]);
+    let got = r.get();
+    assert_eq!(balloon_sizes(&got), [3 * MIB, 3 * MIB, 3 * MIB, 2 * MIB, MIB], "the pending half came back pending: {got}");
+    assert_eq!(got["host_page_bytes"].as_u64(), Some(2 * MIB));
+    assert_eq!(got["metrics"]["partial_host_page_pieces"], s["metrics"]["partial_host_page_pieces"]);
+    let hugetlb = |b: &BalloonVm| {
+        let text = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", b.vm.pid())).unwrap();
+        text.lines().filter(|l| l.contains("_Hugetlb:")).filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).sum::<u64>() * 1024
+    };
+    let before = hugetlb(&r);
+    assert!(before <= 254 * MIB, "the released host page is not in the restored VMM: {} MiB of huge pages", before / MIB);
+    // The rest of the host page arrives: released now.
+    let s = r.set_and_wait(4 * MIB);
+    assert_eq!(balloon_sizes(&s), [4 * MIB, 4 * MIB, 4 * MIB, 4 * MIB, 0], "the host page is complete: {s}");
+    let after = hugetlb(&r);
+    assert_eq!(before.saturating_sub(after), 2 * MIB, "the completed host page was released ({before} -> {after})");
+    deflate_and_verify(r, 4 * MIB, "the restored hugetlb guest");
+}
+
+/// Rewrites a snapshot's state.json through `f` and fixes the manifest's
+/// checksum of it, so that only the balloon's own checks can refuse it.
+fn edit_state(snap: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let state_path = snap.join("state.json");
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    f(&mut state);
+    let bytes = serde_json::to_vec(&state).unwrap();
+    std::fs::write(&state_path, &bytes).unwrap();
+    let manifest_path = snap.join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    manifest["state_crc32"] = serde_json::json!(crc32fast::hash(&bytes));
+    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+}
+
+/// A balloon record that is inconsistent, truncated or missing is refused
+/// with one clear line and a nonzero exit, in both restore modes, and no
+/// file is changed by the attempt.
+#[test]
+fn a_corrupted_balloon_record_is_refused() {
+    use balloon_util::{BalloonVm, MIB};
+    let dir = TempDir::new("snap-balloon-bad");
+    let snap = dir.path().join("full");
+    let mut b = BalloonVm::start("snap-balloon-bad-vm", &["--mem", "128M", "--balloon", "0", "--workload", "balloon:rounds=1"]);
+    b.set_and_wait(16 * MIB);
+    assert_eq!(ctl(&b.socket, &["snapshot", "--full", snap.to_str().unwrap()])["ok"], true);
+    assert_eq!(ctl(&b.socket, &["shutdown"])["ok"], true);
+    b.vm.wait(Duration::from_secs(60)).assert_success();
+    let (state, manifest) = (std::fs::read(snap.join("state.json")).unwrap(), std::fs::read(snap.join("manifest.json")).unwrap());
+    let put_back = || {
+        std::fs::write(snap.join("state.json"), &state).unwrap();
+        std::fs::write(snap.join("manifest.json"), &manifest).unwrap();
+    };
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(Edit, &[&str]); 7] = [
+        (|s| s["devices"]["balloon"]["transport"]["queues"][0]["size"] = 100.into(), &["balloon's saved state is invalid", "queue 0's size 100 is not a power of two"]),
+        (|s| s["devices"]["balloon"]["transport"]["queues"][1]["used_ring"] = (1u64 << 40).into(), &["queue 1 is ready but its rings are not inside guest RAM"]),
+        // Pending pieces for pages beyond the 32768 of 128 MiB.
+        (|s| s["devices"]["balloon"]["device"]["pages"].as_array_mut().unwrap().push(serde_json::json!([40000, 8])), &["beyond the 32768 pages of guest RAM"]),
+        (|s| s["devices"]["balloon"]["device"]["version"] = 7.into(), &["balloon state version 7 is not supported"]),
+        (|s| s["devices"]["balloon"]["transport"]["status"] = 0x44.into(), &["device status 0x44"]),
+        // Truncated: a field gone.
+        (|s| _ = s["devices"]["balloon"]["device"].as_object_mut().unwrap().remove("pages"), &["state.json", "missing field `pages`"]),
+        // Gone altogether, as from a build that did not save it.
+        (|s| _ = s["devices"].as_object_mut().unwrap().remove("balloon"), &["holds no balloon state"]),
+    ];
+    for (edit, needles) in cases {
+        edit_state(&snap, edit);
+        for mode in ["copy", "lazy"] {
+            assert_refused(&dir, &snap, &["--restore-mode", mode], needles);
+        }
+        put_back();
+    }
+    // Untouched, it restores (and the guest's round ends once deflated).
+    let r = BalloonVm::restore("snap-balloon-bad-ok", &snap, &[]);
+    deflate_and_verify_polling(r, 16 * MIB);
+}
+
+/// As [`deflate_and_verify`], for a driver that polls (no interrupt check).
+fn deflate_and_verify_polling(mut b: balloon_util::BalloonVm, expected: u64) {
+    b.set_and_wait(0);
+    let report = b.finish().json();
+    let verified = balloon_util::events(&report, "BalloonVerified");
+    assert_eq!(verified.iter().map(|v| v.1).sum::<u64>(), expected, "{verified:?}");
 }

@@ -326,14 +326,6 @@ impl Machine {
         &mut self,
         f: impl FnOnce(&crate::snapshot::Live<'_>, &mut DirtyTracker, &mut SnapshotChain) -> Result<T, crate::snapshot::SnapshotError>,
     ) -> Result<T, crate::snapshot::SnapshotError> {
-        if self.devices.balloon.is_some() {
-            // The in-kernel irqchip and LAPIC state are saved, but not the
-            // virtio balloon's own (its queues, negotiated features and the
-            // pages it holds); a restore would lose it.
-            return Err(crate::snapshot::SnapshotError::Unsupported(
-                "snapshots of a VM with a balloon device are not supported yet: the virtio balloon's device state is not saved".into(),
-            ));
-        }
         let swapped = self.devices.swap.slots_used();
         if swapped > 0 && self.guest_idle.is_none() {
             // The swap store is host memory outside guest RAM and is not
@@ -354,6 +346,7 @@ impl Machine {
             devices: self.devices.state(),
             guest_idle: self.guest_idle,
             irqchip: self.vm.has_irqchip(),
+            skip: self.devices.balloon.as_ref().map(|b| b.device.released_ram_ranges()).unwrap_or_default(),
         };
         f(&live, tracker, &mut self.chain)
     }

@@ -202,8 +202,8 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     let vm = Vm::new(kvm, ram)?;
     timeline::mark("create VM + memslots");
     // The irqchip must exist before the vCPU; only VMs with a virtio
-    // device get one (snapshots save its state and the LAPIC's, but such
-    // VMs are refused for the balloon's own state: Machine::capture_snapshot).
+    // device get one (snapshots save its state and the LAPIC's, and the
+    // balloon's own: devices::virtio::balloon::state).
     let balloon = match config.balloon {
         Some(target) => {
             vm.create_irqchip()?;
@@ -347,6 +347,8 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     for link in &chain.links[skip..] {
         memory_file::apply(&ram, &link.memory, &link.manifest.chunks)?;
     }
+    // Checked before any VM exists; releases the balloon's holes in `ram`.
+    let balloon = restore_balloon(&config, &chain.state, &ram)?;
     // Writes made while restoring are not guest activity.
     let _ = crate::dirty::vmm_writes::take(&ram);
     let vm = Vm::new(kvm, ram)?;
@@ -364,7 +366,13 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
         chips.restore(vm.fd())?;
     }
     chain.state.vcpus[0].restore(&vcpu)?;
-    let devices = Devices::from_state(&chain.state.devices, options.console).map_err(snapshot::SnapshotError::Corrupt)?;
+    let mut devices = Devices::from_state(&chain.state.devices, options.console).map_err(snapshot::SnapshotError::Corrupt)?;
+    if let Some(mut b) = balloon {
+        // The same wiring as at boot: an irqfd on the balloon's GSI of the
+        // restored IOAPIC, whose routing the guest programmed (or not).
+        b.set_irqfd(Some(vm.irqfd(memvisor_abi::virtio::BALLOON_GSI)?));
+        devices.balloon = Some(b);
+    }
     let mut snapshots = SnapshotChain::default();
     if let Some(t) = tracker.as_mut() {
         // Diffs taken from here on apply on top of the restored snapshot.
@@ -384,4 +392,30 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     let translation = crate::translate::ready::RunTranslation::default();
     let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds, verifier, translation };
     machine.drive(options.control)
+}
+
+/// The balloon of a snapshot, checked against its configuration and built
+/// over the restored `ram` (without its irqfd, which needs the VM); `None`
+/// for a VM without one.
+fn restore_balloon(
+    config: &VmConfig,
+    state: &crate::snapshot::SavedState,
+    ram: &GuestRam,
+) -> Result<Option<crate::devices::virtio::mmio::MmioTransport<crate::devices::virtio::balloon::Balloon>>, VmmError> {
+    use crate::snapshot::SnapshotError;
+    let saved = match (config.balloon.is_some(), &state.devices.balloon) {
+        (false, None) => return Ok(None),
+        (true, Some(saved)) => saved,
+        (true, None) => {
+            // Builds before balloon state was saved refused such snapshots,
+            // so this is damage, not an old format.
+            return Err(SnapshotError::Corrupt("the configuration has a balloon but the snapshot holds no balloon state".into()).into());
+        }
+        (false, Some(_)) => return Err(SnapshotError::Corrupt("the snapshot holds balloon state but its configuration has no balloon".into()).into()),
+    };
+    if state.irqchip.is_none() {
+        return Err(SnapshotError::Corrupt("a VM with a balloon has an in-kernel irqchip, but the snapshot holds no irqchip state".into()).into());
+    }
+    let t = crate::devices::virtio::balloon::state::restore(saved, ram, memvisor_abi::virtio::BALLOON_MMIO_BASE, None).map_err(SnapshotError::from)?;
+    Ok(Some(t))
 }

@@ -49,6 +49,21 @@ impl BalloonVm {
         me
     }
 
+    /// Starts `vmm restore --json SNAPSHOT --api-socket ... extra...` and
+    /// waits until the restored balloon answers `balloon get`.
+    pub fn restore(tag: &str, snapshot: &Path, extra: &[&str]) -> Self {
+        let dir = TempDir::new(tag);
+        let socket = dir.path().join("api.sock");
+        let mut v = Vmm::new(["restore", "--json"]).arg(snapshot).arg("--api-socket").arg(&socket);
+        for a in extra {
+            v = v.arg(a);
+        }
+        let vm = v.timeout(Duration::from_secs(300)).spawn();
+        let mut me = BalloonVm { vm, socket, _dir: dir };
+        me.wait_for("the restored VM to answer", Duration::from_secs(120), |_| true);
+        me
+    }
+
     /// `balloon get`'s data.
     pub fn get(&mut self) -> Value {
         let r = ctl(&self.socket, &["balloon", "get"]);

@@ -48,6 +48,11 @@ pub struct UnhandledStats {
 pub struct DevicesState {
     /// COM1.
     pub uart: serial::UartState,
+    /// The virtio balloon and its transport, when the VM has one. Absent
+    /// in snapshots of VMs without one, which is every snapshot written
+    /// before balloon state was saved (such VMs were refused then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<virtio::balloon::state::SavedBalloon>,
 }
 
 /// The devices of one VM.
@@ -83,6 +88,9 @@ impl Devices {
     }
 
     /// Devices restored from a snapshot, the console writing to `console`.
+    /// The balloon, if any, is restored separately
+    /// ([`virtio::balloon::state::restore`]: it needs guest RAM and an
+    /// irqfd) and put in [`Devices::balloon`].
     ///
     /// # Errors
     /// A message when the saved state is invalid.
@@ -95,7 +103,7 @@ impl Devices {
     /// The devices' state, for a snapshot.
     #[must_use]
     pub fn state(&self) -> DevicesState {
-        DevicesState { uart: self.serial.state() }
+        DevicesState { uart: self.serial.state(), balloon: self.balloon.as_ref().map(virtio::balloon::state::save) }
     }
 
     /// A port write.

@@ -195,7 +195,7 @@ pub fn begin(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotCh
     let parent = check_chain(tracker, chain)?;
     let dir = absolute(dir)?;
     let (_, harvest_us) = harvest_pending(live, tracker, chain)?;
-    let runs = memory_file::ranges_to_runs(live.ram, &chain.pending);
+    let runs = memory_file::subtract(&memory_file::ranges_to_runs(live.ram, &chain.pending), &live.skip);
     let sources = runs
         .iter()
         .map(|&(off, len)| live.ram.host_range(off, len).map(|p| p as usize))
@@ -229,7 +229,7 @@ pub fn finish(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotC
         return Err(SnapshotError::LogInterrupted);
     }
     let (d2, harvest_us) = harvest_pending(live, tracker, chain)?;
-    let d2_runs = memory_file::ranges_to_runs(live.ram, d2.all());
+    let d2_runs = memory_file::subtract(&memory_file::ranges_to_runs(live.ram, d2.all()), &live.skip);
     let (_, d2_buf) = memory_file::copy_out(live.ram, &d2_runs, chain.spare_late.take().unwrap_or_default())?;
     let precopied_bytes = pre.bytes();
     let state = super::save_state(live)?;
@@ -482,7 +482,7 @@ mod tests {
         fn parts(&mut self) -> (Live<'_>, &mut DirtyTracker, &mut SnapshotChain) {
             let w = &mut self.w;
             let devices = crate::devices::Devices::new(Box::new(std::io::sink())).state();
-            let live = Live { kvm: w.vm.kvm(), vm_fd: w.vm.fd(), vcpu: &w.vcpu, ram: w.vm.ram(), config: &self.config, devices, guest_idle: None, irqchip: w.vm.has_irqchip() };
+            let live = Live { kvm: w.vm.kvm(), vm_fd: w.vm.fd(), vcpu: &w.vcpu, ram: w.vm.ram(), config: &self.config, devices, guest_idle: None, irqchip: w.vm.has_irqchip(), skip: Vec::new() };
             (live, &mut w.tracker, &mut self.chain)
         }
 

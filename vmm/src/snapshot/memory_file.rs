@@ -132,6 +132,39 @@ pub fn ranges_to_runs(ram: &GuestRam, ranges: &[PageRange]) -> Vec<(u64, u64)> {
     runs
 }
 
+/// `runs` without the bytes of `holes`: both are ascending, disjoint
+/// `(RAM offset, length)` runs; a run cut by a hole becomes the pieces on
+/// either side (so no result crosses a region boundary a run did not).
+#[must_use]
+pub fn subtract(runs: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    if holes.is_empty() {
+        return runs.to_vec();
+    }
+    let mut out = Vec::with_capacity(runs.len());
+    let mut h = 0;
+    for &(start, len) in runs {
+        let end = start + len;
+        let mut at = start;
+        // Holes wholly before this run cannot cut it or any later one.
+        while h < holes.len() && holes[h].0 + holes[h].1 <= at {
+            h += 1;
+        }
+        let mut i = h;
+        while at < end && i < holes.len() && holes[i].0 < end {
+            let (hs, he) = (holes[i].0, holes[i].0 + holes[i].1);
+            if hs > at {
+                out.push((at, hs - at));
+            }
+            at = at.max(he);
+            i += 1;
+        }
+        if at < end {
+            out.push((at, end - at));
+        }
+    }
+    out
+}
+
 /// Guest RAM bytes of a chunk.
 fn chunk_bytes<'a>(ram: &'a GuestRam, c: &Chunk) -> Result<&'a [u8], SnapshotError> {
     let ptr = ram.host_range(c.ram_offset, c.len).ok_or_else(|| SnapshotError::Corrupt(format!("chunk at RAM offset {:#x} is outside guest RAM", c.ram_offset)))?;
@@ -241,4 +274,23 @@ pub fn verify(file: &File, chunks: &[Chunk]) -> Result<(), SnapshotError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subtract_cuts_holes_out_of_runs() {
+        let p = PAGE;
+        // A hole inside a run, one over a run's end and the next's start,
+        // one covering a run, and one beyond everything.
+        let runs = [(0, 10 * p), (20 * p, 5 * p), (30 * p, 2 * p), (40 * p, 4 * p)];
+        let holes = [(2 * p, 3 * p), (8 * p, 14 * p), (30 * p, 2 * p), (100 * p, p)];
+        assert_eq!(subtract(&runs, &holes), [(0, 2 * p), (5 * p, 3 * p), (22 * p, 3 * p), (40 * p, 4 * p)]);
+        assert_eq!(subtract(&runs, &[]), runs);
+        assert_eq!(subtract(&[], &holes), []);
+        // A hole spanning several runs removes them all.
+        assert_eq!(subtract(&runs, &[(0, 50 * p)]), []);
+    }
 }

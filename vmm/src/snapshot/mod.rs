@@ -86,6 +86,9 @@ pub enum SnapshotError {
     /// The VM has something snapshots cannot save yet.
     #[error("{0}")]
     Unsupported(String),
+    /// The balloon's saved state does not fit together or with the VM.
+    #[error("snapshot is corrupted: the balloon's saved state is invalid")]
+    BalloonState(#[from] crate::devices::virtio::balloon::state::BalloonStateError),
     /// Dirty tracking failed.
     #[error(transparent)]
     Dirty(#[from] DirtyError),
@@ -181,6 +184,11 @@ pub struct Live<'a> {
     /// Whether the VM has an in-kernel irqchip (its state and the LAPIC's
     /// are saved then).
     pub irqchip: bool,
+    /// RAM byte ranges `(offset, length)`, ascending, that hold nothing to
+    /// save: the host pages a balloon has released. Reading them to save
+    /// them would fault them back in (a hugetlbfs hole takes a huge page
+    /// from the pool); a restore releases them again.
+    pub skip: Vec<(u64, u64)>,
 }
 
 /// What a snapshot captured while the vCPU was stopped, still to be made
@@ -276,7 +284,7 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
     // changes after this snapshot (and nothing harvested before it is
     // pending any more: this snapshot holds all of memory).
     let written = tracker.start(live.vm_fd, live.ram).map_err(SnapshotError::from).and_then(|()| {
-        let runs = memory_file::pages_to_save(live.ram)?;
+        let runs = memory_file::subtract(&memory_file::pages_to_save(live.ram)?, &live.skip);
         let mem_path = tmp.join(format::MEMORY_FILE);
         let mem = File::create(&mem_path).map_err(io(format!("creating {}", mem_path.display())))?;
         let chunks = memory_file::write(live.ram, &mem, &runs, false)?;

@@ -24,6 +24,9 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn features(&self) -> u64;
     /// The driver accepted `features` (a subset of [`Self::features`]).
     fn ack_features(&mut self, features: u64);
+    /// The features accepted so far (0 before `FEATURES_OK` and after a
+    /// reset).
+    fn acked_features(&self) -> u64;
     /// Largest size of each queue that exists with the acknowledged
     /// features, in queue-index order.
     fn queue_max_sizes(&self) -> Vec<u16>;

@@ -33,7 +33,7 @@ const PFN_CHUNK: usize = 4096;
 
 /// What a queue is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub(super) enum Role {
     Inflate,
     Deflate,
     Stats,
@@ -66,26 +66,26 @@ pub struct BalloonInfo {
 /// The balloon device.
 #[derive(Debug)]
 pub struct Balloon {
-    acked: u64,
-    target_pages: u32,
-    actual_pages: u32,
-    pages: BalloonPages,
-    ram_bytes: u64,
-    host_page: u64,
+    pub(super) acked: u64,
+    pub(super) target_pages: u32,
+    pub(super) actual_pages: u32,
+    pub(super) pages: BalloonPages,
+    pub(super) ram_bytes: u64,
+    pub(super) host_page: u64,
     /// Metrics (read by the transport's owner).
     pub metrics: BalloonMetrics,
-    stats: Option<GuestStats>,
+    pub(super) stats: Option<GuestStats>,
     /// The stats buffer the device holds until it wants fresh numbers.
-    stats_head: Option<u16>,
-    stats_requested: bool,
-    driver_ok: bool,
+    pub(super) stats_head: Option<u16>,
+    pub(super) stats_requested: bool,
+    pub(super) driver_ok: bool,
     /// When the target last changed, and which milestones since were timed.
-    clock: Option<TargetClock>,
+    pub(super) clock: Option<TargetClock>,
 }
 
 /// Times from a target change to what followed it (the benchmark's clock).
 #[derive(Debug, Clone, Copy)]
-struct TargetClock {
+pub(super) struct TargetClock {
     at: std::time::Instant,
     inflate_seen: bool,
     reclaimed: bool,
@@ -165,7 +165,7 @@ impl Balloon {
         true
     }
 
-    fn roles(&self) -> Vec<Role> {
+    pub(super) fn roles(&self) -> Vec<Role> {
         let mut r = vec![Role::Inflate, Role::Deflate];
         if self.acked & F_STATS_VQ != 0 {
             r.push(Role::Stats);
@@ -302,18 +302,28 @@ impl Balloon {
             m.deflated_pages = m.deflated_pages.saturating_add(taken);
             m.deflate_not_in_balloon = m.deflate_not_in_balloon.saturating_add(asked - taken);
         };
+        // A deflated page may have been released, and snapshots skip
+        // released pages: marking it changed puts it in the next diff.
         self.for_each_run(descs, ram.memory(), |b, pfn, n| {
             if let Some((page, n)) = Self::ram_run(pfn, n, ram)
                 && let Ok(taken) = b.pages.deflate_run(page, n)
             {
                 count(&mut b.metrics, n, taken);
+                if taken > 0 {
+                    reclaim::mark_changed(ram, page * PAGE, n * PAGE);
+                }
                 return;
             }
             // As for inflate: page by page.
             for pfn in (0..n).filter_map(|i| pfn.checked_add(i)) {
                 let Some(page) = b.ram_page(pfn, ram) else { continue };
                 match b.pages.deflate_run(page, 1) {
-                    Ok(taken) => count(&mut b.metrics, 1, taken),
+                    Ok(taken) => {
+                        count(&mut b.metrics, 1, taken);
+                        if taken > 0 {
+                            reclaim::mark_changed(ram, page * PAGE, PAGE);
+                        }
+                    }
                     Err(_) => bump(&mut b.metrics.deflate_not_in_balloon),
                 }
             }
@@ -373,6 +383,10 @@ impl VirtioDevice for Balloon {
 
     fn ack_features(&mut self, features: u64) {
         self.acked = features & self.features();
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {

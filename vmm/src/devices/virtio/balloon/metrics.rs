@@ -5,10 +5,10 @@
 //! show it. Counters only grow (saturating); the `last_target_to_*` timings
 //! start again from 0 at each target change.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Device metrics.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalloonMetrics {
     /// PFNs accepted into the balloon.
     pub inflated_pages: u64,

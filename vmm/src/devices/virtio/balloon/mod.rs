@@ -12,6 +12,7 @@ pub mod device;
 pub mod metrics;
 pub mod pages;
 pub mod reclaim;
+pub mod state;
 pub mod stats;
 
 pub use device::{Balloon, BalloonInfo};

@@ -255,6 +255,64 @@ impl BalloonPages {
     pub fn pieces_per_host_page(&self) -> u64 {
         self.pieces_per_host_page
     }
+
+    /// Pages of RAM this set covers.
+    #[must_use]
+    pub fn ram_pages(&self) -> u64 {
+        self.ram_pages
+    }
+
+    /// The pages in the balloon as ascending, disjoint, non-adjacent runs
+    /// `(first page, count)`: what a snapshot saves. Whole zero and
+    /// all-ones words are skipped or taken at once, so a balloon of large
+    /// blocks costs one step per 64 pages.
+    #[must_use]
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut add = |first: u64, count: u64| match out.last_mut() {
+            Some((f, c)) if *f + *c == first => *c += count,
+            _ => out.push((first, count)),
+        };
+        for (w, &word) in self.bits.iter().enumerate() {
+            let base = w as u64 * 64;
+            if word == u64::MAX {
+                add(base, 64);
+                continue;
+            }
+            let mut bits = word;
+            while bits != 0 {
+                let lo = u64::from(bits.trailing_zeros());
+                let len = u64::from((bits >> lo).trailing_ones());
+                add(base + lo, len);
+                bits &= if lo + len == 64 { 0 } else { !0u64 << (lo + len) };
+            }
+        }
+        out
+    }
+
+    /// The host pages whose every piece is in the balloon (the released
+    /// ones), as ascending runs `(first host page, count)` in host-page
+    /// units: what a snapshot need not save and a restore releases again.
+    #[must_use]
+    pub fn released_host_runs(&self) -> Vec<(u64, u64)> {
+        if self.counts.is_empty() {
+            return self.runs();
+        }
+        let per = self.pieces_per_host_page;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (host, &c) in self.counts.iter().enumerate() {
+            let host = host as u64;
+            let existing = per.min(self.ram_pages - host * per);
+            if c == 0 || u64::from(c) != existing {
+                continue;
+            }
+            match out.last_mut() {
+                Some((f, n)) if *f + *n == host => *n += 1,
+                _ => out.push((host, 1)),
+            }
+        }
+        out
+    }
 }
 
 /// Sorts `(first, count)` runs and merges neighbours and overlaps, so
@@ -350,6 +408,26 @@ mod tests {
         }
         assert_eq!(b.inflate(767), Ok(Inflated::Release(1)));
         assert_eq!(b.released_pages(), 256);
+    }
+
+    #[test]
+    fn runs_and_released_host_runs_describe_the_set() {
+        let mut b = BalloonPages::new(8 << 20, 2 << 20);
+        // One whole host page (512..1024), 3 pieces of another, and two
+        // neighbouring runs across a bitmap word that come out as one.
+        b.inflate_run(512, 512, |_, _| {}).unwrap();
+        b.inflate_run(1030, 3, |_, _| {}).unwrap();
+        b.inflate_run(1100, 28, |_, _| {}).unwrap();
+        b.inflate_run(1128, 40, |_, _| {}).unwrap();
+        assert_eq!(b.runs(), [(512, 512), (1030, 3), (1100, 68)]);
+        assert_eq!(b.released_host_runs(), [(1, 1)]);
+        // 4 KiB host pages: every page is released.
+        let mut small = BalloonPages::new(1 << 20, PAGE);
+        small.inflate_run(0, 64, |_, _| {}).unwrap();
+        small.inflate_run(64, 1, |_, _| {}).unwrap();
+        small.inflate_run(255, 1, |_, _| {}).unwrap();
+        assert_eq!(small.runs(), [(0, 65), (255, 1)]);
+        assert_eq!(small.released_host_runs(), small.runs());
     }
 
     /// Run-wise and page-wise inflate and deflate agree on every outcome.

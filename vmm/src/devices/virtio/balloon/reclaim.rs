@@ -92,7 +92,32 @@ pub fn release(ram: &GuestRam, start: u64, len: u64) -> Released {
     out
 }
 
+/// Marks `len` bytes of RAM from RAM offset `start` as changed by the VMM
+/// (parts beyond RAM are ignored): a deflated page that had been released
+/// reads as zeros, not as the copy a snapshot may hold, so the next diff
+/// must save it ([`super::state`]: snapshots skip released pages).
+pub fn mark_changed(ram: &GuestRam, start: u64, len: u64) {
+    let end = start.saturating_add(len);
+    let mut base = 0u64;
+    for (region, vm_region) in ram.regions().iter().zip(ram.memory().iter()) {
+        let size = region.range.size;
+        let (s, e) = (start.max(base), end.min(base + size));
+        if s < e {
+            let mapping: &MmapRegion<VmmWriteBitmap> = vm_region;
+            mapping.bitmap().mark_dirty((s - base) as usize, (e - s) as usize);
+        }
+        base += size;
+    }
+}
+
 /// One call on one mapping: `[off, off + len)` lies inside it.
+///
+/// A lazily restored region maps the snapshot image privately; there
+/// `MADV_DONTNEED` drops the private copy, and the page reads the image's
+/// bytes again, not zeros, on its next touch. That is enough for the
+/// balloon: its pages are not the guest's to read, their contents after a
+/// deflate are undefined without `VIRTIO_BALLOON_F_PAGE_POISON` (virtio 1.2
+/// §5.5.6.1; not offered), and snapshots save what the page then holds.
 fn release_in(mapping: &crate::memory::backing::HostMapping, off: u64, len: u64) -> std::io::Result<()> {
     let (ioff, ilen) = (usize::try_from(off).map_err(std::io::Error::other)?, usize::try_from(len).map_err(std::io::Error::other)?);
     if ioff.checked_add(ilen).is_none_or(|e| e > mapping.size()) {

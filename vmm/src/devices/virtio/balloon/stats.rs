@@ -1,12 +1,12 @@
 //! The guest's memory statistics from the stats queue (virtio 1.2
 //! §5.5.6.3): packed `u16` tag + `u64` value entries, little endian.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use memvisor_abi::virtio::stat;
 
 /// Statistics as the guest last reported them; absent tags stay `None`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestStats {
     /// Bytes swapped in.
     pub swap_in: Option<u64>,

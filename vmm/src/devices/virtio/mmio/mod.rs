@@ -23,12 +23,24 @@ use memvisor_abi::virtio::{mmio::MAGIC, status};
 use super::{TransportReject, VirtioDevice};
 use crate::memory::GuestRam;
 
+pub mod state;
+
 /// `VendorID`: "MVSR" (any value is allowed; §4.2.2).
 const VENDOR_ID: u32 = u32::from_le_bytes(*b"MVSR");
 /// The modern layout's version (§4.2.2).
 const VERSION: u32 = 2;
 /// Consecutive idle polls before the run loop is told to back off.
 const IDLE_POLLS: u32 = 2;
+
+/// Whether `v` is a device status a driver may leave set: only the bits a
+/// driver may set (NEEDS_RESET is the device's, §2.1), each with the bits
+/// §3.1.1 orders before it (DRIVER needs ACKNOWLEDGE, FEATURES_OK needs
+/// DRIVER, DRIVER_OK needs FEATURES_OK; FAILED goes with anything).
+fn status_is_valid(v: u32) -> bool {
+    let known = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK | status::FAILED;
+    let needs = |bit: u32, before: u32| v & bit == 0 || v & before != 0;
+    v & !known == 0 && needs(status::DRIVER, status::ACKNOWLEDGE) && needs(status::FEATURES_OK, status::DRIVER) && needs(status::DRIVER_OK, status::FEATURES_OK)
+}
 
 /// A device behind the MMIO registers.
 #[derive(Debug)]
@@ -68,6 +80,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
             idle_polls: 0,
             idle_hint: false,
         }
+    }
+
+    /// Interrupts go to `irqfd` from now on (a restored transport is built
+    /// before its VM, which the irqfd needs).
+    pub fn set_irqfd(&mut self, irqfd: Option<EventFd>) {
+        self.irqfd = irqfd;
     }
 
     /// Whether `addr` is in this device's window.
@@ -264,10 +282,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.reset();
             return;
         }
-        let known = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK | status::FAILED;
-        let needs = |bit: u32, before: u32| v & bit == 0 || v & before != 0;
-        let in_order = needs(status::DRIVER, status::ACKNOWLEDGE) && needs(status::FEATURES_OK, status::DRIVER) && needs(status::DRIVER_OK, status::FEATURES_OK);
-        if v & !known != 0 || self.status & !v != 0 || !in_order {
+        if !status_is_valid(v) || self.status & !v != 0 {
             self.device.transport_rejected(TransportReject::BadStatus);
             return;
         }
