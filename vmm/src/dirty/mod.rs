@@ -19,6 +19,7 @@ pub mod caps;
 pub mod log;
 pub mod ranges;
 pub mod ring;
+pub mod ring_pages;
 pub mod rounds;
 pub mod tracker;
 pub mod vmm_writes;

@@ -1,0 +1,327 @@
+//! Where one memslot's dirty-ring entries wait between two harvests.
+//!
+//! A ring entry names one page; a harvest must hand over every page named
+//! since the previous harvest, exactly once, as ascending page ranges. The
+//! cheapest way to hold them depends on how they arrive, so a slot's record
+//! moves through three forms, each entry going to exactly one of them:
+//!
+//! 1. **Runs**: while entries ascend (a guest writing memory in address
+//!    order fills the ring that way), they are appended to a list of page
+//!    runs, and the harvest hands that list over as it is.
+//! 2. **Keys**: after the first entry out of order, the following ones are
+//!    appended, unsorted, to a list of page offsets; the harvest sorts it
+//!    and builds ranges from it, joined with the runs collected before. For
+//!    a few hundred entries scattered over a large slot this costs less
+//!    than the bitmap: each bit set there is a cache miss in a bitmap the
+//!    guest has evicted, and the harvest then scans the whole bitmap
+//!    (32 KiB per GiB of slot), where the key list is written and sorted in
+//!    a few cache lines.
+//! 3. **Bitmap**: past [`MAX_KEYS`] keys (or [`MAX_RUNS`] runs) everything
+//!    moves into the slot's bitmap, whose cost no longer grows with the
+//!    number of entries.
+//!
+//! The module does not own the bitmap (the tracker's other modes use the
+//! same buffer for KVM's log) and never reads a ring: the tracker routes
+//! each checked entry here.
+
+use crate::dirty::ranges::{self, PageRange};
+
+/// Most runs a slot keeps as a list between two harvests: one full ring's
+/// worth (KVM api.rst, KVM_CAP_DIRTY_LOG_RING: 64 Ki 16-byte entries fill
+/// the 1 MiB ring memvisor asks for per vCPU), at most 1 MiB of runs.
+pub const MAX_RUNS: usize = 65_536;
+
+/// Most out-of-order entries a slot keeps as a list before the bitmap takes
+/// over. Measured with `vmm bench dirty` on the reference host (1 GiB slot,
+/// scattered writes; docs/PERFORMANCE.md, "Dirty tracking"): sorting 262
+/// entries beats the bitmap by about 4 µs, 2,621 entries cost about the
+/// same either way; the limit sits between the two.
+pub const MAX_KEYS: usize = 1024;
+
+/// Which form holds the entries (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Runs,
+    Keys,
+    Bitmap,
+}
+
+/// One slot's ring entries since the last harvest.
+///
+/// Invariants between calls: in `Runs`, `keys` is empty and the bitmap is
+/// all zero; in `Keys`, the bitmap is all zero, `runs` holds the entries
+/// before the first one out of order and `keys` (at most [`MAX_KEYS`]) the
+/// rest; in `Bitmap`, `runs` and `keys` are empty and the bitmap holds
+/// every entry.
+#[derive(Debug)]
+pub struct RingPages {
+    form: Form,
+    /// Ascending, disjoint, non-adjacent guest page runs.
+    runs: Vec<PageRange>,
+    /// Page offsets inside the slot, in arrival order (repeats allowed).
+    keys: Vec<u64>,
+    /// Reused buffer: the keys' ranges, before they are joined with `runs`.
+    key_ranges: Vec<PageRange>,
+}
+
+impl Default for RingPages {
+    fn default() -> Self {
+        RingPages { form: Form::Runs, runs: Vec::new(), keys: Vec::new(), key_ranges: Vec::new() }
+    }
+}
+
+impl RingPages {
+    /// Records the entry for page `offset` of a slot whose first page is
+    /// `first_pfn` and whose bitmap is `bitmap` (the caller has checked
+    /// that `offset` lies inside the slot).
+    pub fn note(&mut self, offset: u64, first_pfn: u64, bitmap: &mut [u64]) {
+        match self.form {
+            Form::Runs => {
+                let pfn = first_pfn + offset;
+                let len = self.runs.len();
+                match self.runs.last_mut() {
+                    Some(last) if last.end() == pfn => last.count += 1,
+                    // A page before the last run's end: out of order (or
+                    // seen twice, from two vCPUs' rings).
+                    Some(last) if last.end() > pfn => {
+                        self.form = Form::Keys;
+                        self.keys.push(offset);
+                    }
+                    _ if len < MAX_RUNS => self.runs.push(PageRange { first: pfn, count: 1 }),
+                    _ => {
+                        self.spill(first_pfn, bitmap);
+                        set_bit(bitmap, offset);
+                    }
+                }
+            }
+            Form::Keys if self.keys.len() < MAX_KEYS => self.keys.push(offset),
+            Form::Keys => {
+                self.spill(first_pfn, bitmap);
+                set_bit(bitmap, offset);
+            }
+            Form::Bitmap => set_bit(bitmap, offset),
+        }
+    }
+
+    /// Moves the runs and keys into `bitmap`; from now on it holds them all.
+    fn spill(&mut self, first_pfn: u64, bitmap: &mut [u64]) {
+        ranges::set_ranges(bitmap, first_pfn, &self.runs);
+        for &k in &self.keys {
+            set_bit(bitmap, k);
+        }
+        self.runs.clear();
+        self.keys.clear();
+        self.form = Form::Bitmap;
+    }
+
+    /// At a harvest: appends the pages recorded since the last one to `out`
+    /// as ascending ranges and starts over empty, leaving `bitmap` all
+    /// zero. With `overflowed` the caller has set every page of the slot in
+    /// `bitmap` (a ring overflowed, so entries may be lost) and the bitmap
+    /// is reported whatever the form.
+    pub fn take(&mut self, out: &mut Vec<PageRange>, overflowed: bool, first_pfn: u64, bitmap: &mut [u64]) {
+        let form = if overflowed { Form::Bitmap } else { self.form };
+        match form {
+            Form::Runs => {
+                if out.is_empty() {
+                    // The first slot's runs become the output as they are;
+                    // the output's old (empty) buffer comes back here.
+                    std::mem::swap(out, &mut self.runs);
+                } else {
+                    out.extend_from_slice(&self.runs);
+                }
+            }
+            Form::Keys => {
+                self.keys.sort_unstable();
+                if self.runs.is_empty() {
+                    ranges::sorted_pages_to_ranges_into(&self.keys, first_pfn, out);
+                } else {
+                    self.key_ranges.clear();
+                    ranges::sorted_pages_to_ranges_into(&self.keys, first_pfn, &mut self.key_ranges);
+                    ranges::union_into(&self.runs, &self.key_ranges, out);
+                }
+            }
+            Form::Bitmap => {
+                let start = out.len();
+                ranges::bitmap_to_ranges_into(bitmap, first_pfn, out);
+                // Every set bit is in one of these ranges: zeroing their
+                // words empties the bitmap at a cost that follows the pages
+                // found, not the slot's size.
+                ranges::clear_ranges(bitmap, first_pfn, &out[start..]);
+            }
+        }
+        self.runs.clear();
+        self.keys.clear();
+        self.form = Form::Runs;
+    }
+}
+
+/// Sets page `offset`'s bit (bit `offset % 64` of word `offset / 64`, the
+/// KVM_GET_DIRTY_LOG layout of api.rst); the caller has checked the bounds.
+fn set_bit(bitmap: &mut [u64], offset: u64) {
+    bitmap[(offset / 64) as usize] |= 1 << (offset % 64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: u64 = 1000;
+
+    /// A record and its bitmap for a slot of `pages` pages at [`BASE`].
+    fn slot(pages: u64) -> (RingPages, Vec<u64>) {
+        (RingPages::default(), vec![0; ranges::words_for(pages)])
+    }
+
+    /// Notes `offsets` and harvests them, as page offsets.
+    fn round(r: &mut RingPages, bm: &mut [u64], offsets: &[u64]) -> Vec<u64> {
+        for &o in offsets {
+            r.note(o, BASE, bm);
+        }
+        let mut out = Vec::new();
+        r.take(&mut out, false, BASE, bm);
+        assert_eq!(ranges::count_pages(bm), 0, "a harvest leaves the bitmap empty");
+        out.iter().flat_map(|r| r.first..r.end()).map(|p| p - BASE).collect()
+    }
+
+    #[test]
+    fn ascending_pages_are_kept_as_runs_up_to_a_full_ring() {
+        let (mut r, mut bm) = slot(1 << 20);
+        for p in 0..MAX_RUNS as u64 {
+            r.note(p * 4, BASE, &mut bm);
+            r.note(p * 4 + 1, BASE, &mut bm);
+        }
+        assert_eq!((r.form, r.runs.len()), (Form::Runs, MAX_RUNS));
+        assert_eq!(r.runs[1], PageRange { first: BASE + 4, count: 2 });
+        assert_eq!(ranges::count_pages(&bm), 0, "the bitmap is untouched while runs last");
+        r.note((1 << 20) - 1, BASE, &mut bm);
+        assert_eq!(r.form, Form::Bitmap, "past a full ring the bitmap takes over");
+        assert_eq!(ranges::count_pages(&bm), 2 * MAX_RUNS as u64 + 1, "with every page noted so far");
+        assert!(r.runs.is_empty() && r.keys.is_empty(), "and nothing stays behind in the lists");
+    }
+
+    #[test]
+    fn entries_out_of_order_go_to_the_key_list_and_come_out_sorted() {
+        let (mut r, mut bm) = slot(64 * 100);
+        r.note(10, BASE, &mut bm);
+        r.note(11, BASE, &mut bm);
+        r.note(5, BASE, &mut bm);
+        assert_eq!(r.form, Form::Keys);
+        r.note(200, BASE, &mut bm);
+        r.note(11, BASE, &mut bm);
+        assert_eq!(ranges::count_pages(&bm), 0, "the bitmap is untouched while keys last");
+        let mut out = Vec::new();
+        r.take(&mut out, false, BASE, &mut bm);
+        assert_eq!(out, vec![PageRange { first: BASE + 5, count: 1 }, PageRange { first: BASE + 10, count: 2 }, PageRange { first: BASE + 200, count: 1 }]);
+    }
+
+    #[test]
+    fn past_the_key_limit_the_bitmap_holds_everything() {
+        let (mut r, mut bm) = slot(1 << 16);
+        let mut pages: Vec<u64> = vec![100, 101, 102];
+        // Descending from here: the first still ascends past 102 (a run),
+        // the other MAX_KEYS + 1 are out of order.
+        pages.extend((0..MAX_KEYS as u64 + 2).map(|i| 60_000 - 3 * i));
+        for &p in &pages {
+            r.note(p, BASE, &mut bm);
+        }
+        assert_eq!(r.form, Form::Bitmap);
+        assert_eq!(ranges::count_pages(&bm), pages.len() as u64);
+        pages.sort_unstable();
+        assert_eq!(round(&mut r, &mut bm, &[]), pages);
+    }
+
+    #[test]
+    fn each_harvest_reports_only_its_own_pages_whatever_the_form() {
+        let (mut r, mut bm) = slot(64 * 64);
+        // Runs, then runs again.
+        assert_eq!(round(&mut r, &mut bm, &[3, 4, 5, 100, 2000]), vec![3, 4, 5, 100, 2000]);
+        assert_eq!(round(&mut r, &mut bm, &[7, 8, 900]), vec![7, 8, 900]);
+        // Keys: must not hold the earlier rounds' pages.
+        assert_eq!(round(&mut r, &mut bm, &[50, 10, 4000, 9, 10]), vec![9, 10, 50, 4000]);
+        // The bitmap: the same.
+        let many: Vec<u64> = (0..=MAX_KEYS as u64 + 1).rev().map(|i| i * 3).collect();
+        let mut want = many.clone();
+        want.sort_unstable();
+        assert_eq!(round(&mut r, &mut bm, &many), want);
+        assert_eq!(r.form, Form::Runs);
+        // And back to the list, again with nothing from before.
+        assert_eq!(round(&mut r, &mut bm, &[1, 2]), vec![1, 2]);
+        assert!(round(&mut r, &mut bm, &[]).is_empty(), "nothing written, nothing reported");
+    }
+
+    #[test]
+    fn an_overflow_reports_the_filled_bitmap_and_starts_over() {
+        let (mut r, mut bm) = slot(128);
+        r.note(5, BASE, &mut bm);
+        r.note(1, BASE, &mut bm);
+        bm.fill(u64::MAX);
+        let mut out = Vec::new();
+        r.take(&mut out, true, BASE, &mut bm);
+        assert_eq!(out, vec![PageRange { first: BASE, count: 128 }]);
+        assert_eq!(ranges::count_pages(&bm), 0);
+        assert_eq!((r.form, r.runs.len(), r.keys.len()), (Form::Runs, 0, 0), "the next harvest starts empty");
+    }
+
+    #[test]
+    fn a_second_slot_appends_without_touching_the_first() {
+        let (mut a, mut bma) = slot(256);
+        let (mut b, mut bmb) = slot(256);
+        a.note(3, BASE, &mut bma);
+        b.note(9, 5000, &mut bmb);
+        b.note(2, 5000, &mut bmb);
+        let mut out = Vec::new();
+        a.take(&mut out, false, BASE, &mut bma);
+        b.take(&mut out, false, 5000, &mut bmb);
+        assert_eq!(out, vec![PageRange { first: BASE + 3, count: 1 }, PageRange { first: 5002, count: 1 }, PageRange { first: 5009, count: 1 }]);
+    }
+
+    /// xorshift64: reproducible pseudo-random offsets without a dependency.
+    fn next(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    #[test]
+    fn every_form_reports_what_the_bitmap_alone_would() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let pages = 64 * 70 + 13;
+        let (mut r, mut bm) = slot(pages);
+        for trial in 0..300 {
+            // Sizes around the key limit, an ascending prefix of some
+            // length, repeats, and offsets near both ends of the slot.
+            let n = match trial % 4 {
+                0 => (next(&mut x) % 20) as usize,
+                1 => (next(&mut x) % 600) as usize,
+                2 => MAX_KEYS - 5 + (next(&mut x) % 10) as usize,
+                _ => (next(&mut x) % 3000) as usize,
+            };
+            let prefix = (next(&mut x) % 50) * 3;
+            let mut offsets: Vec<u64> = (0..prefix).step_by(3).collect();
+            for _ in 0..n {
+                let o = match next(&mut x) % 8 {
+                    0 => pages - 1 - next(&mut x) % 3,
+                    1 => next(&mut x) % 3,
+                    2 => offsets.last().copied().unwrap_or(0),
+                    _ => next(&mut x) % pages,
+                };
+                offsets.push(o);
+            }
+            let mut reference = vec![0u64; ranges::words_for(pages)];
+            for &o in &offsets {
+                set_bit(&mut reference, o);
+            }
+            let want = ranges::bitmap_to_ranges(&reference, BASE);
+            for &o in &offsets {
+                r.note(o, BASE, &mut bm);
+            }
+            let mut out = vec![PageRange { first: 1, count: 2 }];
+            r.take(&mut out, false, BASE, &mut bm);
+            assert_eq!(out[0], PageRange { first: 1, count: 2 }, "trial {trial}: an earlier range is left alone");
+            assert_eq!(&out[1..], &want[..], "trial {trial}: {n} entries after a prefix of {prefix}");
+            assert_eq!(ranges::count_pages(&bm), 0, "trial {trial}");
+        }
+    }
+}
