@@ -32,11 +32,20 @@ use crate::dirty::ranges::{self, PageRange};
 pub const MAX_RUNS: usize = 65_536;
 
 /// Most out-of-order entries a slot keeps as a list before the bitmap takes
-/// over. Measured with `vmm bench dirty` on the reference host (1 GiB slot,
-/// scattered writes; docs/PERFORMANCE.md, "Dirty tracking"): sorting 262
-/// entries beats the bitmap by about 4 µs, 2,621 entries cost about the
-/// same either way; the limit sits between the two.
-pub const MAX_KEYS: usize = 1024;
+/// over. Chosen by measurement (the ignored test `time_scattered_harvest`
+/// below, release build, reference host, 1 GiB slot, caches evicted between
+/// harvests as a guest run evicts them; docs/PERFORMANCE.md, "Dirty
+/// tracking"): the key list saves ~3 µs at 262 entries, breaks even near
+/// 512 and loses beyond (the sort grows as n log n, the bitmap's misses as
+/// n and its scan not at all); with hot caches the bitmap is always
+/// cheaper, but a harvest follows a guest run.
+pub const MAX_KEYS: usize = 512;
+
+/// Run pages moved into the keys at most, at the first entry out of order
+/// (see [`RingPages::runs_to_keys`]): a few cache lines of keys. The key
+/// list holds them and the entry that moved them without spilling.
+const MOVE_AT_MOST: u64 = 64;
+const _: () = assert!(MOVE_AT_MOST < MAX_KEYS as u64);
 
 /// Which form holds the entries (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,9 +59,9 @@ enum Form {
 ///
 /// Invariants between calls: in `Runs`, `keys` is empty and the bitmap is
 /// all zero; in `Keys`, the bitmap is all zero, `runs` holds the entries
-/// before the first one out of order and `keys` (at most [`MAX_KEYS`]) the
-/// rest; in `Bitmap`, `runs` and `keys` are empty and the bitmap holds
-/// every entry.
+/// before the first one out of order (unless they moved into `keys`) and
+/// `keys` (at most [`MAX_KEYS`]) the rest; in `Bitmap`, `runs` and `keys`
+/// are empty and the bitmap holds every entry.
 #[derive(Debug)]
 pub struct RingPages {
     form: Form,
@@ -85,6 +94,7 @@ impl RingPages {
                     // seen twice, from two vCPUs' rings).
                     Some(last) if last.end() > pfn => {
                         self.form = Form::Keys;
+                        self.runs_to_keys(first_pfn);
                         self.keys.push(offset);
                     }
                     _ if len < MAX_RUNS => self.runs.push(PageRange { first: pfn, count: 1 }),
@@ -101,6 +111,19 @@ impl RingPages {
             }
             Form::Bitmap => set_bit(bitmap, offset),
         }
+    }
+
+    /// At the first entry out of order: when the runs so far hold only a
+    /// few pages (the usual case for scattered writes, whose first entries
+    /// ascend only by chance), their pages become keys too, so the harvest
+    /// sorts one list instead of also joining it with the runs (one more
+    /// pass over every range). Longer runs stay as they are and are joined.
+    fn runs_to_keys(&mut self, first_pfn: u64) {
+        if self.runs.len() as u64 > MOVE_AT_MOST || ranges::pages_in(&self.runs) > MOVE_AT_MOST {
+            return;
+        }
+        self.keys.extend(self.runs.iter().flat_map(|r| r.first - first_pfn..r.end() - first_pfn));
+        self.runs.clear();
     }
 
     /// Moves the runs and keys into `bitmap`; from now on it holds them all.
@@ -132,6 +155,10 @@ impl RingPages {
                 }
             }
             Form::Keys => {
+                // A comparison sort: an LSD radix sort (8-bit digits, three
+                // passes for a GiB's 18-bit offsets) was tried and took
+                // 5.0 µs for 262 keys where this takes 1.9 (hot, reference
+                // host): each pass's 256 counters cost as much as the keys.
                 self.keys.sort_unstable();
                 if self.runs.is_empty() {
                     ranges::sorted_pages_to_ranges_into(&self.keys, first_pfn, out);
@@ -207,12 +234,31 @@ mod tests {
         r.note(11, BASE, &mut bm);
         r.note(5, BASE, &mut bm);
         assert_eq!(r.form, Form::Keys);
+        assert!(r.runs.is_empty(), "a short run moves into the keys");
         r.note(200, BASE, &mut bm);
         r.note(11, BASE, &mut bm);
         assert_eq!(ranges::count_pages(&bm), 0, "the bitmap is untouched while keys last");
         let mut out = Vec::new();
         r.take(&mut out, false, BASE, &mut bm);
         assert_eq!(out, vec![PageRange { first: BASE + 5, count: 1 }, PageRange { first: BASE + 10, count: 2 }, PageRange { first: BASE + 200, count: 1 }]);
+    }
+
+    #[test]
+    fn long_runs_stay_runs_and_are_joined_with_the_keys() {
+        let (mut r, mut bm) = slot(1 << 12);
+        for p in 100..300 {
+            r.note(p, BASE, &mut bm);
+        }
+        // Out of order: inside the run, just before it, just after it and
+        // far away; the run stays a run.
+        for p in [150, 99, 300, 301, 4000, 10] {
+            r.note(p, BASE, &mut bm);
+        }
+        assert_eq!((r.form, r.runs.len(), r.keys.len()), (Form::Keys, 1, 6));
+        let mut out = Vec::new();
+        r.take(&mut out, false, BASE, &mut bm);
+        let p = |first, count| PageRange { first: BASE + first, count };
+        assert_eq!(out, vec![p(10, 1), p(99, 203), p(4000, 1)]);
     }
 
     #[test]
@@ -298,7 +344,9 @@ mod tests {
                 2 => MAX_KEYS - 5 + (next(&mut x) % 10) as usize,
                 _ => (next(&mut x) % 3000) as usize,
             };
-            let prefix = (next(&mut x) % 50) * 3;
+            // A prefix longer than the 64 run pages moved into the keys
+            // sometimes: then the keys' ranges are joined with the runs.
+            let prefix = (next(&mut x) % 200) * 3;
             let mut offsets: Vec<u64> = (0..prefix).step_by(3).collect();
             for _ in 0..n {
                 let o = match next(&mut x) % 8 {
@@ -322,6 +370,75 @@ mod tests {
             assert_eq!(out[0], PageRange { first: 1, count: 2 }, "trial {trial}: an earlier range is left alone");
             assert_eq!(&out[1..], &want[..], "trial {trial}: {n} entries after a prefix of {prefix}");
             assert_eq!(ranges::count_pages(&bm), 0, "trial {trial}");
+        }
+    }
+}
+
+/// How [`MAX_KEYS`] was chosen: the key list against the bitmap for
+/// scattered entries in a 1 GiB slot, with hot caches and with caches
+/// evicted (a 32 MiB walk) before each harvest. Run it by hand:
+/// `cargo test --release -p memvisor --lib time_scattered_harvest -- --ignored --nocapture`.
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::bench::page_writer::{scatter_step, scattered_order};
+    use std::time::Instant;
+
+    /// Writes one word per cache line of `buf`.
+    fn evict(buf: &mut [u64]) {
+        for (i, w) in buf.iter_mut().enumerate().step_by(8) {
+            *w = w.wrapping_add(i as u64);
+        }
+    }
+
+    /// The median and minimum of `t`, in ns.
+    fn stats(t: &mut [u128]) -> (u128, u128) {
+        t.sort_unstable();
+        (t[t.len() / 2], t[0])
+    }
+
+    #[test]
+    #[ignore = "a timing, run by hand in release"]
+    fn time_scattered_harvest() {
+        let pages = 262_144u64;
+        let mut big = vec![0u64; 4 << 20];
+        for count in [262u64, 512, 1024, 2621] {
+            let stride = pages / count;
+            let order = scattered_order(0, count, stride, scatter_step(count));
+            let mut bm = vec![0u64; ranges::words_for(pages)];
+            let mut out = Vec::with_capacity(70_000);
+            let mut r = RingPages::default();
+            for cold in [false, true] {
+                let (mut t_bitmap, mut t_keys) = (Vec::new(), Vec::new());
+                for _ in 0..301 {
+                    if cold {
+                        evict(&mut big);
+                    }
+                    out.clear();
+                    let t = Instant::now();
+                    for &o in &order {
+                        set_bit(&mut bm, o);
+                    }
+                    ranges::bitmap_to_ranges_into(&bm, 0, &mut out);
+                    ranges::clear_ranges(&mut bm, 0, &out);
+                    t_bitmap.push(t.elapsed().as_nanos());
+                    assert_eq!(out.len() as u64, count);
+                    if cold {
+                        evict(&mut big);
+                    }
+                    out.clear();
+                    let t = Instant::now();
+                    for &o in &order {
+                        r.keys.push(o);
+                    }
+                    r.form = Form::Keys;
+                    r.take(&mut out, false, 0, &mut bm);
+                    t_keys.push(t.elapsed().as_nanos());
+                    assert_eq!(out.len() as u64, count);
+                }
+                let ((bm_med, bm_min), (k_med, k_min)) = (stats(&mut t_bitmap), stats(&mut t_keys));
+                println!("{count} entries, caches {}: bitmap {bm_med} ns (min {bm_min}), key list {k_med} ns (min {k_min})", if cold { "evicted" } else { "hot" });
+            }
         }
     }
 }
