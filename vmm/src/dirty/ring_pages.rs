@@ -24,6 +24,7 @@
 //! same buffer for KVM's log) and never reads a ring: the tracker routes
 //! each checked entry here.
 
+use crate::dirty::key_sort;
 use crate::dirty::ranges::{self, PageRange};
 
 /// Most runs a slot keeps as a list between two harvests: one full ring's
@@ -33,12 +34,18 @@ pub const MAX_RUNS: usize = 65_536;
 
 /// Most out-of-order entries a slot keeps as a list before the bitmap takes
 /// over. Chosen by measurement (the ignored test `time_scattered_harvest`
-/// below, release build, reference host, 1 GiB slot, caches evicted between
-/// harvests as a guest run evicts them; docs/PERFORMANCE.md, "Dirty
-/// tracking"): the key list saves ~3 µs at 262 entries, breaks even near
-/// 512 and loses beyond (the sort grows as n log n, the bitmap's misses as
-/// n and its scan not at all); with hot caches the bitmap is always
-/// cheaper, but a harvest follows a guest run.
+/// below, release build, reference host at load ~5, 1 GiB slot; medians):
+///
+/// | entries | bitmap, hot | keys, hot | bitmap, caches evicted | keys, evicted |
+/// |---|---|---|---|---|
+/// | 262 | 3.8 µs | 3.5 µs | 16.2 µs | 8.8 µs |
+/// | 512 | 6.2 µs | 6.6 µs | 16.5 µs | 12.6 µs |
+/// | 1,024 | 10.4 µs | 15.2 µs | 34.0 µs | 24.3 µs |
+/// | 2,621 | 26.4 µs | 40.7 µs | 44.8 µs | 54.1 µs |
+///
+/// A harvest follows a guest run, so its caches are closer to evicted
+/// than hot (the test evicts them harder than a guest does: a 32 MiB
+/// walk); 512 is where the key list stops winning with hot caches.
 pub const MAX_KEYS: usize = 512;
 
 /// Run pages moved into the keys at most, at the first entry out of order
@@ -71,11 +78,13 @@ pub struct RingPages {
     keys: Vec<u64>,
     /// Reused buffer: the keys' ranges, before they are joined with `runs`.
     key_ranges: Vec<PageRange>,
+    /// Reused buffer: the sort's second half.
+    sort_scratch: Vec<u64>,
 }
 
 impl Default for RingPages {
     fn default() -> Self {
-        RingPages { form: Form::Runs, runs: Vec::new(), keys: Vec::new(), key_ranges: Vec::new() }
+        RingPages { form: Form::Runs, runs: Vec::new(), keys: Vec::new(), key_ranges: Vec::new(), sort_scratch: Vec::new() }
     }
 }
 
@@ -155,11 +164,9 @@ impl RingPages {
                 }
             }
             Form::Keys => {
-                // A comparison sort: an LSD radix sort (8-bit digits, three
-                // passes for a GiB's 18-bit offsets) was tried and took
-                // 5.0 µs for 262 keys where this takes 1.9 (hot, reference
-                // host): each pass's 256 counters cost as much as the keys.
-                self.keys.sort_unstable();
+                // Every offset was checked to lie inside the slot, whose
+                // pages the bitmap covers: that bounds the keys.
+                key_sort::sort_below(&mut self.keys, &mut self.sort_scratch, bitmap.len() as u64 * 64);
                 if self.runs.is_empty() {
                     ranges::sorted_pages_to_ranges_into(&self.keys, first_pfn, out);
                 } else {
