@@ -9,8 +9,9 @@
 //!    order fills the ring that way), they are appended to a list of page
 //!    runs, and the harvest hands that list over as it is.
 //! 2. **Keys**: after the first entry out of order, the following ones are
-//!    appended, unsorted, to a list of page offsets; the harvest sorts it
-//!    and builds ranges from it, joined with the runs collected before. For
+//!    appended, unsorted, to a list of page offsets (a short ascending
+//!    prefix moves there too); the harvest sorts it ([`key_sort`]) and
+//!    builds ranges from it, joined with the runs collected before. For
 //!    a few hundred entries scattered over a large slot this costs less
 //!    than the bitmap: each bit set there is a cache miss in a bitmap the
 //!    guest has evicted, and the harvest then scans the whole bitmap
@@ -92,6 +93,10 @@ impl RingPages {
     /// Records the entry for page `offset` of a slot whose first page is
     /// `first_pfn` and whose bitmap is `bitmap` (the caller has checked
     /// that `offset` lies inside the slot).
+    ///
+    /// Called for every ring entry, so inlined into the ring's drain loop
+    /// with only the common steps in it; changes of form are out of line.
+    #[inline(always)]
     pub fn note(&mut self, offset: u64, first_pfn: u64, bitmap: &mut [u64]) {
         match self.form {
             Form::Runs => {
@@ -101,25 +106,24 @@ impl RingPages {
                     Some(last) if last.end() == pfn => last.count += 1,
                     // A page before the last run's end: out of order (or
                     // seen twice, from two vCPUs' rings).
-                    Some(last) if last.end() > pfn => {
-                        self.form = Form::Keys;
-                        self.runs_to_keys(first_pfn);
-                        self.keys.push(offset);
-                    }
+                    Some(last) if last.end() > pfn => self.start_keys(offset, first_pfn),
                     _ if len < MAX_RUNS => self.runs.push(PageRange { first: pfn, count: 1 }),
-                    _ => {
-                        self.spill(first_pfn, bitmap);
-                        set_bit(bitmap, offset);
-                    }
+                    _ => self.spill(offset, first_pfn, bitmap),
                 }
             }
             Form::Keys if self.keys.len() < MAX_KEYS => self.keys.push(offset),
-            Form::Keys => {
-                self.spill(first_pfn, bitmap);
-                set_bit(bitmap, offset);
-            }
+            Form::Keys => self.spill(offset, first_pfn, bitmap),
             Form::Bitmap => set_bit(bitmap, offset),
         }
+    }
+
+    /// From runs to keys, at the first entry out of order (`offset`).
+    #[cold]
+    #[inline(never)]
+    fn start_keys(&mut self, offset: u64, first_pfn: u64) {
+        self.form = Form::Keys;
+        self.runs_to_keys(first_pfn);
+        self.keys.push(offset);
     }
 
     /// At the first entry out of order: when the runs so far hold only a
@@ -135,12 +139,16 @@ impl RingPages {
         self.runs.clear();
     }
 
-    /// Moves the runs and keys into `bitmap`; from now on it holds them all.
-    fn spill(&mut self, first_pfn: u64, bitmap: &mut [u64]) {
+    /// Moves the runs, the keys and the entry for `offset` into `bitmap`;
+    /// from now on it holds them all.
+    #[cold]
+    #[inline(never)]
+    fn spill(&mut self, offset: u64, first_pfn: u64, bitmap: &mut [u64]) {
         ranges::set_ranges(bitmap, first_pfn, &self.runs);
         for &k in &self.keys {
             set_bit(bitmap, k);
         }
+        set_bit(bitmap, offset);
         self.runs.clear();
         self.keys.clear();
         self.form = Form::Bitmap;
@@ -192,6 +200,7 @@ impl RingPages {
 
 /// Sets page `offset`'s bit (bit `offset % 64` of word `offset / 64`, the
 /// KVM_GET_DIRTY_LOG layout of api.rst); the caller has checked the bounds.
+#[inline]
 fn set_bit(bitmap: &mut [u64], offset: u64) {
     bitmap[(offset / 64) as usize] |= 1 << (offset % 64);
 }
