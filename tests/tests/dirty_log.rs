@@ -6,7 +6,7 @@
 
 use memvisor::bench::page_writer::{PARAMS, PageWriter, scatter_step, scattered_order};
 use memvisor::config::Backing;
-use memvisor::dirty::{DirtyCaps, DirtyMode, PageRange};
+use memvisor::dirty::{DirtyCaps, DirtyMode, PageRange, ring_pages};
 use memvisor::vm::open_kvm;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -78,10 +78,11 @@ fn ring_mode_reports_exactly_the_pages_the_guest_wrote() {
     guest_writes_are_harvested_exactly(DirtyMode::Ring);
 }
 
-/// An ascending pass (the ring's run-list path) followed by a scattered one
-/// (its bitmap path): the second harvest must hold exactly the second pass's
-/// pages, none left over from the first, with the VMM's one write (the new
-/// parameter block) listed apart.
+/// An ascending pass (the ring's run-list path) followed by scattered ones,
+/// a short one (its key list) and one past `ring_pages::MAX_KEYS` (its
+/// bitmap): each harvest must hold exactly its own pass's pages, none left
+/// over from an earlier one, with the VMM's one write (the new parameter
+/// block) listed apart.
 fn an_out_of_order_harvest_after_an_ascending_one_is_exact(mode: DirtyMode) {
     let Some(mut w) = writer(16 << 20, mode) else { return };
     w.tracker.start(w.vm.fd(), w.vm.ram()).unwrap();
@@ -91,18 +92,20 @@ fn an_out_of_order_harvest_after_an_ascending_one_is_exact(mode: DirtyMode) {
         let h = w.tracker.harvest(w.vm.fd(), w.vm.ram()).unwrap();
         assert_eq!(pages_of(&h.guest), (0..64).map(|i| first + 2 * i).collect::<Vec<_>>(), "{mode}: ascending round {round}");
 
-        let (sfirst, count, stride) = (150 + round * 1000, 200u32, 3u64);
-        let step = scatter_step(u64::from(count));
-        let order = scattered_order(sfirst, u64::from(count), stride, step);
-        assert!(order.windows(2).any(|p| p[1] < p[0]), "the pass really is out of order");
-        w.pass_scattered(sfirst, count, stride, step).unwrap();
-        let h = w.tracker.harvest(w.vm.fd(), w.vm.ram()).unwrap();
-        let mut want = order;
-        want.sort_unstable();
-        assert_eq!(pages_of(&h.guest), want, "{mode}: round {round}: the scattered pass's pages and nothing else");
-        assert_eq!(pages_of(&h.vmm), vec![PARAMS >> 12], "{mode}: round {round}: the VMM's parameter write, listed apart");
-        assert!(!h.ring_overflowed);
-        assert_eq!(h.bad_ring_entries, 0);
+        let past_keys = u32::try_from(ring_pages::MAX_KEYS).unwrap() + 88;
+        for (sfirst, count, stride) in [(150 + round * 1000, 200u32, 3u64), (120 + round * 1000, past_keys, 1)] {
+            let step = scatter_step(u64::from(count));
+            let order = scattered_order(sfirst, u64::from(count), stride, step);
+            assert!(order.windows(2).any(|p| p[1] < p[0]), "the pass really is out of order");
+            w.pass_scattered(sfirst, count, stride, step).unwrap();
+            let h = w.tracker.harvest(w.vm.fd(), w.vm.ram()).unwrap();
+            let mut want = order;
+            want.sort_unstable();
+            assert_eq!(pages_of(&h.guest), want, "{mode}: round {round}, {count} pages: the scattered pass's pages and nothing else");
+            assert_eq!(pages_of(&h.vmm), vec![PARAMS >> 12], "{mode}: round {round}, {count} pages: the VMM's parameter write, listed apart");
+            assert!(!h.ring_overflowed);
+            assert_eq!(h.bad_ring_entries, 0);
+        }
     }
     w.tracker.stop(w.vm.fd(), w.vm.ram()).unwrap();
 }

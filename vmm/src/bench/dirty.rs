@@ -11,7 +11,8 @@
 //! The micro guest writes its pages in ascending order, the dirty ring's
 //! best case (its entries then arrive as page runs); ring mode is also
 //! measured with the same pages written in a scattered order, which sends
-//! its harvest through the bitmap. Every harvest of memvisor's is checked to
+//! its harvest through a sorted key list (or, past `ring_pages::MAX_KEYS`
+//! entries per slot, the bitmap). Every harvest of memvisor's is checked to
 //! hold exactly the pages the pass wrote.
 //!
 //! [`DirtyTracker::harvest_raw`]: crate::dirty::DirtyTracker::harvest_raw
@@ -42,6 +43,14 @@ pub struct DirtyArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Measure only this mechanism (ring, clear or bitmap), harvests and
+    /// re-dirty cost alike: many repetitions of one cell in little time.
+    #[arg(long)]
+    pub mode: Option<DirtyMode>,
+    /// Measure only these dirty fractions, in percent of the slot
+    /// (default: 0.1,1,100).
+    #[arg(long, value_delimiter = ',')]
+    pub dirty: Vec<f64>,
 }
 
 /// One (mechanism, dirty fraction) cell.
@@ -219,13 +228,17 @@ pub fn run(args: &DirtyArgs) -> Result<u32, VmmError> {
         None => 1 << 30,
     };
     let reps = args.reps.unwrap_or(if args.quick { 3 } else { 5 }).max(1);
-    let fractions = [0.001, 0.01, 1.0];
+    let fractions: Vec<f64> = if args.dirty.is_empty() { vec![0.001, 0.01, 1.0] } else { args.dirty.iter().map(|p| p / 100.0).collect() };
+    if let Some(bad) = fractions.iter().find(|f| !(**f > 0.0 && **f <= 1.0)) {
+        return Err(err(format!("--dirty takes percentages in (0, 100], not {}", bad * 100.0)));
+    }
+    let modes: Vec<DirtyMode> = [DirtyMode::Bitmap, DirtyMode::Clear, DirtyMode::Ring].into_iter().filter(|m| args.mode.is_none_or(|only| only == *m)).collect();
     let kvm = crate::vm::open_kvm()?;
     let probe_vm = kvm.create_vm().map_err(|source| crate::vm::VmError::Kvm { what: "KVM_CREATE_VM", source })?;
     let caps = DirtyCaps::probe(&probe_vm);
     drop(probe_vm);
     let mut cells = Vec::new();
-    for mode in [DirtyMode::Bitmap, DirtyMode::Clear, DirtyMode::Ring] {
+    for &mode in &modes {
         if let Err(e) = caps.check(mode) {
             eprintln!("skipping {mode}: {e}");
             continue;
@@ -236,7 +249,7 @@ pub fn run(args: &DirtyArgs) -> Result<u32, VmmError> {
         cells.extend(measure_mode(mode, mem, &fractions, reps)?);
     }
     let mut guest_redirty = Vec::new();
-    for mode in [DirtyMode::Bitmap, DirtyMode::Clear, DirtyMode::Ring] {
+    for &mode in &modes {
         if caps.check(mode).is_err() {
             continue;
         }

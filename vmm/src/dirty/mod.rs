@@ -16,9 +16,11 @@
 //! loop decides when to harvest.
 
 pub mod caps;
+pub mod key_sort;
 pub mod log;
 pub mod ranges;
 pub mod ring;
+pub mod ring_pages;
 pub mod rounds;
 pub mod tracker;
 pub mod vmm_writes;

@@ -178,49 +178,38 @@ fn block_runs(words: impl Iterator<Item = (u64, u64)>, max_words: usize, ranges:
     unsafe { ranges.set_len(len) };
 }
 
-/// Appends the runs of set bits of one bitmap word whose bit 0 is page
-/// `first_page`, extending the last range (if at index `floor` or later)
-/// when it ends where this word's first run starts.
-#[inline]
-fn word_runs(mut bits: u64, first_page: u64, ranges: &mut Vec<PageRange>, floor: usize) {
-    // Runs inside a word are maximal, so only one starting at bit 0 can
-    // continue an earlier range (one that ended at the previous word's bit
-    // 63); every other run is a new range, with no comparison.
-    if bits & 1 != 0 {
-        if let Some(last) = ranges.get_mut(floor..).and_then(<[PageRange]>::last_mut) {
-            if last.end() == first_page {
-                let len = (!bits).trailing_zeros();
-                last.count += u64::from(len);
-                bits = if len >= 64 { 0 } else { bits & !((1u64 << len) - 1) };
-            }
-        }
-    }
-    while bits != 0 {
-        let start = bits.trailing_zeros();
-        // Length of the run of ones starting at `start`.
-        let len = (!(bits >> start)).trailing_zeros().min(64 - start);
-        ranges.push(PageRange { first: first_page + u64::from(start), count: u64::from(len) });
-        bits = if start + len >= 64 { 0 } else { bits & !(((1u64 << len) - 1) << start) };
-    }
-}
-
-/// Converts sorted, distinct page offsets into runs starting at `base`.
+/// Converts sorted page offsets (repeats allowed) into runs starting at
+/// `base`, like [`sorted_pages_to_ranges_into`].
 #[must_use]
 pub fn pages_to_ranges(sorted: &[u64], base: u64) -> Vec<PageRange> {
     let mut ranges = Vec::new();
-    pages_to_ranges_into(sorted, base, &mut ranges);
+    sorted_pages_to_ranges_into(sorted, base, &mut ranges);
     ranges
 }
 
-/// [`pages_to_ranges`], appending to `out` like [`bitmap_to_ranges_into`].
-pub fn pages_to_ranges_into(sorted: &[u64], base: u64, out: &mut Vec<PageRange>) {
-    let floor = out.len();
-    for &p in sorted {
-        match out.get_mut(floor..).and_then(<[PageRange]>::last_mut) {
-            Some(last) if last.end() == base + p => last.count += 1,
-            _ => out.push(PageRange { first: base + p, count: 1 }),
+/// Appends the maximal runs of `sorted` (page offsets from `base`, in
+/// ascending order, repeats allowed: a page a ring reported twice counts
+/// once) to `out`, whose earlier runs are left alone, never extended.
+///
+/// The open run lives in two registers and is written out only when the
+/// next page does not continue it, so the loop costs a compare or two per
+/// page. Offsets out of order would give overlapping or unordered runs;
+/// debug builds check the order.
+pub fn sorted_pages_to_ranges_into(sorted: &[u64], base: u64, out: &mut Vec<PageRange>) {
+    debug_assert!(sorted.windows(2).all(|w| w[0] <= w[1]), "pages must be sorted");
+    let Some((&first, rest)) = sorted.split_first() else { return };
+    let (mut start, mut end) = (base + first, base + first + 1);
+    for &p in rest {
+        let page = base + p;
+        if page == end {
+            end += 1;
+        } else if page > end {
+            out.push(PageRange { first: start, count: end - start });
+            (start, end) = (page, page + 1);
         }
+        // else page == end - 1: a repeat, already in the open run.
     }
+    out.push(PageRange { first: start, count: end - start });
 }
 
 /// Sets the bits of `ranges` (relative to `base`) in `bitmap`; pages outside
@@ -266,9 +255,12 @@ pub fn sparse_words_to_ranges(words: &[(usize, u64)], base: u64) -> Vec<PageRang
 /// [`sparse_words_to_ranges`], appending to `out` like
 /// [`bitmap_to_ranges_into`].
 pub fn sparse_words_to_ranges_into(words: &[(usize, u64)], base: u64, out: &mut Vec<PageRange>) {
-    let floor = out.len();
-    for &(w, bits) in words {
-        word_runs(bits, base + (w as u64) * 64, out, floor);
+    // The same run kernel as a dense scan, fed the listed words only; its
+    // open range starts empty, so nothing already in `out` is extended.
+    let mut open = Open { first: 0, end: 0 };
+    block_runs(words.iter().map(|&(w, bits)| (bits, base + (w as u64) * 64)), words.len(), out, &mut open);
+    if open.end != open.first {
+        out.push(PageRange { first: open.first, count: open.end - open.first });
     }
 }
 
@@ -358,6 +350,70 @@ mod tests {
         }
         assert_eq!(pages_to_ranges(&pages, 7), bitmap_to_ranges(&bm, 7));
         assert!(pages_to_ranges(&[], 0).is_empty());
+    }
+
+    #[test]
+    fn sorted_pages_with_repeats_make_one_range_per_run() {
+        let r = |first, count| PageRange { first, count };
+        // Repeats inside and at the ends of runs, adjacent runs, a lone page.
+        assert_eq!(pages_to_ranges(&[0, 0, 1, 2, 2, 4, 5, 5, 5, 9], 100), vec![r(100, 3), r(104, 2), r(109, 1)]);
+        assert_eq!(pages_to_ranges(&[7, 7, 7], 0), vec![r(7, 1)]);
+        // The last page of a slot whose last word is partial.
+        assert_eq!(pages_to_ranges(&[130, 131, 131], 0), vec![r(130, 2)]);
+        // Appending after a range that ends where the first page is: a new
+        // range, the old one untouched (it may belong to another slot).
+        let mut out = vec![r(50, 50)];
+        sorted_pages_to_ranges_into(&[0, 1, 3], 100, &mut out);
+        assert_eq!(out, vec![r(50, 50), r(100, 2), r(103, 1)]);
+        let mut out = vec![r(5, 1)];
+        sorted_pages_to_ranges_into(&[], 100, &mut out);
+        assert_eq!(out, vec![r(5, 1)], "no pages, nothing appended");
+    }
+
+    #[test]
+    fn sorted_pages_match_their_bitmap_on_pseudo_random_sets() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for trial in 0..300 {
+            let pages = 64 * (1 + next() % 40) + next() % 64;
+            let n = (next() % 700) as usize;
+            let mut sorted: Vec<u64> = (0..n)
+                .map(|_| match next() % 6 {
+                    // Clusters near the slot's ends and page 0.
+                    0 => pages - 1 - next() % 4,
+                    1 => next() % 4,
+                    _ => next() % pages,
+                })
+                .collect();
+            sorted.sort_unstable();
+            let mut bm = vec![0u64; words_for(pages)];
+            for &p in &sorted {
+                bm[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            assert_eq!(pages_to_ranges(&sorted, 4242), slow(&bm, 4242), "trial {trial}");
+        }
+    }
+
+    #[test]
+    fn sparse_words_match_the_dense_scan_at_word_edges() {
+        // Bit 63 of one word joined to bit 0 of the next, full words, gaps
+        // of one word, and a range before them that must not be extended.
+        let words = [(0usize, 1u64 << 63), (1, 0b1), (2, u64::MAX), (3, 1), (5, 1 << 63), (6, 0b1010), (9, u64::MAX)];
+        let mut dense = vec![0u64; 10];
+        for &(w, bits) in &words {
+            dense[w] = bits;
+        }
+        assert_eq!(sparse_words_to_ranges(&words, 64), slow(&dense, 64));
+        let mut out = vec![PageRange { first: 0, count: 64 + 63 }];
+        sparse_words_to_ranges_into(&words, 64, &mut out);
+        assert_eq!(out[0], PageRange { first: 0, count: 127 });
+        assert_eq!(&out[1..], &slow(&dense, 64)[..]);
+        assert!(sparse_words_to_ranges(&[], 0).is_empty());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::dirty::caps::{INITIALLY_SET, MANUAL_PROTECT_ENABLE};
 use crate::dirty::ranges::{self, PageRange};
 use crate::dirty::ring::{self, DirtyRing, RingEntry};
+use crate::dirty::ring_pages::RingPages;
 use crate::dirty::{DirtyCaps, DirtyError, DirtyMode, log, vmm_writes};
 use crate::memory::{GuestRam, slots};
 
@@ -70,83 +71,9 @@ struct SlotState {
     acc: Vec<u64>,
     /// Whether KVM logs this slot's dirty pages.
     logging: bool,
-    /// Ring mode: the pages dirtied since the last harvest, as guest page
-    /// runs, while they arrive in ascending order (a guest writing memory
-    /// in address order fills the ring that way); the harvest then hands
-    /// this list over instead of scanning the whole bitmap. `None` after an
-    /// entry out of order or past [`MAX_RING_RUNS`] runs, and then `acc`
-    /// holds them all. While this is `Some`, `acc` is all zero.
-    ring_runs: Option<Vec<PageRange>>,
-}
-
-/// Most runs a slot keeps as a list between two harvests: one full ring's
-/// worth (KVM api.rst, KVM_CAP_DIRTY_LOG_RING: 64 Ki 16-byte entries fill
-/// the 1 MiB ring memvisor asks for per vCPU), at most 1 MiB of runs.
-const MAX_RING_RUNS: usize = 65_536;
-
-impl SlotState {
-    /// Records ring entry `offset` (checked to be inside the slot): in the
-    /// run list while entries ascend, else in `acc`.
-    fn note_ring_page(&mut self, offset: u64) {
-        let pfn = self.info.first_pfn + offset;
-        if let Some(runs) = self.ring_runs.as_mut() {
-            match runs.last().map(PageRange::end) {
-                Some(end) if end == pfn => {
-                    if let Some(last) = runs.last_mut() {
-                        last.count += 1;
-                    }
-                    return;
-                }
-                // A page before the last run's end: out of order (or seen
-                // twice, from two vCPUs' rings).
-                Some(end) if end > pfn => {}
-                _ if runs.len() < MAX_RING_RUNS => {
-                    runs.push(PageRange { first: pfn, count: 1 });
-                    return;
-                }
-                _ => {}
-            }
-            // From now on the bitmap holds them.
-            ranges::set_ranges(&mut self.acc, self.info.first_pfn, runs);
-            self.ring_runs = None;
-        }
-        self.acc[(offset / 64) as usize] |= 1 << (offset % 64);
-    }
-}
-
-impl SlotState {
-    /// Ring mode, at a harvest: appends the pages collected since the last
-    /// one to `out` (from the run list while it lasted, else from `acc`,
-    /// which `overflowed` has filled) and starts the slot over with an
-    /// empty list and an all-zero `acc`, so the next harvest reports only
-    /// what is collected after this one.
-    fn take_ring_pages(&mut self, out: &mut Vec<PageRange>, overflowed: bool) {
-        match self.ring_runs.take() {
-            Some(mut runs) if !overflowed => {
-                // `acc` is all zero while the list lasts (see the field).
-                if out.is_empty() {
-                    // The first slot's runs become the output as they are;
-                    // the output's old (empty) buffer goes back to the slot.
-                    std::mem::swap(out, &mut runs);
-                } else {
-                    out.extend_from_slice(&runs);
-                }
-                runs.clear();
-                self.ring_runs = Some(runs);
-            }
-            runs => {
-                let start = out.len();
-                ranges::bitmap_to_ranges_into(&self.acc, self.info.first_pfn, out);
-                // Every set bit is in one of these ranges: zeroing their
-                // words empties `acc` at a cost that follows the pages
-                // found, not the slot's size.
-                ranges::clear_ranges(&mut self.acc, self.info.first_pfn, &out[start..]);
-                let mut runs = runs.unwrap_or_default();
-                runs.clear();
-                self.ring_runs = Some(runs);
-            }
-        }
-    }
+    /// Ring mode: the pages dirtied since the last harvest, held as runs,
+    /// as a key list or in `acc` (see [`RingPages`]).
+    ring: RingPages,
 }
 
 /// Routes one ring entry (`slot` as KVM writes it: address space << 16 |
@@ -163,7 +90,8 @@ fn note_ring_entry(slots: &mut [SlotState], last: &mut usize, slot: u32, offset:
     match hit.filter(|_| slot >> 16 == 0) {
         Some(i) if offset < slots[i].info.pages => {
             *last = i;
-            slots[i].note_ring_page(offset);
+            let s = &mut slots[i];
+            s.ring.note(offset, s.info.first_pfn, &mut s.acc);
             true
         }
         _ => false,
@@ -226,7 +154,7 @@ impl DirtyTracker {
                     info: SlotInfo { slot: i as u32, first_pfn: r.range.start.0 >> 12, pages },
                     kvm: vec![0; words],
                     acc: vec![0; words],
-                    ring_runs: Some(Vec::new()),
+                    ring: RingPages::default(),
                     logging: false,
                 }
             })
@@ -503,7 +431,7 @@ impl DirtyTracker {
         for (s, vmm_words) in self.slots.iter_mut().zip(self.vmm_scratch.drain(..)) {
             let start = out.guest.len();
             if self.mode == DirtyMode::Ring {
-                s.take_ring_pages(&mut out.guest, ring_overflowed);
+                s.ring.take(&mut out.guest, ring_overflowed, s.info.first_pfn, &mut s.acc);
             } else {
                 ranges::bitmap_to_ranges_into(&s.acc, s.info.first_pfn, &mut out.guest);
             }
@@ -534,38 +462,11 @@ mod tests {
     use super::*;
 
     fn slot(pages: u64) -> SlotState {
-        SlotState { info: SlotInfo { slot: 0, first_pfn: 1000, pages }, kvm: Vec::new(), acc: vec![0; ranges::words_for(pages)], logging: true, ring_runs: Some(Vec::new()) }
-    }
-
-    #[test]
-    fn ascending_ring_pages_are_kept_as_runs_up_to_a_full_ring() {
-        let mut s = slot(1 << 20);
-        for p in 0..MAX_RING_RUNS as u64 {
-            s.note_ring_page(p * 4);
-            s.note_ring_page(p * 4 + 1);
-        }
-        let runs = s.ring_runs.as_ref().unwrap();
-        assert_eq!(runs.len(), MAX_RING_RUNS);
-        assert_eq!(runs[1], PageRange { first: 1004, count: 2 });
-        assert_eq!(ranges::count_pages(&s.acc), 0, "the bitmap is untouched while runs last");
-        s.note_ring_page((1 << 20) - 1);
-        assert!(s.ring_runs.is_none(), "past a full ring the bitmap takes over");
-        assert_eq!(ranges::count_pages(&s.acc), 2 * MAX_RING_RUNS as u64 + 1, "with every page noted so far");
-    }
-
-    #[test]
-    fn an_entry_out_of_order_moves_everything_to_the_bitmap() {
-        let mut s = slot(64 * 100);
-        s.note_ring_page(10);
-        s.note_ring_page(11);
-        s.note_ring_page(5);
-        assert!(s.ring_runs.is_none());
-        s.note_ring_page(200);
-        assert_eq!(ranges::bitmap_to_ranges(&s.acc, 0), vec![PageRange { first: 5, count: 1 }, PageRange { first: 10, count: 2 }, PageRange { first: 200, count: 1 }]);
+        SlotState { info: SlotInfo { slot: 0, first_pfn: 1000, pages }, kvm: Vec::new(), acc: vec![0; ranges::words_for(pages)], logging: true, ring: RingPages::default() }
     }
 
     /// Feeds `pages` (offsets in slot 0) through the ring-entry path and
-    /// harvests the slot as `fill_harvest` does in ring mode.
+    /// harvests the slots as `fill_harvest` does in ring mode.
     fn ring_round(slots: &mut [SlotState], pages: &[u64]) -> Vec<u64> {
         let mut last = 0;
         for &p in pages {
@@ -573,37 +474,27 @@ mod tests {
         }
         let mut out = Vec::new();
         for s in slots.iter_mut() {
-            s.take_ring_pages(&mut out, false);
+            s.ring.take(&mut out, false, s.info.first_pfn, &mut s.acc);
         }
         out.iter().flat_map(|r| r.first..r.end()).map(|p| p - 1000).collect()
     }
 
     #[test]
-    fn a_bitmap_harvest_after_list_harvests_reports_only_its_own_pages() {
+    fn a_scattered_harvest_after_list_harvests_reports_only_its_own_pages() {
         let mut slots = [slot(64 * 64)];
         // Two ascending rounds: harvested from the run list.
         assert_eq!(ring_round(&mut slots, &[3, 4, 5, 100, 2000]), vec![3, 4, 5, 100, 2000]);
         assert_eq!(ring_round(&mut slots, &[7, 8, 900]), vec![7, 8, 900]);
-        // Out of order: harvested from the bitmap, which must not still hold
-        // the earlier rounds' pages.
+        // Out of order: harvested from the key list, which must not still
+        // hold the earlier rounds' pages.
         assert_eq!(ring_round(&mut slots, &[50, 10, 4000, 9]), vec![9, 10, 50, 4000]);
+        // Many out of order: through the bitmap, likewise.
+        let many: Vec<u64> = (0..2000).rev().map(|i| i * 2).collect();
+        assert_eq!(ring_round(&mut slots, &many), (0..2000).map(|i| i * 2).collect::<Vec<_>>());
         assert_eq!(ranges::count_pages(&slots[0].acc), 0, "a harvest leaves the bitmap empty");
         // And back to the list, again with nothing from before.
         assert_eq!(ring_round(&mut slots, &[1, 2]), vec![1, 2]);
         assert!(ring_round(&mut slots, &[]).is_empty(), "nothing written, nothing reported");
-    }
-
-    #[test]
-    fn an_overflowed_ring_reports_the_filled_bitmap_and_starts_over() {
-        let mut s = slot(128);
-        let mut last = 0;
-        assert!(note_ring_entry(std::slice::from_mut(&mut s), &mut last, 0, 5));
-        s.acc.fill(u64::MAX);
-        let mut out = Vec::new();
-        s.take_ring_pages(&mut out, true);
-        assert_eq!(out, vec![PageRange { first: 1000, count: 128 }]);
-        assert_eq!(ranges::count_pages(&s.acc), 0);
-        assert_eq!(s.ring_runs.as_deref(), Some(&[][..]), "the next harvest starts with an empty list");
     }
 
     #[test]
@@ -617,17 +508,23 @@ mod tests {
         assert_eq!(last, 1, "the slot hit is remembered");
         let mut out = Vec::new();
         for s in &mut slots {
-            s.take_ring_pages(&mut out, false);
+            s.ring.take(&mut out, false, s.info.first_pfn, &mut s.acc);
         }
         assert_eq!(out, vec![PageRange { first: 5063, count: 1 }]);
     }
 
     #[test]
-    fn a_repeated_page_is_not_ascending() {
-        let mut s = slot(1 << 20);
-        s.note_ring_page(7);
-        s.note_ring_page(7);
-        assert!(s.ring_runs.is_none(), "a page seen twice goes through the bitmap");
-        assert_eq!(ranges::count_pages(&s.acc), 1);
+    fn entries_of_two_slots_interleaved_come_out_per_slot_in_order() {
+        let mut slots = [slot(256), SlotState { info: SlotInfo { slot: 1, first_pfn: 5000, pages: 256 }, ..slot(256) }];
+        let mut last = 0;
+        for (slot, offset) in [(0, 9), (1, 200), (0, 3), (1, 4), (0, 9), (1, 5), (0, 255)] {
+            assert!(note_ring_entry(&mut slots, &mut last, slot, offset));
+        }
+        let mut out = Vec::new();
+        for s in &mut slots {
+            s.ring.take(&mut out, false, s.info.first_pfn, &mut s.acc);
+        }
+        let r = |first, count| PageRange { first, count };
+        assert_eq!(out, vec![r(1003, 1), r(1009, 1), r(1255, 1), r(5004, 2), r(5200, 1)]);
     }
 }

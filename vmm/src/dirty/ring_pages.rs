@@ -1,0 +1,460 @@
+//! Where one memslot's dirty-ring entries wait between two harvests.
+//!
+//! A ring entry names one page; a harvest must hand over every page named
+//! since the previous harvest, exactly once, as ascending page ranges. The
+//! cheapest way to hold them depends on how they arrive, so a slot's record
+//! moves through three forms, each entry going to exactly one of them:
+//!
+//! 1. **Runs**: while entries ascend (a guest writing memory in address
+//!    order fills the ring that way), they are appended to a list of page
+//!    runs, and the harvest hands that list over as it is.
+//! 2. **Keys**: after the first entry out of order, the following ones are
+//!    appended, unsorted, to a list of page offsets (a short ascending
+//!    prefix moves there too); the harvest sorts it ([`key_sort`]) and
+//!    builds ranges from it, joined with the runs collected before. For
+//!    a few hundred entries scattered over a large slot this costs less
+//!    than the bitmap: each bit set there is a cache miss in a bitmap the
+//!    guest has evicted, and the harvest then scans the whole bitmap
+//!    (32 KiB per GiB of slot), where the key list is written and sorted in
+//!    a few cache lines.
+//! 3. **Bitmap**: past [`MAX_KEYS`] keys (or [`MAX_RUNS`] runs) everything
+//!    moves into the slot's bitmap, whose cost no longer grows with the
+//!    number of entries.
+//!
+//! The module does not own the bitmap (the tracker's other modes use the
+//! same buffer for KVM's log) and never reads a ring: the tracker routes
+//! each checked entry here.
+
+use crate::dirty::key_sort;
+use crate::dirty::ranges::{self, PageRange};
+
+/// Most runs a slot keeps as a list between two harvests: one full ring's
+/// worth (KVM api.rst, KVM_CAP_DIRTY_LOG_RING: 64 Ki 16-byte entries fill
+/// the 1 MiB ring memvisor asks for per vCPU), at most 1 MiB of runs.
+pub const MAX_RUNS: usize = 65_536;
+
+/// Most out-of-order entries a slot keeps as a list before the bitmap takes
+/// over. Chosen by measurement (the ignored test `time_scattered_harvest`
+/// below, release build, reference host at load ~5, 1 GiB slot; medians):
+///
+/// | entries | bitmap, hot | keys, hot | bitmap, caches evicted | keys, evicted |
+/// |---|---|---|---|---|
+/// | 262 | 3.8 µs | 3.5 µs | 16.2 µs | 8.8 µs |
+/// | 512 | 6.2 µs | 6.6 µs | 16.5 µs | 12.6 µs |
+/// | 1,024 | 10.4 µs | 15.2 µs | 34.0 µs | 24.3 µs |
+/// | 2,621 | 26.4 µs | 40.7 µs | 44.8 µs | 54.1 µs |
+///
+/// A harvest follows a guest run, so its caches are closer to evicted
+/// than hot (the test evicts them harder than a guest does: a 32 MiB
+/// walk); 512 is where the key list stops winning with hot caches.
+pub const MAX_KEYS: usize = 512;
+
+/// Run pages moved into the keys at most, at the first entry out of order
+/// (see [`RingPages::runs_to_keys`]): a few cache lines of keys. The key
+/// list holds them and the entry that moved them without spilling.
+const MOVE_AT_MOST: u64 = 64;
+const _: () = assert!(MOVE_AT_MOST < MAX_KEYS as u64);
+
+/// Which form holds the entries (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Runs,
+    Keys,
+    Bitmap,
+}
+
+/// One slot's ring entries since the last harvest.
+///
+/// Invariants between calls: in `Runs`, `keys` is empty and the bitmap is
+/// all zero; in `Keys`, the bitmap is all zero, `runs` holds the entries
+/// before the first one out of order (unless they moved into `keys`) and
+/// `keys` (at most [`MAX_KEYS`]) the rest; in `Bitmap`, `runs` and `keys`
+/// are empty and the bitmap holds every entry.
+#[derive(Debug)]
+pub struct RingPages {
+    form: Form,
+    /// Ascending, disjoint, non-adjacent guest page runs.
+    runs: Vec<PageRange>,
+    /// Page offsets inside the slot, in arrival order (repeats allowed).
+    keys: Vec<u64>,
+    /// Reused buffer: the keys' ranges, before they are joined with `runs`.
+    key_ranges: Vec<PageRange>,
+    /// Reused buffer: the sort's second half.
+    sort_scratch: Vec<u64>,
+}
+
+impl Default for RingPages {
+    fn default() -> Self {
+        RingPages { form: Form::Runs, runs: Vec::new(), keys: Vec::new(), key_ranges: Vec::new(), sort_scratch: Vec::new() }
+    }
+}
+
+impl RingPages {
+    /// Records the entry for page `offset` of a slot whose first page is
+    /// `first_pfn` and whose bitmap is `bitmap` (the caller has checked
+    /// that `offset` lies inside the slot).
+    ///
+    /// Called for every ring entry, so inlined into the ring's drain loop
+    /// with only the common steps in it; changes of form are out of line.
+    #[inline(always)]
+    pub fn note(&mut self, offset: u64, first_pfn: u64, bitmap: &mut [u64]) {
+        match self.form {
+            Form::Runs => {
+                let pfn = first_pfn + offset;
+                let len = self.runs.len();
+                match self.runs.last_mut() {
+                    Some(last) if last.end() == pfn => last.count += 1,
+                    // A page before the last run's end: out of order (or
+                    // seen twice, from two vCPUs' rings).
+                    Some(last) if last.end() > pfn => self.start_keys(offset, first_pfn),
+                    _ if len < MAX_RUNS => self.runs.push(PageRange { first: pfn, count: 1 }),
+                    _ => self.spill(offset, first_pfn, bitmap),
+                }
+            }
+            Form::Keys if self.keys.len() < MAX_KEYS => self.keys.push(offset),
+            Form::Keys => self.spill(offset, first_pfn, bitmap),
+            Form::Bitmap => set_bit(bitmap, offset),
+        }
+    }
+
+    /// From runs to keys, at the first entry out of order (`offset`).
+    #[cold]
+    #[inline(never)]
+    fn start_keys(&mut self, offset: u64, first_pfn: u64) {
+        self.form = Form::Keys;
+        self.runs_to_keys(first_pfn);
+        self.keys.push(offset);
+    }
+
+    /// At the first entry out of order: when the runs so far hold only a
+    /// few pages (the usual case for scattered writes, whose first entries
+    /// ascend only by chance), their pages become keys too, so the harvest
+    /// sorts one list instead of also joining it with the runs (one more
+    /// pass over every range). Longer runs stay as they are and are joined.
+    fn runs_to_keys(&mut self, first_pfn: u64) {
+        if self.runs.len() as u64 > MOVE_AT_MOST || ranges::pages_in(&self.runs) > MOVE_AT_MOST {
+            return;
+        }
+        self.keys.extend(self.runs.iter().flat_map(|r| r.first - first_pfn..r.end() - first_pfn));
+        self.runs.clear();
+    }
+
+    /// Moves the runs, the keys and the entry for `offset` into `bitmap`;
+    /// from now on it holds them all.
+    #[cold]
+    #[inline(never)]
+    fn spill(&mut self, offset: u64, first_pfn: u64, bitmap: &mut [u64]) {
+        ranges::set_ranges(bitmap, first_pfn, &self.runs);
+        for &k in &self.keys {
+            set_bit(bitmap, k);
+        }
+        set_bit(bitmap, offset);
+        self.runs.clear();
+        self.keys.clear();
+        self.form = Form::Bitmap;
+    }
+
+    /// At a harvest: appends the pages recorded since the last one to `out`
+    /// as ascending ranges and starts over empty, leaving `bitmap` all
+    /// zero. With `overflowed` the caller has set every page of the slot in
+    /// `bitmap` (a ring overflowed, so entries may be lost) and the bitmap
+    /// is reported whatever the form.
+    pub fn take(&mut self, out: &mut Vec<PageRange>, overflowed: bool, first_pfn: u64, bitmap: &mut [u64]) {
+        let form = if overflowed { Form::Bitmap } else { self.form };
+        match form {
+            Form::Runs => {
+                if out.is_empty() {
+                    // The first slot's runs become the output as they are;
+                    // the output's old (empty) buffer comes back here.
+                    std::mem::swap(out, &mut self.runs);
+                } else {
+                    out.extend_from_slice(&self.runs);
+                }
+            }
+            Form::Keys => {
+                // Every offset was checked to lie inside the slot, whose
+                // pages the bitmap covers: that bounds the keys.
+                key_sort::sort_below(&mut self.keys, &mut self.sort_scratch, bitmap.len() as u64 * 64);
+                if self.runs.is_empty() {
+                    ranges::sorted_pages_to_ranges_into(&self.keys, first_pfn, out);
+                } else {
+                    self.key_ranges.clear();
+                    ranges::sorted_pages_to_ranges_into(&self.keys, first_pfn, &mut self.key_ranges);
+                    ranges::union_into(&self.runs, &self.key_ranges, out);
+                }
+            }
+            Form::Bitmap => {
+                let start = out.len();
+                ranges::bitmap_to_ranges_into(bitmap, first_pfn, out);
+                // Every set bit is in one of these ranges: zeroing their
+                // words empties the bitmap at a cost that follows the pages
+                // found, not the slot's size.
+                ranges::clear_ranges(bitmap, first_pfn, &out[start..]);
+            }
+        }
+        self.runs.clear();
+        self.keys.clear();
+        self.form = Form::Runs;
+    }
+}
+
+/// Sets page `offset`'s bit (bit `offset % 64` of word `offset / 64`, the
+/// KVM_GET_DIRTY_LOG layout of api.rst); the caller has checked the bounds.
+#[inline]
+fn set_bit(bitmap: &mut [u64], offset: u64) {
+    bitmap[(offset / 64) as usize] |= 1 << (offset % 64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: u64 = 1000;
+
+    /// A record and its bitmap for a slot of `pages` pages at [`BASE`].
+    fn slot(pages: u64) -> (RingPages, Vec<u64>) {
+        (RingPages::default(), vec![0; ranges::words_for(pages)])
+    }
+
+    /// Notes `offsets` and harvests them, as page offsets.
+    fn round(r: &mut RingPages, bm: &mut [u64], offsets: &[u64]) -> Vec<u64> {
+        for &o in offsets {
+            r.note(o, BASE, bm);
+        }
+        let mut out = Vec::new();
+        r.take(&mut out, false, BASE, bm);
+        assert_eq!(ranges::count_pages(bm), 0, "a harvest leaves the bitmap empty");
+        out.iter().flat_map(|r| r.first..r.end()).map(|p| p - BASE).collect()
+    }
+
+    #[test]
+    fn ascending_pages_are_kept_as_runs_up_to_a_full_ring() {
+        let (mut r, mut bm) = slot(1 << 20);
+        for p in 0..MAX_RUNS as u64 {
+            r.note(p * 4, BASE, &mut bm);
+            r.note(p * 4 + 1, BASE, &mut bm);
+        }
+        assert_eq!((r.form, r.runs.len()), (Form::Runs, MAX_RUNS));
+        assert_eq!(r.runs[1], PageRange { first: BASE + 4, count: 2 });
+        assert_eq!(ranges::count_pages(&bm), 0, "the bitmap is untouched while runs last");
+        r.note((1 << 20) - 1, BASE, &mut bm);
+        assert_eq!(r.form, Form::Bitmap, "past a full ring the bitmap takes over");
+        assert_eq!(ranges::count_pages(&bm), 2 * MAX_RUNS as u64 + 1, "with every page noted so far");
+        assert!(r.runs.is_empty() && r.keys.is_empty(), "and nothing stays behind in the lists");
+    }
+
+    #[test]
+    fn entries_out_of_order_go_to_the_key_list_and_come_out_sorted() {
+        let (mut r, mut bm) = slot(64 * 100);
+        r.note(10, BASE, &mut bm);
+        r.note(11, BASE, &mut bm);
+        r.note(5, BASE, &mut bm);
+        assert_eq!(r.form, Form::Keys);
+        assert!(r.runs.is_empty(), "a short run moves into the keys");
+        r.note(200, BASE, &mut bm);
+        r.note(11, BASE, &mut bm);
+        assert_eq!(ranges::count_pages(&bm), 0, "the bitmap is untouched while keys last");
+        let mut out = Vec::new();
+        r.take(&mut out, false, BASE, &mut bm);
+        assert_eq!(out, vec![PageRange { first: BASE + 5, count: 1 }, PageRange { first: BASE + 10, count: 2 }, PageRange { first: BASE + 200, count: 1 }]);
+    }
+
+    #[test]
+    fn long_runs_stay_runs_and_are_joined_with_the_keys() {
+        let (mut r, mut bm) = slot(1 << 12);
+        for p in 100..300 {
+            r.note(p, BASE, &mut bm);
+        }
+        // Out of order: inside the run, just before it, just after it and
+        // far away; the run stays a run.
+        for p in [150, 99, 300, 301, 4000, 10] {
+            r.note(p, BASE, &mut bm);
+        }
+        assert_eq!((r.form, r.runs.len(), r.keys.len()), (Form::Keys, 1, 6));
+        let mut out = Vec::new();
+        r.take(&mut out, false, BASE, &mut bm);
+        let p = |first, count| PageRange { first: BASE + first, count };
+        assert_eq!(out, vec![p(10, 1), p(99, 203), p(4000, 1)]);
+    }
+
+    #[test]
+    fn past_the_key_limit_the_bitmap_holds_everything() {
+        let (mut r, mut bm) = slot(1 << 16);
+        let mut pages: Vec<u64> = vec![100, 101, 102];
+        // Descending from here: the first still ascends past 102 (a run),
+        // the other MAX_KEYS + 1 are out of order.
+        pages.extend((0..MAX_KEYS as u64 + 2).map(|i| 60_000 - 3 * i));
+        for &p in &pages {
+            r.note(p, BASE, &mut bm);
+        }
+        assert_eq!(r.form, Form::Bitmap);
+        assert_eq!(ranges::count_pages(&bm), pages.len() as u64);
+        pages.sort_unstable();
+        assert_eq!(round(&mut r, &mut bm, &[]), pages);
+    }
+
+    #[test]
+    fn each_harvest_reports_only_its_own_pages_whatever_the_form() {
+        let (mut r, mut bm) = slot(64 * 64);
+        // Runs, then runs again.
+        assert_eq!(round(&mut r, &mut bm, &[3, 4, 5, 100, 2000]), vec![3, 4, 5, 100, 2000]);
+        assert_eq!(round(&mut r, &mut bm, &[7, 8, 900]), vec![7, 8, 900]);
+        // Keys: must not hold the earlier rounds' pages.
+        assert_eq!(round(&mut r, &mut bm, &[50, 10, 4000, 9, 10]), vec![9, 10, 50, 4000]);
+        // The bitmap: the same.
+        let many: Vec<u64> = (0..=MAX_KEYS as u64 + 1).rev().map(|i| i * 3).collect();
+        let mut want = many.clone();
+        want.sort_unstable();
+        assert_eq!(round(&mut r, &mut bm, &many), want);
+        assert_eq!(r.form, Form::Runs);
+        // And back to the list, again with nothing from before.
+        assert_eq!(round(&mut r, &mut bm, &[1, 2]), vec![1, 2]);
+        assert!(round(&mut r, &mut bm, &[]).is_empty(), "nothing written, nothing reported");
+    }
+
+    #[test]
+    fn an_overflow_reports_the_filled_bitmap_and_starts_over() {
+        let (mut r, mut bm) = slot(128);
+        r.note(5, BASE, &mut bm);
+        r.note(1, BASE, &mut bm);
+        bm.fill(u64::MAX);
+        let mut out = Vec::new();
+        r.take(&mut out, true, BASE, &mut bm);
+        assert_eq!(out, vec![PageRange { first: BASE, count: 128 }]);
+        assert_eq!(ranges::count_pages(&bm), 0);
+        assert_eq!((r.form, r.runs.len(), r.keys.len()), (Form::Runs, 0, 0), "the next harvest starts empty");
+    }
+
+    #[test]
+    fn a_second_slot_appends_without_touching_the_first() {
+        let (mut a, mut bma) = slot(256);
+        let (mut b, mut bmb) = slot(256);
+        a.note(3, BASE, &mut bma);
+        b.note(9, 5000, &mut bmb);
+        b.note(2, 5000, &mut bmb);
+        let mut out = Vec::new();
+        a.take(&mut out, false, BASE, &mut bma);
+        b.take(&mut out, false, 5000, &mut bmb);
+        assert_eq!(out, vec![PageRange { first: BASE + 3, count: 1 }, PageRange { first: 5002, count: 1 }, PageRange { first: 5009, count: 1 }]);
+    }
+
+    /// xorshift64: reproducible pseudo-random offsets without a dependency.
+    fn next(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    #[test]
+    fn every_form_reports_what_the_bitmap_alone_would() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let pages = 64 * 70 + 13;
+        let (mut r, mut bm) = slot(pages);
+        for trial in 0..300 {
+            // Sizes around the key limit, an ascending prefix of some
+            // length, repeats, and offsets near both ends of the slot.
+            let n = match trial % 4 {
+                0 => (next(&mut x) % 20) as usize,
+                1 => (next(&mut x) % 600) as usize,
+                2 => MAX_KEYS - 5 + (next(&mut x) % 10) as usize,
+                _ => (next(&mut x) % 3000) as usize,
+            };
+            // A prefix longer than the 64 run pages moved into the keys
+            // sometimes: then the keys' ranges are joined with the runs.
+            let prefix = (next(&mut x) % 200) * 3;
+            let mut offsets: Vec<u64> = (0..prefix).step_by(3).collect();
+            for _ in 0..n {
+                let o = match next(&mut x) % 8 {
+                    0 => pages - 1 - next(&mut x) % 3,
+                    1 => next(&mut x) % 3,
+                    2 => offsets.last().copied().unwrap_or(0),
+                    _ => next(&mut x) % pages,
+                };
+                offsets.push(o);
+            }
+            let mut reference = vec![0u64; ranges::words_for(pages)];
+            for &o in &offsets {
+                set_bit(&mut reference, o);
+            }
+            let want = ranges::bitmap_to_ranges(&reference, BASE);
+            for &o in &offsets {
+                r.note(o, BASE, &mut bm);
+            }
+            let mut out = vec![PageRange { first: 1, count: 2 }];
+            r.take(&mut out, false, BASE, &mut bm);
+            assert_eq!(out[0], PageRange { first: 1, count: 2 }, "trial {trial}: an earlier range is left alone");
+            assert_eq!(&out[1..], &want[..], "trial {trial}: {n} entries after a prefix of {prefix}");
+            assert_eq!(ranges::count_pages(&bm), 0, "trial {trial}");
+        }
+    }
+}
+
+/// How [`MAX_KEYS`] was chosen: the key list against the bitmap for
+/// scattered entries in a 1 GiB slot, with hot caches and with caches
+/// evicted (a 32 MiB walk) before each harvest. Run it by hand:
+/// `cargo test --release -p memvisor --lib time_scattered_harvest -- --ignored --nocapture`.
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::bench::page_writer::{scatter_step, scattered_order};
+    use std::time::Instant;
+
+    /// Writes one word per cache line of `buf`.
+    fn evict(buf: &mut [u64]) {
+        for (i, w) in buf.iter_mut().enumerate().step_by(8) {
+            *w = w.wrapping_add(i as u64);
+        }
+    }
+
+    /// The median and minimum of `t`, in ns.
+    fn stats(t: &mut [u128]) -> (u128, u128) {
+        t.sort_unstable();
+        (t[t.len() / 2], t[0])
+    }
+
+    #[test]
+    #[ignore = "a timing, run by hand in release"]
+    fn time_scattered_harvest() {
+        let pages = 262_144u64;
+        let mut big = vec![0u64; 4 << 20];
+        for count in [262u64, 512, 1024, 2621] {
+            let stride = pages / count;
+            let order = scattered_order(0, count, stride, scatter_step(count));
+            let mut bm = vec![0u64; ranges::words_for(pages)];
+            let mut out = Vec::with_capacity(70_000);
+            let mut r = RingPages::default();
+            for cold in [false, true] {
+                let (mut t_bitmap, mut t_keys) = (Vec::new(), Vec::new());
+                for _ in 0..301 {
+                    if cold {
+                        evict(&mut big);
+                    }
+                    out.clear();
+                    let t = Instant::now();
+                    for &o in &order {
+                        set_bit(&mut bm, o);
+                    }
+                    ranges::bitmap_to_ranges_into(&bm, 0, &mut out);
+                    ranges::clear_ranges(&mut bm, 0, &out);
+                    t_bitmap.push(t.elapsed().as_nanos());
+                    assert_eq!(out.len() as u64, count);
+                    if cold {
+                        evict(&mut big);
+                    }
+                    out.clear();
+                    let t = Instant::now();
+                    for &o in &order {
+                        r.keys.push(o);
+                    }
+                    r.form = Form::Keys;
+                    r.take(&mut out, false, 0, &mut bm);
+                    t_keys.push(t.elapsed().as_nanos());
+                    assert_eq!(out.len() as u64, count);
+                }
+                let ((bm_med, bm_min), (k_med, k_min)) = (stats(&mut t_bitmap), stats(&mut t_keys));
+                println!("{count} entries, caches {}: bitmap {bm_med} ns (min {bm_min}), key list {k_med} ns (min {k_min})", if cold { "evicted" } else { "hot" });
+            }
+        }
+    }
+}
