@@ -51,6 +51,11 @@ pub struct DirtyArgs {
     /// (default: 0.1,1,100).
     #[arg(long, value_delimiter = ',')]
     pub dirty: Vec<f64>,
+    /// Time only the harvest's pure kernels, without a VM: the ring's key
+    /// list against the bitmap, and the key sort (`--reps` repetitions,
+    /// default 301).
+    #[arg(long)]
+    pub kernels: bool,
 }
 
 /// One (mechanism, dirty fraction) cell.
@@ -222,6 +227,10 @@ fn measure_mode(mode: DirtyMode, mem: u64, fractions: &[f64], reps: usize) -> Re
 /// # Errors
 /// [`VmmError`] when KVM fails.
 pub fn run(args: &DirtyArgs) -> Result<u32, VmmError> {
+    if args.kernels {
+        super::dirty_kernels::run(args.reps.unwrap_or(301)).map_err(err)?;
+        return Ok(0);
+    }
     let mem = match &args.mem {
         Some(m) => parse_size(m).map_err(err)?,
         None if args.quick => 256 << 20,

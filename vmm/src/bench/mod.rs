@@ -4,6 +4,7 @@
 pub mod balloon;
 pub mod boot;
 pub mod dirty;
+pub mod dirty_kernels;
 pub mod page_writer;
 pub mod snapshot;
 pub mod stats;

@@ -34,8 +34,8 @@ use crate::dirty::ranges::{self, PageRange};
 pub const MAX_RUNS: usize = 65_536;
 
 /// Most out-of-order entries a slot keeps as a list before the bitmap takes
-/// over. Chosen by measurement (the ignored test `time_scattered_harvest`
-/// below, release build, reference host at load ~5, 1 GiB slot; medians):
+/// over. Chosen by measurement (`vmm bench dirty --kernels`, release build,
+/// reference host at load ~5, 1 GiB slot; medians):
 ///
 /// | entries | bitmap, hot | keys, hot | bitmap, caches evicted | keys, evicted |
 /// |---|---|---|---|---|
@@ -386,75 +386,6 @@ mod tests {
             assert_eq!(out[0], PageRange { first: 1, count: 2 }, "trial {trial}: an earlier range is left alone");
             assert_eq!(&out[1..], &want[..], "trial {trial}: {n} entries after a prefix of {prefix}");
             assert_eq!(ranges::count_pages(&bm), 0, "trial {trial}");
-        }
-    }
-}
-
-/// How [`MAX_KEYS`] was chosen: the key list against the bitmap for
-/// scattered entries in a 1 GiB slot, with hot caches and with caches
-/// evicted (a 32 MiB walk) before each harvest. Run it by hand:
-/// `cargo test --release -p memvisor --lib time_scattered_harvest -- --ignored --nocapture`.
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use crate::bench::page_writer::{scatter_step, scattered_order};
-    use std::time::Instant;
-
-    /// Writes one word per cache line of `buf`.
-    fn evict(buf: &mut [u64]) {
-        for (i, w) in buf.iter_mut().enumerate().step_by(8) {
-            *w = w.wrapping_add(i as u64);
-        }
-    }
-
-    /// The median and minimum of `t`, in ns.
-    fn stats(t: &mut [u128]) -> (u128, u128) {
-        t.sort_unstable();
-        (t[t.len() / 2], t[0])
-    }
-
-    #[test]
-    #[ignore = "a timing, run by hand in release"]
-    fn time_scattered_harvest() {
-        let pages = 262_144u64;
-        let mut big = vec![0u64; 4 << 20];
-        for count in [262u64, 512, 1024, 2621] {
-            let stride = pages / count;
-            let order = scattered_order(0, count, stride, scatter_step(count));
-            let mut bm = vec![0u64; ranges::words_for(pages)];
-            let mut out = Vec::with_capacity(70_000);
-            let mut r = RingPages::default();
-            for cold in [false, true] {
-                let (mut t_bitmap, mut t_keys) = (Vec::new(), Vec::new());
-                for _ in 0..301 {
-                    if cold {
-                        evict(&mut big);
-                    }
-                    out.clear();
-                    let t = Instant::now();
-                    for &o in &order {
-                        set_bit(&mut bm, o);
-                    }
-                    ranges::bitmap_to_ranges_into(&bm, 0, &mut out);
-                    ranges::clear_ranges(&mut bm, 0, &out);
-                    t_bitmap.push(t.elapsed().as_nanos());
-                    assert_eq!(out.len() as u64, count);
-                    if cold {
-                        evict(&mut big);
-                    }
-                    out.clear();
-                    let t = Instant::now();
-                    for &o in &order {
-                        r.keys.push(o);
-                    }
-                    r.form = Form::Keys;
-                    r.take(&mut out, false, 0, &mut bm);
-                    t_keys.push(t.elapsed().as_nanos());
-                    assert_eq!(out.len() as u64, count);
-                }
-                let ((bm_med, bm_min), (k_med, k_min)) = (stats(&mut t_bitmap), stats(&mut t_keys));
-                println!("{count} entries, caches {}: bitmap {bm_med} ns (min {bm_min}), key list {k_med} ns (min {k_min})", if cold { "evicted" } else { "hot" });
-            }
         }
     }
 }

@@ -1,0 +1,162 @@
+//! `vmm bench dirty --kernels`: the harvest's pure kernels timed without a
+//! VM, the figures behind two choices in `dirty/`:
+//! - [`crate::dirty::ring_pages::MAX_KEYS`]: for ring entries arriving in a
+//!   scattered order in a 1 GiB slot, the sorted key list against setting
+//!   bits in the slot's bitmap and scanning it, with hot caches and with
+//!   caches evicted (a 32 MiB walk) before each harvest, as after a guest's
+//!   run;
+//! - [`crate::dirty::key_sort::sort_below`]: the bucketed sort against
+//!   `sort_unstable` for the key list's sizes.
+//!
+//! Medians (and minima) of many repetitions, in ns. Every harvest is checked
+//! to hold exactly the pages noted.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use crate::bench::page_writer::{scatter_step, scattered_order};
+use crate::dirty::key_sort::sort_below;
+use crate::dirty::ranges::{self, PageRange};
+use crate::dirty::ring_pages::RingPages;
+
+/// Pages of a 1 GiB slot.
+const SLOT_PAGES: u64 = 262_144;
+/// Bytes walked to evict the caches (larger than this host's L2 and LLC).
+const EVICT_BYTES: usize = 32 << 20;
+
+/// Writes one word per 64-byte cache line of `buf`.
+fn evict(buf: &mut [u64]) {
+    for (i, w) in buf.iter_mut().enumerate().step_by(8) {
+        *w = w.wrapping_add(i as u64);
+    }
+    black_box(buf);
+}
+
+/// (median, minimum) of `t`.
+fn median_min(t: &mut [u128]) -> (u128, u128) {
+    t.sort_unstable();
+    (t.get(t.len() / 2).copied().unwrap_or(0), t.first().copied().unwrap_or(0))
+}
+
+/// One harvest timing: `(entries, caches evicted, bitmap ns, key list ns)`,
+/// medians, with minima.
+type Row = (u64, bool, (u128, u128), (u128, u128));
+
+fn harvest_rows(reps: usize) -> Result<Vec<Row>, String> {
+    let mut big = vec![0u64; EVICT_BYTES / 8];
+    let mut rows = Vec::new();
+    for count in [262u64, 512, 1024, 2621] {
+        let order = scattered_order(0, count, SLOT_PAGES / count, scatter_step(count));
+        // The pages are at least a stride apart: one range each, ascending.
+        let mut want: Vec<PageRange> = order.iter().map(|&first| PageRange { first, count: 1 }).collect();
+        want.sort_unstable_by_key(|r| r.first);
+        let mut bitmap = vec![0u64; ranges::words_for(SLOT_PAGES)];
+        let mut out: Vec<PageRange> = Vec::with_capacity(70_000);
+        let mut ring = RingPages::default();
+        for cold in [false, true] {
+            let (mut t_bitmap, mut t_keys) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+            for _ in 0..reps {
+                if cold {
+                    evict(&mut big);
+                }
+                out.clear();
+                let t = Instant::now();
+                for &o in &order {
+                    if let Some(w) = bitmap.get_mut((o / 64) as usize) {
+                        *w |= 1 << (o % 64);
+                    }
+                }
+                ranges::bitmap_to_ranges_into(&bitmap, 0, &mut out);
+                ranges::clear_ranges(&mut bitmap, 0, &out);
+                t_bitmap.push(t.elapsed().as_nanos());
+                if out != want {
+                    return Err(format!("the bitmap harvest of {count} scattered pages is not exactly those pages"));
+                }
+                if cold {
+                    evict(&mut big);
+                }
+                out.clear();
+                let t = Instant::now();
+                for &o in &order {
+                    ring.note(o, 0, &mut bitmap);
+                }
+                ring.take(&mut out, false, 0, &mut bitmap);
+                t_keys.push(t.elapsed().as_nanos());
+                if out != want {
+                    return Err(format!("the ring harvest of {count} scattered pages is not exactly those pages"));
+                }
+            }
+            rows.push((count, cold, median_min(&mut t_bitmap), median_min(&mut t_keys)));
+        }
+    }
+    Ok(rows)
+}
+
+/// One sort timing: `(keys, sort_unstable ns, sort_below ns)`, medians
+/// with minima.
+type SortRow = (usize, (u128, u128), (u128, u128));
+
+fn sort_rows(reps: usize) -> Vec<SortRow> {
+    let mut x = memvisor_abi::splitmix::GOLDEN_GAMMA;
+    let mut scratch = Vec::new();
+    let mut rows = Vec::new();
+    for n in [262usize, 512] {
+        let keys: Vec<u64> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % SLOT_PAGES
+            })
+            .collect();
+        let (mut t_std, mut t_ours) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+        let mut k = Vec::with_capacity(n);
+        for _ in 0..reps {
+            k.clear();
+            k.extend_from_slice(&keys);
+            let t = Instant::now();
+            k.sort_unstable();
+            t_std.push(t.elapsed().as_nanos());
+            black_box(&k);
+            k.clear();
+            k.extend_from_slice(&keys);
+            let t = Instant::now();
+            sort_below(&mut k, &mut scratch, SLOT_PAGES);
+            t_ours.push(t.elapsed().as_nanos());
+            black_box(&k);
+        }
+        rows.push((n, median_min(&mut t_std), median_min(&mut t_ours)));
+    }
+    rows
+}
+
+/// Runs both timings and prints them.
+///
+/// # Errors
+/// A message when a harvest does not hold exactly the pages noted.
+pub fn run(reps: usize) -> Result<(), String> {
+    let reps = reps.max(1);
+    println!("ring harvest of scattered entries, 1 GiB slot, {reps} repetitions: median ns (min)");
+    println!("{:>8} {:>8} {:>16} {:>16}", "entries", "caches", "bitmap", "key list");
+    for (count, cold, (bm, bm_min), (k, k_min)) in harvest_rows(reps)? {
+        println!("{count:>8} {:>8} {:>16} {:>16}", if cold { "evicted" } else { "hot" }, format!("{bm} ({bm_min})"), format!("{k} ({k_min})"));
+    }
+    println!("key sort below 2^18, hot: median ns (min)");
+    println!("{:>8} {:>16} {:>16}", "keys", "sort_unstable", "sort_below");
+    for (n, (s, s_min), (o, o_min)) in sort_rows(reps) {
+        println!("{n:>8} {:>16} {:>16}", format!("{s} ({s_min})"), format!("{o} ({o_min})"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_timed_harvest_holds_exactly_the_pages_noted() {
+        let rows = harvest_rows(2).unwrap();
+        assert_eq!(rows.len(), 8, "four sizes, hot and evicted");
+        assert_eq!(sort_rows(2).len(), 2);
+    }
+}
