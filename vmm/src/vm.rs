@@ -85,6 +85,24 @@ impl Vm {
     /// # Errors
     /// [`VmError`] when KVM refuses.
     pub fn new(kvm: Kvm, ram: GuestRam) -> Result<Self, VmError> {
+        let vm = Self::without_memslots(kvm, ram)?;
+        vm.register_memslots()?;
+        Ok(vm)
+    }
+
+    /// Creates the VM but leaves `ram` unregistered: the caller registers
+    /// it with [`Vm::register_memslots`] before the first `KVM_RUN`. This
+    /// lets a restore register its memslots on a second thread while the
+    /// first creates and loads the vCPU: KVM allows vCPUs and memslots in
+    /// either order (memory hotplug adds slots to running VMs; KVM api.rst,
+    /// 4.35 KVM_SET_USER_MEMORY_REGION), and registering 1 GiB is the
+    /// longest step of a lazy restore (KVM allocates and zeroes the slot's
+    /// reverse-map arrays, 8 bytes per 4 KiB page: 2 MiB for 1 GiB, ~0.5–1 ms
+    /// on the nested PVM host where kernel pages are often cold).
+    ///
+    /// # Errors
+    /// [`VmError`] when KVM refuses.
+    pub fn without_memslots(kvm: Kvm, ram: GuestRam) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(|source| VmError::Kvm { what: "KVM_CREATE_VM", source })?;
         // Intel hosts without unrestricted guest need these for real-mode
         // emulation (KVM api.rst, KVM_SET_TSS_ADDR). Other flavours (AMD,
@@ -96,8 +114,15 @@ impl Vm {
         if let Err(e) = fd.set_tss_address(abi::KVM_TSS as usize) {
             log::debug!("KVM_SET_TSS_ADDR: {e}");
         }
-        slots::register(&fd, &ram, 0)?;
         Ok(Vm { fd, kvm, ram, irqchip: std::sync::atomic::AtomicBool::new(false) })
+    }
+
+    /// Registers guest RAM as the VM's memslots (see [`Vm::without_memslots`]).
+    ///
+    /// # Errors
+    /// [`VmError::Memory`] when KVM refuses a slot.
+    pub fn register_memslots(&self) -> Result<(), VmError> {
+        Ok(slots::register(&self.fd, &self.ram, 0)?)
     }
 
     /// Creates KVM's in-kernel interrupt controllers (PIC, IOAPIC and a

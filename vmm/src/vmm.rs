@@ -311,8 +311,10 @@ pub struct RestoreOptions {
 pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOptions) -> Result<RunOutcome, VmmError> {
     use crate::snapshot::{self, format::SnapshotKind, memory_file};
 
+    timeline::mark("restore");
     let mode = restore.mode;
     let chain = snapshot::load_chain(dir)?;
+    timeline::mark("load + check snapshot chain");
     let top = chain.top();
     let mut config = top.manifest.config.clone();
     config.validate().map_err(|e| snapshot::SnapshotError::Corrupt(format!("the saved configuration is invalid: {e}")))?;
@@ -341,6 +343,7 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
         log::warn!("lazy restore needs an anon or thp backing; restoring {} backing by copy", config.backing);
     }
     let kvm = vm::open_kvm()?;
+    timeline::mark("open /dev/kvm");
     let host_mode = host::detect();
     let ram = if lazy { GuestRam::from_image(&config, &base.memory)? } else { GuestRam::new(&config)? };
     let skip = usize::from(lazy);
@@ -351,28 +354,22 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     let balloon = restore_balloon(&config, &chain.state, &ram)?;
     // Writes made while restoring are not guest activity.
     let _ = crate::dirty::vmm_writes::take(&ram);
-    let vm = Vm::new(kvm, ram)?;
-    // Before the vCPU, as at boot; its state is set once the vCPU exists.
-    if chain.state.irqchip.is_some() {
-        vm.create_irqchip()?;
-    }
+    timeline::mark("map + load guest RAM");
+    let vm = Vm::without_memslots(kvm, ram)?;
+    timeline::mark("create VM");
+    // Before the vCPU, as at boot (the dirty ring can only be enabled then).
     let mut tracker = prepare_tracker(&config, &vm, options.control.is_some())?;
-    let saved = &chain.state.vcpus[0];
-    let vcpu = if saved.cpuid.is_empty() { vcpu::create(&vm, 0)? } else { vcpu::create_with_cpuid(&vm, 0, &saved.cpuid()?)? };
-    if let Some(t) = tracker.as_mut() {
-        t.attach_vcpu(&vcpu, 0)?;
-    }
-    if let Some(chips) = &chain.state.irqchip {
-        chips.restore(vm.fd())?;
-    }
-    chain.state.vcpus[0].restore(&vcpu)?;
-    let mut devices = Devices::from_state(&chain.state.devices, options.console).map_err(snapshot::SnapshotError::Corrupt)?;
-    if let Some(mut b) = balloon {
-        // The same wiring as at boot: an irqfd on the balloon's GSI of the
-        // restored IOAPIC, whose routing the guest programmed (or not).
-        b.set_irqfd(Some(vm.irqfd(memvisor_abi::virtio::BALLOON_GSI)?));
-        devices.balloon = Some(b);
-    }
+    // The memslots are registered on a second thread while this one builds
+    // the vCPU (`Vm::without_memslots` says why); the guest runs only once
+    // both are done.
+    let (vcpu, devices, verifier) = std::thread::scope(|s| {
+        let slots = s.spawn(|| vm.register_memslots());
+        let built = load_vcpu(&vm, &chain, tracker.as_mut(), lazy, options.console, balloon);
+        let slots = slots.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        timeline::mark("memslots registered (second thread)");
+        slots?;
+        built
+    })?;
     let mut snapshots = SnapshotChain::default();
     if let Some(t) = tracker.as_mut() {
         // Diffs taken from here on apply on top of the restored snapshot.
@@ -382,13 +379,6 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     }
     let guest_idle = chain.state.guest_idle.then_some(chain.state.idle_status);
     let dirty_rounds = dirty_rounds_for(&config, &vm, vcpu.get_tsc_khz().map_or(0, u64::from));
-    // A lazy restore has not read the base image: check it beside the guest.
-    let verifier = if lazy {
-        let file = base.memory.try_clone().map_err(|source| snapshot::SnapshotError::Io { what: "reopening the base image".into(), source })?;
-        Some(crate::machine::Verifier::start(file, base.manifest.chunks.clone()))
-    } else {
-        None
-    };
     let translation = crate::translate::ready::RunTranslation::default();
     let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds, verifier, translation };
     machine.drive(options.control)
@@ -418,4 +408,51 @@ fn restore_balloon(
     }
     let t = crate::devices::virtio::balloon::state::restore(saved, ram, memvisor_abi::virtio::BALLOON_MMIO_BASE, None).map_err(SnapshotError::from)?;
     Ok(Some(t))
+}
+
+/// The vCPU side of a restore, while the memslots are being registered:
+/// the irqchip (before the vCPU, as at boot), the vCPU with its saved
+/// CPUID and state, the devices (the balloon given its irqfd), and for a
+/// lazy restore the check of the base image, which starts here, off the
+/// path to the first `KVM_RUN`.
+fn load_vcpu(
+    vm: &Vm,
+    chain: &crate::snapshot::Chain,
+    tracker: Option<&mut DirtyTracker>,
+    lazy: bool,
+    console: Box<dyn std::io::Write + Send>,
+    balloon: Option<crate::devices::virtio::mmio::MmioTransport<crate::devices::virtio::balloon::Balloon>>,
+) -> Result<(kvm_ioctls::VcpuFd, Devices, Option<crate::machine::Verifier>), VmmError> {
+    use crate::snapshot::SnapshotError;
+    if chain.state.irqchip.is_some() {
+        vm.create_irqchip()?;
+    }
+    let saved = &chain.state.vcpus[0];
+    let vcpu = if saved.cpuid.is_empty() { vcpu::create(vm, 0)? } else { vcpu::create_with_cpuid(vm, 0, &saved.cpuid()?)? };
+    timeline::mark("create vCPU + CPUID");
+    if let Some(t) = tracker {
+        t.attach_vcpu(&vcpu, 0)?;
+    }
+    if let Some(chips) = &chain.state.irqchip {
+        chips.restore(vm.fd())?;
+    }
+    saved.restore(&vcpu)?;
+    timeline::mark("restore vCPU + irqchip state");
+    let mut devices = Devices::from_state(&chain.state.devices, console).map_err(SnapshotError::Corrupt)?;
+    if let Some(mut b) = balloon {
+        // The same wiring as at boot: an irqfd on the balloon's GSI of the
+        // restored IOAPIC, whose routing the guest programmed (or not).
+        b.set_irqfd(Some(vm.irqfd(memvisor_abi::virtio::BALLOON_GSI)?));
+        devices.balloon = Some(b);
+    }
+    // A lazy restore has not read the base image: check it beside the guest.
+    let verifier = if lazy {
+        let base = &chain.links[0];
+        let file = base.memory.try_clone().map_err(|source| SnapshotError::Io { what: "reopening the base image".into(), source })?;
+        Some(crate::machine::Verifier::start(file, base.manifest.chunks.clone()))
+    } else {
+        None
+    };
+    timeline::mark("devices + verifier");
+    Ok((vcpu, devices, verifier))
 }

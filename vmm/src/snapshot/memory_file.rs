@@ -1,8 +1,10 @@
 //! Guest memory in and out of `memory.bin`.
 //!
 //! Writing reads guest RAM straight from its host mapping (the vCPU is
-//! stopped) and `pwrite`s it, one chunk at a time with its CRC; a full
-//! image skips pages that were never touched (mincore(2)), leaving holes.
+//! stopped) and `pwrite`s it, one chunk at a time with its CRC, starting
+//! the file's writeback as it goes ([`crate::fsutil::WriteBehind`]); a
+//! full image skips pages that were never touched (pagemap or SEEK_DATA,
+//! see [`pages_to_save`]), leaving holes.
 //! Reading verifies each chunk's CRC before any byte reaches guest memory.
 
 use std::fs::File;
@@ -180,10 +182,15 @@ fn chunk_bytes<'a>(ram: &'a GuestRam, c: &Chunk) -> Result<&'a [u8], SnapshotErr
 /// [`SnapshotError::Io`] (e.g. ENOSPC).
 pub fn write(ram: &GuestRam, file: &File, runs: &[(u64, u64)], packed: bool) -> Result<Vec<Chunk>, SnapshotError> {
     let mut chunks = plan_chunks(runs, packed);
+    // The disk flushes what is written while the rest is copied; the
+    // caller's fsync then waits only for the tail.
+    let mut behind = crate::fsutil::WriteBehind::new(file);
+    let failed = |source| SnapshotError::Io { what: "writing memory.bin".into(), source };
     for c in &mut chunks {
         let bytes = chunk_bytes(ram, c)?;
         c.crc32 = crc32fast::hash(bytes);
-        file.write_all_at(bytes, c.file_offset).map_err(|source| SnapshotError::Io { what: "writing memory.bin".into(), source })?;
+        file.write_all_at(bytes, c.file_offset).map_err(failed)?;
+        behind.written_to(c.file_offset + c.len).map_err(failed)?;
     }
     Ok(chunks)
 }
