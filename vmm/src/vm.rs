@@ -91,10 +91,10 @@ impl Vm {
     }
 
     /// Creates the VM but leaves `ram` unregistered: the caller registers
-    /// it with [`Vm::register_memslots`] before the first `KVM_RUN`. This
-    /// lets a restore register its memslots on a second thread while the
-    /// first creates and loads the vCPU: KVM allows vCPUs and memslots in
-    /// either order (memory hotplug adds slots to running VMs; KVM api.rst,
+    /// it with [`Vm::register_memslots`] before the first `KVM_RUN`, so a
+    /// restore can order (or overlap) the registration with building the
+    /// vCPU as measurement says (it registers them first today; see
+    /// `vmm::restore`): KVM allows vCPUs and memslots in either order (memory hotplug adds slots to running VMs; KVM api.rst,
     /// 4.35 KVM_SET_USER_MEMORY_REGION), and registering 1 GiB is the
     /// longest step of a lazy restore (KVM allocates and zeroes the slot's
     /// reverse-map arrays, 8 bytes per 4 KiB page: 2 MiB for 1 GiB, ~0.5–1 ms

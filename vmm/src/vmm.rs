@@ -359,17 +359,14 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     timeline::mark("create VM");
     // Before the vCPU, as at boot (the dirty ring can only be enabled then).
     let mut tracker = prepare_tracker(&config, &vm, options.control.is_some())?;
-    // The memslots are registered on a second thread while this one builds
-    // the vCPU (`Vm::without_memslots` says why); the guest runs only once
-    // both are done.
-    let (vcpu, devices, verifier) = std::thread::scope(|s| {
-        let slots = s.spawn(|| vm.register_memslots());
-        let built = load_vcpu(&vm, &chain, tracker.as_mut(), lazy, options.console, balloon);
-        let slots = slots.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        timeline::mark("memslots registered (second thread)");
-        slots?;
-        built
-    })?;
+    // The memslots are registered on this thread, before the vCPU. A second
+    // thread registering them while this one builds the vCPU won ~1 ms at
+    // load averages of 3-8 under `chrt -f 20`, but on a quiet host it lost
+    // 0.7-1.3 ms to the thread's start and wake-ups (`vmm bench snapshot`,
+    // docs/PERFORMANCE.md), so it is not done.
+    vm.register_memslots()?;
+    timeline::mark("memslots registered");
+    let (vcpu, devices, verifier) = load_vcpu(&vm, &chain, tracker.as_mut(), lazy, options.console, balloon)?;
     let mut snapshots = SnapshotChain::default();
     if let Some(t) = tracker.as_mut() {
         // Diffs taken from here on apply on top of the restored snapshot.
