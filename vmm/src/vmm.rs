@@ -361,9 +361,10 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     let mut tracker = prepare_tracker(&config, &vm, options.control.is_some())?;
     // The memslots are registered on this thread, before the vCPU. A second
     // thread registering them while this one builds the vCPU won ~1 ms at
-    // load averages of 3-8 under `chrt -f 20`, but on a quiet host it lost
-    // 0.7-1.3 ms to the thread's start and wake-ups (`vmm bench snapshot`,
-    // docs/PERFORMANCE.md), so it is not done.
+    // load averages of 3-8 under `chrt -f 20`, but showed no gain on a
+    // quiet host, where the same binary's restore varies by ~1 ms from run
+    // to run (`vmm bench snapshot`, docs/PERFORMANCE.md); one thread is
+    // simpler.
     vm.register_memslots()?;
     timeline::mark("memslots registered");
     let (vcpu, devices, verifier) = load_vcpu(&vm, &chain, tracker.as_mut(), lazy, options.console, balloon)?;
