@@ -64,32 +64,40 @@ pub struct Released {
 #[must_use]
 pub fn release(ram: &GuestRam, start: u64, len: u64) -> Released {
     let mut out = Released::default();
+    for_each_piece(ram, start, len, |region, mapping, off, n, at| {
+        let t = Instant::now();
+        let result = release_in(&region.mapping, off, n);
+        out.ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        out.calls += 1;
+        match result {
+            Ok(()) => {
+                out.bytes += n;
+                mapping.bitmap().mark_dirty(off as usize, n as usize);
+            }
+            Err(e) => {
+                out.errors += 1;
+                log::warn!("releasing {n} bytes of guest RAM at RAM offset {at:#x} failed: {e}");
+            }
+        }
+    });
+    out
+}
+
+/// Calls `f(region, its vm-memory mapping, offset in the region, length,
+/// RAM offset)`
+/// for the part of RAM offsets `[start, start + len)` inside each region,
+/// in region order; parts beyond RAM are left out.
+fn for_each_piece(ram: &GuestRam, start: u64, len: u64, mut f: impl FnMut(&crate::memory::RamRegion, &MmapRegion<VmmWriteBitmap>, u64, u64, u64)) {
     let end = start.saturating_add(len);
     let mut base = 0u64;
     for (region, vm_region) in ram.regions().iter().zip(ram.memory().iter()) {
         let size = region.range.size;
         let (s, e) = (start.max(base), end.min(base + size));
         if s < e {
-            let (off, n) = (s - base, e - s);
-            let t = Instant::now();
-            let result = release_in(&region.mapping, off, n);
-            out.ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            out.calls += 1;
-            match result {
-                Ok(()) => {
-                    out.bytes += n;
-                    let mapping: &MmapRegion<VmmWriteBitmap> = vm_region;
-                    mapping.bitmap().mark_dirty(off as usize, n as usize);
-                }
-                Err(e) => {
-                    out.errors += 1;
-                    log::warn!("releasing {n} bytes of guest RAM at RAM offset {s:#x} failed: {e}");
-                }
-            }
+            f(region, vm_region, s - base, e - s, s);
         }
         base += size;
     }
-    out
 }
 
 /// Marks `len` bytes of RAM from RAM offset `start` as changed by the VMM
@@ -97,17 +105,7 @@ pub fn release(ram: &GuestRam, start: u64, len: u64) -> Released {
 /// reads as zeros, not as the copy a snapshot may hold, so the next diff
 /// must save it ([`super::state`]: snapshots skip released pages).
 pub fn mark_changed(ram: &GuestRam, start: u64, len: u64) {
-    let end = start.saturating_add(len);
-    let mut base = 0u64;
-    for (region, vm_region) in ram.regions().iter().zip(ram.memory().iter()) {
-        let size = region.range.size;
-        let (s, e) = (start.max(base), end.min(base + size));
-        if s < e {
-            let mapping: &MmapRegion<VmmWriteBitmap> = vm_region;
-            mapping.bitmap().mark_dirty((s - base) as usize, (e - s) as usize);
-        }
-        base += size;
-    }
+    for_each_piece(ram, start, len, |_, mapping, off, n, _| mapping.bitmap().mark_dirty(off as usize, n as usize));
 }
 
 /// One call on one mapping: `[off, off + len)` lies inside it.
