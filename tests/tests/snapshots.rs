@@ -503,14 +503,33 @@ fn balloon_sizes(b: &serde_json::Value) -> [u64; 5] {
 /// that `expected` bytes were verified, all of them good, and that the
 /// guest, which sleeps until the balloon interrupts it (`irq=1`), was woken
 /// through the restored irqfd.
-fn deflate_and_verify(mut b: balloon_util::BalloonVm, expected: u64, what: &str) {
+fn deflate_and_verify(b: balloon_util::BalloonVm, expected: u64, what: &str) {
+    let (sum, good, verified, report) = deflate_to_end(b);
+    assert_eq!((sum, good), (expected, expected), "{what}: every returned page written and read back by the guest: {verified:?}");
+    let injections = report["kvm_stats"]["vcpus"][0]["irq_injections"].as_u64().unwrap_or(0);
+    assert!(injections >= 1, "{what}: the restored guest was interrupted by the balloon ({injections} injections)");
+}
+
+/// Deflates to 0 and lets the workload end: the bytes the guest verified,
+/// those that read back right, its `BalloonVerified` events and the run
+/// report.
+fn deflate_to_end(mut b: balloon_util::BalloonVm) -> (u64, u64, Vec<(u64, u64)>, serde_json::Value) {
     b.set_and_wait(0);
     let report = b.finish().json();
     let verified = balloon_util::events(&report, "BalloonVerified");
     let (sum, good) = verified.iter().fold((0, 0), |(s, g), (a, b)| (s + a, g + b));
-    assert_eq!((sum, good), (expected, expected), "{what}: every returned page written and read back by the guest: {verified:?}");
-    let injections = report["kvm_stats"]["vcpus"][0]["irq_injections"].as_u64().unwrap_or(0);
-    assert!(injections >= 1, "{what}: the restored guest was interrupted by the balloon ({injections} injections)");
+    (sum, good, verified, report)
+}
+
+/// Starts a balloon VM (`tag`, `args`), inflates it to `bytes`, takes a
+/// full snapshot into `snap` and shuts the VM down.
+fn snapshot_ballooned(tag: &str, args: &[&str], bytes: u64, snap: &Path) {
+    let mut b = balloon_util::BalloonVm::start(tag, args);
+    b.set_and_wait(bytes);
+    let r = ctl(&b.socket, &["snapshot", "--full", snap.to_str().unwrap()]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(ctl(&b.socket, &["shutdown"])["ok"], true);
+    b.vm.wait(Duration::from_secs(60)).assert_success();
 }
 
 /// A balloon inflated to 256 MiB of a 512 MiB guest that touched all its
@@ -618,11 +637,7 @@ fn a_corrupted_balloon_record_is_refused() {
     use balloon_util::{BalloonVm, MIB};
     let dir = TempDir::new("snap-balloon-bad");
     let snap = dir.path().join("full");
-    let mut b = BalloonVm::start("snap-balloon-bad-vm", &["--mem", "128M", "--balloon", "0", "--workload", "balloon:rounds=1"]);
-    b.set_and_wait(16 * MIB);
-    assert_eq!(ctl(&b.socket, &["snapshot", "--full", snap.to_str().unwrap()])["ok"], true);
-    assert_eq!(ctl(&b.socket, &["shutdown"])["ok"], true);
-    b.vm.wait(Duration::from_secs(60)).assert_success();
+    snapshot_ballooned("snap-balloon-bad-vm", &["--mem", "128M", "--balloon", "0", "--workload", "balloon:rounds=1"], 16 * MIB, &snap);
     let (state, manifest) = (std::fs::read(snap.join("state.json")).unwrap(), std::fs::read(snap.join("manifest.json")).unwrap());
     let put_back = || {
         std::fs::write(snap.join("state.json"), &state).unwrap();
@@ -654,11 +669,9 @@ fn a_corrupted_balloon_record_is_refused() {
 }
 
 /// As [`deflate_and_verify`], for a driver that polls (no interrupt check).
-fn deflate_and_verify_polling(mut b: balloon_util::BalloonVm, expected: u64) {
-    b.set_and_wait(0);
-    let report = b.finish().json();
-    let verified = balloon_util::events(&report, "BalloonVerified");
-    assert_eq!(verified.iter().map(|v| v.1).sum::<u64>(), expected, "{verified:?}");
+fn deflate_and_verify_polling(b: balloon_util::BalloonVm, expected: u64) {
+    let (_, good, verified, _) = deflate_to_end(b);
+    assert_eq!(good, expected, "{verified:?}");
 }
 
 /// A lazily restored VM maps its RAM privately from the snapshot image, and
@@ -671,12 +684,7 @@ fn a_lazily_restored_guest_gives_memory_back_through_its_balloon() {
     use balloon_util::{BalloonVm, MIB};
     let dir = TempDir::new("snap-lazy-reinflate");
     let snap = dir.path().join("full");
-    let mut b = BalloonVm::start("snap-lazy-reinflate-vm", &["--mem", "512M", "--balloon", "0", "--workload", "balloon:rounds=2"]);
-    b.set_and_wait(256 * MIB);
-    let r = ctl(&b.socket, &["snapshot", "--full", snap.to_str().unwrap()]);
-    assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(ctl(&b.socket, &["shutdown"])["ok"], true);
-    b.vm.wait(Duration::from_secs(60)).assert_success();
+    snapshot_ballooned("snap-lazy-reinflate-vm", &["--mem", "512M", "--balloon", "0", "--workload", "balloon:rounds=2"], 256 * MIB, &snap);
 
     let mut r = BalloonVm::restore("snap-lazy-reinflate-restored", &snap, &["--restore-mode", "lazy"]);
     // The first round ends: the guest writes and verifies the 256 MiB.
@@ -691,9 +699,6 @@ fn a_lazily_restored_guest_gives_memory_back_through_its_balloon() {
     assert!(dropped >= 256 * MIB * 95 / 100, "the VMM's resident memory dropped by {} MiB ({} -> {} MiB) for 256 MiB ballooned", dropped / MIB, before / MIB, after / MIB);
     // The second round: the guest takes them back once more and its
     // workload ends.
-    r.set_and_wait(0);
-    let report = r.finish().json();
-    let verified = balloon_util::events(&report, "BalloonVerified");
-    let (sum, good) = verified.iter().fold((0, 0), |(s, g), (a, b)| (s + a, g + b));
+    let (sum, good, verified, _) = deflate_to_end(r);
     assert_eq!((sum, good), (512 * MIB, 512 * MIB), "both deflates verified every page: {verified:?}");
 }
