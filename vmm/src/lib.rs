@@ -9,8 +9,9 @@
 //!   [`kvm_stats`] reads what KVM counts for them.
 //! - [`devices`]: the UART, the debug-exit and message ports, and the
 //!   catch-all for accesses to nothing.
-//! - [`vmm`]: the run loop; [`control`] and [`api`]: pause, resume and
-//!   shutdown over a control socket.
+//! - [`vmm`]: the run loop; [`restore`]: starting a VM from snapshots;
+//!   [`control`] and [`api`]: pause, resume and shutdown over a control
+//!   socket.
 //! - Benchmarks (`vmm bench`) live in [`bench`].
 
 pub mod api;
@@ -28,6 +29,7 @@ pub mod kvm_stats;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod restore;
 pub mod run_report;
 pub mod snapshot;
 pub mod timeline;

@@ -74,30 +74,46 @@ pub struct Verifier {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// The check a [`Verifier`] runs, handed to the thread that runs it.
+#[derive(Debug)]
+pub struct VerifyJob {
+    file: std::fs::File,
+    chunks: Vec<crate::snapshot::format::Chunk>,
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+    vcpu_thread: libc::pthread_t,
+}
+
+impl VerifyJob {
+    /// Checks the chunks, recording a mismatch and kicking the vCPU thread.
+    pub fn run(self) {
+        // Background work: its wakeups must not preempt the vCPU thread,
+        // and under a real-time parent (`chrt`) it must not starve the
+        // kernel workers on its CPU either (a restore's memslot
+        // registration waits for an SRCU grace period that runs on
+        // them: measured 0.6–0.9 s when this thread kept SCHED_FIFO).
+        let _batch = crate::snapshot::diff::BatchPolicy::enter();
+        if let Err(e) = crate::snapshot::memory_file::verify(&self.file, &self.chunks) {
+            *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(crate::error_chain(&e));
+            // SAFETY: the vCPU thread outlives this one: `Machine::drive`
+            // joins it before returning.
+            unsafe { libc::pthread_kill(self.vcpu_thread, crate::control::kick_signal()) };
+        }
+    }
+}
+
 impl Verifier {
-    /// Starts checking `chunks` of `file`; the calling thread is the vCPU
-    /// thread to kick on a mismatch.
+    /// Starts checking `chunks` of `file` on the thread `hand_over` gives
+    /// the job to and whose handle it returns; that thread must call
+    /// [`VerifyJob::run`]. A restore hands it to its KVM thread, which
+    /// exists already, sparing a thread start before the guest runs. The
+    /// calling thread is the vCPU thread to kick on a mismatch.
     #[must_use]
-    pub fn start(file: std::fs::File, chunks: Vec<crate::snapshot::format::Chunk>) -> Self {
+    pub fn start_on(file: std::fs::File, chunks: Vec<crate::snapshot::format::Chunk>, hand_over: impl FnOnce(VerifyJob) -> std::thread::JoinHandle<()>) -> Self {
         crate::control::install_kick_handler();
         let failed = Arc::new(std::sync::Mutex::new(None));
-        let out = Arc::clone(&failed);
         // SAFETY: pthread_self has no preconditions.
         let vcpu_thread = unsafe { libc::pthread_self() };
-        let thread = std::thread::spawn(move || {
-            // Background work: its wakeups must not preempt the vCPU thread,
-            // and under a real-time parent (`chrt`) it must not starve the
-            // kernel workers on its CPU either (a restore's memslot
-            // registration waits for an SRCU grace period that runs on
-            // them: measured 0.6–0.9 s when this thread kept SCHED_FIFO).
-            let _batch = crate::snapshot::diff::BatchPolicy::enter();
-            if let Err(e) = crate::snapshot::memory_file::verify(&file, &chunks) {
-                *out.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(crate::error_chain(&e));
-                // SAFETY: the vCPU thread outlives this one: `Machine::drive`
-                // joins it before returning.
-                unsafe { libc::pthread_kill(vcpu_thread, crate::control::kick_signal()) };
-            }
-        });
+        let thread = hand_over(VerifyJob { file, chunks, failed: Arc::clone(&failed), vcpu_thread });
         Verifier { failed, thread }
     }
 

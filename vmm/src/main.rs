@@ -374,6 +374,10 @@ fn exit_code(status: u32) -> ExitCode {
 fn main() -> ExitCode {
     timeline::process_start_ns();
     timeline::mark("main");
+    if std::env::args_os().nth(1).is_some_and(|a| a == "restore") {
+        // The VM is created while the flags are parsed (memvisor::restore).
+        memvisor::restore::start_early();
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     timeline::mark("logger");
     let cli = Cli::parse();

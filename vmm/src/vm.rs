@@ -65,6 +65,25 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
     })
 }
 
+/// Creates a VM fd, with the addresses Intel hosts need set.
+///
+/// # Errors
+/// [`VmError::Kvm`] when KVM refuses.
+pub fn create_vm_fd(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let fd = kvm.create_vm().map_err(|source| VmError::Kvm { what: "KVM_CREATE_VM", source })?;
+    // Intel hosts without unrestricted guest need these for real-mode
+    // emulation (KVM api.rst, KVM_SET_TSS_ADDR). Other flavours (AMD,
+    // PVM) ignore or refuse them; that is harmless for a PVH boot,
+    // which never enters real mode.
+    if let Err(e) = fd.set_identity_map_address(abi::KVM_IDENTITY_MAP) {
+        log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+    }
+    if let Err(e) = fd.set_tss_address(abi::KVM_TSS as usize) {
+        log::debug!("KVM_SET_TSS_ADDR: {e}");
+    }
+    Ok(fd)
+}
+
 /// A KVM VM with its guest RAM registered.
 #[derive(Debug)]
 pub struct Vm {
@@ -91,30 +110,24 @@ impl Vm {
     }
 
     /// Creates the VM but leaves `ram` unregistered: the caller registers
-    /// it with [`Vm::register_memslots`] before the first `KVM_RUN`, so a
-    /// restore can order (or overlap) the registration with building the
-    /// vCPU as measurement says (it registers them first today; see
-    /// `vmm::restore`): KVM allows vCPUs and memslots in either order (memory hotplug adds slots to running VMs; KVM api.rst,
-    /// 4.35 KVM_SET_USER_MEMORY_REGION), and registering 1 GiB is the
-    /// longest step of a lazy restore (KVM allocates and zeroes the slot's
-    /// reverse-map arrays, 8 bytes per 4 KiB page: 2 MiB for 1 GiB, ~0.5–1 ms
-    /// on the nested PVM host where kernel pages are often cold).
+    /// it with [`Vm::register_memslots`] before the first `KVM_RUN`.
     ///
     /// # Errors
     /// [`VmError`] when KVM refuses.
     pub fn without_memslots(kvm: Kvm, ram: GuestRam) -> Result<Self, VmError> {
-        let fd = kvm.create_vm().map_err(|source| VmError::Kvm { what: "KVM_CREATE_VM", source })?;
-        // Intel hosts without unrestricted guest need these for real-mode
-        // emulation (KVM api.rst, KVM_SET_TSS_ADDR). Other flavours (AMD,
-        // PVM) ignore or refuse them; that is harmless for a PVH boot,
-        // which never enters real mode.
-        if let Err(e) = fd.set_identity_map_address(abi::KVM_IDENTITY_MAP) {
-            log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
-        }
-        if let Err(e) = fd.set_tss_address(abi::KVM_TSS as usize) {
-            log::debug!("KVM_SET_TSS_ADDR: {e}");
-        }
-        Ok(Vm { fd, kvm, ram, irqchip: std::sync::atomic::AtomicBool::new(false) })
+        let fd = create_vm_fd(&kvm)?;
+        Ok(Self::from_parts(kvm, fd, ram))
+    }
+
+    /// A VM from a VM fd made by [`create_vm_fd`] and its RAM, not yet
+    /// registered: a restore creates the fd on a second thread while it
+    /// reads the snapshot, then registers the memslots there
+    /// (`vmm::restore`). KVM allows vCPUs and memslots in either order
+    /// (memory hotplug adds slots to running VMs; KVM api.rst, 4.35
+    /// KVM_SET_USER_MEMORY_REGION).
+    #[must_use]
+    pub fn from_parts(kvm: Kvm, fd: VmFd, ram: GuestRam) -> Self {
+        Vm { fd, kvm, ram, irqchip: std::sync::atomic::AtomicBool::new(false) }
     }
 
     /// Registers guest RAM as the VM's memslots (see [`Vm::without_memslots`]).

@@ -65,7 +65,12 @@ pub enum VmmError {
     /// Snapshots.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// A restore's KVM thread could not start, or ended without its VM.
+    #[error("the restore's KVM thread {0}")]
+    KvmThread(&'static str),
 }
+
+pub use crate::restore::{RestoreMode, RestoreOptions, restore};
 
 /// How to run.
 pub struct RunOptions {
@@ -248,7 +253,7 @@ fn is_translation_workload(config: &VmConfig) -> bool {
 }
 
 /// The round checker for a dirty workload, if `config` runs one.
-fn dirty_rounds_for(config: &VmConfig, vm: &Vm, tsc_khz: u64) -> Option<crate::dirty::rounds::DirtyRounds> {
+pub(crate) fn dirty_rounds_for(config: &VmConfig, vm: &Vm, tsc_khz: u64) -> Option<crate::dirty::rounds::DirtyRounds> {
     let spec = crate::workload::parse(config.workload.as_deref()?).ok()?;
     if spec.kind != memvisor_abi::workload::WorkloadKind::Dirty as u32 {
         return None;
@@ -266,191 +271,4 @@ pub(crate) fn prepare_tracker(config: &VmConfig, vm: &Vm, has_control: bool) -> 
         return Ok(None);
     }
     Ok(Some(DirtyTracker::prepare(vm.fd(), vm.ram(), config.dirty_mode)?))
-}
-
-/// How a restore loads guest memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestoreMode {
-    /// Read every saved page into fresh guest RAM before starting (every
-    /// chunk's checksum verified first).
-    Copy,
-    /// Map the base image privately so pages load on first guest access;
-    /// diffs are copied on top. Only for anonymous and THP backings.
-    Lazy,
-}
-
-impl std::str::FromStr for RestoreMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "copy" => Ok(RestoreMode::Copy),
-            "lazy" => Ok(RestoreMode::Lazy),
-            _ => Err(format!("invalid restore mode {s:?}; expected copy or lazy")),
-        }
-    }
-}
-
-/// How to restore.
-#[derive(Debug, Clone)]
-pub struct RestoreOptions {
-    /// How memory is loaded.
-    pub mode: RestoreMode,
-    /// Control socket for the restored VM.
-    pub api_socket: Option<std::path::PathBuf>,
-    /// When set, the snapshot's memory size must be this.
-    pub expected_mem: Option<u64>,
-}
-
-/// Starts a VM from the snapshot chain ending at `dir`; the guest continues
-/// where it was.
-///
-/// # Errors
-/// Any [`VmmError`]; a damaged or inconsistent snapshot is rejected before
-/// a VM exists.
-pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOptions) -> Result<RunOutcome, VmmError> {
-    use crate::snapshot::{self, format::SnapshotKind, memory_file};
-
-    timeline::mark("restore");
-    let mode = restore.mode;
-    let chain = snapshot::load_chain(dir)?;
-    timeline::mark("load + check snapshot chain");
-    let top = chain.top();
-    let mut config = top.manifest.config.clone();
-    config.validate().map_err(|e| snapshot::SnapshotError::Corrupt(format!("the saved configuration is invalid: {e}")))?;
-    if let Some(mem) = restore.expected_mem {
-        if mem != config.mem_size {
-            return Err(snapshot::SnapshotError::Mismatch(format!(
-                "the snapshot holds {} of guest memory, not the {} asked for",
-                crate::config::format_size(config.mem_size),
-                crate::config::format_size(mem)
-            ))
-            .into());
-        }
-    }
-    let layout: Vec<(u64, u64)> = crate::layout::ram_ranges(config.mem_size).iter().map(|r| (r.start.0, r.size)).collect();
-    let recorded: Vec<(u64, u64)> = top.manifest.regions.iter().map(|r| (r.guest_start, r.size)).collect();
-    if layout != recorded {
-        return Err(snapshot::SnapshotError::Mismatch(format!("the snapshot's RAM layout {recorded:x?} differs from this build's {layout:x?}")).into());
-    }
-    config.api_socket.clone_from(&restore.api_socket);
-    let base = &chain.links[0];
-    if base.manifest.kind != SnapshotKind::Full {
-        return Err(snapshot::SnapshotError::Corrupt(format!("the chain starts at {}, which is not a full snapshot", base.dir.display())).into());
-    }
-    let lazy = mode == RestoreMode::Lazy && matches!(config.backing, crate::config::Backing::Anon | crate::config::Backing::Thp);
-    if mode == RestoreMode::Lazy && !lazy {
-        log::warn!("lazy restore needs an anon or thp backing; restoring {} backing by copy", config.backing);
-    }
-    let kvm = vm::open_kvm()?;
-    timeline::mark("open /dev/kvm");
-    let host_mode = host::detect();
-    let ram = if lazy { GuestRam::from_image(&config, &base.memory)? } else { GuestRam::new(&config)? };
-    let skip = usize::from(lazy);
-    for link in &chain.links[skip..] {
-        memory_file::apply(&ram, &link.memory, &link.manifest.chunks)?;
-    }
-    // Checked before any VM exists; releases the balloon's holes in `ram`.
-    let balloon = restore_balloon(&config, &chain.state, &ram)?;
-    // Writes made while restoring are not guest activity.
-    let _ = crate::dirty::vmm_writes::take(&ram);
-    timeline::mark("map + load guest RAM");
-    let vm = Vm::without_memslots(kvm, ram)?;
-    timeline::mark("create VM");
-    // Before the vCPU, as at boot (the dirty ring can only be enabled then).
-    let mut tracker = prepare_tracker(&config, &vm, options.control.is_some())?;
-    // The memslots are registered on this thread, before the vCPU. A second
-    // thread registering them while this one builds the vCPU won ~1 ms at
-    // load averages of 3-8 under `chrt -f 20`, but showed no gain on a
-    // quiet host, where the same binary's restore varies by ~1 ms from run
-    // to run (`vmm bench snapshot`, docs/PERFORMANCE.md); one thread is
-    // simpler.
-    vm.register_memslots()?;
-    timeline::mark("memslots registered");
-    let (vcpu, devices, verifier) = load_vcpu(&vm, &chain, tracker.as_mut(), lazy, options.console, balloon)?;
-    let mut snapshots = SnapshotChain::default();
-    if let Some(t) = tracker.as_mut() {
-        // Diffs taken from here on apply on top of the restored snapshot.
-        t.start(vm.fd(), vm.ram())?;
-        snapshots.last = Some(crate::snapshot::format::ParentRef { dir: top.dir.clone(), id: top.manifest.id.clone() });
-        snapshots.generation = t.generation();
-    }
-    let guest_idle = chain.state.guest_idle.then_some(chain.state.idle_status);
-    let dirty_rounds = dirty_rounds_for(&config, &vm, vcpu.get_tsc_khz().map_or(0, u64::from));
-    let translation = crate::translate::ready::RunTranslation::default();
-    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds, verifier, translation };
-    machine.drive(options.control)
-}
-
-/// The balloon of a snapshot, checked against its configuration and built
-/// over the restored `ram` (without its irqfd, which needs the VM); `None`
-/// for a VM without one.
-fn restore_balloon(
-    config: &VmConfig,
-    state: &crate::snapshot::SavedState,
-    ram: &GuestRam,
-) -> Result<Option<crate::devices::virtio::mmio::MmioTransport<crate::devices::virtio::balloon::Balloon>>, VmmError> {
-    use crate::snapshot::SnapshotError;
-    let saved = match (config.balloon.is_some(), &state.devices.balloon) {
-        (false, None) => return Ok(None),
-        (true, Some(saved)) => saved,
-        (true, None) => {
-            // Builds before balloon state was saved refused such snapshots,
-            // so this is damage, not an old format.
-            return Err(SnapshotError::Corrupt("the configuration has a balloon but the snapshot holds no balloon state".into()).into());
-        }
-        (false, Some(_)) => return Err(SnapshotError::Corrupt("the snapshot holds balloon state but its configuration has no balloon".into()).into()),
-    };
-    if state.irqchip.is_none() {
-        return Err(SnapshotError::Corrupt("a VM with a balloon has an in-kernel irqchip, but the snapshot holds no irqchip state".into()).into());
-    }
-    let t = crate::devices::virtio::balloon::state::restore(saved, ram, memvisor_abi::virtio::BALLOON_MMIO_BASE, None).map_err(SnapshotError::from)?;
-    Ok(Some(t))
-}
-
-/// The vCPU side of a restore, while the memslots are being registered:
-/// the irqchip (before the vCPU, as at boot), the vCPU with its saved
-/// CPUID and state, the devices (the balloon given its irqfd), and for a
-/// lazy restore the check of the base image, which starts here, off the
-/// path to the first `KVM_RUN`.
-fn load_vcpu(
-    vm: &Vm,
-    chain: &crate::snapshot::Chain,
-    tracker: Option<&mut DirtyTracker>,
-    lazy: bool,
-    console: Box<dyn std::io::Write + Send>,
-    balloon: Option<crate::devices::virtio::mmio::MmioTransport<crate::devices::virtio::balloon::Balloon>>,
-) -> Result<(kvm_ioctls::VcpuFd, Devices, Option<crate::machine::Verifier>), VmmError> {
-    use crate::snapshot::SnapshotError;
-    if chain.state.irqchip.is_some() {
-        vm.create_irqchip()?;
-    }
-    let saved = &chain.state.vcpus[0];
-    let vcpu = if saved.cpuid.is_empty() { vcpu::create(vm, 0)? } else { vcpu::create_with_cpuid(vm, 0, &saved.cpuid()?)? };
-    timeline::mark("create vCPU + CPUID");
-    if let Some(t) = tracker {
-        t.attach_vcpu(&vcpu, 0)?;
-    }
-    if let Some(chips) = &chain.state.irqchip {
-        chips.restore(vm.fd())?;
-    }
-    saved.restore(&vcpu)?;
-    timeline::mark("restore vCPU + irqchip state");
-    let mut devices = Devices::from_state(&chain.state.devices, console).map_err(SnapshotError::Corrupt)?;
-    if let Some(mut b) = balloon {
-        // The same wiring as at boot: an irqfd on the balloon's GSI of the
-        // restored IOAPIC, whose routing the guest programmed (or not).
-        b.set_irqfd(Some(vm.irqfd(memvisor_abi::virtio::BALLOON_GSI)?));
-        devices.balloon = Some(b);
-    }
-    // A lazy restore has not read the base image: check it beside the guest.
-    let verifier = if lazy {
-        let base = &chain.links[0];
-        let file = base.memory.try_clone().map_err(|source| SnapshotError::Io { what: "reopening the base image".into(), source })?;
-        Some(crate::machine::Verifier::start(file, base.manifest.chunks.clone()))
-    } else {
-        None
-    };
-    timeline::mark("devices + verifier");
-    Ok((vcpu, devices, verifier))
 }

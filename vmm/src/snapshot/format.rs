@@ -180,12 +180,25 @@ pub fn ram_size(regions: &[RegionRecord]) -> Option<u64> {
 }
 
 impl Manifest {
-    /// Checks the manifest on its own: magic, version, kind/parent
-    /// agreement, and that every chunk lies inside RAM and the file.
+    /// Checks the manifest on its own: [`validate_header`](Self::validate_header),
+    /// then [`validate_chunks`](Self::validate_chunks).
     ///
     /// # Errors
     /// [`FormatError`].
     pub fn validate(&self) -> Result<(), FormatError> {
+        self.validate_header()?;
+        self.validate_chunks()
+    }
+
+    /// Checks what does not need the chunk table: magic, version,
+    /// kind/parent agreement, and the sizes of the layout, the
+    /// configuration and (for a full snapshot) the memory file. A restore
+    /// maps guest RAM once this holds, while the chunk table is still being
+    /// read.
+    ///
+    /// # Errors
+    /// [`FormatError`].
+    pub fn validate_header(&self) -> Result<(), FormatError> {
         if self.magic != MAGIC {
             return Err(FormatError::BadMagic(self.magic.clone()));
         }
@@ -204,6 +217,17 @@ impl Manifest {
         if ram != self.config.mem_size {
             return Err(FormatError::Inconsistent(format!("layout holds {ram} bytes but the config says {}", self.config.mem_size)));
         }
+        Ok(())
+    }
+
+    /// Checks that every chunk lies inside RAM and the memory file, in RAM
+    /// order without overlaps (after [`validate_header`](Self::validate_header)).
+    ///
+    /// # Errors
+    /// [`FormatError::BadChunk`], or [`FormatError::Inconsistent`] for a
+    /// layout whose size overflows.
+    pub fn validate_chunks(&self) -> Result<(), FormatError> {
+        let ram = ram_size(&self.regions).ok_or_else(|| FormatError::Inconsistent("the layout's size overflows".into()))?;
         let mut prev_end = 0;
         for (index, c) in self.chunks.iter().enumerate() {
             let bad = |why| Err(FormatError::BadChunk { index, why });

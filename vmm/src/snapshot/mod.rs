@@ -6,10 +6,11 @@
 //! the pages in between ([`diff`]). Each snapshot is written into a
 //! temporary directory beside its destination, every file fsynced, then
 //! renamed into place, so a crash or ENOSPC midway leaves earlier
-//! snapshots whole and no half-written one behind. [`load_chain`] reads a
+//! snapshots whole and no half-written one behind. [`chain`] reads a
 //! snapshot and its ancestors back, checking every manifest and checksum
-//! before anything is restored.
+//! before the guest runs.
 
+pub mod chain;
 pub mod diff;
 pub mod format;
 pub mod irqchip;
@@ -28,6 +29,8 @@ use crate::devices::DevicesState;
 use crate::dirty::{DirtyError, DirtyTracker};
 use format::{FormatError, Manifest, ParentRef, RegionRecord, SnapshotKind};
 use vcpu_state::VcpuState;
+
+pub use chain::{Chain, Loaded, OpenChain, load_chain, open_chain};
 
 /// Errors taking or loading snapshots.
 #[derive(Debug, Error)]
@@ -94,7 +97,7 @@ pub enum SnapshotError {
     Dirty(#[from] DirtyError),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
     let what = what.into();
     move |source| SnapshotError::Io { what, source }
 }
@@ -462,91 +465,6 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     let mut f = File::create(path).map_err(io(format!("creating {}", path.display())))?;
     f.write_all(bytes).map_err(io(format!("writing {}", path.display())))?;
     f.sync_all().map_err(io(format!("syncing {}", path.display())))
-}
-
-/// One loaded snapshot of a chain.
-#[derive(Debug)]
-pub struct Loaded {
-    /// Its directory.
-    pub dir: PathBuf,
-    /// Its manifest.
-    pub manifest: Manifest,
-    /// Its memory file, open.
-    pub memory: File,
-}
-
-/// A snapshot and its ancestors, base first, all checked.
-#[derive(Debug)]
-pub struct Chain {
-    /// Base (full) first, the requested snapshot last.
-    pub links: Vec<Loaded>,
-    /// The requested snapshot's state.
-    pub state: SavedState,
-}
-
-impl Chain {
-    /// The requested (newest) snapshot.
-    #[must_use]
-    pub fn top(&self) -> &Loaded {
-        self.links.last().expect("a chain has at least one snapshot")
-    }
-}
-
-/// Longest chain followed, against cycles in damaged manifests.
-const MAX_CHAIN: usize = 1000;
-
-fn load_one(dir: &Path) -> Result<Loaded, SnapshotError> {
-    let path = dir.join(format::MANIFEST_FILE);
-    let text = std::fs::read(&path).map_err(io(format!("reading {}", path.display())))?;
-    let mut manifest: Manifest = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt(format!("{}: {e}", path.display())))?;
-    let chunks_path = dir.join(format::CHUNKS_FILE);
-    let chunks = std::fs::read(&chunks_path).map_err(io(format!("reading {}", chunks_path.display())))?;
-    if crc32fast::hash(&chunks) != manifest.chunks_crc32 {
-        return Err(SnapshotError::Corrupt(format!("{} fails its checksum", chunks_path.display())));
-    }
-    manifest.chunks = format::decode_chunks(&chunks, manifest.chunk_count).map_err(|source| SnapshotError::Format { dir: dir.to_path_buf(), source })?;
-    manifest.validate().map_err(|source| SnapshotError::Format { dir: dir.to_path_buf(), source })?;
-    let mem_path = dir.join(format::MEMORY_FILE);
-    let memory = File::open(&mem_path).map_err(io(format!("opening {}", mem_path.display())))?;
-    let len = memory.metadata().map_err(io(format!("reading {}", mem_path.display())))?.len();
-    if len != manifest.memory_file_len {
-        return Err(SnapshotError::Corrupt(format!("{} is {len} bytes, the manifest says {} (truncated?)", mem_path.display(), manifest.memory_file_len)));
-    }
-    Ok(Loaded { dir: dir.to_path_buf(), manifest, memory })
-}
-
-/// Loads `dir` and its ancestors and checks them: manifests, the chain's
-/// links, file lengths and the state checksum. Memory checksums are checked
-/// by whoever reads the memory ([`memory_file::apply`] / [`memory_file::verify`]).
-///
-/// # Errors
-/// Any [`SnapshotError`].
-pub fn load_chain(dir: &Path) -> Result<Chain, SnapshotError> {
-    let mut links = vec![load_one(dir)?];
-    while let Some(parent) = links.last().and_then(|l| l.manifest.parent.clone()) {
-        if links.len() >= MAX_CHAIN {
-            return Err(SnapshotError::Corrupt("the snapshot chain is too long (a cycle?)".into()));
-        }
-        if !parent.dir.join(format::MANIFEST_FILE).exists() {
-            return Err(SnapshotError::MissingBase { dir: links.last().map(|l| l.dir.clone()).unwrap_or_default(), base: parent.dir });
-        }
-        let base = load_one(&parent.dir)?;
-        let child = links.last().expect("not empty");
-        child.manifest.check_parent(&base.manifest).map_err(|source| SnapshotError::Format { dir: child.dir.clone(), source })?;
-        links.push(base);
-    }
-    links.reverse();
-    let top = links.last().expect("not empty");
-    let state_path = top.dir.join(format::STATE_FILE);
-    let state_bytes = std::fs::read(&state_path).map_err(io(format!("reading {}", state_path.display())))?;
-    if crc32fast::hash(&state_bytes) != top.manifest.state_crc32 {
-        return Err(SnapshotError::Corrupt(format!("{} fails its checksum", state_path.display())));
-    }
-    let state: SavedState = serde_json::from_slice(&state_bytes).map_err(|e| SnapshotError::Corrupt(format!("{}: {e}", state_path.display())))?;
-    if state.vcpus.is_empty() {
-        return Err(SnapshotError::Corrupt("no vCPU state".into()));
-    }
-    Ok(Chain { links, state })
 }
 
 #[cfg(test)]
