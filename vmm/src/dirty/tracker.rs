@@ -111,6 +111,8 @@ pub struct DirtyTracker {
     /// Reused buffer for the VMM's writes, one entry per slot.
     vmm_scratch: Vec<Option<vmm_writes::SparseWords>>,
     bad_ring_entries: u64,
+    /// Report every page at the next harvest: a ring overflowed, or a
+    /// reset failed after its entries' pages were handed out.
     ring_overflowed: bool,
     /// Consecutive ring-full exits that found nothing to collect.
     empty_full_exits: u32,
@@ -302,6 +304,17 @@ impl DirtyTracker {
     /// # Errors
     /// [`DirtyError::Kvm`] from `KVM_RESET_DIRTY_RINGS`.
     pub fn collect_rings(&mut self, vm: &VmFd) -> Result<usize, DirtyError> {
+        let n = self.drain_rings();
+        if n > 0 {
+            log::reset_rings(vm)?;
+        }
+        Ok(n)
+    }
+
+    /// Routes every published ring entry to its slot's record and marks it
+    /// collected, without `KVM_RESET_DIRTY_RINGS`: the caller resets (the
+    /// entries stay reserved until then). Returns how many were collected.
+    fn drain_rings(&mut self) -> usize {
         let mut n = 0;
         let mut bad = 0;
         let slots = &mut self.slots;
@@ -327,10 +340,7 @@ impl DirtyTracker {
             n += got;
         }
         self.bad_ring_entries += bad;
-        if n > 0 {
-            log::reset_rings(vm)?;
-        }
-        Ok(n)
+        n
     }
 
     /// Only the kernel side of a harvest, into the tracker's buffers: the
@@ -395,9 +405,17 @@ impl DirtyTracker {
         out.vmm.clear();
         out.union.clear();
         self.generation += 1;
+        // Ring entries drained here and not yet given back to KVM.
+        let mut drained = 0;
         match self.mode {
             DirtyMode::Ring => {
-                self.collect_rings(vm)?;
+                // KVM_RESET_DIRTY_RINGS waits until the pages are ranges
+                // (below): the reset re-protects every page harvested, and
+                // that much kernel work evicts the just-written key list
+                // from the caches, which the harvest would then read back
+                // from memory. Order does not matter to KVM: it frees only
+                // entries already marked collected.
+                drained = self.drain_rings();
             }
             DirtyMode::Bitmap | DirtyMode::Clear => {
                 // Outside ring mode the accumulator is empty between
@@ -451,6 +469,15 @@ impl DirtyTracker {
                     ranges::sparse_words_to_ranges_into(&words, s.info.first_pfn, &mut out.vmm);
                     ranges::union_into(guest, &out.vmm[v..], &mut out.union);
                 }
+            }
+        }
+        if drained > 0 {
+            if let Err(e) = log::reset_rings(vm) {
+                // The entries' pages already left their records for `out`,
+                // which the caller clears on error: report every page at the
+                // next harvest so none of them is lost.
+                self.ring_overflowed = true;
+                return Err(e);
             }
         }
         Ok(())
