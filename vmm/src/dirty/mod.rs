@@ -16,7 +16,7 @@
 //! loop decides when to harvest.
 
 pub mod caps;
-pub mod key_sort;
+pub mod key_buckets;
 pub mod log;
 pub mod ranges;
 pub mod ring;
