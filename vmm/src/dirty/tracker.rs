@@ -108,8 +108,8 @@ pub struct DirtyTracker {
     slots: Vec<SlotState>,
     rings: Vec<DirtyRing>,
     scratch: Vec<RingEntry>,
-    /// Reused buffer for the VMM's writes, one entry per slot.
-    vmm_scratch: Vec<Option<vmm_writes::SparseWords>>,
+    /// Reused buffers for the VMM's writes, one per slot.
+    vmm_scratch: Vec<vmm_writes::SparseWords>,
     bad_ring_entries: u64,
     /// Report every page at the next harvest: a ring overflowed, or a
     /// reset failed after its entries' pages were handed out.
@@ -442,11 +442,10 @@ impl DirtyTracker {
                 }
             }
         }
-        vmm_writes::take_into(ram, &mut self.vmm_scratch);
+        let any_vmm = vmm_writes::take_into(ram, &mut self.vmm_scratch);
         out.bad_ring_entries = std::mem::take(&mut self.bad_ring_entries);
         out.ring_overflowed = ring_overflowed;
-        let any_vmm = self.vmm_scratch.iter().any(Option::is_some);
-        for (s, vmm_words) in self.slots.iter_mut().zip(self.vmm_scratch.drain(..)) {
+        for (s, vmm_words) in self.slots.iter_mut().zip(&self.vmm_scratch) {
             let start = out.guest.len();
             if self.mode == DirtyMode::Ring {
                 s.ring.take(&mut out.guest, ring_overflowed, s.info.first_pfn, &mut s.acc);
@@ -461,14 +460,12 @@ impl DirtyTracker {
             }
             // The VMM's writes are merged as ranges (linear in the number
             // of runs), never through a second pass over the slot bitmap.
-            match vmm_words {
-                None if any_vmm => out.union.extend_from_slice(guest),
-                None => {}
-                Some(words) => {
-                    let v = out.vmm.len();
-                    ranges::sparse_words_to_ranges_into(&words, s.info.first_pfn, &mut out.vmm);
-                    ranges::union_into(guest, &out.vmm[v..], &mut out.union);
-                }
+            if !vmm_words.is_empty() {
+                let v = out.vmm.len();
+                ranges::sparse_words_to_ranges_into(vmm_words, s.info.first_pfn, &mut out.vmm);
+                ranges::union_into(guest, &out.vmm[v..], &mut out.union);
+            } else if any_vmm {
+                out.union.extend_from_slice(guest);
             }
         }
         if drained > 0 {
