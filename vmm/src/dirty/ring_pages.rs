@@ -37,8 +37,8 @@ pub const MAX_RUNS: usize = 65_536;
 
 /// Most out-of-order entries a slot keeps as keys before the bitmap takes
 /// over. Chosen by measurement (`vmm bench dirty --kernels`, release build,
-/// reference host at load ~5, 1 GiB slot; medians, with the sorted key list
-/// the buckets replaced):
+/// reference host, 1 GiB slot; medians). First with the sorted key list
+/// the buckets replaced (load ~5):
 ///
 /// | entries | bitmap, hot | keys, hot | bitmap, caches evicted | keys, evicted |
 /// |---|---|---|---|---|
@@ -47,9 +47,13 @@ pub const MAX_RUNS: usize = 65_536;
 /// | 1,024 | 10.4 µs | 15.2 µs | 34.0 µs | 24.3 µs |
 /// | 2,621 | 26.4 µs | 40.7 µs | 44.8 µs | 54.1 µs |
 ///
-/// A harvest follows a guest run, so its caches are closer to evicted
-/// than hot (the test evicts them harder than a guest does: a 32 MiB
-/// walk); 512 is where the key list stopped winning with hot caches.
+/// and with the buckets (two runs at load ~1): 262 entries 4.4 / 3.1 µs
+/// hot, 15–17 / 7.3–8.0 µs evicted; 512 entries 4.8–5.5 / 4.4–4.8 hot,
+/// 15–17 / 9.9–11.5 evicted (past 512 both columns are the bitmap). A
+/// harvest follows a guest run, so its caches are closer to evicted than
+/// hot (the test evicts them harder than a guest does: a 32 MiB walk); 512
+/// is where the key list stopped winning with hot caches, and the buckets
+/// still win there.
 pub const MAX_KEYS: usize = 512;
 
 /// Run pages moved into the keys at most, at the first entry out of order
