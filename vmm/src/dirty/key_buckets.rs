@@ -79,6 +79,13 @@ impl KeyBuckets {
         self.shift = bits.saturating_sub(BUCKET_BITS);
     }
 
+    /// Prefetches the buckets for writing, once they exist ([`prefetch`]).
+    ///
+    /// [`prefetch`]: crate::dirty::prefetch
+    pub fn prefetch_for_write(&self) {
+        crate::dirty::prefetch::for_write(self.buckets.as_ptr().cast(), std::mem::size_of_val(self.buckets.as_slice()));
+    }
+
     /// Offsets held.
     #[must_use]
     pub fn len(&self) -> usize {

@@ -18,6 +18,7 @@
 pub mod caps;
 pub mod key_buckets;
 pub mod log;
+pub mod prefetch;
 pub mod ranges;
 pub mod ring;
 pub mod ring_pages;

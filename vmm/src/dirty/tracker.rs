@@ -415,6 +415,9 @@ impl DirtyTracker {
                 // from the caches, which the harvest would then read back
                 // from memory. Order does not matter to KVM: it frees only
                 // entries already marked collected.
+                for s in &self.slots {
+                    s.ring.prefetch_for_write();
+                }
                 drained = self.drain_rings();
             }
             DirtyMode::Bitmap | DirtyMode::Clear => {
