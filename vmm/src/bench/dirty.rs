@@ -11,7 +11,7 @@
 //! The micro guest writes its pages in ascending order, the dirty ring's
 //! best case (its entries then arrive as page runs); ring mode is also
 //! measured with the same pages written in a scattered order, which sends
-//! its harvest through a sorted key list (or, past `ring_pages::MAX_KEYS`
+//! its harvest through a bucketed key list (or, past `ring_pages::MAX_KEYS`
 //! entries per slot, the bitmap). Every harvest of memvisor's is checked to
 //! hold exactly the pages the pass wrote.
 //!

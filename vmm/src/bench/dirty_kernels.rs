@@ -5,8 +5,9 @@
 //!   bits in the slot's bitmap and scanning it, with hot caches and with
 //!   caches evicted (a 32 MiB walk) before each harvest, as after a guest's
 //!   run;
-//! - [`crate::dirty::key_sort::sort_below`]: the bucketed sort against
-//!   `sort_unstable` for the key list's sizes.
+//! - [`crate::dirty::key_buckets::KeyBuckets`]: offsets bucketed as they
+//!   arrive and turned into ranges, against collecting them in a list,
+//!   `sort_unstable` and making the ranges, for the key list's sizes.
 //!
 //! Medians (and minima) of many repetitions, in ns. Every harvest is checked
 //! to hold exactly the pages noted.
@@ -15,7 +16,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use crate::bench::page_writer::{scatter_step, scattered_order};
-use crate::dirty::key_sort::sort_below;
+use crate::dirty::key_buckets::KeyBuckets;
 use crate::dirty::ranges::{self, PageRange};
 use crate::dirty::ring_pages::RingPages;
 
@@ -92,14 +93,15 @@ fn harvest_rows(reps: usize) -> Result<Vec<Row>, String> {
     Ok(rows)
 }
 
-/// One sort timing: `(keys, sort_unstable ns, sort_below ns)`, medians
-/// with minima.
+/// One sort timing: `(keys, list + sort_unstable + ranges ns, buckets +
+/// ranges ns)`, medians with minima, from the first key noted to the last
+/// range made.
 type SortRow = (usize, (u128, u128), (u128, u128));
 
-fn sort_rows(reps: usize) -> Vec<SortRow> {
+fn sort_rows(reps: usize) -> Result<Vec<SortRow>, String> {
     let mut x = memvisor_abi::splitmix::GOLDEN_GAMMA;
-    let mut scratch = Vec::new();
     let mut rows = Vec::new();
+    let mut buckets = KeyBuckets::default();
     for n in [262usize, 512] {
         let keys: Vec<u64> = (0..n)
             .map(|_| {
@@ -110,24 +112,35 @@ fn sort_rows(reps: usize) -> Vec<SortRow> {
             })
             .collect();
         let (mut t_std, mut t_ours) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
-        let mut k = Vec::with_capacity(n);
+        let mut list = Vec::with_capacity(n);
+        let (mut want, mut got) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for _ in 0..reps {
-            k.clear();
-            k.extend_from_slice(&keys);
+            list.clear();
+            want.clear();
             let t = Instant::now();
-            k.sort_unstable();
+            list.extend(keys.iter().map(|&k| black_box(k)));
+            list.sort_unstable();
+            ranges::sorted_pages_to_ranges_into(&list, 0, &mut want);
             t_std.push(t.elapsed().as_nanos());
-            black_box(&k);
-            k.clear();
-            k.extend_from_slice(&keys);
+            got.clear();
+            buckets.reset_for(SLOT_PAGES);
             let t = Instant::now();
-            sort_below(&mut k, &mut scratch, SLOT_PAGES);
+            for &k in &keys {
+                // Random offsets may bunch past a bucket's capacity; those
+                // rows are then not comparable, and say so.
+                if !buckets.push(black_box(k)) {
+                    return Err(format!("{n} random offsets filled a bucket; pick another seed"));
+                }
+            }
+            buckets.take_ranges_into(0, &mut got);
             t_ours.push(t.elapsed().as_nanos());
-            black_box(&k);
+            if got != want {
+                return Err(format!("the bucketed ranges of {n} offsets differ from the sorted list's"));
+            }
         }
         rows.push((n, median_min(&mut t_std), median_min(&mut t_ours)));
     }
-    rows
+    Ok(rows)
 }
 
 /// Runs both timings and prints them.
@@ -141,9 +154,9 @@ pub fn run(reps: usize) -> Result<(), String> {
     for (count, cold, (bm, bm_min), (k, k_min)) in harvest_rows(reps)? {
         println!("{count:>8} {:>8} {:>16} {:>16}", if cold { "evicted" } else { "hot" }, format!("{bm} ({bm_min})"), format!("{k} ({k_min})"));
     }
-    println!("key sort below 2^18, hot: median ns (min)");
-    println!("{:>8} {:>16} {:>16}", "keys", "sort_unstable", "sort_below");
-    for (n, (s, s_min), (o, o_min)) in sort_rows(reps) {
+    println!("random offsets below 2^18 to ranges, hot: median ns (min)");
+    println!("{:>8} {:>16} {:>16}", "keys", "list + sort", "buckets");
+    for (n, (s, s_min), (o, o_min)) in sort_rows(reps)? {
         println!("{n:>8} {:>16} {:>16}", format!("{s} ({s_min})"), format!("{o} ({o_min})"));
     }
     Ok(())
@@ -157,6 +170,6 @@ mod tests {
     fn every_timed_harvest_holds_exactly_the_pages_noted() {
         let rows = harvest_rows(2).unwrap();
         assert_eq!(rows.len(), 8, "four sizes, hot and evicted");
-        assert_eq!(sort_rows(2).len(), 2);
+        assert_eq!(sort_rows(2).unwrap().len(), 2);
     }
 }

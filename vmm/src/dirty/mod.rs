@@ -16,8 +16,9 @@
 //! loop decides when to harvest.
 
 pub mod caps;
-pub mod key_sort;
+pub mod key_buckets;
 pub mod log;
+pub mod prefetch;
 pub mod ranges;
 pub mod ring;
 pub mod ring_pages;

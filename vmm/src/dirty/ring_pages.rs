@@ -8,16 +8,18 @@
 //! 1. **Runs**: while entries ascend (a guest writing memory in address
 //!    order fills the ring that way), they are appended to a list of page
 //!    runs, and the harvest hands that list over as it is.
-//! 2. **Keys**: after the first entry out of order, the following ones are
-//!    appended, unsorted, to a list of page offsets (a short ascending
-//!    prefix moves there too); the harvest sorts it ([`key_sort`]) and
-//!    builds ranges from it, joined with the runs collected before. For
-//!    a few hundred entries scattered over a large slot this costs less
-//!    than the bitmap: each bit set there is a cache miss in a bitmap the
-//!    guest has evicted, and the harvest then scans the whole bitmap
-//!    (32 KiB per GiB of slot), where the key list is written and sorted in
-//!    a few cache lines.
-//! 3. **Bitmap**: past [`MAX_KEYS`] keys (or [`MAX_RUNS`] runs) everything
+//! 2. **Keys**: after the first entry out of order, the following ones go,
+//!    as page offsets, into buckets by their top bits ([`key_buckets`]; a
+//!    short ascending prefix moves there too); the harvest sorts each
+//!    bucket's few offsets and builds the ranges in the same pass, joined
+//!    with the runs collected before. For a few hundred entries scattered
+//!    over a large slot this costs less than the bitmap: each bit set there
+//!    is a cache miss in a bitmap the guest has evicted, and the harvest
+//!    then scans the whole bitmap (32 KiB per GiB of slot), where the
+//!    buckets are 4 KiB written and read once.
+//! 3. **Bitmap**: past [`MAX_KEYS`] keys (or [`MAX_RUNS`] runs), or when a
+//!    bucket is full (more than 16 offsets in one sixty-fourth of the slot:
+//!    bunched entries, which share the bitmap's cache lines), everything
 //!    moves into the slot's bitmap, whose cost no longer grows with the
 //!    number of entries.
 //!
@@ -25,7 +27,7 @@
 //! same buffer for KVM's log) and never reads a ring: the tracker routes
 //! each checked entry here.
 
-use crate::dirty::key_sort;
+use crate::dirty::key_buckets::KeyBuckets;
 use crate::dirty::ranges::{self, PageRange};
 
 /// Most runs a slot keeps as a list between two harvests: one full ring's
@@ -33,9 +35,10 @@ use crate::dirty::ranges::{self, PageRange};
 /// the 1 MiB ring memvisor asks for per vCPU), at most 1 MiB of runs.
 pub const MAX_RUNS: usize = 65_536;
 
-/// Most out-of-order entries a slot keeps as a list before the bitmap takes
+/// Most out-of-order entries a slot keeps as keys before the bitmap takes
 /// over. Chosen by measurement (`vmm bench dirty --kernels`, release build,
-/// reference host at load ~5, 1 GiB slot; medians):
+/// reference host, 1 GiB slot; medians). First with the sorted key list
+/// the buckets replaced (load ~5):
 ///
 /// | entries | bitmap, hot | keys, hot | bitmap, caches evicted | keys, evicted |
 /// |---|---|---|---|---|
@@ -44,20 +47,31 @@ pub const MAX_RUNS: usize = 65_536;
 /// | 1,024 | 10.4 µs | 15.2 µs | 34.0 µs | 24.3 µs |
 /// | 2,621 | 26.4 µs | 40.7 µs | 44.8 µs | 54.1 µs |
 ///
-/// A harvest follows a guest run, so its caches are closer to evicted
-/// than hot (the test evicts them harder than a guest does: a 32 MiB
-/// walk); 512 is where the key list stops winning with hot caches.
+/// and with the buckets (two runs at load ~1): 262 entries 4.4 / 3.1 µs
+/// hot, 15–17 / 7.3–8.0 µs evicted; 512 entries 4.8–5.5 / 4.4–4.8 hot,
+/// 15–17 / 9.9–11.5 evicted (past 512 both columns are the bitmap). A
+/// harvest follows a guest run, so its caches are closer to evicted than
+/// hot (the test evicts them harder than a guest does: a 32 MiB walk); 512
+/// is where the key list stopped winning with hot caches, and the buckets
+/// still win there.
 pub const MAX_KEYS: usize = 512;
 
 /// Run pages moved into the keys at most, at the first entry out of order
-/// (see [`RingPages::runs_to_keys`]): a few cache lines of keys. The key
-/// list holds them and the entry that moved them without spilling.
+/// (see [`RingPages::runs_to_keys`]): a few cache lines of keys. The keys
+/// hold them and the entry that moved them without spilling, unless they
+/// bunch into one bucket, in which case they stay runs.
 const MOVE_AT_MOST: u64 = 64;
 const _: () = assert!(MOVE_AT_MOST < MAX_KEYS as u64);
 
+/// Runs prefetched at most before a harvest ([`RingPages::prefetch_for_write`]):
+/// 4 KiB, what a few hundred pages fill. Larger harvests spread the misses
+/// the prefetch hides over more entries.
+const PREFETCH_RUNS: usize = 256;
+
 /// Which form holds the entries (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Form {
+    #[default]
     Runs,
     Keys,
     Bitmap,
@@ -70,23 +84,15 @@ enum Form {
 /// before the first one out of order (unless they moved into `keys`) and
 /// `keys` (at most [`MAX_KEYS`]) the rest; in `Bitmap`, `runs` and `keys`
 /// are empty and the bitmap holds every entry.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RingPages {
     form: Form,
     /// Ascending, disjoint, non-adjacent guest page runs.
     runs: Vec<PageRange>,
-    /// Page offsets inside the slot, in arrival order (repeats allowed).
-    keys: Vec<u64>,
+    /// Page offsets inside the slot, bucketed (repeats allowed).
+    keys: KeyBuckets,
     /// Reused buffer: the keys' ranges, before they are joined with `runs`.
     key_ranges: Vec<PageRange>,
-    /// Reused buffer: the sort's second half.
-    sort_scratch: Vec<u64>,
-}
-
-impl Default for RingPages {
-    fn default() -> Self {
-        RingPages { form: Form::Runs, runs: Vec::new(), keys: Vec::new(), key_ranges: Vec::new(), sort_scratch: Vec::new() }
-    }
 }
 
 impl RingPages {
@@ -106,37 +112,65 @@ impl RingPages {
                     Some(last) if last.end() == pfn => last.count += 1,
                     // A page before the last run's end: out of order (or
                     // seen twice, from two vCPUs' rings).
-                    Some(last) if last.end() > pfn => self.start_keys(offset, first_pfn),
+                    Some(last) if last.end() > pfn => self.start_keys(offset, first_pfn, bitmap),
                     _ if len < MAX_RUNS => self.runs.push(PageRange { first: pfn, count: 1 }),
                     _ => self.spill(offset, first_pfn, bitmap),
                 }
             }
-            Form::Keys if self.keys.len() < MAX_KEYS => self.keys.push(offset),
-            Form::Keys => self.spill(offset, first_pfn, bitmap),
+            Form::Keys => {
+                if self.keys.len() >= MAX_KEYS || !self.keys.push(offset) {
+                    self.spill(offset, first_pfn, bitmap);
+                }
+            }
             Form::Bitmap => set_bit(bitmap, offset),
         }
+    }
+
+    /// Before the ring entries are routed here: prefetches, for writing,
+    /// the start of the run list and the key buckets, which the guest's
+    /// run has evicted ([`prefetch`](crate::dirty::prefetch)).
+    pub fn prefetch_for_write(&self) {
+        let runs = self.runs.capacity().min(PREFETCH_RUNS) * std::mem::size_of::<PageRange>();
+        crate::dirty::prefetch::for_write(self.runs.as_ptr().cast(), runs);
+        self.keys.prefetch_for_write();
     }
 
     /// From runs to keys, at the first entry out of order (`offset`).
     #[cold]
     #[inline(never)]
-    fn start_keys(&mut self, offset: u64, first_pfn: u64) {
+    fn start_keys(&mut self, offset: u64, first_pfn: u64, bitmap: &mut [u64]) {
+        // The bitmap covers the slot's pages: every offset lies below its
+        // size, which sizes the buckets.
+        let bound = bitmap.len() as u64 * 64;
+        if !KeyBuckets::fits(bound) {
+            self.spill(offset, first_pfn, bitmap);
+            return;
+        }
+        self.keys.reset_for(bound);
         self.form = Form::Keys;
         self.runs_to_keys(first_pfn);
-        self.keys.push(offset);
+        if !self.keys.push(offset) {
+            self.spill(offset, first_pfn, bitmap);
+        }
     }
 
     /// At the first entry out of order: when the runs so far hold only a
     /// few pages (the usual case for scattered writes, whose first entries
     /// ascend only by chance), their pages become keys too, so the harvest
-    /// sorts one list instead of also joining it with the runs (one more
-    /// pass over every range). Longer runs stay as they are and are joined.
+    /// builds ranges from the keys alone instead of also joining them with
+    /// the runs (one more pass over every range). Longer runs, and runs
+    /// whose pages bunch into one bucket, stay as they are and are joined.
     fn runs_to_keys(&mut self, first_pfn: u64) {
         if self.runs.len() as u64 > MOVE_AT_MOST || ranges::pages_in(&self.runs) > MOVE_AT_MOST {
             return;
         }
-        self.keys.extend(self.runs.iter().flat_map(|r| r.first - first_pfn..r.end() - first_pfn));
-        self.runs.clear();
+        let keys = &mut self.keys;
+        if self.runs.iter().flat_map(|r| r.first - first_pfn..r.end() - first_pfn).all(|o| keys.push(o)) {
+            self.runs.clear();
+        } else {
+            // A bucket filled up: the pages stay runs, and only runs.
+            keys.clear();
+        }
     }
 
     /// Moves the runs, the keys and the entry for `offset` into `bitmap`;
@@ -145,7 +179,7 @@ impl RingPages {
     #[inline(never)]
     fn spill(&mut self, offset: u64, first_pfn: u64, bitmap: &mut [u64]) {
         ranges::set_ranges(bitmap, first_pfn, &self.runs);
-        for &k in &self.keys {
+        for k in self.keys.iter() {
             set_bit(bitmap, k);
         }
         set_bit(bitmap, offset);
@@ -172,14 +206,11 @@ impl RingPages {
                 }
             }
             Form::Keys => {
-                // Every offset was checked to lie inside the slot, whose
-                // pages the bitmap covers: that bounds the keys.
-                key_sort::sort_below(&mut self.keys, &mut self.sort_scratch, bitmap.len() as u64 * 64);
                 if self.runs.is_empty() {
-                    ranges::sorted_pages_to_ranges_into(&self.keys, first_pfn, out);
+                    self.keys.take_ranges_into(first_pfn, out);
                 } else {
                     self.key_ranges.clear();
-                    ranges::sorted_pages_to_ranges_into(&self.keys, first_pfn, &mut self.key_ranges);
+                    self.keys.take_ranges_into(first_pfn, &mut self.key_ranges);
                     ranges::union_into(&self.runs, &self.key_ranges, out);
                 }
             }
@@ -291,6 +322,57 @@ mod tests {
         assert_eq!(ranges::count_pages(&bm), pages.len() as u64);
         pages.sort_unstable();
         assert_eq!(round(&mut r, &mut bm, &[]), pages);
+    }
+
+    #[test]
+    fn spread_keys_past_the_key_limit_go_to_the_bitmap() {
+        // One offset per 64 pages, out of order: MAX_KEYS fit in the
+        // buckets (at most 16 per bucket), the next one spills.
+        let pages = 64 * (MAX_KEYS as u64 + 1);
+        let (mut r, mut bm) = slot(pages);
+        let offsets: Vec<u64> = (0..=MAX_KEYS as u64).rev().map(|i| i * 64).collect();
+        for &o in &offsets[..MAX_KEYS] {
+            r.note(o, BASE, &mut bm);
+        }
+        assert_eq!((r.form, r.keys.len()), (Form::Keys, MAX_KEYS));
+        r.note(offsets[MAX_KEYS], BASE, &mut bm);
+        assert_eq!(r.form, Form::Bitmap);
+        let mut want = offsets;
+        want.sort_unstable();
+        assert_eq!(round(&mut r, &mut bm, &[]), want);
+    }
+
+    #[test]
+    fn a_full_bucket_sends_everything_to_the_bitmap() {
+        // 1024 pages per bucket: seventeen offsets inside bucket 3, out of
+        // order, after keys in other buckets and a short run.
+        let (mut r, mut bm) = slot(1 << 16);
+        let mut offsets = vec![10, 11, 5000, 9, 60_000];
+        offsets.extend((0..17).map(|i| 3 * 1024 + 1000 - 7 * i));
+        let (last, before) = offsets.split_last().unwrap();
+        for &o in before {
+            r.note(o, BASE, &mut bm);
+        }
+        assert_eq!((r.form, r.keys.len()), (Form::Keys, before.len()), "16 in bucket 3 still fit");
+        r.note(*last, BASE, &mut bm);
+        assert_eq!(r.form, Form::Bitmap, "the seventeenth does not");
+        assert!(r.runs.is_empty() && r.keys.is_empty());
+        offsets.sort_unstable();
+        assert_eq!(round(&mut r, &mut bm, &[]), offsets);
+    }
+
+    #[test]
+    fn a_short_run_bunched_in_one_bucket_stays_a_run() {
+        // 40 pages in a row fill a 64-page bucket past its 16 keys: at the
+        // first entry out of order they stay a run, joined at the harvest.
+        let (mut r, mut bm) = slot(64 * 64);
+        let mut offsets: Vec<u64> = (200..240).collect();
+        offsets.extend([7, 3000, 239, 240]);
+        for &o in &offsets {
+            r.note(o, BASE, &mut bm);
+        }
+        assert_eq!((r.form, r.runs.len(), r.keys.len()), (Form::Keys, 1, 4));
+        assert_eq!(round(&mut r, &mut bm, &[]), [7].into_iter().chain(200..241).chain([3000]).collect::<Vec<_>>());
     }
 
     #[test]

@@ -108,9 +108,11 @@ pub struct DirtyTracker {
     slots: Vec<SlotState>,
     rings: Vec<DirtyRing>,
     scratch: Vec<RingEntry>,
-    /// Reused buffer for the VMM's writes, one entry per slot.
-    vmm_scratch: Vec<Option<vmm_writes::SparseWords>>,
+    /// Reused buffers for the VMM's writes, one per slot.
+    vmm_scratch: Vec<vmm_writes::SparseWords>,
     bad_ring_entries: u64,
+    /// Report every page at the next harvest: a ring overflowed, or a
+    /// reset failed after its entries' pages were handed out.
     ring_overflowed: bool,
     /// Consecutive ring-full exits that found nothing to collect.
     empty_full_exits: u32,
@@ -302,6 +304,17 @@ impl DirtyTracker {
     /// # Errors
     /// [`DirtyError::Kvm`] from `KVM_RESET_DIRTY_RINGS`.
     pub fn collect_rings(&mut self, vm: &VmFd) -> Result<usize, DirtyError> {
+        let n = self.drain_rings();
+        if n > 0 {
+            log::reset_rings(vm)?;
+        }
+        Ok(n)
+    }
+
+    /// Routes every published ring entry to its slot's record and marks it
+    /// collected, without `KVM_RESET_DIRTY_RINGS`: the caller resets (the
+    /// entries stay reserved until then). Returns how many were collected.
+    fn drain_rings(&mut self) -> usize {
         let mut n = 0;
         let mut bad = 0;
         let slots = &mut self.slots;
@@ -327,10 +340,7 @@ impl DirtyTracker {
             n += got;
         }
         self.bad_ring_entries += bad;
-        if n > 0 {
-            log::reset_rings(vm)?;
-        }
-        Ok(n)
+        n
     }
 
     /// Only the kernel side of a harvest, into the tracker's buffers: the
@@ -395,9 +405,20 @@ impl DirtyTracker {
         out.vmm.clear();
         out.union.clear();
         self.generation += 1;
+        // Ring entries drained here and not yet given back to KVM.
+        let mut drained = 0;
         match self.mode {
             DirtyMode::Ring => {
-                self.collect_rings(vm)?;
+                // KVM_RESET_DIRTY_RINGS waits until the pages are ranges
+                // (below): the reset re-protects every page harvested, and
+                // that much kernel work evicts the just-written key list
+                // from the caches, which the harvest would then read back
+                // from memory. Order does not matter to KVM: it frees only
+                // entries already marked collected.
+                for s in &self.slots {
+                    s.ring.prefetch_for_write();
+                }
+                drained = self.drain_rings();
             }
             DirtyMode::Bitmap | DirtyMode::Clear => {
                 // Outside ring mode the accumulator is empty between
@@ -424,11 +445,10 @@ impl DirtyTracker {
                 }
             }
         }
-        vmm_writes::take_into(ram, &mut self.vmm_scratch);
+        let any_vmm = vmm_writes::take_into(ram, &mut self.vmm_scratch);
         out.bad_ring_entries = std::mem::take(&mut self.bad_ring_entries);
         out.ring_overflowed = ring_overflowed;
-        let any_vmm = self.vmm_scratch.iter().any(Option::is_some);
-        for (s, vmm_words) in self.slots.iter_mut().zip(self.vmm_scratch.drain(..)) {
+        for (s, vmm_words) in self.slots.iter_mut().zip(&self.vmm_scratch) {
             let start = out.guest.len();
             if self.mode == DirtyMode::Ring {
                 s.ring.take(&mut out.guest, ring_overflowed, s.info.first_pfn, &mut s.acc);
@@ -443,14 +463,21 @@ impl DirtyTracker {
             }
             // The VMM's writes are merged as ranges (linear in the number
             // of runs), never through a second pass over the slot bitmap.
-            match vmm_words {
-                None if any_vmm => out.union.extend_from_slice(guest),
-                None => {}
-                Some(words) => {
-                    let v = out.vmm.len();
-                    ranges::sparse_words_to_ranges_into(&words, s.info.first_pfn, &mut out.vmm);
-                    ranges::union_into(guest, &out.vmm[v..], &mut out.union);
-                }
+            if !vmm_words.is_empty() {
+                let v = out.vmm.len();
+                ranges::sparse_words_to_ranges_into(vmm_words, s.info.first_pfn, &mut out.vmm);
+                ranges::union_into(guest, &out.vmm[v..], &mut out.union);
+            } else if any_vmm {
+                out.union.extend_from_slice(guest);
+            }
+        }
+        if drained > 0 {
+            if let Err(e) = log::reset_rings(vm) {
+                // The entries' pages already left their records for `out`,
+                // which the caller clears on error: report every page at the
+                // next harvest so none of them is lost.
+                self.ring_overflowed = true;
+                return Err(e);
             }
         }
         Ok(())

@@ -18,7 +18,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
 
 use crate::config::{Backing, NumaPolicy, VmConfig, format_size};
-use crate::dirty::vmm_writes::VmmWriteBitmap;
+use crate::dirty::vmm_writes::{VmmWriteBitmap, WriteFlag};
 use crate::layout::{RamRange, ram_ranges};
 use backing::HostMapping;
 
@@ -147,6 +147,8 @@ pub struct GuestRam {
     memory: GuestMemory,
     /// The NUMA policy applied, for the report.
     numa: Option<(NumaPolicy, Vec<u32>)>,
+    /// Set by every VMM write to any region (see `dirty::vmm_writes`).
+    vmm_writes: WriteFlag,
 }
 
 impl GuestRam {
@@ -196,13 +198,14 @@ impl GuestRam {
             }
             regions.push(RamRegion { range, mapping });
         }
+        let vmm_writes = WriteFlag::default();
         let mut mm_regions = Vec::new();
         for r in &regions {
             // SAFETY: the pointer is our live mapping of exactly this size,
             // which outlives `memory` (both are owned by `GuestRam`, and the
             // builder does not take ownership: it will not munmap it).
             let builder = unsafe {
-                MmapRegionBuilder::new_with_bitmap(r.mapping.size(), VmmWriteBitmap::new(r.mapping.size()))
+                MmapRegionBuilder::new_with_bitmap(r.mapping.size(), VmmWriteBitmap::with_flag(r.mapping.size(), vmm_writes.clone()))
                     .with_raw_mmap_pointer(r.mapping.as_ptr())
             };
             let region = builder
@@ -214,7 +217,7 @@ impl GuestRam {
             mm_regions.push(region);
         }
         let memory = GuestMemory::from_regions(mm_regions).map_err(|e| MemoryError::GuestMemory(e.to_string()))?;
-        Ok(GuestRam { regions, memory, numa })
+        Ok(GuestRam { regions, memory, numa, vmm_writes })
     }
 
     /// The host address of `len` bytes at `ram_offset` (regions concatenated
@@ -267,6 +270,12 @@ impl GuestRam {
     #[must_use]
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// Whether the VMM wrote any region since dirty tracking last looked.
+    #[must_use]
+    pub fn vmm_write_flag(&self) -> &WriteFlag {
+        &self.vmm_writes
     }
 
     /// The NUMA policy in force, if any.
