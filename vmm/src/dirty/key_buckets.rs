@@ -18,7 +18,7 @@
 //! offsets bunch: more than 16 in one sixty-fourth of the slot, where the
 //! bitmap costs little because bunched pages share its cache lines.
 
-use crate::dirty::ranges::PageRange;
+use crate::dirty::ranges::{OpenRange, PageRange};
 
 /// log2 of the number of buckets.
 const BUCKET_BITS: u32 = 6;
@@ -132,28 +132,15 @@ impl KeyBuckets {
     /// Buckets are ascending and disjoint, so sorting each one sorts the
     /// whole; the open run carries across buckets (a run may straddle two).
     pub fn take_ranges_into(&mut self, base: u64, out: &mut Vec<PageRange>) {
-        // The open run [first, end); empty until the first offset.
-        let (mut first, mut end) = (0u64, 0u64);
-        let mut open = false;
+        let mut open = OpenRange::default();
         for (bucket, &f) in self.buckets.iter_mut().zip(&self.fill) {
             let part = &mut bucket.0[..usize::from(f)];
             insertion_sort(part);
             for &k in part.iter() {
-                let page = base + u64::from(k);
-                if open && page == end {
-                    end += 1;
-                } else if !open || page > end {
-                    if open {
-                        out.push(PageRange { first, count: end - first });
-                    }
-                    (first, end, open) = (page, page + 1, true);
-                }
-                // else page == end - 1: a repeat, already in the open run.
+                open.add_page(base + u64::from(k), out);
             }
         }
-        if open {
-            out.push(PageRange { first, count: end - first });
-        }
+        open.finish(out);
         self.clear();
     }
 

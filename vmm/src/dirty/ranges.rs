@@ -110,10 +110,39 @@ impl Iterator for SetBits {
 }
 
 /// The range being built: it grows while runs touch, and goes to the output
-/// when one does not.
-struct Open {
+/// when one does not. Empty (`first == end`) until the first page. Its two
+/// fields stay in registers in the loops that use it.
+#[derive(Debug, Default)]
+pub struct OpenRange {
     first: u64,
     end: u64,
+}
+
+impl OpenRange {
+    /// Adds `page`, which is no lower than any page added before (a repeat
+    /// of the last one counts once): it extends the open range, or the open
+    /// range goes to `out` and a new one starts at `page`. Costs a compare
+    /// or two per page.
+    #[inline(always)]
+    pub fn add_page(&mut self, page: u64, out: &mut Vec<PageRange>) {
+        if page == self.end {
+            // Also the first page of an empty range at page 0.
+            self.end += 1;
+        } else if page > self.end {
+            self.finish(out);
+            (self.first, self.end) = (page, page + 1);
+        }
+        // else page == end - 1: a repeat, already in the open range.
+    }
+
+    /// Writes the open range, if any, to `out` and empties it.
+    #[inline(always)]
+    pub fn finish(&mut self, out: &mut Vec<PageRange>) {
+        if self.end != self.first {
+            out.push(PageRange { first: self.first, count: self.end - self.first });
+            self.first = self.end;
+        }
+    }
 }
 
 /// Appends the runs of `bitmap` (bit 0 = page `base`) to `ranges`, looking
@@ -125,7 +154,7 @@ struct Open {
 /// only when the next run does not touch it.
 #[inline(always)]
 fn scan(bitmap: &[u64], base: u64, ranges: &mut Vec<PageRange>, nonzero: impl Fn(&[u64; BLOCK]) -> u64) {
-    let mut open = Open { first: 0, end: 0 };
+    let mut open = OpenRange::default();
     let blocks = bitmap.chunks_exact(BLOCK);
     let tail = blocks.remainder();
     for (b, block) in blocks.enumerate() {
@@ -137,16 +166,14 @@ fn scan(bitmap: &[u64], base: u64, ranges: &mut Vec<PageRange>, nonzero: impl Fn
     }
     let tail_start = bitmap.len() - tail.len();
     block_runs(tail.iter().enumerate().map(|(i, &bits)| (bits, base + ((tail_start + i) as u64) * 64)), tail.len(), ranges, &mut open);
-    if open.end != open.first {
-        ranges.push(PageRange { first: open.first, count: open.end - open.first });
-    }
+    open.finish(ranges);
 }
 
 /// Adds the runs of at most `max_words` words, each `(bits, page of bit
 /// 0)` in ascending page order, to `open`, writing finished ranges to
 /// `ranges`.
 #[inline(always)]
-fn block_runs(words: impl Iterator<Item = (u64, u64)>, max_words: usize, ranges: &mut Vec<PageRange>, open: &mut Open) {
+fn block_runs(words: impl Iterator<Item = (u64, u64)>, max_words: usize, ranges: &mut Vec<PageRange>, open: &mut OpenRange) {
     // Each range written here is finished by a run that starts here, so
     // the block writes at most that many.
     ranges.reserve(max_words * RUNS_PER_WORD);
@@ -191,25 +218,16 @@ pub fn pages_to_ranges(sorted: &[u64], base: u64) -> Vec<PageRange> {
 /// ascending order, repeats allowed: a page a ring reported twice counts
 /// once) to `out`, whose earlier runs are left alone, never extended.
 ///
-/// The open run lives in two registers and is written out only when the
-/// next page does not continue it, so the loop costs a compare or two per
-/// page. Offsets out of order would give overlapping or unordered runs;
-/// debug builds check the order.
+/// The open run is an [`OpenRange`], written out only when the next page
+/// does not continue it. Offsets out of order would give overlapping or
+/// unordered runs; debug builds check the order.
 pub fn sorted_pages_to_ranges_into(sorted: &[u64], base: u64, out: &mut Vec<PageRange>) {
     debug_assert!(sorted.windows(2).all(|w| w[0] <= w[1]), "pages must be sorted");
-    let Some((&first, rest)) = sorted.split_first() else { return };
-    let (mut start, mut end) = (base + first, base + first + 1);
-    for &p in rest {
-        let page = base + p;
-        if page == end {
-            end += 1;
-        } else if page > end {
-            out.push(PageRange { first: start, count: end - start });
-            (start, end) = (page, page + 1);
-        }
-        // else page == end - 1: a repeat, already in the open run.
+    let mut open = OpenRange::default();
+    for &p in sorted {
+        open.add_page(base + p, out);
     }
-    out.push(PageRange { first: start, count: end - start });
+    open.finish(out);
 }
 
 /// Sets the bits of `ranges` (relative to `base`) in `bitmap`; pages outside
@@ -257,11 +275,9 @@ pub fn sparse_words_to_ranges(words: &[(usize, u64)], base: u64) -> Vec<PageRang
 pub fn sparse_words_to_ranges_into(words: &[(usize, u64)], base: u64, out: &mut Vec<PageRange>) {
     // The same run kernel as a dense scan, fed the listed words only; its
     // open range starts empty, so nothing already in `out` is extended.
-    let mut open = Open { first: 0, end: 0 };
+    let mut open = OpenRange::default();
     block_runs(words.iter().map(|&(w, bits)| (bits, base + (w as u64) * 64)), words.len(), out, &mut open);
-    if open.end != open.first {
-        out.push(PageRange { first: open.first, count: open.end - open.first });
-    }
+    open.finish(out);
 }
 
 /// The union of two ascending lists of disjoint, non-adjacent runs, as one
