@@ -104,12 +104,7 @@ fn sort_rows(reps: usize) -> Result<Vec<SortRow>, String> {
     let mut buckets = KeyBuckets::default();
     for n in [262usize, 512] {
         let keys: Vec<u64> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x % SLOT_PAGES
-            })
+            .map(|_| memvisor_abi::splitmix::next(&mut x) % SLOT_PAGES)
             .collect();
         let (mut t_std, mut t_ours) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
         let mut list = Vec::with_capacity(n);

@@ -168,14 +168,9 @@ fn insertion_sort(v: &mut [u32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memvisor_abi::splitmix::next;
     use crate::dirty::ranges;
 
-    fn next(x: &mut u64) -> u64 {
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        *x
-    }
 
     /// What the bitmap of `offsets` gives, the reference.
     fn reference(offsets: &[u64], pages: u64, base: u64) -> Vec<PageRange> {

@@ -342,6 +342,7 @@ pub fn pages_in(ranges: &[PageRange]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memvisor_abi::splitmix;
 
     /// The obvious bit-by-bit conversion, to check the fast one against.
     fn slow(bitmap: &[u64], base: u64) -> Vec<PageRange> {
@@ -389,12 +390,7 @@ mod tests {
     #[test]
     fn sorted_pages_match_their_bitmap_on_pseudo_random_sets() {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = || splitmix::next(&mut x);
         for trial in 0..300 {
             let pages = 64 * (1 + next() % 40) + next() % 64;
             let n = (next() % 700) as usize;
@@ -453,10 +449,8 @@ mod tests {
         for _ in 0..200 {
             let bm: Vec<u64> = (0..5)
                 .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x & (x >> 3)
+                    let v = splitmix::next(&mut x);
+                    v & (v >> 3)
                 })
                 .collect();
             assert_eq!(bitmap_to_ranges(&bm, 1000), slow(&bm, 1000));
@@ -468,12 +462,7 @@ mod tests {
         // Several 64-word blocks and a tail: sparse, dense, full words and
         // runs that cross word and block boundaries.
         let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = || splitmix::next(&mut x);
         for density in 0..6 {
             let bm: Vec<u64> = (0..3 * 64 + 21)
                 .map(|i| match density {
@@ -513,13 +502,11 @@ mod tests {
         for density in 0..4 {
             let mut bm: Vec<u64> = (0..150)
                 .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    let v = splitmix::next(&mut x);
                     match density {
-                        0 => x & (x >> 5) & (x >> 11) & (x >> 17),
-                        1 => x & (x >> 3),
-                        2 => x,
+                        0 => v & (v >> 5) & (v >> 11) & (v >> 17),
+                        1 => v & (v >> 3),
+                        2 => v,
                         _ => u64::MAX,
                     }
                 })

@@ -239,6 +239,7 @@ fn set_bit(bitmap: &mut [u64], offset: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memvisor_abi::splitmix::next;
 
     const BASE: u64 = 1000;
 
@@ -420,13 +421,6 @@ mod tests {
         assert_eq!(out, vec![PageRange { first: BASE + 3, count: 1 }, PageRange { first: 5002, count: 1 }, PageRange { first: 5009, count: 1 }]);
     }
 
-    /// xorshift64: reproducible pseudo-random offsets without a dependency.
-    fn next(x: &mut u64) -> u64 {
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        *x
-    }
 
     #[test]
     fn every_form_reports_what_the_bitmap_alone_would() {
