@@ -2,7 +2,7 @@
 //!
 //! A [`Machine`] is the VM, its vCPU, devices, dirty tracker and snapshot
 //! chain, however it came to be (booted by [`crate::vmm::run`] or restored
-//! by [`crate::vmm::restore`]). [`Machine::drive`] runs the vCPU in the
+//! by [`crate::restore::restore`]). [`Machine::drive`] runs the vCPU in the
 //! calling thread until the guest exits, idles and is shut down, or dies,
 //! serving control-socket jobs between `KVM_RUN`s. Guest messages are decoded
 //! and timestamped here; nothing the guest writes is trusted (a message

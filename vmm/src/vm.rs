@@ -104,25 +104,16 @@ impl Vm {
     /// # Errors
     /// [`VmError`] when KVM refuses.
     pub fn new(kvm: Kvm, ram: GuestRam) -> Result<Self, VmError> {
-        let vm = Self::without_memslots(kvm, ram)?;
+        let fd = create_vm_fd(&kvm)?;
+        let vm = Self::from_parts(kvm, fd, ram);
         vm.register_memslots()?;
         Ok(vm)
-    }
-
-    /// Creates the VM but leaves `ram` unregistered: the caller registers
-    /// it with [`Vm::register_memslots`] before the first `KVM_RUN`.
-    ///
-    /// # Errors
-    /// [`VmError`] when KVM refuses.
-    pub fn without_memslots(kvm: Kvm, ram: GuestRam) -> Result<Self, VmError> {
-        let fd = create_vm_fd(&kvm)?;
-        Ok(Self::from_parts(kvm, fd, ram))
     }
 
     /// A VM from a VM fd made by [`create_vm_fd`] and its RAM, not yet
     /// registered: a restore creates the fd on a second thread while it
     /// reads the snapshot, then registers the memslots there
-    /// (`vmm::restore`). KVM allows vCPUs and memslots in either order
+    /// ([`crate::restore`]). KVM allows vCPUs and memslots in either order
     /// (memory hotplug adds slots to running VMs; KVM api.rst, 4.35
     /// KVM_SET_USER_MEMORY_REGION).
     #[must_use]
@@ -130,7 +121,7 @@ impl Vm {
         Vm { fd, kvm, ram, irqchip: std::sync::atomic::AtomicBool::new(false) }
     }
 
-    /// Registers guest RAM as the VM's memslots (see [`Vm::without_memslots`]).
+    /// Registers guest RAM as the VM's memslots (see [`Vm::from_parts`]).
     ///
     /// # Errors
     /// [`VmError::Memory`] when KVM refuses a slot.

@@ -4,7 +4,7 @@
 //! follows the parent links, checks each manifest's header and its link to
 //! its parent, and opens the memory files, checking their lengths. That is
 //! all a restore needs to map guest RAM and hand it to KVM, which is the
-//! longest step of a lazy restore (`vmm::restore` registers the memslots
+//! longest step of a lazy restore (`crate::restore` registers the memslots
 //! on a second thread from here on). [`OpenChain::load`] then reads what
 //! is larger: each link's chunk table (`chunks.bin`, its CRC, decoding and
 //! bounds) and the newest link's `state.json`. Every check of the old
