@@ -289,8 +289,8 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
     let written = tracker.start(live.vm_fd, live.ram).map_err(SnapshotError::from).and_then(|()| {
         let runs = memory_file::subtract(&memory_file::pages_to_save(live.ram)?, &live.skip);
         let mem_path = tmp.join(format::MEMORY_FILE);
-        let mem = File::create(&mem_path).map_err(io(format!("creating {}", mem_path.display())))?;
-        let chunks = memory_file::write(live.ram, &mem, &runs, false)?;
+        let (mem, direct) = crate::fsutil::create_direct(&mem_path).map_err(io(format!("creating {}", mem_path.display())))?;
+        let chunks = memory_file::write(live.ram, &mem, &runs, direct)?;
         // A full image is as long as RAM, holes included.
         mem.set_len(live.ram.size()).map_err(io("sizing memory.bin"))?;
         mem.sync_all().map_err(io("syncing memory.bin"))?;
