@@ -76,26 +76,46 @@ struct SlotState {
     ring: RingPages,
 }
 
-/// Routes one ring entry (`slot` as KVM writes it: address space << 16 |
-/// slot id) to its slot's record; `last` is the index of the slot the
-/// previous entry hit, tried first since entries come in runs from one
-/// slot. Returns false, recording nothing, for an entry naming no page of
-/// a tracked slot in address space 0: slot and offset come from KVM but
-/// are still checked before they index anything.
-fn note_ring_entry(slots: &mut [SlotState], last: &mut usize, slot: u32, offset: u64) -> bool {
-    let hit = match slots.get(*last) {
-        Some(s) if s.info.slot == slot => Some(*last),
-        _ => slots.iter().position(|s| s.info.slot == slot),
-    };
-    match hit.filter(|_| slot >> 16 == 0) {
-        Some(i) if offset < slots[i].info.pages => {
-            *last = i;
-            let s = &mut slots[i];
-            s.ring.note(offset, s.info.first_pfn, &mut s.acc);
-            true
+/// Routes a batch of ring entries (`slot` as KVM writes it: address space
+/// << 16 | slot id) to their slots' records, each stretch of entries of one
+/// slot in one call ([`RingPages::note_all`]); `last` is the index of the
+/// slot the previous entry hit, tried first since entries come in runs
+/// from one slot. Returns how many entries it dropped, recording nothing
+/// for them: those naming no page of a tracked slot in address space 0
+/// (slot and offset come from KVM but are still checked before they index
+/// anything).
+fn note_ring_entries(slots: &mut [SlotState], last: &mut usize, batch: &[RingEntry]) -> u64 {
+    let mut bad = 0;
+    let mut rest = batch;
+    while let Some(e) = rest.first() {
+        let hit = match slots.get(*last) {
+            Some(s) if s.info.slot == e.slot => Some(*last),
+            _ => slots.iter().position(|s| s.info.slot == e.slot),
+        };
+        let Some(i) = hit.filter(|_| e.slot >> 16 == 0) else {
+            bad += 1;
+            rest = &rest[1..];
+            continue;
+        };
+        *last = i;
+        let s = &mut slots[i];
+        // The stretch of entries of this slot that lie inside it.
+        let n = rest.iter().take_while(|x| x.slot == e.slot && x.offset < s.info.pages).count();
+        if n == 0 {
+            bad += 1;
+            rest = &rest[1..];
+            continue;
         }
-        _ => false,
+        s.ring.note_all(&rest[..n], s.info.first_pfn, &mut s.acc);
+        rest = &rest[n..];
     }
+    bad
+}
+
+/// [`note_ring_entries`] for one entry: whether it was recorded.
+#[cfg(test)]
+fn note_ring_entry(slots: &mut [SlotState], last: &mut usize, slot: u32, offset: u64) -> bool {
+    note_ring_entries(slots, last, &[RingEntry { slot, offset }]) == 0
 }
 
 /// The dirty tracker.
@@ -321,13 +341,7 @@ impl DirtyTracker {
         // Entries come in runs from the same slot: remember the last one.
         let mut last = 0usize;
         for r in &mut self.rings {
-            let got = r.drain(|slot, offset| {
-                // Address space 0 only; slot and offset come from KVM but
-                // are still checked before they index anything.
-                if !note_ring_entry(slots, &mut last, slot, offset) {
-                    bad += 1;
-                }
-            });
+            let got = r.drain(|batch| bad += note_ring_entries(slots, &mut last, batch));
             // KVM exits with KVM_EXIT_DIRTY_RING_FULL while some reserved
             // entries are still free, so a correct ring is never found
             // completely full. A full one means KVM kept pushing past the
