@@ -229,16 +229,20 @@ enum WriteFailure {
 /// Groups `chunks` for [`write_direct`]: index ranges of consecutive
 /// chunks, each next one starting where the previous ends both in RAM and
 /// in the file, at most [`WRITE_GROUP_BYTES`] (a single chunk may be all of
-/// a group). Whether a group is one host range is checked when it is
-/// written ([`GuestRam::host_range`]).
-fn write_groups(chunks: &[Chunk]) -> Vec<std::ops::Range<usize>> {
+/// a group), and never across a host mapping: `one_mapping(ram_offset,
+/// len)` says whether a span lies in a single one. RAM offsets run on
+/// across region boundaries (the MMIO hole takes no room in them), so
+/// the last chunk below the hole and the first above it follow each other
+/// in RAM offset and, in a full image, in the file too, while their bytes
+/// are in two different mappings.
+fn write_groups(chunks: &[Chunk], one_mapping: impl Fn(u64, u64) -> bool) -> Vec<std::ops::Range<usize>> {
     let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
     let mut bytes = 0;
     for (i, c) in chunks.iter().enumerate() {
         if let Some(g) = groups.last_mut() {
-            let prev = &chunks[i - 1];
+            let (first, prev) = (&chunks[g.start], &chunks[i - 1]);
             let follows = prev.ram_offset + prev.len == c.ram_offset && prev.file_offset + prev.len == c.file_offset;
-            if follows && bytes + c.len <= WRITE_GROUP_BYTES {
+            if follows && bytes + c.len <= WRITE_GROUP_BYTES && one_mapping(first.ram_offset, bytes + c.len) {
                 g.end = i + 1;
                 bytes += c.len;
                 continue;
@@ -253,7 +257,7 @@ fn write_groups(chunks: &[Chunk]) -> Vec<std::ops::Range<usize>> {
 /// The direct path of [`write`]: returns each chunk's CRC, in order.
 fn write_direct(ram: &GuestRam, file: &File, chunks: &[Chunk]) -> Result<Vec<u32>, WriteFailure> {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let groups = write_groups(chunks);
+    let groups = write_groups(chunks, |start, len| ram.host_range(start, len).is_some());
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     // One writer: takes the next group until none is left or the other
@@ -407,14 +411,19 @@ mod tests {
         let c = crate::snapshot::format::CHUNK_BYTES;
         let per_group = WRITE_GROUP_BYTES / c;
         // One long run: groups of WRITE_GROUP_BYTES, the last one shorter.
+        let anywhere = |_: u64, _: u64| true;
         let run: Vec<Chunk> = (0..per_group * 2 + 1).map(|i| chunk(i * c, i * c, c)).collect();
-        let g = write_groups(&run);
+        let g = write_groups(&run, anywhere);
         assert_eq!(g.len(), 3);
         assert_eq!((g[0].clone(), g[2].clone()), (0..per_group as usize, 2 * per_group as usize..run.len()));
         // A gap in RAM, then one in the file only: three groups.
         let gaps = [chunk(0, 0, 4096), chunk(8192, 8192, 4096), chunk(12288, 20480, 4096)];
-        assert_eq!(write_groups(&gaps), [0..1, 1..2, 2..3]);
-        assert!(write_groups(&[]).is_empty());
+        assert_eq!(write_groups(&gaps, anywhere), [0..1, 1..2, 2..3]);
+        assert!(write_groups(&[], anywhere).is_empty());
+        // Two mappings meeting at RAM offset 8192: contiguous offsets, but
+        // no group spans the boundary.
+        let across = [chunk(0, 0, 4096), chunk(4096, 4096, 4096), chunk(8192, 8192, 4096), chunk(12288, 12288, 4096)];
+        assert_eq!(write_groups(&across, |start, len| start >= 8192 || start + len <= 8192), [0..2, 2..4]);
     }
 
     /// 8 MiB of anonymous guest RAM with a distinct word in every page
@@ -451,6 +460,33 @@ mod tests {
             assert!(same, "direct {direct}: the restored memory differs");
             std::fs::remove_file(&path).unwrap();
         }
+    }
+
+    #[test]
+    fn a_full_image_of_ram_split_by_the_mmio_hole_writes_both_sides() {
+        // Two regions (below and above the hole), the pages on either side
+        // of the boundary touched: their RAM offsets follow each other.
+        let config = VmConfig { mem_size: crate::layout::MMIO_HOLE_START.0 + (8 << 20), ..VmConfig::default() };
+        let ram = GuestRam::new(&config).unwrap();
+        assert_eq!(ram.regions().len(), 2);
+        let below = ram.regions()[0].range.size;
+        for (off, word) in [(below - PAGE, 0x1111u64), (below, 0x2222), (below + PAGE, 0x3333)] {
+            let p = ram.host_range(off, PAGE).unwrap();
+            // SAFETY: a page inside our own mapping (host_range checked it).
+            unsafe { p.cast::<u64>().write(word) };
+        }
+        let runs = pages_to_save(&ram).unwrap();
+        let path = std::env::temp_dir().join(format!("memvisor-memfile-split-{}", std::process::id()));
+        let (file, direct) = crate::fsutil::create_direct(&path).unwrap();
+        let chunks = write(&ram, &file, &runs, direct).unwrap();
+        assert_eq!(chunks.iter().map(|c| c.len).sum::<u64>(), 3 * PAGE);
+        let copy = GuestRam::new(&config).unwrap();
+        apply(&copy, &File::open(&path).unwrap(), &chunks).unwrap();
+        for (off, word) in [(below - PAGE, 0x1111u64), (below, 0x2222), (below + PAGE, 0x3333)] {
+            // SAFETY: as above, in the copy.
+            assert_eq!(unsafe { copy.host_range(off, PAGE).unwrap().cast::<u64>().read() }, word);
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
