@@ -436,6 +436,18 @@ fn guests_split_around_the_mmio_hole_snapshot_and_restore() {
     let report = restored.json();
     assert_eq!(report["memory"].as_array().unwrap().len(), 2, "two RAM regions");
     assert_eq!(report["memory"][1]["guest_start"], 1u64 << 32);
+    // A lazily restored VM saves all of both regions (its untouched pages
+    // live in the image it came from, mapped privately), and that snapshot
+    // restores too.
+    let again = dir.path().join("again.sock");
+    let lazy = Vmm::new(["restore", "--json"]).arg(&snap).args(&["--restore-mode", "lazy", "--api-socket"]).arg(&again).timeout(Duration::from_secs(400)).spawn();
+    wait_idle(&again, Duration::from_secs(300), "the lazily restored guest never idled");
+    let snap2 = dir.path().join("full-again");
+    let r = ctl(&again, &["snapshot", "--full", snap2.to_str().unwrap()]);
+    assert_eq!(r["data"]["memory_bytes"].as_u64().unwrap(), 5 << 30, "all of both regions: {r}");
+    ctl(&again, &["shutdown"]);
+    lazy.wait(Duration::from_secs(120)).assert_success();
+    Vmm::new(["restore", "--json"]).arg(&snap2).timeout(Duration::from_secs(400)).output().assert_success();
 }
 
 #[test]

@@ -234,7 +234,9 @@ enum WriteFailure {
 /// across region boundaries (the MMIO hole takes no room in them), so
 /// the last chunk below the hole and the first above it follow each other
 /// in RAM offset and, in a full image, in the file too, while their bytes
-/// are in two different mappings.
+/// are in two different mappings. (Groups are counted from the start of
+/// each run, so this bites when the last run below the hole is not a
+/// whole number of groups long: pages left untouched there.)
 fn write_groups(chunks: &[Chunk], one_mapping: impl Fn(u64, u64) -> bool) -> Vec<std::ops::Range<usize>> {
     let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
     let mut bytes = 0;
