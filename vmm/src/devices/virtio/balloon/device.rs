@@ -49,7 +49,10 @@ pub struct BalloonInfo {
     pub actual_bytes: u64,
     /// Pages the device holds in the balloon, bytes.
     pub balloon_bytes: u64,
-    /// Of those, bytes whose host pages are released.
+    /// Of those, bytes whose host pages were handed back (MADV_DONTNEED or
+    /// a punched hole). A release the kernel refused still counts here (its
+    /// pages stay resident until the guest deflates them); refusals show
+    /// in `metrics.release_errors`.
     pub reclaimed_bytes: u64,
     /// Of those, bytes waiting for the rest of their huge host page.
     pub pending_bytes: u64,
