@@ -101,10 +101,10 @@ impl RingPages {
     /// `first_pfn` and whose bitmap is `bitmap` (the caller has checked
     /// that `offset` lies inside the slot).
     ///
-    /// Called for every ring entry, so inlined into the ring's drain loop
-    /// with only the common steps in it; changes of form are out of line.
-    #[inline(always)]
-    pub fn note(&mut self, offset: u64, first_pfn: u64, bitmap: &mut [u64]) {
+    /// The one-entry path: [`note_all`](Self::note_all) takes the common
+    /// steps in its own loops and comes here for the entry at which the
+    /// form changes; changes of form are out of line.
+    fn note(&mut self, offset: u64, first_pfn: u64, bitmap: &mut [u64]) {
         match self.form {
             Form::Runs => {
                 let pfn = first_pfn + offset;
