@@ -31,6 +31,7 @@ pub mod machine;
 pub mod memory;
 pub mod restore;
 pub mod run_report;
+pub mod size;
 pub mod snapshot;
 pub mod timeline;
 pub mod translate;

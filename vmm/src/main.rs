@@ -284,7 +284,7 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
 
 fn restore(dir: PathBuf, mode: &str, api_socket: Option<PathBuf>, mem: Option<String>, json: bool) -> anyhow_free::Result<u32> {
     let mode: RestoreMode = mode.parse()?;
-    let expected_mem = mem.map(|m| memvisor::config::parse_size(&m)).transpose().map_err(|e| anyhow_free::chain(&e))?;
+    let expected_mem = mem.map(|m| memvisor::size::parse_size(&m)).transpose().map_err(|e| anyhow_free::chain(&e))?;
     let control = api_socket.as_ref().map(|_| Arc::new(VmControl::default()));
     let _server = match (&api_socket, &control) {
         (Some(path), Some(c)) => Some(api::server::spawn(path, Arc::clone(c)).map_err(|e| anyhow_free::chain(&e))?),
@@ -310,7 +310,7 @@ fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
         CtlCommand::Swap => Request::Swap,
         CtlCommand::DirtyLog { state, slot } => Request::DirtyLog { on: state == "on", slot },
         CtlCommand::Balloon { command } => match command {
-            BalloonCommand::Set { size } => Request::BalloonSet { bytes: memvisor::config::parse_size(&size).map_err(|e| anyhow_free::chain(&e))? },
+            BalloonCommand::Set { size } => Request::BalloonSet { bytes: memvisor::size::parse_size(&size).map_err(|e| anyhow_free::chain(&e))? },
             BalloonCommand::Get => Request::BalloonGet,
             BalloonCommand::Stats => Request::BalloonStats,
         },

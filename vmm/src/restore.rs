@@ -103,8 +103,8 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
         if mem != config.mem_size {
             return Err(SnapshotError::Mismatch(format!(
                 "the snapshot holds {} of guest memory, not the {} asked for",
-                crate::config::format_size(config.mem_size),
-                crate::config::format_size(mem)
+                crate::size::format_size(config.mem_size),
+                crate::size::format_size(mem)
             ))
             .into());
         }
@@ -137,7 +137,7 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     // Checked before the guest runs; releases the balloon's holes.
     let balloon = restore_balloon(&config, &chain.state, vm.ram())?;
     // Writes made while restoring are not guest activity.
-    let _ = crate::dirty::vmm_writes::take(vm.ram());
+    let _ = crate::memory::vmm_writes::take(vm.ram());
     timeline::mark("load guest RAM");
     // Before the vCPU, as at boot (the dirty ring can only be enabled then).
     let mut tracker = prepare_tracker(&config, &vm, options.control.is_some())?;

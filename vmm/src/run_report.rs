@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use memvisor_abi::msg::{CheckId, Report};
 use memvisor_abi::workload::Event;
 
-use crate::config::format_size;
+use crate::size::format_size;
 use crate::vmm::RunOutcome;
 
 /// One self-test check, as printed.

@@ -126,7 +126,7 @@ fn params(text: &str) -> Result<Vec<(String, u64)>, WorkloadError> {
     text.split(',')
         .map(|kv| {
             let (k, v) = kv.split_once('=').ok_or_else(|| WorkloadError::BadParam(kv.to_string()))?;
-            let v = crate::config::parse_size(v.trim()).map_err(|_| WorkloadError::BadParam(kv.to_string()))?;
+            let v = crate::size::parse_size(v.trim()).map_err(|_| WorkloadError::BadParam(kv.to_string()))?;
             Ok((k.trim().to_string(), v))
         })
         .collect()

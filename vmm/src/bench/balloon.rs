@@ -36,7 +36,8 @@ use serde::Serialize;
 
 use crate::api::client;
 use crate::api::protocol::Request;
-use crate::config::{Backing, VmConfig, format_size, parse_size};
+use crate::config::{Backing, VmConfig};
+use crate::size::{format_size, parse_size};
 use crate::devices::virtio::balloon::reclaim;
 use crate::memory::GuestRam;
 
@@ -68,7 +69,7 @@ pub struct BalloonArgs {
 pub enum BalloonBenchError {
     /// A size that does not parse.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Size(#[from] crate::size::SizeError),
     /// Guest memory for the raw measurement.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),

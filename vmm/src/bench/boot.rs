@@ -20,7 +20,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::bench::stats::{Summary, summarize};
-use crate::config::{format_size, parse_size};
+use crate::size::{format_size, parse_size};
 use crate::timeline;
 
 /// Target for (b), process start → guest ready, at 256 MiB (issue 2).

@@ -24,7 +24,8 @@ use serde::Serialize;
 
 use crate::bench::page_writer::{FIRST_DATA_PAGE, PageWriter, scatter_step};
 use crate::bench::stats::{Summary, summarize};
-use crate::config::{Backing, format_size, parse_size};
+use crate::config::Backing;
+use crate::size::{format_size, parse_size};
 use crate::dirty::{DirtyCaps, DirtyMode, PageRange, ranges};
 use crate::vmm::VmmError;
 

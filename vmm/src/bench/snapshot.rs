@@ -42,7 +42,8 @@ use serde::Serialize;
 
 use crate::bench::page_writer::{FIRST_DATA_PAGE, PASS_PORT, PageWriter};
 use crate::bench::stats::{Summary, summarize};
-use crate::config::{Backing, VmConfig, format_size, parse_size};
+use crate::config::{Backing, VmConfig};
+use crate::size::{format_size, parse_size};
 use crate::devices::Devices;
 use crate::dirty::DirtyMode;
 use crate::snapshot::format::SnapshotKind;

@@ -11,7 +11,7 @@
 //!   re-protects the whole slot in one call.
 //!
 //! Pages the VMM itself writes through vm-memory are tracked by vm-memory's
-//! `AtomicBitmap` and merged in ([`vmm_writes`]), so nothing written is ever
+//! `AtomicBitmap` and merged in (`memory::vmm_writes`), so nothing written is ever
 //! missed. This module owns the mechanisms and the per-slot bitmaps; the run
 //! loop decides when to harvest.
 
@@ -24,54 +24,14 @@ pub mod ring;
 pub mod ring_pages;
 pub mod rounds;
 pub mod tracker;
-pub mod vmm_writes;
 
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+pub use crate::config::DirtyMode;
 
 pub use caps::DirtyCaps;
 pub use ranges::PageRange;
 pub use tracker::{DirtyTracker, Harvest};
-
-/// How dirty pages are harvested.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DirtyMode {
-    /// `KVM_GET_DIRTY_LOG` (read and re-protect in one call).
-    Bitmap,
-    /// `KVM_GET_DIRTY_LOG` + `KVM_CLEAR_DIRTY_LOG` (manual protect).
-    Clear,
-    /// Per-vCPU dirty rings + `KVM_RESET_DIRTY_RINGS`.
-    Ring,
-}
-
-impl DirtyMode {
-    /// Every mode, best first.
-    pub const ALL: [DirtyMode; 3] = [DirtyMode::Ring, DirtyMode::Clear, DirtyMode::Bitmap];
-
-    /// The name used in flags and reports.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DirtyMode::Bitmap => "bitmap",
-            DirtyMode::Clear => "clear",
-            DirtyMode::Ring => "ring",
-        }
-    }
-}
-
-impl std::fmt::Display for DirtyMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for DirtyMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        DirtyMode::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| format!("invalid dirty mode {s:?}; expected one of: ring, clear, bitmap"))
-    }
-}
 
 /// Errors of dirty tracking.
 #[derive(Debug, Error)]
@@ -129,7 +89,8 @@ pub fn choose_mode(caps: &DirtyCaps, forced: Option<DirtyMode>, pvm: bool) -> Re
     match forced {
         Some(mode) => caps.check(mode).map(|()| mode),
         None => Ok(DirtyMode::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|m| !(pvm && *m == DirtyMode::Ring))
             .find(|m| caps.check(*m).is_ok())
             .unwrap_or(DirtyMode::Bitmap)),
@@ -159,13 +120,5 @@ mod tests {
         assert!(e.to_string().contains("ring"), "{e}");
         assert!(choose_mode(&old, Some(DirtyMode::Clear), false).is_err());
         assert_eq!(choose_mode(&old, Some(DirtyMode::Bitmap), false).unwrap(), DirtyMode::Bitmap);
-    }
-
-    #[test]
-    fn modes_parse_from_their_names() {
-        for m in DirtyMode::ALL {
-            assert_eq!(m.as_str().parse::<DirtyMode>().unwrap(), m);
-        }
-        assert!("fast".parse::<DirtyMode>().is_err());
     }
 }

@@ -18,7 +18,8 @@ use crate::dirty::caps::{INITIALLY_SET, MANUAL_PROTECT_ENABLE};
 use crate::dirty::ranges::{self, PageRange};
 use crate::dirty::ring::{self, DirtyRing, RingEntry};
 use crate::dirty::ring_pages::RingPages;
-use crate::dirty::{DirtyCaps, DirtyError, DirtyMode, log, vmm_writes};
+use crate::dirty::{DirtyCaps, DirtyError, DirtyMode, log};
+use crate::memory::vmm_writes;
 use crate::memory::{GuestRam, slots};
 
 /// Largest ring memvisor asks for: 65,536 entries (1 MiB) per vCPU, which

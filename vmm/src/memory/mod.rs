@@ -10,6 +10,7 @@ pub mod numa;
 pub mod report;
 pub mod slots;
 pub mod smaps;
+pub mod vmm_writes;
 
 use std::path::PathBuf;
 
@@ -17,8 +18,9 @@ use thiserror::Error;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
 
-use crate::config::{Backing, NumaPolicy, VmConfig, format_size};
-use crate::dirty::vmm_writes::{VmmWriteBitmap, WriteFlag};
+use crate::config::{Backing, NumaPolicy, VmConfig};
+use crate::size::format_size;
+use crate::memory::vmm_writes::{VmmWriteBitmap, WriteFlag};
 use crate::layout::{RamRange, ram_ranges};
 use backing::HostMapping;
 
@@ -147,7 +149,7 @@ pub struct GuestRam {
     memory: GuestMemory,
     /// The NUMA policy applied, for the report.
     numa: Option<(NumaPolicy, Vec<u32>)>,
-    /// Set by every VMM write to any region (see `dirty::vmm_writes`).
+    /// Set by every VMM write to any region (see `memory::vmm_writes`).
     vmm_writes: WriteFlag,
 }
 

@@ -31,7 +31,8 @@ use serde::Serialize;
 use memvisor_user::translation::Workload;
 
 use crate::bench::stats::summarize;
-use crate::config::{Backing, GuestPage, format_size, parse_size};
+use crate::config::{Backing, GuestPage};
+use crate::size::{format_size, parse_size};
 use crate::host::{self, TranslationMode};
 
 /// Flags of `vmm bench translation`.

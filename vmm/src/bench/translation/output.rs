@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::{Cell, CellStatus, TranslationResults};
-use crate::config::format_size;
+use crate::size::format_size;
 
 /// KVM statistics shown in the CSV and Markdown (all are in the JSON).
 pub const KEY_STATS: [&str; 6] = ["pages_4k", "pages_2m", "pages_1g", "vcpu.pf_fixed", "vcpu.pf_taken", "vcpu.exits"];

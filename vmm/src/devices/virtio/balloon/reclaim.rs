@@ -17,7 +17,7 @@
 //! constrain them), so both are correct.
 //!
 //! A released range changes the guest's memory without a guest write, so
-//! it is marked in the VMM-write bitmap (`dirty::vmm_writes`), as every
+//! it is marked in the VMM-write bitmap (`memory::vmm_writes`), as every
 //! device write is: dirty tracking then sees the page as changed.
 
 use std::os::fd::AsRawFd;
@@ -27,7 +27,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, MmapRegion};
 
 use crate::config::Backing;
-use crate::dirty::vmm_writes::VmmWriteBitmap;
+use crate::memory::vmm_writes::VmmWriteBitmap;
 use crate::memory::GuestRam;
 
 /// The largest host page size among the regions: the unit in which the
@@ -182,7 +182,7 @@ mod tests {
         // SAFETY: reading our own mapping.
         let b = unsafe { *ram.regions()[0].mapping.as_ptr().add(1 << 20) };
         assert_eq!(b, 0);
-        assert!(crate::dirty::vmm_writes::take(&ram)[0].is_some(), "released pages count as VMM writes");
+        assert!(crate::memory::vmm_writes::take(&ram)[0].is_some(), "released pages count as VMM writes");
     }
 
     #[test]
@@ -228,7 +228,7 @@ mod tests {
         // SAFETY: reading our own mapping.
         let (inside, outside) = unsafe { (*released, *m.as_ptr()) };
         assert_eq!((inside, outside), (0x77, 0x5a), "released pages read the image, the rest the guest's writes");
-        assert!(crate::dirty::vmm_writes::take(&ram)[0].is_some(), "released pages count as VMM writes");
+        assert!(crate::memory::vmm_writes::take(&ram)[0].is_some(), "released pages count as VMM writes");
     }
 
     #[test]

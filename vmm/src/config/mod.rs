@@ -7,14 +7,17 @@
 //! memory) live with the code that needs the host (`memory::`).
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use memvisor_abi::layout::{PAGE_SIZE, PAGE_SIZE_1G, PAGE_SIZE_2M};
+use memvisor_abi::layout::{PAGE_SIZE, PAGE_SIZE_2M};
 
-use crate::dirty::DirtyMode;
+use crate::size::{format_size, parse_size};
+
+pub mod choices;
+
+pub use choices::{Backing, DirtyMode, GuestPage, NumaPolicy};
 
 /// Default guest memory: 256 MiB.
 pub const DEFAULT_MEM_SIZE: u64 = 256 << 20;
@@ -23,8 +26,8 @@ pub const DEFAULT_MEM_SIZE: u64 = 256 << 20;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// A size string could not be parsed.
-    #[error("invalid size {0:?}: expected a number of bytes with an optional K, M, G or T suffix (e.g. 256M, 1G, 1073741824)")]
-    BadSize(String),
+    #[error(transparent)]
+    BadSize(#[from] crate::size::SizeError),
     /// Memory size zero.
     #[error("memory size must not be zero")]
     ZeroMemory,
@@ -81,48 +84,6 @@ pub enum ConfigError {
     BadNodeList(String),
 }
 
-/// Parses a memory size: plain bytes or a number with a binary suffix
-/// (K, M, G, T; optionally followed by `iB` or `B`).
-///
-/// # Errors
-/// [`ConfigError::BadSize`] for anything else, including overflow.
-pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::BadSize(s.to_string());
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    if digits_end == 0 {
-        return Err(bad());
-    }
-    let number: u64 = t[..digits_end].parse().map_err(|_| bad())?;
-    let suffix = t[digits_end..].trim().to_ascii_uppercase();
-    let shift = match suffix.as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(bad()),
-    };
-    number.checked_mul(1u64 << shift).ok_or_else(bad)
-}
-
-/// Formats a byte count with a binary unit, exact where possible ("256 MiB").
-#[must_use]
-pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
-    for (unit, shift) in UNITS {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
-            return format!("{} {unit}", bytes >> shift);
-        }
-    }
-    for (unit, shift) in UNITS {
-        if bytes >= 1 << shift {
-            return format!("{:.1} {unit}", bytes as f64 / (1u64 << shift) as f64);
-        }
-    }
-    format!("{bytes} B")
-}
-
 /// Parses a NUMA node list such as `0`, `0,1` or `0-3,6`.
 ///
 /// # Errors
@@ -146,100 +107,6 @@ pub fn parse_node_list(s: &str) -> Result<Vec<u32>, ConfigError> {
     nodes.sort_unstable();
     nodes.dedup();
     Ok(nodes)
-}
-
-macro_rules! string_enum {
-    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        pub enum $name { $($(#[$vm])* #[serde(rename = $text)] $variant),+ }
-
-        impl $name {
-            /// Every value, in declaration order.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-            /// The name used in flags, files and reports.
-            #[must_use]
-            pub fn as_str(self) -> &'static str { match self { $($name::$variant => $text),+ } }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
-        }
-
-        impl FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                match s { $($text => Ok($name::$variant),)+ _ => Err(format!(
-                    "invalid value {s:?}; expected one of: {}",
-                    [$($text),+].join(", ")
-                )) }
-            }
-        }
-    };
-}
-
-string_enum! {
-    /// What host memory backs guest RAM.
-    Backing {
-        /// Private anonymous memory, 4 KiB pages.
-        Anon = "anon",
-        /// A memfd mapped `MAP_SHARED` (shareable with another process).
-        Memfd = "memfd",
-        /// Private anonymous memory with `MADV_HUGEPAGE` (transparent huge pages).
-        Thp = "thp",
-        /// hugetlbfs 2 MiB pages (`MAP_HUGETLB | MAP_HUGE_2MB`).
-        Hugetlb2M = "hugetlb-2m",
-        /// hugetlbfs 1 GiB pages (`MAP_HUGETLB | MAP_HUGE_1GB`).
-        Hugetlb1G = "hugetlb-1g",
-    }
-}
-
-impl Backing {
-    /// The page size the host uses for this backing, when it is fixed.
-    #[must_use]
-    pub fn hugetlb_page_size(self) -> Option<u64> {
-        match self {
-            Backing::Hugetlb2M => Some(PAGE_SIZE_2M),
-            Backing::Hugetlb1G => Some(PAGE_SIZE_1G),
-            _ => None,
-        }
-    }
-}
-
-string_enum! {
-    /// NUMA memory policy for guest RAM (mbind(2)).
-    NumaPolicy {
-        /// `MPOL_BIND`: only the given nodes.
-        Bind = "bind",
-        /// `MPOL_PREFERRED`: the first given node, others when it is full.
-        Preferred = "preferred",
-        /// `MPOL_INTERLEAVE`: round-robin over the given nodes, page by page.
-        Interleave = "interleave",
-    }
-}
-
-string_enum! {
-    /// Leaf size the guest uses to map its RAM.
-    GuestPage {
-        /// 4 KiB PTEs.
-        K4 = "4k",
-        /// 2 MiB PDEs (PS=1).
-        M2 = "2m",
-        /// 1 GiB PDPTEs (PS=1), where the CPU offers them.
-        G1 = "1g",
-    }
-}
-
-impl GuestPage {
-    /// log2 of the page size.
-    #[must_use]
-    pub fn shift(self) -> u32 {
-        match self {
-            GuestPage::K4 => 12,
-            GuestPage::M2 => 21,
-            GuestPage::G1 => 30,
-        }
-    }
 }
 
 /// The configuration file's shape; every field optional so that flags can
@@ -477,31 +344,6 @@ impl VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_and_without_suffixes() {
-        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("1073741824").unwrap(), 1 << 30);
-        assert_eq!(parse_size("4k").unwrap(), 4096);
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse_size(" 3 MB ").unwrap(), 3 << 20);
-    }
-
-    #[test]
-    fn bad_sizes_are_rejected() {
-        for s in ["", "M", "12X", "-1", "1.5G", "99999999999999999999", "17179869184T"] {
-            assert!(parse_size(s).is_err(), "{s:?} should be rejected");
-        }
-    }
-
-    #[test]
-    fn sizes_format_exactly_when_they_can() {
-        assert_eq!(format_size(256 << 20), "256 MiB");
-        assert_eq!(format_size(1 << 30), "1 GiB");
-        assert_eq!(format_size((1 << 30) + (512 << 20)), "1536 MiB");
-        assert_eq!(format_size(1000), "1000 B");
-    }
 
     #[test]
     fn node_lists_parse_ranges() {
