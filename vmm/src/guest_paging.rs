@@ -11,11 +11,12 @@
 use std::collections::{BTreeSet, HashMap};
 
 use memvisor_abi::msg::Report;
-use memvisor_abi::paging::{Pattern, Policy, access, is_write};
-use memvisor_abi::workload::{Event, WorkloadKind, WorkloadSpec};
+use memvisor_abi::paging::{Policy, access, is_write};
+use memvisor_abi::workload::Event;
 use memvisor_guest_mm::replace::{Counters, Replacer, Sim, SimPage};
 
-use crate::vmm::{RunOutcome, TimedReport};
+use crate::machine::{RunOutcome, TimedReport};
+use crate::workload::{PagingWorkload, Workload};
 
 /// The accesses a paging workload makes: (page, writes?) in order.
 #[must_use]
@@ -196,15 +197,10 @@ fn events(reports: &[TimedReport]) -> impl Iterator<Item = (Event, u64, u64)> + 
     })
 }
 
-/// The paging summary of a run of `spec`, when it is a paging workload.
+/// The paging summary of a run of the paging workload `w`.
 #[must_use]
-pub fn paging_summary(spec: &WorkloadSpec, reports: &[TimedReport]) -> Option<PagingSummary> {
-    if spec.kind != WorkloadKind::Paging as u32 {
-        return None;
-    }
-    let [policy, frames, pattern, pages, accesses, seed, write_percent] = spec.params;
-    let policy = Policy::from_raw(policy)?;
-    let pattern = Pattern::from_raw(pattern)?;
+pub fn paging_summary(w: &PagingWorkload, reports: &[TimedReport]) -> PagingSummary {
+    let PagingWorkload { policy, frames, pattern, pages, accesses, seed, write_percent, .. } = *w;
     let mut g = GuestCounters::default();
     let mut killed = None;
     let mut cost: Option<CopyCost> = None;
@@ -229,7 +225,7 @@ pub fn paging_summary(spec: &WorkloadSpec, reports: &[TimedReport]) -> Option<Pa
     let rate = |f: u64| if accesses == 0 { 0.0 } else { f as f64 / accesses as f64 };
     let matches_prediction = (g.minor_faults, g.major_faults, g.evictions, g.dirty_writebacks)
         == (predicted.minor, predicted.major, predicted.evictions, predicted.writebacks);
-    Some(PagingSummary {
+    PagingSummary {
         policy: policy.name(),
         pattern: pattern.name(),
         frames,
@@ -249,7 +245,7 @@ pub fn paging_summary(spec: &WorkloadSpec, reports: &[TimedReport]) -> Option<Pa
         guest: g,
         killed,
         copy_cost: cost,
-    })
+    }
 }
 
 /// The copies and reuses the cow workload's writes imply for `pages`.
@@ -261,13 +257,9 @@ pub fn cow_expected(pages: u64) -> (u64, u64) {
     (parent + child_odd, child_even)
 }
 
-/// The cow summary of a run of `spec`, when it is a cow workload.
+/// The cow summary of a run of the cow workload over `pages` pages.
 #[must_use]
-pub fn cow_summary(spec: &WorkloadSpec, reports: &[TimedReport]) -> Option<CowSummary> {
-    if spec.kind != WorkloadKind::Cow as u32 {
-        return None;
-    }
-    let pages = spec.params[0];
+pub fn cow_summary(pages: u64, reports: &[TimedReport]) -> CowSummary {
     let (expected_copies, expected_reuses) = cow_expected(pages);
     let mut s = CowSummary {
         pages,
@@ -289,23 +281,25 @@ pub fn cow_summary(spec: &WorkloadSpec, reports: &[TimedReport]) -> Option<CowSu
             _ => {}
         }
     }
-    Some(s)
-}
-
-fn spec_of(outcome: &RunOutcome) -> Option<WorkloadSpec> {
-    crate::workload::parse(outcome.config.workload.as_deref()?).ok()
+    s
 }
 
 /// The paging summary of a run, if it ran the paging workload.
 #[must_use]
 pub fn outcome_paging(outcome: &RunOutcome) -> Option<PagingSummary> {
-    paging_summary(&spec_of(outcome)?, &outcome.reports)
+    match &outcome.config.workload {
+        Some(Workload::Paging(w)) => Some(paging_summary(w, &outcome.reports)),
+        _ => None,
+    }
 }
 
 /// The cow summary of a run, if it ran the cow workload.
 #[must_use]
 pub fn outcome_cow(outcome: &RunOutcome) -> Option<CowSummary> {
-    cow_summary(&spec_of(outcome)?, &outcome.reports)
+    match outcome.config.workload {
+        Some(Workload::Cow { pages }) => Some(cow_summary(pages, &outcome.reports)),
+        _ => None,
+    }
 }
 
 /// The text report's lines for the guest-paging workloads (empty otherwise).
@@ -385,6 +379,7 @@ pub fn text(outcome: &RunOutcome) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memvisor_abi::paging::Pattern;
 
     /// The reference string of Silberschatz, Galvin and Gagne's textbook.
     const BOOK: [u64; 20] = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1];
@@ -433,20 +428,18 @@ mod tests {
 
     #[test]
     fn summaries_read_the_guest_events() {
-        let spec = crate::workload::parse("paging:policy=fifo,frames=8,pattern=seq").unwrap();
+        let Ok(Workload::Paging(spec)) = "paging:policy=fifo,frames=8,pattern=seq".parse() else { panic!("a paging workload") };
         let ev = |event, a, b| TimedReport { at_us: 0.0, report: Report::Workload { event, a, b } };
         let reports = [ev(Event::PagingChecked, 36, 0), ev(Event::PagingFaults, 9, 27), ev(Event::PagingEvictions, 28, 28), ev(Event::PagingCost, 1, 5000)];
-        let s = paging_summary(&spec, &reports).unwrap();
+        let s = paging_summary(&spec, &reports);
         assert!(s.matches_prediction, "{s:?}");
         assert_eq!((s.predicted_faults, s.opt_faults), (36, 9 + 27 / 8));
         assert_eq!((s.predicted_minor_faults, s.predicted_major_faults), (9, 27));
         // The same total split differently between minor and major is a mismatch.
         let split = [ev(Event::PagingChecked, 36, 0), ev(Event::PagingFaults, 10, 26), ev(Event::PagingEvictions, 28, 28)];
-        assert!(!paging_summary(&spec, &split).unwrap().matches_prediction);
+        assert!(!paging_summary(&spec, &split).matches_prediction);
         assert!((s.fault_rate - 1.0).abs() < 1e-9);
-        assert!(cow_summary(&spec, &reports).is_none());
-        let cow = crate::workload::parse("cow:pages=16").unwrap();
-        let c = cow_summary(&cow, &[ev(Event::CowCopies, 11, 3), ev(Event::CowStackCopies, 2, 2), ev(Event::CowChecked, 1, 0)]).unwrap();
+        let c = cow_summary(16, &[ev(Event::CowCopies, 11, 3), ev(Event::CowStackCopies, 2, 2), ev(Event::CowChecked, 1, 0)]);
         assert_eq!((c.copies, c.expected_copies, c.parent_mismatches, c.child_mismatches), (11, 11, None, Some(0)));
         assert_eq!((c.stack_copies, c.stack_reuses), (2, 2));
     }

@@ -29,6 +29,7 @@ pub mod kvm_stats;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod observers;
 pub mod restore;
 pub mod run_report;
 pub mod size;

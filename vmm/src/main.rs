@@ -9,13 +9,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 
 use memvisor::api::{self, protocol::Request};
-use memvisor::config::{Backing, ConfigFile, GuestPage, NodesValue, NumaPolicy, SizeValue};
-use memvisor::control::VmControl;
+use memvisor::config::{Backing, ConfigFile, DirtyMode, GuestPage, NodesValue, NumaPolicy, SizeValue};
+use memvisor::restore::{KvmThread, RestoreMode, RestoreOptions};
 use memvisor::snapshot::format::SnapshotKind;
-use memvisor::vmm::{self, RestoreMode, RunOptions};
+use memvisor::vmm::{self, MachineHandle, RunOptions};
 use memvisor::{run_report, timeline};
 
 #[derive(Debug, Parser)]
@@ -55,8 +56,8 @@ enum Command {
         /// The snapshot directory.
         dir: PathBuf,
         /// How guest memory is loaded.
-        #[arg(long, default_value = "copy", value_parser = clap::builder::PossibleValuesParser::new(["copy", "lazy"]))]
-        restore_mode: String,
+        #[arg(long, default_value = "copy", value_parser = choices::<RestoreMode>(["copy", "lazy"]))]
+        restore_mode: RestoreMode,
         /// Serve a control socket here.
         #[arg(long, value_name = "PATH")]
         api_socket: Option<PathBuf>,
@@ -87,8 +88,8 @@ enum CtlCommand {
     /// Switch dirty logging on or off, for one memslot (`--slot N`) or all.
     DirtyLog {
         /// `on` or `off`.
-        #[arg(value_parser = ["on", "off"])]
-        state: String,
+        #[arg(value_parser = choices::<OnOff>(["on", "off"]))]
+        state: OnOff,
         /// The memslot (RAM region index); default: every slot.
         #[arg(long)]
         slot: Option<u32>,
@@ -153,8 +154,8 @@ struct RunArgs {
     #[arg(long)]
     vcpus: Option<u32>,
     /// Host backing of guest RAM.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Backing::ALL.iter().map(|b| b.as_str())))]
-    backing: Option<String>,
+    #[arg(long, value_parser = choices::<Backing>(Backing::ALL.iter().map(|b| b.as_str())))]
+    backing: Option<Backing>,
     /// Populate guest RAM before boot (MADV_POPULATE_WRITE).
     #[arg(long)]
     prefault: bool,
@@ -162,14 +163,14 @@ struct RunArgs {
     #[arg(long)]
     mlock: bool,
     /// NUMA policy for guest RAM.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(NumaPolicy::ALL.iter().map(|b| b.as_str())))]
-    numa_policy: Option<String>,
+    #[arg(long, value_parser = choices::<NumaPolicy>(NumaPolicy::ALL.iter().map(|b| b.as_str())))]
+    numa_policy: Option<NumaPolicy>,
     /// NUMA nodes for the policy (0, 0-1, 0,2).
     #[arg(long, value_name = "LIST")]
     numa_nodes: Option<String>,
     /// Leaf size the guest maps its RAM with.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(GuestPage::ALL.iter().map(|b| b.as_str())))]
-    guest_page: Option<String>,
+    #[arg(long, value_parser = choices::<GuestPage>(GuestPage::ALL.iter().map(|b| b.as_str())))]
+    guest_page: Option<GuestPage>,
     /// Kernel image (an x86-64 ELF with a PVH entry); default: the built-in tiny guest.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -191,8 +192,8 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     dirty_report: Option<PathBuf>,
     /// Force a dirty-tracking mechanism (default: the best the kernel offers).
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["ring", "clear", "bitmap"]))]
-    dirty_mode: Option<String>,
+    #[arg(long, value_parser = choices::<DirtyMode>(DirtyMode::ALL.iter().map(|b| b.as_str())))]
+    dirty_mode: Option<DirtyMode>,
     /// Add a virtio balloon with this initial target (0 for an empty one);
     /// change it later with `vmm ctl PATH balloon set SIZE`.
     #[arg(long, value_name = "SIZE")]
@@ -210,26 +211,50 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    /// The flags as the config-file shape, every text value parsed here, at
+    /// the edge (an invalid one is the run's one-line error).
     fn flags_as_config(&self) -> anyhow_free::Result<ConfigFile> {
-        fn parse<T: std::str::FromStr<Err = String>>(v: &Option<String>) -> Result<Option<T>, String> {
-            v.as_deref().map(str::parse).transpose()
-        }
+        let size = |v: &Option<String>| v.as_deref().map(memvisor::size::parse_size).transpose().map_err(|e| anyhow_free::chain(&e));
         Ok(ConfigFile {
-            mem: self.mem.clone().map(SizeValue::Text),
+            mem: size(&self.mem)?.map(SizeValue::Bytes),
             vcpus: self.vcpus,
-            backing: parse(&self.backing)?,
+            backing: self.backing,
             prefault: self.prefault.then_some(true),
             mlock: self.mlock.then_some(true),
-            numa_policy: parse(&self.numa_policy)?,
-            numa_nodes: self.numa_nodes.clone().map(NodesValue::Text),
-            guest_page: parse(&self.guest_page)?,
+            numa_policy: self.numa_policy,
+            numa_nodes: self.numa_nodes.as_deref().map(memvisor::config::parse_node_list).transpose().map_err(|e| anyhow_free::chain(&e))?.map(NodesValue::List),
+            guest_page: self.guest_page,
             kernel: self.kernel.clone(),
             cmdline: self.cmdline.clone(),
             api_socket: self.api_socket.clone(),
-            dirty_mode: parse(&self.dirty_mode)?,
-            workload: self.workload.clone(),
-            balloon: self.balloon.clone().map(SizeValue::Text),
+            dirty_mode: self.dirty_mode,
+            workload: self.workload.as_deref().map(str::parse).transpose().map_err(|e| anyhow_free::chain(&e))?,
+            balloon: size(&self.balloon)?.map(SizeValue::Bytes),
         })
+    }
+}
+
+/// A flag's closed set of choices: clap lists and checks the names (a
+/// wrong one is its usage error), then the value is typed.
+fn choices<T>(names: impl IntoIterator<Item = &'static str>) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: std::str::FromStr<Err = String> + Clone + Send + Sync + 'static,
+{
+    clap::builder::PossibleValuesParser::new(names).try_map(|s| s.parse::<T>())
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OnOff(bool);
+
+impl std::str::FromStr for OnOff {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(OnOff(true)),
+            "off" => Ok(OnOff(false)),
+            _ => Err(format!("invalid value {s:?}; expected on or off")),
+        }
     }
 }
 
@@ -248,18 +273,16 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
         None => ConfigFile::default(),
     };
     let config = file.merged_with(args.flags_as_config()?).into_vm_config().map_err(|e| anyhow_free::chain(&e))?;
-    if args.dirty_report.is_some() && !memvisor::workload::is_dirty(config.workload.as_deref()) {
+    if args.dirty_report.is_some() && !matches!(config.workload, Some(memvisor::workload::Workload::Dirty(_))) {
         return Err("--dirty-report needs a dirty workload (--workload dirty:...)".into());
     }
     timeline::mark("config");
-    let control = config.api_socket.as_ref().map(|_| Arc::new(VmControl::default()));
-    let _server = match (&config.api_socket, &control) {
-        (Some(path), Some(c)) => Some(api::server::spawn(path, Arc::clone(c)).map_err(|e| anyhow_free::chain(&e))?),
-        _ => None,
-    };
+    let handle = MachineHandle::new();
+    let _server = config.api_socket.as_ref().map(|path| api::server::spawn(path, Arc::clone(&handle))).transpose().map_err(|e| anyhow_free::chain(&e))?;
     let translate = args.translate.as_deref().map(memvisor::translate::parse_gva_list).transpose()?.unwrap_or_default();
     let console: Box<dyn std::io::Write + Send> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
-    let outcome = vmm::run(&config, RunOptions { console, control, skip_selftest: args.skip_selftest, translate }).map_err(|e| anyhow_free::chain(&e))?;
+    let options = RunOptions { console, handle, stay_up: config.api_socket.is_some(), skip_selftest: args.skip_selftest, translate };
+    let outcome = vmm::run(&config, options).map_err(|e| anyhow_free::chain(&e))?;
     if let Some(path) = &args.dirty_report {
         let report = outcome.dirty.as_ref().ok_or("--dirty-report needs a dirty workload (--workload dirty:...)")?;
         let text = serde_json::to_vec_pretty(report).map_err(|e| e.to_string())?;
@@ -282,17 +305,13 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
     Ok(outcome.exit_status)
 }
 
-fn restore(dir: PathBuf, mode: &str, api_socket: Option<PathBuf>, mem: Option<String>, json: bool) -> anyhow_free::Result<u32> {
-    let mode: RestoreMode = mode.parse()?;
-    let expected_mem = mem.map(|m| memvisor::size::parse_size(&m)).transpose().map_err(|e| anyhow_free::chain(&e))?;
-    let control = api_socket.as_ref().map(|_| Arc::new(VmControl::default()));
-    let _server = match (&api_socket, &control) {
-        (Some(path), Some(c)) => Some(api::server::spawn(path, Arc::clone(c)).map_err(|e| anyhow_free::chain(&e))?),
-        _ => None,
-    };
+fn restore(dir: PathBuf, mode: RestoreMode, api_socket: Option<PathBuf>, expected_mem: Option<u64>, json: bool, kvm_thread: Option<KvmThread>) -> anyhow_free::Result<u32> {
+    let handle = MachineHandle::new();
+    let _server = api_socket.as_ref().map(|path| api::server::spawn(path, Arc::clone(&handle))).transpose().map_err(|e| anyhow_free::chain(&e))?;
     let console: Box<dyn std::io::Write + Send> = if json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
-    let options = vmm::RestoreOptions { mode, api_socket, expected_mem };
-    let outcome = vmm::restore(&dir, &options, RunOptions { console, control, skip_selftest: false, translate: Vec::new() }).map_err(|e| anyhow_free::chain(&e))?;
+    let run = RunOptions { console, handle, stay_up: api_socket.is_some(), skip_selftest: false, translate: Vec::new() };
+    let options = RestoreOptions { mode, api_socket, expected_mem, kvm_thread };
+    let outcome = memvisor::restore::restore(&dir, options, run).map_err(|e| anyhow_free::chain(&e))?;
     if json {
         println!("{}", run_report::to_json(&outcome));
     } else {
@@ -308,7 +327,7 @@ fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
         CtlCommand::Resume => Request::Resume,
         CtlCommand::Shutdown => Request::Shutdown,
         CtlCommand::Swap => Request::Swap,
-        CtlCommand::DirtyLog { state, slot } => Request::DirtyLog { on: state == "on", slot },
+        CtlCommand::DirtyLog { state, slot } => Request::DirtyLog { on: state.0, slot },
         CtlCommand::Balloon { command } => match command {
             BalloonCommand::Set { size } => Request::BalloonSet { bytes: memvisor::size::parse_size(&size).map_err(|e| anyhow_free::chain(&e))? },
             BalloonCommand::Get => Request::BalloonGet,
@@ -374,10 +393,9 @@ fn exit_code(status: u32) -> ExitCode {
 fn main() -> ExitCode {
     timeline::process_start_ns();
     timeline::mark("main");
-    if std::env::args_os().nth(1).is_some_and(|a| a == "restore") {
-        // The VM is created while the flags are parsed (memvisor::restore).
-        memvisor::restore::start_early();
-    }
+    // The VM is created while the flags are parsed (memvisor::restore); a
+    // thread that cannot start is left for the restore to report.
+    let kvm_thread = std::env::args_os().nth(1).is_some_and(|a| a == "restore").then(KvmThread::start).and_then(Result::ok);
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     timeline::mark("logger");
     let cli = Cli::parse();
@@ -386,7 +404,10 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Ctl { socket, command } => ctl(socket, command),
         Command::Translate { socket, args } => translate(&socket, &args),
-        Command::Restore { dir, restore_mode, api_socket, mem, json } => restore(dir, &restore_mode, api_socket, mem, json),
+        Command::Restore { dir, restore_mode, api_socket, mem, json } => match mem.as_deref().map(memvisor::size::parse_size).transpose() {
+            Ok(expected_mem) => restore(dir, restore_mode, api_socket, expected_mem, json, kvm_thread),
+            Err(e) => Err(anyhow_free::chain(&e)),
+        },
         Command::Bench { bench } => memvisor::bench::run(bench).map_err(|e| anyhow_free::chain(&*e)),
     };
     match result {

@@ -12,7 +12,7 @@
 //!
 //! | main thread | KVM thread |
 //! |---|---|
-//! | (`vmm restore`: sets up logging and parses its flags; [`start_early`]) | |
+//! | (`vmm restore`: starts the KVM thread ([`KvmThread::start`]), sets up logging and parses its flags) | |
 //! | reads the manifests, opens the memory files ([`snapshot::open_chain`]) | opens `/dev/kvm`, creates the VM |
 //! | maps guest RAM, hands it over | registers the memslots |
 //! | reads and checks chunk tables and state ([`OpenChain::load`]), builds the devices | |
@@ -27,6 +27,7 @@
 //! [`OpenChain::load`]: crate::snapshot::OpenChain::load
 //! [`Verifier`]: crate::machine::Verifier
 
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 
 use serde::Serialize;
@@ -41,7 +42,9 @@ use crate::memory::GuestRam;
 use crate::snapshot::format::SnapshotKind;
 use crate::snapshot::{self, Chain, SnapshotChain, SnapshotError, memory_file};
 use crate::vm::{self, Vm, VmError};
-use crate::vmm::{RunOptions, RunOutcome, VmmError, dirty_rounds_for, prepare_tracker};
+use crate::control::VmControl;
+use crate::machine::{RunOutcome, VmmError};
+use crate::vmm::RunOptions;
 use crate::{host, timeline, vcpu};
 
 /// How a restore loads guest memory.
@@ -68,7 +71,7 @@ impl std::str::FromStr for RestoreMode {
 }
 
 /// How to restore.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RestoreOptions {
     /// How memory is loaded.
     pub mode: RestoreMode,
@@ -76,6 +79,8 @@ pub struct RestoreOptions {
     pub api_socket: Option<std::path::PathBuf>,
     /// When set, the snapshot's memory size must be this.
     pub expected_mem: Option<u64>,
+    /// The KVM thread, when the caller started it early ([`KvmThread::start`]).
+    pub kvm_thread: Option<KvmThread>,
 }
 
 /// The balloon device of a restored VM.
@@ -87,10 +92,9 @@ type BalloonDevice = MmioTransport<Balloon>;
 /// # Errors
 /// Any [`VmmError`]; a damaged or inconsistent snapshot is rejected before
 /// the guest runs.
-pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOptions) -> Result<RunOutcome, VmmError> {
+pub fn restore(dir: &std::path::Path, restore: RestoreOptions, options: RunOptions) -> Result<RunOutcome, VmmError> {
     timeline::mark("restore");
-    let early = EARLY.lock().ok().and_then(|mut e| e.take());
-    let mut kvm = match early {
+    let mut kvm = match restore.kvm_thread {
         Some(k) => k,
         None => KvmThread::start()?,
     };
@@ -140,14 +144,14 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
     let _ = crate::memory::vmm_writes::take(vm.ram());
     timeline::mark("load guest RAM");
     // Before the vCPU, as at boot (the dirty ring can only be enabled then).
-    let mut tracker = prepare_tracker(&config, &vm, options.control.is_some())?;
+    let mut tracker = crate::dirty::prepare(&config, vm.fd(), vm.ram(), options.stay_up)?;
     let vcpu = load_vcpu(&vm, &chain, tracker.as_mut(), balloon, &mut devices)?;
     // A lazy restore has not read the base image: check it beside the guest.
     let verifier = if lazy {
         let base = &mut chain.links[0];
         let file = base.memory.try_clone().map_err(|source| SnapshotError::Io { what: "reopening the base image".into(), source })?;
         // The chain needs the base's chunk table no longer.
-        Some(kvm.verifier(file, std::mem::take(&mut base.manifest.chunks)))
+        Some(kvm.verifier(file, std::mem::take(&mut base.manifest.chunks), Arc::clone(options.handle.control())))
     } else {
         // Ends the thread, which would otherwise wait for a check.
         drop(kvm);
@@ -163,25 +167,21 @@ pub fn restore(dir: &std::path::Path, restore: &RestoreOptions, options: RunOpti
         snapshots.generation = t.generation();
     }
     let guest_idle = chain.state.guest_idle.then_some(chain.state.idle_status);
-    let dirty_rounds = dirty_rounds_for(&config, &vm, vcpu.get_tsc_khz().map_or(0, u64::from));
-    let translation = crate::translate::ready::RunTranslation::default();
-    let machine = Machine { config, mode: host_mode, vm, vcpu, devices, tracker, chain: snapshots, guest_idle, dirty_rounds, verifier, translation };
-    machine.drive(options.control)
-}
-
-/// A KVM thread started by [`start_early`], for [`restore`] to take.
-static EARLY: std::sync::Mutex<Option<KvmThread>> = std::sync::Mutex::new(None);
-
-/// Starts the restore's KVM thread before the caller has even parsed its
-/// flags (`vmm restore` calls this first thing in `main`: the ~0.2 ms of
-/// logger and flag parsing then overlap creating the VM). [`restore`] takes
-/// it; if the process turns out not to restore (bad flags, `--help`), the
-/// thread waits for RAM with its empty VM until the process exits. A
-/// thread that cannot start is left for [`restore`] to report.
-pub fn start_early() {
-    if let (Ok(thread), Ok(mut slot)) = (KvmThread::start(), EARLY.lock()) {
-        *slot = Some(thread);
-    }
+    let observers = crate::observers::for_run(&config, &vm, vcpu.get_tsc_khz().map_or(0, u64::from), Vec::new());
+    let machine = Machine {
+        config,
+        mode: host_mode,
+        vm,
+        vcpu,
+        devices,
+        tracker,
+        chain: snapshots,
+        guest_idle,
+        stay_up: options.stay_up,
+        verifier,
+        observers,
+    };
+    machine.drive(options.handle.control())
 }
 
 /// The restore's second thread (module docs): it creates the VM at once,
@@ -192,7 +192,14 @@ pub fn start_early() {
 /// drops the bare VM fd; with RAM, the VM it could not hand back, whose fd
 /// goes before its RAM (`Vm`'s field order), so no memslot ever points at
 /// unmapped memory.
-struct KvmThread {
+///
+/// `vmm restore` starts it first thing in `main`, before it has even parsed
+/// its flags (the ~0.2 ms of logger and flag parsing then overlap creating
+/// the VM), and passes it in [`RestoreOptions::kvm_thread`]; if the process
+/// turns out not to restore (bad flags, `--help`), the thread waits for RAM
+/// with its empty VM until the process exits.
+#[derive(Debug)]
+pub struct KvmThread {
     ram: Option<Sender<GuestRam>>,
     vm: Receiver<Result<Vm, VmError>>,
     job: Sender<VerifyJob>,
@@ -200,7 +207,11 @@ struct KvmThread {
 }
 
 impl KvmThread {
-    fn start() -> Result<Self, VmmError> {
+    /// Starts the thread, which opens `/dev/kvm` and creates the VM at once.
+    ///
+    /// # Errors
+    /// [`VmmError::KvmThread`] when the thread cannot start.
+    pub fn start() -> Result<Self, VmmError> {
         let allowed = own_affinity();
         let (ram_tx, ram_rx) = mpsc::channel::<GuestRam>();
         let (vm_tx, vm_rx) = mpsc::channel();
@@ -252,9 +263,9 @@ impl KvmThread {
     }
 
     /// Starts the check of the base image on this thread.
-    fn verifier(self, file: std::fs::File, chunks: Vec<snapshot::format::Chunk>) -> Verifier {
+    fn verifier(self, file: std::fs::File, chunks: Vec<snapshot::format::Chunk>, control: Arc<VmControl<Machine>>) -> Verifier {
         let KvmThread { job, thread, .. } = self;
-        Verifier::start_on(file, chunks, move |j| {
+        Verifier::start_on(file, chunks, control, move |j| {
             // The thread waits for this job once it has handed the VM back.
             let _ = job.send(j);
             thread

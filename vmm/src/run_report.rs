@@ -6,7 +6,7 @@ use memvisor_abi::msg::{CheckId, Report};
 use memvisor_abi::workload::Event;
 
 use crate::size::format_size;
-use crate::vmm::RunOutcome;
+use crate::machine::RunOutcome;
 
 /// One self-test check, as printed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -282,7 +282,7 @@ pub fn to_text(outcome: &RunOutcome) -> String {
         );
     }
     if let Some(d) = &outcome.dirty {
-        let _ = writeln!(s, "dirty workload ({} tracking; {} pages × {} rounds, seed {}, buffer of {} pages at page {:#x}):", d.mode, d.params[0], d.params[1], d.params[2], d.params[3], d.buffer_pfn);
+        let _ = writeln!(s, "dirty workload ({} tracking; {} pages × {} rounds, seed {}, buffer of {} pages at page {:#x}):", d.mode, d.workload.pages, d.workload.rounds, d.workload.seed, d.workload.buffer, d.buffer_pfn);
         for r in &d.rounds {
             if !r.logged {
                 let _ = writeln!(s, "  round {}: wrote {} pages in {:.0} µs, not logged", r.round, r.expected, r.guest_us);

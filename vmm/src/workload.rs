@@ -1,5 +1,10 @@
-//! Naming workloads on the command line: `--workload KIND:key=value,...`
-//! parsed into the boot configuration's `WorkloadSpec` (pure, tested).
+//! The workload a guest runs after its self-test, typed.
+//!
+//! `--workload KIND:key=value,...` (or `workload = "..."` in a config file)
+//! is parsed once, at the edge, into a [`Workload`]; everything after that
+//! matches on the enum. [`Workload::spec`] encodes it for the guest (the
+//! ABI's `WorkloadSpec`), and [`std::fmt::Display`] writes it back as a
+//! string that parses to the same value (snapshots store that string).
 //!
 //! - `dirty:pages=N,rounds=R,seed=S[,buffer=B,log=0|1,warmup=W]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Dirty`; the buffer defaults to
@@ -12,8 +17,8 @@
 //!   size; `irq=1` waits for the device's interrupt instead of polling;
 //!   `report=2` reports free pages only after deflates (not at start);
 //!   `paging=1` runs a small demand-paging task first (faults for the stats).
-//! - `balloon-hostile:mode=M`: feed the balloon hostile input `M` (1-7,
-//!   `memvisor_abi::workload::HostileMode`).
+//! - `balloon-hostile:mode=M`: feed the balloon hostile input `M` (1-9 or
+//!   its name, `memvisor_abi::workload::HostileMode`).
 //! - `translation:ws=SIZE[,workloads=MASK,reps=R,steps=N,seed=S]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Translation`; the working set is
 //!   a power of two from 64 KiB to 16 GiB, `workloads` a bit mask of
@@ -26,8 +31,11 @@
 //! - `cow[:pages=N]`: see `memvisor_abi::workload::WorkloadKind::Cow`;
 //!   N defaults to 64.
 
+use std::fmt;
+use std::str::FromStr;
+
 use memvisor_abi::paging::{Pattern, Policy};
-use memvisor_abi::workload::{PAGING_MEASURE, PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, WorkloadKind, WorkloadSpec};
+use memvisor_abi::workload::{HostileMode, PAGING_MEASURE, PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, WorkloadKind, WorkloadSpec};
 use thiserror::Error;
 
 /// A workload string that cannot be used.
@@ -66,227 +74,462 @@ pub const MAX_PAGING_PAGES: u64 = 4096;
 pub const MAX_PAGING_ACCESSES: u64 = 1_000_000;
 /// Most pages of a cow region (the guest's `vm::cow::MAX_PAGES`).
 pub const MAX_COW_PAGES: u64 = 512;
+/// Largest balloon OOM allocation: 128 blocks of 2 MiB, in 4 KiB pages.
+const MAX_OOM_PAGES: u64 = 128 * 512;
 
-/// Replaces the named value of `key` in `rest` by its number.
-fn named(rest: &str, key: &str, names: &[(&str, u64)]) -> Result<String, WorkloadError> {
-    let mut out = Vec::new();
-    for kv in rest.split(',').filter(|kv| !kv.is_empty()) {
-        match kv.split_once('=') {
-            Some((k, v)) if k.trim() == key => {
-                let n = names.iter().find(|(name, _)| *name == v.trim()).ok_or_else(|| WorkloadError::BadParam(kv.to_string()))?.1;
-                out.push(format!("{key}={n}"));
-            }
-            _ => out.push(kv.to_string()),
-        }
-    }
-    Ok(out.join(","))
+/// The dirty-page rounds (`WorkloadKind::Dirty`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DirtyWorkload {
+    /// Pages written per round.
+    pub pages: u64,
+    /// Rounds.
+    pub rounds: u64,
+    /// Seed of the page choice.
+    pub seed: u64,
+    /// Pages in the buffer the rounds write into.
+    pub buffer: u64,
+    /// Whether the VMM tracks (false: a baseline without logging).
+    pub log: bool,
+    /// Rounds run before the VMM switches logging on.
+    pub warmup: u64,
 }
 
-fn paging_spec(rest: &str) -> Result<WorkloadSpec, WorkloadError> {
-    let policies: Vec<(&str, u64)> = Policy::ALL.iter().map(|p| (p.name(), *p as u64)).collect();
-    let patterns: Vec<(&str, u64)> = Pattern::ALL.iter().map(|p| (p.name(), *p as u64)).collect();
-    let probes = [("none", 0), ("ro", u64::from(PAGING_PROBE_READ_ONLY)), ("wild", u64::from(PAGING_PROBE_WILD))];
-    let rest = named(&named(&named(rest, "policy", &policies)?, "pattern", &patterns)?, "probe", &probes)?;
-    let given = params(&rest)?;
-    let allowed = ["policy", "frames", "pattern", "pages", "accesses", "seed", "writes", "probe", "measure"];
-    if let Some((k, _)) = given.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
-        return Err(WorkloadError::BadParam(k.clone()));
+/// The balloon driver's service loop (`WorkloadKind::Balloon`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BalloonWorkload {
+    /// Returns of the balloon to zero before the driver ends (0: never).
+    pub rounds: u64,
+    /// Free page reporting: 0 off, 1 at start and after deflates, 2 only after deflates.
+    pub report: u64,
+    /// Pages to allocate after the first inflate (deflate-on-OOM), 0 for none.
+    pub oom_pages: u64,
+    /// Wait for the device's interrupt instead of polling.
+    pub irq: bool,
+    /// Run a small demand-paging task first.
+    pub paging: bool,
+}
+
+/// The translation benchmark's workload (`WorkloadKind::Translation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TranslationWorkload {
+    /// Bit `w` runs `memvisor_user::translation::Workload` number `w`.
+    pub mask: u64,
+    /// Working set in bytes (a power of two).
+    pub working_set: u64,
+    /// Timed repetitions.
+    pub reps: u64,
+    /// Accesses per repetition.
+    pub steps: u64,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// What a paging task does after its accesses, to provoke a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PagingProbe {
+    /// Nothing.
+    None,
+    /// Writes its read-only argument page.
+    ReadOnly,
+    /// Reads outside every region it owns.
+    Wild,
+}
+
+impl PagingProbe {
+    const NAMES: [(&'static str, PagingProbe); 3] = [("none", PagingProbe::None), ("ro", PagingProbe::ReadOnly), ("wild", PagingProbe::Wild)];
+
+    fn flags(self) -> u32 {
+        match self {
+            PagingProbe::None => 0,
+            PagingProbe::ReadOnly => PAGING_PROBE_READ_ONLY,
+            PagingProbe::Wild => PAGING_PROBE_WILD,
+        }
     }
-    let get = |name: &str| given.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
-    let frames = get("frames").unwrap_or(16);
-    let pages = get("pages").unwrap_or(frames.saturating_add(1));
-    let accesses = get("accesses").unwrap_or(pages.saturating_mul(4));
-    let writes = get("writes").unwrap_or(100);
-    let bad = |why: String| WorkloadError::OutOfRange { kind: "paging", why };
+
+    fn name(self) -> &'static str {
+        Self::NAMES.iter().find(|(_, p)| *p == self).map_or("none", |(n, _)| n)
+    }
+}
+
+/// Demand paging with a bounded frame pool (`WorkloadKind::Paging`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagingWorkload {
+    /// Replacement policy.
+    pub policy: Policy,
+    /// Frames the kernel may hold.
+    pub frames: u64,
+    /// Access pattern.
+    pub pattern: Pattern,
+    /// Pages of the region.
+    pub pages: u64,
+    /// Accesses made.
+    pub accesses: u64,
+    /// Seed.
+    pub seed: u64,
+    /// Percentage of accesses that write.
+    pub write_percent: u64,
+    /// The deliberate bad access at the end.
+    pub probe: PagingProbe,
+    /// Time one ring-0 and one device copy first.
+    pub measure: bool,
+}
+
+/// A workload, parsed and checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Dirty-page rounds the VMM harvests and checks.
+    Dirty(DirtyWorkload),
+    /// Memory checks across snapshots.
+    Checksum {
+        /// Pages of the buffer.
+        pages: u64,
+        /// Rounds.
+        rounds: u64,
+        /// Milliseconds between rounds.
+        ms: u64,
+        /// Seed.
+        seed: u64,
+    },
+    /// The balloon driver.
+    Balloon(BalloonWorkload),
+    /// Hostile input to the balloon.
+    BalloonHostile(HostileMode),
+    /// The translation benchmark.
+    Translation(TranslationWorkload),
+    /// Demand paging.
+    Paging(PagingWorkload),
+    /// Copy-on-write fork over this many pages.
+    Cow {
+        /// Pages of the region.
+        pages: u64,
+    },
+}
+
+/// `key=value` pairs of one spec, checked against the keys its kind takes.
+struct Params<'a> {
+    kind: &'static str,
+    pairs: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Params<'a> {
+    fn new(kind: &'static str, text: &'a str, allowed: &[&str]) -> Result<Self, WorkloadError> {
+        let mut pairs = Vec::new();
+        for kv in text.split(',').filter(|kv| !kv.trim().is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| WorkloadError::BadParam(kv.to_string()))?;
+            let k = k.trim();
+            if !allowed.contains(&k) {
+                return Err(WorkloadError::BadParam(k.to_string()));
+            }
+            pairs.push((k, v.trim()));
+        }
+        Ok(Params { kind, pairs })
+    }
+
+    fn text(&self, key: &str) -> Option<&'a str> {
+        self.pairs.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+
+    /// A number or size (`64M`), or `default`.
+    fn num(&self, key: &str, default: u64) -> Result<u64, WorkloadError> {
+        match self.text(key) {
+            None => Ok(default),
+            Some(v) => crate::size::parse_size(v).map_err(|_| WorkloadError::BadParam(format!("{key}={v}"))),
+        }
+    }
+
+    /// A 0/1 switch (anything above 1 counts as 1, as before).
+    fn flag(&self, key: &str) -> Result<bool, WorkloadError> {
+        Ok(self.num(key, 0)? != 0)
+    }
+
+    /// One of `names`, or `default`.
+    fn named<T: Copy>(&self, key: &str, names: &[(&str, T)], default: T) -> Result<T, WorkloadError> {
+        match self.text(key) {
+            None => Ok(default),
+            Some(v) => names.iter().find(|(n, _)| *n == v).map(|(_, t)| *t).ok_or_else(|| WorkloadError::BadParam(format!("{key}={v}"))),
+        }
+    }
+
+    fn bad(&self, why: String) -> WorkloadError {
+        WorkloadError::OutOfRange { kind: self.kind, why }
+    }
+}
+
+impl FromStr for Workload {
+    type Err = WorkloadError;
+
+    fn from_str(text: &str) -> Result<Self, WorkloadError> {
+        let (kind, rest) = text.trim().split_once(':').unwrap_or((text.trim(), ""));
+        match kind {
+            "dirty" => parse_dirty(rest),
+            "checksum" => {
+                let p = Params::new("checksum", rest, &["pages", "rounds", "ms", "seed"])?;
+                let (pages, rounds) = (p.num("pages", 1024)?, p.num("rounds", 10)?);
+                if !(1..=MAX_BUFFER_PAGES).contains(&pages) || !(1..=MAX_ROUNDS).contains(&rounds) {
+                    return Err(p.bad(format!("pages must be 1..={MAX_BUFFER_PAGES} and rounds 1..={MAX_ROUNDS}")));
+                }
+                Ok(Workload::Checksum { pages, rounds, ms: p.num("ms", 100)?, seed: p.num("seed", 1)? })
+            }
+            "balloon" => parse_balloon(rest),
+            "balloon-hostile" => {
+                let p = Params::new("balloon-hostile", rest, &["mode"])?;
+                let text = p.text("mode").unwrap_or("0");
+                let mode = HostileMode::ALL.into_iter().find(|m| m.name() == text).or_else(|| text.parse().ok().and_then(HostileMode::from_raw));
+                mode.map(Workload::BalloonHostile).ok_or_else(|| p.bad(format!("mode {text} is not 1..=9 or a mode's name")))
+            }
+            "translation" => parse_translation(rest),
+            "paging" => parse_paging(rest),
+            "cow" => {
+                let p = Params::new("cow", rest, &["pages"])?;
+                let pages = p.num("pages", 64)?;
+                if !(1..=MAX_COW_PAGES).contains(&pages) {
+                    return Err(p.bad(format!("pages must be 1..={MAX_COW_PAGES}")));
+                }
+                Ok(Workload::Cow { pages })
+            }
+            other => Err(WorkloadError::UnknownKind(other.to_string())),
+        }
+    }
+}
+
+fn parse_dirty(rest: &str) -> Result<Workload, WorkloadError> {
+    let p = Params::new("dirty", rest, &["pages", "rounds", "seed", "buffer", "log", "warmup"])?;
+    let pages = p.num("pages", 256)?;
+    let rounds = p.num("rounds", 3)?;
+    let buffer = p.num("buffer", pages.saturating_mul(4))?;
+    let warmup = p.num("warmup", 0)?;
+    if pages == 0 || rounds == 0 {
+        return Err(p.bad("pages and rounds must be at least 1".into()));
+    }
+    if warmup >= rounds {
+        return Err(p.bad(format!("warmup={warmup} leaves no logged round of {rounds}")));
+    }
+    if pages > MAX_BUFFER_PAGES || rounds > MAX_ROUNDS {
+        return Err(p.bad(format!("at most {MAX_BUFFER_PAGES} pages per round and {MAX_ROUNDS} rounds")));
+    }
+    if buffer == 0 || buffer > MAX_BUFFER_PAGES {
+        return Err(p.bad(format!("buffer of {buffer} pages is outside 1..={MAX_BUFFER_PAGES}")));
+    }
+    let log = p.num("log", 1)? != 0;
+    Ok(Workload::Dirty(DirtyWorkload { pages, rounds, seed: p.num("seed", 1)?, buffer, log, warmup }))
+}
+
+fn parse_balloon(rest: &str) -> Result<Workload, WorkloadError> {
+    let p = Params::new("balloon", rest, &["rounds", "report", "oom", "irq", "paging"])?;
+    let oom_pages = p.num("oom", 0)? / memvisor_abi::layout::PAGE_SIZE;
+    if oom_pages > MAX_OOM_PAGES {
+        return Err(p.bad("oom is at most 256M (128 blocks of 2 MiB)".into()));
+    }
+    Ok(Workload::Balloon(BalloonWorkload {
+        rounds: p.num("rounds", 0)?,
+        report: p.num("report", 0)?.min(2),
+        oom_pages,
+        irq: p.flag("irq")?,
+        paging: p.flag("paging")?,
+    }))
+}
+
+fn parse_translation(rest: &str) -> Result<Workload, WorkloadError> {
+    let p = Params::new("translation", rest, &["ws", "workloads", "reps", "steps", "seed"])?;
+    let working_set = p.num("ws", 64 << 20)?;
+    let all = (1u64 << memvisor_user::translation::Workload::ALL.len()) - 1;
+    let mask = p.num("workloads", all)?;
+    let reps = p.num("reps", 5)?;
+    let steps = p.num("steps", 1 << 20)?;
+    if !working_set.is_power_of_two() || !(MIN_TRANSLATION_WS..=MAX_TRANSLATION_WS).contains(&working_set) {
+        return Err(p.bad(format!("the working set must be a power of two from 64 KiB to 16 GiB, not {working_set}")));
+    }
+    if mask == 0 || mask & !all != 0 {
+        return Err(p.bad(format!("workloads is a bit mask within {all:#x}")));
+    }
+    if reps == 0 || reps > MAX_ROUNDS || steps == 0 || steps > 1 << 32 {
+        return Err(p.bad(format!("reps must be 1..={MAX_ROUNDS} and steps 1..=2^32")));
+    }
+    Ok(Workload::Translation(TranslationWorkload { mask, working_set, reps, steps, seed: p.num("seed", 1)? }))
+}
+
+fn parse_paging(rest: &str) -> Result<Workload, WorkloadError> {
+    let allowed = ["policy", "frames", "pattern", "pages", "accesses", "seed", "writes", "probe", "measure"];
+    let p = Params::new("paging", rest, &allowed)?;
+    let policies: Vec<(&str, Policy)> = Policy::ALL.iter().map(|x| (x.name(), *x)).collect();
+    let patterns: Vec<(&str, Pattern)> = Pattern::ALL.iter().map(|x| (x.name(), *x)).collect();
+    let frames = p.num("frames", 16)?;
+    let pages = p.num("pages", frames.saturating_add(1))?;
+    let accesses = p.num("accesses", pages.saturating_mul(4))?;
+    let write_percent = p.num("writes", 100)?;
     if !(1..=MAX_PAGING_FRAMES).contains(&frames) {
-        return Err(bad(format!("frames must be 1..={MAX_PAGING_FRAMES}")));
+        return Err(p.bad(format!("frames must be 1..={MAX_PAGING_FRAMES}")));
     }
     if !(1..=MAX_PAGING_PAGES).contains(&pages) {
-        return Err(bad(format!("pages must be 1..={MAX_PAGING_PAGES}")));
+        return Err(p.bad(format!("pages must be 1..={MAX_PAGING_PAGES}")));
     }
     if !(1..=MAX_PAGING_ACCESSES).contains(&accesses) {
-        return Err(bad(format!("accesses must be 1..={MAX_PAGING_ACCESSES}")));
+        return Err(p.bad(format!("accesses must be 1..={MAX_PAGING_ACCESSES}")));
     }
-    if writes > 100 {
-        return Err(bad("writes is a percentage, 0..=100".into()));
+    if write_percent > 100 {
+        return Err(p.bad("writes is a percentage, 0..=100".into()));
     }
-    let mut spec = WorkloadSpec { kind: WorkloadKind::Paging as u32, ..WorkloadSpec::default() };
-    spec.params = [get("policy").unwrap_or(Policy::Clock as u64), frames, get("pattern").unwrap_or(Pattern::Seq as u64), pages, accesses, get("seed").unwrap_or(1), writes];
-    spec.flags = u32::try_from(get("probe").unwrap_or(0)).unwrap_or(0);
-    if get("measure").unwrap_or(0) != 0 {
-        spec.flags |= PAGING_MEASURE;
-    }
-    Ok(spec)
+    Ok(Workload::Paging(PagingWorkload {
+        policy: p.named("policy", &policies, Policy::Clock)?,
+        frames,
+        pattern: p.named("pattern", &patterns, Pattern::Seq)?,
+        pages,
+        accesses,
+        seed: p.num("seed", 1)?,
+        write_percent,
+        probe: p.named("probe", &PagingProbe::NAMES, PagingProbe::None)?,
+        measure: p.flag("measure")?,
+    }))
 }
 
-fn params(text: &str) -> Result<Vec<(String, u64)>, WorkloadError> {
-    if text.is_empty() {
-        return Ok(Vec::new());
+impl Workload {
+    /// The workload as the guest's boot configuration carries it.
+    #[must_use]
+    pub fn spec(&self) -> WorkloadSpec {
+        let (kind, flags, params): (WorkloadKind, u32, &[u64]) = match *self {
+            Workload::Dirty(d) => (WorkloadKind::Dirty, 0, &[d.pages, d.rounds, d.seed, d.buffer, u64::from(d.log), d.warmup]),
+            Workload::Checksum { pages, rounds, ms, seed } => (WorkloadKind::Checksum, 0, &[pages, rounds, ms, seed]),
+            Workload::Balloon(b) => (WorkloadKind::Balloon, 0, &[b.rounds, b.report, b.oom_pages, u64::from(b.irq), u64::from(b.paging)]),
+            Workload::BalloonHostile(mode) => (WorkloadKind::BalloonHostile, 0, &[mode as u64]),
+            Workload::Translation(t) => (WorkloadKind::Translation, 0, &[t.mask, t.working_set, t.reps, t.steps, t.seed]),
+            Workload::Paging(p) => {
+                let flags = p.probe.flags() | if p.measure { PAGING_MEASURE } else { 0 };
+                (WorkloadKind::Paging, flags, &[p.policy as u64, p.frames, p.pattern as u64, p.pages, p.accesses, p.seed, p.write_percent])
+            }
+            Workload::Cow { pages } => (WorkloadKind::Cow, 0, &[pages]),
+        };
+        let mut spec = WorkloadSpec { kind: kind as u32, flags, ..WorkloadSpec::default() };
+        spec.params[..params.len()].copy_from_slice(params);
+        spec
     }
-    text.split(',')
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').ok_or_else(|| WorkloadError::BadParam(kv.to_string()))?;
-            let v = crate::size::parse_size(v.trim()).map_err(|_| WorkloadError::BadParam(kv.to_string()))?;
-            Ok((k.trim().to_string(), v))
-        })
-        .collect()
+
+    /// The name of its kind, as on the command line.
+    #[must_use]
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Workload::Dirty(_) => "dirty",
+            Workload::Checksum { .. } => "checksum",
+            Workload::Balloon(_) => "balloon",
+            Workload::BalloonHostile(_) => "balloon-hostile",
+            Workload::Translation(_) => "translation",
+            Workload::Paging(_) => "paging",
+            Workload::Cow { .. } => "cow",
+        }
+    }
+
+    /// Whether it drives the balloon device (and so needs one).
+    #[must_use]
+    pub fn uses_balloon(&self) -> bool {
+        matches!(self, Workload::Balloon(_) | Workload::BalloonHostile(_))
+    }
 }
 
-/// Whether `text` names a valid dirty workload (the one whose rounds the
-/// VMM harvests and checks).
-#[must_use]
-pub fn is_dirty(text: Option<&str>) -> bool {
-    text.and_then(|t| parse(t).ok()).is_some_and(|s| s.kind == WorkloadKind::Dirty as u32)
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = self.kind_name();
+        match *self {
+            Workload::Dirty(d) => write!(f, "{kind}:pages={},rounds={},seed={},buffer={},log={},warmup={}", d.pages, d.rounds, d.seed, d.buffer, u8::from(d.log), d.warmup),
+            Workload::Checksum { pages, rounds, ms, seed } => write!(f, "{kind}:pages={pages},rounds={rounds},ms={ms},seed={seed}"),
+            Workload::Balloon(b) => {
+                let oom = b.oom_pages * memvisor_abi::layout::PAGE_SIZE;
+                write!(f, "{kind}:rounds={},report={},oom={oom},irq={},paging={}", b.rounds, b.report, u8::from(b.irq), u8::from(b.paging))
+            }
+            Workload::BalloonHostile(mode) => write!(f, "{kind}:mode={}", mode.name()),
+            Workload::Translation(t) => write!(f, "{kind}:ws={},workloads={},reps={},steps={},seed={}", t.working_set, t.mask, t.reps, t.steps, t.seed),
+            Workload::Paging(p) => write!(
+                f,
+                "{kind}:policy={},frames={},pattern={},pages={},accesses={},seed={},writes={},probe={},measure={}",
+                p.policy.name(),
+                p.frames,
+                p.pattern.name(),
+                p.pages,
+                p.accesses,
+                p.seed,
+                p.write_percent,
+                p.probe.name(),
+                u8::from(p.measure)
+            ),
+            Workload::Cow { pages } => write!(f, "{kind}:pages={pages}"),
+        }
+    }
 }
 
-/// Parses a workload string.
-///
-/// # Errors
-/// [`WorkloadError`].
-pub fn parse(text: &str) -> Result<WorkloadSpec, WorkloadError> {
-    let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
-    if kind == "paging" {
-        // Its policy, pattern and probe are names, not numbers.
-        return paging_spec(rest);
+/// Snapshots and config files hold a workload as its string.
+impl serde::Serialize for Workload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
-    let given = params(rest)?;
-    let get = |name: &str, allowed: &[&str]| -> Result<Option<u64>, WorkloadError> {
-        if let Some((k, _)) = given.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
-            return Err(WorkloadError::BadParam(k.clone()));
-        }
-        Ok(given.iter().find(|(k, _)| k == name).map(|(_, v)| *v))
-    };
-    let mut spec = WorkloadSpec::default();
-    match kind {
-        "dirty" => {
-            let allowed = ["pages", "rounds", "seed", "buffer", "log", "warmup"];
-            let pages = get("pages", &allowed)?.unwrap_or(256);
-            let rounds = get("rounds", &allowed)?.unwrap_or(3);
-            let seed = get("seed", &allowed)?.unwrap_or(1);
-            let buffer = get("buffer", &allowed)?.unwrap_or(pages.saturating_mul(4));
-            let log = get("log", &allowed)?.unwrap_or(1).min(1);
-            let warmup = get("warmup", &allowed)?.unwrap_or(0);
-            let bad = |why: String| WorkloadError::OutOfRange { kind: "dirty", why };
-            if warmup >= rounds {
-                return Err(bad(format!("warmup={warmup} leaves no logged round of {rounds}")));
-            }
-            if pages == 0 || rounds == 0 {
-                return Err(bad("pages and rounds must be at least 1".into()));
-            }
-            if pages > MAX_BUFFER_PAGES || rounds > MAX_ROUNDS {
-                return Err(bad(format!("at most {MAX_BUFFER_PAGES} pages per round and {MAX_ROUNDS} rounds")));
-            }
-            if buffer == 0 || buffer > MAX_BUFFER_PAGES {
-                return Err(bad(format!("buffer of {buffer} pages is outside 1..={MAX_BUFFER_PAGES}")));
-            }
-            spec.kind = WorkloadKind::Dirty as u32;
-            spec.params[..6].copy_from_slice(&[pages, rounds, seed, buffer, log, warmup]);
-        }
-        "checksum" => {
-            let allowed = ["pages", "rounds", "ms", "seed"];
-            let pages = get("pages", &allowed)?.unwrap_or(1024);
-            let rounds = get("rounds", &allowed)?.unwrap_or(10);
-            let ms = get("ms", &allowed)?.unwrap_or(100);
-            let seed = get("seed", &allowed)?.unwrap_or(1);
-            if pages == 0 || pages > MAX_BUFFER_PAGES || rounds == 0 || rounds > MAX_ROUNDS {
-                return Err(WorkloadError::OutOfRange { kind: "checksum", why: format!("pages must be 1..={MAX_BUFFER_PAGES} and rounds at least 1") });
-            }
-            spec.kind = WorkloadKind::Checksum as u32;
-            spec.params[..4].copy_from_slice(&[pages, rounds, ms, seed]);
-        }
-        "balloon" => {
-            let allowed = ["rounds", "report", "oom", "irq", "paging"];
-            let rounds = get("rounds", &allowed)?.unwrap_or(0);
-            // 1: report free pages at start and after each deflate; 2: only after deflates.
-            let report = get("report", &allowed)?.unwrap_or(0).min(2);
-            let oom = get("oom", &allowed)?.unwrap_or(0) / memvisor_abi::layout::PAGE_SIZE;
-            if oom > 128 * 512 {
-                return Err(WorkloadError::OutOfRange { kind: "balloon", why: "oom is at most 256M (128 blocks of 2 MiB)".into() });
-            }
-            let irq = get("irq", &allowed)?.unwrap_or(0).min(1);
-            let paging = get("paging", &allowed)?.unwrap_or(0).min(1);
-            spec.kind = WorkloadKind::Balloon as u32;
-            spec.params[..5].copy_from_slice(&[rounds, report, oom, irq, paging]);
-        }
-        "balloon-hostile" => {
-            let mode = get("mode", &["mode"])?.unwrap_or(0);
-            if memvisor_abi::workload::HostileMode::from_raw(mode).is_none() {
-                return Err(WorkloadError::OutOfRange { kind: "balloon-hostile", why: format!("mode {mode} is not 1..=9") });
-            }
-            spec.kind = WorkloadKind::BalloonHostile as u32;
-            spec.params[0] = mode;
-        }
-        "translation" => {
-            let allowed = ["ws", "workloads", "reps", "steps", "seed"];
-            let ws = get("ws", &allowed)?.unwrap_or(64 << 20);
-            let all = (1u64 << memvisor_user::translation::Workload::ALL.len()) - 1;
-            let mask = get("workloads", &allowed)?.unwrap_or(all);
-            let reps = get("reps", &allowed)?.unwrap_or(5);
-            let steps = get("steps", &allowed)?.unwrap_or(1 << 20);
-            let seed = get("seed", &allowed)?.unwrap_or(1);
-            let bad = |why: String| WorkloadError::OutOfRange { kind: "translation", why };
-            if !ws.is_power_of_two() || !(MIN_TRANSLATION_WS..=MAX_TRANSLATION_WS).contains(&ws) {
-                return Err(bad(format!("the working set must be a power of two from 64 KiB to 16 GiB, not {ws}")));
-            }
-            if mask == 0 || mask & !all != 0 {
-                return Err(bad(format!("workloads is a bit mask within {all:#x}")));
-            }
-            if reps == 0 || reps > MAX_ROUNDS || steps == 0 || steps > 1 << 32 {
-                return Err(bad(format!("reps must be 1..={MAX_ROUNDS} and steps 1..=2^32")));
-            }
-            spec.kind = WorkloadKind::Translation as u32;
-            spec.params[..5].copy_from_slice(&[mask, ws, reps, steps, seed]);
-        }
-        "cow" => {
-            let pages = get("pages", &["pages"])?.unwrap_or(64);
-            if !(1..=MAX_COW_PAGES).contains(&pages) {
-                return Err(WorkloadError::OutOfRange { kind: "cow", why: format!("pages must be 1..={MAX_COW_PAGES}") });
-            }
-            spec.kind = WorkloadKind::Cow as u32;
-            spec.params[0] = pages;
-        }
-        other => return Err(WorkloadError::UnknownKind(other.to_string())),
+}
+
+impl<'de> serde::Deserialize<'de> for Workload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
-    Ok(spec)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> Result<Workload, WorkloadError> {
+        text.parse()
+    }
+
+    #[test]
+    fn every_workload_prints_as_a_string_that_parses_back_to_it() {
+        for text in [
+            "dirty",
+            "dirty:pages=100,rounds=5,seed=7,log=0",
+            "checksum:pages=64,rounds=3,ms=10",
+            "balloon:rounds=2,report=1,oom=64M,irq=1",
+            "balloon-hostile:mode=3",
+            "translation:ws=4M,reps=7",
+            "paging:policy=lru,frames=8,pattern=hotcold,probe=wild,measure=1",
+            "cow:pages=9",
+        ] {
+            let w = parse(text).unwrap();
+            assert_eq!(parse(&w.to_string()).unwrap(), w, "{text} -> {w}");
+            let json = serde_json::to_string(&w).unwrap();
+            assert_eq!(serde_json::from_str::<Workload>(&json).unwrap(), w);
+        }
+        assert!(serde_json::from_str::<Workload>("\"dirty:pages=0\"").is_err(), "a bad stored spec is an error, not an empty one");
+    }
+
     #[test]
     fn balloon_specs_parse() {
-        let s = parse("balloon:rounds=2,report=1,oom=64M").unwrap();
+        let s = parse("balloon:rounds=2,report=1,oom=64M").unwrap().spec();
         assert_eq!(s.kind, WorkloadKind::Balloon as u32);
         assert_eq!(&s.params[..3], &[2, 1, 16384]);
-        assert_eq!(&parse("balloon:report=2,paging=1").unwrap().params[..5], &[0, 2, 0, 0, 1]);
-        assert_eq!(parse("balloon-hostile:mode=3").unwrap().params[0], 3);
-        assert_eq!(parse("balloon-hostile:mode=9").unwrap().params[0], 9);
+        assert_eq!(&parse("balloon:report=2,paging=1").unwrap().spec().params[..5], &[0, 2, 0, 0, 1]);
+        assert_eq!(parse("balloon-hostile:mode=3").unwrap().spec().params[0], 3);
+        assert_eq!(parse("balloon-hostile:mode=9").unwrap().spec().params[0], 9);
+        assert_eq!(parse("balloon-hostile:mode=duplicate-pfn").unwrap(), Workload::BalloonHostile(HostileMode::DuplicatePfn));
         assert!(parse("balloon-hostile:mode=10").is_err());
         assert!(parse("balloon:oom=1G").is_err());
     }
 
     #[test]
     fn dirty_specs_parse_with_defaults() {
-        let s = parse("dirty:pages=100,rounds=5,seed=7").unwrap();
+        let s = parse("dirty:pages=100,rounds=5,seed=7").unwrap().spec();
         assert_eq!(s.kind, WorkloadKind::Dirty as u32);
         assert_eq!(&s.params[..5], &[100, 5, 7, 400, 1]);
-        assert_eq!(parse("dirty").unwrap().params[..5], [256, 3, 1, 1024, 1]);
-        assert_eq!(parse("dirty:log=0").unwrap().params[4], 0);
-        assert_eq!(parse("dirty:rounds=4,warmup=1").unwrap().params[5], 1);
+        assert_eq!(parse("dirty").unwrap().spec().params[..5], [256, 3, 1, 1024, 1]);
+        assert_eq!(parse("dirty:log=0").unwrap().spec().params[4], 0);
+        assert_eq!(parse("dirty:rounds=4,warmup=1").unwrap().spec().params[5], 1);
         assert!(matches!(parse("dirty:rounds=2,warmup=2"), Err(WorkloadError::OutOfRange { .. })));
     }
 
     #[test]
     fn checksum_specs_parse() {
-        let s = parse("checksum:pages=64,rounds=3,ms=10").unwrap();
+        let s = parse("checksum:pages=64,rounds=3,ms=10").unwrap().spec();
         assert_eq!(s.kind, WorkloadKind::Checksum as u32);
         assert_eq!(&s.params[..4], &[64, 3, 10, 1]);
     }
 
     #[test]
     fn translation_specs_parse_and_check_the_working_set() {
-        let s = parse("translation:ws=4M,reps=7").unwrap();
+        let s = parse("translation:ws=4M,reps=7").unwrap().spec();
         assert_eq!(s.kind, WorkloadKind::Translation as u32);
         assert_eq!(&s.params[..5], &[0xf, 4 << 20, 7, 1 << 20, 1]);
         assert!(matches!(parse("translation:ws=3M"), Err(WorkloadError::OutOfRange { .. })));
@@ -296,15 +539,15 @@ mod tests {
 
     #[test]
     fn paging_specs_parse_names_and_defaults() {
-        let s = parse("paging:policy=lru,frames=8,pattern=hotcold,pages=40,accesses=500,seed=3,writes=50,probe=wild").unwrap();
+        let s = parse("paging:policy=lru,frames=8,pattern=hotcold,pages=40,accesses=500,seed=3,writes=50,probe=wild").unwrap().spec();
         assert_eq!(s.kind, WorkloadKind::Paging as u32);
         assert_eq!(s.params, [Policy::Lru as u64, 8, Pattern::HotCold as u64, 40, 500, 3, 50]);
         assert_eq!(s.flags, PAGING_PROBE_WILD);
-        assert_eq!(parse("paging:probe=ro,measure=1").unwrap().flags, PAGING_PROBE_READ_ONLY | PAGING_MEASURE);
-        let d = parse("paging:frames=10").unwrap();
+        assert_eq!(parse("paging:probe=ro,measure=1").unwrap().spec().flags, PAGING_PROBE_READ_ONLY | PAGING_MEASURE);
+        let d = parse("paging:frames=10").unwrap().spec();
         assert_eq!(d.params, [Policy::Clock as u64, 10, Pattern::Seq as u64, 11, 44, 1, 100]);
         assert_eq!(d.flags, 0);
-        assert_eq!(parse("paging").unwrap().params[1], 16);
+        assert_eq!(parse("paging").unwrap().spec().params[1], 16);
     }
 
     #[test]
@@ -316,8 +559,8 @@ mod tests {
         assert!(matches!(parse("paging:pages=5000"), Err(WorkloadError::OutOfRange { .. })));
         assert!(matches!(parse("paging:writes=101"), Err(WorkloadError::OutOfRange { .. })));
         assert!(matches!(parse("paging:rounds=3"), Err(WorkloadError::BadParam(_))));
-        assert_eq!(parse("cow").unwrap().params[0], 64);
-        assert_eq!(parse("cow:pages=9").unwrap().kind, WorkloadKind::Cow as u32);
+        assert_eq!(parse("cow").unwrap(), Workload::Cow { pages: 64 });
+        assert_eq!(parse("cow:pages=9").unwrap().spec().kind, WorkloadKind::Cow as u32);
         assert!(matches!(parse("cow:pages=513"), Err(WorkloadError::OutOfRange { .. })));
     }
 

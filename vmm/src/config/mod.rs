@@ -14,6 +14,7 @@ use thiserror::Error;
 use memvisor_abi::layout::{PAGE_SIZE, PAGE_SIZE_2M};
 
 use crate::size::{format_size, parse_size};
+use crate::workload::Workload;
 
 pub mod choices;
 
@@ -76,9 +77,6 @@ pub enum ConfigError {
         /// The parser's message.
         message: String,
     },
-    /// The workload string is invalid.
-    #[error(transparent)]
-    Workload(#[from] crate::workload::WorkloadError),
     /// A list of NUMA nodes could not be parsed.
     #[error("invalid NUMA node list {0:?}: expected numbers and ranges like 0,2-3")]
     BadNodeList(String),
@@ -139,7 +137,7 @@ pub struct ConfigFile {
     /// Force a dirty-tracking mechanism.
     pub dirty_mode: Option<DirtyMode>,
     /// A workload after the self-test (`dirty:pages=N,...`).
-    pub workload: Option<String>,
+    pub workload: Option<Workload>,
     /// Add a virtio balloon with this initial target (a size; "0" for
     /// none yet).
     pub balloon: Option<SizeValue>,
@@ -269,8 +267,8 @@ pub struct VmConfig {
     /// Forced dirty-tracking mechanism (`None`: the best available, when
     /// tracking is needed).
     pub dirty_mode: Option<DirtyMode>,
-    /// Workload after the self-test, as given (see [`crate::workload`]).
-    pub workload: Option<String>,
+    /// Workload after the self-test (see [`crate::workload`]).
+    pub workload: Option<Workload>,
     /// A virtio balloon with this initial target in bytes (`None`: no
     /// balloon device).
     #[serde(default)]
@@ -304,23 +302,20 @@ impl VmConfig {
                 });
             }
         }
-        if let Some(w) = &self.workload {
-            crate::workload::parse(w)?;
-        }
         if let Some(b) = self.balloon {
             if b > self.mem_size || b % PAGE_SIZE != 0 {
                 return Err(ConfigError::Balloon(b, self.mem_size));
             }
         }
-        if let Some(spec) = self.workload.as_deref().and_then(|w| crate::workload::parse(w).ok()) {
-            use memvisor_abi::workload::WorkloadKind;
-            let balloon_kind = spec.kind == WorkloadKind::Balloon as u32 || spec.kind == WorkloadKind::BalloonHostile as u32;
-            if balloon_kind && self.balloon.is_none() {
+        if let Some(w) = &self.workload {
+            if w.uses_balloon() && self.balloon.is_none() {
                 return Err(ConfigError::BalloonWorkload("the balloon workloads need a balloon device: add --balloon SIZE (0 for an empty one)"));
             }
             // Without rounds or oom the driver serves until shut down.
-            if spec.kind == WorkloadKind::Balloon as u32 && spec.params[0] == 0 && spec.params[2] == 0 && self.api_socket.is_none() {
-                return Err(ConfigError::BalloonWorkload("balloon without rounds=R or oom=SIZE serves until shut down: add --api-socket PATH (or give rounds or oom)"));
+            if let Workload::Balloon(b) = w {
+                if b.rounds == 0 && b.oom_pages == 0 && self.api_socket.is_none() {
+                    return Err(ConfigError::BalloonWorkload("balloon without rounds=R or oom=SIZE serves until shut down: add --api-socket PATH (or give rounds or oom)"));
+                }
             }
         }
         if !(1..=254).contains(&self.vcpus) {
@@ -383,7 +378,7 @@ mod tests {
     fn balloon_workloads_need_a_balloon_and_an_end() {
         let mk = |workload: &str, balloon: Option<&str>, socket: bool| {
             ConfigFile {
-                workload: Some(workload.into()),
+                workload: Some(workload.parse().unwrap()),
                 balloon: balloon.map(|b| SizeValue::Text(b.into())),
                 api_socket: socket.then(|| "/tmp/x.sock".into()),
                 ..Default::default()

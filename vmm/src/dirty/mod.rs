@@ -76,6 +76,21 @@ pub enum DirtyError {
     Memory(#[from] crate::memory::MemoryError),
 }
 
+/// Prepares dirty tracking for a run of `config` when anything may need
+/// it: a forced mode, a dirty workload, or a VM that stays up to serve a
+/// control socket (snapshots). Must run before any vCPU exists (the dirty
+/// ring can only be enabled then).
+///
+/// # Errors
+/// [`DirtyError`] when the forced mode is missing or KVM refuses.
+pub fn prepare(config: &crate::config::VmConfig, vm: &kvm_ioctls::VmFd, ram: &crate::memory::GuestRam, stay_up: bool) -> Result<Option<DirtyTracker>, DirtyError> {
+    let dirty_workload = matches!(config.workload, Some(crate::workload::Workload::Dirty(_)));
+    if config.dirty_mode.is_none() && !stay_up && !dirty_workload {
+        return Ok(None);
+    }
+    DirtyTracker::prepare(vm, ram, config.dirty_mode).map(Some)
+}
+
 /// Chooses the mode: the forced one if the kernel offers it, else the best
 /// one it offers. On KVM's PVM flavour the ring is chosen only when forced:
 /// its instruction emulator can push more entries than a ring holds before

@@ -20,6 +20,7 @@ use memvisor_abi::workload::{Event, dirty_page};
 use serde::Serialize;
 
 use crate::dirty::{DirtyError, DirtyMode, DirtyTracker, PageRange};
+use crate::workload::DirtyWorkload;
 use crate::kvm_stats::StatsFd;
 use crate::memory::GuestRam;
 
@@ -136,9 +137,8 @@ pub fn huge_split(samples: &[MappingSample]) -> HugeSplit {
 pub struct DirtyReport {
     /// Mechanism.
     pub mode: DirtyMode,
-    /// Pages per round, rounds, seed, buffer pages, logging on (1) or off
-    /// (0), warm-up rounds before logging.
-    pub params: [u64; 6],
+    /// The workload's parameters.
+    pub workload: DirtyWorkload,
     /// The buffer's first guest page frame.
     pub buffer_pfn: u64,
     /// Each round.
@@ -152,7 +152,7 @@ pub struct DirtyReport {
 /// Follows a dirty workload's events.
 #[derive(Debug)]
 pub struct DirtyRounds {
-    params: [u64; 6],
+    workload: DirtyWorkload,
     tsc_khz: u64,
     regions: Vec<(u64, u64)>,
     buffer: Option<(u64, u64)>,
@@ -162,19 +162,19 @@ pub struct DirtyRounds {
 }
 
 impl DirtyRounds {
-    /// For a workload with `params` = [pages, rounds, seed, buffer pages,
-    /// log, warm-up rounds]; `tsc_khz` converts the guest's round times.
+    /// For the workload `workload`; `tsc_khz` converts the guest's round
+    /// times.
     #[must_use]
-    pub fn new(params: [u64; 6], tsc_khz: u64, stats: Option<StatsFd>) -> Self {
-        DirtyRounds { params, tsc_khz, regions: Vec::new(), buffer: None, rounds: Vec::new(), mappings: Vec::new(), stats }
+    pub fn new(workload: DirtyWorkload, tsc_khz: u64, stats: Option<StatsFd>) -> Self {
+        DirtyRounds { workload, tsc_khz, regions: Vec::new(), buffer: None, rounds: Vec::new(), mappings: Vec::new(), stats }
     }
 
     fn logging(&self) -> bool {
-        self.params[4] != 0
+        self.workload.log
     }
 
     fn warmup(&self) -> u64 {
-        self.params[5]
+        self.workload.warmup
     }
 
     fn sample(&mut self, phase: String, stage: Stage) {
@@ -239,7 +239,7 @@ impl DirtyRounds {
                 if self.rounds.len() < MAX_ROUNDS {
                     self.rounds.push(record);
                 }
-                if a.saturating_add(1) >= self.params[1] {
+                if a.saturating_add(1) >= self.workload.rounds {
                     tracker.stop(vm, ram)?;
                 }
             }
@@ -255,7 +255,7 @@ impl DirtyRounds {
     }
 
     fn check_round(&self, round: u64, guest: &[PageRange], vmm: &[PageRange], harvest_us: f64, ring_overflowed: bool) -> RoundRecord {
-        let (pages, _, seed, _) = (self.params[0], self.params[1], self.params[2], self.params[3]);
+        let (pages, seed) = (self.workload.pages, self.workload.seed);
         let (base, buffer_pages) = self.buffer.unwrap_or((0, 0));
         let expected: BTreeSet<u64> = (0..pages).map(|i| base.saturating_add(dirty_page(seed, round, i, buffer_pages))).collect();
         let harvested: BTreeSet<u64> = guest.iter().flat_map(|r| r.first..r.end()).collect();
@@ -297,7 +297,7 @@ impl DirtyRounds {
     pub fn report(&self, mode: DirtyMode) -> DirtyReport {
         DirtyReport {
             mode,
-            params: self.params,
+            workload: self.workload,
             buffer_pfn: self.buffer.map_or(0, |b| b.0),
             rounds: self.rounds.clone(),
             huge_split: huge_split(&self.mappings),
@@ -327,7 +327,8 @@ mod tests {
 
     #[test]
     fn rounds_classify_extras_and_misses() {
-        let mut d = DirtyRounds::new([10, 2, 7, 64, 1, 0], 0, None);
+        let w = DirtyWorkload { pages: 10, rounds: 2, seed: 7, buffer: 64, log: true, warmup: 0 };
+        let mut d = DirtyRounds::new(w, 0, None);
         d.buffer = Some((0x1000, 64));
         d.regions = vec![(0x10_0000, 0x1000)];
         let expected: Vec<u64> = (0..10).map(|i| 0x1000 + dirty_page(7, 0, i, 64)).collect();

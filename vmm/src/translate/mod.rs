@@ -14,8 +14,11 @@
 pub mod cost;
 pub mod host;
 pub mod map;
+pub mod probe;
 pub mod ready;
 pub mod text;
+
+pub use ready::ReadyTranslation;
 
 use kvm_ioctls::VcpuFd;
 use serde::Serialize;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use memvisor_abi::msg::Report;
 
-use super::probe::WorkloadRecord;
+use crate::translate::probe::WorkloadRecord;
 use crate::config::{Backing, ConfigFile, GuestPage, SizeValue};
 use crate::vmm::{self, RunOptions};
 
@@ -63,12 +63,12 @@ pub fn run(ws: u64, leaf: GuestPage, backing: Backing, spec: &str) -> Result<Gue
         mem: Some(SizeValue::Bytes(guest_mem(ws, backing))),
         backing: Some(backing),
         guest_page: Some(leaf),
-        workload: Some(spec.to_string()),
+        workload: Some(spec.parse().map_err(|e| crate::error_chain(&e))?),
         ..ConfigFile::default()
     };
     let config = file.into_vm_config().map_err(|e| crate::error_chain(&e))?;
     let console = Console::default();
-    let options = RunOptions { console: Box::new(console.clone()), control: None, skip_selftest: true, translate: Vec::new() };
+    let options = RunOptions { skip_selftest: true, ..RunOptions::new(Box::new(console.clone())) };
     let outcome = vmm::run(&config, options).map_err(|e| crate::error_chain(&e))?;
     let tail = || {
         let v = console.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -20,7 +20,6 @@ pub mod hugetlb;
 pub mod native;
 pub mod output;
 pub mod plot;
-pub mod probe;
 pub mod replot;
 
 use std::collections::BTreeMap;
@@ -237,12 +236,12 @@ pub fn run(args: &TranslationArgs) -> Result<u32, String> {
     if args.reps < 5 {
         return Err("at least 5 repetitions per cell (--reps)".into());
     }
-    if args.reps > probe::MAX_REPS as u64 {
-        return Err(format!("at most {} repetitions per cell (--reps)", probe::MAX_REPS));
+    if args.reps > crate::translate::probe::MAX_REPS as u64 {
+        return Err(format!("at most {} repetitions per cell (--reps)", crate::translate::probe::MAX_REPS));
     }
     let steps = args.steps.unwrap_or(if args.quick { 1 << 18 } else { 1 << 20 });
     for ws in &ws_list {
-        crate::workload::parse(&format!("translation:ws={ws}")).map_err(|e| e.to_string())?;
+        format!("translation:ws={ws}").parse::<crate::workload::Workload>().map_err(|e| e.to_string())?;
     }
     let mode = host::detect();
     let tsc_khz = tsc_khz()?;

@@ -7,7 +7,6 @@
 //! including every hostile input refused. docs/ballooning.md is the
 //! user's guide.
 
-pub mod control;
 pub mod device;
 pub mod metrics;
 pub mod pages;

@@ -1,0 +1,267 @@
+//! The one way other threads reach a running machine.
+//!
+//! A [`MachineHandle`] is made before the machine (the control socket is
+//! up before the guest boots), shared by every thread that asks something
+//! of the VM, and given to [`crate::vmm::run`] or [`crate::restore::restore`],
+//! whose run loop serves it. Its methods are the VM's whole control
+//! surface: state, pause, resume and shutdown, snapshots, the balloon, the
+//! swap device's counters, translations and dirty logging. Each that needs
+//! the vCPU or a device runs as a job on the vCPU thread between two
+//! `KVM_RUN`s; callers never see the machine's parts.
+//!
+//! The handle also holds what belongs to one VM's control plane rather
+//! than to its run loop: the one-snapshot-at-a-time lock and the previous
+//! diff's page buffers, kept between snapshots so they can be warmed while
+//! the guest runs.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::control::{JobResult, VmControl, VmState};
+use crate::snapshot::format::SnapshotKind;
+use crate::snapshot::{SnapshotError, Spares};
+
+use super::Machine;
+
+/// How long `balloon stats` waits for the guest to refill its buffer.
+const STATS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Control of one VM, shared by the threads that ask things of it.
+#[derive(Debug, Default)]
+pub struct MachineHandle {
+    control: Arc<VmControl<Machine>>,
+    /// One snapshot at a time, capture through persist (a second one must
+    /// not chain to a first that may still fail); holds the previous
+    /// diff's buffers.
+    snapshots: Mutex<Spares>,
+}
+
+fn no_balloon() -> String {
+    "this VM has no balloon (start it with --balloon SIZE)".into()
+}
+
+fn to_json<T: serde::Serialize>(value: T) -> JobResult {
+    serde_json::to_value(value).map_err(|e| e.to_string())
+}
+
+impl MachineHandle {
+    /// A handle for a VM that is yet to run.
+    #[must_use]
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// The run control the VM's vCPU thread serves (for the run loop and
+    /// the restore's image check).
+    #[must_use]
+    pub fn control(&self) -> &Arc<VmControl<Machine>> {
+        &self.control
+    }
+
+    /// The VM's state.
+    #[must_use]
+    pub fn state(&self) -> VmState {
+        self.control.state()
+    }
+
+    /// Pauses the vCPU; the state reached.
+    pub fn pause(&self) -> VmState {
+        self.control.pause()
+    }
+
+    /// Resumes the vCPU; the state reached.
+    pub fn resume(&self) -> VmState {
+        self.control.resume()
+    }
+
+    /// Ends the VM and waits until it has.
+    pub fn shutdown(&self) {
+        self.control.shutdown();
+    }
+
+    /// The swap device's counters.
+    ///
+    /// # Errors
+    /// The VM has exited.
+    pub fn swap(&self) -> JobResult {
+        self.control.call(Box::new(|m| to_json(m.devices.swap.stats())))
+    }
+
+    /// Explains how `gva` translates under the current CR3.
+    ///
+    /// # Errors
+    /// Why it does not translate, or the VM has exited.
+    pub fn translate(&self, gva: u64) -> JobResult {
+        self.control.call(Box::new(move |m| crate::translate::ready::explain_json(m.vm.ram(), &m.vcpu, m.mode, gva)))
+    }
+
+    /// Every mapping under the current CR3.
+    ///
+    /// # Errors
+    /// Why the tables cannot be listed, or the VM has exited.
+    pub fn translation_map(&self) -> JobResult {
+        self.control.call(Box::new(|m| crate::translate::ready::map_json(m.vm.ram(), &m.vcpu)))
+    }
+
+    /// Switches dirty logging on or off, for memslot `slot` or all.
+    ///
+    /// # Errors
+    /// Tracking is not prepared, KVM refused, or the VM has exited.
+    pub fn dirty_log(&self, on: bool, slot: Option<u32>) -> JobResult {
+        self.control.call(Box::new(move |m| {
+            let tracker = m.tracker.as_mut().ok_or("dirty tracking is not prepared for this VM")?;
+            let (vm, ram) = (m.vm.fd(), m.vm.ram());
+            let result = match (slot, on) {
+                (Some(s), _) => tracker.set_slot_logging(vm, ram, s, on),
+                (None, true) => tracker.start(vm, ram),
+                (None, false) => tracker.stop(vm, ram),
+            };
+            result.map_err(|e| crate::error_chain(&e))?;
+            let slots: Vec<serde_json::Value> = tracker
+                .slot_logging()
+                .into_iter()
+                .map(|(info, logging)| serde_json::json!({ "slot": info.slot, "first_pfn": info.first_pfn, "pages": info.pages, "logging": logging }))
+                .collect();
+            Ok(serde_json::json!({ "mode": tracker.mode(), "slots": slots }))
+        }))
+    }
+
+    /// A new balloon target; the guest is told by a configuration-change
+    /// interrupt.
+    ///
+    /// # Errors
+    /// No balloon, a target that is not a page multiple within guest RAM,
+    /// or the VM has exited.
+    pub fn balloon_set(&self, bytes: u64) -> JobResult {
+        self.control.call(Box::new(move |m| {
+            let ram = m.vm.ram().size();
+            if bytes % memvisor_abi::layout::PAGE_SIZE != 0 || bytes > ram {
+                return Err(format!("balloon target {bytes} must be a multiple of 4096 and at most the guest memory ({ram})"));
+            }
+            let b = m.devices.balloon.as_mut().ok_or_else(no_balloon)?;
+            if b.device.set_target(bytes) {
+                b.config_changed();
+            }
+            to_json(b.device.info())
+        }))
+    }
+
+    /// The balloon's target, size, reclaimed and pending bytes, metrics.
+    ///
+    /// # Errors
+    /// No balloon, or the VM has exited.
+    pub fn balloon_info(&self) -> JobResult {
+        self.control.call(Box::new(|m| to_json(m.devices.balloon.as_ref().ok_or_else(no_balloon)?.device.info())))
+    }
+
+    /// Hands the guest its statistics buffer back and waits until it
+    /// returns it refilled.
+    ///
+    /// # Errors
+    /// No balloon, no stats queue, a guest that does not answer in time,
+    /// or the VM has exited.
+    pub fn balloon_stats(&self) -> JobResult {
+        let before = self.control.call(Box::new(|m| {
+            let ram = m.vm.ram();
+            let b = m.devices.balloon.as_mut().ok_or_else(no_balloon)?;
+            let updates = b.device.metrics.stats_updates;
+            if !b.device.request_stats() {
+                return Err("the guest's driver has not set up a statistics queue".into());
+            }
+            b.flush_pending(ram);
+            Ok(serde_json::json!(updates))
+        }))?;
+        let deadline = Instant::now() + STATS_TIMEOUT;
+        loop {
+            let before = before.clone();
+            let now = self.control.call(Box::new(move |m| {
+                let b = m.devices.balloon.as_ref().ok_or_else(no_balloon)?;
+                if serde_json::json!(b.device.metrics.stats_updates) == before {
+                    return Ok(serde_json::Value::Null);
+                }
+                to_json(b.device.stats())
+            }))?;
+            if !now.is_null() {
+                return Ok(now);
+            }
+            if Instant::now() > deadline {
+                return Err("the guest did not refill its statistics buffer within 5 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Takes a snapshot into `dir`: captured on the vCPU thread (the vCPU
+    /// stopped only for that), then made durable on the calling thread
+    /// while the guest runs on. A diff stops the vCPU twice: once to
+    /// harvest the dirty log, then, after this thread has copied those
+    /// pages with the guest running, to recopy the pages written meanwhile
+    /// and save the vCPU state (`crate::snapshot::diff`).
+    ///
+    /// # Errors
+    /// Why the snapshot could not be taken or written, as text.
+    pub fn snapshot(&self, kind: SnapshotKind, dir: PathBuf) -> JobResult {
+        let mut spares = self.snapshots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // This thread's work is background work to the guest: when the
+        // vCPU thread wakes it at the end of a stop it must not take the
+        // vCPU's CPU before the vCPU is back in the guest.
+        let _batch = crate::snapshot::diff::BatchPolicy::enter();
+        let captured = match kind {
+            SnapshotKind::Full => self.on_vcpu(move |m| m.capture_snapshot(&dir, kind)),
+            SnapshotKind::Diff => {
+                // Only a diff uses the previous diff's buffers: warm them
+                // here, with the guest running, not in the stop.
+                let mut kept = std::mem::take(&mut *spares);
+                for buf in [kept.pages.as_mut(), kept.late.as_mut()].into_iter().flatten() {
+                    crate::snapshot::warm(buf);
+                }
+                self.on_vcpu(move |m| {
+                    m.chain.keep(kept);
+                    m.begin_diff(&dir)
+                })
+                .and_then(|mut pre| {
+                    let lease = self.control.lease_ram().ok_or("the VM has exited")?;
+                    // SAFETY: the plan comes from this VM's first stop, and
+                    // the lease keeps its RAM mapped until it is dropped
+                    // after the copy (VmControl::exited waits for it).
+                    unsafe { pre.copy() };
+                    drop(lease);
+                    self.on_vcpu(move |m| m.finish_diff(pre))
+                })
+            }
+        };
+        // A failure before the final stop's capture leaves any harvested
+        // pages in the chain's `pending` list: the next diff includes them.
+        let captured = captured?;
+        match captured.persist() {
+            Ok((info, next)) => {
+                *spares = next;
+                to_json(info)
+            }
+            Err(e) => {
+                // Its dirty pages were harvested and are not on disk: the
+                // next snapshot must be a full one.
+                let _ = self.control.call(Box::new(|m| {
+                    m.chain.last = None;
+                    Ok(serde_json::Value::Null)
+                }));
+                Err(crate::error_chain(&e))
+            }
+        }
+    }
+
+    /// Runs `job` on the vCPU thread (the vCPU stopped) and hands back what
+    /// it returned.
+    fn on_vcpu<T: Send + 'static>(&self, job: impl FnOnce(&mut Machine) -> Result<T, SnapshotError> + Send + 'static) -> Result<T, String> {
+        let slot: Arc<Mutex<Option<T>>> = Arc::default();
+        let out = Arc::clone(&slot);
+        self.control.call(Box::new(move |m| {
+            let value = job(m).map_err(|e| crate::error_chain(&e))?;
+            *out.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(value);
+            Ok(serde_json::Value::Null)
+        }))?;
+        let value = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        value.ok_or_else(|| "the snapshot was not captured".into())
+    }
+}
