@@ -110,6 +110,10 @@ impl Machine {
             control.guest_idled();
         }
         let result = loop {
+            if let Some(status) = self.guest_idle.filter(|_| !self.stay_up) {
+                // Restored from an idle snapshot with nobody to serve.
+                break Ok(status);
+            }
             match control.next_work() {
                 Work::Run => {}
                 Work::Stop => break Ok(self.guest_idle.unwrap_or(0)),
@@ -121,10 +125,6 @@ impl Machine {
                     }
                     continue;
                 }
-            }
-            if let Some(status) = self.guest_idle.filter(|_| !self.stay_up) {
-                // Restored from an idle snapshot with nobody to serve.
-                break Ok(status);
             }
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
