@@ -3,7 +3,7 @@
 //!
 //! `cargo test` puts test executables in `target/<profile>/deps/`; the `vmm`
 //! binary of the same profile is `target/<profile>/vmm`. Before the first run
-//! in a test process, [`binary`] runs `cargo build --bin vmm` for that profile
+//! in a test process, [`binary`] runs `cargo build --bin vmm --bin vmm-bench` for that profile
 //! (a no-op when it is fresh), so a test never runs a stale VMM.
 
 use std::ffi::OsStr;
@@ -52,7 +52,8 @@ pub fn binary() -> &'static Path {
         }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root()).args(["build", "--quiet", "--bin", "vmm", "--target-dir"]).arg(&target_dir);
+        // `vmm bench ...` runs the `vmm-bench` binary beside `vmm`.
+        cmd.current_dir(workspace_root()).args(["build", "--quiet", "--bin", "vmm", "--bin", "vmm-bench", "--target-dir"]).arg(&target_dir);
         match profile.as_str() {
             "debug" => {}
             "release" => {
@@ -62,7 +63,7 @@ pub fn binary() -> &'static Path {
                 cmd.args(["--profile", other]);
             }
         }
-        let result = run_with_timeout(cmd, BUILD_TIMEOUT, "cargo build --bin vmm");
+        let result = run_with_timeout(cmd, BUILD_TIMEOUT, "cargo build --bin vmm --bin vmm-bench");
         assert!(result.status.success(), "building the vmm binary failed:\n{}", result.stderr);
         let path = profile_dir.join("vmm");
         assert!(path.is_file(), "cargo build succeeded but {} does not exist", path.display());

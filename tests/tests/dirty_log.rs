@@ -4,7 +4,7 @@
 //! offers; a forced mechanism the kernel lacks must fail clearly.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use memvisor::bench::page_writer::{PARAMS, PageWriter, scatter_step, scattered_order};
+use memvisor::page_writer::{PARAMS, PageWriter, scatter_step, scattered_order};
 use memvisor::config::Backing;
 use memvisor::dirty::{DirtyCaps, DirtyMode, PageRange, ring_pages};
 use memvisor::vm::open_kvm;

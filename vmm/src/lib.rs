@@ -15,7 +15,7 @@
 //! - Benchmarks (`vmm bench`) live in [`bench`].
 
 pub mod api;
-pub mod bench;
+
 pub mod boot;
 pub mod bytes;
 pub mod config;
@@ -30,6 +30,7 @@ pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod observers;
+pub mod page_writer;
 pub mod restore;
 pub mod run_report;
 pub mod size;

@@ -68,10 +68,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a benchmark.
+    /// Run a benchmark (`vmm bench --help` lists them): runs the
+    /// `vmm-bench` binary beside this one.
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        bench: memvisor::bench::BenchCommand,
+        /// The benchmark and its flags.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -384,6 +387,17 @@ fn translate(socket: &std::path::Path, args: &TranslateArgs) -> anyhow_free::Res
     }
 }
 
+/// `vmm bench ARGS`: replaces this process with `vmm-bench ARGS`, the
+/// benchmarks' own binary next to this one (the VMM carries none of their
+/// code). Returns only when that fails.
+fn bench(args: &[std::ffi::OsString]) -> anyhow_free::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let me = std::env::current_exe().map_err(|e| format!("cannot find this binary's path: {e}"))?;
+    let bench = me.with_file_name("vmm-bench");
+    let e = std::process::Command::new(&bench).args(args).exec();
+    Err(format!("cannot run {} (build it with cargo build --release --workspace): {e}", bench.display()))
+}
+
 fn exit_code(status: u32) -> ExitCode {
     // Exit statuses are 8 bits; a nonzero guest status never maps to 0.
     let low = (status & 0xff) as u8;
@@ -408,7 +422,7 @@ fn main() -> ExitCode {
             Ok(expected_mem) => restore(dir, restore_mode, api_socket, expected_mem, json, kvm_thread),
             Err(e) => Err(anyhow_free::chain(&e)),
         },
-        Command::Bench { bench } => memvisor::bench::run(bench).map_err(|e| anyhow_free::chain(&*e)),
+        Command::Bench { args } => bench(&args),
     };
     match result {
         Ok(status) => exit_code(status),

@@ -457,7 +457,7 @@ mod tests {
 
     /// A running micro guest with a full snapshot taken, for the KVM tests.
     struct Guest {
-        w: crate::bench::page_writer::PageWriter,
+        w: crate::page_writer::PageWriter,
         config: crate::config::VmConfig,
         chain: SnapshotChain,
         root: PathBuf,
@@ -467,7 +467,7 @@ mod tests {
 
     impl Guest {
         fn new(name: &str) -> Guest {
-            let mut w = crate::bench::page_writer::PageWriter::new(MEM, crate::config::Backing::Anon, crate::dirty::DirtyMode::Bitmap).unwrap();
+            let mut w = crate::page_writer::PageWriter::new(MEM, crate::config::Backing::Anon, crate::dirty::DirtyMode::Bitmap).unwrap();
             w.pass(FIRST, 16, 1).unwrap();
             let root = std::env::temp_dir().join(format!("memvisor-diff-unit-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&root);
@@ -501,7 +501,7 @@ mod tests {
         }
     }
 
-    const FIRST: u64 = crate::bench::page_writer::FIRST_DATA_PAGE;
+    const FIRST: u64 = crate::page_writer::FIRST_DATA_PAGE;
 
     #[test]
     fn a_diff_that_failed_between_its_stops_leaves_its_pages_to_the_next() {

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::{Cell, CellStatus, TranslationResults};
-use crate::size::format_size;
+use memvisor::size::format_size;
 
 /// KVM statistics shown in the CSV and Markdown (all are in the JSON).
 pub const KEY_STATS: [&str; 6] = ["pages_4k", "pages_2m", "pages_1g", "vcpu.pf_fixed", "vcpu.pf_taken", "vcpu.exits"];
@@ -158,7 +158,7 @@ pub fn write_all(r: &TranslationResults, dir: &Path) -> Result<Vec<PathBuf>, Str
     let json = serde_json::to_vec_pretty(r).map_err(|e| e.to_string())?;
     for (name, bytes) in [("results.json", json), ("results.csv", csv(r).into_bytes()), ("results.md", markdown(r).into_bytes())] {
         let path = dir.join(name);
-        crate::fsutil::write_atomic(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        memvisor::fsutil::write_atomic(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         written.push(path);
     }
     written.extend(super::plot::write_plots(r, dir)?);
@@ -170,9 +170,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::bench::translation::{Cell, Ns};
-    use crate::config::Backing;
-    use crate::host::TranslationMode;
+    use crate::translation::{Cell, Ns};
+    use memvisor::config::Backing;
+    use memvisor::host::TranslationMode;
 
     fn results() -> TranslationResults {
         let ok = Cell {

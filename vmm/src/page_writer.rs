@@ -18,7 +18,7 @@ use crate::config::{Backing, VmConfig};
 use crate::dirty::{DirtyMode, DirtyTracker};
 use crate::memory::GuestRam;
 use crate::vm::{Vm, open_kvm};
-use crate::vmm::VmmError;
+use crate::machine::VmmError;
 
 /// Where the code lives (guest-physical).
 pub const CODE: u64 = 0x1000;

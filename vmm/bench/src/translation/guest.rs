@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use memvisor_abi::msg::Report;
 
-use crate::translate::probe::WorkloadRecord;
-use crate::config::{Backing, ConfigFile, GuestPage, SizeValue};
-use crate::vmm::{self, RunOptions};
+use memvisor::translate::probe::WorkloadRecord;
+use memvisor::config::{Backing, ConfigFile, GuestPage, SizeValue};
+use memvisor::vmm::{self, RunOptions};
 
 /// What one guest run gave.
 #[derive(Debug, Clone)]
@@ -63,13 +63,13 @@ pub fn run(ws: u64, leaf: GuestPage, backing: Backing, spec: &str) -> Result<Gue
         mem: Some(SizeValue::Bytes(guest_mem(ws, backing))),
         backing: Some(backing),
         guest_page: Some(leaf),
-        workload: Some(spec.parse().map_err(|e| crate::error_chain(&e))?),
+        workload: Some(spec.parse().map_err(|e| memvisor::error_chain(&e))?),
         ..ConfigFile::default()
     };
-    let config = file.into_vm_config().map_err(|e| crate::error_chain(&e))?;
+    let config = file.into_vm_config().map_err(|e| memvisor::error_chain(&e))?;
     let console = Console::default();
     let options = RunOptions { skip_selftest: true, ..RunOptions::new(Box::new(console.clone())) };
-    let outcome = vmm::run(&config, options).map_err(|e| crate::error_chain(&e))?;
+    let outcome = vmm::run(&config, options).map_err(|e| memvisor::error_chain(&e))?;
     let tail = || {
         let v = console.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         String::from_utf8_lossy(&v[v.len().saturating_sub(400)..]).trim().to_string()

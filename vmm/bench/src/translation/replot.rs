@@ -14,8 +14,8 @@ use memvisor_user::translation::Workload;
 
 use super::output::KEY_STATS;
 use super::{Cell, CellStatus, Ns, TranslationResults};
-use crate::config::Backing;
-use crate::host::TranslationMode;
+use memvisor::config::Backing;
+use memvisor::host::TranslationMode;
 
 /// Columns before the KVM statistics.
 const LEADING_COLUMNS: usize = super::output::LEADING_COLUMNS.len();

@@ -1,11 +1,11 @@
 //! `vmm bench dirty --kernels`: the harvest's pure kernels timed without a
 //! VM, the figures behind two choices in `dirty/`:
-//! - [`crate::dirty::ring_pages::MAX_KEYS`]: for ring entries arriving in a
+//! - [`memvisor::dirty::ring_pages::MAX_KEYS`]: for ring entries arriving in a
 //!   scattered order in a 1 GiB slot, the sorted key list against setting
 //!   bits in the slot's bitmap and scanning it, with hot caches and with
 //!   caches evicted (a 32 MiB walk) before each harvest, as after a guest's
 //!   run;
-//! - [`crate::dirty::key_buckets::KeyBuckets`]: offsets bucketed as they
+//! - [`memvisor::dirty::key_buckets::KeyBuckets`]: offsets bucketed as they
 //!   arrive and turned into ranges, against collecting them in a list,
 //!   `sort_unstable` and making the ranges, for the key list's sizes.
 //!
@@ -15,11 +15,11 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use crate::bench::page_writer::{scatter_step, scattered_order};
-use crate::dirty::key_buckets::KeyBuckets;
-use crate::dirty::ranges::{self, PageRange};
-use crate::dirty::ring::RingEntry;
-use crate::dirty::ring_pages::RingPages;
+use memvisor::page_writer::{scatter_step, scattered_order};
+use memvisor::dirty::key_buckets::KeyBuckets;
+use memvisor::dirty::ranges::{self, PageRange};
+use memvisor::dirty::ring::RingEntry;
+use memvisor::dirty::ring_pages::RingPages;
 
 /// Pages of a 1 GiB slot.
 const SLOT_PAGES: u64 = 262_144;

@@ -1,10 +1,10 @@
 //! `vmm bench boot`: boot time and the VMM's own memory, over fresh
 //! processes.
 //!
-//! Each run spawns this same binary (`std::env::current_exe`) as
+//! Each run spawns the `vmm` binary ([`crate::vmm_binary`]) as
 //! `vmm run --json --skip-selftest --mem SIZE`, with `MEMVISOR_SPAWN_NS`
 //! set to CLOCK_MONOTONIC just before the spawn, so the child's timings
-//! ([`crate::timeline`]) count from the parent's fork: exec, dynamic
+//! ([`memvisor::timeline`]) count from the parent's fork: exec, dynamic
 //! linking and Rust start-up included. From each child's JSON report it
 //! takes (a) `timings_us.first_report_us`, (b) `timings_us.ready_us` (the
 //! guest's Ready report, sent before its self-test, which is skipped
@@ -19,9 +19,9 @@ use std::process::{Command, Stdio};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::bench::stats::{Summary, summarize};
-use crate::size::{format_size, parse_size};
-use crate::timeline;
+use crate::stats::{Summary, summarize};
+use memvisor::size::{format_size, parse_size};
+use memvisor::timeline;
 
 /// Target for (b), process start → guest ready, at 256 MiB (issue 2).
 pub const READY_TARGET_US: f64 = 10_000.0;
@@ -55,9 +55,9 @@ pub enum BenchError {
     /// Bad flags.
     #[error("{0}")]
     Args(String),
-    /// current_exe failed.
-    #[error("cannot find the vmm binary to spawn")]
-    Exe(#[source] std::io::Error),
+    /// The vmm binary is not where it should be.
+    #[error("{0}")]
+    Exe(String),
     /// Spawning failed.
     #[error("cannot spawn {0}")]
     Spawn(PathBuf, #[source] std::io::Error),
@@ -306,7 +306,7 @@ pub fn run(args: &BootArgs) -> Result<u32, BenchError> {
         return Err(BenchError::Args("--runs must be at least 1".into()));
     }
     let mem = parse_size(&args.mem).map_err(|e| BenchError::Args(format!("--mem: {e}")))?;
-    let exe = std::env::current_exe().map_err(BenchError::Exe)?;
+    let exe = crate::vmm_binary().map_err(BenchError::Exe)?;
     let mut child_args: Vec<String> = vec!["run".into(), "--json".into(), "--skip-selftest".into(), "--mem".into(), args.mem.clone()];
     if let Some(k) = &args.kernel {
         child_args.push("--kernel".into());

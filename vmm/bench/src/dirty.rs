@@ -1,6 +1,6 @@
 //! `vmm bench dirty`: what harvesting dirty pages costs, per mechanism.
 //!
-//! A micro guest ([`super::page_writer`]) dirties 0.1 %, 1 % or 100 % of a
+//! A micro guest ([`memvisor::page_writer`]) dirties 0.1 %, 1 % or 100 % of a
 //! memslot; then either the raw kernel calls ([`DirtyTracker::harvest_raw`])
 //! or memvisor's whole harvest ([`DirtyTracker::harvest`]: ioctls, ranges,
 //! merge with VMM writes) collect them, alternately, on the same kind of
@@ -15,19 +15,19 @@
 //! entries per slot, the bitmap). Every harvest of memvisor's is checked to
 //! hold exactly the pages the pass wrote.
 //!
-//! [`DirtyTracker::harvest_raw`]: crate::dirty::DirtyTracker::harvest_raw
-//! [`DirtyTracker::harvest`]: crate::dirty::DirtyTracker::harvest
+//! [`DirtyTracker::harvest_raw`]: memvisor::dirty::DirtyTracker::harvest_raw
+//! [`DirtyTracker::harvest`]: memvisor::dirty::DirtyTracker::harvest
 
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::bench::page_writer::{FIRST_DATA_PAGE, PageWriter, scatter_step};
-use crate::bench::stats::{Summary, summarize};
-use crate::config::Backing;
-use crate::size::{format_size, parse_size};
-use crate::dirty::{DirtyCaps, DirtyMode, PageRange, ranges};
-use crate::vmm::VmmError;
+use memvisor::page_writer::{FIRST_DATA_PAGE, PageWriter, scatter_step};
+use crate::stats::{Summary, summarize};
+use memvisor::config::Backing;
+use memvisor::size::{format_size, parse_size};
+use memvisor::dirty::{DirtyCaps, DirtyMode, PageRange, ranges};
+use memvisor::vmm::VmmError;
 
 /// Flags of `vmm bench dirty`.
 #[derive(Debug, clap::Args)]
@@ -124,7 +124,7 @@ pub struct DirtyResults {
 /// Runs the tiny guest's dirty workload (spawning this binary) and returns
 /// (median distinct pages, median round µs) over rounds after the first.
 fn dirty_workload_rounds(mode: DirtyMode, log: bool) -> Result<(u64, f64), VmmError> {
-    let exe = std::env::current_exe().map_err(err)?;
+    let exe = crate::vmm_binary().map_err(err)?;
     let report = std::env::temp_dir().join(format!("memvisor-bench-dirty-{}-{}.json", std::process::id(), mode.as_str()));
     let spec = format!("dirty:pages=4096,rounds=8,buffer=4096,seed=3,log={}", u8::from(log));
     let out = std::process::Command::new(exe)
@@ -147,7 +147,7 @@ fn dirty_workload_rounds(mode: DirtyMode, log: bool) -> Result<(u64, f64), VmmEr
 }
 
 fn err(e: impl std::fmt::Display) -> VmmError {
-    VmmError::Boot(crate::boot::BootError::Load(e.to_string()))
+    VmmError::Boot(memvisor::boot::BootError::Load(e.to_string()))
 }
 
 /// The dirty fractions measured, each with the write order: ascending, and
@@ -174,7 +174,7 @@ fn measure_mode(mode: DirtyMode, mem: u64, fractions: &[f64], reps: usize) -> Re
     // and can overrun a dirty ring that must take more than one ring's worth
     // in one pass (it then never drains: DirtyError::RingStuck), so ring
     // passes are capped to one ring there.
-    let ring_cap = (mode == DirtyMode::Ring && crate::host::detect().is_pvm()).then(|| u64::from(crate::dirty::tracker::MAX_RING_BYTES as u32 / 16) - 4096);
+    let ring_cap = (mode == DirtyMode::Ring && memvisor::host::detect().is_pvm()).then(|| u64::from(memvisor::dirty::tracker::MAX_RING_BYTES as u32 / 16) - 4096);
     for (fraction, scattered) in cells_of(mode, fractions) {
         let wanted = ((pages_total as f64 * fraction) as u64).max(1);
         let count = ring_cap.map_or(wanted, |cap| wanted.min(cap));
@@ -194,7 +194,7 @@ fn measure_mode(mode: DirtyMode, mem: u64, fractions: &[f64], reps: usize) -> Re
         let mut ours = Vec::new();
         let mut logged_pass = Vec::new();
         let mut complete = true;
-        let mut h = crate::dirty::Harvest::default();
+        let mut h = memvisor::dirty::Harvest::default();
         for _ in 0..reps {
             logged_pass.push(pass(&mut w)?.as_secs_f64() * 1e6);
             let t = Instant::now();
@@ -249,8 +249,8 @@ pub fn run(args: &DirtyArgs) -> Result<u32, VmmError> {
         return Err(err(format!("--dirty takes percentages in (0, 100], not {}", bad * 100.0)));
     }
     let modes: Vec<DirtyMode> = [DirtyMode::Bitmap, DirtyMode::Clear, DirtyMode::Ring].into_iter().filter(|m| args.mode.is_none_or(|only| only == *m)).collect();
-    let kvm = crate::vm::open_kvm()?;
-    let probe_vm = kvm.create_vm().map_err(|source| crate::vm::VmError::Kvm { what: "KVM_CREATE_VM", source })?;
+    let kvm = memvisor::vm::open_kvm()?;
+    let probe_vm = kvm.create_vm().map_err(|source| memvisor::vm::VmError::Kvm { what: "KVM_CREATE_VM", source })?;
     let caps = DirtyCaps::probe(&probe_vm);
     drop(probe_vm);
     let mut cells = Vec::new();

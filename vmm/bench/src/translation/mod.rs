@@ -29,10 +29,10 @@ use serde::Serialize;
 
 use memvisor_user::translation::Workload;
 
-use crate::bench::stats::summarize;
-use crate::config::{Backing, GuestPage};
-use crate::size::{format_size, parse_size};
-use crate::host::{self, TranslationMode};
+use crate::stats::summarize;
+use memvisor::config::{Backing, GuestPage};
+use memvisor::size::{format_size, parse_size};
+use memvisor::host::{self, TranslationMode};
 
 /// Flags of `vmm bench translation`.
 #[derive(Debug, clap::Args)]
@@ -185,7 +185,7 @@ fn ns(reps: &[(u64, u64)], tsc_khz: u64) -> Option<Ns> {
 }
 
 fn tsc_khz() -> Result<u64, String> {
-    let kvm = crate::vm::open_kvm().map_err(|e| crate::error_chain(&e))?;
+    let kvm = memvisor::vm::open_kvm().map_err(|e| memvisor::error_chain(&e))?;
     let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
     let vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
     vcpu.get_tsc_khz().map(u64::from).map_err(|e| format!("KVM_GET_TSC_KHZ: {e}"))
@@ -229,19 +229,19 @@ pub fn run(args: &TranslationArgs) -> Result<u32, String> {
         return Ok(0);
     }
     let start = std::time::Instant::now();
-    let load_start = crate::bench::boot::load_average();
+    let load_start = crate::boot::load_average();
     let ws_list = sizes(args.ws.as_deref(), if args.quick { "4M,64M" } else { "4M,16M,64M,256M,1G,4G" })?;
     let leaves: Vec<GuestPage> = list(args.leaves.as_deref(), if args.quick { "4k,2m" } else { "4k,2m,1g" })?;
     let backings: Vec<Backing> = list(args.backings.as_deref(), if args.quick { "anon,thp" } else { "anon,thp,hugetlb-2m,hugetlb-1g" })?;
     if args.reps < 5 {
         return Err("at least 5 repetitions per cell (--reps)".into());
     }
-    if args.reps > crate::translate::probe::MAX_REPS as u64 {
-        return Err(format!("at most {} repetitions per cell (--reps)", crate::translate::probe::MAX_REPS));
+    if args.reps > memvisor::translate::probe::MAX_REPS as u64 {
+        return Err(format!("at most {} repetitions per cell (--reps)", memvisor::translate::probe::MAX_REPS));
     }
     let steps = args.steps.unwrap_or(if args.quick { 1 << 18 } else { 1 << 20 });
     for ws in &ws_list {
-        format!("translation:ws={ws}").parse::<crate::workload::Workload>().map_err(|e| e.to_string())?;
+        format!("translation:ws={ws}").parse::<memvisor::workload::Workload>().map_err(|e| e.to_string())?;
     }
     let mode = host::detect();
     let tsc_khz = tsc_khz()?;
@@ -261,7 +261,7 @@ pub fn run(args: &TranslationArgs) -> Result<u32, String> {
         for &ws in &ws_list {
             bar.set_message(format!("native, {}, {backing}", format_size(ws)));
             let pool = reserve(backing, ws.max(backing.hugetlb_page_size().unwrap_or(0)));
-            let native = pool.and_then(|_guard| native::run(backing, ws, &workloads, args.reps, steps, seed).map_err(|e| crate::error_chain(&e)));
+            let native = pool.and_then(|_guard| native::run(backing, ws, &workloads, args.reps, steps, seed).map_err(|e| memvisor::error_chain(&e)));
             let mut native_median = BTreeMap::new();
             for &w in &workloads {
                 let c = cell(w, ws, "native", backing);
@@ -331,7 +331,7 @@ pub fn run(args: &TranslationArgs) -> Result<u32, String> {
         steps,
         cells,
         seconds: start.elapsed().as_secs_f64(),
-        load_average: (load_start, crate::bench::boot::load_average()),
+        load_average: (load_start, crate::boot::load_average()),
     };
     let written = output::write_all(&results, &args.out)?;
     if args.json {

@@ -34,12 +34,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::api::client;
-use crate::api::protocol::Request;
-use crate::config::{Backing, VmConfig};
-use crate::size::{format_size, parse_size};
-use crate::devices::virtio::balloon::reclaim;
-use crate::memory::GuestRam;
+use memvisor::api::client;
+use memvisor::api::protocol::Request;
+use memvisor::config::{Backing, VmConfig};
+use memvisor::size::{format_size, parse_size};
+use memvisor::devices::virtio::balloon::reclaim;
+use memvisor::memory::GuestRam;
 
 /// Arguments.
 #[derive(Debug, clap::Args)]
@@ -69,10 +69,10 @@ pub struct BalloonArgs {
 pub enum BalloonBenchError {
     /// A size that does not parse.
     #[error(transparent)]
-    Size(#[from] crate::size::SizeError),
+    Size(#[from] memvisor::size::SizeError),
     /// Guest memory for the raw measurement.
     #[error(transparent)]
-    Memory(#[from] crate::memory::MemoryError),
+    Memory(#[from] memvisor::memory::MemoryError),
     /// The VM did something unexpected.
     #[error("{0}")]
     Vm(String),
@@ -143,7 +143,7 @@ fn raw_once(backing: Backing, mem: u64, size: u64) -> Result<f64, BalloonBenchEr
 }
 
 fn request(socket: &Path, r: &Request) -> Result<serde_json::Value, BalloonBenchError> {
-    let resp = client::send(socket, r).map_err(|e| BalloonBenchError::Vm(crate::error_chain(&e)))?;
+    let resp = client::send(socket, r).map_err(|e| BalloonBenchError::Vm(memvisor::error_chain(&e)))?;
     if !resp.ok {
         return Err(BalloonBenchError::Vm(resp.error.unwrap_or_default()));
     }
@@ -200,7 +200,7 @@ fn ns_metric(v: &serde_json::Value, name: &str) -> Result<f64, BalloonBenchError
 /// One VM.
 fn vm_once(backing: Backing, mem: u64, size: u64, dir: &Path) -> Result<VmRun, BalloonBenchError> {
     let socket = dir.join(format!("balloon-bench-{}.sock", std::process::id()));
-    let exe = std::env::current_exe().map_err(|e| BalloonBenchError::Vm(format!("cannot find this binary: {e}")))?;
+    let exe = crate::vmm_binary().map_err(BalloonBenchError::Vm)?;
     let mut child = Command::new(exe)
         .args(["run", "--json", "--mem", &mem.to_string(), "--backing", backing.as_str(), "--balloon", "0", "--workload", "balloon:rounds=1,irq=1", "--api-socket"])
         .arg(&socket)
@@ -255,7 +255,7 @@ pub fn run(args: &BalloonArgs) -> Result<u32, BalloonBenchError> {
         }
         if let Some(page) = backing.hugetlb_page_size() {
             // The raw mapping and the VM each need `mem` of pages.
-            let (free, _) = crate::memory::hugetlb_available(page);
+            let (free, _) = memvisor::memory::hugetlb_available(page);
             if free * page < mem {
                 skipped.push(format!("{backing}: {} of free hugetlb pages needed, {} free", format_size(mem), format_size(free * page)));
                 continue;

@@ -1,10 +1,10 @@
 //! `vmm bench snapshot`: what snapshots cost.
 //!
-//! - Diff-snapshot pause: a micro guest ([`super::page_writer`]) with
+//! - Diff-snapshot pause: a micro guest ([`memvisor::page_writer`]) with
 //!   2 GiB of RAM, all touched, dirties 57 MiB between snapshots and then
 //!   keeps running during the snapshot, re-writing one page in a loop. A
 //!   second thread takes the diff the way the control socket does, in two
-//!   stops (`crate::snapshot::diff`): it sets a flag and kicks the vCPU
+//!   stops (`memvisor::snapshot::diff`): it sets a flag and kicks the vCPU
 //!   thread out of `KVM_RUN` with a signal; the vCPU thread harvests the
 //!   dirty log and resumes the guest; the second thread copies those pages
 //!   with the guest running, then stops the vCPU again, which harvests
@@ -40,16 +40,16 @@ use kvm_ioctls::VcpuExit;
 
 use serde::Serialize;
 
-use crate::bench::page_writer::{FIRST_DATA_PAGE, PASS_PORT, PageWriter};
-use crate::bench::stats::{Summary, summarize};
-use crate::config::{Backing, VmConfig};
-use crate::size::{format_size, parse_size};
-use crate::devices::Devices;
-use crate::dirty::DirtyMode;
-use crate::snapshot::format::SnapshotKind;
-use crate::snapshot::{self, Live, SnapshotChain};
-use crate::timeline;
-use crate::vmm::VmmError;
+use memvisor::page_writer::{FIRST_DATA_PAGE, PASS_PORT, PageWriter};
+use crate::stats::{Summary, summarize};
+use memvisor::config::{Backing, VmConfig};
+use memvisor::size::{format_size, parse_size};
+use memvisor::devices::Devices;
+use memvisor::dirty::DirtyMode;
+use memvisor::snapshot::format::SnapshotKind;
+use memvisor::snapshot::{self, Live, SnapshotChain};
+use memvisor::timeline;
+use memvisor::vmm::VmmError;
 
 /// Flags of `vmm bench snapshot`.
 #[derive(Debug, clap::Args)]
@@ -121,7 +121,7 @@ pub struct SnapshotResults {
 }
 
 fn err(e: impl std::fmt::Display) -> VmmError {
-    VmmError::Boot(crate::boot::BootError::Load(e.to_string()))
+    VmmError::Boot(memvisor::boot::BootError::Load(e.to_string()))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -233,7 +233,7 @@ struct MicroSamples {
     dd_direct_mb_s: Vec<f64>,
 }
 
-fn live<'a>(vm: &'a crate::vm::Vm, vcpu: &'a kvm_ioctls::VcpuFd, config: &'a VmConfig) -> Live<'a> {
+fn live<'a>(vm: &'a memvisor::vm::Vm, vcpu: &'a kvm_ioctls::VcpuFd, config: &'a VmConfig) -> Live<'a> {
     let devices = Devices::new(Box::new(std::io::sink())).state();
     Live { kvm: vm.kvm(), vm_fd: vm.fd(), vcpu, ram: vm.ram(), config, devices, guest_idle: None, irqchip: vm.has_irqchip(), skip: Vec::new() }
 }
@@ -263,7 +263,7 @@ fn ask_stop(stop: &AtomicBool, vcpu_thread: libc::pthread_t) -> Instant {
     stop.store(true, Ordering::SeqCst);
     // SAFETY: the vCPU thread owns the scope this runs in and outlives it;
     // the kick handler is installed.
-    unsafe { libc::pthread_kill(vcpu_thread, crate::control::kick_signal()) };
+    unsafe { libc::pthread_kill(vcpu_thread, memvisor::control::kick_signal()) };
     asked
 }
 
@@ -277,13 +277,13 @@ fn diff_of_running_guest(w: &mut PageWriter, config: &VmConfig, chain: &mut Snap
     }
     // From here each KVM_RUN runs one more such pass.
     w.pass(during.0, during.1, during.2)?;
-    crate::control::install_kick_handler();
+    memvisor::control::install_kick_handler();
     let stop = AtomicBool::new(false);
     // SAFETY: pthread_self has no preconditions.
     let vcpu_thread = unsafe { libc::pthread_self() };
     let (plan_tx, plan_rx) = std::sync::mpsc::channel::<snapshot::diff::Precopy>();
     let (back_tx, back_rx) = std::sync::mpsc::channel::<snapshot::diff::Precopy>();
-    let (asked, captured, resumed, precopy_ms) = std::thread::scope(|s| -> Result<([Instant; 2], crate::snapshot::Captured, [Instant; 2], f64), VmmError> {
+    let (asked, captured, resumed, precopy_ms) = std::thread::scope(|s| -> Result<([Instant; 2], memvisor::snapshot::Captured, [Instant; 2], f64), VmmError> {
         let stop = &stop;
         let asker = s.spawn(move || {
             // As the control server's thread does for a snapshot.
@@ -340,7 +340,7 @@ fn diff_of_running_guest(w: &mut PageWriter, config: &VmConfig, chain: &mut Snap
 
 /// Pause, total and throughput figures from the micro guest.
 fn pause_and_throughput(dir: &Path, mem: u64, dirty: u64, reps: usize, diff_reps: usize) -> Result<MicroSamples, VmmError> {
-    let mut w = PageWriter::new(mem, Backing::Anon, crate::dirty::choose_mode(&crate::dirty::DirtyCaps::probe(&crate::vm::open_kvm()?.create_vm().map_err(|source| crate::vm::VmError::Kvm { what: "KVM_CREATE_VM", source })?), None, crate::host::detect().is_pvm())?)?;
+    let mut w = PageWriter::new(mem, Backing::Anon, memvisor::dirty::choose_mode(&memvisor::dirty::DirtyCaps::probe(&memvisor::vm::open_kvm()?.create_vm().map_err(|source| memvisor::vm::VmError::Kvm { what: "KVM_CREATE_VM", source })?), None, memvisor::host::detect().is_pvm())?)?;
     let mode = w.tracker.mode();
     let pages = mem / 4096 - FIRST_DATA_PAGE;
     // Touch every page so the full snapshot saves all of RAM.
@@ -412,7 +412,7 @@ fn dd(dir: &Path, bytes: u64, direct: bool) -> Result<f64, VmmError> {
 }
 
 fn vmm(args: &[&str]) -> Command {
-    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vmm"));
+    let exe = crate::vmm_binary().unwrap_or_else(|_| PathBuf::from("vmm"));
     let mut c = Command::new(exe);
     c.args(args).stdin(Stdio::null());
     c

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use super::{CellStatus, TranslationResults};
-use crate::config::Backing;
+use memvisor::config::Backing;
 
 /// Where a sans-serif TrueType font is looked for (Debian's fonts-dejavu-core first).
 pub const FONT_PATHS: [&str; 3] =
@@ -189,7 +189,7 @@ pub fn write_plots(r: &TranslationResults, dir: &Path) -> Result<Vec<PathBuf>, S
         let mut svg = String::new();
         draw(SVGBackend::with_string(&mut svg, size).into_drawing_area(), r, w)?;
         let path = dir.join(format!("{w}.svg"));
-        crate::fsutil::write_atomic(&path, svg.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        memvisor::fsutil::write_atomic(&path, svg.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         written.push(path);
         // PNG: drawn to a temporary name, then renamed (atomic like the rest).
         let path = dir.join(format!("{w}.png"));
