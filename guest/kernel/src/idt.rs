@@ -1,9 +1,10 @@
 //! The IDT, the exception entry stubs and the trap dispatcher.
 //!
-//! Owns the vectors the kernel uses — #DE, int3 (the system-call gate, DPL
-//! 3), #UD, #DF, #GP, #PF — and the `syscall` entry, all funnelled into one
-//! [`TrapFrame`] and [`trap_dispatch`]. Every gate uses an IST stack (see
-//! [`crate::gdt`]). Only the vectors used are written, so building the IDT
+//! Owns the gates of the vectors the kernel uses — #DE, int3 (the
+//! system-call gate, DPL 3), #UD, #DF, #GP, #PF; their numbers and the
+//! [`TrapFrame`] are in the leaf [`crate::trap`] — and the `syscall` entry,
+//! all funnelled into one frame and [`trap_dispatch`]. Every gate uses an
+//! IST stack (see [`crate::gdt`]). Only the vectors used are written, so building the IDT
 //! costs a few dozen instructions on the boot path; an unused vector has
 //! P=0, so reaching it is a #GP and then a #DF, which the kernel reports.
 //! What a trap *means* for a task is [`crate::task`]'s business.
@@ -11,59 +12,7 @@
 use core::arch::{asm, global_asm};
 
 use crate::gdt::{IST_DOUBLE_FAULT, IST_TRAPS, KERNEL_CS};
-
-/// #DE, divide error (SDM Vol. 3A §6.15, Table 6-1).
-pub const DIVIDE_ERROR: u64 = 0;
-/// #BP, the `int3` breakpoint: the system-call gate.
-pub const BREAKPOINT: u64 = 3;
-/// #UD, invalid opcode.
-pub const INVALID_OPCODE: u64 = 6;
-/// #DF, double fault.
-pub const DOUBLE_FAULT: u64 = 8;
-/// #GP, general protection.
-pub const GENERAL_PROTECTION: u64 = 13;
-/// #PF, page fault.
-pub const PAGE_FAULT: u64 = 14;
-/// Not a vector: the mark the `syscall` entry stub puts in the frame.
-pub const SYSCALL_MARK: u64 = 0x100;
-
-/// The registers a trap saved, lowest address first (the stub's pushes in
-/// reverse, then what the CPU pushed: SDM Vol. 3A §6.14.2, Figure 6-9).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct TrapFrame {
-    pub r15: u64,
-    pub r14: u64,
-    pub r13: u64,
-    pub r12: u64,
-    pub r11: u64,
-    pub r10: u64,
-    pub r9: u64,
-    pub r8: u64,
-    pub rbp: u64,
-    pub rdi: u64,
-    pub rsi: u64,
-    pub rdx: u64,
-    pub rcx: u64,
-    pub rbx: u64,
-    pub rax: u64,
-    /// The vector (or [`SYSCALL_MARK`]).
-    pub vector: u64,
-    /// The CPU's error code, or 0 for vectors without one.
-    pub error: u64,
-    pub rip: u64,
-    pub cs: u64,
-    pub rflags: u64,
-    pub rsp: u64,
-    pub ss: u64,
-}
-
-impl TrapFrame {
-    /// Whether the trap came from ring 3.
-    pub fn is_from_user(&self) -> bool {
-        self.cs & 3 == 3
-    }
-}
+use crate::trap::{BREAKPOINT, DIVIDE_ERROR, DOUBLE_FAULT, GENERAL_PROTECTION, INVALID_OPCODE, PAGE_FAULT, SYSCALL_MARK, TrapFrame};
 
 // The stubs. Vectors without an error code push a 0 in its place so that
 // every frame has the same shape. 15 pushes + vector + error + the CPU's 5

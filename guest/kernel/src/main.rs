@@ -27,6 +27,7 @@ mod report;
 mod rt;
 mod selftest;
 mod task;
+mod trap;
 mod translation;
 mod vm;
 mod workload;

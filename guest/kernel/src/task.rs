@@ -26,7 +26,8 @@ use memvisor_user::sys::{SYS_EVENT, SYS_EXIT};
 
 use crate::cpu;
 use crate::gdt::{USER_CS, USER_DS};
-use crate::idt::{self, TrapFrame};
+use crate::idt;
+use crate::trap::{PAGE_FAULT, TrapFrame};
 use crate::paging::{KERNEL_SLOTS, KernelMapper};
 use crate::console::{Dec, Hex};
 use crate::println;
@@ -233,10 +234,10 @@ pub fn end_task(exit: TaskExit) -> ! {
 pub fn handle_trap(frame: &mut TrapFrame) {
     if frame.is_from_user() {
         // The guest-paging workloads resolve faults and own fork/yield.
-        if frame.vector == idt::PAGE_FAULT && crate::vm::page_fault(frame) {
+        if frame.vector == PAGE_FAULT && crate::vm::page_fault(frame) {
             return;
         }
-        let is_syscall = frame.vector == idt::BREAKPOINT || frame.vector == idt::SYSCALL_MARK;
+        let is_syscall = frame.is_syscall();
         if is_syscall && crate::vm::syscall(frame) {
             return;
         }
@@ -259,7 +260,7 @@ pub fn handle_trap(frame: &mut TrapFrame) {
                 }
             }
         }
-        let cr2 = if frame.vector == idt::PAGE_FAULT { cpu::read_cr2() } else { 0 };
+        let cr2 = if frame.vector == PAGE_FAULT { cpu::read_cr2() } else { 0 };
         end_task(TaskExit::Faulted(Fault { vector: frame.vector, error: frame.error, cr2, rip: frame.rip }));
     }
     let cr2 = cpu::read_cr2();

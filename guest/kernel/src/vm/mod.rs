@@ -27,7 +27,7 @@ use memvisor_abi::msg::Report;
 use memvisor_abi::workload::Event;
 use memvisor_guest_mm::fault::FaultKind;
 
-use crate::idt::TrapFrame;
+use crate::trap::TrapFrame;
 
 /// Where a task's demand-paged region starts.
 pub const REGION_BASE: u64 = USER_HEAP_BASE;
