@@ -2,9 +2,9 @@
 //! entry stubs save.
 //!
 //! A leaf: it imports nothing from the kernel, so the IDT that produces
-//! these frames ([`crate::idt`]) and the code that handles them
-//! ([`crate::task`], [`crate::vm`]) can all name them without naming each
-//! other.
+//! these frames ([`crate::idt`]), the dispatcher that reads them
+//! ([`crate::dispatch`]) and the workloads that resolve them ([`crate::vm`])
+//! can all name them without naming each other.
 
 /// #DE, divide error (SDM Vol. 3A §6.15, Table 6-1).
 pub const DIVIDE_ERROR: u64 = 0;
