@@ -1,69 +1,24 @@
-//! The IDT, the exception entry stubs and the trap dispatcher.
+//! The IDT, the exception entry stubs and the `syscall` entry.
 //!
-//! Owns the vectors the kernel uses — #DE, int3 (the system-call gate, DPL
-//! 3), #UD, #DF, #GP, #PF — and the `syscall` entry, all funnelled into one
-//! [`TrapFrame`] and [`trap_dispatch`]. Every gate uses an IST stack (see
-//! [`crate::gdt`]). Only the vectors used are written, so building the IDT
+//! Owns the gates of the vectors the kernel uses — #DE, int3 (the
+//! system-call gate, DPL 3), #UD, #DF, #GP, #PF — and the `syscall` entry
+//! (and the MSRs that point at it), all funnelled into one
+//! [`TrapFrame`](crate::trap::TrapFrame) and one `call trap_dispatch`.
+//! Every gate uses an IST stack (see [`crate::gdt`]). Only the vectors used are written, so building the IDT
 //! costs a few dozen instructions on the boot path; an unused vector has
 //! P=0, so reaching it is a #GP and then a #DF, which the kernel reports.
-//! What a trap *means* for a task is [`crate::task`]'s business.
+//!
+//! What a trap *means* is not decided here: the stubs call the symbol
+//! `trap_dispatch`, which [`crate::dispatch`] defines. The linker ties the
+//! two, so this module imports nothing above it (the vectors and the frame
+//! come from the leaf [`crate::trap`]); the call is the same direct `call`
+//! a Rust path would give.
 
 use core::arch::{asm, global_asm};
 
+use crate::cpu;
 use crate::gdt::{IST_DOUBLE_FAULT, IST_TRAPS, KERNEL_CS};
-
-/// #DE, divide error (SDM Vol. 3A §6.15, Table 6-1).
-pub const DIVIDE_ERROR: u64 = 0;
-/// #BP, the `int3` breakpoint: the system-call gate.
-pub const BREAKPOINT: u64 = 3;
-/// #UD, invalid opcode.
-pub const INVALID_OPCODE: u64 = 6;
-/// #DF, double fault.
-pub const DOUBLE_FAULT: u64 = 8;
-/// #GP, general protection.
-pub const GENERAL_PROTECTION: u64 = 13;
-/// #PF, page fault.
-pub const PAGE_FAULT: u64 = 14;
-/// Not a vector: the mark the `syscall` entry stub puts in the frame.
-pub const SYSCALL_MARK: u64 = 0x100;
-
-/// The registers a trap saved, lowest address first (the stub's pushes in
-/// reverse, then what the CPU pushed: SDM Vol. 3A §6.14.2, Figure 6-9).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct TrapFrame {
-    pub r15: u64,
-    pub r14: u64,
-    pub r13: u64,
-    pub r12: u64,
-    pub r11: u64,
-    pub r10: u64,
-    pub r9: u64,
-    pub r8: u64,
-    pub rbp: u64,
-    pub rdi: u64,
-    pub rsi: u64,
-    pub rdx: u64,
-    pub rcx: u64,
-    pub rbx: u64,
-    pub rax: u64,
-    /// The vector (or [`SYSCALL_MARK`]).
-    pub vector: u64,
-    /// The CPU's error code, or 0 for vectors without one.
-    pub error: u64,
-    pub rip: u64,
-    pub cs: u64,
-    pub rflags: u64,
-    pub rsp: u64,
-    pub ss: u64,
-}
-
-impl TrapFrame {
-    /// Whether the trap came from ring 3.
-    pub fn is_from_user(&self) -> bool {
-        self.cs & 3 == 3
-    }
-}
+use crate::trap::{BREAKPOINT, DIVIDE_ERROR, DOUBLE_FAULT, GENERAL_PROTECTION, INVALID_OPCODE, PAGE_FAULT, SYSCALL_MARK};
 
 // The stubs. Vectors without an error code push a 0 in its place so that
 // every frame has the same shape. 15 pushes + vector + error + the CPU's 5
@@ -105,7 +60,9 @@ trap_common:
     push r15
     mov rdi, rsp
     cld
-    call {dispatch}
+    // `trap_dispatch(frame: &mut TrapFrame)`, defined in dispatch.rs
+    // (#[no_mangle]); the frame's layout is `TrapFrame`'s in trap.rs.
+    call trap_dispatch
     pop r15
     pop r14
     pop r13
@@ -140,7 +97,6 @@ syscall_entry:
     push {mark}
     jmp trap_common
     "#,
-    dispatch = sym trap_dispatch,
     scratch = sym SYSCALL_USER_RSP,
     stack_size = const 16 * 1024,
     user_ss = const crate::gdt::USER_DS as u64,
@@ -159,7 +115,7 @@ unsafe extern "C" {
     fn trap_gp();
     fn trap_pf();
     /// The `syscall` entry point, for IA32_LSTAR.
-    pub fn syscall_entry();
+    fn syscall_entry();
 }
 
 /// One 16-byte gate descriptor (SDM Vol. 3A §6.14.1, Figure 6-8).
@@ -225,7 +181,24 @@ pub fn triple_fault() -> ! {
     unsafe { asm!("lidt [{}]", "ud2", in(reg) &raw const ptr, options(noreturn, nostack)) }
 }
 
-/// Called by the stubs with the saved frame.
-extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
-    crate::task::handle_trap(frame);
+/// Sets up `syscall`: EFER.SCE, STAR, LSTAR (the entry stub above) and
+/// FMASK (SDM Vol. 2B, SYSCALL; Vol. 4 for the MSR numbers).
+///
+/// # Safety
+/// Call once at ring 0 after the GDT is loaded.
+pub unsafe fn enable_syscall() {
+    const EFER: u32 = 0xc000_0080;
+    const STAR: u32 = 0xc000_0081;
+    const LSTAR: u32 = 0xc000_0082;
+    const FMASK: u32 = 0xc000_0084;
+    // SAFETY: these MSRs exist on every x86-64 CPU; EFER keeps its bits and
+    // gains SCE. STAR[47:32] = kernel CS (SS = +8), STAR[63:48] = 0x10 so
+    // that sysret would load CS = 0x20|3 and SS = 0x18|3 (our GDT order).
+    // FMASK clears TF, IF and DF on entry.
+    unsafe {
+        cpu::wrmsr(EFER, cpu::rdmsr(EFER) | 1);
+        cpu::wrmsr(STAR, (0x10u64 << 48) | (u64::from(KERNEL_CS) << 32));
+        cpu::wrmsr(LSTAR, syscall_entry as *const () as usize as u64);
+        cpu::wrmsr(FMASK, 0x700);
+    }
 }

@@ -3,8 +3,8 @@
 //! Entered the PVH way (see [`boot`]), it builds its own address space
 //! ([`paging`]), descriptor tables ([`gdt`], [`idt`]) and frame allocator
 //! ([`frames`]), reports `Ready`, runs the self-test as ring-3 tasks
-//! ([`task`], [`selftest`]) and exits (or idles) with the result. It reports
-//! to the VMM through the ABI in `memvisor-abi`.
+//! ([`task`], [`selftest`]; traps go to [`dispatch`]) and exits (or idles)
+//! with the result. It reports to the VMM through the ABI in `memvisor-abi`.
 //!
 //! Ring 0 is expensive on the reference host (every instruction emulated,
 //! ~0.7 µs), so the path from entry to `Ready` is kept to a few thousand
@@ -17,6 +17,7 @@ mod boot;
 mod bootinfo;
 mod console;
 mod cpu;
+mod dispatch;
 mod drivers;
 mod frames;
 mod gdt;
@@ -27,6 +28,7 @@ mod report;
 mod rt;
 mod selftest;
 mod task;
+mod trap;
 mod translation;
 mod vm;
 mod workload;
@@ -123,7 +125,7 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     let syscall_insn = config.flags & FLAG_SYSCALL_INSN != 0;
     if syscall_insn {
         // SAFETY: once, at ring 0, after the GDT.
-        unsafe { task::enable_syscall() };
+        unsafe { idt::enable_syscall() };
     }
     if info.test_hook == bootinfo::TestHook::KernelFault {
         // SAFETY: deliberately faulting: low memory below the kernel is

@@ -20,7 +20,7 @@ use memvisor_user::entry;
 
 use crate::Kernel;
 use crate::console::{Dec, Hex};
-use crate::idt;
+use crate::trap::PAGE_FAULT;
 use crate::report;
 use crate::task::{self, TaskExit, TaskFrame, user_layout};
 
@@ -82,8 +82,8 @@ pub fn run(k: &mut Kernel) -> Result<bool, MapError> {
         all &= match exit {
             TaskExit::Faulted(f) => {
                 // A fault other than #PF shows its vector above the error code.
-                let pf_at_target = f.vector == idt::PAGE_FAULT && f.cr2 == target;
-                let got = if f.vector == idt::PAGE_FAULT { f.error } else { f.error | (f.vector << 32) };
+                let pf_at_target = f.vector == PAGE_FAULT && f.cr2 == target;
+                let got = if f.vector == PAGE_FAULT { f.error } else { f.error | (f.vector << 32) };
                 report_check(id, pf_at_target && got == want, want, got, f.cr2, f.rip)
             }
             // No fault at all: "no error code".

@@ -1,4 +1,4 @@
-//! Ring-3 tasks: their address spaces, entering them, and what their traps mean.
+//! Ring-3 tasks: their address spaces, entering them, and ending them.
 //!
 //! A task's address space is its own PML4. Slots 0 and 256 point at the
 //! kernel's tables (kernel pages are supervisor-only there, except the
@@ -8,7 +8,8 @@
 //!
 //! [`run`] enters a task with `iretq` and returns when the task ends: by the
 //! exit system call, or by any exception in ring 3, which becomes a
-//! [`TaskExit::Faulted`] record the kernel can inspect. The return is a
+//! [`TaskExit::Faulted`] record the kernel can inspect (the trap dispatcher,
+//! [`crate::dispatch`], decides which and calls [`end_task`]). The return is a
 //! context switch back to the kernel stack saved on entry (the trap's IST
 //! frame is simply abandoned). System calls arrive as `int3` through a DPL-3
 //! gate with the number in `rax` (works on every host), or as `syscall` when
@@ -22,14 +23,10 @@ use core::arch::global_asm;
 
 use memvisor_abi::layout::{self, PAGE_SIZE};
 use memvisor_guest_mm::paging::{FrameMemory, MapError, PageSize, PageTableEntry as Pte, PhysAddr, VirtAddr};
-use memvisor_user::sys::{SYS_EVENT, SYS_EXIT};
 
 use crate::cpu;
 use crate::gdt::{USER_CS, USER_DS};
-use crate::idt::{self, TrapFrame};
 use crate::paging::{KERNEL_SLOTS, KernelMapper};
-use crate::console::{Dec, Hex};
-use crate::println;
 
 /// How a task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,51 +226,6 @@ pub fn end_task(exit: TaskExit) -> ! {
     }
 }
 
-/// What every trap comes to (called by [`idt`]'s dispatcher).
-pub fn handle_trap(frame: &mut TrapFrame) {
-    if frame.is_from_user() {
-        // The guest-paging workloads resolve faults and own fork/yield.
-        if frame.vector == idt::PAGE_FAULT && crate::vm::page_fault(frame) {
-            return;
-        }
-        let is_syscall = frame.vector == idt::BREAKPOINT || frame.vector == idt::SYSCALL_MARK;
-        if is_syscall && crate::vm::syscall(frame) {
-            return;
-        }
-        if is_syscall {
-            match frame.rax {
-                SYS_EXIT => end_task(TaskExit::Exited(frame.rdi)),
-                SYS_EVENT => {
-                    // Forwarded as is; the VMM validates the event.
-                    if let Some(event) = memvisor_abi::workload::Event::from_raw(frame.rdi as u32) {
-                        crate::report::send(&memvisor_abi::msg::Report::Workload { event, a: frame.rsi, b: frame.rdx });
-                        frame.rax = 0;
-                    } else {
-                        frame.rax = u64::MAX;
-                    }
-                    return;
-                }
-                _ => {
-                    frame.rax = u64::MAX;
-                    return;
-                }
-            }
-        }
-        let cr2 = if frame.vector == idt::PAGE_FAULT { cpu::read_cr2() } else { 0 };
-        end_task(TaskExit::Faulted(Fault { vector: frame.vector, error: frame.error, cr2, rip: frame.rip }));
-    }
-    let cr2 = cpu::read_cr2();
-    println!(
-        "guest: kernel exception {} error {} rip {} cr2 {} rsp {}",
-        Dec(frame.vector),
-        Hex(frame.error),
-        Hex(frame.rip),
-        Hex(cr2),
-        Hex(frame.rsp)
-    );
-    crate::report::exit(crate::EXIT_KERNEL_FAULT)
-}
-
 /// Where ring-3 stacks and argument pages go in every task.
 pub mod user_layout {
     use super::{PAGE_SIZE, layout};
@@ -285,26 +237,4 @@ pub mod user_layout {
     pub const STACK_BOTTOM: u64 = layout::USER_STACK_TOP - layout::USER_STACK_SIZE;
     /// Pages of stack.
     pub const STACK_PAGES: u64 = layout::USER_STACK_SIZE / PAGE_SIZE;
-}
-
-/// Sets up `syscall`: EFER.SCE, STAR, LSTAR and FMASK (SDM Vol. 2B,
-/// SYSCALL; Vol. 4 for the MSR numbers).
-///
-/// # Safety
-/// Call once at ring 0 after the GDT is loaded.
-pub unsafe fn enable_syscall() {
-    const EFER: u32 = 0xc000_0080;
-    const STAR: u32 = 0xc000_0081;
-    const LSTAR: u32 = 0xc000_0082;
-    const FMASK: u32 = 0xc000_0084;
-    // SAFETY: these MSRs exist on every x86-64 CPU; EFER keeps its bits and
-    // gains SCE. STAR[47:32] = kernel CS (SS = +8), STAR[63:48] = 0x10 so
-    // that sysret would load CS = 0x20|3 and SS = 0x18|3 (our GDT order).
-    // FMASK clears TF, IF and DF on entry.
-    unsafe {
-        cpu::wrmsr(EFER, cpu::rdmsr(EFER) | 1);
-        cpu::wrmsr(STAR, (0x10u64 << 48) | (u64::from(crate::gdt::KERNEL_CS) << 32));
-        cpu::wrmsr(LSTAR, idt::syscall_entry as *const () as usize as u64);
-        cpu::wrmsr(FMASK, 0x700);
-    }
 }

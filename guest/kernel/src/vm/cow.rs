@@ -40,7 +40,7 @@ use super::swapdev;
 use super::{Active, REGION_BASE, invlpg, page_index, region_page, report_fatal, set_active};
 use crate::Kernel;
 use crate::console::Dec;
-use crate::idt::TrapFrame;
+use crate::trap::TrapFrame;
 use crate::task::{self, TaskExit, TaskFrame, user_layout};
 
 /// Most pages of a COW region (one page table).

@@ -4,7 +4,7 @@
 //!
 //! Two workloads use it, one at a time: [`pager`] (`paging:...`) and
 //! [`cow`] (`cow:...`). While one runs, [`page_fault`] and [`syscall`]
-//! (called first by [`crate::task::handle_trap`] for ring-3 traps) route
+//! (called first by [`crate::dispatch`] for ring-3 traps) route
 //! the task's page faults and its fork/yield/exit calls to it; otherwise
 //! they decline and traps keep their default meaning (the task ends).
 //!
@@ -27,7 +27,7 @@ use memvisor_abi::msg::Report;
 use memvisor_abi::workload::Event;
 use memvisor_guest_mm::fault::FaultKind;
 
-use crate::idt::TrapFrame;
+use crate::trap::TrapFrame;
 
 /// Where a task's demand-paged region starts.
 pub const REGION_BASE: u64 = USER_HEAP_BASE;

@@ -28,7 +28,7 @@ use super::swapdev::{self, SwapIoError};
 use super::{Active, REGION_BASE, invlpg, region_page, report_fatal, set_active};
 use crate::Kernel;
 use crate::console::Dec;
-use crate::idt::TrapFrame;
+use crate::trap::{PAGE_FAULT, TrapFrame};
 use crate::io::rdtsc;
 use crate::task::{self, TaskExit, TaskFrame, user_layout};
 
@@ -220,7 +220,7 @@ pub fn run(k: &mut Kernel, spec: &WorkloadSpec, tsc_khz: u64) -> u32 {
             // Only the probe's own #PF, at the address it targets, counts as
             // asked for: a task killed by a swap I/O error (a not-present
             // fault in the region) or by another exception must not pass.
-            let pf = f.vector == crate::idt::PAGE_FAULT;
+            let pf = f.vector == PAGE_FAULT;
             let ro = probe == PAGING_PROBE_READ_ONLY && f.cr2 == user_layout::ARGS && f.error & ERR_PRESENT != 0;
             let wild = probe == PAGING_PROBE_WILD && f.cr2 == REGION_BASE + pages * PAGE_SIZE && f.error & ERR_PRESENT == 0;
             if pf && (ro || wild) { 0 } else { EXIT_KILLED }
