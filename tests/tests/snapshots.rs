@@ -214,11 +214,16 @@ fn damaged_snapshots_are_refused_and_left_as_they_were() {
     assert_refused(&dir, &full, &[], &["state.json", "checksum"]);
     std::fs::write(&state, &saved_state).unwrap();
 
-    // Another format version.
+    // Another format version: a newer one, and an older one (version 1
+    // stored the KVM structures as hex strings).
     let manifest_path = full.join("manifest.json");
     let saved_manifest = std::fs::read_to_string(&manifest_path).unwrap();
-    std::fs::write(&manifest_path, saved_manifest.replacen("\"version\": 1", "\"version\": 99", 1)).unwrap();
-    assert_refused(&dir, &full, &[], &["version 99 is not supported"]);
+    for (version, needle) in [(99, "version 99 is not supported: written by a newer memvisor"), (1, "version 1 is not supported: written by an older memvisor")] {
+        let mut v: serde_json::Value = serde_json::from_str(&saved_manifest).unwrap();
+        v["version"] = version.into();
+        std::fs::write(&manifest_path, serde_json::to_string(&v).unwrap()).unwrap();
+        assert_refused(&dir, &full, &[], &[needle]);
+    }
     std::fs::write(&manifest_path, &saved_manifest).unwrap();
 
     // Not a snapshot at all.

@@ -53,6 +53,19 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    /// KVM offers a part of the vCPU's state (its capability is present)
+    /// but did not read it: a snapshot without it would not resume the
+    /// guest as it was.
+    #[error("KVM offers the vCPU's {what} but {ioctl} failed")]
+    VcpuStateUnreadable {
+        /// The part, in words.
+        what: &'static str,
+        /// The ioctl that failed.
+        ioctl: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The snapshot's contents are damaged.
     #[error("snapshot is corrupted: {0}")]
     Corrupt(String),
@@ -100,6 +113,11 @@ pub enum SnapshotError {
 pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
     let what = what.into();
     move |source| SnapshotError::Io { what, source }
+}
+
+/// Maps a failed KVM ioctl `what` to [`SnapshotError::Kvm`].
+pub(crate) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> SnapshotError {
+    move |e| SnapshotError::Kvm { what, source: std::io::Error::from_raw_os_error(e.errno()) }
 }
 
 /// `state.json`: everything but memory.
