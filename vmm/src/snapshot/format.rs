@@ -28,7 +28,8 @@ use crate::config::VmConfig;
 pub const MAGIC: &str = "memvisor-snapshot";
 /// The format version this build writes and reads. Version 2 stores the
 /// vCPU's and the irqchip's KVM structures through kvm-bindings' serde
-/// support (arrays of bytes) where version 1 stored them as hex strings.
+/// support (arrays of bytes) where version 1 stored them as hex strings,
+/// and leaves out MSRs that hold no state ([`super::msrs::to_save`]).
 pub const VERSION: u32 = 2;
 /// Largest memory chunk, in bytes: small enough that verifying one chunk on
 /// a lazy fault is cheap (~25 µs of CRC), large enough to keep the manifest short.

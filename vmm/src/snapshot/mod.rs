@@ -15,6 +15,7 @@ pub mod diff;
 pub mod format;
 pub mod irqchip;
 pub mod memory_file;
+pub mod msrs;
 pub mod vcpu_state;
 
 use std::fs::File;
@@ -65,6 +66,22 @@ pub enum SnapshotError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// KVM lists an MSR as saveable (KVM_GET_MSR_INDEX_LIST) but did not
+    /// read it.
+    #[error("KVM lists MSR {index:#x} as saveable but did not read it")]
+    MsrUnreadable {
+        /// The MSR.
+        index: u32,
+    },
+    /// KVM did not take a saved MSR's value back (KVM_SET_MSRS stopped
+    /// at it).
+    #[error("KVM refused to restore MSR {index:#x} (value {value:#x})")]
+    MsrRefused {
+        /// The MSR.
+        index: u32,
+        /// The saved value.
+        value: u64,
     },
     /// The snapshot's contents are damaged.
     #[error("snapshot is corrupted: {0}")]

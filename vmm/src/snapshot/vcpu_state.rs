@@ -15,12 +15,15 @@
 //! MP state are not offered by every KVM (each has a capability, probed
 //! with KVM_CHECK_EXTENSION); one this KVM does not offer is saved as
 //! `None` and restored as the fresh vCPU has it. One this KVM offers but
-//! fails to read makes the save fail.
+//! fails to read makes the save fail, as does an MSR it lists but does not
+//! read; a restore that KVM refuses any part of fails, naming the part
+//! (for MSRs, the MSR).
 
-use kvm_bindings::{Msrs, kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
+use super::msrs::{self, SavedMsr};
 use super::{SnapshotError, kvm_err};
 
 /// Everything KVM holds for one vCPU.
@@ -37,8 +40,8 @@ pub struct VcpuState {
     pub xsave: Option<kvm_xsave>,
     /// Extended control registers; `None` where KVM lacks KVM_CAP_XCRS.
     pub xcrs: Option<kvm_xcrs>,
-    /// MSRs KVM reports as saveable (KVM_GET_MSR_INDEX_LIST) and could read.
-    pub msrs: Vec<(u32, u64)>,
+    /// The MSRs of [`msrs::to_save`], in KVM's order.
+    pub msrs: Vec<SavedMsr>,
     /// Pending exceptions, interrupts and NMIs; `None` where KVM lacks
     /// KVM_CAP_VCPU_EVENTS.
     pub events: Option<kvm_vcpu_events>,
@@ -79,41 +82,6 @@ struct KvmFpuDef {
     pad2: u32,
 }
 
-/// Reads MSRs one batch at a time, skipping any the vCPU refuses (KVM stops
-/// at the first unreadable index and returns how many it read).
-fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Vec<(u32, u64)> {
-    let mut out = Vec::new();
-    let mut rest = indices;
-    while !rest.is_empty() {
-        let entries: Vec<kvm_msr_entry> = rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-        let Ok(mut msrs) = Msrs::from_entries(&entries) else { break };
-        let n = vcpu.get_msrs(&mut msrs).unwrap_or(0);
-        out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
-        // Skip the MSR that stopped the batch.
-        rest = rest.get(n + 1..).unwrap_or(&[]);
-    }
-    out
-}
-
-/// Writes MSRs in batches, skipping any the vCPU refuses (KVM stops at the
-/// first MSR it cannot set and returns how many it set).
-fn restore_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)]) {
-    let mut rest = msrs;
-    let mut refused = Vec::new();
-    while !rest.is_empty() {
-        let entries: Vec<kvm_msr_entry> = rest.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
-        let Ok(batch) = Msrs::from_entries(&entries) else { break };
-        let n = vcpu.set_msrs(&batch).unwrap_or(0);
-        if let Some(&(index, _)) = rest.get(n) {
-            refused.push(index);
-        }
-        rest = rest.get(n + 1..).unwrap_or(&[]);
-    }
-    if !refused.is_empty() {
-        log::warn!("KVM refused to restore MSRs {refused:x?}; the guest continues with their reset values");
-    }
-}
-
 /// Reads a part of the vCPU state that not every KVM has: `None` when KVM
 /// does not offer it (`offered`, from its capability), never calling
 /// `read`; an error when KVM offers it but `read` fails.
@@ -136,10 +104,10 @@ impl VcpuState {
     /// # Errors
     /// [`SnapshotError::Kvm`] when a read every KVM offers fails;
     /// [`SnapshotError::VcpuStateUnreadable`] when KVM offers a part but
-    /// does not read it.
+    /// does not read it; [`SnapshotError::MsrUnreadable`].
     pub fn save(kvm: &Kvm, vcpu: &VcpuFd, irqchip: bool) -> Result<Self, SnapshotError> {
         let lapic = if irqchip { Some(vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?) } else { None };
-        let indices: Vec<u32> = kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default();
+        let listed = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
         let offered = |cap| kvm.check_extension(cap);
         Ok(VcpuState {
             regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
@@ -147,7 +115,7 @@ impl VcpuState {
             fpu: vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?,
             xsave: optional(offered(Cap::Xsave), "XSAVE area", "KVM_GET_XSAVE", || vcpu.get_xsave())?,
             xcrs: optional(offered(Cap::Xcrs), "extended control registers", "KVM_GET_XCRS", || vcpu.get_xcrs())?,
-            msrs: read_msrs(vcpu, &indices),
+            msrs: msrs::read(|m| vcpu.get_msrs(m), &msrs::to_save(listed.as_slice(), irqchip))?,
             events: optional(offered(Cap::VcpuEvents), "pending events", "KVM_GET_VCPU_EVENTS", || vcpu.get_vcpu_events())?,
             mp_state: optional(offered(Cap::MpState), "MP state", "KVM_GET_MP_STATE", || vcpu.get_mp_state())?,
             lapic,
@@ -167,7 +135,8 @@ impl VcpuState {
     /// irqchip when the state holds a LAPIC).
     ///
     /// # Errors
-    /// [`SnapshotError::Kvm`] when KVM refuses a part.
+    /// [`SnapshotError::Kvm`] when KVM refuses a part;
+    /// [`SnapshotError::MsrRefused`] naming the first MSR it refuses.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), SnapshotError> {
         vcpu.set_sregs(&self.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
@@ -185,7 +154,7 @@ impl VcpuState {
         if let Some(lapic) = &self.lapic {
             vcpu.set_lapic(lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
         }
-        restore_msrs(vcpu, &self.msrs);
+        msrs::write(|m| vcpu.set_msrs(m), &self.msrs)?;
         if let Some(events) = &self.events {
             vcpu.set_vcpu_events(events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         }
@@ -276,5 +245,30 @@ mod tests {
         let e = optional::<u32>(true, "XSAVE area", "KVM_GET_XSAVE", || Err(kvm_ioctls::Error::new(libc::EINVAL))).unwrap_err();
         assert!(matches!(e, SnapshotError::VcpuStateUnreadable { ioctl: "KVM_GET_XSAVE", .. }), "{e:?}");
         assert_eq!(e.to_string(), "KVM offers the vCPU's XSAVE area but KVM_GET_XSAVE failed");
+    }
+
+    /// Against KVM: a vCPU of a VM without an in-kernel irqchip saves no
+    /// MSR_KVM_ASYNC_PF_INT, and its state restores into a new vCPU with
+    /// every MSR accepted.
+    #[test]
+    fn a_vcpu_without_a_lapic_restores_with_every_msr_accepted() {
+        let kvm = crate::vm::open_kvm().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = 0xfff0_1234;
+        vcpu.set_regs(&regs).unwrap();
+        let state = VcpuState::save(&kvm, &vcpu, false).unwrap();
+        assert!(state.lapic.is_none());
+        assert!(!state.msrs.is_empty());
+        assert!(state.msrs.iter().all(|&(i, _)| i != msrs::MSR_KVM_ASYNC_PF_INT));
+        assert!(state.xsave.is_some() == kvm.check_extension(Cap::Xsave), "saved exactly when offered");
+        let state: VcpuState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+
+        let vm2 = kvm.create_vm().unwrap();
+        let vcpu2 = vm2.create_vcpu(0).unwrap();
+        vcpu2.set_cpuid2(&state.cpuid().unwrap()).unwrap();
+        state.restore(&vcpu2).unwrap();
+        assert_eq!(vcpu2.get_regs().unwrap().rip, 0xfff0_1234);
     }
 }
