@@ -26,8 +26,11 @@ use crate::config::VmConfig;
 
 /// `Manifest.magic`.
 pub const MAGIC: &str = "memvisor-snapshot";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this build writes and reads. Version 2 stores the
+/// vCPU's and the irqchip's KVM structures through kvm-bindings' serde
+/// support (arrays of bytes) where version 1 stored them as hex strings,
+/// and leaves out MSRs that hold no state ([`super::msrs::to_save`]).
+pub const VERSION: u32 = 2;
 /// Largest memory chunk, in bytes: small enough that verifying one chunk on
 /// a lazy fault is cheap (~25 µs of CRC), large enough to keep the manifest short.
 pub const CHUNK_BYTES: u64 = 256 * 1024;
@@ -155,7 +158,7 @@ pub enum FormatError {
     #[error("not a memvisor snapshot (magic {0:?})")]
     BadMagic(String),
     /// Written by another version.
-    #[error("snapshot format version {found} is not supported (this build reads version {VERSION})")]
+    #[error("snapshot format version {found} is not supported: written by {} memvisor (this build reads version {VERSION}){}", if *.found < VERSION { "an older" } else { "a newer" }, if *.found < VERSION { "; take the snapshot again with this build" } else { "" })]
     BadVersion {
         /// The version found.
         found: u32,
@@ -360,6 +363,10 @@ mod tests {
         let mut m = manifest();
         m.version = 99;
         assert_eq!(m.validate(), Err(FormatError::BadVersion { found: 99 }));
+        assert!(m.validate().unwrap_err().to_string().contains("version 99 is not supported: written by a newer memvisor"));
+        m.version = VERSION - 1;
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains(&format!("version {} is not supported: written by an older memvisor (this build reads version {VERSION}); take the snapshot again", VERSION - 1)), "{e}");
         let mut m = manifest();
         m.kind = SnapshotKind::Diff;
         assert!(matches!(m.validate(), Err(FormatError::Inconsistent(_))));

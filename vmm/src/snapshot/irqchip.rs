@@ -9,8 +9,7 @@ use kvm_bindings::kvm_irqchip;
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
-use super::SnapshotError;
-use super::vcpu_state::{kvm_err, raw_vec};
+use super::{SnapshotError, kvm_err};
 
 /// `kvm_irqchip.chip_id` values (KVM api.rst, KVM_GET_IRQCHIP):
 /// `KVM_IRQCHIP_PIC_MASTER`, `KVM_IRQCHIP_PIC_SLAVE`, `KVM_IRQCHIP_IOAPIC`.
@@ -19,8 +18,8 @@ const CHIP_IDS: [u32; 3] = [kvm_bindings::KVM_IRQCHIP_PIC_MASTER, kvm_bindings::
 /// The PICs' and the IOAPIC's state.
 #[derive(Serialize, Deserialize)]
 pub struct IrqchipState {
-    /// One `kvm_irqchip` per chip id, in [`CHIP_IDS`] order.
-    #[serde(with = "raw_vec")]
+    /// One `kvm_irqchip` per chip id, in [`CHIP_IDS`] order (serialised
+    /// by kvm-bindings, as its bytes).
     pub chips: Vec<kvm_irqchip>,
 }
 

@@ -15,6 +15,7 @@ pub mod diff;
 pub mod format;
 pub mod irqchip;
 pub mod memory_file;
+pub mod msrs;
 pub mod vcpu_state;
 
 use std::fs::File;
@@ -52,6 +53,35 @@ pub enum SnapshotError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// KVM offers a part of the vCPU's state (its capability is present)
+    /// but did not read it: a snapshot without it would not resume the
+    /// guest as it was.
+    #[error("KVM offers the vCPU's {what} but {ioctl} failed")]
+    VcpuStateUnreadable {
+        /// The part, in words.
+        what: &'static str,
+        /// The ioctl that failed.
+        ioctl: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM lists an MSR as saveable (KVM_GET_MSR_INDEX_LIST) but did not
+    /// read it.
+    #[error("KVM lists MSR {index:#x} as saveable but did not read it")]
+    MsrUnreadable {
+        /// The MSR.
+        index: u32,
+    },
+    /// KVM did not take a saved MSR's value back (KVM_SET_MSRS stopped
+    /// at it).
+    #[error("KVM refused to restore MSR {index:#x} (value {value:#x})")]
+    MsrRefused {
+        /// The MSR.
+        index: u32,
+        /// The saved value.
+        value: u64,
     },
     /// The snapshot's contents are damaged.
     #[error("snapshot is corrupted: {0}")]
@@ -100,6 +130,11 @@ pub enum SnapshotError {
 pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
     let what = what.into();
     move |source| SnapshotError::Io { what, source }
+}
+
+/// Maps a failed KVM ioctl `what` to [`SnapshotError::Kvm`].
+pub(crate) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> SnapshotError {
+    move |e| SnapshotError::Kvm { what, source: std::io::Error::from_raw_os_error(e.errno()) }
 }
 
 /// `state.json`: everything but memory.
