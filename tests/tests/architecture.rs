@@ -1,9 +1,10 @@
-//! The VMM's modules import one way only: the layer table in
-//! docs/architecture.md says which module stands on which, and this test
-//! reads that table and every source file of `vmm/src`, and fails on an
-//! import from a lower layer to a higher one, on a module the table does
-//! not place, and on any cycle among modules (of the same layer, which the
-//! table allows to import each other one way).
+//! The VMM's and the guest kernel's modules import one way only: a layer
+//! table in docs/architecture.md for each says which module stands on
+//! which, and this test reads the tables and every source file of
+//! `vmm/src` and `guest/kernel/src`, and fails on an import from a lower
+//! layer to a higher one, on a module the table does not place, and on any
+//! cycle among modules (of the same layer, which the table allows to
+//! import each other one way).
 //!
 //! An import is any `crate::NAME` path (`memvisor::NAME` in the binary's
 //! `main.rs`) outside comments, before the file's `#[cfg(test)]` tests:
@@ -14,10 +15,12 @@ use std::path::{Path, PathBuf};
 
 use memvisor_tests::vmm::workspace_root;
 
-/// The table between the markers in docs/architecture.md: `layer N  mod mod ...`.
-fn layers() -> BTreeMap<String, u32> {
+/// The table of `tree` between its markers in docs/architecture.md
+/// (`<!-- layers TREE -->` … `<!-- /layers -->`): `layer N  mod mod ...`.
+fn layers(tree: &str) -> BTreeMap<String, u32> {
     let doc = std::fs::read_to_string(workspace_root().join("docs/architecture.md")).expect("docs/architecture.md is readable");
-    let start = doc.find("<!-- layers -->").expect("docs/architecture.md has a <!-- layers --> table");
+    let marker = format!("<!-- layers {tree} -->");
+    let start = doc.find(&marker).unwrap_or_else(|| panic!("docs/architecture.md has a {marker} table"));
     let end = doc[start..].find("<!-- /layers -->").expect("the layer table ends with <!-- /layers -->") + start;
     let mut layers = BTreeMap::new();
     for line in doc[start..end].lines() {
@@ -30,7 +33,7 @@ fn layers() -> BTreeMap<String, u32> {
             assert!(layers.insert(module.to_string(), n).is_none(), "{module} is placed twice");
         }
     }
-    assert!(layers.len() > 10, "the layer table lists the modules");
+    assert!(layers.len() > 10, "the layer table of {tree} lists the modules");
     layers
 }
 
@@ -84,15 +87,26 @@ fn imports(text: &str, prefix: &str, known: &BTreeMap<String, u32>) -> BTreeSet<
 
 #[test]
 fn vmm_modules_import_only_their_own_layer_or_lower() {
-    let layers = layers();
-    let src = workspace_root().join("vmm/src");
+    check_tree("vmm/src", "lib");
+}
+
+#[test]
+fn guest_kernel_modules_import_only_their_own_layer_or_lower() {
+    check_tree("guest/kernel/src", "");
+}
+
+/// Checks every file of `tree` against its table; `root` is a crate-root
+/// module that declares the others and is not itself layered.
+fn check_tree(tree: &str, root: &str) {
+    let layers = layers(tree);
+    let src = workspace_root().join(tree);
     let mut files = Vec::new();
     rust_files(&src, &mut files);
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut wrong = Vec::new();
     for file in &files {
         let module = module_of(&src, file);
-        if module == "lib" {
+        if module == root {
             continue;
         }
         let Some(&own) = layers.get(&module) else {
