@@ -29,7 +29,7 @@ fn the_small_example_config_boots() {
     r.assert_success();
     let report = r.json();
     assert_eq!(report["config"]["mem_size"], Value::from(256u64 << 20));
-    assert_eq!(report["config"]["backing"], Value::from("anon"));
+    assert_eq!(report["config"]["backing"], Value::from("thp"));
 }
 
 #[test]

@@ -372,11 +372,10 @@ fn translate(socket: &std::path::Path, args: &TranslateArgs) -> anyhow_free::Res
         }
         if !response.ok {
             let why = response.error.unwrap_or_else(|| "request failed".into());
-            if total > 1 && !args.json {
-                if let Request::Translate { gva: Some(gva), .. } = request {
+            if total > 1 && !args.json
+                && let Request::Translate { gva: Some(gva), .. } = request {
                     println!("guest-virtual {gva:#018x}: error: {why}");
                 }
-            }
             errors.push(why);
         }
     }

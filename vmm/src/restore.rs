@@ -103,15 +103,15 @@ pub fn restore(dir: &std::path::Path, restore: RestoreOptions, options: RunOptio
     let top = opened.top();
     let mut config = top.manifest.config.clone();
     config.validate().map_err(|e| SnapshotError::Corrupt(format!("the saved configuration is invalid: {e}")))?;
-    if let Some(mem) = restore.expected_mem {
-        if mem != config.mem_size {
-            return Err(SnapshotError::Mismatch(format!(
-                "the snapshot holds {} of guest memory, not the {} asked for",
-                crate::size::format_size(config.mem_size),
-                crate::size::format_size(mem)
-            ))
-            .into());
-        }
+    if let Some(mem) = restore.expected_mem
+        && mem != config.mem_size
+    {
+        return Err(SnapshotError::Mismatch(format!(
+            "the snapshot holds {} of guest memory, not the {} asked for",
+            crate::size::format_size(config.mem_size),
+            crate::size::format_size(mem)
+        ))
+        .into());
     }
     let layout: Vec<(u64, u64)> = crate::layout::ram_ranges(config.mem_size).iter().map(|r| (r.start.0, r.size)).collect();
     let recorded: Vec<(u64, u64)> = top.manifest.regions.iter().map(|r| (r.guest_start, r.size)).collect();

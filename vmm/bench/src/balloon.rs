@@ -153,10 +153,10 @@ fn request(socket: &Path, r: &Request) -> Result<serde_json::Value, BalloonBench
 fn wait_balloon(socket: &Path, timeout: Duration, done: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value, BalloonBenchError> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(v) = request(socket, &Request::BalloonGet) {
-            if done(&v) {
-                return Ok(v);
-            }
+        if let Ok(v) = request(socket, &Request::BalloonGet)
+            && done(&v)
+        {
+            return Ok(v);
         }
         if Instant::now() > deadline {
             return Err(BalloonBenchError::Vm(format!("the balloon did not get there within {timeout:?}")));

@@ -111,10 +111,10 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         "translate" => &["cmd", "gva", "map"],
         _ => &["cmd"],
     };
-    if let Some(obj) = value.as_object() {
-        if let Some(extra) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(format!("invalid request: unknown field {extra:?} for {cmd:?}"));
-        }
+    if let Some(obj) = value.as_object()
+        && let Some(extra) = obj.keys().find(|k| !allowed.contains(&k.as_str()))
+    {
+        return Err(format!("invalid request: unknown field {extra:?} for {cmd:?}"));
     }
     serde_json::from_value(value).map_err(|e| format!("invalid request: {e}"))
 }

@@ -222,7 +222,7 @@ impl ConfigFile {
             balloon,
             mem_size,
             vcpus: self.vcpus.unwrap_or(1),
-            backing: self.backing.unwrap_or(Backing::Anon),
+            backing: self.backing.unwrap_or(Backing::DEFAULT),
             prefault: self.prefault.unwrap_or(false),
             mlock: self.mlock.unwrap_or(false),
             numa_policy: self.numa_policy,
@@ -290,32 +290,32 @@ impl VmConfig {
         if self.mem_size == 0 {
             return Err(ConfigError::ZeroMemory);
         }
-        if self.mem_size % PAGE_SIZE != 0 {
+        if !self.mem_size.is_multiple_of(PAGE_SIZE) {
             return Err(ConfigError::NotPageMultiple(self.mem_size));
         }
-        if let Some(page) = self.backing.hugetlb_page_size() {
-            if self.mem_size % page != 0 {
-                return Err(ConfigError::NotHugePageMultiple {
-                    size: self.mem_size,
-                    page: if page == PAGE_SIZE_2M { "2 MiB" } else { "1 GiB" },
-                    backing: self.backing,
-                });
-            }
+        if let Some(page) = self.backing.hugetlb_page_size()
+            && !self.mem_size.is_multiple_of(page)
+        {
+            return Err(ConfigError::NotHugePageMultiple {
+                size: self.mem_size,
+                page: if page == PAGE_SIZE_2M { "2 MiB" } else { "1 GiB" },
+                backing: self.backing,
+            });
         }
-        if let Some(b) = self.balloon {
-            if b > self.mem_size || b % PAGE_SIZE != 0 {
-                return Err(ConfigError::Balloon(b, self.mem_size));
-            }
+        if let Some(b) = self.balloon
+            && (b > self.mem_size || b % PAGE_SIZE != 0)
+        {
+            return Err(ConfigError::Balloon(b, self.mem_size));
         }
         if let Some(w) = &self.workload {
             if w.uses_balloon() && self.balloon.is_none() {
                 return Err(ConfigError::BalloonWorkload("the balloon workloads need a balloon device: add --balloon SIZE (0 for an empty one)"));
             }
             // Without rounds or oom the driver serves until shut down.
-            if let Workload::Balloon(b) = w {
-                if b.rounds == 0 && b.oom_pages == 0 && self.api_socket.is_none() {
-                    return Err(ConfigError::BalloonWorkload("balloon without rounds=R or oom=SIZE serves until shut down: add --api-socket PATH (or give rounds or oom)"));
-                }
+            if let Workload::Balloon(b) = w
+                && b.rounds == 0 && b.oom_pages == 0 && self.api_socket.is_none()
+            {
+                return Err(ConfigError::BalloonWorkload("balloon without rounds=R or oom=SIZE serves until shut down: add --api-socket PATH (or give rounds or oom)"));
             }
         }
         if !(1..=254).contains(&self.vcpus) {
@@ -350,11 +350,11 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_256m_one_vcpu_anon_2m() {
+    fn defaults_are_256m_one_vcpu_thp_2m() {
         let c = VmConfig::default();
         assert_eq!(c.mem_size, 256 << 20);
         assert_eq!(c.vcpus, 1);
-        assert_eq!(c.backing, Backing::Anon);
+        assert_eq!(c.backing, Backing::Thp);
         assert_eq!(c.guest_page, GuestPage::M2);
     }
 

@@ -112,7 +112,7 @@ impl SwapDevice {
 
     fn perform<M: Bytes<GuestAddress>>(&mut self, mem: &M, req: &SwapRequest) -> Result<(), SwapError> {
         let op = SwapOp::from_raw(req.op).ok_or(SwapError::UnknownOp(req.op))?;
-        if req.gpa % PAGE as u64 != 0 {
+        if !req.gpa.is_multiple_of(PAGE as u64) {
             return Err(SwapError::Misaligned(req.gpa));
         }
         let frame = GuestAddress(req.gpa);
@@ -141,7 +141,7 @@ impl SwapDevice {
                 self.stats.zeroes += 1;
             }
             SwapOp::Copy => {
-                if req.slot % PAGE as u64 != 0 {
+                if !req.slot.is_multiple_of(PAGE as u64) {
                     return Err(SwapError::Misaligned(req.slot));
                 }
                 let mut page = [0u8; PAGE];

@@ -453,11 +453,10 @@ impl DirtyTracker {
             ::log::warn!("a dirty ring overflowed; reporting every page as dirty so none is missed");
             for s in &mut self.slots {
                 s.acc.fill(u64::MAX);
-                if s.info.pages % 64 != 0 {
-                    if let Some(last) = s.acc.last_mut() {
+                if s.info.pages % 64 != 0
+                    && let Some(last) = s.acc.last_mut() {
                         *last = (1u64 << (s.info.pages % 64)) - 1;
                     }
-                }
             }
         }
         let any_vmm = vmm_writes::take_into(ram, &mut self.vmm_scratch);
@@ -486,15 +485,14 @@ impl DirtyTracker {
                 out.union.extend_from_slice(guest);
             }
         }
-        if drained > 0 {
-            if let Err(e) = log::reset_rings(vm) {
+        if drained > 0
+            && let Err(e) = log::reset_rings(vm) {
                 // The entries' pages already left their records for `out`,
                 // which the caller clears on error: report every page at the
                 // next harvest so none of them is lost.
                 self.ring_overflowed = true;
                 return Err(e);
             }
-        }
         Ok(())
     }
 }

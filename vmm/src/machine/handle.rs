@@ -136,7 +136,7 @@ impl MachineHandle {
     pub fn balloon_set(&self, bytes: u64) -> JobResult {
         self.control.call(Box::new(move |m| {
             let ram = m.vm.ram().size();
-            if bytes % memvisor_abi::layout::PAGE_SIZE != 0 || bytes > ram {
+            if !bytes.is_multiple_of(memvisor_abi::layout::PAGE_SIZE) || bytes > ram {
                 return Err(format!("balloon target {bytes} must be a multiple of 4096 and at most the guest memory ({ram})"));
             }
             let b = m.devices.balloon.as_mut().ok_or_else(no_balloon)?;

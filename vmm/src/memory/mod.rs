@@ -325,10 +325,10 @@ fn check_host_can_give(config: &VmConfig) -> Result<(), MemoryError> {
                 knob: dir.join("nr_hugepages"),
             });
         }
-    } else if let Some(total) = host_mem_total() {
-        if config.mem_size > total {
-            return Err(MemoryError::MoreThanHost { asked: config.mem_size, host: total });
-        }
+    } else if let Some(total) = host_mem_total()
+        && config.mem_size > total
+    {
+        return Err(MemoryError::MoreThanHost { asked: config.mem_size, host: total });
     }
     Ok(())
 }

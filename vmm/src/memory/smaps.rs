@@ -29,10 +29,10 @@ pub fn parse(text: &str) -> Vec<Vma> {
                 let bytes = if words.next() == Some("kB") { v * 1024 } else { v };
                 vma.fields.insert(key.to_string(), bytes);
             }
-        } else if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                vmas.push(Vma { start, end, fields: BTreeMap::new() });
-            }
+        } else if let Some((a, b)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+        {
+            vmas.push(Vma { start, end, fields: BTreeMap::new() });
         }
     }
     vmas

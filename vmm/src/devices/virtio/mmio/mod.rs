@@ -114,10 +114,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Raises interrupt status `bits` and the irqfd.
     pub fn signal(&mut self, bits: u32) {
         self.interrupt_status |= bits;
-        if let Some(fd) = &self.irqfd {
-            if let Err(e) = fd.write(1) {
-                log::warn!("virtio-mmio: cannot signal the irqfd: {e}");
-            }
+        if let Some(fd) = &self.irqfd
+            && let Err(e) = fd.write(1)
+        {
+            log::warn!("virtio-mmio: cannot signal the irqfd: {e}");
         }
     }
 
