@@ -284,7 +284,7 @@ mod tests {
     fn the_ram_flag_skips_unwritten_ram_and_loses_no_write() {
         use vm_memory::{Bytes, GuestAddress};
         // One region; `out` starts longer, with stale contents, to be trimmed.
-        let config = crate::config::VmConfig { mem_size: 64 << 20, ..crate::config::VmConfig::default() };
+        let config = crate::config::VmConfig { mem_size: 64 << 20, backing: crate::config::Backing::Anon, ..crate::config::VmConfig::default() };
         let ram = GuestRam::new(&config).unwrap();
         let mut out = vec![vec![(7, 7)]; 3];
         assert!(!take_into(&ram, &mut out), "nothing written");

@@ -472,7 +472,7 @@ mod tests {
             let root = std::env::temp_dir().join(format!("memvisor-diff-unit-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&root);
             std::fs::create_dir_all(&root).unwrap();
-            let mut g = Guest { w, config: crate::config::VmConfig { mem_size: MEM, ..crate::config::VmConfig::default() }, chain: SnapshotChain::default(), root };
+            let mut g = Guest { w, config: crate::config::VmConfig { mem_size: MEM, backing: crate::config::Backing::Anon, ..crate::config::VmConfig::default() }, chain: SnapshotChain::default(), root };
             let dir = g.root.join("full");
             let (live, tracker, chain) = g.parts();
             crate::snapshot::take(&live, tracker, chain, &dir, SnapshotKind::Full).unwrap();

@@ -307,7 +307,7 @@ mod tests {
     use super::*;
 
     fn manifest() -> Manifest {
-        let config = VmConfig { mem_size: 8 << 20, ..VmConfig::default() };
+        let config = VmConfig { mem_size: 8 << 20, backing: crate::config::Backing::Anon, ..VmConfig::default() };
         Manifest {
             magic: MAGIC.into(),
             version: VERSION,

@@ -424,7 +424,7 @@ mod tests {
     /// 8 MiB of anonymous guest RAM with a distinct word in every page
     /// but the untouched ones.
     fn patterned_ram() -> GuestRam {
-        let ram = GuestRam::new(&VmConfig { mem_size: 8 << 20, ..VmConfig::default() }).unwrap();
+        let ram = GuestRam::new(&VmConfig { mem_size: 8 << 20, backing: crate::config::Backing::Anon, ..VmConfig::default() }).unwrap();
         let m = &ram.regions()[0].mapping;
         for page in (0..m.size() as u64 / PAGE).filter(|p| p % 5 != 3) {
             // SAFETY: writing inside our own fresh mapping.
@@ -447,7 +447,7 @@ mod tests {
             assert!(chunks.iter().all(|c| c.file_offset == c.ram_offset));
             let back = File::open(&path).unwrap();
             verify(&back, &chunks).unwrap();
-            let copy = GuestRam::new(&VmConfig { mem_size: 8 << 20, ..VmConfig::default() }).unwrap();
+            let copy = GuestRam::new(&VmConfig { mem_size: 8 << 20, backing: crate::config::Backing::Anon, ..VmConfig::default() }).unwrap();
             apply(&copy, &back, &chunks).unwrap();
             let (a, b) = (&ram.regions()[0].mapping, &copy.regions()[0].mapping);
             // SAFETY: reading our own mappings, both 8 MiB.
@@ -461,7 +461,7 @@ mod tests {
     fn a_full_image_of_ram_split_by_the_mmio_hole_writes_both_sides() {
         // Two regions (below and above the hole), the pages on either side
         // of the boundary touched: their RAM offsets follow each other.
-        let config = VmConfig { mem_size: crate::layout::MMIO_HOLE_START.0 + (8 << 20), ..VmConfig::default() };
+        let config = VmConfig { mem_size: crate::layout::MMIO_HOLE_START.0 + (8 << 20), backing: crate::config::Backing::Anon, ..VmConfig::default() };
         let ram = GuestRam::new(&config).unwrap();
         assert_eq!(ram.regions().len(), 2);
         let below = ram.regions()[0].range.size;

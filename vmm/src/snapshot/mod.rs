@@ -507,7 +507,7 @@ mod tests {
     use super::*;
 
     fn captured(dir: &Path) -> Captured {
-        let config = crate::config::VmConfig { mem_size: 1 << 20, ..crate::config::VmConfig::default() };
+        let config = crate::config::VmConfig { mem_size: 1 << 20, backing: crate::config::Backing::Anon, ..crate::config::VmConfig::default() };
         let manifest = Manifest {
             magic: format::MAGIC.into(),
             version: format::VERSION,

@@ -212,7 +212,7 @@ mod tests {
         let mut image = std::fs::File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         image.write_all(&vec![0x77u8; 8 << 20]).unwrap();
-        let config = VmConfig { mem_size: 8 << 20, ..VmConfig::default() };
+        let config = VmConfig { mem_size: 8 << 20, backing: crate::config::Backing::Anon, ..VmConfig::default() };
         let ram = GuestRam::from_image(&config, &image).unwrap();
         let m = &ram.regions()[0].mapping;
         // SAFETY: writing our own private mapping (copies on write; the

@@ -277,7 +277,7 @@ mod tests {
     use crate::config::VmConfig;
 
     fn ram(mem: u64) -> GuestRam {
-        GuestRam::new(&VmConfig { mem_size: mem, ..VmConfig::default() }).unwrap()
+        GuestRam::new(&VmConfig { mem_size: mem, backing: crate::config::Backing::Anon, ..VmConfig::default() }).unwrap()
     }
 
     fn state(ram: &GuestRam) -> BalloonState {

@@ -352,7 +352,7 @@ mod tests {
     }
 
     fn setup() -> (GuestRam, MmioTransport<Balloon>) {
-        let ram = GuestRam::new(&VmConfig { mem_size: 4 << 20, ..VmConfig::default() }).unwrap();
+        let ram = GuestRam::new(&VmConfig { mem_size: 4 << 20, backing: crate::config::Backing::Anon, ..VmConfig::default() }).unwrap();
         let t = MmioTransport::new(Balloon::new(&ram, 0), BASE, None);
         (ram, t)
     }
