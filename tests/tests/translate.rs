@@ -55,7 +55,7 @@ fn u(v: &Value) -> u64 {
 #[test]
 fn translate_at_ready_explains_a_direct_map_address_level_by_level() {
     let gva = DIRECT_MAP_BASE + 0x20_1234;
-    let r = Vmm::run_json(["--guest-page", "2m", "--translate", &format!("{gva:#x}")]).output();
+    let r = Vmm::run_json(["--backing", "anon", "--guest-page", "2m", "--translate", &format!("{gva:#x}")]).output();
     r.assert_success();
     let report = r.json();
     let t = translation(&report, 0);
