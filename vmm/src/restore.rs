@@ -346,6 +346,7 @@ fn restore_balloon(config: &VmConfig, state: &snapshot::SavedState, ram: &GuestR
 fn load_vcpu(vm: &Vm, chain: &Chain, tracker: Option<&mut DirtyTracker>, balloon: Option<BalloonDevice>, devices: &mut Devices) -> Result<kvm_ioctls::VcpuFd, VmmError> {
     if chain.state.irqchip.is_some() {
         vm.create_irqchip()?;
+        devices.connect_serial_irq(vm.irqfd(memvisor_abi::ports::COM1_GSI)?);
     }
     let saved = &chain.state.vcpus[0];
     let vcpu = if saved.cpuid.is_empty() { vcpu::create(vm, 0)? } else { vcpu::create_with_cpuid(vm, 0, &saved.cpuid()?)? };

@@ -124,6 +124,9 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     let boot_cfg = boot_config(config, mode, options.stay_up, options.skip_selftest, tsc_khz);
     boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &config.cmdline, &boot_cfg)?;
     let mut devices = Devices::new(options.console);
+    if vm.has_irqchip() {
+        devices.connect_serial_irq(vm.irqfd(memvisor_abi::ports::COM1_GSI)?);
+    }
     devices.balloon = balloon;
     if let Some(t) = tracker.as_mut() {
         t.attach_vcpu(&vcpu, 0)?;

@@ -8,6 +8,16 @@
 pub const COM1: u16 = 0x3f8;
 /// Number of registers of a 16550 UART (offsets 0..=7).
 pub const COM1_LEN: u16 = 8;
+/// COM1's interrupt line: ISA IRQ 4, which the in-kernel IOAPIC has as
+/// GSI 4 (PC convention; Linux's 8250 driver assumes it for 0x3f8).
+pub const COM1_GSI: u32 = 4;
+
+/// The i8042 keyboard controller's data port (PC convention).
+pub const I8042_DATA: u16 = 0x60;
+/// The i8042's command/status port; writing 0xfe (pulse the reset line)
+/// resets the machine, which is how Linux reboots by default on a PC
+/// (`reboot=k`).
+pub const I8042_COMMAND: u16 = 0x64;
 
 /// Writing a 32-bit value here ends the VM with that value as the exit
 /// status. (QEMU's `isa-debug-exit` lives at the same port; memvisor does not

@@ -6,9 +6,10 @@
 //! and answered with all-ones, as an empty ISA bus would; nothing a guest
 //! does here can stop the VMM.
 
+pub mod i8042;
 pub mod serial;
-pub mod virtio;
 pub mod swap;
+pub mod virtio;
 
 use std::collections::HashSet;
 
@@ -27,6 +28,9 @@ pub enum IoAction {
     Continue,
     /// The guest asked to end with this status.
     Exit(u32),
+    /// The guest pulsed the reset line (i8042): it asked the machine to
+    /// reset, which ends the VM.
+    Reset,
     /// The guest sent a message at this guest-physical address.
     Message(u64),
     /// The guest asked the swap device to perform the request at this
@@ -59,6 +63,7 @@ pub struct DevicesState {
 #[derive(Debug)]
 pub struct Devices {
     serial: SerialConsole,
+    i8042: i8042::I8042,
     /// The balloon, when the VM has one.
     pub balloon: Option<MmioTransport<Balloon>>,
     logged_ports: HashSet<u16>,
@@ -79,6 +84,7 @@ impl Devices {
     pub fn new(console: Box<dyn std::io::Write + Send>) -> Self {
         Devices {
             serial: SerialConsole::new(console),
+            i8042: i8042::I8042::default(),
             balloon: None,
             logged_ports: HashSet::new(),
             logged_mmio: HashSet::new(),
@@ -100,6 +106,14 @@ impl Devices {
         Ok(d)
     }
 
+    /// Wires the UART's interrupt to `irqfd` (a VM with an in-kernel
+    /// irqchip: GSI 4).
+    pub fn connect_serial_irq(&self, irqfd: vmm_sys_util::eventfd::EventFd) {
+        if !self.serial.connect_irq(irqfd) {
+            log::warn!("the UART's interrupt line was connected already; kept the first");
+        }
+    }
+
     /// The devices' state, for a snapshot.
     #[must_use]
     pub fn state(&self) -> DevicesState {
@@ -115,6 +129,10 @@ impl Devices {
                 }
                 IoAction::Continue
             }
+            p if (ports::I8042_DATA..=ports::I8042_COMMAND).contains(&p) => {
+                let reset = data.iter().fold(false, |r, &b| self.i8042.write((p - ports::I8042_DATA) as u8, b) || r);
+                if reset { IoAction::Reset } else { IoAction::Continue }
+            }
             ports::DEBUG_EXIT => IoAction::Exit(le_value(data)),
             ports::MESSAGE if data.len() == 4 => IoAction::Message(u64::from(le_value(data))),
             ports::SWAP if data.len() == 4 => IoAction::Swap(u64::from(le_value(data))),
@@ -127,8 +145,14 @@ impl Devices {
 
     /// A port read; fills `data`.
     pub fn port_in(&mut self, port: u16, data: &mut [u8]) {
-        if (ports::COM1..ports::COM1 + ports::COM1_LEN).contains(&port) {
-            let v = self.serial.read((port - ports::COM1) as u8);
+        let byte = if (ports::COM1..ports::COM1 + ports::COM1_LEN).contains(&port) {
+            Some(self.serial.read((port - ports::COM1) as u8))
+        } else if (ports::I8042_DATA..=ports::I8042_COMMAND).contains(&port) {
+            Some(self.i8042.read((port - ports::I8042_DATA) as u8))
+        } else {
+            None
+        };
+        if let Some(v) = byte {
             data.fill(0);
             if let Some(b) = data.first_mut() {
                 *b = v;
@@ -201,6 +225,17 @@ mod tests {
         assert_eq!(d.port_out(ports::MESSAGE, &[0, 0x10, 0, 0]), IoAction::Message(0x1000));
         // A byte-sized write to the message port is not a message.
         assert_eq!(d.port_out(ports::MESSAGE, &[1]), IoAction::Continue);
+    }
+
+    #[test]
+    fn the_i8042_reset_command_resets_the_machine() {
+        let mut d = Devices::new(Box::new(std::io::sink()));
+        assert_eq!(d.port_out(ports::I8042_COMMAND, &[0xfe]), IoAction::Reset);
+        assert_eq!(d.port_out(ports::I8042_DATA, &[0xfe]), IoAction::Continue);
+        let mut status = [0xffu8];
+        d.port_in(ports::I8042_COMMAND, &mut status);
+        assert_eq!(status, [0], "no keyboard: the status port reads empty buffers");
+        assert_eq!(d.unhandled().port_accesses, 0);
     }
 
     #[test]

@@ -1,21 +1,28 @@
 //! COM1: a 16550 UART from vm-superio, its output sent to a writer
 //! (the terminal, or stderr when stdout carries JSON).
+//!
+//! In a VM with an in-kernel irqchip the UART's interrupt line is an irqfd
+//! on GSI 4 ([`memvisor_abi::ports::COM1_GSI`]), so a guest driver that
+//! enables UART interrupts (Linux's 8250 once its console is up) gets them;
+//! without an irqchip (the tiny guest, which polls) the line goes nowhere.
 
 use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
 
-/// The UART's interrupt line. memvisor has no interrupt controller for the
-/// tiny guest (it polls), so the line goes nowhere.
+/// The UART's interrupt line: nowhere until an irqfd is connected
+/// ([`SerialConsole::connect_irq`]; the VM's irqchip may come after the
+/// device, as in a restore).
 #[derive(Debug, Default)]
-pub struct NoInterrupt;
+pub struct SerialIrq(std::sync::OnceLock<EventFd>);
 
-impl Trigger for NoInterrupt {
+impl Trigger for SerialIrq {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        Ok(())
+        self.0.get().map_or(Ok(()), |fd| fd.write(1))
     }
 }
 
@@ -32,7 +39,7 @@ pub struct UartState {
 
 /// The console UART.
 pub struct SerialConsole {
-    uart: Serial<NoInterrupt, NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<SerialIrq, NoEvents, Box<dyn Write + Send>>,
 }
 
 impl std::fmt::Debug for SerialConsole {
@@ -45,7 +52,13 @@ impl SerialConsole {
     /// A UART writing to `out`.
     #[must_use]
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        SerialConsole { uart: Serial::new(NoInterrupt, out) }
+        SerialConsole { uart: Serial::new(SerialIrq::default(), out) }
+    }
+
+    /// Raises the UART's interrupt through `irqfd` from now on; false when
+    /// a line was connected already.
+    pub fn connect_irq(&self, irqfd: EventFd) -> bool {
+        self.uart.interrupt_evt().0.set(irqfd).is_ok()
     }
 
     /// A register write at `offset` (0..=7).
@@ -98,7 +111,7 @@ impl SerialConsole {
             scratch: r[8],
             in_buffer: state.in_buffer.clone(),
         };
-        let uart = Serial::from_state(&s, NoInterrupt, NoEvents, out).map_err(|e| format!("invalid UART state: {e:?}"))?;
+        let uart = Serial::from_state(&s, SerialIrq::default(), NoEvents, out).map_err(|e| format!("invalid UART state: {e:?}"))?;
         Ok(SerialConsole { uart })
     }
 

@@ -138,6 +138,10 @@ impl Machine {
                 VcpuExit::IoOut(port, data) => match self.devices.port_out(port, data) {
                     IoAction::Continue => Flow::Continue,
                     IoAction::Exit(status) => Flow::End(Ok(status)),
+                    IoAction::Reset => {
+                        log::info!("the guest reset the machine (i8042 reset line); the VM ends");
+                        Flow::End(Ok(0))
+                    }
                     IoAction::Swap(gpa) => {
                         self.devices.swap.handle(self.vm.ram().memory(), gpa);
                         Flow::Continue
