@@ -130,7 +130,9 @@ impl Devices {
                 IoAction::Continue
             }
             p if (ports::I8042_DATA..=ports::I8042_COMMAND).contains(&p) => {
-                let reset = data.iter().fold(false, |r, &b| self.i8042.write((p - ports::I8042_DATA) as u8, b) || r);
+                // Its registers are bytes; a wider access's upper bytes
+                // belong to the next ports.
+                let reset = data.first().is_some_and(|&b| self.i8042.write((p - ports::I8042_DATA) as u8, b));
                 if reset { IoAction::Reset } else { IoAction::Continue }
             }
             ports::DEBUG_EXIT => IoAction::Exit(le_value(data)),
