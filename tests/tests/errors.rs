@@ -226,8 +226,8 @@ fn bad_flag_values_are_refused_with_usage() {
     let r = run(&["--no-such-flag"]);
     assert_eq!(r.code(), 2, "{}", r.describe());
     // Values the VMM checks get its one-line error.
-    run(&["--vcpus", "0"]).assert_error(&["vCPU count must be between 1 and 254"]);
-    run(&["--vcpus", "2"]).assert_error(&["2 vCPUs asked for", "one vCPU"]);
+    run(&["--vcpus", "0"]).assert_error(&["vCPU count must be between 1 and 64, not 0"]);
+    run(&["--vcpus", "65"]).assert_error(&["vCPU count must be between 1 and 64, not 65"]);
 }
 
 #[test]

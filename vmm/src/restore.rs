@@ -145,7 +145,10 @@ pub fn restore(dir: &std::path::Path, restore: RestoreOptions, options: RunOptio
     timeline::mark("load guest RAM");
     // Before the vCPU, as at boot (the dirty ring can only be enabled then).
     let mut tracker = crate::dirty::prepare(&config, vm.fd(), vm.ram(), options.stay_up)?;
-    let vcpu = load_vcpu(&vm, &chain, tracker.as_mut(), balloon, &mut devices)?;
+    if chain.state.vcpus.len() != config.vcpus as usize || chain.state.vcpus.is_empty() {
+        return Err(SnapshotError::Corrupt(format!("the snapshot holds {} vCPU states for a VM of {} vCPUs", chain.state.vcpus.len(), config.vcpus)).into());
+    }
+    let vcpus = load_vcpus(&vm, &chain, tracker.as_mut(), balloon, &mut devices)?;
     // A lazy restore has not read the base image: check it beside the guest.
     let verifier = if lazy {
         let base = &mut chain.links[0];
@@ -167,20 +170,13 @@ pub fn restore(dir: &std::path::Path, restore: RestoreOptions, options: RunOptio
         snapshots.generation = t.generation();
     }
     let guest_idle = chain.state.guest_idle.then_some(chain.state.idle_status);
-    let observers = crate::observers::for_run(&config, &vm, vcpu.get_tsc_khz().map_or(0, u64::from), Vec::new());
-    let machine = Machine {
-        config,
-        mode: host_mode,
-        vm,
-        vcpu,
-        devices,
-        tracker,
-        chain: snapshots,
-        guest_idle,
-        stay_up: options.stay_up,
-        verifier,
-        observers,
-    };
+    let observers = crate::observers::for_run(&config, &vm, vcpus[0].get_tsc_khz().map_or(0, u64::from), Vec::new());
+    let mut machine = Machine::new(config, host_mode, vm, vcpus, devices, tracker, snapshots, options.stay_up);
+    machine.guest_idle = guest_idle;
+    machine.verifier = verifier;
+    machine.observers = observers;
+    // A restored guest's CPUs are all running already.
+    machine.started_aps.fill(true);
     machine.drive(options.handle.control())
 }
 
@@ -343,21 +339,27 @@ fn restore_balloon(config: &VmConfig, state: &snapshot::SavedState, ram: &GuestR
 /// The vCPU side of a restore: the irqchip (before the vCPU, as at boot),
 /// the vCPU with its saved CPUID and state, and the balloon (given its
 /// irqfd) added to `devices`.
-fn load_vcpu(vm: &Vm, chain: &Chain, tracker: Option<&mut DirtyTracker>, balloon: Option<BalloonDevice>, devices: &mut Devices) -> Result<kvm_ioctls::VcpuFd, VmmError> {
+fn load_vcpus(vm: &Vm, chain: &Chain, mut tracker: Option<&mut DirtyTracker>, balloon: Option<BalloonDevice>, devices: &mut Devices) -> Result<Vec<kvm_ioctls::VcpuFd>, VmmError> {
     if chain.state.irqchip.is_some() {
         vm.create_irqchip()?;
         devices.connect_serial_irq(vm.irqfd(memvisor_abi::ports::COM1_GSI)?);
     }
-    let saved = &chain.state.vcpus[0];
-    let vcpu = if saved.cpuid.is_empty() { vcpu::create(vm, 0)? } else { vcpu::create_with_cpuid(vm, 0, &saved.cpuid()?)? };
-    timeline::mark("create vCPU + CPUID");
-    if let Some(t) = tracker {
-        t.attach_vcpu(&vcpu, 0)?;
+    let mut vcpus = Vec::with_capacity(chain.state.vcpus.len());
+    for (i, saved) in chain.state.vcpus.iter().enumerate() {
+        let id = i as u64;
+        let vcpu = if saved.cpuid.is_empty() { vcpu::create(vm, id)? } else { vcpu::create_with_cpuid(vm, id, &saved.cpuid()?)? };
+        if let Some(t) = tracker.as_deref_mut() {
+            t.attach_vcpu(&vcpu, i)?;
+        }
+        vcpus.push(vcpu);
     }
+    timeline::mark("create vCPUs + CPUID");
     if let Some(chips) = &chain.state.irqchip {
         chips.restore(vm.fd())?;
     }
-    saved.restore(&vcpu)?;
+    for (saved, vcpu) in chain.state.vcpus.iter().zip(&vcpus) {
+        saved.restore(vcpu)?;
+    }
     timeline::mark("restore vCPU + irqchip state");
     if let Some(mut b) = balloon {
         // The same wiring as at boot: an irqfd on the balloon's GSI of the
@@ -365,5 +367,5 @@ fn load_vcpu(vm: &Vm, chain: &Chain, tracker: Option<&mut DirtyTracker>, balloon
         b.set_irqfd(Some(vm.irqfd(memvisor_abi::virtio::BALLOON_GSI)?));
         devices.balloon = Some(b);
     }
-    Ok(vcpu)
+    Ok(vcpus)
 }

@@ -211,11 +211,11 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             let _ = writeln!(s, "KVM mappings: unknown ({why})");
         }
     }
-    let stat = |name: &str| outcome.kvm_stats.vcpu_value(0, name).map_or("-".to_string(), |v| v.to_string());
-    if !outcome.kvm_stats.vcpus.is_empty() {
+    for i in 0..outcome.kvm_stats.vcpus.len() {
+        let stat = |name: &str| outcome.kvm_stats.vcpu_value(i, name).map_or("-".to_string(), |v| v.to_string());
         let _ = writeln!(
             s,
-            "vCPU 0 (KVM stats): exits {}, io exits {}, page faults taken {} (fixed {}, reflected to guest {}, emulated {}), instructions emulated {}",
+            "vCPU {i} (KVM stats): exits {}, io exits {}, page faults taken {} (fixed {}, reflected to guest {}, emulated {}), instructions emulated {}",
             stat("exits"),
             stat("io_exits"),
             stat("pf_taken"),

@@ -42,6 +42,26 @@ pub enum VmError {
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// More vCPUs than this host's KVM runs in one VM.
+    #[error("{asked} vCPUs asked for, but this host's KVM runs at most {max} in a VM (KVM_CAP_MAX_VCPUS)")]
+    TooManyVcpus {
+        /// vCPUs asked for.
+        asked: u32,
+        /// KVM's limit.
+        max: usize,
+    },
+}
+
+/// Checks that `kvm` runs `vcpus` vCPUs in one VM.
+///
+/// # Errors
+/// [`VmError::TooManyVcpus`].
+pub fn check_vcpus(kvm: &Kvm, vcpus: u32) -> Result<(), VmError> {
+    let max = kvm.get_max_vcpus();
+    if vcpus as usize > max {
+        return Err(VmError::TooManyVcpus { asked: vcpus, max });
+    }
+    Ok(())
 }
 
 /// Path of the KVM device; `MEMVISOR_KVM_DEVICE` overrides it (tests use this

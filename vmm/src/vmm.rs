@@ -92,6 +92,7 @@ pub fn boot_config(config: &VmConfig, mode: TranslationMode, idle_at_end: bool, 
 pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmError> {
     timeline::mark("run");
     let kvm = vm::open_kvm()?;
+    vm::check_vcpus(&kvm, config.vcpus)?;
     timeline::mark("open /dev/kvm");
     let mode = host::detect();
     timeline::mark("detect host");
@@ -99,12 +100,15 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     timeline::mark("map guest RAM");
     let vm = Vm::new(kvm, ram)?;
     timeline::mark("create VM + memslots");
-    // The irqchip must exist before the vCPU; only VMs with a virtio
-    // device get one (snapshots save its state and the LAPIC's, and the
+    // The irqchip must exist before the vCPUs; VMs with a virtio device or
+    // more than one vCPU (inter-processor interrupts; APs that wait to be
+    // started) get one (snapshots save its state and the LAPICs', and the
     // balloon's own: devices::virtio::balloon::state).
+    if config.balloon.is_some() || config.vcpus > 1 {
+        vm.create_irqchip()?;
+    }
     let balloon = match config.balloon {
         Some(target) => {
-            vm.create_irqchip()?;
             let irqfd = vm.irqfd(memvisor_abi::virtio::BALLOON_GSI)?;
             let device = crate::devices::virtio::balloon::Balloon::new(vm.ram(), target);
             Some(crate::devices::virtio::mmio::MmioTransport::new(device, memvisor_abi::virtio::BALLOON_MMIO_BASE, Some(irqfd)))
@@ -118,9 +122,14 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     // it reports can go into the boot configuration.
     let entry = boot::load_kernel(vm.ram(), &image)?;
     timeline::mark("load kernel ELF");
-    let vcpu = vcpu::create_pvh(&vm, 0, entry.0, layout::abi::PVH_START_INFO)?;
+    let mut vcpus = vec![vcpu::create_pvh(&vm, 0, entry.0, layout::abi::PVH_START_INFO)?];
+    for id in 1..u64::from(config.vcpus) {
+        // Application processors wait, not running, until the guest starts
+        // them (memvisor_abi::smp).
+        vcpus.push(vcpu::create(&vm, id)?);
+    }
     timeline::mark("create vCPU + CPUID + registers");
-    let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
+    let tsc_khz = vcpus[0].get_tsc_khz().map_or(0, u64::from);
     let boot_cfg = boot_config(config, mode, options.stay_up, options.skip_selftest, tsc_khz);
     boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &config.cmdline, &boot_cfg)?;
     let mut devices = Devices::new(options.console);
@@ -129,22 +138,13 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     }
     devices.balloon = balloon;
     if let Some(t) = tracker.as_mut() {
-        t.attach_vcpu(&vcpu, 0)?;
+        for (i, v) in vcpus.iter().enumerate() {
+            t.attach_vcpu(v, i)?;
+        }
     }
     timeline::mark("write boot data");
     let observers = crate::observers::for_run(config, &vm, tsc_khz, options.translate);
-    let machine = Machine {
-        config: config.clone(),
-        mode,
-        vm,
-        vcpu,
-        devices,
-        tracker,
-        chain: SnapshotChain::default(),
-        guest_idle: None,
-        stay_up: options.stay_up,
-        verifier: None,
-        observers,
-    };
+    let mut machine = Machine::new(config.clone(), mode, vm, vcpus, devices, tracker, SnapshotChain::default(), options.stay_up);
+    machine.observers = observers;
     machine.drive(options.handle.control())
 }

@@ -16,6 +16,7 @@ pub mod layout;
 pub mod msg;
 pub mod paging;
 pub mod ports;
+pub mod smp;
 pub mod splitmix;
 pub mod virtio;
 pub mod workload;

@@ -32,3 +32,7 @@ pub const MESSAGE: u16 = 0x600;
 /// [`crate::paging::SwapRequest`] stored at that address (the paravirtual
 /// swap device of the guest-paging workloads).
 pub const SWAP: u16 = 0x610;
+
+/// Writing a 32-bit guest-physical address here asks the VMM to start the
+/// application processor an [`crate::smp::ApStart`] at that address names.
+pub const AP_START: u16 = 0x620;

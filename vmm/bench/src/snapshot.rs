@@ -235,7 +235,7 @@ struct MicroSamples {
 
 fn live<'a>(vm: &'a memvisor::vm::Vm, vcpu: &'a kvm_ioctls::VcpuFd, config: &'a VmConfig) -> Live<'a> {
     let devices = Devices::new(Box::new(std::io::sink())).state();
-    Live { kvm: vm.kvm(), vm_fd: vm.fd(), vcpu, ram: vm.ram(), config, devices, guest_idle: None, irqchip: vm.has_irqchip(), skip: Vec::new() }
+    Live { kvm: vm.kvm(), vm_fd: vm.fd(), vcpus: vec![vcpu], ram: vm.ram(), config, devices, guest_idle: None, irqchip: vm.has_irqchip(), skip: Vec::new() }
 }
 
 /// How long after the guest resumed looping the stop is asked for.

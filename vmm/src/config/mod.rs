@@ -23,6 +23,11 @@ pub use choices::{Backing, DirtyMode, GuestPage, NumaPolicy};
 /// Default guest memory: 256 MiB.
 pub const DEFAULT_MEM_SIZE: u64 = 256 << 20;
 
+/// Most vCPUs a VM may have: the guest's per-CPU tables
+/// (`memvisor_abi::smp::MAX_CPUS`). The host's KVM may allow fewer
+/// (KVM_CAP_MAX_VCPUS), checked when the VM is created.
+pub const MAX_VCPUS: u32 = memvisor_abi::smp::MAX_CPUS;
+
 /// Errors in configuration values or files.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -55,11 +60,8 @@ pub enum ConfigError {
     #[error("{0}")]
     BalloonWorkload(&'static str),
     /// A vCPU count out of range.
-    #[error("vCPU count must be between 1 and 254, not {0}")]
+    #[error("vCPU count must be between 1 and {MAX_VCPUS}, not {0}")]
     BadVcpus(u32),
-    /// More than one vCPU, which memvisor does not run yet.
-    #[error("{0} vCPUs asked for, but memvisor runs one vCPU for now (its guest is uniprocessor; SMP start-up is not implemented)")]
-    Smp(u32),
     /// The config file could not be read.
     #[error("cannot read config file {path}")]
     ReadFile {
@@ -318,11 +320,8 @@ impl VmConfig {
                 return Err(ConfigError::BalloonWorkload("balloon without rounds=R or oom=SIZE serves until shut down: add --api-socket PATH (or give rounds or oom)"));
             }
         }
-        if !(1..=254).contains(&self.vcpus) {
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(ConfigError::BadVcpus(self.vcpus));
-        }
-        if self.vcpus > 1 {
-            return Err(ConfigError::Smp(self.vcpus));
         }
         match (self.numa_policy, self.numa_nodes.is_empty()) {
             (Some(p), true) => return Err(ConfigError::Numa(format!("NUMA policy {p} needs --numa-nodes"))),
@@ -369,9 +368,12 @@ mod tests {
     }
 
     #[test]
-    fn more_than_one_vcpu_is_refused_until_smp_exists() {
-        let c = ConfigFile { vcpus: Some(2), ..Default::default() };
-        assert!(matches!(c.into_vm_config(), Err(ConfigError::Smp(2))));
+    fn vcpu_counts_outside_one_to_the_maximum_are_refused() {
+        let mk = |n| ConfigFile { vcpus: Some(n), ..Default::default() }.into_vm_config();
+        assert!(mk(2).is_ok());
+        assert!(mk(MAX_VCPUS).is_ok());
+        assert!(matches!(mk(0), Err(ConfigError::BadVcpus(0))));
+        assert!(matches!(mk(MAX_VCPUS + 1), Err(ConfigError::BadVcpus(_))));
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub enum IoAction {
     /// The guest asked the swap device to perform the request at this
     /// guest-physical address ([`swap::SwapDevice::handle`]).
     Swap(u64),
+    /// The guest asked to start the application processor its
+    /// `memvisor_abi::smp::ApStart` at this guest-physical address names.
+    StartAp(u64),
 }
 
 /// Counters of accesses nobody handles.
@@ -138,6 +141,7 @@ impl Devices {
             ports::DEBUG_EXIT => IoAction::Exit(le_value(data)),
             ports::MESSAGE if data.len() == 4 => IoAction::Message(u64::from(le_value(data))),
             ports::SWAP if data.len() == 4 => IoAction::Swap(u64::from(le_value(data))),
+            ports::AP_START if data.len() == 4 => IoAction::StartAp(u64::from(le_value(data))),
             _ => {
                 self.unhandled_port(port, "write");
                 IoAction::Continue

@@ -88,20 +88,20 @@ impl MachineHandle {
         self.control.call(Box::new(|m| to_json(m.devices.swap.stats())))
     }
 
-    /// Explains how `gva` translates under the current CR3.
+    /// Explains how `gva` translates under vCPU 0's current CR3.
     ///
     /// # Errors
     /// Why it does not translate, or the VM has exited.
     pub fn translate(&self, gva: u64) -> JobResult {
-        self.control.call(Box::new(move |m| crate::translate::ready::explain_json(m.vm.ram(), &m.vcpu, m.mode, gva)))
+        self.control.call(Box::new(move |m| crate::translate::ready::explain_json(m.vm.ram(), m.vcpu(0)?, m.mode, gva)))
     }
 
-    /// Every mapping under the current CR3.
+    /// Every mapping under vCPU 0's current CR3.
     ///
     /// # Errors
     /// Why the tables cannot be listed, or the VM has exited.
     pub fn translation_map(&self) -> JobResult {
-        self.control.call(Box::new(|m| crate::translate::ready::map_json(m.vm.ram(), &m.vcpu)))
+        self.control.call(Box::new(|m| crate::translate::ready::map_json(m.vm.ram(), m.vcpu(0)?)))
     }
 
     /// Switches dirty logging on or off, for memslot `slot` or all.

@@ -1,10 +1,12 @@
 //! A built VM and its run loop.
 //!
-//! A [`Machine`] is the VM, its vCPU, devices, dirty tracker and snapshot
+//! A [`Machine`] is the VM, its vCPUs, devices, dirty tracker and snapshot
 //! chain, however it came to be (booted by [`crate::vmm::run`] or restored
-//! by [`crate::restore::restore`]). [`Machine::drive`] runs the vCPU in the
-//! calling thread until the guest exits, idles and is shut down, or dies,
-//! serving the jobs of its [`VmControl`] between `KVM_RUN`s. Guest messages
+//! by [`crate::restore::restore`]). [`Machine::drive`] runs one thread per
+//! vCPU (vCPU 0 on the calling thread) until the guest exits, idles and is
+//! shut down, or dies. While it runs, the machine is the VM's shared state
+//! in its [`VmControl`]: a vCPU thread locks it to handle an exit, and a
+//! job from another thread gets it with every vCPU parked. Guest messages
 //! are decoded and timestamped here and handed to the run's
 //! [`RunObserver`]s; nothing the guest writes is trusted (a message outside
 //! RAM or of an unknown kind is counted and ignored).
@@ -16,24 +18,21 @@ pub mod error;
 pub mod handle;
 pub mod observer;
 pub mod outcome;
+pub mod smp;
+pub mod vcpu_loop;
 pub mod verifier;
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress};
-
-use memvisor_abi::Pod as _;
-use memvisor_abi::msg::{Message, Report};
+use kvm_ioctls::VcpuFd;
 
 use crate::config::VmConfig;
-use crate::control::{Kick, VmControl, Work};
-use crate::devices::{Devices, IoAction};
+use crate::control::VmControl;
+use crate::devices::Devices;
 use crate::dirty::DirtyTracker;
 use crate::host::TranslationMode;
 use crate::kvm_stats;
 use crate::memory::report;
 use crate::snapshot::SnapshotChain;
 use crate::timeline;
-use crate::vcpu::RegisterDump;
 use crate::vm::Vm;
 
 pub use error::VmmError;
@@ -41,14 +40,6 @@ pub use handle::MachineHandle;
 pub use observer::{GuestContext, RunObserver};
 pub use outcome::{BootTimings, RunOutcome, TimedReport};
 pub use verifier::{Verifier, VerifyJob};
-
-/// `KVM_EXIT_DIRTY_RING_FULL` (KVM api.rst, kvm_run exit reasons): a vCPU's
-/// dirty ring is full and must be harvested before it can run again.
-const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
-
-/// Most guest reports kept for the run report (a workload sends a few per
-/// round); later ones are counted, not kept.
-const MAX_REPORTS: usize = 100_000;
 
 /// A VM ready to run.
 #[derive(Debug)]
@@ -59,8 +50,9 @@ pub struct Machine {
     pub mode: TranslationMode,
     /// The VM and its memory.
     pub vm: Vm,
-    /// The vCPU.
-    pub vcpu: VcpuFd,
+    /// The vCPUs, by index: each is here while its thread is parked, so all
+    /// of them while a job runs; a running vCPU is held by its thread.
+    pub vcpus: Vec<Option<VcpuFd>>,
     /// The devices.
     pub devices: Devices,
     /// Dirty tracking, when prepared.
@@ -76,187 +68,128 @@ pub struct Machine {
     pub verifier: Option<Verifier>,
     /// What the workload adds to the run.
     pub observers: Vec<Box<dyn RunObserver>>,
-}
-
-/// What the run loop does after one exit.
-enum Flow {
-    Continue,
-    End(Result<u32, VmmError>),
-}
-
-/// The run's record of guest reports.
-#[derive(Default)]
-struct Reports {
-    kept: Vec<TimedReport>,
-    bad: u64,
-    dropped: u64,
-    timings: BootTimings,
+    /// Application processors the guest asked to start, by index
+    /// ([`smp`]); each vCPU's thread applies its own.
+    pub ap_starts: Vec<Option<smp::ApState>>,
+    /// Which vCPUs have been started (vCPU 0 from the first); a restored
+    /// VM's are all running already.
+    pub started_aps: Vec<bool>,
+    /// The guest's reports and the boot milestones.
+    log: vcpu_loop::Reports,
+    /// How the run ended, once a vCPU thread ended it.
+    end: Option<Result<u32, VmmError>>,
 }
 
 impl Machine {
+    /// A machine of `vm` with `vcpus` (index order; vCPU 0 first), ready to
+    /// [`drive`](Self::drive).
+    #[must_use]
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(config: VmConfig, mode: TranslationMode, vm: Vm, vcpus: Vec<VcpuFd>, devices: Devices, tracker: Option<DirtyTracker>, chain: SnapshotChain, stay_up: bool) -> Self {
+        let n = vcpus.len();
+        Machine {
+            config,
+            mode,
+            vm,
+            vcpus: vcpus.into_iter().map(Some).collect(),
+            devices,
+            tracker,
+            chain,
+            guest_idle: None,
+            stay_up,
+            verifier: None,
+            observers: Vec::new(),
+            ap_starts: (0..n).map(|_| None).collect(),
+            started_aps: (0..n).map(|i| i == 0).collect(),
+            log: vcpu_loop::Reports::default(),
+            end: None,
+        }
+    }
+
+    /// vCPU `index`, parked (every vCPU is while a job runs).
+    ///
+    /// # Errors
+    /// A message when there is no such vCPU.
+    pub fn vcpu(&self, index: usize) -> Result<&VcpuFd, String> {
+        self.vcpus.get(index).and_then(Option::as_ref).ok_or_else(|| format!("no parked vCPU {index}"))
+    }
+
+    /// Every vCPU, when all are parked (as in a job), in index order.
+    #[must_use]
+    pub fn parked_vcpus(&self) -> Vec<&VcpuFd> {
+        self.vcpus.iter().flatten().collect()
+    }
+
+    /// Ends the run with `result` unless it has ended already.
+    fn end_with(&mut self, result: Result<u32, VmmError>) {
+        if self.end.is_none() {
+            self.end = Some(result);
+        }
+    }
+
     /// Runs until the end and builds the outcome. `control` is the VM's
-    /// (its [`MachineHandle`]'s); this thread is its vCPU thread.
+    /// (its [`MachineHandle`]'s); this thread is vCPU 0's, and one more
+    /// thread runs each other vCPU.
     ///
     /// # Errors
     /// [`VmmError`] when the guest dies or KVM fails.
     pub fn drive(mut self, control: &VmControl<Machine>) -> Result<RunOutcome, VmmError> {
-        let mut log = Reports { timings: BootTimings { vcpu_start_us: timeline::since_start_us(), ..Default::default() }, ..Default::default() };
-        let immediate_exit = &raw mut self.vcpu.get_kvm_run().immediate_exit;
-        // SAFETY: the byte is in this vCPU's kvm_run mapping, which lives as
-        // long as `self.vcpu`; `control.exited()` below unregisters the kick
-        // before this function returns and so before the vCPU can be dropped.
-        control.vcpu_started(unsafe { Kick::new(immediate_exit) });
-        if self.guest_idle.is_some() {
-            control.guest_idled();
+        self.log.timings.vcpu_start_us = timeline::since_start_us();
+        let exits: Vec<vcpu_loop::ImmediateExit> = self.vcpus.iter_mut().flatten().map(vcpu_loop::ImmediateExit::of).collect();
+        let idle = self.guest_idle;
+        let stay_up = self.stay_up;
+        if let (Some(status), false) = (idle, stay_up) {
+            // Restored from an idle snapshot with nobody to serve.
+            self.end_with(Ok(status));
         }
-        let result = loop {
-            if let Some(status) = self.guest_idle.filter(|_| !self.stay_up) {
-                // Restored from an idle snapshot with nobody to serve.
-                break Ok(status);
+        control.install(self, exits.len());
+        if idle.is_some() {
+            if stay_up {
+                control.guest_idled();
+            } else {
+                control.stop();
             }
-            match control.next_work() {
-                Work::Run => {}
-                Work::Stop => break Ok(self.guest_idle.unwrap_or(0)),
-                // The only abort is a lazy restore's failed image check.
-                Work::Abort(why) => break Err(crate::snapshot::SnapshotError::Corrupt(why).into()),
-                Work::Jobs(jobs) => {
-                    for job in jobs {
-                        job.run(&mut self);
-                    }
-                    continue;
+        }
+        std::thread::scope(|s| {
+            let mut exits = exits.into_iter().enumerate();
+            let first = exits.next();
+            for (index, exit) in exits {
+                let spawned = std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(s, move || vcpu_loop::run(index, exit, control));
+                if let Err(e) = spawned {
+                    log::error!("cannot start the thread of vCPU {index}: {e}");
+                    control.abort(format!("cannot start the thread of vCPU {index}"));
                 }
             }
-            let exit = match self.vcpu.run() {
-                Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => break Err(VmmError::Run(e)),
-            };
-            if log.timings.first_exit_us.is_none() {
-                log.timings.first_exit_us = Some(timeline::since_start_us());
+            if let Some((index, exit)) = first {
+                vcpu_loop::run(index, exit, control);
             }
-            let flow = match exit {
-                VcpuExit::IoOut(port, data) => match self.devices.port_out(port, data) {
-                    IoAction::Continue => Flow::Continue,
-                    IoAction::Exit(status) => Flow::End(Ok(status)),
-                    IoAction::Reset => {
-                        log::info!("the guest reset the machine (i8042 reset line); the VM ends");
-                        Flow::End(Ok(0))
-                    }
-                    IoAction::Swap(gpa) => {
-                        self.devices.swap.handle(self.vm.ram().memory(), gpa);
-                        Flow::Continue
-                    }
-                    IoAction::Message(gpa) => self.on_message(gpa, &mut log, control),
-                },
-                VcpuExit::IoIn(port, data) => {
-                    self.devices.port_in(port, data);
-                    Flow::Continue
-                }
-                VcpuExit::MmioRead(addr, data) => {
-                    self.devices.mmio_read(addr, data);
-                    if self.devices.take_idle_hint() {
-                        // A polling guest with nothing to do: wait for host
-                        // work (a job, e.g. a new balloon target) a little.
-                        control.idle_wait(std::time::Duration::from_millis(1));
-                    }
-                    Flow::Continue
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    self.devices.mmio_write(addr, data, self.vm.ram());
-                    Flow::Continue
-                }
-                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => match self.tracker.as_mut().map(|t| t.on_ring_full(self.vm.fd())) {
-                    Some(Err(e)) => Flow::End(Err(e.into())),
-                    _ => Flow::Continue,
-                },
-                VcpuExit::Shutdown => Flow::End(Err(VmmError::TripleFault(Box::new(RegisterDump::read(&self.vcpu))))),
-                VcpuExit::Hlt => Flow::End(Err(VmmError::Halted(Box::new(RegisterDump::read(&self.vcpu))))),
-                VcpuExit::InternalError => Flow::End(Err(self.guest_failed("internal error: instruction emulation failed".into()))),
-                VcpuExit::FailEntry(reason, cpu) => Flow::End(Err(self.guest_failed(format!("entry failed, hardware reason {reason:#x} on cpu {cpu}")))),
-                other => {
-                    log::warn!("unexpected vCPU exit {other:?}; resuming");
-                    Flow::Continue
-                }
-            };
-            if let Flow::End(r) = flow {
-                break r;
-            }
+        });
+        let Some(mut m) = control.take() else {
+            return Err(VmmError::KvmThread("ended without its machine"));
         };
-        self.devices.flush();
-        if log.timings.end_us == 0.0 {
-            log.timings.end_us = timeline::since_start_us();
+        m.devices.flush();
+        if m.log.timings.end_us == 0.0 {
+            m.log.timings.end_us = timeline::since_start_us();
         }
         control.exited();
-        if log.dropped > 0 {
-            log::warn!("the guest sent {} reports beyond the {MAX_REPORTS} kept", log.dropped);
+        if m.log.dropped > 0 {
+            log::warn!("the guest sent {} reports beyond the {} kept", m.log.dropped, vcpu_loop::MAX_REPORTS);
         }
-        let unverified = self.verifier.take().and_then(Verifier::finish);
-        let exit_status = result?;
+        let unverified = m.verifier.take().and_then(Verifier::finish);
+        let exit_status = m.end.take().unwrap_or(Ok(0))?;
         if let Some(why) = unverified {
             return Err(crate::snapshot::SnapshotError::Corrupt(why).into());
         }
-        self.outcome(exit_status, log)
-    }
-
-    fn guest_failed(&self, what: String) -> VmmError {
-        VmmError::GuestFailed { what, regs: Box::new(RegisterDump::read(&self.vcpu)) }
-    }
-
-    /// A message port write: decodes the report at `gpa`, records it and
-    /// hands it to the observers (the guest waits in its port write).
-    fn on_message(&mut self, gpa: u64, log: &mut Reports, control: &VmControl<Machine>) -> Flow {
-        let mut bytes = [0u8; Message::SIZE];
-        let decoded = self
-            .vm
-            .ram()
-            .memory()
-            .read_slice(&mut bytes, GuestAddress(gpa))
-            .ok()
-            .and_then(|()| Message::from_bytes(&bytes))
-            .and_then(|m| Report::decode(&m).ok());
-        let Some(report) = decoded else {
-            log.bad += 1;
-            log::warn!("guest sent an invalid message at {gpa:#x}; ignored");
-            return Flow::Continue;
-        };
-        let at_us = timeline::since_start_us();
-        match report {
-            Report::Hello { .. } if log.timings.first_report_us.is_none() => log.timings.first_report_us = Some(at_us),
-            Report::Ready { .. } => log.timings.ready_us = Some(at_us),
-            _ => {}
-        }
-        // Bounded: a guest that reports without end cannot grow the VMM's
-        // memory without end.
-        if log.kept.len() < MAX_REPORTS {
-            log.kept.push(TimedReport { at_us, report });
-        } else {
-            log.dropped += 1;
-        }
-        let mut guest = GuestContext { vm: &self.vm, vcpu: &self.vcpu, tracker: self.tracker.as_mut(), mode: self.mode };
-        for o in &mut self.observers {
-            if let Err(e) = o.on_report(&report, &mut guest) {
-                return Flow::End(Err(e));
-            }
-        }
-        if let Report::Idle { status } = report {
-            self.devices.flush();
-            log.timings.end_us = at_us;
-            if !self.stay_up {
-                return Flow::End(Ok(status));
-            }
-            // The guest is never entered again; the loop serves jobs until
-            // shutdown.
-            self.guest_idle = Some(status);
-            control.guest_idled();
-        }
-        Flow::Continue
+        m.outcome(exit_status)
     }
 
     /// The outcome of a run that ended with `exit_status`.
-    fn outcome(mut self, exit_status: u32, log: Reports) -> Result<RunOutcome, VmmError> {
-        let kvm_stats = kvm_stats::collect(self.vm.kvm(), self.vm.fd(), &[&self.vcpu]);
+    fn outcome(mut self, exit_status: u32) -> Result<RunOutcome, VmmError> {
+        let fds = self.parked_vcpus();
+        let kvm_stats = kvm_stats::collect(self.vm.kvm(), self.vm.fd(), &fds);
         let kvm_mappings = report::kvm_mappings(&kvm_stats, self.mode);
         let memory = report::regions(self.vm.ram())?;
+        let log = std::mem::take(&mut self.log);
         let mut outcome = RunOutcome {
             exit_status,
             reports: log.kept,
@@ -276,18 +209,20 @@ impl Machine {
             boot_phases: timeline::marks(),
             config: self.config.clone(),
         };
-        let mut guest = GuestContext { vm: &self.vm, vcpu: &self.vcpu, tracker: self.tracker.as_mut(), mode: self.mode };
-        for o in std::mem::take(&mut self.observers) {
-            o.finish(&mut guest, &mut outcome);
+        let observers = std::mem::take(&mut self.observers);
+        if let Some(Some(vcpu)) = self.vcpus.first() {
+            let mut guest = GuestContext { vm: &self.vm, vcpu, tracker: self.tracker.as_mut(), mode: self.mode };
+            for o in observers {
+                o.finish(&mut guest, &mut outcome);
+            }
         }
         // Last, so that it counts everything the run allocated.
         outcome.vmm_memory = report::process_memory(self.vm.ram());
         Ok(outcome)
     }
 
-    /// Captures a snapshot (on the vCPU thread, the vCPU stopped); the
-    /// caller makes it durable with [`crate::snapshot::Captured::persist`],
-    /// after the vCPU resumed.
+    /// Captures a snapshot (every vCPU parked); the caller makes it durable
+    /// with [`crate::snapshot::Captured::persist`], after the vCPUs resumed.
     ///
     /// # Errors
     /// [`crate::snapshot::SnapshotError`].
@@ -296,7 +231,7 @@ impl Machine {
     }
 
     /// A diff's first stop ([`crate::snapshot::diff::begin`]): harvests the
-    /// dirty log; the caller pre-copies the pages while the vCPU runs, then
+    /// dirty log; the caller pre-copies the pages while the vCPUs run, then
     /// calls [`Machine::finish_diff`].
     ///
     /// # Errors
@@ -328,11 +263,15 @@ impl Machine {
                 "the guest has {swapped} pages in the swap device, whose store snapshots do not save; take the snapshot before the paging workload swaps or after it ends"
             )));
         }
+        let vcpus: Vec<&VcpuFd> = self.vcpus.iter().flatten().collect();
+        if vcpus.len() != self.vcpus.len() {
+            return Err(crate::snapshot::SnapshotError::Unsupported("a vCPU is running; snapshots are taken with every vCPU parked".into()));
+        }
         let tracker = self.tracker.as_mut().ok_or(crate::snapshot::SnapshotError::NoBase)?;
         let live = crate::snapshot::Live {
             kvm: self.vm.kvm(),
             vm_fd: self.vm.fd(),
-            vcpu: &self.vcpu,
+            vcpus,
             ram: self.vm.ram(),
             config: &self.config,
             devices: self.devices.state(),

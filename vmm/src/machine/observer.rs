@@ -30,7 +30,7 @@ pub struct GuestContext<'a> {
 }
 
 /// Follows a run's guest reports.
-pub trait RunObserver: std::fmt::Debug {
+pub trait RunObserver: std::fmt::Debug + Send {
     /// A report arrived (after the run loop recorded it).
     ///
     /// # Errors

@@ -482,7 +482,7 @@ mod tests {
         fn parts(&mut self) -> (Live<'_>, &mut DirtyTracker, &mut SnapshotChain) {
             let w = &mut self.w;
             let devices = crate::devices::Devices::new(Box::new(std::io::sink())).state();
-            let live = Live { kvm: w.vm.kvm(), vm_fd: w.vm.fd(), vcpu: &w.vcpu, ram: w.vm.ram(), config: &self.config, devices, guest_idle: None, irqchip: w.vm.has_irqchip(), skip: Vec::new() };
+            let live = Live { kvm: w.vm.kvm(), vm_fd: w.vm.fd(), vcpus: vec![&w.vcpu], ram: w.vm.ram(), config: &self.config, devices, guest_idle: None, irqchip: w.vm.has_irqchip(), skip: Vec::new() };
             (live, &mut w.tracker, &mut self.chain)
         }
 

@@ -209,8 +209,8 @@ pub struct Live<'a> {
     pub kvm: &'a kvm_ioctls::Kvm,
     /// The VM fd.
     pub vm_fd: &'a kvm_ioctls::VmFd,
-    /// The stopped vCPU.
-    pub vcpu: &'a kvm_ioctls::VcpuFd,
+    /// The stopped vCPUs, in index order.
+    pub vcpus: Vec<&'a kvm_ioctls::VcpuFd>,
     /// Guest RAM.
     pub ram: &'a crate::memory::GuestRam,
     /// The configuration.
@@ -351,7 +351,7 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
 /// Saves vCPU, irqchip and device state (the vCPU stopped).
 fn save_state(live: &Live<'_>) -> Result<SavedState, SnapshotError> {
     Ok(SavedState {
-        vcpus: vec![VcpuState::save(live.kvm, live.vcpu, live.irqchip)?],
+        vcpus: live.vcpus.iter().map(|v| VcpuState::save(live.kvm, v, live.irqchip)).collect::<Result<_, _>>()?,
         irqchip: if live.irqchip { Some(irqchip::IrqchipState::save(live.vm_fd)?) } else { None },
         devices: live.devices.clone(),
         guest_idle: live.guest_idle.is_some(),
