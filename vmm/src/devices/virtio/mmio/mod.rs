@@ -339,7 +339,7 @@ mod tests {
     use crate::devices::virtio::balloon::Balloon;
     use memvisor_abi::virtio::{F_STATS_VQ, F_VERSION_1, mmio as r};
 
-    const BASE: u64 = memvisor_abi::virtio::BALLOON_MMIO_BASE;
+    const BASE: u64 = crate::layout::BALLOON.base.0;
 
     fn rd(t: &mut MmioTransport<Balloon>, off: u64) -> u32 {
         let mut b = [0u8; 4];
