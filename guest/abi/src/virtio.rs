@@ -1,18 +1,14 @@
-//! The virtio-balloon device as both sides see it: where it is, the
-//! virtio-mmio register offsets the guest driver uses, and the balloon's
-//! feature bits, configuration layout and statistics tags.
+//! The virtio-balloon device as both sides see it: the virtio-mmio
+//! register offsets the guest driver uses, and the balloon's feature bits,
+//! configuration layout and statistics tags. Where the device is, the guest
+//! learns from the kernel command line ([`crate::cmdline`]).
 //!
 //! Numbers are from the virtio 1.2 specification (OASIS, "Virtual I/O
 //! Device (VIRTIO) Version 1.2"): §4.2.2 for the MMIO registers, §2.1 for
-//! the status bits, §5.5 for the balloon. The VMM takes the transport's
-//! register offsets from `virtio-bindings`; the `no_std` guest cannot, so
-//! they are repeated here for it (a unit test in the VMM checks that the
-//! two agree).
-
-/// Guest-physical base of the balloon's virtio-mmio window.
-pub const BALLOON_MMIO_BASE: u64 = crate::layout::VIRTIO_MMIO_BASE;
-/// The GSI (IOAPIC input) the balloon's interrupt is wired to.
-pub const BALLOON_GSI: u32 = 5;
+//! the status bits, §5.5 for the balloon.
+//! The VMM takes the transport's register offsets from `virtio-bindings`;
+//! the `no_std` guest cannot, so they are repeated here for it (a unit test
+//! in the VMM checks that the two agree).
 
 /// virtio-mmio register offsets (§4.2.2, "MMIO Device Register Layout").
 pub mod mmio {

@@ -9,6 +9,8 @@
 //! write, so the driver never has to track free descriptors. Ring-0 code is
 //! slow here (every instruction emulated), so this stays minimal.
 
+use memvisor_abi::cmdline::VirtioMmioDevice;
+use memvisor_abi::layout::PAGE_SIZE;
 use memvisor_abi::virtio::{desc, mmio, status};
 use memvisor_guest_mm::paging::{FrameSource, MapError, PageSize, PageTableEntry as Pte, PhysAddr, VirtAddr};
 
@@ -30,6 +32,8 @@ pub enum SetupError {
     NoMemory,
     /// A queue the driver needs does not exist or is too small.
     NoQueue,
+    /// The device's IRQ is not an input of the IOAPIC the kernel knows.
+    NoIrqRoute,
 }
 
 /// A virtio-mmio register window.
@@ -39,23 +43,40 @@ pub struct Mmio {
 }
 
 impl Mmio {
-    /// Maps the window at `base` (uncached, kernel-only) into the kernel's
-    /// identity map and checks the magic, version and device type.
+    /// Maps the start of `window` (uncached, kernel-only; up to a page of
+    /// registers, page by page, since windows need not be page-aligned:
+    /// QEMU's are 512 bytes apart) into the kernel's identity map and
+    /// checks the magic, version and device type.
     ///
     /// # Errors
-    /// [`SetupError::NoMemory`] or [`SetupError::NoDevice`].
-    pub fn probe(k: &mut Kernel, base: u64, device_id: u32) -> Result<Self, SetupError> {
-        let va = VirtAddr::new(base).ok_or(SetupError::NoDevice)?;
-        let pa = PhysAddr::new(base).ok_or(SetupError::NoDevice)?;
-        match k.mapper.map_range(k.root, va, pa, memvisor_abi::layout::PAGE_SIZE, PageSize::Size4K, Pte::WRITABLE | Pte::NO_EXECUTE | Pte::CACHE_DISABLE) {
-            Ok(()) | Err(MapError::AlreadyMapped(_)) => {}
-            Err(_) => return Err(SetupError::NoMemory),
+    /// [`SetupError::NoMemory`], or [`SetupError::NoDevice`] when no such
+    /// device answers there (or the window cannot be mapped: it is not
+    /// addressable, or lies in the kernel's own memory).
+    pub fn probe(k: &mut Kernel, window: &VirtioMmioDevice, device_id: u32) -> Result<Self, SetupError> {
+        let first = window.base & !(PAGE_SIZE - 1);
+        PhysAddr::new(window.base).ok_or(SetupError::NoDevice)?;
+        // Below 2^52 (checked above), so none of this overflows.
+        let end = (window.base + window.size.min(PAGE_SIZE)).next_multiple_of(PAGE_SIZE);
+        for page in (first..end).step_by(PAGE_SIZE as usize) {
+            let va = VirtAddr::new(page).ok_or(SetupError::NoDevice)?;
+            let pa = PhysAddr::new(page).ok_or(SetupError::NoDevice)?;
+            match k.mapper.map_range(k.root, va, pa, PAGE_SIZE, PageSize::Size4K, Pte::WRITABLE | Pte::NO_EXECUTE | Pte::CACHE_DISABLE) {
+                // Another window in the same page mapped it already.
+                Ok(()) | Err(MapError::AlreadyMapped(_)) => {}
+                Err(MapError::OutOfFrames) => return Err(SetupError::NoMemory),
+                Err(_) => return Err(SetupError::NoDevice),
+            }
         }
-        let m = Mmio { base };
+        let m = Mmio { base: window.base };
         if m.read(mmio::MAGIC_VALUE) != mmio::MAGIC || m.read(mmio::VERSION) != 2 || m.read(mmio::DEVICE_ID) != device_id {
             return Err(SetupError::NoDevice);
         }
         Ok(m)
+    }
+
+    /// The window's guest-physical base.
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     /// Reads a 32-bit register.
