@@ -319,7 +319,7 @@ impl Balloon {
             return 0;
         }
         let (buf, n) = self.fill(&runs[..nr]);
-        self.inflate.submit(&self.m, &[(buf, (n * 4) as u32, false)]);
+        self.inflate.submit_and_wait(&self.m, &[(buf, (n * 4) as u32, false)]);
         self.set_actual(self.actual + pages);
         pages
     }
@@ -355,7 +355,7 @@ impl Balloon {
             return (0, 0, 0);
         }
         let (buf, n) = self.fill(&runs[..nr]);
-        self.deflate.submit(&self.m, &[(buf, (n * 4) as u32, false)]);
+        self.deflate.submit_and_wait(&self.m, &[(buf, (n * 4) as u32, false)]);
         let good = verify(k, &taken[..nr]);
         for &(a, len) in &taken[..nr] {
             let _ = k.buddy().free(a, (len / PAGE_SIZE).trailing_zeros() as usize);
@@ -403,7 +403,7 @@ impl Balloon {
                 chain[c] = (a + off, part as u32, true);
                 c += 1;
                 if c == REPORT_CHAIN {
-                    q.submit(&self.m, &chain[..c]);
+                    q.submit_and_wait(&self.m, &chain[..c]);
                     c = 0;
                 }
                 off += part;
@@ -411,7 +411,7 @@ impl Balloon {
             bytes += len;
         }
         if c > 0 {
-            q.submit(&self.m, &chain[..c]);
+            q.submit_and_wait(&self.m, &chain[..c]);
         }
         for i in 0..n {
             // SAFETY: as above.
