@@ -524,6 +524,10 @@ pub fn run(k: &mut Kernel, params: [u64; 7]) -> u32 {
         let target = u64::from(b.m.config_read(CONFIG_NUM_PAGES));
         if target > b.actual {
             if b.inflate_step(k, target - b.actual) > 0 {
+                // Counted here, not once the loop next sees the target met:
+                // a host that lowers the target as soon as `actual` meets it
+                // must not lose a round.
+                was_full = true;
                 continue;
             }
         } else if target < b.actual {
@@ -541,7 +545,6 @@ pub fn run(k: &mut Kernel, params: [u64; 7]) -> u32 {
         if b.actual != last_sent {
             send(Event::BalloonActual, b.actual, target);
             last_sent = b.actual;
-            was_full |= b.actual > 0;
         }
         if rounds > 0 && done >= rounds {
             b.stop(k);
