@@ -228,3 +228,19 @@ fn the_driver_can_sleep_until_the_balloon_interrupts_it() {
     assert!(injections >= 3, "two target changes and a stats request were interrupts: {injections} injected");
     assert!(halts >= 3, "the guest halted while it waited: {halts} halts");
 }
+
+#[test]
+fn the_guest_probes_every_announced_window_until_it_finds_the_balloon() {
+    // The user's command line comes first, so the guest meets these two
+    // announced windows, where nothing answers (an unhandled MMIO read is
+    // all ones, not the virtio magic), before the VMM's own announcement
+    // of the balloon; the first is 512-byte aligned, as QEMU's are.
+    let decoys = "virtio_mmio.device=512@0xd0010e00:12 virtio_mmio.device=4K@0xd0020000:6";
+    let r = Vmm::run_json(["--mem", "256M", "--balloon", "16M", "--workload", "balloon:oom=4M", "--cmdline", decoys]).timeout(Duration::from_secs(300)).output();
+    r.assert_success();
+    let report = r.json();
+    assert_eq!(events(&report, "BalloonOomDeflated").len(), 1, "the driver started and ran: {}", report["workload_events"]);
+    assert_eq!(report["balloon"]["actual_bytes"].as_u64(), Some(16 * MIB), "{}", report["balloon"]);
+    let probes = report["unhandled"]["mmio_accesses"].as_u64().unwrap_or(0);
+    assert!(probes >= 2, "each decoy window was probed: {}", report["unhandled"]);
+}

@@ -25,6 +25,26 @@ pub const MMIO_HOLE_START: GuestAddress = GuestAddress(abi::MMIO_HOLE_START);
 /// RAM above 4 GiB.
 pub const MMIO_HOLE_END: GuestAddress = GuestAddress(abi::MMIO_HOLE_END);
 
+/// Where a virtio-mmio device sits: its register window and the GSI (the
+/// in-kernel IOAPIC's input) its interrupt raises. The guest learns both
+/// from the command line (`crate::boot::cmdline`), never from a constant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioSlot {
+    /// Base of the register window.
+    pub base: GuestAddress,
+    /// Size of the window.
+    pub size: u64,
+    /// The GSI of its interrupt.
+    pub gsi: u32,
+}
+
+/// The balloon: the first virtio-mmio window, on GSI 5. GSIs below 24 are
+/// the IOAPIC's pins in KVM's default routing (`KVM_CREATE_IRQCHIP`, KVM
+/// api.rst); 5 is the first ISA IRQ a PC without a second parallel port
+/// leaves free, where Firecracker starts its virtio IRQs too
+/// (`arch::x86_64::layout::IRQ_BASE`).
+pub const BALLOON: VirtioMmioSlot = VirtioMmioSlot { base: GuestAddress(abi::VIRTIO_MMIO_BASE), size: abi::VIRTIO_MMIO_SIZE, gsi: 5 };
+
 /// One contiguous range of guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RamRange {

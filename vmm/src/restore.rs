@@ -332,7 +332,7 @@ fn restore_balloon(config: &VmConfig, state: &snapshot::SavedState, ram: &GuestR
     if state.irqchip.is_none() {
         return Err(SnapshotError::Corrupt("a VM with a balloon has an in-kernel irqchip, but the snapshot holds no irqchip state".into()).into());
     }
-    let t = crate::devices::virtio::balloon::state::restore(saved, ram, memvisor_abi::virtio::BALLOON_MMIO_BASE, None).map_err(SnapshotError::from)?;
+    let t = crate::devices::virtio::balloon::state::restore(saved, ram, crate::layout::BALLOON.base.0, None).map_err(SnapshotError::from)?;
     Ok(Some(t))
 }
 
@@ -364,7 +364,7 @@ fn load_vcpus(vm: &Vm, chain: &Chain, mut tracker: Option<&mut DirtyTracker>, ba
     if let Some(mut b) = balloon {
         // The same wiring as at boot: an irqfd on the balloon's GSI of the
         // restored IOAPIC, whose routing the guest programmed (or not).
-        b.set_irqfd(Some(vm.irqfd(memvisor_abi::virtio::BALLOON_GSI)?));
+        b.set_irqfd(Some(vm.irqfd(crate::layout::BALLOON.gsi)?));
         devices.balloon = Some(b);
     }
     Ok(vcpus)

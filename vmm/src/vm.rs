@@ -223,7 +223,7 @@ mod tests {
         vcpu.set_lapic(&lapic).unwrap();
         // Route the balloon's GSI: fixed delivery of VECTOR to APIC 0, edge,
         // unmasked (82093AA datasheet §3.2.4, redirection table entry).
-        let gsi = memvisor_abi::virtio::BALLOON_GSI;
+        let gsi = crate::layout::BALLOON.gsi;
         let mut chip = kvm_bindings::kvm_irqchip { chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC, ..Default::default() };
         vm.fd().get_irqchip(&mut chip).unwrap();
         // SAFETY: chip_id IOAPIC selects the ioapic member of the union.

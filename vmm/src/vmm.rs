@@ -109,9 +109,9 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     }
     let balloon = match config.balloon {
         Some(target) => {
-            let irqfd = vm.irqfd(memvisor_abi::virtio::BALLOON_GSI)?;
+            let irqfd = vm.irqfd(layout::BALLOON.gsi)?;
             let device = crate::devices::virtio::balloon::Balloon::new(vm.ram(), target);
-            Some(crate::devices::virtio::mmio::MmioTransport::new(device, memvisor_abi::virtio::BALLOON_MMIO_BASE, Some(irqfd)))
+            Some(crate::devices::virtio::mmio::MmioTransport::new(device, layout::BALLOON.base.0, Some(irqfd)))
         }
         None => None,
     };
@@ -131,7 +131,8 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     timeline::mark("create vCPU + CPUID + registers");
     let tsc_khz = vcpus[0].get_tsc_khz().map_or(0, u64::from);
     let boot_cfg = boot_config(config, mode, options.stay_up, options.skip_selftest, tsc_khz);
-    boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &config.cmdline, &boot_cfg)?;
+    let cmdline = boot::cmdline::with_virtio_mmio(&config.cmdline, balloon.as_ref().map(|_| layout::BALLOON).as_slice());
+    boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &cmdline, &boot_cfg)?;
     let mut devices = Devices::new(options.console);
     if vm.has_irqchip() {
         devices.connect_serial_irq(vm.irqfd(memvisor_abi::ports::COM1_GSI)?);

@@ -3,8 +3,9 @@
 //! Everything both sides must agree on lives here, once: the guest-physical
 //! layout ([`layout`]), the I/O ports ([`ports`]), the guest-paging workloads'
 //! policies, patterns and swap requests ([`paging`]), the boot configuration the
-//! VMM writes before the first instruction ([`boot`]) and the fixed-size
-//! report messages the guest sends back ([`msg`]).
+//! VMM writes before the first instruction ([`boot`]), the virtio-mmio
+//! devices announced on the kernel command line ([`cmdline`]) and the
+//! fixed-size report messages the guest sends back ([`msg`]).
 //!
 //! The crate is `no_std`, has no dependencies and contains no `unsafe` beyond
 //! the [`Pod`] byte views, so the VMM can decode anything a (possibly hostile)
@@ -12,6 +13,7 @@
 #![no_std]
 
 pub mod boot;
+pub mod cmdline;
 pub mod layout;
 pub mod msg;
 pub mod paging;

@@ -1,24 +1,20 @@
-//! The virtio-balloon device as both sides see it: where it is, the
-//! virtio-mmio register offsets the guest driver uses, and the balloon's
-//! feature bits, configuration layout and statistics tags.
+//! The virtio-balloon device as both sides see it: the virtio-mmio
+//! register offsets the guest driver uses, and the balloon's feature bits,
+//! configuration layout and statistics tags. Where the device is, the guest
+//! learns from the kernel command line ([`crate::cmdline`]).
 //!
 //! Numbers are from the virtio 1.2 specification (OASIS, "Virtual I/O
-//! Device (VIRTIO) Version 1.2"): §4.2.2 for the MMIO registers, §2.1 for
-//! the status bits, §5.5 for the balloon. The VMM takes the transport's
-//! register offsets from `virtio-bindings`; the `no_std` guest cannot, so
-//! they are repeated here for it (a unit test in the VMM checks that the
-//! two agree).
-
-/// Guest-physical base of the balloon's virtio-mmio window.
-pub const BALLOON_MMIO_BASE: u64 = crate::layout::VIRTIO_MMIO_BASE;
-/// The GSI (IOAPIC input) the balloon's interrupt is wired to.
-pub const BALLOON_GSI: u32 = 5;
+//! Device (VIRTIO) Version 1.2"): §4.2.2 for the MMIO registers (§4.2.4
+//! for the legacy ones), §2.1 for the status bits, §5.5 for the balloon.
+//! The VMM takes the transport's register offsets from `virtio-bindings`;
+//! the `no_std` guest cannot, so they are repeated here for it (a unit test
+//! in the VMM checks that the two agree).
 
 /// virtio-mmio register offsets (§4.2.2, "MMIO Device Register Layout").
 pub mod mmio {
     /// "virt" in little endian.
     pub const MAGIC_VALUE: u64 = 0x000;
-    /// 2 for the modern (virtio 1.x) layout.
+    /// 2 for the modern (virtio 1.x) layout, 1 for the legacy one (§4.2.4).
     pub const VERSION: u64 = 0x004;
     /// Device type (5: balloon, §5).
     pub const DEVICE_ID: u64 = 0x008;
@@ -30,12 +26,18 @@ pub mod mmio {
     pub const DRIVER_FEATURES: u64 = 0x020;
     /// Which 32 feature bits `DRIVER_FEATURES` writes.
     pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// Legacy only (§4.2.4): the guest's page size, the unit of `QUEUE_PFN`.
+    pub const GUEST_PAGE_SIZE: u64 = 0x028;
     /// Selects the queue the queue registers refer to.
     pub const QUEUE_SEL: u64 = 0x030;
     /// Largest size of the selected queue (0: no such queue).
     pub const QUEUE_NUM_MAX: u64 = 0x034;
     /// Size of the selected queue.
     pub const QUEUE_NUM: u64 = 0x038;
+    /// Legacy only: alignment of the selected queue's used ring.
+    pub const QUEUE_ALIGN: u64 = 0x03c;
+    /// Legacy only: page number of the selected queue (0: not in use).
+    pub const QUEUE_PFN: u64 = 0x040;
     /// The selected queue is ready.
     pub const QUEUE_READY: u64 = 0x044;
     /// Writing a queue index notifies the device.

@@ -3,12 +3,19 @@
 //!
 //! Read once, at entry, while the boot page tables still identity-map the
 //! low memory they live in; everything is copied into a [`BootInfo`] value.
+//! The command line is read in one pass over its words: test hooks, and
+//! the virtio-mmio devices it announces (`virtio_mmio.device=`, parsed by
+//! `memvisor_abi::cmdline`), which is how drivers find their devices.
 
 use memvisor_abi::boot::{BootConfig, E820_RAM, HVM_START_MAGIC, HvmMemmapEntry, HvmStartInfo};
+use memvisor_abi::cmdline::{self, VirtioMmioDevice};
 use memvisor_abi::layout;
 
 /// Most RAM ranges the kernel keeps track of.
 pub const MAX_RAM_RANGES: usize = 8;
+/// Most announced virtio-mmio devices the kernel keeps (QEMU's `microvm`
+/// announces one per device plugged in); later ones are ignored.
+pub const MAX_VIRTIO_MMIO: usize = 8;
 
 /// Command-line word: triple-fault at boot (tests the VMM's triple-fault path).
 const TRIPLE_FAULT_HOOK: &[u8] = b"memvisor.test=triple-fault";
@@ -32,6 +39,27 @@ pub enum TestHook {
     BadTables,
 }
 
+/// The virtio-mmio devices the command line announced, in its order.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VirtioMmioList {
+    devices: [VirtioMmioDevice; MAX_VIRTIO_MMIO],
+    len: usize,
+}
+
+impl VirtioMmioList {
+    /// The devices.
+    pub fn as_slice(&self) -> &[VirtioMmioDevice] {
+        &self.devices[..self.len]
+    }
+
+    fn push(&mut self, device: VirtioMmioDevice) {
+        if let Some(slot) = self.devices.get_mut(self.len) {
+            *slot = device;
+            self.len += 1;
+        }
+    }
+}
+
 /// The boot information the kernel uses.
 #[derive(Debug, Clone, Copy)]
 pub struct BootInfo {
@@ -43,6 +71,8 @@ pub struct BootInfo {
     pub config: BootConfig,
     /// The test hook the command line asks for.
     pub test_hook: TestHook,
+    /// The virtio-mmio devices the command line announces.
+    pub virtio_mmio: VirtioMmioList,
 }
 
 impl BootInfo {
@@ -63,7 +93,7 @@ impl BootInfo {
 /// `start_info` must be the address the PVH entry received in `ebx`, and the
 /// boot data it points to must be identity-mapped (it is below 1 MiB).
 pub unsafe fn read(start_info: u64) -> BootInfo {
-    let mut info = BootInfo { ram: [(0, 0); MAX_RAM_RANGES], ram_count: 0, config: BootConfig::default(), test_hook: TestHook::None };
+    let mut info = BootInfo { ram: [(0, 0); MAX_RAM_RANGES], ram_count: 0, config: BootConfig::default(), test_hook: TestHook::None, virtio_mmio: VirtioMmioList::default() };
     // SAFETY: the caller guarantees the start info is mapped; read_volatile
     // copes with whatever bytes the VMM wrote (the struct is Pod).
     let si = unsafe { (start_info as *const HvmStartInfo).read_volatile() };
@@ -81,21 +111,8 @@ pub unsafe fn read(start_info: u64) -> BootInfo {
         if si.cmdline_paddr != 0 {
             // SAFETY: the VMM writes a NUL-terminated line of at most
             // CMDLINE_MAX bytes at cmdline_paddr, identity-mapped.
-            let line = si.cmdline_paddr as *const u8;
-            // SAFETY: as above; the first byte exists (NUL at worst), and an
-            // empty line, the common case, costs one read.
-            if unsafe { line.read_volatile() } != 0 {
-                // SAFETY: as above.
-                if unsafe { cmdline_has(line, TRIPLE_FAULT_HOOK) } {
-                    info.test_hook = TestHook::TripleFault;
-                // SAFETY: as above.
-                } else if unsafe { cmdline_has(line, KERNEL_FAULT_HOOK) } {
-                    info.test_hook = TestHook::KernelFault;
-                // SAFETY: as above.
-                } else if unsafe { cmdline_has(line, BAD_TABLES_HOOK) } {
-                    info.test_hook = TestHook::BadTables;
-                }
-            }
+            let line = unsafe { cmdline_bytes(si.cmdline_paddr as *const u8) };
+            read_cmdline(line, &mut info);
         }
     }
     // SAFETY: the VMM writes the boot configuration at BOOT_CONFIG, below
@@ -109,31 +126,41 @@ pub unsafe fn read(start_info: u64) -> BootInfo {
     info
 }
 
-/// Whether the NUL-terminated command line at `line` contains `word` as a
-/// whole space-separated word. Costs nothing for an empty line.
+/// The command line at `line`, up to its NUL (at most CMDLINE_MAX bytes).
+/// Costs one read for an empty line, the common case.
 ///
 /// # Safety
-/// `line` must point at a NUL-terminated string within CMDLINE_MAX bytes.
-unsafe fn cmdline_has(line: *const u8, word: &[u8]) -> bool {
-    let mut start = 0usize;
-    let mut i = 0usize;
-    while i < layout::CMDLINE_MAX as usize {
-        // SAFETY: i < CMDLINE_MAX and the line is NUL-terminated within it.
-        let b = unsafe { line.add(i).read_volatile() };
-        if b == 0 || b == b' ' {
-            if i - start == word.len() {
-                // SAFETY: start..i lies inside the line read so far.
-                let got = unsafe { core::slice::from_raw_parts(line.add(start), i - start) };
-                if got == word {
-                    return true;
-                }
-            }
-            if b == 0 {
-                return false;
-            }
-            start = i + 1;
-        }
-        i += 1;
+/// `line` must point at a NUL-terminated string within CMDLINE_MAX bytes,
+/// mapped and unwritten for the lifetime `'a` the caller picks (here: until
+/// the switch away from the boot page tables).
+unsafe fn cmdline_bytes<'a>(line: *const u8) -> &'a [u8] {
+    let mut len = 0usize;
+    // SAFETY: len < CMDLINE_MAX and the line is NUL-terminated within it.
+    while len < layout::CMDLINE_MAX as usize && unsafe { line.add(len).read_volatile() } != 0 {
+        len += 1;
     }
-    false
+    // SAFETY: the `len` bytes before the NUL were just read; the caller
+    // guarantees they stay mapped and unwritten for 'a.
+    unsafe { core::slice::from_raw_parts(line, len) }
+}
+
+/// The test hook (the first one named) and the announced virtio-mmio
+/// devices of `line`, in one pass over its words.
+fn read_cmdline(line: &[u8], info: &mut BootInfo) {
+    for word in cmdline::words(line) {
+        let hook = match word {
+            TRIPLE_FAULT_HOOK => TestHook::TripleFault,
+            KERNEL_FAULT_HOOK => TestHook::KernelFault,
+            BAD_TABLES_HOOK => TestHook::BadTables,
+            _ => {
+                if let Some(Ok(device)) = VirtioMmioDevice::from_word(word) {
+                    info.virtio_mmio.push(device);
+                }
+                continue;
+            }
+        };
+        if info.test_hook == TestHook::None {
+            info.test_hook = hook;
+        }
+    }
 }

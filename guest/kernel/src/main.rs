@@ -65,6 +65,9 @@ pub struct Kernel {
     pub syscall_insn: bool,
     /// TSC ticks the self-test's RAM task ran.
     pub selftest_ram_tsc: u64,
+    /// The virtio-mmio devices the command line announced (drivers look
+    /// for their device among them).
+    pub virtio_mmio: bootinfo::VirtioMmioList,
 }
 
 impl Kernel {
@@ -132,7 +135,7 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
         // unmapped after the switch; the #PF handler reports and ends the VM.
         let _ = unsafe { (memvisor_abi::layout::PAGE_SIZE as *const u64).read_volatile() };
     }
-    let mut k = Kernel { mapper, buddy: frames.buddy, root, leaf, syscall_insn, selftest_ram_tsc: 0 };
+    let mut k = Kernel { mapper, buddy: frames.buddy, root, leaf, syscall_insn, selftest_ram_tsc: 0, virtio_mmio: info.virtio_mmio };
     if info.test_hook == bootinfo::TestHook::BadTables {
         paging::plant_bad_entries(&mut k.mapper, root);
     }

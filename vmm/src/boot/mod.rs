@@ -3,8 +3,10 @@
 //! memvisor boots ELF kernels with a PVH entry note (its own tiny guest, or
 //! a Linux vmlinux built with CONFIG_PVH): the vCPU starts in 32-bit
 //! protected mode with paging off at the PVH entry, `ebx` pointing at the
-//! start info.
+//! start info. The command line announces the VM's virtio-mmio devices
+//! ([`cmdline`]).
 
+pub mod cmdline;
 pub mod elf;
 pub mod pvh;
 

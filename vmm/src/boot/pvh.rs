@@ -22,6 +22,7 @@ pub fn write_boot_data(memory: &GuestMemory, mem_size: u64, cmdline: &str, confi
     if cmdline.len() as u64 >= abi::CMDLINE_MAX || cmdline.contains('\0') {
         return Err(BootError::CmdlineTooLong(cmdline.len()));
     }
+    log::debug!("kernel command line: {cmdline:?}");
     let mut line = cmdline.as_bytes().to_vec();
     line.push(0);
     write(&line, layout::CMDLINE)?;

@@ -1,5 +1,10 @@
 //! The virtio-balloon driver and its service loop (workload `balloon`).
 //!
+//! The device is the first of the virtio-mmio windows the kernel command
+//! line announces (`virtio_mmio.device=SIZE@ADDR:IRQ`, as Linux finds its
+//! virtio-mmio devices) that holds a balloon; its interrupt is the IRQ
+//! announced with it.
+//!
 //! The driver follows the host's target (`num_pages`): it inflates by
 //! taking blocks from the buddy allocator (the largest that fit the
 //! remaining target, up to 1 GiB, so host huge pages empty completely) and deflates by giving them back,
@@ -14,7 +19,7 @@
 
 use memvisor_abi::layout::{PAGE_SIZE, PAGE_SIZE_2M, USER_HEAP_BASE, USER_STACK_TOP};
 use memvisor_abi::msg::Report;
-use memvisor_abi::virtio::{BALLOON_MMIO_BASE, CONFIG_ACTUAL, CONFIG_NUM_PAGES, DEVICE_ID_BALLOON, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ, F_VERSION_1, mmio, stat};
+use memvisor_abi::virtio::{CONFIG_ACTUAL, CONFIG_NUM_PAGES, CONFIG_SIZE, DEVICE_ID_BALLOON, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ, F_VERSION_1, mmio, stat};
 use memvisor_abi::paging::{Pattern, Policy};
 use memvisor_abi::workload::{Event, WorkloadKind, WorkloadSpec};
 use memvisor_guest_mm::paging::{FrameSource, MapError, PageSize, PageTableEntry as Pte};
@@ -99,6 +104,8 @@ pub struct Balloon {
     pub stats: Option<Virtqueue>,
     /// The free page reporting queue, if negotiated.
     pub reporting: Option<Virtqueue>,
+    /// The device's IRQ (the IOAPIC input its interrupt raises), as announced.
+    pub irq: u32,
     blocks: BlockList,
     /// Pages in the balloon.
     pub actual: u64,
@@ -119,23 +126,57 @@ fn setup_code(e: SetupError) -> u64 {
         SetupError::FeaturesRefused => 2,
         SetupError::NoMemory => 3,
         SetupError::NoQueue => 4,
+        SetupError::NoIrqRoute => 5,
     }
 }
 
-/// Reports that the driver could not start; the status to end with.
+/// Reports (and prints) that the driver could not start; the status to
+/// end with.
 pub fn failed(e: SetupError) -> u32 {
     report::send(&Report::Workload { event: Event::BalloonFailed, a: setup_code(e), b: 0 });
+    // A failure path: its ~30 µs per console byte do not matter.
+    match e {
+        SetupError::NoDevice => crate::println!("guest: no balloon: the command line announces no virtio-mmio balloon (no virtio_mmio.device=SIZE@ADDR:IRQ window holds device type 5)"),
+        SetupError::FeaturesRefused => crate::println!("guest: no balloon: the device refused the features the driver needs"),
+        SetupError::NoMemory => crate::println!("guest: no balloon: out of memory setting it up"),
+        SetupError::NoQueue => crate::println!("guest: no balloon: a queue the driver needs is missing or too small"),
+        SetupError::NoIrqRoute => crate::println!("guest: no balloon: its IRQ is not an input of the IOAPIC"),
+    }
     EXIT_NO_BALLOON
 }
 
+/// The balloon among the announced virtio-mmio windows: the first that
+/// holds one, with its IRQ. O(windows) probes, each a map call and three
+/// register reads.
+///
+/// # Errors
+/// [`SetupError::NoDevice`] when none does (or none is announced),
+/// [`SetupError::NoMemory`] when a window cannot be mapped.
+fn discover(k: &mut Kernel) -> Result<(Mmio, u32), SetupError> {
+    let announced = k.virtio_mmio;
+    for window in announced.as_slice() {
+        // Too small to hold the registers and the balloon's configuration.
+        if window.size < mmio::CONFIG + CONFIG_SIZE {
+            continue;
+        }
+        match Mmio::probe(k, window, DEVICE_ID_BALLOON) {
+            Ok(m) => return Ok((m, window.irq)),
+            Err(SetupError::NoDevice) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(SetupError::NoDevice)
+}
+
 impl Balloon {
-    /// Finds and starts the device. `bad_queue_size` first offers that
-    /// size for the inflate queue (the hostile workload).
+    /// Finds the device among the announced ones and starts it.
+    /// `bad_queue_size` first offers that size for the inflate queue (the
+    /// hostile workload).
     ///
     /// # Errors
     /// [`SetupError`].
     pub fn start(k: &mut Kernel, reporting: bool, bad_queue_size: Option<u32>) -> Result<Self, SetupError> {
-        let m = Mmio::probe(k, BALLOON_MMIO_BASE, DEVICE_ID_BALLOON)?;
+        let (m, irq) = discover(k)?;
         let mut want = F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM;
         if reporting {
             want |= F_REPORTING;
@@ -171,7 +212,7 @@ impl Balloon {
         fill_task.args.ranges[0] = Range { start: USER_HEAP_BASE, len: PAGE_SIZE << PFN_BUF_ORDER };
         let blocks = BlockList { base: list as *mut u64, len: 0, cap: (BLOCK_LIST_PAGES * PAGE_SIZE / 8) as usize };
         m.driver_ok();
-        let mut b = Balloon { m, inflate, deflate, stats, reporting, blocks, actual: 0, pfn_buf, scratch, stats_page, features, fill_task: Some(fill_task) };
+        let mut b = Balloon { m, inflate, deflate, stats, reporting, irq, blocks, actual: 0, pfn_buf, scratch, stats_page, features, fill_task: Some(fill_task) };
         // Warm the fill task up once: its first entry pays the host's
         // first-touch faults on its code, stack and the whole PFN array
         // (shadow paging here: ~0.6 ms measured); the first inflate should not.
@@ -278,7 +319,7 @@ impl Balloon {
             return 0;
         }
         let (buf, n) = self.fill(&runs[..nr]);
-        self.inflate.submit(&self.m, &[(buf, (n * 4) as u32, false)]);
+        self.inflate.submit_and_wait(&self.m, &[(buf, (n * 4) as u32, false)]);
         self.set_actual(self.actual + pages);
         pages
     }
@@ -314,7 +355,7 @@ impl Balloon {
             return (0, 0, 0);
         }
         let (buf, n) = self.fill(&runs[..nr]);
-        self.deflate.submit(&self.m, &[(buf, (n * 4) as u32, false)]);
+        self.deflate.submit_and_wait(&self.m, &[(buf, (n * 4) as u32, false)]);
         let good = verify(k, &taken[..nr]);
         for &(a, len) in &taken[..nr] {
             let _ = k.buddy().free(a, (len / PAGE_SIZE).trailing_zeros() as usize);
@@ -362,7 +403,7 @@ impl Balloon {
                 chain[c] = (a + off, part as u32, true);
                 c += 1;
                 if c == REPORT_CHAIN {
-                    q.submit(&self.m, &chain[..c]);
+                    q.submit_and_wait(&self.m, &chain[..c]);
                     c = 0;
                 }
                 off += part;
@@ -370,7 +411,7 @@ impl Balloon {
             bytes += len;
         }
         if c > 0 {
-            q.submit(&self.m, &chain[..c]);
+            q.submit_and_wait(&self.m, &chain[..c]);
         }
         for i in 0..n {
             // SAFETY: as above.
@@ -470,7 +511,7 @@ pub fn run(k: &mut Kernel, params: [u64; 7]) -> u32 {
         Ok(b) => b,
         Err(e) => return failed(e),
     };
-    if irq && let Err(e) = super::irq::enable(k) {
+    if irq && let Err(e) = super::irq::enable(k, b.irq) {
         return failed(e);
     }
     let send = |event, a, b| report::send(&Report::Workload { event, a, b });
@@ -483,6 +524,10 @@ pub fn run(k: &mut Kernel, params: [u64; 7]) -> u32 {
         let target = u64::from(b.m.config_read(CONFIG_NUM_PAGES));
         if target > b.actual {
             if b.inflate_step(k, target - b.actual) > 0 {
+                // Counted here, not once the loop next sees the target met:
+                // a host that lowers the target as soon as `actual` meets it
+                // must not lose a round.
+                was_full = true;
                 continue;
             }
         } else if target < b.actual {
@@ -500,7 +545,6 @@ pub fn run(k: &mut Kernel, params: [u64; 7]) -> u32 {
         if b.actual != last_sent {
             send(Event::BalloonActual, b.actual, target);
             last_sent = b.actual;
-            was_full |= b.actual > 0;
         }
         if rounds > 0 && done >= rounds {
             b.stop(k);

@@ -66,7 +66,8 @@ pub fn run(k: &mut Kernel, raw: u64) -> u32 {
             }
         }
         HostileMode::DescriptorOutsideRam => {
-            b.inflate.submit(&b.m, &[(memvisor_abi::virtio::BALLOON_MMIO_BASE, 4096, false)]);
+            // The device's own registers: not RAM.
+            b.inflate.submit(&b.m, &[(b.m.base(), 4096, false)]);
         }
         HostileMode::LoopingChain => {
             b.inflate.set_desc(0, b.scratch, 4, desc::F_NEXT, 1);
@@ -83,7 +84,7 @@ pub fn run(k: &mut Kernel, raw: u64) -> u32 {
                 send_pfns(&mut b, &[(a / PAGE_SIZE) as u32], false);
                 let _ = k.buddy().free(a, 0);
             }
-            let outside = memvisor_abi::virtio::BALLOON_MMIO_BASE;
+            let outside = b.m.base();
             if let Some(q) = b.reporting.as_mut() {
                 q.submit(&b.m, &[(outside, 2 << 20, true)]);
             }

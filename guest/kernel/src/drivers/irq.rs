@@ -3,7 +3,8 @@
 //! that halts until an interrupt arrives.
 //!
 //! The VMM's in-kernel irqchip (KVM_CREATE_IRQCHIP) delivers the irqfd as
-//! an edge on IOAPIC pin `BALLOON_GSI`; this routes it as a fixed interrupt
+//! an edge on the IOAPIC pin of the IRQ the command line announced with the
+//! device (`virtio_mmio.device=SIZE@ADDR:IRQ`); this routes it as a fixed interrupt
 //! to APIC 0 on [`VECTOR`], whose handler only acknowledges it (EOI): the
 //! driver reads the device's interrupt status itself after waking. The
 //! legacy PIC and LAPIC LINT0 are masked so nothing else arrives.
@@ -11,7 +12,6 @@
 use core::arch::{asm, global_asm};
 
 use memvisor_abi::layout::{IOAPIC_BASE, LAPIC_BASE, PAGE_SIZE};
-use memvisor_abi::virtio::BALLOON_GSI;
 use memvisor_guest_mm::paging::{MapError, PageSize, PageTableEntry as Pte, PhysAddr, VirtAddr};
 
 use super::virtio_mmio::SetupError;
@@ -34,6 +34,7 @@ const LVT_MASKED: u32 = 1 << 16;
 /// (82093AA datasheet §3.1, §3.2.4).
 const IOREGSEL: u64 = 0x00;
 const IOWIN: u64 = 0x10;
+const IOAPICVER: u32 = 0x01;
 const IOREDTBL: u32 = 0x10;
 /// The 8259A PICs' data (mask) ports.
 const PIC1_DATA: u16 = 0x21;
@@ -94,13 +95,21 @@ fn set_gate(vector: u8, handler: u64) {
     }
 }
 
-/// Routes the balloon's GSI to [`VECTOR`] on this CPU.
+/// Routes `gsi`, the balloon's, to [`VECTOR`] on this CPU.
 ///
 /// # Errors
-/// [`SetupError::NoMemory`] when the register pages cannot be mapped.
-pub fn enable(k: &mut Kernel) -> Result<(), SetupError> {
+/// [`SetupError::NoMemory`] when the register pages cannot be mapped,
+/// [`SetupError::NoIrqRoute`] when `gsi` is not one of the IOAPIC's pins
+/// (QEMU's `microvm` puts its virtio IRQs on a second IOAPIC, GSI 24 up,
+/// unless started with `ioapic2=off`).
+pub fn enable(k: &mut Kernel, gsi: u32) -> Result<(), SetupError> {
     map_uncached(k, LAPIC_BASE)?;
     map_uncached(k, IOAPIC_BASE)?;
+    // IOAPICVER bits 23:16: the highest redirection entry (82093AA §3.2.2).
+    write32(IOAPIC_BASE + IOREGSEL, IOAPICVER);
+    if gsi > (read32(IOAPIC_BASE + IOWIN) >> 16) & 0xff {
+        return Err(SetupError::NoIrqRoute);
+    }
     let handler = balloon_irq_entry as *const () as usize as u64;
     set_gate(VECTOR, handler);
     set_gate(SPURIOUS, handler);
@@ -111,7 +120,7 @@ pub fn enable(k: &mut Kernel) -> Result<(), SetupError> {
     write32(LAPIC_BASE + LAPIC_SVR, SVR_ENABLE | u32::from(SPURIOUS));
     // Low word: vector, fixed delivery, physical destination, edge, active
     // high, unmasked; high word: destination APIC 0.
-    let index = IOREDTBL + 2 * BALLOON_GSI;
+    let index = IOREDTBL + 2 * gsi;
     write32(IOAPIC_BASE + IOREGSEL, index + 1);
     write32(IOAPIC_BASE + IOWIN, 0);
     write32(IOAPIC_BASE + IOREGSEL, index);

@@ -339,7 +339,7 @@ mod tests {
     use crate::devices::virtio::balloon::Balloon;
     use memvisor_abi::virtio::{F_STATS_VQ, F_VERSION_1, mmio as r};
 
-    const BASE: u64 = memvisor_abi::virtio::BALLOON_MMIO_BASE;
+    const BASE: u64 = crate::layout::BALLOON.base.0;
 
     fn rd(t: &mut MmioTransport<Balloon>, off: u64) -> u32 {
         let mut b = [0u8; 4];
@@ -381,6 +381,9 @@ mod tests {
             (r::QUEUE_SEL, reg::VIRTIO_MMIO_QUEUE_SEL),
             (r::QUEUE_NUM_MAX, reg::VIRTIO_MMIO_QUEUE_NUM_MAX),
             (r::QUEUE_NUM, reg::VIRTIO_MMIO_QUEUE_NUM),
+            (r::GUEST_PAGE_SIZE, reg::VIRTIO_MMIO_GUEST_PAGE_SIZE),
+            (r::QUEUE_ALIGN, reg::VIRTIO_MMIO_QUEUE_ALIGN),
+            (r::QUEUE_PFN, reg::VIRTIO_MMIO_QUEUE_PFN),
             (r::QUEUE_READY, reg::VIRTIO_MMIO_QUEUE_READY),
             (r::QUEUE_NOTIFY, reg::VIRTIO_MMIO_QUEUE_NOTIFY),
             (r::INTERRUPT_STATUS, reg::VIRTIO_MMIO_INTERRUPT_STATUS),

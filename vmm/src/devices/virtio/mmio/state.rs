@@ -266,7 +266,7 @@ mod tests {
     use crate::devices::virtio::balloon::state::{self as bstate, BalloonStateError, SavedBalloon};
     use memvisor_abi::virtio::{F_STATS_VQ, mmio as r};
 
-    const BASE: u64 = memvisor_abi::virtio::BALLOON_MMIO_BASE;
+    const BASE: u64 = crate::layout::BALLOON.base.0;
     const ALL: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 
     fn wr(t: &mut MmioTransport<Balloon>, ram: &GuestRam, off: u64, v: u32) {
