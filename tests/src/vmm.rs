@@ -224,6 +224,21 @@ impl Vmm {
         self
     }
 
+    /// Runs with this file-mode creation mask.
+    #[must_use]
+    pub fn umask(mut self, mask: u32) -> Self {
+        self.words.insert(0, format!("[umask {mask:03o}]"));
+        // SAFETY: umask(2) is async-signal-safe and touches nothing the
+        // parent shares with the child.
+        unsafe {
+            self.cmd.pre_exec(move || {
+                libc::umask(mask as libc::mode_t);
+                Ok(())
+            });
+        }
+        self
+    }
+
     /// Sets the timeout.
     #[must_use]
     pub fn timeout(mut self, t: Duration) -> Self {

@@ -138,6 +138,14 @@ fn bad_requests_get_an_error_and_the_vm_keeps_running() {
         assert!(!error.is_empty());
         assert!(!vm.has_exited(), "a bad request must not end the VM");
     }
+    // Bytes that are not UTF-8 get the same kind of answer.
+    let mut s = UnixStream::connect(&socket).expect("connect");
+    s.write_all(b"{\"cmd\":\"st\xffatus\"}\n").expect("send");
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).expect("an answer to bytes that are not UTF-8");
+    let reply: Value = serde_json::from_str(&reply).expect("JSON");
+    assert_eq!(reply["ok"], Value::Bool(false), "{reply}");
+    assert!(reply["error"].as_str().is_some_and(|e| e.contains("UTF-8")), "{reply}");
     // Several requests on one connection, the bad one in the middle.
     let mut s = UnixStream::connect(&socket).expect("connect");
     s.write_all(b"{\"cmd\":\"status\"}\nnonsense\n{\"cmd\":\"status\"}\n").expect("send");
@@ -156,4 +164,75 @@ fn ctl_without_a_vm_is_a_one_line_error() {
     let r = Vmm::new(["ctl".as_ref(), socket.as_os_str(), "status".as_ref()]).output();
     let line = r.error_line();
     assert!(line.contains("nobody-listens.sock"), "{line}");
+}
+
+/// `vmm ctl SOCKET CMD` as user `uid`, from a copy of the binary in `dir`
+/// that every user may run (the build tree may not be reachable).
+fn ctl_as(dir: &TempDir, uid: u32, socket: &Path, cmd: &str) -> memvisor_tests::vmm::RunResult {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = dir.path().join("vmm-copy");
+    if !copy.exists() {
+        std::fs::copy(memvisor_tests::vmm::binary(), &copy).expect("copy the vmm binary");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod the copy");
+    }
+    Vmm::with_binary(&copy, ["ctl".as_ref(), socket.as_os_str(), cmd.as_ref()]).as_user(uid, uid).output()
+}
+
+#[test]
+fn ctl_says_when_the_vmm_closes_the_connection_without_answering() {
+    let dir = TempDir::new("api-closed");
+    let socket = dir.path().join("hangs-up.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind a stand-in socket");
+    let server = std::thread::spawn(move || {
+        // Accept, read nothing, hang up.
+        let _ = listener.accept();
+    });
+    let r = Vmm::new(["ctl".as_ref(), socket.as_os_str(), "status".as_ref()]).output();
+    r.assert_error(&["the VMM closed the connection"]);
+    assert!(!r.stderr.contains("EOF"), "not a JSON parser's message: {}", r.describe());
+    server.join().expect("the stand-in server");
+}
+
+#[test]
+fn the_socket_is_private_and_refuses_to_replace_anything_but_a_stale_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("api-private");
+    // A regular file at the path is left alone.
+    let file = dir.write("not-a-socket", b"precious");
+    Vmm::run_json(["--api-socket".as_ref(), file.as_os_str()]).output().assert_error(&["exists and is not a socket"]);
+    assert_eq!(std::fs::read(&file).expect("the file is still there"), b"precious");
+    // A stale socket (nobody listens) is replaced; the new one is 0600
+    // even under umask 000.
+    let socket = dir.path().join("api.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("a stale socket"));
+    let vm = Vmm::run_json(["--api-socket".as_ref(), socket.as_os_str()]).umask(0).spawn();
+    let vm = wait_for_state(vm, &socket, "idle", Duration::from_secs(120));
+    let mode = std::fs::metadata(&socket).expect("the socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the control socket is the owner's alone");
+    // A second VMM on the same path is refused: the socket is live.
+    Vmm::run_json(["--api-socket".as_ref(), socket.as_os_str()]).output().assert_error(&["control socket of a running VMM"]);
+    // Another user cannot connect at all.
+    let r = ctl_as(&dir, 65534, &socket, "status");
+    r.assert_error(&["cannot connect"]);
+    assert_eq!(ctl(&socket, "shutdown")["ok"], Value::Bool(true));
+    vm.wait(Duration::from_secs(30)).assert_success();
+}
+
+#[test]
+fn only_the_users_allowed_may_use_a_shared_socket() {
+    let dir = TempDir::new("api-allow");
+    let socket = dir.path().join("api.sock");
+    let vm = Vmm::run_json(["--api-socket".as_ref(), socket.as_os_str(), "--api-allow-uid".as_ref(), "65534".as_ref()]).spawn();
+    let mut vm = wait_for_state(vm, &socket, "idle", Duration::from_secs(120));
+    // The allowed user gets answers.
+    let allowed = ctl_as(&dir, 65534, &socket, "status");
+    allowed.assert_success();
+    assert!(allowed.stdout.contains("\"ok\":true"), "{}", allowed.describe());
+    // Another user connects (the socket is open to all) and is refused by
+    // its credentials.
+    let refused = ctl_as(&dir, 65533, &socket, "shutdown");
+    refused.assert_error(&["permission denied", "user 65533"]);
+    assert!(!vm.has_exited(), "a refused shutdown does not end the VM");
+    assert_eq!(ctl(&socket, "shutdown")["ok"], Value::Bool(true));
+    vm.wait(Duration::from_secs(30)).assert_success();
 }

@@ -150,6 +150,23 @@ fn snapshot_into_an_existing_directory_is_refused() {
     let r = Vmm::new(["ctl"]).arg(&socket).args(&["snapshot", "--diff"]).arg(dir.path().join("d")).output();
     assert!(r.stderr.contains("full snapshot first") || r.stdout.contains("full snapshot first"), "{}", r.describe());
     assert!(!dir.path().join("d").exists());
+    // Missing parent directories are not created.
+    let deep = dir.path().join("no").join("such").join("snap");
+    let r = Vmm::new(["ctl"]).arg(&socket).args(&["snapshot", "--full"]).arg(&deep).output();
+    assert!(format!("{}{}", r.stdout, r.stderr).contains("parent directory"), "{}", r.describe());
+    assert!(!dir.path().join("no").exists(), "nothing was created");
+    // A temporary directory a killed VMM left behind (its process gone) is
+    // removed by the next snapshot to the same place; one of a live
+    // process is not touched.
+    let dead = dir.path().join(".snap.tmp-999999999");
+    let live = dir.path().join(format!(".snap.tmp-{}", std::process::id()));
+    for d in [&dead, &live] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("memory.bin"), b"half written").unwrap();
+    }
+    ctl(&socket, &["snapshot", "--full", dir.path().join("snap").to_str().unwrap()]);
+    assert!(!dead.exists(), "the abandoned temporary directory is removed");
+    assert!(live.exists(), "a live process's temporary directory is left alone");
     ctl(&socket, &["shutdown"]);
     vm.wait(Duration::from_secs(30)).assert_success();
 }

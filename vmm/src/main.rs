@@ -58,9 +58,12 @@ enum Command {
         /// How guest memory is loaded.
         #[arg(long, default_value = "copy", value_parser = choices::<RestoreMode>(["copy", "lazy"]))]
         restore_mode: RestoreMode,
-        /// Serve a control socket here.
+        /// Serve a control socket here (mode 0600; only this user may connect).
         #[arg(long, value_name = "PATH")]
         api_socket: Option<PathBuf>,
+        /// Also let this user id use the control socket (repeatable).
+        #[arg(long, value_name = "UID")]
+        api_allow_uid: Vec<u32>,
         /// Check that the snapshot has this much guest memory.
         #[arg(long, value_name = "SIZE")]
         mem: Option<String>,
@@ -184,8 +187,12 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Serve a control socket here; the VM then stays up until `vmm ctl PATH shutdown`.
+    /// The socket has mode 0600 and only this user may connect.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Also let this user id use the control socket (repeatable).
+    #[arg(long, value_name = "UID")]
+    api_allow_uid: Vec<u32>,
     /// A workload after the self-test: dirty:pages=N,rounds=R,seed=S or
     /// checksum:pages=N,rounds=R,ms=T; guest paging (docs/guest-paging.md):
     /// paging:policy=fifo|clock|lru,frames=N,pattern=seq|random|hotcold or cow:pages=N.
@@ -281,7 +288,8 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
     }
     timeline::mark("config");
     let handle = MachineHandle::new();
-    let _server = config.api_socket.as_ref().map(|path| api::server::spawn(path, Arc::clone(&handle))).transpose().map_err(|e| anyhow_free::chain(&e))?;
+    let access = api::server::Access::owner_and(&args.api_allow_uid);
+    let _server = config.api_socket.as_ref().map(|path| api::server::spawn(path, Arc::clone(&handle), access)).transpose().map_err(|e| anyhow_free::chain(&e))?;
     let translate = args.translate.as_deref().map(memvisor::translate::parse_gva_list).transpose()?.unwrap_or_default();
     let console: Box<dyn std::io::Write + Send> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
     let options = RunOptions { console, handle, stay_up: config.api_socket.is_some(), skip_selftest: args.skip_selftest, translate };
@@ -308,9 +316,9 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
     Ok(outcome.exit_status)
 }
 
-fn restore(dir: PathBuf, mode: RestoreMode, api_socket: Option<PathBuf>, expected_mem: Option<u64>, json: bool, kvm_thread: Option<KvmThread>) -> anyhow_free::Result<u32> {
+fn restore(dir: PathBuf, mode: RestoreMode, api_socket: Option<PathBuf>, access: api::server::Access, expected_mem: Option<u64>, json: bool, kvm_thread: Option<KvmThread>) -> anyhow_free::Result<u32> {
     let handle = MachineHandle::new();
-    let _server = api_socket.as_ref().map(|path| api::server::spawn(path, Arc::clone(&handle))).transpose().map_err(|e| anyhow_free::chain(&e))?;
+    let _server = api_socket.as_ref().map(|path| api::server::spawn(path, Arc::clone(&handle), access)).transpose().map_err(|e| anyhow_free::chain(&e))?;
     let console: Box<dyn std::io::Write + Send> = if json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
     let run = RunOptions { console, handle, stay_up: api_socket.is_some(), skip_selftest: false, translate: Vec::new() };
     let options = RestoreOptions { mode, api_socket, expected_mem, kvm_thread };
@@ -417,8 +425,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Ctl { socket, command } => ctl(socket, command),
         Command::Translate { socket, args } => translate(&socket, &args),
-        Command::Restore { dir, restore_mode, api_socket, mem, json } => match mem.as_deref().map(memvisor::size::parse_size).transpose() {
-            Ok(expected_mem) => restore(dir, restore_mode, api_socket, expected_mem, json, kvm_thread),
+        Command::Restore { dir, restore_mode, api_socket, api_allow_uid, mem, json } => match mem.as_deref().map(memvisor::size::parse_size).transpose() {
+            Ok(expected_mem) => restore(dir, restore_mode, api_socket, api::server::Access::owner_and(&api_allow_uid), expected_mem, json, kvm_thread),
             Err(e) => Err(anyhow_free::chain(&e)),
         },
         Command::Bench { args } => bench(&args),

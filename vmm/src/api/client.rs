@@ -10,14 +10,23 @@ use crate::api::protocol::{Request, Response};
 /// Sends one request and returns the response.
 ///
 /// # Errors
-/// [`ApiError::Connect`], [`ApiError::Io`], [`ApiError::BadMessage`].
+/// [`ApiError::Connect`], [`ApiError::Io`], [`ApiError::BadMessage`],
+/// [`ApiError::Closed`].
 pub fn send(path: &Path, request: &Request) -> Result<Response, ApiError> {
     let mut stream = UnixStream::connect(path).map_err(|source| ApiError::Connect { path: path.to_path_buf(), source })?;
     let mut line = serde_json::to_string(request).map_err(|e| ApiError::BadMessage(e.to_string()))?;
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    // A peer that hangs up shows as EPIPE on the write, ECONNRESET or EOF
+    // on the read: all are "the VMM closed the connection".
+    let closed = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => ApiError::Closed,
+        _ => ApiError::Io(e),
+    };
+    stream.write_all(line.as_bytes()).map_err(closed)?;
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
-    reader.read_line(&mut answer)?;
+    if reader.read_line(&mut answer).map_err(closed)? == 0 {
+        return Err(ApiError::Closed);
+    }
     serde_json::from_str(&answer).map_err(|e| ApiError::BadMessage(format!("{e}: {answer:?}")))
 }

@@ -37,6 +37,23 @@ pub enum ApiError {
     /// The peer sent something that is not a valid message.
     #[error("invalid message on the control socket: {0}")]
     BadMessage(String),
+    /// The socket path holds something that is not a control socket.
+    #[error("{0} exists and is not a socket; refusing to replace it (remove it or choose another path)")]
+    NotASocket(std::path::PathBuf),
+    /// Another VMM serves the socket path.
+    #[error("{0} is the control socket of a running VMM; choose another path")]
+    InUse(std::path::PathBuf),
+    /// The socket could not be made private to its owner.
+    #[error("cannot make control socket {path} private (mode {mode:o})")]
+    NotPrivate {
+        /// Socket path.
+        path: std::path::PathBuf,
+        /// The mode it got.
+        mode: u32,
+    },
+    /// The VMM closed the connection without answering.
+    #[error("the VMM closed the connection without answering")]
+    Closed,
     /// The VMM answered with an error.
     #[error("the VMM refused the request: {0}")]
     Refused(String),

@@ -1,8 +1,18 @@
 //! The control-socket server: one thread accepting connections, one thread
 //! per connection, each answering requests through the VM's
 //! [`MachineHandle`].
+//!
+//! The socket controls the VM (shutdown, snapshots anywhere the VMM may
+//! write), so it is the owner's alone: created with mode 0600 whatever the
+//! umask, and every connection's peer is checked with `SO_PEERCRED`
+//! against the allowed user ids (the VMM's own unless configured with
+//! `--api-allow-uid`; then the socket is opened to every user, mode 0666,
+//! and the peer check is what keeps the others out). Only a stale socket at
+//! the path is replaced; anything else there is refused.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,26 +33,120 @@ impl Drop for ApiServer {
     }
 }
 
-/// Starts serving `vm` on `path` (a stale socket file is replaced).
+/// Who may use the socket: these user ids (the VMM's own effective uid
+/// when none is configured).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    uids: Vec<u32>,
+}
+
+impl Access {
+    /// The VMM's own user and `extra` ones.
+    #[must_use]
+    pub fn owner_and(extra: &[u32]) -> Self {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let mut uids = vec![me];
+        uids.extend_from_slice(extra);
+        Access { uids }
+    }
+
+    fn allows(&self, uid: u32) -> bool {
+        self.uids.contains(&uid)
+    }
+
+    /// Whether users other than the VMM's own may connect.
+    fn shared(&self) -> bool {
+        self.uids.iter().any(|u| *u != self.uids[0])
+    }
+}
+
+/// Makes `path` free for a new socket: nothing there, or a stale socket
+/// (which is removed). A live socket or anything that is not a socket is
+/// refused.
+fn clear_path(path: &Path) -> Result<(), ApiError> {
+    let bind_err = |source| ApiError::Bind { path: path.to_path_buf(), source };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(bind_err(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ApiError::NotASocket(path.to_path_buf()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ApiError::InUse(path.to_path_buf())),
+        // Nobody listens: a socket left by a VMM that ended without
+        // removing it.
+        Err(_) => std::fs::remove_file(path).map_err(bind_err),
+    }
+}
+
+/// Binds `path` with mode 0600: the umask is 0177 during bind(2), which
+/// creates the file (process-wide, so this runs before any thread that
+/// creates files), and the mode is checked afterwards.
+fn bind_private(path: &Path) -> Result<UnixListener, ApiError> {
+    // SAFETY: umask has no preconditions; the old mask is restored below.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|source| ApiError::Bind { path: path.to_path_buf(), source })?;
+    let mode = std::fs::symlink_metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o777);
+    if mode & 0o077 != 0 {
+        let _ = std::fs::remove_file(path);
+        return Err(ApiError::NotPrivate { path: path.to_path_buf(), mode });
+    }
+    Ok(listener)
+}
+
+/// The user id of the process at the other end of `stream` (SO_PEERCRED,
+/// socket(7)).
+fn peer_uid(stream: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid out-buffers of the size passed;
+    // the fd is the stream's, open for this call.
+    let r = unsafe { libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &raw mut len) };
+    (r == 0).then_some(cred.uid)
+}
+
+/// Starts serving `vm` on `path` to the users `access` allows.
 ///
 /// # Errors
-/// [`ApiError::Bind`].
-pub fn spawn(path: &Path, vm: Arc<MachineHandle>) -> Result<ApiServer, ApiError> {
-    let bind_err = |source| ApiError::Bind { path: path.to_path_buf(), source };
-    if path.exists() && UnixStream::connect(path).is_err() {
-        std::fs::remove_file(path).map_err(bind_err)?;
+/// [`ApiError::Bind`], [`ApiError::NotASocket`], [`ApiError::InUse`],
+/// [`ApiError::NotPrivate`].
+pub fn spawn(path: &Path, vm: Arc<MachineHandle>, access: Access) -> Result<ApiServer, ApiError> {
+    clear_path(path)?;
+    let listener = bind_private(path)?;
+    if access.shared() {
+        // The allowed users must be able to connect(2); SO_PEERCRED keeps
+        // everyone else out.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(|source| ApiError::Bind { path: path.to_path_buf(), source })?;
     }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    let server = ApiServer { path: path.to_path_buf() };
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
+            for mut stream in listener.incoming().flatten() {
+                match peer_uid(&stream) {
+                    Some(uid) if access.allows(uid) => {}
+                    peer => {
+                        let who = peer.map_or("an unknown user".to_string(), |u| format!("user {u}"));
+                        log::warn!("control socket: refused a connection from {who}");
+                        let refusal = Response::error(format!("permission denied: {who} may not control this VM"));
+                        if let Ok(text) = serde_json::to_string(&refusal) {
+                            let _ = stream.write_all(format!("{text}\n").as_bytes());
+                        }
+                        continue;
+                    }
+                }
                 let vm = Arc::clone(&vm);
                 let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || serve(stream, &vm));
             }
         })
-        .map_err(bind_err)?;
-    Ok(ApiServer { path: path.to_path_buf() })
+        .map_err(|source| ApiError::Bind { path: path.to_path_buf(), source })?;
+    Ok(server)
 }
 
 /// Answers one request.
@@ -76,21 +180,24 @@ fn serve(stream: UnixStream, vm: &MachineHandle) {
     let Ok(mut writer) = stream.try_clone() else { return };
     // Bound every line so a peer cannot make us buffer without limit.
     let mut reader = BufReader::new(stream.take(u64::MAX));
-    let mut line = String::new();
+    let mut bytes = Vec::new();
     loop {
-        line.clear();
+        bytes.clear();
         reader.get_mut().set_limit(MAX_LINE as u64 + 1);
-        match reader.read_line(&mut line) {
+        match reader.read_until(b'\n', &mut bytes) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let response = match parse_request(&line) {
-            Ok(req) => handle(&req, vm),
-            Err(e) => Response::error(e),
+        let response = match std::str::from_utf8(&bytes) {
+            Ok(text) => match parse_request(text) {
+                Ok(req) => handle(&req, vm),
+                Err(e) => Response::error(e),
+            },
+            Err(e) => Response::error(format!("invalid request: not UTF-8 text ({e})")),
         };
         let Ok(mut text) = serde_json::to_string(&response) else { return };
         text.push('\n');
-        if writer.write_all(text.as_bytes()).is_err() || line.len() > MAX_LINE {
+        if writer.write_all(text.as_bytes()).is_err() || bytes.len() > MAX_LINE {
             return;
         }
     }

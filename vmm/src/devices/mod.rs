@@ -207,17 +207,37 @@ impl Devices {
 
     fn unhandled_port(&mut self, port: u16, dir: &str) {
         self.unhandled.port_accesses += 1;
-        if self.logged_ports.insert(port) {
+        if log_first(&mut self.logged_ports, port) {
             log::warn!("guest {dir} of unhandled I/O port {port:#x} (answered with all-ones; logged once)");
         }
     }
 
     fn unhandled_mmio(&mut self, addr: u64, dir: &str) {
         self.unhandled.mmio_accesses += 1;
-        if self.logged_mmio.insert(addr) {
+        if log_first(&mut self.logged_mmio, addr) {
             log::warn!("guest {dir} of unhandled MMIO address {addr:#x} (answered with all-ones; logged once)");
         }
     }
+}
+
+/// Most unhandled addresses (ports, MMIO) remembered and logged: a guest
+/// touching new addresses without end must not grow the VMM's memory or
+/// its log without end; past this they are only counted.
+const MAX_LOGGED_ADDRESSES: usize = 256;
+
+/// Whether `addr` is new in `seen` and should be logged; once `seen` is
+/// full, logs one last line saying so and then nothing.
+fn log_first<T: std::hash::Hash + Eq>(seen: &mut HashSet<T>, addr: T) -> bool {
+    if seen.len() >= MAX_LOGGED_ADDRESSES {
+        return false;
+    }
+    if !seen.insert(addr) {
+        return false;
+    }
+    if seen.len() == MAX_LOGGED_ADDRESSES {
+        log::warn!("the guest touched {MAX_LOGGED_ADDRESSES} different unhandled addresses of one kind; further ones are counted, not logged");
+    }
+    true
 }
 
 #[cfg(test)]
@@ -256,5 +276,16 @@ mod tests {
         assert_eq!(m, [0xff; 4]);
         assert_eq!(d.unhandled().port_accesses, 2);
         assert_eq!(d.unhandled().mmio_accesses, 1);
+    }
+
+    #[test]
+    fn a_guest_touching_endless_addresses_grows_only_a_counter() {
+        let mut d = Devices::new(Box::new(std::io::sink()));
+        let mut m = [0u8; 4];
+        for i in 0..10_000u64 {
+            d.mmio_read(0xd100_0000 + i * 8, &mut m);
+        }
+        assert_eq!(d.unhandled().mmio_accesses, 10_000);
+        assert_eq!(d.logged_mmio.len(), MAX_LOGGED_ADDRESSES);
     }
 }

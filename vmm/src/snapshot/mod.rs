@@ -488,12 +488,49 @@ fn absolute(dir: &Path) -> Result<PathBuf, SnapshotError> {
     std::path::absolute(dir).map_err(io(format!("resolving {}", dir.display())))
 }
 
+/// The temporary directory a snapshot into `dir` is written in:
+/// `.NAME.tmp-PID` beside it. The parent must exist (a snapshot never
+/// creates directories above its own). Temporary directories of the same
+/// name left by a process that no longer runs (killed mid-snapshot) are
+/// removed first, each with a warning.
 fn temp_sibling(dir: &Path) -> Result<PathBuf, SnapshotError> {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "snapshot".into());
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(SnapshotError::Io {
+            what: format!("the snapshot's parent directory {} does not exist (a snapshot creates only its own directory)", parent.display()),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    remove_abandoned(parent, &name);
     let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    std::fs::create_dir(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
     Ok(tmp)
+}
+
+/// Removes `.NAME.tmp-PID` directories in `parent` whose process is gone.
+fn remove_abandoned(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)).and_then(|p| p.parse::<i32>().ok()) else { continue };
+        if pid == std::process::id() as i32 || process_exists(pid) {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => log::warn!("removed {}, left unfinished by process {pid}, which no longer runs", entry.path().display()),
+            Err(e) => log::warn!("cannot remove {}, left unfinished by process {pid}: {e}", entry.path().display()),
+        }
+    }
+}
+
+/// Whether process `pid` exists (kill(2) with signal 0).
+fn process_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
