@@ -236,3 +236,21 @@ fn only_the_users_allowed_may_use_a_shared_socket() {
     assert_eq!(ctl(&socket, "shutdown")["ok"], Value::Bool(true));
     vm.wait(Duration::from_secs(30)).assert_success();
 }
+
+#[test]
+fn sigterm_and_sigint_end_the_vm_with_its_report_and_remove_the_socket() {
+    for (signal, status) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let dir = TempDir::new("api-signal");
+        let socket = dir.path().join("api.sock");
+        let vm = Vmm::run_json(["--api-socket".as_ref(), socket.as_os_str()]).spawn();
+        let vm = wait_for_state(vm, &socket, "idle", Duration::from_secs(120));
+        let pid = i32::try_from(vm.pid()).expect("a pid fits in i32");
+        // SAFETY: `pid` is the VMM child this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        let r = vm.wait(Duration::from_secs(30));
+        assert_eq!(r.code(), status, "128 + signal {signal}\n{}", r.describe());
+        let report = r.json();
+        assert_self_test_passed(&report);
+        assert!(!socket.exists(), "the socket file is removed");
+    }
+}

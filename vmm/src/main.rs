@@ -288,12 +288,14 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
     }
     timeline::mark("config");
     let handle = MachineHandle::new();
+    memvisor::signals::watch(Arc::clone(&handle));
     let access = api::server::Access::owner_and(&args.api_allow_uid);
     let _server = config.api_socket.as_ref().map(|path| api::server::spawn(path, Arc::clone(&handle), access)).transpose().map_err(|e| anyhow_free::chain(&e))?;
     let translate = args.translate.as_deref().map(memvisor::translate::parse_gva_list).transpose()?.unwrap_or_default();
     let console: Box<dyn std::io::Write + Send> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
-    let options = RunOptions { console, handle, stay_up: config.api_socket.is_some(), skip_selftest: args.skip_selftest, translate };
+    let options = RunOptions { console, handle: Arc::clone(&handle), stay_up: config.api_socket.is_some(), skip_selftest: args.skip_selftest, translate };
     let outcome = vmm::run(&config, options).map_err(|e| anyhow_free::chain(&e))?;
+    let signalled = handle.terminated_by();
     if let Some(path) = &args.dirty_report {
         let report = outcome.dirty.as_ref().ok_or("--dirty-report needs a dirty workload (--workload dirty:...)")?;
         let text = serde_json::to_vec_pretty(report).map_err(|e| e.to_string())?;
@@ -309,6 +311,9 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
         print!("{}", run_report::to_text(&outcome));
         print!("{}", memvisor::translate::ready::to_text(&outcome.translations));
     }
+    if let Some(signal) = signalled {
+        return Ok(memvisor::signals::exit_status(signal));
+    }
     let failed = outcome.translations.iter().filter(|t| t.error.is_some()).count();
     if failed > 0 {
         return Err(format!("{failed} of {} translations failed (see above)", outcome.translations.len()));
@@ -318,9 +323,10 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
 
 fn restore(dir: PathBuf, mode: RestoreMode, api_socket: Option<PathBuf>, access: api::server::Access, expected_mem: Option<u64>, json: bool, kvm_thread: Option<KvmThread>) -> anyhow_free::Result<u32> {
     let handle = MachineHandle::new();
+    memvisor::signals::watch(Arc::clone(&handle));
     let _server = api_socket.as_ref().map(|path| api::server::spawn(path, Arc::clone(&handle), access)).transpose().map_err(|e| anyhow_free::chain(&e))?;
     let console: Box<dyn std::io::Write + Send> = if json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
-    let run = RunOptions { console, handle, stay_up: api_socket.is_some(), skip_selftest: false, translate: Vec::new() };
+    let run = RunOptions { console, handle: Arc::clone(&handle), stay_up: api_socket.is_some(), skip_selftest: false, translate: Vec::new() };
     let options = RestoreOptions { mode, api_socket, expected_mem, kvm_thread };
     let outcome = memvisor::restore::restore(&dir, options, run).map_err(|e| anyhow_free::chain(&e))?;
     if json {
@@ -328,7 +334,7 @@ fn restore(dir: PathBuf, mode: RestoreMode, api_socket: Option<PathBuf>, access:
     } else {
         print!("{}", run_report::to_text(&outcome));
     }
-    Ok(outcome.exit_status)
+    Ok(handle.terminated_by().map_or(outcome.exit_status, memvisor::signals::exit_status))
 }
 
 fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
@@ -414,9 +420,15 @@ fn exit_code(status: u32) -> ExitCode {
 fn main() -> ExitCode {
     timeline::process_start_ns();
     timeline::mark("main");
+    let subcommand = std::env::args_os().nth(1);
+    if subcommand.as_ref().is_some_and(|a| a == "run" || a == "restore") {
+        // Before any thread starts, so every thread inherits the mask and
+        // only the signal thread takes SIGINT/SIGTERM (memvisor::signals).
+        memvisor::signals::block_termination();
+    }
     // The VM is created while the flags are parsed (memvisor::restore); a
     // thread that cannot start is left for the restore to report.
-    let kvm_thread = std::env::args_os().nth(1).is_some_and(|a| a == "restore").then(KvmThread::start).and_then(Result::ok);
+    let kvm_thread = subcommand.is_some_and(|a| a == "restore").then(KvmThread::start).and_then(Result::ok);
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     timeline::mark("logger");
     let cli = Cli::parse();

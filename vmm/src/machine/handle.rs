@@ -35,6 +35,10 @@ pub struct MachineHandle {
     /// not chain to a first that may still fail); holds the previous
     /// diff's buffers.
     snapshots: Mutex<Spares>,
+    /// The destination of the snapshot being taken, if one is.
+    snapshot_in_progress: Mutex<Option<PathBuf>>,
+    /// The signal that ended the VM, if one did ([`terminate`](Self::terminate)).
+    terminated_by: Mutex<Option<i32>>,
 }
 
 fn no_balloon() -> String {
@@ -78,6 +82,29 @@ impl MachineHandle {
     /// Ends the VM and waits until it has.
     pub fn shutdown(&self) {
         self.control.shutdown();
+    }
+
+    /// Ends the VM because the process got `signal` (SIGTERM, SIGINT), and
+    /// waits until it has; a snapshot being taken is abandoned and its
+    /// temporary directory removed.
+    pub fn terminate(&self, signal: i32) {
+        *self.terminated_by.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(signal);
+        self.control.shutdown();
+        if let Some(dir) = self.snapshot_in_progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            let tmp = crate::snapshot::temp_dir_of(&dir);
+            if tmp.exists() {
+                match std::fs::remove_dir_all(&tmp) {
+                    Ok(()) => log::warn!("removed {}, a snapshot the signal interrupted", tmp.display()),
+                    Err(e) => log::warn!("cannot remove {}, a snapshot the signal interrupted: {e}", tmp.display()),
+                }
+            }
+        }
+    }
+
+    /// The signal that ended the VM, if one did.
+    #[must_use]
+    pub fn terminated_by(&self) -> Option<i32> {
+        *self.terminated_by.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The swap device's counters.
@@ -203,6 +230,14 @@ impl MachineHandle {
     /// Why the snapshot could not be taken or written, as text.
     pub fn snapshot(&self, kind: SnapshotKind, dir: PathBuf) -> JobResult {
         let mut spares = self.snapshots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let absolute = std::path::absolute(&dir).unwrap_or_else(|_| dir.clone());
+        *self.snapshot_in_progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(absolute);
+        let result = self.snapshot_locked(&mut spares, kind, dir);
+        *self.snapshot_in_progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        result
+    }
+
+    fn snapshot_locked(&self, spares: &mut Spares, kind: SnapshotKind, dir: PathBuf) -> JobResult {
         // This thread's work is background work to the guest: when the
         // vCPU thread wakes it at the end of a stop it must not take the
         // vCPU's CPU before the vCPU is back in the guest.
@@ -212,7 +247,7 @@ impl MachineHandle {
             SnapshotKind::Diff => {
                 // Only a diff uses the previous diff's buffers: warm them
                 // here, with the guest running, not in the stop.
-                let mut kept = std::mem::take(&mut *spares);
+                let mut kept = std::mem::take(spares);
                 for buf in [kept.pages.as_mut(), kept.late.as_mut()].into_iter().flatten() {
                     crate::snapshot::warm(buf);
                 }

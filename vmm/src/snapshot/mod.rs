@@ -494,7 +494,7 @@ fn absolute(dir: &Path) -> Result<PathBuf, SnapshotError> {
 /// name left by a process that no longer runs (killed mid-snapshot) are
 /// removed first, each with a warning.
 fn temp_sibling(dir: &Path) -> Result<PathBuf, SnapshotError> {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "snapshot".into());
+    let name = snapshot_name(dir);
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !parent.is_dir() {
         return Err(SnapshotError::Io {
@@ -503,10 +503,21 @@ fn temp_sibling(dir: &Path) -> Result<PathBuf, SnapshotError> {
         });
     }
     remove_abandoned(parent, &name);
-    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = temp_dir_of(dir);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
     Ok(tmp)
+}
+
+fn snapshot_name(dir: &Path) -> String {
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "snapshot".into())
+}
+
+/// The temporary directory this process writes a snapshot into `dir` in
+/// before renaming it into place: `.NAME.tmp-PID` beside it.
+#[must_use]
+pub fn temp_dir_of(dir: &Path) -> PathBuf {
+    dir.with_file_name(format!(".{}.tmp-{}", snapshot_name(dir), std::process::id()))
 }
 
 /// Removes `.NAME.tmp-PID` directories in `parent` whose process is gone.
