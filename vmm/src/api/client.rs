@@ -22,11 +22,13 @@ pub fn send(path: &Path, request: &Request) -> Result<Response, ApiError> {
         std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => ApiError::Closed,
         _ => ApiError::Io(e),
     };
-    stream.write_all(line.as_bytes()).map_err(closed)?;
+    // A VMM that refuses the connection answers at once and hangs up, so
+    // the write may fail while its answer waits to be read: read either way.
+    let sent = stream.write_all(line.as_bytes());
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
     if reader.read_line(&mut answer).map_err(closed)? == 0 {
-        return Err(ApiError::Closed);
+        return Err(sent.err().map_or(ApiError::Closed, closed));
     }
     serde_json::from_str(&answer).map_err(|e| ApiError::BadMessage(format!("{e}: {answer:?}")))
 }
