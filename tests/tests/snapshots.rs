@@ -260,24 +260,35 @@ fn damaged_snapshots_are_refused_and_left_as_they_were() {
     // A memory size that is not the snapshot's.
     assert_refused(&dir, &full, &["--mem", "128M"], &["does not match", "64 MiB"]);
 
-    // A diff whose layout differs from its base.
+    // A manifest edited without care for its checksum.
     let diff_manifest = diff.join("manifest.json");
     let saved_diff = std::fs::read_to_string(&diff_manifest).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&saved_diff).unwrap();
-    v["regions"][0]["size"] = serde_json::json!(32 << 20);
-    v["config"]["mem_size"] = serde_json::json!(32 << 20);
+    v["config"]["cmdline"] = serde_json::json!("edited");
     std::fs::write(&diff_manifest, serde_json::to_string(&v).unwrap()).unwrap();
+    assert_refused(&dir, &diff, &[], &["manifest fails its checksum"]);
+    std::fs::write(&diff_manifest, &saved_diff).unwrap();
+
+    // A diff whose layout differs from its base (resealed, so the link
+    // check refuses it).
+    edit_manifest(&diff, |v| {
+        v["regions"][0]["size"] = serde_json::json!(32 << 20);
+        v["config"]["mem_size"] = serde_json::json!(32 << 20);
+    });
     assert_refused(&dir, &diff, &[], &["layout differs"]);
     std::fs::write(&diff_manifest, &saved_diff).unwrap();
 
-    // A layout that is not this build's for the recorded memory size (the
-    // manifest itself carries no checksum; its sizes still add up, so only
-    // the layout check can refuse it).
+    // Another base in the base's place, with the base's name and id: the
+    // diff is bound to its base by content (the base manifest's checksum).
     let full_manifest = full.join("manifest.json");
     let saved_full = std::fs::read_to_string(&full_manifest).unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(&saved_full).unwrap();
-    v["regions"] = serde_json::json!([{ "guest_start": 0, "size": 32 << 20 }, { "guest_start": 1u64 << 32, "size": 32 << 20 }]);
-    std::fs::write(&full_manifest, serde_json::to_string(&v).unwrap()).unwrap();
+    edit_manifest(&full, |v| v["config"]["cmdline"] = serde_json::json!("an impostor"));
+    assert_refused(&dir, &diff, &[], &["is not the one this diff was taken on top of"]);
+    std::fs::write(&full_manifest, &saved_full).unwrap();
+
+    // A layout that is not this build's for the recorded memory size (its
+    // sizes still add up, so only the layout check can refuse it).
+    edit_manifest(&full, |v| v["regions"] = serde_json::json!([{ "guest_start": 0, "size": 32 << 20 }, { "guest_start": 1u64 << 32, "size": 32 << 20 }]));
     assert_refused(&dir, &full, &[], &["RAM layout", "differs from this build's"]);
     std::fs::write(&full_manifest, &saved_full).unwrap();
 
@@ -383,11 +394,10 @@ fn drop_diff_pages(diff: &Path, start: u64, end: u64) -> usize {
         .copied()
         .collect();
     std::fs::write(diff.join("chunks.bin"), &kept).unwrap();
-    let manifest = diff.join("manifest.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
-    v["chunk_count"] = serde_json::json!(kept.len() / 24);
-    v["chunks_crc32"] = serde_json::json!(crc32fast::hash(&kept));
-    std::fs::write(&manifest, serde_json::to_string(&v).unwrap()).unwrap();
+    edit_manifest(diff, |v| {
+        v["chunk_count"] = serde_json::json!(kept.len() / 24);
+        v["chunks_crc32"] = serde_json::json!(crc32fast::hash(&kept));
+    });
     (records.len() - kept.len()) / 24
 }
 
@@ -668,10 +678,19 @@ fn edit_state(snap: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     f(&mut state);
     let bytes = serde_json::to_vec(&state).unwrap();
     std::fs::write(&state_path, &bytes).unwrap();
-    let manifest_path = snap.join("manifest.json");
-    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
-    manifest["state_crc32"] = serde_json::json!(crc32fast::hash(&bytes));
-    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    edit_manifest(snap, |m| m["state_crc32"] = serde_json::json!(crc32fast::hash(&bytes)));
+}
+
+/// Rewrites a snapshot's manifest through `f` and seals it again (as a
+/// careful forger would), so that only the checks after the manifest's own
+/// checksum can refuse it.
+fn edit_manifest(snap: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = snap.join("manifest.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(&mut v);
+    let mut m: memvisor::snapshot::format::Manifest = serde_json::from_value(v).unwrap();
+    m.seal();
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
 
 /// A balloon record that is inconsistent, truncated or missing is refused

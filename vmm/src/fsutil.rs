@@ -1,11 +1,65 @@
-//! Writing files so that a crash never leaves a half-written one: write a
+//! Files in and out. Reading: [`read_bounded`] reads only a regular file
+//! no larger than a stated cap, so a path naming `/dev/zero`, a FIFO or a
+//! huge file (or a symlink to one) is refused before anything is read.
+//! Writing so that a crash never leaves a half-written file: write a
 //! temporary file beside the target, fsync it, rename it over the target,
 //! fsync the directory. [`WriteBehind`] makes the fsync of a large file
 //! cheaper by flushing it while it is written; [`create_direct`] opens one
 //! that bypasses the page cache altogether.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
+
+/// Reads `path` whole when it is a regular file (after symlinks) of at
+/// most `cap` bytes; its size is checked on the open file before reading,
+/// and the read stops at `cap` whatever the file does meanwhile.
+///
+/// # Errors
+/// The open's or read's error, or `InvalidInput` with a message naming the
+/// file's type or its size against `cap`.
+pub fn read_bounded(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        let kind = describe(&meta.file_type());
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is {kind}, not a regular file", path.display())));
+    }
+    if meta.len() > cap {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is {} bytes, more than the {cap} allowed", path.display(), meta.len())));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(cap.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} grew past the {cap} bytes allowed while it was read", path.display())));
+    }
+    Ok(bytes)
+}
+
+/// [`read_bounded`] as text.
+///
+/// # Errors
+/// As [`read_bounded`], or `InvalidData` when the file is not UTF-8.
+pub fn read_bounded_text(path: &Path, cap: u64) -> std::io::Result<String> {
+    String::from_utf8(read_bounded(path, cap)?).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is not UTF-8 text", path.display())))
+}
+
+/// What a file that is not regular is, for messages.
+fn describe(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
 
 /// Writes `bytes` to `path` atomically.
 ///
@@ -141,6 +195,27 @@ impl<'a> WriteBehind<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_regular_files_within_the_cap_are_read() {
+        let dir = std::env::temp_dir().join(format!("memvisor-read-bounded-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let small = dir.join("small");
+        std::fs::write(&small, b"hello").unwrap();
+        assert_eq!(read_bounded(&small, 5).unwrap(), b"hello");
+        let e = read_bounded(&small, 4).unwrap_err().to_string();
+        assert!(e.contains("5 bytes, more than the 4 allowed"), "{e}");
+        let e = read_bounded(Path::new("/dev/zero"), 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("a character device"), "{e}");
+        let link = dir.join("zero-link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert!(read_bounded(&link, 1 << 20).unwrap_err().to_string().contains("not a regular file"), "a symlink to a device is refused");
+        assert!(read_bounded(&dir, 1 << 20).unwrap_err().to_string().contains("a directory"));
+        std::fs::write(dir.join("bad"), [0xff, 0xfe]).unwrap();
+        assert!(read_bounded_text(&dir.join("bad"), 10).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn atomic_writes_replace_the_file_and_leave_no_temporary() {

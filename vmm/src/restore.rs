@@ -166,7 +166,7 @@ pub fn restore(dir: &std::path::Path, restore: RestoreOptions, options: RunOptio
         // Diffs taken from here on apply on top of the restored snapshot.
         t.start(vm.fd(), vm.ram())?;
         let top = chain.top();
-        snapshots.last = Some(crate::snapshot::format::ParentRef { dir: top.dir.clone(), id: top.manifest.id.clone() });
+        snapshots.last = Some(crate::snapshot::format::ParentRef { dir: top.dir.clone(), id: top.manifest.id.clone(), manifest_crc32: top.manifest.manifest_crc32 });
         snapshots.generation = t.generation();
     }
     let guest_idle = chain.state.guest_idle.then_some(chain.state.idle_status);

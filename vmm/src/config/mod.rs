@@ -20,6 +20,9 @@ pub mod choices;
 
 pub use choices::{Backing, DirtyMode, GuestPage, NumaPolicy};
 
+/// Largest config file read (a config is a few hundred bytes).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// Default guest memory: 256 MiB.
 pub const DEFAULT_MEM_SIZE: u64 = 256 << 20;
 
@@ -171,7 +174,7 @@ impl ConfigFile {
     /// # Errors
     /// [`ConfigError::ReadFile`] or [`ConfigError::ParseFile`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
+        let text = crate::fsutil::read_bounded_text(path, MAX_CONFIG_BYTES).map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
         toml::from_str(&text).map_err(|e| ConfigError::ParseFile { path: path.to_path_buf(), message: e.message().to_string() })
     }
 

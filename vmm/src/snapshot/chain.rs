@@ -83,7 +83,7 @@ impl OpenChain {
         }
         let top = self.top();
         let state_path = top.dir.join(format::STATE_FILE);
-        let state_bytes = std::fs::read(&state_path).map_err(io(format!("reading {}", state_path.display())))?;
+        let state_bytes = crate::fsutil::read_bounded(&state_path, format::MAX_STATE_BYTES).map_err(io(format!("reading {}", state_path.display())))?;
         if crc32fast::hash(&state_bytes) != top.manifest.state_crc32 {
             return Err(SnapshotError::Corrupt(format!("{} fails its checksum", state_path.display())));
         }
@@ -101,7 +101,7 @@ const MAX_CHAIN: usize = 1000;
 /// One link's manifest (header checked) and memory file.
 fn open_one(dir: &Path) -> Result<Loaded, SnapshotError> {
     let path = dir.join(format::MANIFEST_FILE);
-    let text = std::fs::read(&path).map_err(io(format!("reading {}", path.display())))?;
+    let text = crate::fsutil::read_bounded(&path, format::MAX_MANIFEST_BYTES).map_err(io(format!("reading {}", path.display())))?;
     let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt(format!("{}: {e}", path.display())))?;
     manifest.validate_header().map_err(|source| SnapshotError::Format { dir: dir.to_path_buf(), source })?;
     let mem_path = dir.join(format::MEMORY_FILE);
@@ -116,7 +116,10 @@ fn open_one(dir: &Path) -> Result<Loaded, SnapshotError> {
 /// Reads, checks and decodes `link`'s chunk table into its manifest.
 fn load_chunks(link: &mut Loaded) -> Result<(), SnapshotError> {
     let chunks_path = link.dir.join(format::CHUNKS_FILE);
-    let chunks = std::fs::read(&chunks_path).map_err(io(format!("reading {}", chunks_path.display())))?;
+    // The manifest says how many records there are (its header is checked:
+    // at most one per page of RAM).
+    let cap = link.manifest.chunk_count.saturating_mul(format::CHUNK_RECORD as u64);
+    let chunks = crate::fsutil::read_bounded(&chunks_path, cap).map_err(io(format!("reading {}", chunks_path.display())))?;
     if crc32fast::hash(&chunks) != link.manifest.chunks_crc32 {
         return Err(SnapshotError::Corrupt(format!("{} fails its checksum", chunks_path.display())));
     }

@@ -243,7 +243,7 @@ pub fn finish(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut SnapshotC
     let late_bytes = d2_buf.len() as u64;
     // Everything harvested since the last snapshot is now held by this one.
     chain.pending.clear();
-    chain.last = Some(ParentRef { dir: pre.dir.clone(), id: manifest.id.clone() });
+    chain.last = Some(ParentRef { dir: pre.dir.clone(), id: manifest.id.clone(), manifest_crc32: 0 });
     chain.generation = tracker.generation();
     let pause_us = start.elapsed().as_secs_f64() * 1e6;
     let (precopy_pause_us, pause_us) = if one_stop { (0.0, pre.pause_us + pause_us) } else { (pre.pause_us, pause_us) };

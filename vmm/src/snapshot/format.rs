@@ -2,8 +2,10 @@
 //! state, and one memory file.
 //!
 //! ```text
-//! DIR/manifest.json   Manifest: magic, version, kind, id, parent, config,
-//!                     layout, checksums of state.json and chunks.bin
+//! DIR/manifest.json   Manifest: magic, version, kind, id, parent (with the
+//!                     checksum of the parent's manifest), config, layout,
+//!                     checksums of state.json and chunks.bin, and its own
+//!                     checksum
 //! DIR/chunks.bin      every memory chunk: RAM offset, file offset, length,
 //!                     CRC-32 (24-byte little-endian records)
 //! DIR/state.json      vCPU and device state (serde; checksum in the manifest)
@@ -15,8 +17,14 @@
 //! Every memory chunk is at most [`CHUNK_BYTES`] and carries a CRC-32
 //! (CRC-32/ISO-HDLC, the zlib one; crc32fast computes it with PCLMULQDQ
 //! where the CPU has it: a few GB/s, a small part of a snapshot's cost) of
-//! its bytes. Everything here is pure: it
-//! validates manifests and chains without touching KVM or guest memory.
+//! its bytes. The manifest carries the CRC-32 of itself ([`Manifest::seal`])
+//! and a diff's parent link the CRC-32 of its parent's manifest, which
+//! covers the parent's chunk table and state through their checksums: a
+//! diff is bound to its base by content, not by a directory name and an id
+//! a user can edit. (CRC-32 finds damage and mix-ups, not a forger: who can
+//! write the files can write a matching checksum.) Everything here is
+//! pure: it validates manifests and chains without touching KVM or guest
+//! memory.
 
 use std::path::PathBuf;
 
@@ -30,7 +38,9 @@ pub const MAGIC: &str = "memvisor-snapshot";
 /// vCPU's and the irqchip's KVM structures through kvm-bindings' serde
 /// support (arrays of bytes) where version 1 stored them as hex strings,
 /// and leaves out MSRs that hold no state ([`super::msrs::to_save`]).
-pub const VERSION: u32 = 2;
+/// Version 3 seals the manifest and links a diff to its parent's
+/// manifest checksum.
+pub const VERSION: u32 = 3;
 /// Largest memory chunk, in bytes: small enough that verifying one chunk on
 /// a lazy fault is cheap (~25 µs of CRC), large enough to keep the manifest short.
 pub const CHUNK_BYTES: u64 = 256 * 1024;
@@ -45,6 +55,12 @@ pub const CHUNKS_FILE: &str = "chunks.bin";
 /// Size of one encoded chunk: RAM offset, file offset (u64 each), length,
 /// CRC (u32 each), little-endian.
 pub const CHUNK_RECORD: usize = 24;
+/// Largest manifest.json read: a manifest is a few KiB (the chunk table is
+/// in chunks.bin).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+/// Largest state.json read: ~20 KiB per vCPU (XSAVE areas as JSON arrays)
+/// for at most 64 vCPUs, plus device state, with room to spare.
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
 
 /// Encodes chunks for chunks.bin.
 #[must_use]
@@ -107,8 +123,12 @@ pub struct Chunk {
 pub struct ParentRef {
     /// Its directory (absolute).
     pub dir: PathBuf,
-    /// Its id, to detect a directory replaced by another snapshot.
+    /// Its id, to name it in messages.
     pub id: String,
+    /// Its manifest's checksum ([`Manifest::manifest_crc32`]): the link
+    /// holds only to that very snapshot. Filled when the diff is written
+    /// (the parent is on disk by then); zero until.
+    pub manifest_crc32: u32,
 }
 
 /// A RAM region as recorded: guest-physical start and size.
@@ -145,6 +165,8 @@ pub struct Manifest {
     pub chunk_count: u64,
     /// CRC-32 of chunks.bin.
     pub chunks_crc32: u32,
+    /// CRC-32 of this manifest as JSON with this field zero ([`Manifest::seal`]).
+    pub manifest_crc32: u32,
     /// The memory chunks, in RAM order: stored in chunks.bin (a JSON list
     /// of thousands of chunks would dominate a lazy restore's start-up).
     #[serde(skip)]
@@ -183,6 +205,19 @@ pub fn ram_size(regions: &[RegionRecord]) -> Option<u64> {
 }
 
 impl Manifest {
+    /// The CRC-32 of this manifest's JSON with `manifest_crc32` zero.
+    #[must_use]
+    pub fn checksum(&self) -> u32 {
+        let unsealed = Manifest { manifest_crc32: 0, chunks: Vec::new(), ..self.clone() };
+        // Serialising a plain struct of strings and integers cannot fail.
+        serde_json::to_vec(&unsealed).map_or(0, |bytes| crc32fast::hash(&bytes))
+    }
+
+    /// Sets [`manifest_crc32`](Self::manifest_crc32), last before writing.
+    pub fn seal(&mut self) {
+        self.manifest_crc32 = self.checksum();
+    }
+
     /// Checks the manifest on its own: [`validate_header`](Self::validate_header),
     /// then [`validate_chunks`](Self::validate_chunks).
     ///
@@ -208,6 +243,9 @@ impl Manifest {
         if self.version != VERSION {
             return Err(FormatError::BadVersion { found: self.version });
         }
+        if self.manifest_crc32 != self.checksum() {
+            return Err(FormatError::Inconsistent("the manifest fails its checksum (damaged or edited)".into()));
+        }
         match (self.kind, &self.parent) {
             (SnapshotKind::Full, Some(_)) => return Err(FormatError::Inconsistent("a full snapshot must not have a parent".into())),
             (SnapshotKind::Diff, None) => return Err(FormatError::Inconsistent("a diff snapshot has no parent".into())),
@@ -219,6 +257,10 @@ impl Manifest {
         }
         if ram != self.config.mem_size {
             return Err(FormatError::Inconsistent(format!("layout holds {ram} bytes but the config says {}", self.config.mem_size)));
+        }
+        // Chunks are page multiples that do not overlap: at most one per page.
+        if self.chunk_count > ram / 4096 {
+            return Err(FormatError::Inconsistent(format!("{} chunks for {ram} bytes of RAM (at most one per 4 KiB page)", self.chunk_count)));
         }
         Ok(())
     }
@@ -259,12 +301,14 @@ impl Manifest {
         let Some(p) = &self.parent else {
             return Err(FormatError::Inconsistent("not a diff snapshot".into()));
         };
-        if p.id != parent.id {
+        if p.manifest_crc32 != parent.manifest_crc32 || p.id != parent.id {
             return Err(FormatError::Inconsistent(format!(
-                "the base snapshot at {} is {} but this diff was taken on top of {}",
+                "the base snapshot at {} ({}, manifest checksum {:08x}) is not the one this diff was taken on top of ({}, {:08x})",
                 p.dir.display(),
                 parent.id,
-                p.id
+                parent.manifest_crc32,
+                p.id,
+                p.manifest_crc32
             )));
         }
         if parent.regions != self.regions {
@@ -320,7 +364,16 @@ mod tests {
             memory_file_len: 8 << 20,
             chunk_count: 0,
             chunks_crc32: 0,
+            manifest_crc32: 0,
             chunks: plan_chunks(&[(0, 1 << 20), (4 << 20, 8192)], false),
+        }
+        .sealed()
+    }
+
+    impl Manifest {
+        fn sealed(mut self) -> Self {
+            self.seal();
+            self
         }
     }
 
@@ -356,9 +409,39 @@ mod tests {
     }
 
     #[test]
+    fn an_edited_manifest_fails_its_checksum() {
+        let mut m = manifest();
+        m.id = "edited".into();
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains("fails its checksum"), "{e}");
+        m.seal();
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn a_diff_is_bound_to_its_base_by_content_not_by_name() {
+        let base = manifest();
+        let mut diff = manifest();
+        diff.kind = SnapshotKind::Diff;
+        diff.id = "b".into();
+        diff.parent = Some(ParentRef { dir: "/x".into(), id: "a".into(), manifest_crc32: base.manifest_crc32 });
+        diff.check_parent(&base).unwrap();
+        // Another snapshot put in the base's place with the base's id (and
+        // a checksum of its own that matches its content) is refused.
+        let mut impostor = manifest();
+        impostor.state_crc32 = 0x1234;
+        impostor.seal();
+        impostor.validate().unwrap();
+        assert_eq!(impostor.id, base.id);
+        let e = diff.check_parent(&impostor).unwrap_err().to_string();
+        assert!(e.contains("is not the one this diff was taken on top of"), "{e}");
+    }
+
+    #[test]
     fn wrong_magic_version_and_kind_are_rejected() {
         let mut m = manifest();
         m.magic = "other".into();
+        m.seal();
         assert!(matches!(m.validate(), Err(FormatError::BadMagic(_))));
         let mut m = manifest();
         m.version = 99;
@@ -369,7 +452,12 @@ mod tests {
         assert!(e.contains(&format!("version {} is not supported: written by an older memvisor (this build reads version {VERSION}); take the snapshot again", VERSION - 1)), "{e}");
         let mut m = manifest();
         m.kind = SnapshotKind::Diff;
+        m.seal();
         assert!(matches!(m.validate(), Err(FormatError::Inconsistent(_))));
+        let mut m = manifest();
+        m.chunk_count = (8 << 20) / 4096 + 1;
+        m.seal();
+        assert!(m.validate().unwrap_err().to_string().contains("at most one per 4 KiB page"));
     }
 
     #[test]
@@ -379,9 +467,11 @@ mod tests {
         assert!(matches!(m.validate(), Err(FormatError::BadChunk { why: "outside guest RAM", .. })));
         let mut m = manifest();
         m.memory_file_len = 4096;
+        m.seal();
         assert!(matches!(m.validate(), Err(FormatError::Inconsistent(_))), "a full image must hold all of RAM");
         m.kind = SnapshotKind::Diff;
-        m.parent = Some(ParentRef { dir: "/x".into(), id: "p".into() });
+        m.parent = Some(ParentRef { dir: "/x".into(), id: "p".into(), manifest_crc32: 0 });
+        m.seal();
         assert!(matches!(m.validate(), Err(FormatError::BadChunk { why: "outside the memory file", .. })));
         let mut m = manifest();
         m.chunks[0].len = 100;
@@ -394,11 +484,11 @@ mod tests {
         let mut diff = manifest();
         diff.kind = SnapshotKind::Diff;
         diff.id = "b".into();
-        diff.parent = Some(ParentRef { dir: "/x".into(), id: "a".into() });
+        diff.parent = Some(ParentRef { dir: "/x".into(), id: "a".into(), manifest_crc32: base.manifest_crc32 });
         diff.check_parent(&base).unwrap();
-        diff.parent = Some(ParentRef { dir: "/x".into(), id: "zzz".into() });
+        diff.parent = Some(ParentRef { dir: "/x".into(), id: "zzz".into(), manifest_crc32: base.manifest_crc32 });
         assert!(diff.check_parent(&base).is_err());
-        diff.parent = Some(ParentRef { dir: "/x".into(), id: "a".into() });
+        diff.parent = Some(ParentRef { dir: "/x".into(), id: "a".into(), manifest_crc32: base.manifest_crc32 });
         diff.regions[0].size = 4 << 20;
         assert!(diff.check_parent(&base).is_err());
     }

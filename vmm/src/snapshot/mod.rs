@@ -342,7 +342,7 @@ pub fn capture(live: &Live<'_>, tracker: &mut DirtyTracker, chain: &mut Snapshot
         }
     }
     chain.pending.clear();
-    chain.last = Some(ParentRef { dir: dir.clone(), id: manifest.id.clone() });
+    chain.last = Some(ParentRef { dir: dir.clone(), id: manifest.id.clone(), manifest_crc32: 0 });
     chain.generation = tracker.generation();
     let pause_us = start.elapsed().as_secs_f64() * 1e6;
     Ok(Captured { dir, tmp: Some(tmp), manifest, state, diff_data: None, merge: None, pause_us, precopy_pause_us: 0.0, harvest_us: 0.0, precopied_bytes: 0, late_bytes: 0 })
@@ -373,6 +373,7 @@ fn new_manifest(live: &Live<'_>, kind: SnapshotKind, parent: Option<ParentRef>) 
         memory_file_len: 0,
         chunk_count: 0,
         chunks_crc32: 0,
+        manifest_crc32: 0,
         chunks: Vec::new(),
     }
 }
@@ -461,10 +462,27 @@ impl Captured {
         let state_json = serde_json::to_vec(&self.state).map_err(|e| SnapshotError::Corrupt(format!("cannot encode state: {e}")))?;
         self.manifest.state_crc32 = crc32fast::hash(&state_json);
         write_file_synced(&tmp.join(format::STATE_FILE), &state_json)?;
+        if let Some(parent) = self.manifest.parent.as_mut() {
+            parent.manifest_crc32 = parent_checksum(parent)?;
+        }
+        self.manifest.seal();
         let text = serde_json::to_vec_pretty(&self.manifest).map_err(|e| SnapshotError::Corrupt(format!("cannot encode manifest: {e}")))?;
         write_file_synced(&tmp.join(format::MANIFEST_FILE), &text)?;
         File::open(tmp).and_then(|f| f.sync_all()).map_err(io("syncing the snapshot directory"))
     }
+}
+
+/// The checksum of the manifest `parent` names, read from disk (it was
+/// written and renamed into place before this diff: persists are one at a
+/// time), after checking it is the snapshot the link names.
+fn parent_checksum(parent: &ParentRef) -> Result<u32, SnapshotError> {
+    let path = parent.dir.join(format::MANIFEST_FILE);
+    let text = crate::fsutil::read_bounded(&path, format::MAX_MANIFEST_BYTES).map_err(io(format!("reading {}", path.display())))?;
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt(format!("{}: {e}", path.display())))?;
+    if m.id != parent.id || m.manifest_crc32 != m.checksum() {
+        return Err(SnapshotError::Corrupt(format!("the base snapshot at {} changed since this diff was started; take a full snapshot", parent.dir.display())));
+    }
+    Ok(m.manifest_crc32)
 }
 
 /// Touches every page of a reused diff buffer ([`SnapshotChain::spare`])
@@ -554,21 +572,37 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
 mod tests {
     use super::*;
 
+    /// A captured diff into `dir`, whose parent (a manifest alone) is
+    /// written beside it as `base`.
     fn captured(dir: &Path) -> Captured {
         let config = crate::config::VmConfig { mem_size: 1 << 20, backing: crate::config::Backing::Anon, ..crate::config::VmConfig::default() };
-        let manifest = Manifest {
+        let base_dir = dir.with_file_name("base");
+        let mut base = Manifest {
             magic: format::MAGIC.into(),
             version: format::VERSION,
-            kind: SnapshotKind::Diff,
-            id: "child".into(),
-            parent: Some(ParentRef { dir: "/nonexistent".into(), id: "parent".into() }),
-            config,
+            kind: SnapshotKind::Full,
+            id: "parent".into(),
+            parent: None,
+            config: config.clone(),
             regions: vec![RegionRecord { guest_start: 0, size: 1 << 20 }],
             state_crc32: 0,
-            memory_file_len: 4096,
+            memory_file_len: 1 << 20,
             chunk_count: 0,
             chunks_crc32: 0,
+            manifest_crc32: 0,
+            chunks: Vec::new(),
+        };
+        base.seal();
+        std::fs::create_dir_all(&base_dir).unwrap();
+        std::fs::write(base_dir.join(format::MANIFEST_FILE), serde_json::to_vec(&base).unwrap()).unwrap();
+        let manifest = Manifest {
+            kind: SnapshotKind::Diff,
+            id: "child".into(),
+            parent: Some(ParentRef { dir: base_dir, id: "parent".into(), manifest_crc32: 0 }),
+            memory_file_len: 4096,
+            manifest_crc32: 0,
             chunks: format::plan_chunks(&[(0, 4096)], true),
+            ..base
         };
         let state = SavedState { vcpus: Vec::new(), irqchip: None, devices: crate::devices::Devices::new(Box::new(std::io::sink())).state(), guest_idle: false, idle_status: 0 };
         Captured { dir: dir.to_path_buf(), tmp: None, manifest, state, diff_data: Some(vec![7; 4096]), merge: None, pause_us: 0.0, precopy_pause_us: 0.0, harvest_us: 0.0, precopied_bytes: 0, late_bytes: 0 }
@@ -591,7 +625,11 @@ mod tests {
         let mut names: Vec<String> = std::fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         assert_eq!(names, ["chunks.bin", "manifest.json", "memory.bin", "state.json"]);
-        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1, "no temporary directory is left");
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 2, "the base and the snapshot; no temporary directory is left");
+        let written: Manifest = serde_json::from_slice(&std::fs::read(dest.join(format::MANIFEST_FILE)).unwrap()).unwrap();
+        let base: Manifest = serde_json::from_slice(&std::fs::read(root.join("base").join(format::MANIFEST_FILE)).unwrap()).unwrap();
+        assert_eq!(written.parent.as_ref().map(|p| p.manifest_crc32), Some(base.manifest_crc32), "the link holds the base's checksum");
+        assert_eq!(written.manifest_crc32, written.checksum(), "the manifest is sealed");
         let _ = std::fs::remove_dir_all(&root);
     }
 
@@ -605,8 +643,9 @@ mod tests {
         std::fs::write(dest.join("someone-else"), b"x").unwrap();
         let e = captured(&dest).persist().unwrap_err();
         assert!(e.to_string().starts_with("renaming"), "{e}");
-        let left: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(left, [std::ffi::OsString::from("snap")], "only the destination is left, untouched");
+        let mut left: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, [std::ffi::OsString::from("base"), std::ffi::OsString::from("snap")], "only the base and the destination are left, untouched");
         assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 1);
         let _ = std::fs::remove_dir_all(&root);
     }
