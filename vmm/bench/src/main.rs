@@ -12,6 +12,7 @@ mod boot;
 mod dirty;
 mod dirty_kernels;
 mod snapshot;
+mod soak;
 mod stats;
 mod translation;
 
@@ -38,6 +39,9 @@ enum BenchCommand {
     Dirty(dirty::DirtyArgs),
     /// Diff-snapshot pause, full-snapshot throughput and restore latency.
     Snapshot(snapshot::SnapshotArgs),
+    /// Resources left behind by 1,000 boots and 10,000 balloon
+    /// inflate/deflate cycles (fds, threads, RSS).
+    Soak(soak::SoakArgs),
     /// What nested (or shadow) translation costs: the same workloads
     /// natively and in the guest, over working sets, leaf sizes and backings.
     Translation(translation::TranslationArgs),
@@ -64,6 +68,7 @@ fn run(bench: BenchCommand) -> Result<u32, Box<dyn std::error::Error>> {
         BenchCommand::Boot(args) => Ok(boot::run(&args)?),
         BenchCommand::Dirty(args) => Ok(dirty::run(&args)?),
         BenchCommand::Snapshot(args) => Ok(snapshot::run(&args)?),
+        BenchCommand::Soak(args) => Ok(soak::run(&args)?),
         BenchCommand::Translation(args) => Ok(translation::run(&args)?),
     }
 }

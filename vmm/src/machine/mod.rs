@@ -206,7 +206,7 @@ impl Machine {
             translation_mode: self.mode,
             translations: Vec::new(),
             translation_probe: None,
-            boot_phases: timeline::marks(),
+            boot_phases: timeline::take_marks(),
             config: self.config.clone(),
         };
         let observers = std::mem::take(&mut self.observers);
