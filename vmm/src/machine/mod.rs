@@ -173,7 +173,7 @@ impl Machine {
         }
         control.exited();
         if m.log.dropped > 0 {
-            log::warn!("the guest sent {} reports beyond the {} kept", m.log.dropped, vcpu_loop::MAX_REPORTS);
+            log::warn!("the guest sent {} more reports than the first {} and the last {} kept", m.log.dropped, vcpu_loop::FIRST_REPORTS, vcpu_loop::LAST_REPORTS);
         }
         let unverified = m.verifier.take().and_then(Verifier::finish);
         let exit_status = m.end.take().unwrap_or(Ok(0))?;
@@ -190,17 +190,18 @@ impl Machine {
         let kvm_mappings = report::kvm_mappings(&kvm_stats, self.mode);
         let memory = report::regions(self.vm.ram())?;
         let log = std::mem::take(&mut self.log);
+        let (bad_messages, timings) = (log.bad, log.timings.clone());
         let mut outcome = RunOutcome {
             exit_status,
-            reports: log.kept,
-            bad_messages: log.bad,
+            reports: log.into_kept(),
+            bad_messages,
             memory,
             kvm_mappings,
             kvm_stats,
             vmm_memory: report::ProcessMemory::default(),
             dirty: None,
             balloon: self.devices.balloon.as_ref().map(|b| b.device.info()),
-            timings: log.timings,
+            timings,
             unhandled: self.devices.unhandled().clone(),
             swap_device: self.devices.swap.stats(),
             translation_mode: self.mode,

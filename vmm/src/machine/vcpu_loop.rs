@@ -25,21 +25,51 @@ use super::{BootTimings, GuestContext, Machine, TimedReport, VmmError};
 /// dirty ring is full and must be harvested before it can run again.
 const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
 
-/// Most guest reports kept for the run report (a workload sends a few per
-/// round); later ones are counted, not kept.
-pub const MAX_REPORTS: usize = 100_000;
+/// Guest reports kept from the start of a run (boot, self-test).
+pub const FIRST_REPORTS: usize = 1_000;
+/// Guest reports kept from the end of a run: more than the longest
+/// workload the VMM checks sends (the dirty workload's 4,096 rounds send
+/// two each). A VM that serves for days (a balloon driver reports every
+/// deflate) keeps a bounded log: the first and the latest reports.
+pub const LAST_REPORTS: usize = 10_000;
 
-/// The run's record of guest reports, from every vCPU.
+/// The run's record of guest reports, from every vCPU: the first
+/// [`FIRST_REPORTS`] and the last [`LAST_REPORTS`].
 #[derive(Debug, Default)]
 pub struct Reports {
-    /// Reports kept, in arrival order.
-    pub kept: Vec<TimedReport>,
+    /// The first reports, in arrival order.
+    pub first: Vec<TimedReport>,
+    /// The latest reports after those, in arrival order.
+    pub last: std::collections::VecDeque<TimedReport>,
     /// Messages rejected.
     pub bad: u64,
-    /// Reports beyond [`MAX_REPORTS`].
+    /// Reports between `first` and `last` that were not kept.
     pub dropped: u64,
     /// Boot milestones.
     pub timings: BootTimings,
+}
+
+impl Reports {
+    /// Records `r`, forgetting the oldest of the latest when full.
+    pub fn keep(&mut self, r: TimedReport) {
+        if self.first.len() < FIRST_REPORTS {
+            self.first.push(r);
+            return;
+        }
+        if self.last.len() == LAST_REPORTS {
+            self.last.pop_front();
+            self.dropped += 1;
+        }
+        self.last.push_back(r);
+    }
+
+    /// Every report kept, in arrival order.
+    #[must_use]
+    pub fn into_kept(self) -> Vec<TimedReport> {
+        let mut all = self.first;
+        all.extend(self.last);
+        all
+    }
 }
 
 /// A vCPU's `kvm_run.immediate_exit` byte, handed to its thread.
@@ -238,11 +268,7 @@ fn on_message(m: &mut Machine, vcpu: &VcpuFd, gpa: u64, control: &VmControl<Mach
     }
     // Bounded: a guest that reports without end cannot grow the VMM's
     // memory without end.
-    if m.log.kept.len() < MAX_REPORTS {
-        m.log.kept.push(TimedReport { at_us, report });
-    } else {
-        m.log.dropped += 1;
-    }
+    m.log.keep(TimedReport { at_us, report });
     let mut guest = GuestContext { vm: &m.vm, vcpu, tracker: m.tracker.as_mut(), mode: m.mode };
     for o in &mut m.observers {
         if let Err(e) = o.on_report(&report, &mut guest) {
@@ -261,4 +287,25 @@ fn on_message(m: &mut Machine, vcpu: &VcpuFd, gpa: u64, control: &VmControl<Mach
         control.guest_idled();
     }
     Flow::Continue
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memvisor_abi::msg::Report;
+
+    #[test]
+    fn a_long_run_keeps_its_first_and_latest_reports_only() {
+        let mut r = Reports::default();
+        let n = FIRST_REPORTS + LAST_REPORTS + 500;
+        for i in 0..n {
+            r.keep(TimedReport { at_us: i as f64, report: Report::Idle { status: 0 } });
+        }
+        assert_eq!(r.dropped, 500);
+        let kept = r.into_kept();
+        assert_eq!(kept.len(), FIRST_REPORTS + LAST_REPORTS);
+        assert_eq!(kept[FIRST_REPORTS - 1].at_us, (FIRST_REPORTS - 1) as f64);
+        assert_eq!(kept[FIRST_REPORTS].at_us, (FIRST_REPORTS + 500) as f64, "the oldest of the latest were dropped");
+        assert_eq!(kept.last().map(|k| k.at_us), Some((n - 1) as f64));
+    }
 }
