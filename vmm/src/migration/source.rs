@@ -51,9 +51,8 @@ pub struct Hello {
 /// is 10 ms too).
 const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
-/// How often the status is republished while a round is sent, in frames
-/// of pages (each up to 1 MiB).
-const PUBLISH_EVERY: u64 = 32;
+/// How often the status is republished while a round is sent.
+const PUBLISH_EVERY: Duration = Duration::from_millis(50);
 
 /// What the first stop hands back.
 struct Setup {
@@ -187,18 +186,29 @@ impl Source<'_> {
     /// Sends `runs` with the lease held, publishing progress as it goes.
     fn send(&mut self, sender: &mut Sender<Conn>, ram: &RamMap, runs: &[(u64, u64)]) -> Result<(), MigrationError> {
         let _lease = self.handle.control().lease_ram().ok_or_else(|| MigrationError::Vcpu("the VM has exited".into()))?;
-        let step = PUBLISH_EVERY * 256 * PAGE;
+        let total = bytes_of(runs);
         let mut done = 0;
-        for chunk in split(runs, step) {
-            sender.send_runs(ram, &chunk)?;
-            done += bytes_of(&chunk);
-            self.status.bytes_sent = sender.sent_bytes;
-            self.status.data_pages = sender.data_pages;
-            self.status.zero_pages = sender.zero_pages;
-            self.status.remaining_bytes = bytes_of(runs) - done;
-            self.publish(false);
+        let mut published = Instant::now();
+        // In pieces of 1 MiB, so progress shows even on a slow link.
+        for piece in split(runs, 256 * PAGE) {
+            sender.send_runs(ram, &piece)?;
+            done += bytes_of(&piece);
+            if published.elapsed() >= PUBLISH_EVERY {
+                self.progress(sender, total - done);
+                published = Instant::now();
+            }
         }
-        sender.flush()
+        sender.flush()?;
+        self.progress(sender, total - done);
+        Ok(())
+    }
+
+    fn progress(&mut self, sender: &Sender<Conn>, remaining: u64) {
+        self.status.bytes_sent = sender.sent_bytes;
+        self.status.data_pages = sender.data_pages;
+        self.status.zero_pages = sender.zero_pages;
+        self.status.remaining_bytes = remaining;
+        self.publish(false);
     }
 }
 
@@ -236,6 +246,21 @@ fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
         }
     }
     out
+}
+
+/// The destination's reason for giving up, if it sent one before it
+/// closed the link (read for at most 200 ms).
+fn peer_reason(reader: &mut Conn) -> Option<MigrationError> {
+    reader.set_timeout(Some(Duration::from_millis(200))).ok()?;
+    let mut buf = Vec::new();
+    // Frames it sent earlier (Accept) come first.
+    for _ in 0..4 {
+        if stream::read_frame(reader, &mut buf).ok()? == Kind::Abort {
+            let reason: String = stream::json(Kind::Abort, &buf).ok()?;
+            return Some(MigrationError::PeerAborted { peer: "destination", reason });
+        }
+    }
+    None
 }
 
 /// Reads the next frame, which must be `expected`; an Abort from the
@@ -303,9 +328,13 @@ fn run(src: &mut Source<'_>, req: &MigrateRequest) -> Result<(), (MigrationError
     let stop = AtomicBool::new(false);
     let throttle = Throttle { percent: &percent, stop: &stop };
     let mut paused = false;
+    let mut reader = match conn.try_clone() {
+        Ok(r) => r,
+        Err(source) => return Err((MigrationError::Connect { what: "cannot clone the connection".into(), source }, false)),
+    };
     let result = std::thread::scope(|scope| {
         let mut throttling = None;
-        let r = precopy(src, req, conn, setup, &mut paused, |pct| {
+        let r = precopy(src, req, conn, &mut reader, setup, &mut paused, |pct| {
             percent.store(pct, Ordering::Relaxed);
             if throttling.is_none() {
                 throttling = Some(scope.spawn(|| throttle.run(handle)));
@@ -313,6 +342,12 @@ fn run(src: &mut Source<'_>, req: &MigrateRequest) -> Result<(), (MigrationError
         });
         stop.store(true, Ordering::Relaxed);
         r
+    });
+    // A destination that gave up says why before it closes the link; a
+    // write that failed on the closed link would only say "broken pipe".
+    let result = result.map_err(|(e, committed)| match e {
+        MigrationError::Stream(stream::StreamError::Io { .. } | stream::StreamError::Closed(_)) if !committed => (peer_reason(&mut reader).unwrap_or(e), false),
+        e => (e, committed),
     });
     if let Err((_, committed)) = &result
         && !committed
@@ -330,14 +365,13 @@ fn run(src: &mut Source<'_>, req: &MigrateRequest) -> Result<(), (MigrationError
 
 /// Pre-copy rounds, the stop and the hand-over. `throttle` sets the
 /// auto-converge throttle; `paused` records that the guest was stopped.
-fn precopy(src: &mut Source<'_>, req: &MigrateRequest, conn: Conn, setup: Setup, paused: &mut bool, mut throttle: impl FnMut(u8)) -> Result<(), (MigrationError, bool)> {
+fn precopy(src: &mut Source<'_>, req: &MigrateRequest, conn: Conn, reader: &mut Conn, setup: Setup, paused: &mut bool, mut throttle: impl FnMut(u8)) -> Result<(), (MigrationError, bool)> {
     let handle = src.handle;
     let fail = |e: MigrationError| (e, false);
-    let mut reader = conn.try_clone().map_err(|source| fail(MigrationError::Connect { what: "cannot clone the connection".into(), source }))?;
     let mut sender = Sender::new(conn, req.bandwidth);
     let mut buf = Vec::new();
     sender.json(Kind::Hello, &Hello { config: setup.config.clone(), regions: setup.regions.clone(), page_size: PAGE }).map_err(fail)?;
-    expect(&mut reader, &mut buf, Kind::Accept).map_err(fail)?;
+    expect(reader, &mut buf, Kind::Accept).map_err(fail)?;
     sender.json(Kind::Setup, &setup.cpuid).map_err(fail)?;
     src.status.ram_bytes = setup.ram.size();
     src.status.phase = Phase::Precopy;
@@ -392,11 +426,11 @@ fn precopy(src: &mut Source<'_>, req: &MigrateRequest, conn: Conn, setup: Setup,
     sender.frame(Kind::RoundEnd, &[&u64::from(round + 1).to_le_bytes()]).map_err(fail)?;
     sender.json(Kind::State, &fin.state).map_err(fail)?;
     sender.flush().map_err(fail)?;
-    expect(&mut reader, &mut buf, Kind::Ready).map_err(fail)?;
+    expect(reader, &mut buf, Kind::Ready).map_err(fail)?;
     // The point of no return: from here the guest is the destination's.
     sender.frame(Kind::Commit, &[]).map_err(|e| (e, true))?;
     sender.flush().map_err(|e| (e, true))?;
-    expect(&mut reader, &mut buf, Kind::Resumed).map_err(|e| (e, true))?;
+    expect(reader, &mut buf, Kind::Resumed).map_err(|e| (e, true))?;
     src.status.downtime_ms = Some(stopped.elapsed().as_secs_f64() * 1e3);
     src.status.bytes_sent = sender.sent_bytes;
     Ok(())
