@@ -490,3 +490,32 @@ fn a_link_cut_during_pre_copy_fails_both_sides_after_the_link_timeout() {
     d.assert_error(&["incoming migration failed"]);
     assert_source_unharmed(src, &socket);
 }
+
+#[test]
+fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
+    // The ticker rewrites its 8 MiB buffer at 100 MiB/s of its running
+    // time; the link is capped at 20 MiB/s and the downtime at 30 ms. Each
+    // round finds the whole buffer dirty until the throttle keeps the vCPU
+    // stopped most of the time.
+    let dir = TempDir::new("mig-converge");
+    let to = format!("unix:{}", dir.path().join("mig.sock").display());
+    let (dst, _) = destination(Vmm::run_json(["--mem", "256M", "--incoming", &to]));
+    let socket = dir.path().join("src.sock");
+    let src = Vmm::run_json(["--mem", "256M", "--workload", "ticker:secs=30,mibs=100,pages=2048,fill=1", "--api-socket"]).arg(&socket).spawn();
+    wait_for(&src, "guest: workload starting", Duration::from_secs(120));
+    let r = ctl(&socket, &["migrate", &to, "--bandwidth", "20", "--max-downtime-ms", "30"]);
+    let d = &r["data"];
+    assert_eq!(d["phase"], "completed", "{r}");
+    let rounds = d["rounds"].as_array().unwrap();
+    let dirty: Vec<u64> = rounds.iter().map(|x| x["dirty_bytes"].as_u64().unwrap()).collect();
+    assert!(dirty[1] >= 7 << 20, "unthrottled, a round finds most of the buffer dirty again: {dirty:?}");
+    assert!(d["throttle_percent"].as_u64().unwrap() >= 20, "auto-converge throttled the vCPU and says so: {r}");
+    assert!(*dirty.last().unwrap() < dirty[1] / 4, "throttled, the guest dirties less per round: {dirty:?}");
+    assert!(d["expected_downtime_ms"].as_f64().unwrap() <= 30.0, "it stopped once the rest fitted the maximum: {r}");
+    src.wait(Duration::from_secs(60)).assert_success();
+    // The guest runs on at full speed on the destination.
+    let dst = dst.wait(Duration::from_secs(120));
+    dst.assert_success();
+    let done = events(&dst.json(), "TickerDone");
+    assert_eq!(done.len(), 1, "the ticker finished on the destination");
+}

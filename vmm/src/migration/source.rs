@@ -70,6 +70,12 @@ struct Final {
     state: SavedState,
 }
 
+/// The host's time-stamp counter.
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc only reads the counter; every x86-64 CPU has it.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 /// Runs `job` on the vCPU thread and returns what it returned.
 fn on_vcpu<T: Send + 'static>(handle: &MachineHandle, job: impl FnOnce(&mut Machine) -> Result<T, String> + Send + 'static) -> Result<T, MigrationError> {
     let slot: Arc<Mutex<Option<T>>> = Arc::default();
@@ -412,6 +418,7 @@ fn precopy(src: &mut Source<'_>, req: &MigrateRequest, conn: Conn, reader: &mut 
     src.status.phase = Phase::StopAndCopy;
     src.publish(false);
     let stopped = Instant::now();
+    src.status.stop_tsc = Some(rdtsc());
     let state = handle.pause();
     *paused = true;
     if state == VmState::Exited {

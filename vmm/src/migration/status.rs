@@ -65,6 +65,11 @@ pub struct Status {
     /// "resumed" (pre-copy) or to the start of post-copy, milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<f64>,
+    /// The host's TSC when the guest was stopped for the final copy (the
+    /// guest's TSC is the host's here; a guest-side clock gap that starts
+    /// just before it is the downtime the guest saw).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_tsc: Option<u64>,
     /// Pages the destination asked for during post-copy.
     pub postcopy_requests: u64,
     /// Why it failed.
@@ -96,6 +101,7 @@ impl Status {
             throttle_percent: 0,
             elapsed_ms: 0.0,
             downtime_ms: None,
+            stop_tsc: None,
             postcopy_requests: 0,
             error: None,
             rounds: Vec::new(),
