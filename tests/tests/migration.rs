@@ -501,7 +501,7 @@ fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
     let to = format!("unix:{}", dir.path().join("mig.sock").display());
     let (dst, _) = destination(Vmm::run_json(["--mem", "256M", "--incoming", &to]));
     let socket = dir.path().join("src.sock");
-    let src = Vmm::run_json(["--mem", "256M", "--workload", "ticker:secs=30,mibs=100,pages=2048,fill=1", "--api-socket"]).arg(&socket).spawn();
+    let src = Vmm::run_json(["--mem", "256M", "--workload", "ticker:secs=15,mibs=100,pages=2048,fill=1", "--api-socket"]).arg(&socket).spawn();
     wait_for(&src, "guest: workload starting", Duration::from_secs(120));
     let r = ctl(&socket, &["migrate", &to, "--bandwidth", "20", "--max-downtime-ms", "30"]);
     let d = &r["data"];
