@@ -519,3 +519,59 @@ fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
     let done = events(&dst.json(), "TickerDone");
     assert_eq!(done.len(), 1, "the ticker finished on the destination");
 }
+
+/// Polls `socket` until migrate-status reports `phase`.
+fn wait_phase(socket: &Path, phase: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = ctl_raw(socket, &["migrate-status"]);
+        if let Ok(v) = serde_json::from_str::<Value>(r.stdout.trim())
+            && v["data"]["phase"] == phase
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "migrate-status never reported {phase}: {}", r.describe());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_guest_moved_post_copy_runs_at_once_and_fetches_its_missing_pages() {
+    // after:1: the guest moves after round 0; the 16 MiB its rounds rewrote
+    // meanwhile follow, pushed at 20 MiB/s or fetched when it touches them.
+    let dir = TempDir::new("mig-postcopy");
+    let refrun = reference_run("256M");
+    let to = format!("unix:{}", dir.path().join("mig.sock").display());
+    let (dst, _) = destination(Vmm::run_json(["--mem", "256M", "--incoming", &to]));
+    let socket = dir.path().join("src.sock");
+    let src = source(Vmm::run_json(["--mem", "256M", "--workload", CHECKSUM]), &socket);
+    let r = ctl(&socket, &["migrate", &to, "--postcopy", "after:1", "--bandwidth", "20"]);
+    let d = &r["data"];
+    assert_eq!(d["phase"], "completed", "{r}");
+    assert_eq!(d["rounds"].as_array().unwrap().len(), 1, "one pre-copy round, then post-copy: {r}");
+    assert!(d["postcopy_requests"].as_u64().unwrap() > 0, "the guest asked for pages it touched before they were pushed: {r}");
+    assert!(d["downtime_ms"].as_f64().unwrap() < 300.0, "the stop moved the state, not the dirty pages: {r}");
+    assert_continued(src, dst, &reference(refrun), "post-copy");
+}
+
+#[test]
+fn a_source_lost_during_post_copy_ends_the_destination_with_a_clear_error() {
+    let dir = TempDir::new("mig-postcopy-lost");
+    let to = format!("unix:{}", dir.path().join("mig.sock").display());
+    let (dst, _) = destination(Vmm::run_json(["--mem", "256M", "--incoming", &to]));
+    let socket = dir.path().join("src.sock");
+    // A workload that outlives the slow migration (400 rounds, 20 s).
+    let src = source(Vmm::run_json(["--mem", "256M", "--workload", "checksum:pages=4096,rounds=400,ms=50"]), &socket);
+    let migrate = std::thread::spawn({
+        let socket = socket.clone();
+        move || ctl_raw(&socket, &["migrate", &to, "--postcopy", "after:1", "--bandwidth", "4"])
+    });
+    wait_phase(&socket, "postcopy", Duration::from_secs(60));
+    // The source dies with most of the rewritten pages still on it.
+    // SAFETY: kill(2) on the test's own child process.
+    unsafe { libc::kill(src.pid() as i32, libc::SIGKILL) };
+    let d = dst.wait(Duration::from_secs(60));
+    d.assert_error(&["post-copy lost its source", "the guest cannot continue"]);
+    let _ = migrate.join();
+    let _ = src.wait(Duration::from_secs(10));
+}

@@ -113,6 +113,12 @@ impl Convergence {
         Convergence { max_downtime, limit: limit.map(|l| l as f64), policy, rounds: Vec::new(), throttle: 0, outrun: 0 }
     }
 
+    /// For a destination that cannot take post-copy: a guest that does not
+    /// converge is throttled instead.
+    pub fn without_postcopy(&mut self) {
+        self.policy = PostcopyPolicy::Never;
+    }
+
     /// The measured bandwidth, bytes per second: everything sent over the
     /// time spent sending it (round 0, the largest, weighs most), at most
     /// the limit; `None` before anything was sent.

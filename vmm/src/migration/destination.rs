@@ -78,6 +78,9 @@ pub fn accept_hello(hello: &Hello, host: &VmConfig) -> Result<VmConfig, String> 
     Ok(config)
 }
 
+/// Runs of pages: (RAM offset, pages).
+type Runs = Vec<(u64, u64)>;
+
 /// What the destination has built so far.
 struct Building {
     config: VmConfig,
@@ -120,17 +123,27 @@ pub fn run(listener: Listener, host: &VmConfig, link_timeout: Duration, options:
     let hello: Hello = stream::json(Kind::Hello, &buf)?;
     let config = accept_hello(&hello, host).map_err(|why| abort(&mut conn, MigrationError::Mismatch(why)))?;
     let mut b = build(config, options.stay_up).map_err(|e| abort(&mut conn, e))?;
-    stream::write_frame(&mut conn, Kind::Accept, &[]).map_err(MigrationError::from)?;
+    stream::write_json(&mut conn, Kind::Accept, &super::source::Accepted { postcopy: super::postcopy::supported(b.config.backing) }).map_err(MigrationError::from)?;
     timeline::mark("VM built");
     let mut sink = PageSink::new(RamMap::of(b.vm.ram()));
-    let state = receive(&mut conn, &mut buf, &mut b, &mut sink)?;
+    let (state, pending) = receive(&mut conn, &mut buf, &mut b, &mut sink)?;
     let (vcpu, devices, guest_idle) = load(&mut b, &state, options.console).map_err(|e| abort(&mut conn, e))?;
+    let postcopy = match &pending {
+        Some(runs) => Some(std::sync::Arc::new(super::postcopy::Destination::prepare(sink.ram().clone(), runs, |o| sink.was_written(o)).map_err(|e| abort(&mut conn, e))?)),
+        None => None,
+    };
     stream::write_frame(&mut conn, Kind::Ready, &[])?;
     expect(&mut conn, &mut buf, Kind::Commit, "the source's commit")?;
     // The guest is ours now: say so, and run it.
     let _ = stream::write_frame(&mut conn, Kind::Resumed, &[]);
     timeline::mark("committed");
-    drop(conn);
+    let service = match postcopy {
+        Some(pc) => Some(start_postcopy(pc, conn, std::sync::Arc::clone(options.handle.control()))?),
+        None => {
+            drop(conn);
+            None
+        }
+    };
     log::info!("migration received: {} data pages, {} zero pages", sink.data_pages, sink.zero_pages);
     let observers = crate::observers::for_run(&b.config, &b.vm, vcpu.get_tsc_khz().map_or(0, u64::from), Vec::new());
     let machine = Machine {
@@ -146,7 +159,64 @@ pub fn run(listener: Listener, host: &VmConfig, link_timeout: Duration, options:
         verifier: None,
         observers,
     };
-    Ok(machine.drive(options.handle.control())?)
+    let outcome = machine.drive(options.handle.control());
+    if let Some(service) = service {
+        service.stop();
+    }
+    Ok(outcome?)
+}
+
+/// Post-copy's two threads on the destination.
+struct PostcopyService {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conn: Conn,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl PostcopyService {
+    /// Ends the threads (the VM has ended) and waits for them.
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.conn.shutdown();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts serving faults and receiving pages; a failure of either stops
+/// the VM with the error (its memory cannot be completed).
+fn start_postcopy(pc: std::sync::Arc<super::postcopy::Destination>, conn: Conn, control: std::sync::Arc<crate::control::VmControl<Machine>>) -> Result<PostcopyService, MigrationError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let clone = |c: &Conn| c.try_clone().map_err(|source| MigrationError::Connect { what: "cannot clone the connection".into(), source });
+    let writer = std::sync::Arc::new(std::sync::Mutex::new(clone(&conn)?));
+    let mut reader = clone(&conn)?;
+    // Pages may come slowly while the source pushes; only a dead link ends this.
+    let _ = reader.set_timeout(None);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let faults = {
+        let (pc, writer, stop, control) = (std::sync::Arc::clone(&pc), std::sync::Arc::clone(&writer), std::sync::Arc::clone(&stop), std::sync::Arc::clone(&control));
+        std::thread::Builder::new().name("postcopy-faults".into()).spawn(move || {
+            if let Err(e) = pc.serve_faults(&writer, &stop) {
+                control.abort(crate::error_chain(&e));
+            }
+        })
+    }
+    .map_err(|source| MigrationError::Connect { what: "cannot start the post-copy fault thread".into(), source })?;
+    let pages = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::Builder::new().name("postcopy-pages".into()).spawn(move || {
+            let t = std::time::Instant::now();
+            match pc.receive(&mut reader, &writer) {
+                Ok(()) => log::info!("post-copy: every page arrived {:.1} ms after the switch", t.elapsed().as_secs_f64() * 1e3),
+                Err(e) if !stop.load(Ordering::Relaxed) => control.abort(crate::error_chain(&e)),
+                Err(_) => {}
+            }
+            stop.store(true, Ordering::Relaxed);
+        })
+    }
+    .map_err(|source| MigrationError::Connect { what: "cannot start the post-copy page thread".into(), source })?;
+    Ok(PostcopyService { stop, conn, threads: vec![faults, pages] })
 }
 
 /// Guest RAM, the VM, its irqchip (a VM with a balloon has one) and
@@ -163,8 +233,10 @@ fn build(config: VmConfig, stay_up: bool) -> Result<Building, MigrationError> {
     Ok(Building { config, vm, tracker, vcpu: None })
 }
 
-/// Takes frames until the state arrives; returns it.
-fn receive(conn: &mut Conn, buf: &mut Vec<u8>, b: &mut Building, sink: &mut PageSink) -> Result<SavedState, MigrationError> {
+/// Takes frames until the state arrives; returns it, and the runs of
+/// pages still to come when the source switches to post-copy.
+fn receive(conn: &mut Conn, buf: &mut Vec<u8>, b: &mut Building, sink: &mut PageSink) -> Result<(SavedState, Option<Runs>), MigrationError> {
+    let mut pending = None;
     loop {
         let kind = stream::read_frame(conn, buf).map_err(|e| abort(conn, e.into()))?;
         let step = match kind {
@@ -172,7 +244,8 @@ fn receive(conn: &mut Conn, buf: &mut Vec<u8>, b: &mut Building, sink: &mut Page
             Kind::Zeros => sink.zeros(buf),
             Kind::RoundEnd => stream::u64_payload(kind, buf).map(|_| ()).map_err(MigrationError::from),
             Kind::Setup => setup_vcpu(b, buf),
-            Kind::State => return stream::json(kind, buf).map_err(|e| abort(conn, e.into())),
+            Kind::State => return stream::json(kind, buf).map(|s| (s, pending)).map_err(|e| abort(conn, e.into())),
+            Kind::PostcopyPending if super::postcopy::supported(b.config.backing) => stream::runs(kind, buf).map(|r| pending = Some(r)).map_err(MigrationError::from),
             Kind::Abort => return Err(MigrationError::PeerAborted { peer: "source", reason: stream::json(kind, buf)? }),
             got => Err(stream::StreamError::Unexpected { got, expected: "pages or the state" }.into()),
         };

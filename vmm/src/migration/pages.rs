@@ -86,6 +86,18 @@ impl RamMap {
         self.regions.iter().map(|r| r.2).sum()
     }
 
+    /// Every region as (host address, bytes).
+    #[must_use]
+    pub fn host_ranges(&self) -> Vec<(u64, u64)> {
+        self.regions.iter().map(|r| (r.1 as u64, r.2)).collect()
+    }
+
+    /// The RAM offset of host address `addr`, when it is guest RAM.
+    #[must_use]
+    pub fn offset_of(&self, addr: u64) -> Option<u64> {
+        self.regions.iter().find(|r| addr >= r.1 as u64 && addr < r.1 as u64 + r.2).map(|r| r.0 + (addr - r.1 as u64))
+    }
+
     /// The host address of `len` bytes at `offset`, when they lie inside
     /// one region.
     #[must_use]

@@ -46,6 +46,13 @@ pub struct Hello {
     pub page_size: u64,
 }
 
+/// The destination's answer to [`Hello`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Accepted {
+    /// Whether it can take post-copy (its guest RAM is private anonymous).
+    pub postcopy: bool,
+}
+
 /// Interval of the auto-converge throttle: in each, the vCPU is kept
 /// stopped for the throttle's share (QEMU's `CPU_THROTTLE_TIMESLICE_NS`
 /// is 10 ms too).
@@ -378,10 +385,18 @@ fn precopy(src: &mut Source<'_>, req: &MigrateRequest, conn: Conn, reader: &mut 
     let mut buf = Vec::new();
     sender.json(Kind::Hello, &Hello { config: setup.config.clone(), regions: setup.regions.clone(), page_size: PAGE }).map_err(fail)?;
     expect(reader, &mut buf, Kind::Accept).map_err(fail)?;
+    let accepted: Accepted = stream::json(Kind::Accept, &buf).map_err(|e| fail(e.into()))?;
     sender.json(Kind::Setup, &setup.cpuid).map_err(fail)?;
     src.status.ram_bytes = setup.ram.size();
     src.status.phase = Phase::Precopy;
     let mut conv = Convergence::new(req.max_downtime, req.bandwidth, req.postcopy);
+    if !accepted.postcopy {
+        if let super::PostcopyPolicy::After(_) = req.postcopy {
+            return Err(fail(MigrationError::Refused("the destination cannot take post-copy (its guest RAM is not anon or thp)".into())));
+        }
+        conv.without_postcopy();
+    }
+    let mut postcopy = false;
     let mut runs = setup.runs;
     let mut last_harvest = Instant::now();
     let mut round = 0u32;
@@ -409,7 +424,8 @@ fn precopy(src: &mut Source<'_>, req: &MigrateRequest, conn: Conn, reader: &mut 
             Decision::Throttle(p) => throttle(p),
             Decision::StopAndCopy => break,
             Decision::Postcopy => {
-                return Err(fail(MigrationError::Refused("post-copy is not implemented yet".into())));
+                postcopy = true;
+                break;
             }
         }
         round += 1;
@@ -429,8 +445,14 @@ fn precopy(src: &mut Source<'_>, req: &MigrateRequest, conn: Conn, reader: &mut 
     src.status.round = round + 1;
     // What the last round's harvest found and what the guest wrote since.
     let last = union(&runs, &fin.runs);
-    src.send(&mut sender, &setup.ram, &last).map_err(fail)?;
-    sender.frame(Kind::RoundEnd, &[&u64::from(round + 1).to_le_bytes()]).map_err(fail)?;
+    let pending: Vec<(u64, u64)> = last.iter().map(|&(offset, len)| (offset, len / PAGE)).collect();
+    if postcopy {
+        // The destination runs the guest without these; they follow.
+        sender.frame(Kind::PostcopyPending, &[&stream::encode_runs(&pending)]).map_err(fail)?;
+    } else {
+        src.send(&mut sender, &setup.ram, &last).map_err(fail)?;
+        sender.frame(Kind::RoundEnd, &[&u64::from(round + 1).to_le_bytes()]).map_err(fail)?;
+    }
     sender.json(Kind::State, &fin.state).map_err(fail)?;
     sender.flush().map_err(fail)?;
     expect(reader, &mut buf, Kind::Ready).map_err(fail)?;
@@ -440,6 +462,21 @@ fn precopy(src: &mut Source<'_>, req: &MigrateRequest, conn: Conn, reader: &mut 
     expect(reader, &mut buf, Kind::Resumed).map_err(|e| (e, true))?;
     src.status.downtime_ms = Some(stopped.elapsed().as_secs_f64() * 1e3);
     src.status.bytes_sent = sender.sent_bytes;
+    if postcopy {
+        src.status.phase = Phase::Postcopy;
+        src.status.remaining_bytes = bytes_of(&last);
+        src.publish(false);
+        let committed = |e: MigrationError| (e, true);
+        let lease = handle.control().lease_ram().ok_or_else(|| committed(MigrationError::Vcpu("the VM has exited".into())))?;
+        let back = reader.try_clone().map_err(|source| committed(MigrationError::Connect { what: "cannot clone the connection".into(), source }))?;
+        let served = super::postcopy::serve_source(&mut sender, back, &setup.ram, &pending, req.link_timeout).map_err(committed)?;
+        drop(lease);
+        src.status.postcopy_requests = served;
+        src.status.bytes_sent = sender.sent_bytes;
+        src.status.data_pages = sender.data_pages;
+        src.status.zero_pages = sender.zero_pages;
+        src.status.remaining_bytes = 0;
+    }
     Ok(())
 }
 
