@@ -244,7 +244,7 @@ fn a_destination_of_another_ram_size_is_refused_on_both_sides_and_the_guest_runs
     let src = source(Vmm::run_json(["--mem", "256M", "--workload", CHECKSUM]), &socket);
     let r = ctl_raw(&socket, &["migrate", &to]);
     r.assert_error(&["does not match", "256 MiB", "128 MiB", "keeps running here"]);
-    dst.wait(Duration::from_secs(30)).assert_error(&["does not match", "256 MiB", "--mem 256 MiB"]);
+    dst.wait(Duration::from_secs(30)).assert_error(&["does not match", "256 MiB", "--mem 256M"]);
     assert_source_unharmed(src, &socket);
 }
 

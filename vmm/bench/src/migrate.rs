@@ -79,6 +79,9 @@ struct Sample {
     bytes_sent: u64,
     vmm_downtime_ms: f64,
     guest_downtime_ms: Option<f64>,
+    /// memvisor only: the guest's clock gap that spans the stop (its host
+    /// TSC is in migrate-status), ms.
+    stop_gap_ms: Option<f64>,
     throughput_mb_s: f64,
 }
 
@@ -94,6 +97,7 @@ struct CaseResult {
     bytes_per_data: Option<Summary>,
     vmm_downtime_ms: Option<Summary>,
     guest_downtime_ms: Option<Summary>,
+    stop_gap_ms: Option<Summary>,
     throughput_per_link: Option<Summary>,
 }
 
@@ -270,7 +274,8 @@ const TICKER_SECS: u64 = 8;
 /// When the migration starts after the workload did.
 const SETTLE: Duration = Duration::from_secs(1);
 
-fn memvisor_once(vmm: &Path, link: &Link, mem: u64, workload: &str, max_downtime_ms: u64, port: u16, dir: &Path) -> BenchResult<Sample> {
+#[allow(clippy::too_many_arguments)]
+fn memvisor_once(vmm: &Path, link: &Link, mem: u64, workload: &str, max_downtime_ms: u64, port: u16, dir: &Path, tsc_khz: u64) -> BenchResult<Sample> {
     let to = format!("tcp:{}:{port}", link.dest_ip);
     let ns = |i: usize| link.ns.as_ref().map(|n| n[i].clone());
     let m = mem.to_string();
@@ -308,6 +313,7 @@ fn memvisor_once(vmm: &Path, link: &Link, mem: u64, workload: &str, max_downtime
         bytes_sent: d["bytes_sent"].as_u64().unwrap_or(0),
         vmm_downtime_ms: d["downtime_ms"].as_f64().unwrap_or(f64::NAN),
         guest_downtime_ms: window_gap(&gaps, t0, t1),
+        stop_gap_ms: d["stop_tsc"].as_u64().and_then(|st| gaps.iter().filter(|g| g.1 <= st && st <= g.1 + g.0 * tsc_khz / 1_000_000).map(|g| g.0 as f64 / 1e6).next()),
         throughput_mb_s: r0["sent_bytes"].as_f64().unwrap_or(0.0) / r0["send_secs"].as_f64().unwrap_or(f64::NAN) / 1e6,
     })
 }
@@ -434,6 +440,7 @@ fn qemu_once(qemu: &Path, link: &Link, mem: u64, guest: &Path, bootcfg: &Path, m
             bytes_sent: ram["transferred"].as_u64().unwrap_or(0),
             vmm_downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
             guest_downtime_ms: window_gap(&gaps, t0, t1),
+            stop_gap_ms: None,
             throughput_mb_s: mbps / 8.0,
         })
     })();
@@ -442,14 +449,18 @@ fn qemu_once(qemu: &Path, link: &Link, mem: u64, guest: &Path, bootcfg: &Path, m
     result
 }
 
-/// The boot configuration QEMU's guest reads at 0x8000: the same guest,
-/// exiting (not idling) when its ticker ends.
-fn write_bootcfg(path: &Path, mem: u64, workload: &str) -> BenchResult<()> {
-    let config = memvisor::config::VmConfig { mem_size: mem, workload: Some(workload.parse().map_err(|e: memvisor::workload::WorkloadError| err(e.to_string()))?), ..Default::default() };
+/// The TSC's frequency, kHz (`KVM_GET_TSC_KHZ` of a throwaway vCPU).
+fn tsc_khz() -> BenchResult<u64> {
     let kvm = memvisor::vm::open_kvm()?;
     let vm = kvm.create_vm().map_err(|e| err(format!("KVM_CREATE_VM: {e}")))?;
     let vcpu = vm.create_vcpu(0).map_err(|e| err(format!("KVM_CREATE_VCPU: {e}")))?;
-    let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
+    Ok(vcpu.get_tsc_khz().map_or(0, u64::from))
+}
+
+/// The boot configuration QEMU's guest reads at 0x8000: the same guest,
+/// exiting (not idling) when its ticker ends.
+fn write_bootcfg(path: &Path, mem: u64, workload: &str, tsc_khz: u64) -> BenchResult<()> {
+    let config = memvisor::config::VmConfig { mem_size: mem, workload: Some(workload.parse().map_err(|e: memvisor::workload::WorkloadError| err(e.to_string()))?), ..Default::default() };
     let cfg = memvisor::vmm::boot_config(&config, memvisor::host::detect(), false, false, tsc_khz);
     std::fs::write(path, cfg.as_bytes())?;
     Ok(())
@@ -471,6 +482,7 @@ pub fn run(args: &MigrateArgs) -> BenchResult<u32> {
         rates.truncate(2);
     }
     let pages = (mem / 2 / 4096).min(1 << 18);
+    let tsc_khz = tsc_khz()?;
     let vmm = crate::vmm_binary()?;
     let dir = std::env::temp_dir().join(format!("memvisor-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -499,7 +511,7 @@ pub fn run(args: &MigrateArgs) -> BenchResult<u32> {
             let workload = ticker(pages, rate, TICKER_SECS);
             let guest_name = if rate == 0 { format!("idle, {} MiB of data", pages >> 8) } else { format!("{rate} MiB/s dirty over {} MiB", pages >> 8) };
             let bootcfg = dir.join(format!("bootcfg-{rate}.bin"));
-            write_bootcfg(&bootcfg, mem, &workload)?;
+            write_bootcfg(&bootcfg, mem, &workload, tsc_khz)?;
             let mut vmms: Vec<&'static str> = vec!["memvisor"];
             if qemu.is_some() {
                 vmms.push("qemu 7.2");
@@ -512,7 +524,7 @@ pub fn run(args: &MigrateArgs) -> BenchResult<u32> {
                     let case_dir = dir.join(format!("{}-{rate}-{run}-{i}", link.name));
                     std::fs::create_dir_all(&case_dir)?;
                     let s = match (which, &qemu) {
-                        ("memvisor", _) => memvisor_once(&vmm, link, mem, &workload, args.max_downtime_ms, port, &case_dir)?,
+                        ("memvisor", _) => memvisor_once(&vmm, link, mem, &workload, args.max_downtime_ms, port, &case_dir, tsc_khz)?,
                         (_, Some(q)) => qemu_once(q, link, mem, &guest, &bootcfg, args.max_downtime_ms, port, &case_dir)?,
                         _ => continue,
                     };
@@ -541,6 +553,7 @@ pub fn run(args: &MigrateArgs) -> BenchResult<u32> {
                     bytes_per_data: f(&|x| Some(x.bytes_sent as f64 / (pages * 4096) as f64)),
                     vmm_downtime_ms: f(&|x| Some(x.vmm_downtime_ms)),
                     guest_downtime_ms: f(&|x| x.guest_downtime_ms),
+                    stop_gap_ms: f(&|x| x.stop_gap_ms),
                     throughput_per_link: f(&|x| Some(x.throughput_mb_s / link.baseline_mb_s)),
                     samples: s.clone(),
                 });
@@ -561,11 +574,11 @@ fn cell(s: &Option<Summary>, digits: usize) -> String {
 
 fn print_table(results: &[CaseResult], mem: u64) {
     println!("\nmigration of a {} MiB guest: min / median / max", mem >> 20);
-    println!("| VMM | link | guest | total ms | bytes ÷ RAM | bytes ÷ data | first-round throughput ÷ link | downtime ms (VMM) | downtime ms (guest clock) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| VMM | link | guest | total ms | bytes ÷ RAM | bytes ÷ data | first-round throughput ÷ link | downtime ms (VMM) | longest guest clock gap during the migration, ms | guest clock gap at the stop, ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.vmm,
             r.link,
             r.guest,
@@ -574,7 +587,8 @@ fn print_table(results: &[CaseResult], mem: u64) {
             cell(&r.bytes_per_data, 3),
             cell(&r.throughput_per_link, 2),
             cell(&r.vmm_downtime_ms, 2),
-            cell(&r.guest_downtime_ms, 2)
+            cell(&r.guest_downtime_ms, 2),
+            cell(&r.stop_gap_ms, 2)
         );
     }
 }

@@ -59,7 +59,7 @@ pub fn accept_hello(hello: &Hello, host: &VmConfig) -> Result<VmConfig, String> 
             "the source's guest has {} of RAM, this destination was started for {} (give it --mem {})",
             crate::size::format_size(theirs),
             crate::size::format_size(host.mem_size),
-            crate::size::format_size(theirs)
+            flag_size(theirs)
         ));
     }
     let layout: Vec<(u64, u64)> = crate::layout::ram_ranges(theirs).iter().map(|r| (r.start.0, r.size)).collect();
@@ -76,6 +76,15 @@ pub fn accept_hello(hello: &Hello, host: &VmConfig) -> Result<VmConfig, String> 
     config.api_socket.clone_from(&host.api_socket);
     config.validate().map_err(|e| format!("the source's configuration does not fit this destination: {}", crate::error_chain(&e)))?;
     Ok(config)
+}
+
+/// `bytes` as `--mem` takes it (`1G`, `384M`, or bytes).
+fn flag_size(bytes: u64) -> String {
+    match bytes {
+        b if b.is_multiple_of(1 << 30) => format!("{}G", b >> 30),
+        b if b.is_multiple_of(1 << 20) => format!("{}M", b >> 20),
+        b => b.to_string(),
+    }
 }
 
 /// Runs of pages: (RAM offset, pages).
@@ -160,8 +169,12 @@ pub fn run(listener: Listener, host: &VmConfig, link_timeout: Duration, options:
         observers,
     };
     let outcome = machine.drive(options.handle.control());
-    if let Some(service) = service {
-        service.stop();
+    if let Some(service) = service
+        && let Some(e) = service.stop()
+    {
+        // The run ended because post-copy failed: say that, not how the
+        // run loop words an abort.
+        return Err(e.into());
     }
     Ok(outcome?)
 }
@@ -171,16 +184,20 @@ struct PostcopyService {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conn: Conn,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Why post-copy failed, when it did (the VM was aborted with it).
+    failed: std::sync::Arc<std::sync::Mutex<Option<super::postcopy::PostcopyError>>>,
 }
 
 impl PostcopyService {
-    /// Ends the threads (the VM has ended) and waits for them.
-    fn stop(self) {
+    /// Ends the threads (the VM has ended) and waits for them; returns why
+    /// post-copy failed, if it did.
+    fn stop(self) -> Option<super::postcopy::PostcopyError> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.conn.shutdown();
         for t in self.threads {
             let _ = t.join();
         }
+        self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 }
 
@@ -194,11 +211,19 @@ fn start_postcopy(pc: std::sync::Arc<super::postcopy::Destination>, conn: Conn, 
     // Pages may come slowly while the source pushes; only a dead link ends this.
     let _ = reader.set_timeout(None);
     let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let failed: std::sync::Arc<std::sync::Mutex<Option<super::postcopy::PostcopyError>>> = std::sync::Arc::default();
+    let fail = {
+        let failed = std::sync::Arc::clone(&failed);
+        move |control: &crate::control::VmControl<Machine>, e: super::postcopy::PostcopyError| {
+            control.abort(crate::error_chain(&e));
+            failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
+        }
+    };
     let faults = {
-        let (pc, writer, stop, control) = (std::sync::Arc::clone(&pc), std::sync::Arc::clone(&writer), std::sync::Arc::clone(&stop), std::sync::Arc::clone(&control));
+        let (pc, writer, stop, control, fail) = (std::sync::Arc::clone(&pc), std::sync::Arc::clone(&writer), std::sync::Arc::clone(&stop), std::sync::Arc::clone(&control), fail.clone());
         std::thread::Builder::new().name("postcopy-faults".into()).spawn(move || {
             if let Err(e) = pc.serve_faults(&writer, &stop) {
-                control.abort(crate::error_chain(&e));
+                fail(&control, e);
             }
         })
     }
@@ -209,14 +234,14 @@ fn start_postcopy(pc: std::sync::Arc<super::postcopy::Destination>, conn: Conn, 
             let t = std::time::Instant::now();
             match pc.receive(&mut reader, &writer) {
                 Ok(()) => log::info!("post-copy: every page arrived {:.1} ms after the switch", t.elapsed().as_secs_f64() * 1e3),
-                Err(e) if !stop.load(Ordering::Relaxed) => control.abort(crate::error_chain(&e)),
+                Err(e) if !stop.load(Ordering::Relaxed) => fail(&control, e),
                 Err(_) => {}
             }
             stop.store(true, Ordering::Relaxed);
         })
     }
     .map_err(|source| MigrationError::Connect { what: "cannot start the post-copy page thread".into(), source })?;
-    Ok(PostcopyService { stop, conn, threads: vec![faults, pages] })
+    Ok(PostcopyService { stop, conn, threads: vec![faults, pages], failed })
 }
 
 /// Guest RAM, the VM, its irqchip (a VM with a balloon has one) and
@@ -325,7 +350,7 @@ mod tests {
     fn another_ram_size_layout_or_page_size_is_refused_with_the_reason() {
         let host = VmConfig { mem_size: 256 << 20, ..VmConfig::default() };
         let e = accept_hello(&hello(1 << 30), &host).unwrap_err();
-        assert!(e.contains("1 GiB") && e.contains("--mem 1 GiB"), "{e}");
+        assert!(e.contains("1 GiB") && e.contains("--mem 1G"), "{e}");
         let mut h = hello(256 << 20);
         h.regions = vec![(0, 128 << 20), (1 << 32, 128 << 20)];
         assert!(accept_hello(&h, &host).unwrap_err().contains("layout"));
