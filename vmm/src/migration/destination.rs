@@ -128,6 +128,7 @@ pub fn run(listener: Listener, host: &VmConfig, link_timeout: Duration, options:
     conn.set_timeout(Some(link_timeout)).map_err(|source| MigrationError::Connect { what: "cannot set the link timeout".into(), source })?;
     stream::exchange_preambles(&mut conn)?;
     let mut buf = Vec::new();
+    // The source stops here when its VM cannot move (it sends why).
     expect(&mut conn, &mut buf, Kind::Hello, "the source's hello")?;
     let hello: Hello = stream::json(Kind::Hello, &buf)?;
     let config = accept_hello(&hello, host).map_err(|why| abort(&mut conn, MigrationError::Mismatch(why)))?;

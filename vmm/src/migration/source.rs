@@ -335,7 +335,14 @@ fn run(src: &mut Source<'_>, req: &MigrateRequest) -> Result<(), (MigrationError
     let mut conn = Conn::connect(&req.to, req.link_timeout).map_err(connect(format!("cannot connect to {}", req.to))).map_err(|e| (e, false))?;
     conn.set_timeout(Some(req.link_timeout)).map_err(connect("cannot set the link timeout".into())).map_err(|e| (e, false))?;
     stream::exchange_preambles(&mut conn).map_err(|e| (e.into(), false))?;
-    let setup = on_vcpu(handle, setup).map_err(|e| (e, false))?;
+    let setup = match on_vcpu(handle, setup) {
+        Ok(s) => s,
+        Err(e) => {
+            // Tell the destination why, so it does not only see the link close.
+            let _ = stream::write_json(&mut conn, Kind::Abort, &crate::error_chain(&e));
+            return Err((e, false));
+        }
+    };
     let was_logging = setup.was_logging;
     let percent = AtomicU8::new(0);
     let stop = AtomicBool::new(false);
