@@ -7,11 +7,13 @@
 //! - [`hugetlb`]: reserves hugetlb pages for a test and gives them back,
 //!   serialised across threads and processes by a file lock.
 //! - [`report`]: reading the JSON report and the assertions boot tests share.
+//! - [`netns`]: two test hosts, network namespaces joined by a veth pair.
 //!
 //! Nothing here skips a test: when the host refuses something a test needs,
 //! the helper returns an error that says why and the test fails with it.
 
 pub mod hugetlb;
+pub mod netns;
 pub mod report;
 pub mod vmm;
 

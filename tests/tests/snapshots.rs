@@ -178,7 +178,11 @@ fn a_snapshot_that_runs_out_of_space_leaves_nothing_behind() {
     std::fs::create_dir(&small).unwrap();
     let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&small).status().unwrap();
     assert!(mounted.success(), "mounting a 1 MiB tmpfs (the test runs as root)");
-    let (vm, socket) = idle_vm(&dir);
+    // The self-test zeroes what it touched, and zero pages are holes, not
+    // data: a workload leaves 4 MiB of data behind, more than the 1 MiB.
+    let socket = dir.path().join("api.sock");
+    let vm = Vmm::run_json(["--mem", "64M", "--workload", "checksum:pages=1024,rounds=1,ms=0", "--api-socket"]).arg(&socket).spawn();
+    wait_idle(&socket, Duration::from_secs(60), "the guest never idled");
     let r = Vmm::new(["ctl"]).arg(&socket).args(&["snapshot", "--full"]).arg(small.join("s")).output();
     let said = format!("{}{}", r.stdout, r.stderr);
     assert!(said.contains("No space left"), "{}", r.describe());
@@ -442,6 +446,44 @@ fn a_full_snapshot_of_a_mostly_untouched_guest_is_sparse() {
 }
 
 #[test]
+fn a_guest_that_zeroed_its_ram_snapshots_as_holes_and_restores_without_writing_them() {
+    // The self-test writes a pattern over all free RAM of the 1 GiB guest
+    // and zeroes it again: ~1 GiB resident on the host that holds nothing.
+    // The checksum workload then keeps 4 MiB of data, rewritten as it goes.
+    let dir = TempDir::new("snap-zero");
+    let socket = dir.path().join("api.sock");
+    let vm = Vmm::run_json(["--mem", "1G", "--backing", "anon", "--workload", "checksum:pages=1024,rounds=30,ms=50", "--api-socket"]).arg(&socket).spawn();
+    wait_workload_started(&vm, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(200));
+    let snap = dir.path().join("full");
+    let r = ctl(&socket, &["snapshot", "--full", snap.to_str().unwrap()]);
+    let original = shut_down_when_idle(vm, &socket, Duration::from_secs(120));
+    original.assert_success();
+    let resident_before = memvisor_tests::report::total(&original.json(), "resident_bytes");
+    assert!(resident_before > 900 << 20, "the self-test touched the guest's RAM: {resident_before} bytes resident");
+    let saved = r["data"]["memory_bytes"].as_u64().unwrap();
+    let image = snap.join("memory.bin");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 1 << 30, "the image is as long as RAM");
+    assert!(saved < 24 << 20, "only pages holding data were saved: {saved} bytes");
+    assert!(allocated(&image) < 24 << 20, "zero pages are holes: {} bytes allocated", allocated(&image));
+    // Restored by copy, the zero pages are not written (fresh RAM is zero):
+    // the VM holds about what was saved, and the guest finds every page of
+    // its buffer as it left it and ends with the original run's checksums.
+    let (reference, _) = checks(&original.json());
+    let r = restore(&snap, &["--restore-mode", "copy"]);
+    r.assert_success();
+    let report = r.json();
+    let resident = memvisor_tests::report::total(&report, "resident_bytes");
+    assert!(resident < 48 << 20, "a copy restore leaves zero pages untouched: {resident} bytes resident");
+    let (after, bad) = checks(&report);
+    assert!(bad.is_empty(), "the restored guest found differing pages {bad:?}");
+    assert!(!after.is_empty() && after[0].0 > 0, "the restored guest went on from where it was: {after:?}");
+    for (round, c) in after {
+        assert_eq!(c, reference[round as usize].1, "round {round}'s checksum matches the original run's");
+    }
+}
+
+#[test]
 fn a_diff_after_dirty_logging_was_paused_is_refused() {
     let dir = TempDir::new("snap-interrupted");
     let (vm, socket) = idle_vm(&dir);
@@ -462,7 +504,10 @@ fn a_diff_after_dirty_logging_was_paused_is_refused() {
 #[test]
 fn guests_split_around_the_mmio_hole_snapshot_and_restore() {
     // 5 GiB: 3 GiB below the hole and 2 GiB above it, all touched by the
-    // self-test, so the saved pages run right up to both sides of the hole.
+    // self-test, which zeroes them again: zero pages are holes, so the image
+    // holds little (memory_file's unit test
+    // a_full_image_of_ram_split_by_the_mmio_hole_writes_both_sides has data
+    // right up to both sides of the hole).
     let dir = TempDir::new("snap-5g");
     let socket = dir.path().join("api.sock");
     // Generous hang guards: 5 GiB is written and read back, and CI machines
@@ -471,7 +516,9 @@ fn guests_split_around_the_mmio_hole_snapshot_and_restore() {
     wait_idle(&socket, Duration::from_secs(300), "the 5 GiB guest never idled");
     let snap = dir.path().join("full");
     let r = ctl(&socket, &["snapshot", "--full", snap.to_str().unwrap()]);
-    assert!(r["data"]["memory_bytes"].as_u64().unwrap() > 4 << 30, "both regions were saved: {r}");
+    let saved = r["data"]["memory_bytes"].as_u64().unwrap();
+    assert!(saved < 64 << 20, "the zeroed pages of both regions are holes: {r}");
+    assert_eq!(std::fs::metadata(snap.join("memory.bin")).unwrap().len(), 5 << 30, "the image spans both regions");
     ctl(&socket, &["shutdown"]);
     vm.wait(Duration::from_secs(120)).assert_success();
     let restored = Vmm::new(["restore", "--json"]).arg(&snap).timeout(Duration::from_secs(400)).output();
@@ -479,15 +526,16 @@ fn guests_split_around_the_mmio_hole_snapshot_and_restore() {
     let report = restored.json();
     assert_eq!(report["memory"].as_array().unwrap().len(), 2, "two RAM regions");
     assert_eq!(report["memory"][1]["guest_start"], 1u64 << 32);
-    // A lazily restored VM saves all of both regions (its untouched pages
-    // live in the image it came from, mapped privately), and that snapshot
+    // A lazily restored VM reads all of both regions to save them (its
+    // untouched pages live in the image it came from, mapped privately):
+    // it saves the same data pages as the original, and that snapshot
     // restores too.
     let again = dir.path().join("again.sock");
     let lazy = Vmm::new(["restore", "--json"]).arg(&snap).args(&["--restore-mode", "lazy", "--api-socket"]).arg(&again).timeout(Duration::from_secs(400)).spawn();
     wait_idle(&again, Duration::from_secs(300), "the lazily restored guest never idled");
     let snap2 = dir.path().join("full-again");
     let r = ctl(&again, &["snapshot", "--full", snap2.to_str().unwrap()]);
-    assert_eq!(r["data"]["memory_bytes"].as_u64().unwrap(), 5 << 30, "all of both regions: {r}");
+    assert_eq!(r["data"]["memory_bytes"].as_u64().unwrap(), saved, "the data pages the image held: {r}");
     ctl(&again, &["shutdown"]);
     lazy.wait(Duration::from_secs(120)).assert_success();
     Vmm::new(["restore", "--json"]).arg(&snap2).timeout(Duration::from_secs(400)).output().assert_success();
@@ -666,7 +714,13 @@ fn pending_pieces_of_a_huge_host_page_survive_a_snapshot() {
     let s = r.set_and_wait(4 * MIB);
     assert_eq!(balloon_sizes(&s), [4 * MIB, 4 * MIB, 4 * MIB, 4 * MIB, 0], "the host page is complete: {s}");
     let after = hugetlb(&r);
-    assert_eq!(before.saturating_sub(after), 2 * MIB, "the completed host page was released ({before} -> {after})");
+    // The host page held only zeros when it was saved (the guest's driver
+    // zeroes what it verified), so the restore left it a hole and there is
+    // no resident huge page to give back: the release shows in the
+    // balloon's counters, and no huge page was taken meanwhile.
+    assert!(after <= before, "no huge page was taken ({before} -> {after})");
+    let released = |v: &serde_json::Value| v["metrics"]["released_bytes"].as_u64().unwrap();
+    assert_eq!(released(&s) - released(&got), 2 * MIB, "the completed host page was released: {s}");
     deflate_and_verify(r, 4 * MIB, "the restored hugetlb guest");
 }
 

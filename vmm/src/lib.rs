@@ -29,6 +29,7 @@ pub mod kvm_stats;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod observers;
 pub mod page_writer;
 pub mod restore;

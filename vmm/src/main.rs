@@ -120,6 +120,30 @@ enum CtlCommand {
     /// to the host-physical frame; or list every mapping (`--map`). The same
     /// as `vmm translate SOCKET ...`.
     Translate(TranslateArgs),
+    /// Migrate the VM to a destination waiting in `vmm run --incoming ADDR`
+    /// (docs/migration.md); answers when the guest runs there, and this VM
+    /// then ends.
+    Migrate {
+        /// tcp:HOST:PORT or unix:PATH.
+        to: String,
+        /// The longest the guest may be stopped for the final copy.
+        #[arg(long, value_name = "N", default_value_t = memvisor::migration::DEFAULT_MAX_DOWNTIME_MS)]
+        max_downtime_ms: u64,
+        /// Send at most this many MiB per second.
+        #[arg(long, value_name = "MiB/s")]
+        bandwidth: Option<u64>,
+        /// When the guest may move before all its memory has: auto (when
+        /// pre-copy does not converge), never (throttle it instead), after:N
+        /// (after N pre-copy rounds).
+        #[arg(long, value_name = "auto|never|after:N", default_value = "never")]
+        postcopy: String,
+        /// How long to wait for a silent destination before giving up.
+        #[arg(long, value_name = "N", default_value_t = memvisor::migration::DEFAULT_LINK_TIMEOUT_MS)]
+        link_timeout_ms: u64,
+    },
+    /// Print the progress of the migration under way, or of the last one
+    /// (JSON: round, bytes sent, dirty rate, expected downtime, ...).
+    MigrateStatus,
 }
 
 /// What `vmm translate` (and `vmm ctl SOCKET translate`) asks for.
@@ -218,6 +242,15 @@ struct RunArgs {
     /// Skip the guest's self-test (used by boot benchmarks).
     #[arg(long, hide = true)]
     skip_selftest: bool,
+    /// Boot nothing: wait for a migration on tcp:ADDR:PORT or unix:PATH and
+    /// run the guest it brings (docs/migration.md). The guest's own settings
+    /// come from the source; --mem must match it.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["workload", "kernel", "cmdline", "balloon", "translate", "dirty_report", "skip_selftest"])]
+    incoming: Option<String>,
+    /// With --incoming: how long to wait for a silent source once it has
+    /// connected.
+    #[arg(long, value_name = "N", default_value_t = memvisor::migration::DEFAULT_LINK_TIMEOUT_MS, requires = "incoming")]
+    link_timeout_ms: u64,
 }
 
 impl RunArgs {
@@ -290,12 +323,18 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
     let handle = MachineHandle::new();
     memvisor::signals::watch(Arc::clone(&handle));
     let access = api::server::Access::owner_and(&args.api_allow_uid);
+    if let Some(addr) = &args.incoming {
+        return incoming(addr, &config, &args, handle, access);
+    }
     let _server = config.api_socket.as_ref().map(|path| api::server::spawn(path, Arc::clone(&handle), access)).transpose().map_err(|e| anyhow_free::chain(&e))?;
     let translate = args.translate.as_deref().map(memvisor::translate::parse_gva_list).transpose()?.unwrap_or_default();
     let console: Box<dyn std::io::Write + Send> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
     let options = RunOptions { console, handle: Arc::clone(&handle), stay_up: config.api_socket.is_some(), skip_selftest: args.skip_selftest, translate };
     let outcome = vmm::run(&config, options).map_err(|e| anyhow_free::chain(&e))?;
     let signalled = handle.terminated_by();
+    if let Some(s) = handle.migration_status().filter(|s| s["phase"] == "completed") {
+        eprintln!("vmm: migrated to {}; the guest runs there now", s["to"].as_str().unwrap_or("?"));
+    }
     if let Some(path) = &args.dirty_report {
         let report = outcome.dirty.as_ref().ok_or("--dirty-report needs a dirty workload (--workload dirty:...)")?;
         let text = serde_json::to_vec_pretty(report).map_err(|e| e.to_string())?;
@@ -317,6 +356,27 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
     let failed = outcome.translations.iter().filter(|t| t.error.is_some()).count();
     if failed > 0 {
         return Err(format!("{failed} of {} translations failed (see above)", outcome.translations.len()));
+    }
+    Ok(outcome.exit_status)
+}
+
+/// `vmm run --incoming ADDR`: waits for a source, then runs the guest it
+/// sends and reports as `vmm run` does.
+fn incoming(addr: &str, config: &memvisor::config::VmConfig, args: &RunArgs, handle: Arc<MachineHandle>, access: api::server::Access) -> anyhow_free::Result<u32> {
+    use memvisor::migration::destination;
+    let address: memvisor::migration::Address = addr.parse()?;
+    let listener = destination::listen(&address).map_err(|e| anyhow_free::chain(&e))?;
+    let _server = config.api_socket.as_ref().map(|path| api::server::spawn(path, Arc::clone(&handle), access)).transpose().map_err(|e| anyhow_free::chain(&e))?;
+    // Scripts and tests wait for this line before they start the source.
+    eprintln!("vmm: waiting for a migration on {}", listener.local());
+    let console: Box<dyn std::io::Write + Send> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
+    let options = RunOptions { console, handle, stay_up: config.api_socket.is_some(), skip_selftest: false, translate: Vec::new() };
+    let timeout = std::time::Duration::from_millis(args.link_timeout_ms.max(1));
+    let outcome = destination::run(listener, config, timeout, options).map_err(|e| format!("incoming migration failed: {}", anyhow_free::chain(&e)))?;
+    if args.json {
+        println!("{}", run_report::to_json(&outcome));
+    } else {
+        print!("{}", run_report::to_text(&outcome));
     }
     Ok(outcome.exit_status)
 }
@@ -356,6 +416,10 @@ fn ctl(socket: PathBuf, command: CtlCommand) -> anyhow_free::Result<u32> {
             (None, None) => return Err("snapshot needs --full DIR or --diff DIR".into()),
         },
         CtlCommand::Translate(args) => return translate(&socket, &args),
+        CtlCommand::Migrate { to, max_downtime_ms, bandwidth, postcopy, link_timeout_ms } => {
+            Request::Migrate { to, max_downtime_ms: Some(max_downtime_ms), bandwidth_mib_s: bandwidth, postcopy: Some(postcopy), link_timeout_ms: Some(link_timeout_ms) }
+        }
+        CtlCommand::MigrateStatus => Request::MigrateStatus,
     };
     let response = api::client::send(&socket, &request).map_err(|e| anyhow_free::chain(&e))?;
     println!("{}", serde_json::to_string(&response).map_err(|e| e.to_string())?);

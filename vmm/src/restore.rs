@@ -84,7 +84,7 @@ pub struct RestoreOptions {
 }
 
 /// The balloon device of a restored VM.
-type BalloonDevice = MmioTransport<Balloon>;
+pub type BalloonDevice = MmioTransport<Balloon>;
 
 /// Starts a VM from the snapshot chain ending at `dir`; the guest continues
 /// where it was.
@@ -317,8 +317,12 @@ fn keep_off_this_cpu(thread: &std::thread::JoinHandle<()>, allowed: &libc::cpu_s
 
 /// The balloon of a snapshot, checked against its configuration and built
 /// over the restored `ram` (without its irqfd, which needs the VM); `None`
-/// for a VM without one.
-fn restore_balloon(config: &VmConfig, state: &snapshot::SavedState, ram: &GuestRam) -> Result<Option<BalloonDevice>, VmmError> {
+/// for a VM without one. A migration's destination builds its balloon the
+/// same way (`crate::migration::destination`).
+///
+/// # Errors
+/// [`VmmError::Snapshot`] when the record does not fit the configuration or is invalid.
+pub fn restore_balloon(config: &VmConfig, state: &snapshot::SavedState, ram: &GuestRam) -> Result<Option<BalloonDevice>, VmmError> {
     let saved = match (config.balloon.is_some(), &state.devices.balloon) {
         (false, None) => return Ok(None),
         (true, Some(saved)) => saved,

@@ -264,6 +264,14 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             bad.len(),
         );
     }
+    let gaps: Vec<u64> = outcome.reports.iter().filter_map(|r| match r.report {
+        Report::Workload { event: Event::ClockGap, a, .. } => Some(a),
+        _ => None,
+    }).collect();
+    if let Some(Report::Workload { a: written, b: ran_ns, .. }) = outcome.reports.iter().map(|r| r.report).find(|r| matches!(r, Report::Workload { event: Event::TickerDone, .. })) {
+        let shown: Vec<String> = gaps.iter().take(4).map(|&g| format!("{:.3} ms", g as f64 / 1e6)).collect();
+        let _ = writeln!(s, "ticker workload: {written} page writes in {:.3} s; longest clock gaps {}", ran_ns as f64 / 1e9, shown.join(", "));
+    }
     if let Some(b) = &outcome.balloon {
         let m = &b.metrics;
         let _ = writeln!(

@@ -30,6 +30,9 @@
 //!   no copy-cost measurement.
 //! - `cow[:pages=N]`: see `memvisor_abi::workload::WorkloadKind::Cow`;
 //!   N defaults to 64.
+//! - `ticker[:secs=S,mibs=R,pages=N,fill=0|1]`: see
+//!   `memvisor_abi::workload::WorkloadKind::Ticker`; defaults 5 s, no
+//!   writes, one page, no fill.
 
 use std::fmt;
 use std::str::FromStr;
@@ -42,7 +45,7 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WorkloadError {
     /// Unknown kind.
-    #[error("unknown workload {0:?}; known: dirty, checksum, balloon, balloon-hostile, paging, cow, translation")]
+    #[error("unknown workload {0:?}; known: dirty, checksum, balloon, balloon-hostile, paging, cow, translation, ticker")]
     UnknownKind(String),
     /// A malformed or unknown parameter.
     #[error("invalid workload parameter {0:?}")]
@@ -203,6 +206,17 @@ pub enum Workload {
         /// Pages of the region.
         pages: u64,
     },
+    /// Keeps time and dirties memory at a set rate (migration).
+    Ticker {
+        /// How long it runs, seconds.
+        secs: u64,
+        /// MiB of pages it writes per second (0: none).
+        mibs: u64,
+        /// Pages of its buffer.
+        pages: u64,
+        /// Whether it first fills the buffer with data.
+        fill: bool,
+    },
 }
 
 /// `key=value` pairs of one spec, checked against the keys its kind takes.
@@ -286,6 +300,14 @@ impl FromStr for Workload {
                     return Err(p.bad(format!("pages must be 1..={MAX_COW_PAGES}")));
                 }
                 Ok(Workload::Cow { pages })
+            }
+            "ticker" => {
+                let p = Params::new("ticker", rest, &["secs", "mibs", "pages", "fill"])?;
+                let (secs, mibs, pages) = (p.num("secs", 5)?, p.num("mibs", 0)?, p.num("pages", 1)?);
+                if !(1..=3600).contains(&secs) || !(1..=MAX_BUFFER_PAGES).contains(&pages) || mibs > 1 << 20 {
+                    return Err(p.bad(format!("secs must be 1..=3600, pages 1..={MAX_BUFFER_PAGES} and mibs at most 1048576")));
+                }
+                Ok(Workload::Ticker { secs, mibs, pages, fill: p.flag("fill")? })
             }
             other => Err(WorkloadError::UnknownKind(other.to_string())),
         }
@@ -397,6 +419,7 @@ impl Workload {
                 (WorkloadKind::Paging, flags, &[p.policy as u64, p.frames, p.pattern as u64, p.pages, p.accesses, p.seed, p.write_percent])
             }
             Workload::Cow { pages } => (WorkloadKind::Cow, 0, &[pages]),
+            Workload::Ticker { secs, mibs, pages, fill } => (WorkloadKind::Ticker, 0, &[secs, mibs, pages, u64::from(fill)]),
         };
         let mut spec = WorkloadSpec { kind: kind as u32, flags, ..WorkloadSpec::default() };
         spec.params[..params.len()].copy_from_slice(params);
@@ -414,6 +437,7 @@ impl Workload {
             Workload::Translation(_) => "translation",
             Workload::Paging(_) => "paging",
             Workload::Cow { .. } => "cow",
+            Workload::Ticker { .. } => "ticker",
         }
     }
 
@@ -450,6 +474,7 @@ impl fmt::Display for Workload {
                 u8::from(p.measure)
             ),
             Workload::Cow { pages } => write!(f, "{kind}:pages={pages}"),
+            Workload::Ticker { secs, mibs, pages, fill } => write!(f, "{kind}:secs={secs},mibs={mibs},pages={pages},fill={}", u8::from(fill)),
         }
     }
 }
@@ -487,6 +512,7 @@ mod tests {
             "translation:ws=4M,reps=7",
             "paging:policy=lru,frames=8,pattern=hotcold,probe=wild,measure=1",
             "cow:pages=9",
+            "ticker:secs=3,mibs=100,pages=4096,fill=1",
         ] {
             let w = parse(text).unwrap();
             assert_eq!(parse(&w.to_string()).unwrap(), w, "{text} -> {w}");

@@ -64,6 +64,18 @@ pub enum WorkloadKind {
     /// `params` = [[`HostileMode`] as `u64`]. Reports
     /// [`Event::BalloonHostileDone`] and ends.
     BalloonHostile = 11,
+    /// A guest that keeps time and dirties memory at a set rate, for
+    /// migration (`ticker:secs=S,mibs=R,pages=N,fill=0|1`): `params` =
+    /// [seconds, MiB per second, buffer pages, fill]. A ring-3 task
+    /// (with `fill`, first writes data to every page of its buffer) reads
+    /// the TSC in a loop for `seconds`, writing one word per page, page
+    /// after page through the buffer, at `MiB per second` of pages of the
+    /// time it runs (time off the CPU is not made up beyond 1 ms); the
+    /// longest stretches between two of its TSC reads are the time it did
+    /// not run (a migration's stop, host preemption). It reports the 32
+    /// longest ([`Event::ClockGap`], longest first), then
+    /// [`Event::TickerDone`].
+    Ticker = 40,
 }
 
 /// What [`WorkloadKind::BalloonHostile`] feeds the device.
@@ -155,6 +167,7 @@ impl WorkloadKind {
             20 => Some(Self::Translation),
             30 => Some(Self::Paging),
             31 => Some(Self::Cow),
+            40 => Some(Self::Ticker),
             _ => None,
         }
     }
@@ -241,6 +254,11 @@ pub enum Event {
     /// write faults that only restored write access (fork shares the stack
     /// copy-on-write like the region).
     CowStackCopies = 40,
+    /// A ticker gap: a = nanoseconds between two consecutive TSC reads of
+    /// the task's loop, b = the TSC at the first of them.
+    ClockGap = 50,
+    /// The ticker ended: a = page writes made, b = nanoseconds it ran.
+    TickerDone = 51,
 }
 
 impl Event {
@@ -274,6 +292,8 @@ impl Event {
             Self::PagingCopyCost,
             Self::PagingZeroCost,
             Self::CowStackCopies,
+            Self::ClockGap,
+            Self::TickerDone,
         ]
         .into_iter()
         .find(|e| *e as u32 == raw)

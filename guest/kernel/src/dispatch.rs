@@ -39,6 +39,11 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
                     // Forwarded as is; the VMM validates the event.
                     if let Some(event) = memvisor_abi::workload::Event::from_raw(frame.rdi as u32) {
                         crate::report::send(&memvisor_abi::msg::Report::Workload { event, a: frame.rsi, b: frame.rdx });
+                        if event == memvisor_abi::workload::Event::ClockGap {
+                            // On the console too, for VMMs that do not read
+                            // reports (the migration bench's QEMU peer).
+                            println!("guest: clock gap {} ns at tsc {}", Dec(frame.rsi), Hex(frame.rdx));
+                        }
                         frame.rax = 0;
                     } else {
                         frame.rax = u64::MAX;

@@ -38,6 +38,7 @@ pub fn run(k: &mut Kernel, spec: &WorkloadSpec, tsc_khz: u64, kernel_regions: &[
         WorkloadKind::Cow => return crate::vm::cow::run(k, spec),
         WorkloadKind::Dirty => (workloads::dirty_rounds as *const () as usize as u64, p[3].max(1), [p[0], p[1], p[2], 0, 0, 0, 0, 0]),
         WorkloadKind::Checksum => (workloads::checksum_rounds as *const () as usize as u64, p[0].max(1), [p[0], p[1], p[2], p[3], tsc_khz, 0, 0, 0]),
+        WorkloadKind::Ticker => (workloads::ticker as *const () as usize as u64, p[2].max(1), [p[0], p[1], p[2], p[3], tsc_khz, 0, 0, 0]),
     };
     for &(start, len) in kernel_regions {
         report::send(&Report::Workload { event: Event::KernelRegion, a: start, b: len });

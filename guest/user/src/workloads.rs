@@ -139,3 +139,110 @@ pub unsafe extern "C" fn checksum_rounds(args: *const TaskArgs) -> ! {
     }
     exit(mismatches, sys)
 }
+
+/// The longest gaps the ticker keeps: enough that a migration's stop is
+/// among them on a loaded host, where being preempted for a few
+/// milliseconds is common.
+const TOP_GAPS: usize = 32;
+
+/// Ticker: `params` = [seconds, MiB per second, pages, fill, TSC kHz];
+/// `ranges[0]` is the buffer (`memvisor_abi::workload::WorkloadKind::Ticker`).
+///
+/// # Safety
+/// As [`dirty_rounds`].
+#[inline(never)]
+pub unsafe extern "C" fn ticker(args: *const TaskArgs) -> ! {
+    // SAFETY: the kernel passes a valid, mapped argument block.
+    let a = unsafe { &*args };
+    let sys = a.syscall_insn != 0;
+    // SAFETY: nranges >= 1 for this workload.
+    let buf = unsafe { (*a.ranges.as_ptr()).start } as *mut u64;
+    // SAFETY: as above.
+    let pages = unsafe { (*a.ranges.as_ptr()).len } / 4096;
+    let (secs, mibs, fill, tsc_khz) = (a.params[0], a.params[1], a.params[3], a.params[4]);
+    if fill != 0 {
+        let mut w = 0;
+        while w < pages * PAGE_WORDS {
+            // SAFETY: w < pages * PAGE_WORDS, inside the buffer.
+            unsafe { buf.add(w as usize).write_volatile(w ^ 0x9e37_79b9_7f4a_7c15) };
+            w += 1;
+        }
+    }
+    let ticks_per_sec = tsc_khz.wrapping_mul(1000);
+    // One page every `per_page` ticks (256 pages per MiB); 0: none.
+    let per_page = ticks_per_sec.checked_div(mibs.wrapping_mul(256)).unwrap_or(0);
+    let end = secs.wrapping_mul(ticks_per_sec);
+    // The gaps, longest first, as (length, start) pairs. Accessed with
+    // volatile operations only: plain ones let the compiler call memset or
+    // memmove, which live in kernel text that ring 3 cannot reach.
+    let mut gaps = core::mem::MaybeUninit::<[u64; 2 * TOP_GAPS]>::uninit();
+    let top = gaps.as_mut_ptr().cast::<u64>();
+    let mut k = 0;
+    while k < 2 * TOP_GAPS {
+        // SAFETY: k < 2 * TOP_GAPS, inside the array.
+        unsafe { top.add(k).write_volatile(0) };
+        k += 1;
+    }
+    let start = rdtsc();
+    let mut last = start;
+    let mut next_due = start;
+    let mut page = 0;
+    let mut written = 0u64;
+    loop {
+        let now = rdtsc();
+        let gap = now.wrapping_sub(last);
+        // SAFETY: every index below is < 2 * TOP_GAPS.
+        if gap > unsafe { top.add(2 * (TOP_GAPS - 1)).read_volatile() } {
+            let mut i = TOP_GAPS - 1;
+            // SAFETY: as above (i - 1 >= 0 while i > 0).
+            while i > 0 && unsafe { top.add(2 * (i - 1)).read_volatile() } < gap {
+                // SAFETY: as above.
+                unsafe {
+                    top.add(2 * i).write_volatile(top.add(2 * (i - 1)).read_volatile());
+                    top.add(2 * i + 1).write_volatile(top.add(2 * (i - 1) + 1).read_volatile());
+                }
+                i -= 1;
+            }
+            // SAFETY: as above.
+            unsafe {
+                top.add(2 * i).write_volatile(gap);
+                top.add(2 * i + 1).write_volatile(last);
+            }
+        }
+        last = now;
+        if now.wrapping_sub(start) >= end {
+            break;
+        }
+        if per_page != 0 {
+            // Writes follow the time the task ran: after a stretch off the
+            // CPU (a throttled vCPU) it does not catch up beyond 1 ms, as
+            // a CPU-bound writer would not.
+            if now.wrapping_sub(next_due) > tsc_khz && now > next_due {
+                next_due = now.wrapping_sub(tsc_khz);
+            }
+            while next_due <= now {
+                written += 1;
+                // SAFETY: page < pages: inside the buffer.
+                unsafe { buf.add((page * PAGE_WORDS + (written & (PAGE_WORDS - 1))) as usize).write_volatile(written) };
+                page += 1;
+                if page == pages {
+                    page = 0;
+                }
+                next_due = next_due.wrapping_add(per_page);
+            }
+        }
+    }
+    // Ticks to nanoseconds (a gap of seconds × 10^6 fits in 64 bits).
+    let ns = |ticks: u64| ticks.wrapping_mul(1_000_000).checked_div(tsc_khz).unwrap_or(0);
+    let mut i = 0;
+    while i < TOP_GAPS {
+        // SAFETY: i < TOP_GAPS.
+        let (gap, at) = unsafe { (top.add(2 * i).read_volatile(), top.add(2 * i + 1).read_volatile()) };
+        if gap > 0 {
+            event(Event::ClockGap as u64, ns(gap), at, sys);
+        }
+        i += 1;
+    }
+    event(Event::TickerDone as u64, written, ns(last.wrapping_sub(start)), sys);
+    exit(0, sys)
+}

@@ -11,6 +11,7 @@ mod balloon;
 mod boot;
 mod dirty;
 mod dirty_kernels;
+mod migrate;
 mod snapshot;
 mod soak;
 mod stats;
@@ -37,6 +38,9 @@ enum BenchCommand {
     Boot(boot::BootArgs),
     /// Dirty-page harvest cost per mechanism, against the raw ioctls.
     Dirty(dirty::DirtyArgs),
+    /// Live migration of a 1 GiB guest, idle and dirtying, over loopback
+    /// and a veth pair, memvisor and QEMU side by side.
+    Migrate(migrate::MigrateArgs),
     /// Diff-snapshot pause, full-snapshot throughput and restore latency.
     Snapshot(snapshot::SnapshotArgs),
     /// Resources left behind by 1,000 boots and 10,000 balloon
@@ -67,6 +71,7 @@ fn run(bench: BenchCommand) -> Result<u32, Box<dyn std::error::Error>> {
         BenchCommand::Balloon(args) => Ok(balloon::run(&args)?),
         BenchCommand::Boot(args) => Ok(boot::run(&args)?),
         BenchCommand::Dirty(args) => Ok(dirty::run(&args)?),
+        BenchCommand::Migrate(args) => migrate::run(&args).map_err(|e| e as Box<dyn std::error::Error>),
         BenchCommand::Snapshot(args) => Ok(snapshot::run(&args)?),
         BenchCommand::Soak(args) => Ok(soak::run(&args)?),
         BenchCommand::Translation(args) => Ok(translation::run(&args)?),

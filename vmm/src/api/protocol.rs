@@ -50,6 +50,27 @@ pub enum Request {
     },
     /// The swap device's counters and the slots holding data now.
     Swap,
+    /// Migrate the VM to a destination waiting in `vmm run --incoming`;
+    /// answers when the guest runs there (and the VM here then ends) or
+    /// with why it still runs here.
+    Migrate {
+        /// `tcp:HOST:PORT` or `unix:PATH`.
+        to: String,
+        /// The longest the guest may be stopped, milliseconds.
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
+        /// A cap on the link, MiB per second.
+        #[serde(default)]
+        bandwidth_mib_s: Option<u64>,
+        /// `auto`, `never` or `after:N`.
+        #[serde(default)]
+        postcopy: Option<String>,
+        /// How long either side waits for a silent peer, milliseconds.
+        #[serde(default)]
+        link_timeout_ms: Option<u64>,
+    },
+    /// The progress of the migration under way, or of the last one.
+    MigrateStatus,
     /// Explain the translation of `gva` under the vCPU's CR3, or with `map`
     /// list every mapping; the answer's data holds the JSON and a `text`.
     Translate {
@@ -109,6 +130,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         "snapshot" => &["cmd", "kind", "dir"],
         "balloon-set" => &["cmd", "bytes"],
         "translate" => &["cmd", "gva", "map"],
+        "migrate" => &["cmd", "to", "max_downtime_ms", "bandwidth_mib_s", "postcopy", "link_timeout_ms"],
         _ => &["cmd"],
     };
     if let Some(obj) = value.as_object()
@@ -151,6 +173,17 @@ mod tests {
     fn translate_requests_parse() {
         assert_eq!(parse_request("{\"cmd\":\"translate\",\"gva\":4096}"), Ok(Request::Translate { gva: Some(4096), map: false }));
         assert_eq!(parse_request("{\"cmd\":\"translate\",\"map\":true}"), Ok(Request::Translate { gva: None, map: true }));
+    }
+
+    #[test]
+    fn migrate_requests_parse() {
+        assert_eq!(
+            parse_request("{\"cmd\":\"migrate\",\"to\":\"tcp:10.0.0.2:4444\",\"max_downtime_ms\":5,\"postcopy\":\"after:2\"}"),
+            Ok(Request::Migrate { to: "tcp:10.0.0.2:4444".into(), max_downtime_ms: Some(5), bandwidth_mib_s: None, postcopy: Some("after:2".into()), link_timeout_ms: None })
+        );
+        assert_eq!(parse_request("{\"cmd\":\"migrate-status\"}"), Ok(Request::MigrateStatus));
+        assert!(parse_request("{\"cmd\":\"migrate\"}").is_err(), "no destination");
+        assert!(parse_request("{\"cmd\":\"migrate\",\"to\":\"unix:/x\",\"speed\":1}").is_err());
     }
 
     #[test]

@@ -169,11 +169,30 @@ pub fn handle(request: &Request, vm: &MachineHandle) -> Response {
         Request::Translate { gva: Some(gva), map: false } => vm.translate(*gva),
         Request::Translate { gva: None, map: false } => Err("translate needs a guest-virtual address or map".into()),
         Request::DirtyLog { on, slot } => vm.dirty_log(*on, *slot),
+        Request::Migrate { to, max_downtime_ms, bandwidth_mib_s, postcopy, link_timeout_ms } => {
+            migrate_request(to, *max_downtime_ms, *bandwidth_mib_s, postcopy.as_deref(), *link_timeout_ms).and_then(|req| crate::migration::source::migrate(vm, &req))
+        }
+        Request::MigrateStatus => vm.migration_status().ok_or_else(|| "no migration has been started on this VM".into()),
     };
     match result {
         Ok(data) => Response { data: Some(data), ..Response::ok(vm.state()) },
         Err(e) => Response::error(e),
     }
+}
+
+/// A migrate request's fields, checked and typed.
+fn migrate_request(to: &str, max_downtime_ms: Option<u64>, bandwidth_mib_s: Option<u64>, postcopy: Option<&str>, link_timeout_ms: Option<u64>) -> Result<crate::migration::MigrateRequest, String> {
+    use crate::migration::{DEFAULT_LINK_TIMEOUT_MS, DEFAULT_MAX_DOWNTIME_MS, MigrateRequest, PostcopyPolicy};
+    if bandwidth_mib_s == Some(0) {
+        return Err("a bandwidth of 0 MiB/s would never finish".into());
+    }
+    Ok(MigrateRequest {
+        to: to.parse()?,
+        max_downtime: std::time::Duration::from_millis(max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS)),
+        bandwidth: bandwidth_mib_s.map(|b| b.saturating_mul(1 << 20)),
+        postcopy: postcopy.map_or(Ok(PostcopyPolicy::Never), str::parse)?,
+        link_timeout: std::time::Duration::from_millis(link_timeout_ms.unwrap_or(DEFAULT_LINK_TIMEOUT_MS).max(1)),
+    })
 }
 
 fn serve(stream: UnixStream, vm: &MachineHandle) {
@@ -188,16 +207,26 @@ fn serve(stream: UnixStream, vm: &MachineHandle) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let response = match std::str::from_utf8(&bytes) {
+        let (response, migrated) = match std::str::from_utf8(&bytes) {
             Ok(text) => match parse_request(text) {
-                Ok(req) => handle(&req, vm),
-                Err(e) => Response::error(e),
+                Ok(req) => {
+                    let response = handle(&req, vm);
+                    let migrated = response.ok && matches!(req, Request::Migrate { .. });
+                    (response, migrated)
+                }
+                Err(e) => (Response::error(e), false),
             },
-            Err(e) => Response::error(format!("invalid request: not UTF-8 text ({e})")),
+            Err(e) => (Response::error(format!("invalid request: not UTF-8 text ({e})")), false),
         };
         let Ok(mut text) = serde_json::to_string(&response) else { return };
         text.push('\n');
-        if writer.write_all(text.as_bytes()).is_err() || bytes.len() > MAX_LINE {
+        let written = writer.write_all(text.as_bytes());
+        if migrated {
+            // The guest runs on the destination now: this VM ends, after
+            // the answer is out (the process exits once it has ended).
+            vm.shutdown();
+        }
+        if written.is_err() || bytes.len() > MAX_LINE {
             return;
         }
     }

@@ -39,6 +39,16 @@ pub struct MachineHandle {
     snapshot_in_progress: Mutex<Option<PathBuf>>,
     /// The signal that ended the VM, if one did ([`terminate`](Self::terminate)).
     terminated_by: Mutex<Option<i32>>,
+    /// The last migration's progress, as its source publishes it
+    /// (`crate::migration::source`), and whether one is under way.
+    migration: Mutex<MigrationSlot>,
+}
+
+/// See [`MachineHandle::migration_status`].
+#[derive(Debug, Default)]
+struct MigrationSlot {
+    active: bool,
+    status: Option<serde_json::Value>,
 }
 
 fn no_balloon() -> String {
@@ -136,6 +146,9 @@ impl MachineHandle {
     /// # Errors
     /// Tracking is not prepared, KVM refused, or the VM has exited.
     pub fn dirty_log(&self, on: bool, slot: Option<u32>) -> JobResult {
+        if self.migration_active() {
+            return Err("a migration is under way; its dirty log is not to be switched".into());
+        }
         self.control.call(Box::new(move |m| {
             let tracker = m.tracker.as_mut().ok_or("dirty tracking is not prepared for this VM")?;
             let (vm, ram) = (m.vm.fd(), m.vm.ram());
@@ -284,6 +297,43 @@ impl MachineHandle {
                 Err(crate::error_chain(&e))
             }
         }
+    }
+
+    /// Marks a migration of this VM as under way, with its first `status`;
+    /// false when one already is.
+    pub fn migration_begin(&self, status: serde_json::Value) -> bool {
+        let mut m = self.migration.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.active {
+            return false;
+        }
+        *m = MigrationSlot { active: true, status: Some(status) };
+        true
+    }
+
+    /// Publishes a migration's progress; `done` ends it.
+    pub fn migration_publish(&self, status: serde_json::Value, done: bool) {
+        let mut m = self.migration.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.status = Some(status);
+        if done {
+            m.active = false;
+        }
+    }
+
+    /// The progress of the migration under way, or of the last one.
+    #[must_use]
+    pub fn migration_status(&self) -> Option<serde_json::Value> {
+        self.migration.lock().unwrap_or_else(std::sync::PoisonError::into_inner).status.clone()
+    }
+
+    fn migration_active(&self) -> bool {
+        self.migration.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active
+    }
+
+    /// Runs `f` holding the snapshot lock: a migration's source does, so
+    /// that no snapshot harvests or restarts the dirty log under it.
+    pub fn without_snapshots<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _guard = self.snapshots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f()
     }
 
     /// Runs `job` on the vCPU thread (the vCPU stopped) and hands back what

@@ -11,6 +11,7 @@ pub mod report;
 pub mod slots;
 pub mod smaps;
 pub mod vmm_writes;
+pub mod zero;
 
 use std::path::PathBuf;
 
