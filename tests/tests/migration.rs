@@ -21,8 +21,10 @@ use memvisor_tests::{RunResult, Vmm};
 use serde_json::Value;
 
 /// The integrity workload: 4096 pages (16 MiB), an eighth rewritten and
-/// all of them checked every 50 ms round, 40 rounds.
-const CHECKSUM: &str = "checksum:pages=4096,rounds=40,ms=50";
+/// all of them checked every 150 ms round, 40 rounds: 6 s of guest time,
+/// so that it outlasts a migration on a loaded two-core host (where round
+/// 0 alone has taken ~5 s) and still has rounds to run on the destination.
+const CHECKSUM: &str = "checksum:pages=4096,rounds=40,ms=150";
 
 fn ctl_raw(socket: &Path, args: &[&str]) -> RunResult {
     Vmm::new(["ctl"]).arg(socket).args(args).output()
