@@ -6,7 +6,13 @@
 #
 # Produces, and prints as KEY=PATH lines on stdout:
 #   VMLINUZ    the bzImage from linux-image-<abi>-cloud-amd64
-#   VMLINUX    the uncompressed ELF kernel carried inside that bzImage
+#   VMLINUX    the uncompressed ELF kernel carried inside that bzImage; it
+#              has a Xen PVH entry note (CONFIG_PVH), so memvisor boots it
+#              the PVH way
+#   VMLINUX_NOPVH  the same with that note's type changed (18 -> 0x7fff), so
+#              memvisor boots it as a plain vmlinux through Linux's 64-bit
+#              boot protocol with a zero page: the path of kernels built
+#              without CONFIG_PVH
 #   INITRAMFS  an uncompressed cpio (newc) archive: busybox-static and an
 #              /init that mounts proc and sys, prints the marker below and
 #              reboots (reboot(2) RESTART: the VMM sees the i8042 reset or a
@@ -81,6 +87,7 @@ fi
 kdir="$cache/$pkg"
 vmlinuz="$kdir/vmlinuz"
 vmlinux="$kdir/vmlinux"
+vmlinux_nopvh="$kdir/vmlinux-nopvh"
 
 if [[ ! -s $vmlinuz ]]; then
     mkdir -p "$kdir/deb"
@@ -151,12 +158,24 @@ if [[ ! -s $vmlinux ]]; then
     extract_vmlinux "$vmlinuz" "$vmlinux"
 fi
 
+# The PVH entry note: namesz 4, descsz 4 or 8, type 18
+# (XEN_ELFNOTE_PHYS32_ENTRY, Xen public/elfnote.h), name "Xen\0". Its type
+# word is overwritten with 0x7fff, a type no loader knows.
+if [[ ! -s $vmlinux_nopvh ]]; then
+    hits="$(LC_ALL=C grep -obUaP '\x04\x00\x00\x00[\x04\x08]\x00\x00\x00\x12\x00\x00\x00Xen\x00' "$vmlinux" | cut -d: -f1)"
+    [[ $(wc -w <<<"$hits") -eq 1 ]] || die "expected one PVH entry note in $vmlinux, found: ${hits:-none}"
+    cp "$vmlinux" "$vmlinux_nopvh.tmp"
+    printf '\xff\x7f\x00\x00' | dd of="$vmlinux_nopvh.tmp" bs=1 seek=$((hits + 8)) conv=notrunc status=none
+    mv "$vmlinux_nopvh.tmp" "$vmlinux_nopvh"
+fi
+
 # --- the initramfs ---------------------------------------------------------
 
 initramfs="$cache/initramfs.cpio"
 if [[ ! -s $initramfs ]]; then
     need cpio:cpio
-    if [[ ! -x /bin/busybox ]] || ! file_is_static=$(ldd /bin/busybox 2>&1) || [[ $file_is_static != *"not a dynamic"* ]]; then
+    # busybox-static's /bin/busybox: the initramfs has no libraries.
+    if [[ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != *"ok installed"* ]]; then
         apt_update_once
         log "installing busybox-static"
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static >&2
@@ -186,5 +205,6 @@ fi
 
 echo "VMLINUZ=$vmlinuz"
 echo "VMLINUX=$vmlinux"
+echo "VMLINUX_NOPVH=$vmlinux_nopvh"
 echo "INITRAMFS=$initramfs"
 echo "VERSION=$(cat "$kdir/version" 2>/dev/null || echo unknown)"
