@@ -223,13 +223,23 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     let image = boot::read_kernel(config.kernel.as_deref())?;
     // The boot data is written once the vCPU exists, so the TSC frequency
     // it reports can go into the boot configuration.
-    let entry = boot::load_kernel(vm.ram(), &image)?;
-    timeline::mark("load kernel ELF");
-    let vcpu = vcpu::create_pvh(&vm, 0, entry.0, layout::abi::PVH_START_INFO)?;
+    // A bzImage or a vmlinux without a PVH note: Linux's boot protocol (boot::linux).
+    let linux_vcpu = boot::start_linux(&vm, &image, config.initrd.as_deref(), &config.cmdline)?;
+    let is_pvh = linux_vcpu.is_none();
+    let vcpu = match linux_vcpu {
+        Some(vcpu) => vcpu,
+        None => {
+            let entry = boot::load_kernel(vm.ram(), &image)?;
+            timeline::mark("load kernel ELF");
+            vcpu::create_pvh(&vm, 0, entry.0, layout::abi::PVH_START_INFO)?
+        }
+    };
     timeline::mark("create vCPU + CPUID + registers");
     let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
     let boot_cfg = boot_config(config, mode, options.control.is_some(), options.skip_selftest, tsc_khz);
-    boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &config.cmdline, &boot_cfg)?;
+    if is_pvh {
+        boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &config.cmdline, &boot_cfg)?;
+    }
     let mut devices = Devices::new(options.console);
     devices.balloon = balloon;
     if let Some(t) = tracker.as_mut() {
