@@ -34,6 +34,7 @@ pub mod run_report;
 pub mod snapshot;
 pub mod timeline;
 pub mod translate;
+pub mod unemulated;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -247,6 +247,10 @@ impl Machine {
                 VcpuExit::Shutdown => break Err(VmmError::TripleFault(Box::new(RegisterDump::read(&self.vcpu)))),
                 VcpuExit::Hlt => break Err(VmmError::Halted(Box::new(RegisterDump::read(&self.vcpu)))),
                 VcpuExit::InternalError => {
+                    // An instruction KVM's emulator gives up on (PVM: `int3` at CPL0).
+                    if crate::unemulated::finish(&self.vcpu, self.vm.ram()) {
+                        continue;
+                    }
                     break Err(VmmError::GuestFailed {
                         what: "internal error: instruction emulation failed".into(),
                         regs: Box::new(RegisterDump::read(&self.vcpu)),
