@@ -155,7 +155,7 @@ mod tests {
             return None;
         }
         let pde = entry_at(bytes, (pdpte & !0xfff) + ((va >> 21) & 0x1ff) * 8);
-        (pde & PTE_PRESENT != 0 && pde & PTE_PAGE_SIZE != 0).then(|| (pde & !0x1f_ffff & ((1 << 52) - 1)) | (va & 0x1f_ffff))
+        (pde & PTE_PRESENT != 0 && pde & PTE_PAGE_SIZE != 0).then_some((pde & !0x1f_ffff & ((1 << 52) - 1)) | (va & 0x1f_ffff))
     }
 
     #[test]
