@@ -12,6 +12,10 @@
 //! every user-memory access when the CPU has SMAP) fail the same way; the
 //! VMM clears or sets RFLAGS.AC and steps over them. That costs an exit
 //! per user access: the `nosmap` command-line parameter avoids it.
+//! `popcnt` fails too; Linux patches exactly two encodings of it into
+//! `hweight32/64` (arch/x86/include/asm/arch_hweight.h: `popcnt %edi,%eax`
+//! and `popcnt %rdi,%rax`) when the CPU has POPCNT, and the VMM computes
+//! those two (`clearcpuid=151`, X86_FEATURE_POPCNT, spares the exits).
 //! Anything else stays an error.
 
 use kvm_ioctls::VcpuFd;
@@ -28,8 +32,20 @@ const CLAC: [u8; 3] = [0x0f, 0x01, 0xca];
 const STAC: [u8; 3] = [0x0f, 0x01, 0xcb];
 /// RFLAGS.AC, the alignment-check / access-control flag (SDM Vol. 1 §3.4.3).
 const RFLAGS_AC: u64 = 1 << 18;
+/// `popcnt %edi,%eax` and `popcnt %rdi,%rax` (SDM Vol. 2B, "POPCNT":
+/// F3 0F B8 /r, with REX.W for 64 bits; ModRM 0xc7 is eax/rax <- edi/rdi).
+const POPCNT32: [u8; 4] = [0xf3, 0x0f, 0xb8, 0xc7];
+const POPCNT64: [u8; 5] = [0xf3, 0x48, 0x0f, 0xb8, 0xc7];
+/// Arithmetic flags POPCNT writes (SDM Vol. 2B, "POPCNT", Flags Affected:
+/// ZF from the source, OF SF AF CF PF cleared).
+const RFLAGS_CF: u64 = 1 << 0;
+const RFLAGS_PF: u64 = 1 << 2;
+const RFLAGS_AF: u64 = 1 << 4;
+const RFLAGS_ZF: u64 = 1 << 6;
+const RFLAGS_SF: u64 = 1 << 7;
+const RFLAGS_OF: u64 = 1 << 11;
 /// Longest instruction [`classify`] looks at.
-const MAX_INSN: usize = 3;
+const MAX_INSN: usize = 5;
 
 /// What the VMM does about an instruction KVM could not emulate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +54,14 @@ pub enum Fixup {
     Trap {
         /// The exception vector.
         vector: u8,
+        /// Bytes to step over.
+        advance: u64,
+    },
+    /// `rax` = population count of `rdi` (its low 32 bits when not
+    /// `wide`, the result zero-extended), flags as POPCNT sets them.
+    Popcnt {
+        /// 64-bit operands.
+        wide: bool,
         /// Bytes to step over.
         advance: u64,
     },
@@ -57,6 +81,8 @@ pub fn classify(bytes: &[u8]) -> Option<Fixup> {
         [INT3, ..] => Some(Fixup::Trap { vector: BP_VECTOR, advance: 1 }),
         [a, b, c, ..] if [*a, *b, *c] == CLAC => Some(Fixup::SetAc { set: false, advance: 3 }),
         [a, b, c, ..] if [*a, *b, *c] == STAC => Some(Fixup::SetAc { set: true, advance: 3 }),
+        _ if bytes.starts_with(&POPCNT64) => Some(Fixup::Popcnt { wide: true, advance: 5 }),
+        _ if bytes.starts_with(&POPCNT32) => Some(Fixup::Popcnt { wide: false, advance: 4 }),
         _ => None,
     }
 }
@@ -89,6 +115,11 @@ pub fn finish(vcpu: &VcpuFd, ram: &GuestRam) -> bool {
             events.exception.error_code = 0;
             vcpu.set_regs(&regs).is_ok() && vcpu.set_vcpu_events(&events).is_ok()
         }
+        Some(Fixup::Popcnt { wide, advance }) => {
+            (regs.rax, regs.rflags) = popcnt(regs.rdi, regs.rflags, wide);
+            regs.rip += advance;
+            vcpu.set_regs(&regs).is_ok()
+        }
         Some(Fixup::SetAc { set, advance }) => {
             regs.rip += advance;
             regs.rflags = if set { regs.rflags | RFLAGS_AC } else { regs.rflags & !RFLAGS_AC };
@@ -96,6 +127,14 @@ pub fn finish(vcpu: &VcpuFd, ram: &GuestRam) -> bool {
         }
         None => false,
     }
+}
+
+/// POPCNT's result and flags for `source` (SDM Vol. 2B, "POPCNT").
+#[must_use]
+pub fn popcnt(source: u64, rflags: u64, wide: bool) -> (u64, u64) {
+    let source = if wide { source } else { source & 0xffff_ffff };
+    let cleared = rflags & !(RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF);
+    (u64::from(source.count_ones()), if source == 0 { cleared | RFLAGS_ZF } else { cleared })
 }
 
 #[cfg(test)]
@@ -112,6 +151,17 @@ mod tests {
         assert_eq!(classify(&[0x0f, 0x01, 0xca]), Some(Fixup::SetAc { set: false, advance: 3 }));
         assert_eq!(classify(&[0x0f, 0x01, 0xcb, 0x90]), Some(Fixup::SetAc { set: true, advance: 3 }));
         assert_eq!(classify(&[0x0f, 0x01]), None, "cut short by the page end");
+    }
+
+    #[test]
+    fn linux_hweight_popcnts_are_computed() {
+        assert_eq!(classify(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7]), Some(Fixup::Popcnt { wide: true, advance: 5 }));
+        assert_eq!(classify(&[0xf3, 0x0f, 0xb8, 0xc7, 0x90]), Some(Fixup::Popcnt { wide: false, advance: 4 }));
+        // Another register pair is not Linux's and is left alone.
+        assert_eq!(classify(&[0xf3, 0x0f, 0xb8, 0xc1]), None);
+        let all_arith = RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_SF | RFLAGS_OF | 0x2;
+        assert_eq!(popcnt(0xffff_0000_0000_00ff, all_arith, true), (24, 0x2));
+        assert_eq!(popcnt(0xffff_0000_0000_0000, 0x2, false), (0, 0x2 | RFLAGS_ZF), "the high half is not counted");
     }
 
     #[test]
