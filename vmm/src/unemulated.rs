@@ -16,6 +16,10 @@
 //! `hweight32/64` (arch/x86/include/asm/arch_hweight.h: `popcnt %edi,%eax`
 //! and `popcnt %rdi,%rax`) when the CPU has POPCNT, and the VMM computes
 //! those two (`clearcpuid=151`, X86_FEATURE_POPCNT, spares the exits).
+//! `fwait` fails too (Linux's FPU save paths end with it): with no
+//! unmasked x87 exception pending (FSW.ES clear) it does nothing, so the
+//! VMM steps over it, and raises #MF (vector 16, a fault) otherwise (SDM
+//! Vol. 2A, "WAIT/FWAIT").
 //! Anything else stays an error.
 
 use kvm_ioctls::VcpuFd;
@@ -27,6 +31,12 @@ use crate::memory::GuestRam;
 const INT3: u8 = 0xcc;
 /// #BP's vector.
 const BP_VECTOR: u8 = 3;
+/// `fwait` (SDM Vol. 2A, "WAIT/FWAIT").
+const FWAIT: u8 = 0x9b;
+/// FSW.ES, the x87 exception summary bit (SDM Vol. 1 §8.1.3.1).
+const FSW_ES: u16 = 1 << 7;
+/// #MF's vector (SDM Vol. 3A §6.15, "Interrupt 16—x87 FPU Floating-Point Error").
+const MF_VECTOR: u8 = 16;
 /// `clac` and `stac` (SDM Vol. 2A, "CLAC", Vol. 2B, "STAC").
 const CLAC: [u8; 3] = [0x0f, 0x01, 0xca];
 const STAC: [u8; 3] = [0x0f, 0x01, 0xcb];
@@ -65,6 +75,8 @@ pub enum Fixup {
         /// Bytes to step over.
         advance: u64,
     },
+    /// `fwait`: step over it, or raise #MF when an x87 exception is pending.
+    Fwait,
     /// Set RFLAGS.AC to `set` and step over `advance` bytes.
     SetAc {
         /// The new value of AC.
@@ -79,6 +91,7 @@ pub enum Fixup {
 pub fn classify(bytes: &[u8]) -> Option<Fixup> {
     match bytes {
         [INT3, ..] => Some(Fixup::Trap { vector: BP_VECTOR, advance: 1 }),
+        [FWAIT, ..] => Some(Fixup::Fwait),
         [a, b, c, ..] if [*a, *b, *c] == CLAC => Some(Fixup::SetAc { set: false, advance: 3 }),
         [a, b, c, ..] if [*a, *b, *c] == STAC => Some(Fixup::SetAc { set: true, advance: 3 }),
         _ if bytes.starts_with(&POPCNT64) => Some(Fixup::Popcnt { wide: true, advance: 5 }),
@@ -107,13 +120,17 @@ pub fn finish(vcpu: &VcpuFd, ram: &GuestRam) -> bool {
     }
     match classify(&bytes[..n]) {
         Some(Fixup::Trap { vector, advance }) => {
-            let Ok(mut events) = vcpu.get_vcpu_events() else { return false };
             regs.rip += advance;
-            events.exception.injected = 1;
-            events.exception.nr = vector;
-            events.exception.has_error_code = 0;
-            events.exception.error_code = 0;
-            vcpu.set_regs(&regs).is_ok() && vcpu.set_vcpu_events(&events).is_ok()
+            vcpu.set_regs(&regs).is_ok() && raise(vcpu, vector)
+        }
+        Some(Fixup::Fwait) => {
+            let Ok(fpu) = vcpu.get_fpu() else { return false };
+            if fpu.fsw & FSW_ES != 0 {
+                // A fault: `rip` stays on the `fwait`.
+                return raise(vcpu, MF_VECTOR);
+            }
+            regs.rip += 1;
+            vcpu.set_regs(&regs).is_ok()
         }
         Some(Fixup::Popcnt { wide, advance }) => {
             (regs.rax, regs.rflags) = popcnt(regs.rdi, regs.rflags, wide);
@@ -127,6 +144,16 @@ pub fn finish(vcpu: &VcpuFd, ram: &GuestRam) -> bool {
         }
         None => false,
     }
+}
+
+/// Injects exception `vector` (no error code) at the vCPU's next entry.
+fn raise(vcpu: &VcpuFd, vector: u8) -> bool {
+    let Ok(mut events) = vcpu.get_vcpu_events() else { return false };
+    events.exception.injected = 1;
+    events.exception.nr = vector;
+    events.exception.has_error_code = 0;
+    events.exception.error_code = 0;
+    vcpu.set_vcpu_events(&events).is_ok()
 }
 
 /// POPCNT's result and flags for `source` (SDM Vol. 2B, "POPCNT").
@@ -144,6 +171,7 @@ mod tests {
     #[test]
     fn int3_becomes_a_breakpoint_trap_after_it() {
         assert_eq!(classify(&[0xcc, 0x90]), Some(Fixup::Trap { vector: 3, advance: 1 }));
+        assert_eq!(classify(&[0x9b, 0x65]), Some(Fixup::Fwait));
     }
 
     #[test]
