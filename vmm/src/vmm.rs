@@ -241,6 +241,10 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
         boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &config.cmdline, &boot_cfg)?;
     }
     let mut devices = Devices::new(options.console);
+    if !is_pvh {
+        // Linux's 8250 driver waits for the transmitter-empty interrupt.
+        devices.connect_serial_irq(vm.irqfd(memvisor_abi::ports::COM1_GSI)?);
+    }
     devices.balloon = balloon;
     if let Some(t) = tracker.as_mut() {
         t.attach_vcpu(&vcpu, 0)?;

@@ -8,6 +8,16 @@
 pub const COM1: u16 = 0x3f8;
 /// Number of registers of a 16550 UART (offsets 0..=7).
 pub const COM1_LEN: u16 = 8;
+/// COM1's interrupt: ISA IRQ 4 (PC convention), GSI 4 in KVM's default
+/// routing, which wires GSIs 0-15 to both the PIC and the IOAPIC.
+pub const COM1_GSI: u32 = 4;
+
+/// The i8042 keyboard controller's command port (PC convention). Writing
+/// 0xfe ([`I8042_RESET`]) pulses the CPU reset line: Linux's `reboot=k`
+/// (and its fallback after ACPI) restarts the machine this way.
+pub const I8042_COMMAND: u16 = 0x64;
+/// The i8042 command "pulse output line 0" (the reset line).
+pub const I8042_RESET: u8 = 0xfe;
 
 /// Writing a 32-bit value here ends the VM with that value as the exit
 /// status. (QEMU's `isa-debug-exit` lives at the same port; memvisor does not

@@ -116,6 +116,11 @@ impl Devices {
                 IoAction::Continue
             }
             ports::DEBUG_EXIT => IoAction::Exit(le_value(data)),
+            ports::I8042_COMMAND if data == [ports::I8042_RESET] => {
+                // A guest reboot: there is no reset to emulate, the VM ends.
+                log::info!("the guest reset the machine through the i8042 controller (port 0x64 <- 0xfe); exit status 0");
+                IoAction::Exit(0)
+            }
             ports::MESSAGE if data.len() == 4 => IoAction::Message(u64::from(le_value(data))),
             ports::SWAP if data.len() == 4 => IoAction::Swap(u64::from(le_value(data))),
             _ => {
@@ -164,6 +169,11 @@ impl Devices {
         self.balloon.as_mut().is_some_and(MmioTransport::take_idle_hint)
     }
 
+    /// Connects the UART's interrupt line to `irqfd` ([`SerialConsole::connect_irq`]).
+    pub fn connect_serial_irq(&self, irqfd: vmm_sys_util::eventfd::EventFd) {
+        self.serial.connect_irq(irqfd);
+    }
+
     /// Flushes the console.
     pub fn flush(&mut self) {
         self.serial.flush();
@@ -201,6 +211,8 @@ mod tests {
         assert_eq!(d.port_out(ports::MESSAGE, &[0, 0x10, 0, 0]), IoAction::Message(0x1000));
         // A byte-sized write to the message port is not a message.
         assert_eq!(d.port_out(ports::MESSAGE, &[1]), IoAction::Continue);
+        assert_eq!(d.port_out(ports::I8042_COMMAND, &[ports::I8042_RESET]), IoAction::Exit(0));
+        assert_eq!(d.port_out(ports::I8042_COMMAND, &[0xaa]), IoAction::Continue, "other i8042 commands are ignored");
     }
 
     #[test]

@@ -7,15 +7,21 @@ use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
-/// The UART's interrupt line. memvisor has no interrupt controller for the
-/// tiny guest (it polls), so the line goes nowhere.
+/// The UART's interrupt line. The tiny guest polls and has no interrupt
+/// controller, so there the line goes nowhere; a Linux guest's 8250 driver
+/// sends output only when the transmitter-empty interrupt arrives, so its
+/// VM connects the line to an irqfd on GSI 4, COM1's ISA IRQ
+/// ([`SerialConsole::connect_irq`]).
 #[derive(Debug, Default)]
-pub struct NoInterrupt;
+pub struct SerialIrq(std::sync::OnceLock<vmm_sys_util::eventfd::EventFd>);
 
-impl Trigger for NoInterrupt {
+impl Trigger for SerialIrq {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        Ok(())
+        match self.0.get() {
+            Some(fd) => fd.write(1),
+            None => Ok(()),
+        }
     }
 }
 
@@ -32,7 +38,7 @@ pub struct UartState {
 
 /// The console UART.
 pub struct SerialConsole {
-    uart: Serial<NoInterrupt, NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<SerialIrq, NoEvents, Box<dyn Write + Send>>,
 }
 
 impl std::fmt::Debug for SerialConsole {
@@ -45,7 +51,15 @@ impl SerialConsole {
     /// A UART writing to `out`.
     #[must_use]
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        SerialConsole { uart: Serial::new(NoInterrupt, out) }
+        SerialConsole { uart: Serial::new(SerialIrq::default(), out) }
+    }
+
+    /// Raises the UART's interrupts by writing `irqfd` (an irqfd on GSI 4,
+    /// COM1's IRQ). Once only: a second call is ignored.
+    pub fn connect_irq(&self, irqfd: vmm_sys_util::eventfd::EventFd) {
+        if self.uart.interrupt_evt().0.set(irqfd).is_err() {
+            log::warn!("the serial interrupt was connected already");
+        }
     }
 
     /// A register write at `offset` (0..=7).
@@ -98,7 +112,7 @@ impl SerialConsole {
             scratch: r[8],
             in_buffer: state.in_buffer.clone(),
         };
-        let uart = Serial::from_state(&s, NoInterrupt, NoEvents, out).map_err(|e| format!("invalid UART state: {e:?}"))?;
+        let uart = Serial::from_state(&s, SerialIrq::default(), NoEvents, out).map_err(|e| format!("invalid UART state: {e:?}"))?;
         Ok(SerialConsole { uart })
     }
 
