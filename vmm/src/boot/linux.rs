@@ -9,6 +9,17 @@
 //! ([`super::long_mode`]). [`prepare_vm`] adds what a Linux guest expects
 //! of the platform (KVM's in-kernel PIC/IOAPIC/LAPIC and PIT); the vCPU is
 //! set up by [`crate::vcpu::create_linux`].
+//!
+//! On KVM's PVM flavour the guest's CPL0 `cpuid` reports features that the
+//! VMM's CPUID table does not list (XSAVE, SMAP, POPCNT, AVX...), while
+//! KVM's emulator cannot run their instructions at CPL0. Measured with
+//! Debian's 6.1 cloud kernel: `xrstor` (FPU init) is fatal, so the command
+//! line needs `noxsave`; `int3`, `clac`/`stac`, Linux's hweight `popcnt`
+//! and `fwait` are finished by the VMM ([`crate::unemulated`]), each at the
+//! cost of an exit, which `nosmap` and `clearcpuid=151` avoid; the SIMD
+//! users of `kernel_fpu_begin()` (its `ldmxcsr` is fatal) are kept away with
+//! `clearcpuid=129,137,147,148,151,153` (PCLMULQDQ, SSSE3, SSE4.1, SSE4.2,
+//! POPCNT, AES; arch/x86/include/asm/cpufeatures.h word 4).
 
 use std::io::Cursor;
 
