@@ -139,7 +139,7 @@ fn a_kernel_that_is_not_elf_is_refused() {
     let k = dir.write("kernel", b"#!/bin/sh\necho this is not a kernel\n");
     run(&["--kernel", k.to_str().expect("utf-8 temp path")]).assert_error(&["not an x86-64 ELF", "no ELF magic"]);
     let empty = dir.write("empty", b"");
-    run(&["--kernel", empty.to_str().expect("utf-8 temp path")]).assert_error(&["not an x86-64 ELF"]);
+    run(&["--kernel", empty.to_str().expect("utf-8 temp path")]).assert_error(&["kernel", "is empty"]);
 }
 
 #[test]
@@ -198,12 +198,16 @@ fn remove_pvh_notes(image: &mut [u8]) -> usize {
 }
 
 #[test]
-fn an_elf_without_a_pvh_entry_note_is_refused() {
+fn an_elf_without_a_pvh_entry_note_is_entered_as_a_plain_vmlinux() {
+    // Without the note an ELF is a plain vmlinux and goes through Linux's
+    // 64-bit boot protocol (issue F): the tiny guest's 32-bit PVH entry
+    // code, entered in 64-bit mode, then faults its way to a triple fault,
+    // which the VMM reports as a guest failure (not a set-up error).
     let mut image = tiny_guest();
     assert_eq!(remove_pvh_notes(&mut image), 1, "the tiny guest carries exactly one PVH entry note");
     let dir = TempDir::new("no-pvh");
     let k = dir.write("kernel", &image);
-    run(&["--kernel", k.to_str().expect("utf-8 temp path")]).assert_error(&["no usable entry", "PVH"]);
+    run(&["--kernel", k.to_str().expect("utf-8 temp path")]).assert_error(&["guest triple-faulted"]);
 }
 
 #[test]

@@ -24,6 +24,12 @@ pub const HIGH_MEMORY: GuestAddress = GuestAddress(abi::HIGH_MEMORY);
 pub const MMIO_HOLE_START: GuestAddress = GuestAddress(abi::MMIO_HOLE_START);
 /// RAM above 4 GiB.
 pub const MMIO_HOLE_END: GuestAddress = GuestAddress(abi::MMIO_HOLE_END);
+/// The GDT of the Linux 64-bit entry.
+pub const LINUX_GDT: GuestAddress = GuestAddress(abi::LINUX_GDT);
+/// The Linux zero page (`boot_params`).
+pub const ZERO_PAGE: GuestAddress = GuestAddress(abi::ZERO_PAGE);
+/// The boot page tables' root (PML4).
+pub const BOOT_PML4: GuestAddress = GuestAddress(abi::BOOT_PML4);
 
 /// Where a virtio-mmio device sits: its register window and the GSI (the
 /// in-kernel IOAPIC's input) its interrupt raises. The guest learns both
@@ -72,8 +78,11 @@ pub fn ram_ranges(mem_size: u64) -> Vec<RamRange> {
         .collect()
 }
 
-/// The E820-style memory map the guest gets: RAM below the EBDA, the legacy
-/// hole reserved, RAM from 1 MiB, then RAM above 4 GiB.
+/// The E820-style memory map the guest gets, in address order: RAM below
+/// the EBDA, the legacy hole reserved, RAM from 1 MiB, the device ranges in
+/// the MMIO hole reserved ([`abi::DEVICE_RANGES`]), then RAM above 4 GiB.
+/// Both boot paths hand it over: the PVH start info's memory map and the
+/// Linux zero page's `e820_table`.
 #[must_use]
 pub fn e820_map(mem_size: u64) -> Vec<HvmMemmapEntry> {
     let entry = |addr: u64, size: u64, kind: u32| HvmMemmapEntry { addr, size, kind, reserved: 0 };
@@ -93,6 +102,8 @@ pub fn e820_map(mem_size: u64) -> Vec<HvmMemmapEntry> {
             map.push(entry(start, end - start, E820_RAM));
         }
     }
+    map.extend(abi::DEVICE_RANGES.iter().map(|&(start, len)| entry(start, len, E820_RESERVED)));
+    map.sort_by_key(|e| e.addr);
     map
 }
 
@@ -103,7 +114,7 @@ mod tests {
     #[test]
     fn e820_reserves_the_legacy_hole() {
         let map = e820_map(256 << 20);
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 3 + abi::DEVICE_RANGES.len());
         assert_eq!((map[0].addr, map[0].size, map[0].kind), (0, abi::EBDA_START, E820_RAM));
         assert_eq!(map[1].kind, E820_RESERVED);
         assert_eq!(map[2].addr, abi::HIGH_MEMORY);
@@ -111,11 +122,22 @@ mod tests {
     }
 
     #[test]
+    fn e820_reserves_the_device_ranges_in_address_order_without_overlap() {
+        for mem in [256 << 20, 3 << 30, 6 << 30] {
+            let map = e820_map(mem);
+            assert!(map.windows(2).all(|w| w[0].addr + w[0].size <= w[1].addr), "{mem:#x}: {map:x?}");
+            for &(start, len) in &abi::DEVICE_RANGES {
+                assert!(map.iter().any(|e| (e.addr, e.size, e.kind) == (start, len, E820_RESERVED)));
+            }
+        }
+    }
+
+    #[test]
     fn e820_covers_ram_above_4g() {
         let map = e820_map(6 << 30);
         let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
-        let reserved: u64 = map.iter().filter(|e| e.kind == E820_RESERVED).map(|e| e.size).sum();
-        assert_eq!(ram + reserved, 6 << 30);
+        let legacy: u64 = map.iter().filter(|e| e.kind == E820_RESERVED && e.addr < abi::HIGH_MEMORY).map(|e| e.size).sum();
+        assert_eq!(ram + legacy, 6 << 30);
         let last = map.last().unwrap();
         assert_eq!(last.addr, abi::MMIO_HOLE_END);
         assert_eq!(last.addr + last.size, abi::MMIO_HOLE_END + (6 << 30) - abi::MMIO_HOLE_START);

@@ -39,6 +39,7 @@ pub mod size;
 pub mod snapshot;
 pub mod timeline;
 pub mod translate;
+pub mod unemulated;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -201,9 +201,13 @@ struct RunArgs {
     /// Leaf size the guest maps its RAM with.
     #[arg(long, value_parser = choices::<GuestPage>(GuestPage::ALL.iter().map(|b| b.as_str())))]
     guest_page: Option<GuestPage>,
-    /// Kernel image (an x86-64 ELF with a PVH entry); default: the built-in tiny guest.
+    /// Kernel image: an x86-64 ELF with a PVH entry, a bzImage or a vmlinux
+    /// (Linux's 64-bit boot protocol); default: the built-in tiny guest.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// Initial ramdisk for a bzImage or vmlinux kernel.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
     /// Kernel command line.
     #[arg(long)]
     cmdline: Option<String>,
@@ -269,6 +273,7 @@ impl RunArgs {
             guest_page: self.guest_page,
             kernel: self.kernel.clone(),
             cmdline: self.cmdline.clone(),
+            initrd: self.initrd.clone(),
             api_socket: self.api_socket.clone(),
             dirty_mode: self.dirty_mode,
             workload: self.workload.as_deref().map(str::parse).transpose().map_err(|e| anyhow_free::chain(&e))?,

@@ -1,6 +1,9 @@
-//! A vCPU: its initial state for a PVH entry, and its register dump.
+//! A vCPU: its CPUID, its initial state for a PVH or a Linux 64-bit entry,
+//! and its register dump. The values are built by pure functions in
+//! [`crate::boot::cpu`] and [`crate::boot::long_mode`]; this file hands
+//! them to KVM.
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use serde::Serialize;
 
@@ -30,12 +33,21 @@ fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
     }
 }
 
-/// Creates vCPU `id` with the CPUID KVM supports on this host.
+/// Creates vCPU `id` with the CPUID KVM supports on this host, with the
+/// leaves a VMM fixes ([`crate::boot::cpu::fix_cpuid`]: APIC id, the
+/// hypervisor bit, topology, KVM's signature).
 ///
 /// # Errors
 /// [`VmError::Kvm`] when an ioctl fails.
 pub fn create(vm: &Vm, id: u64) -> Result<VcpuFd, VmError> {
-    let cpuid: CpuId = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|source| VmError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
+    let supported: CpuId = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|source| VmError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
+    let mut entries = supported.as_slice().to_vec();
+    // One vCPU: SMP is not implemented (config: vcpus must be 1).
+    crate::boot::cpu::fix_cpuid(&mut entries, u32::try_from(id).unwrap_or(u32::MAX), 1);
+    if crate::host::detect().is_pvm() {
+        crate::boot::cpu::hide_unemulated_features(&mut entries);
+    }
+    let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Kvm { what: "KVM_SET_CPUID2 (too many CPUID entries)", source: kvm_ioctls::Error::new(libc::E2BIG) })?;
     create_with_cpuid(vm, id, &cpuid)
 }
 
@@ -74,6 +86,48 @@ pub fn create_pvh(vm: &Vm, id: u64, entry: u64, start_info: u64) -> Result<VcpuF
 
     let regs = kvm_regs { rip: entry, rbx: start_info, rflags: 0x2, ..Default::default() };
     vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    Ok(vcpu)
+}
+
+/// x87 control word and MXCSR at power-on (SDM Vol. 3A §9.1.1, Table 9-1:
+/// FCW 0x037f, MXCSR 0x1f80).
+const FPU_CONTROL_WORD: u16 = 0x37f;
+const MXCSR_DEFAULT: u32 = 0x1f80;
+
+/// Creates vCPU `id` and puts it at Linux's 64-bit entry `entry` (boot.rst,
+/// "64-bit Boot Protocol"): long mode on the boot page tables and GDT,
+/// `rsi` at the zero page, the boot MSRs set, the FPU at its reset state
+/// and the LAPIC's LINT0/LINT1 wired as ExtINT/NMI. The VM needs its
+/// in-kernel irqchip first ([`crate::boot::linux::prepare_vm`]).
+///
+/// # Errors
+/// [`VmError::Kvm`] when an ioctl fails.
+pub fn create_linux(vm: &Vm, id: u64, entry: &crate::boot::linux::LinuxEntry) -> Result<VcpuFd, VmError> {
+    let kvm_err = |what| move |source| VmError::Kvm { what, source };
+    let vcpu = create(vm, id)?;
+    let wanted = crate::boot::cpu::boot_msrs();
+    let msrs = Msrs::from_entries(&wanted).map_err(|_| VmError::Kvm { what: "KVM_SET_MSRS (too many MSRs)", source: kvm_ioctls::Error::new(libc::E2BIG) })?;
+    let set = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+    // KVM stops at the first MSR it refuses; the rest are tried one by one
+    // so that one refusal (this host's flavour may lack an MSR) does not
+    // drop the others.
+    for m in wanted.iter().skip(set) {
+        let one = Msrs::from_entries(std::slice::from_ref(m)).map_err(|_| VmError::Kvm { what: "KVM_SET_MSRS", source: kvm_ioctls::Error::new(libc::E2BIG) })?;
+        if vcpu.set_msrs(&one).map_err(kvm_err("KVM_SET_MSRS"))? != 1 {
+            log::warn!("KVM refused boot MSR {:#x} = {:#x}; left at its reset value", m.index, m.data);
+        }
+    }
+    let sregs = crate::boot::long_mode::sregs(&vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?);
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&crate::boot::long_mode::regs(entry.rip, entry.zero_page)).map_err(kvm_err("KVM_SET_REGS"))?;
+    let fpu = kvm_fpu { fcw: FPU_CONTROL_WORD, mxcsr: MXCSR_DEFAULT, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+    let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+    // SAFETY: `regs` is a plain `[c_char; 1024]`; viewing it as bytes of
+    // the same length and alignment is sound.
+    let regs = unsafe { std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast::<u8>(), lapic.regs.len()) };
+    crate::boot::cpu::set_lint(regs);
+    vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
     Ok(vcpu)
 }
 

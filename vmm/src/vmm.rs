@@ -120,21 +120,34 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     let image = boot::read_kernel(config.kernel.as_deref())?;
     // The boot data is written once the vCPU exists, so the TSC frequency
     // it reports can go into the boot configuration.
-    let entry = boot::load_kernel(vm.ram(), &image)?;
-    timeline::mark("load kernel ELF");
-    let mut vcpus = vec![vcpu::create_pvh(&vm, 0, entry.0, layout::abi::PVH_START_INFO)?];
+    let cmdline = boot::cmdline::with_virtio_mmio(&config.cmdline, balloon.as_ref().map(|_| layout::BALLOON).as_slice());
+    // A bzImage or a vmlinux without a PVH note boots through Linux's
+    // 64-bit boot protocol (boot::linux); a PVH ELF the PVH way.
+    let linux_entry = boot::load_linux(&vm, &image, config.initrd.as_deref(), &cmdline)?;
+    let is_pvh = linux_entry.is_none();
+    let first = match linux_entry {
+        Some(entry) => vcpu::create_linux(&vm, 0, &entry)?,
+        None => {
+            let entry = boot::load_kernel(vm.ram(), &image)?;
+            timeline::mark("load kernel ELF");
+            vcpu::create_pvh(&vm, 0, entry.0, layout::abi::PVH_START_INFO)?
+        }
+    };
+    let mut vcpus = vec![first];
     for id in 1..u64::from(config.vcpus) {
         // Application processors wait, not running, until the guest starts
-        // them (memvisor_abi::smp).
+        // them (memvisor_abi::smp; a Linux guest with INIT/SIPI).
         vcpus.push(vcpu::create(&vm, id)?);
     }
     timeline::mark("create vCPU + CPUID + registers");
     let tsc_khz = vcpus[0].get_tsc_khz().map_or(0, u64::from);
     let boot_cfg = boot_config(config, mode, options.stay_up, options.skip_selftest, tsc_khz);
-    let cmdline = boot::cmdline::with_virtio_mmio(&config.cmdline, balloon.as_ref().map(|_| layout::BALLOON).as_slice());
-    boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &cmdline, &boot_cfg)?;
+    if is_pvh {
+        boot::pvh::write_boot_data(vm.ram().memory(), vm.ram().size(), &cmdline, &boot_cfg)?;
+    }
     let mut devices = Devices::new(options.console);
     if vm.has_irqchip() {
+        // COM1's interrupt (Linux's 8250 driver waits for transmitter-empty).
         devices.connect_serial_irq(vm.irqfd(memvisor_abi::ports::COM1_GSI)?);
     }
     devices.balloon = balloon;

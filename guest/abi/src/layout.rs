@@ -11,14 +11,19 @@
 //! 0x0000_7000  │ PVH memory map        │  hvm_memmap_table_entry[]
 //! 0x0000_8000  │ memvisor boot config  │  abi::boot::BootConfig
 //! 0x0000_9000  │ kernel command line   │
+//! 0x0000_a000  │ Linux boot GDT        │  Linux 64-bit boot protocol only:
+//! 0x0000_b000  │ Linux zero page       │  boot_params (zero-page.rst)
+//! 0x0000_c000  │ boot page tables      │  PML4, PDPT, 4 PDs: first 4 GiB
+//! 0x0001_2000  │ …                     │
 //! 0x0009_fc00  ├───────────────────────┤  EBDA / VGA / BIOS: reserved (e820)
 //! 0x0010_0000  ├───────────────────────┤
 //!              │ kernel image (ELF)    │
 //!              │ free RAM …            │
 //! 0xc000_0000  ├───────────────────────┤  32-bit MMIO hole (1 GiB)
-//!              │ virtio-mmio devices   │  0xd000_0000
-//!              │ IOAPIC, LAPIC         │  0xfec0_0000, 0xfee0_0000
-//!              │ KVM identity map, TSS │  0xfffb_c000
+//!              │ virtio-mmio devices   │  0xd000_0000   } reserved in the
+//!              │ IOAPIC, LAPIC         │  0xfec0_0000,  } memory map
+//!              │                       │  0xfee0_0000   } (DEVICE_RANGES)
+//!              │ KVM identity map, TSS │  0xfffb_c000   }
 //! 0x1_0000_0000├───────────────────────┤
 //!              │ RAM above 4 GiB …     │
 //!              └───────────────────────┘
@@ -43,6 +48,24 @@ pub const BOOT_CONFIG: u64 = 0x8000;
 pub const CMDLINE: u64 = 0x9000;
 /// Longest command line, including its NUL.
 pub const CMDLINE_MAX: u64 = PAGE_SIZE;
+/// The GDT a Linux kernel is entered with (64-bit boot protocol,
+/// Documentation/arch/x86/boot.rst: `__BOOT_CS` 0x10 and `__BOOT_DS` 0x18).
+pub const LINUX_GDT: u64 = 0xa000;
+/// The Linux zero page, `struct boot_params` (Documentation/arch/x86/zero-page.rst).
+pub const ZERO_PAGE: u64 = 0xb000;
+/// Root of the page tables a Linux kernel is entered with (PML4).
+pub const BOOT_PML4: u64 = 0xc000;
+/// The PML4's first entry points here (one PDPT covers 512 GiB).
+pub const BOOT_PDPT: u64 = 0xd000;
+/// [`BOOT_PD_COUNT`] page directories of 2 MiB pages, one per GiB.
+pub const BOOT_PD: u64 = 0xe000;
+/// Page directories at [`BOOT_PD`]: the first 4 GiB are identity mapped,
+/// which covers the kernel, the zero page, the command line and the
+/// initrd wherever they are in RAM below the MMIO hole (boot.rst, 64-bit
+/// boot protocol: they must be identity mapped at entry).
+pub const BOOT_PD_COUNT: u64 = 4;
+/// One past the boot page tables.
+pub const BOOT_PAGE_TABLES_END: u64 = BOOT_PD + BOOT_PD_COUNT * PAGE_SIZE;
 /// Start of the Extended BIOS Data Area; from here to [`HIGH_MEMORY`] is
 /// reserved in the memory map, as on a PC.
 pub const EBDA_START: u64 = 0x9_fc00;
@@ -55,19 +78,37 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Size of each virtio-mmio device window (virtio 1.x §4.2.2 registers fit in 4 KiB).
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Number of virtio-mmio windows reserved from [`VIRTIO_MMIO_BASE`].
+pub const VIRTIO_MMIO_SLOTS: u64 = 8;
 /// IOAPIC (Intel 82093AA datasheet; default PC address).
 pub const IOAPIC_BASE: u64 = 0xfec0_0000;
+/// The IOAPIC's register window (its index/data registers decode within one page).
+pub const IOAPIC_SIZE: u64 = PAGE_SIZE;
 /// Local APIC (SDM Vol. 3A §11.4.1, default IA32_APIC_BASE).
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
+/// The local APIC's register page (SDM Vol. 3A §11.4.1: a 4 KiB region).
+pub const LAPIC_SIZE: u64 = PAGE_SIZE;
 /// KVM's identity-map page for real-mode emulation on Intel hosts without
 /// unrestricted guest (KVM api.rst, KVM_SET_IDENTITY_MAP_ADDR); one page.
 pub const KVM_IDENTITY_MAP: u64 = 0xfffb_c000;
 /// KVM's TSS for the same purpose (KVM_SET_TSS_ADDR); three pages.
 pub const KVM_TSS: u64 = 0xfffb_d000;
+/// Size of the TSS KVM_SET_TSS_ADDR takes (KVM api.rst: three pages).
+pub const KVM_TSS_SIZE: u64 = 3 * PAGE_SIZE;
 /// End of the 32-bit MMIO hole and start of RAM above 4 GiB.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// Size of the 32-bit MMIO hole.
 pub const MMIO_HOLE_SIZE: u64 = MMIO_HOLE_END - MMIO_HOLE_START;
+
+/// Device ranges in the MMIO hole, as `(start, length)` in address order:
+/// the memory map marks them reserved, so that nothing (a guest's PCI
+/// allocator, say) puts anything else there.
+pub const DEVICE_RANGES: [(u64, u64); 4] = [
+    (VIRTIO_MMIO_BASE, VIRTIO_MMIO_SLOTS * VIRTIO_MMIO_SIZE),
+    (IOAPIC_BASE, IOAPIC_SIZE),
+    (LAPIC_BASE, LAPIC_SIZE),
+    (KVM_IDENTITY_MAP, KVM_TSS + KVM_TSS_SIZE - KVM_IDENTITY_MAP),
+];
 
 /// Guest-virtual base of a ring-3 task's private address space: PML4 slot 1
 /// (512 GiB), so that slot 0 can stay the kernel's identity map.
@@ -112,10 +153,23 @@ mod tests {
     #[test]
     fn layout_is_in_address_order() {
         let order = [
-            PVH_START_INFO, PVH_MEMMAP, BOOT_CONFIG, CMDLINE, EBDA_START, HIGH_MEMORY,
+            PVH_START_INFO, PVH_MEMMAP, BOOT_CONFIG, CMDLINE, LINUX_GDT, ZERO_PAGE, BOOT_PML4, BOOT_PDPT, BOOT_PD,
+            BOOT_PAGE_TABLES_END, EBDA_START, HIGH_MEMORY,
             MMIO_HOLE_START, VIRTIO_MMIO_BASE, IOAPIC_BASE, LAPIC_BASE, KVM_IDENTITY_MAP, KVM_TSS, MMIO_HOLE_END,
         ];
         assert!(order.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(MMIO_HOLE_START % PAGE_SIZE_1G, 0);
+        const { assert!(CMDLINE + CMDLINE_MAX <= LINUX_GDT) };
+    }
+
+    #[test]
+    fn device_ranges_are_ordered_disjoint_and_inside_the_hole() {
+        assert!(DEVICE_RANGES.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+        assert!(DEVICE_RANGES.iter().all(|&(start, len)| start >= MMIO_HOLE_START && start + len <= MMIO_HOLE_END && len > 0));
+    }
+
+    #[test]
+    fn boot_page_tables_map_all_ram_below_the_hole() {
+        const { assert!(BOOT_PD_COUNT * PAGE_SIZE_1G >= MMIO_HOLE_START) };
     }
 }

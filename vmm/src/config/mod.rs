@@ -137,6 +137,8 @@ pub struct ConfigFile {
     pub kernel: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: Option<String>,
+    /// Initial ramdisk (Linux boot protocol kernels only).
+    pub initrd: Option<PathBuf>,
     /// Control socket path.
     pub api_socket: Option<PathBuf>,
     /// Force a dirty-tracking mechanism.
@@ -192,6 +194,7 @@ impl ConfigFile {
             guest_page: over.guest_page.or(self.guest_page),
             kernel: over.kernel.or(self.kernel),
             cmdline: over.cmdline.or(self.cmdline),
+            initrd: over.initrd.or(self.initrd),
             api_socket: over.api_socket.or(self.api_socket),
             dirty_mode: over.dirty_mode.or(self.dirty_mode),
             workload: over.workload.or(self.workload),
@@ -235,6 +238,7 @@ impl ConfigFile {
             guest_page: self.guest_page.unwrap_or(GuestPage::M2),
             kernel: self.kernel,
             cmdline: self.cmdline.unwrap_or_default(),
+            initrd: self.initrd,
             api_socket: self.api_socket,
             dirty_mode: self.dirty_mode,
             workload: self.workload,
@@ -267,6 +271,9 @@ pub struct VmConfig {
     pub kernel: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: String,
+    /// Initial ramdisk (Linux boot protocol kernels only).
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
     /// Control socket.
     pub api_socket: Option<PathBuf>,
     /// Forced dirty-tracking mechanism (`None`: the best available, when

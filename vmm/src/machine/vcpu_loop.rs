@@ -213,7 +213,15 @@ fn run_until_parked(index: usize, vcpu: &mut VcpuFd, control: &VmControl<Machine
             },
             VcpuExit::Shutdown => Flow::End(Err(VmmError::TripleFault(Box::new(RegisterDump::read(vcpu))))),
             VcpuExit::Hlt => Flow::End(Err(VmmError::Halted(Box::new(RegisterDump::read(vcpu))))),
-            VcpuExit::InternalError => Flow::End(Err(guest_failed(vcpu, "internal error: instruction emulation failed".into()))),
+            // An instruction KVM's emulator gives up on (PVM: `int3`,
+            // `clac`, `popcnt` at CPL0) that the VMM can finish itself.
+            VcpuExit::InternalError => {
+                if crate::unemulated::finish(vcpu, m.vm.ram()) {
+                    Flow::Continue
+                } else {
+                    Flow::End(Err(guest_failed(vcpu, "internal error: instruction emulation failed".into())))
+                }
+            }
             VcpuExit::FailEntry(reason, cpu) => Flow::End(Err(guest_failed(vcpu, format!("entry failed, hardware reason {reason:#x} on cpu {cpu}")))),
             other => {
                 log::warn!("unexpected exit of vCPU {index}: {other:?}; resuming");
