@@ -36,6 +36,7 @@ pub fn run(k: &mut Kernel, spec: &WorkloadSpec, tsc_khz: u64, kernel_regions: &[
         WorkloadKind::Translation => return crate::translation::run(k, spec),
         WorkloadKind::Paging => return crate::vm::pager::run(k, spec, tsc_khz),
         WorkloadKind::Cow => return crate::vm::cow::run(k, spec),
+        WorkloadKind::Shootdown => return crate::vm::shootdown::run(k, spec),
         WorkloadKind::Dirty => (workloads::dirty_rounds as *const () as usize as u64, p[3].max(1), [p[0], p[1], p[2], 0, 0, 0, 0, 0]),
         WorkloadKind::Checksum => (workloads::checksum_rounds as *const () as usize as u64, p[0].max(1), [p[0], p[1], p[2], p[3], tsc_khz, 0, 0, 0]),
     };
