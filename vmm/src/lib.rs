@@ -34,6 +34,7 @@ pub mod page_writer;
 pub mod restore;
 pub mod run_report;
 pub mod size;
+pub mod smp_report;
 pub mod snapshot;
 pub mod timeline;
 pub mod translate;

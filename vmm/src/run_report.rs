@@ -109,6 +109,9 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "unhandled": outcome.unhandled,
         "paging_workload": crate::guest_paging::outcome_paging(outcome),
         "cow_workload": crate::guest_paging::outcome_cow(outcome),
+        "cpus": crate::smp_report::cpus(outcome),
+        "shootdown_workload": crate::smp_report::outcome_shootdown(outcome),
+        "tsc_khz": outcome.tsc_khz,
         "swap_device": outcome.swap_device,
     })
 }
@@ -225,6 +228,7 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             stat("insn_emulation")
         );
     }
+    s.push_str(&crate::smp_report::text(outcome));
     let m = &outcome.vmm_memory;
     let _ = writeln!(
         s,
