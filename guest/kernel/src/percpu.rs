@@ -17,9 +17,10 @@
 //! bring-up ([`crate::smp`]).
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memvisor_abi::msg::{CpuStats, Message};
+use memvisor_abi::paging::SwapRequest;
 use memvisor_abi::smp::MAX_CPUS;
 use memvisor_guest_mm::sync::CpuSet;
 
@@ -64,11 +65,14 @@ pub struct PerCpu {
     /// The message this CPU is sending ([`crate::report`]): one per CPU,
     /// so CPUs report without a lock.
     pub outbox: UnsafeCell<Message>,
+    /// The swap-device request this CPU is making (`crate::vm::swapdev`),
+    /// likewise.
+    pub swap: UnsafeCell<SwapRequest>,
 }
 
 // SAFETY: the blocks are shared between CPUs only through atomics, through
-// fields written once before the CPU starts, or through the outbox, which
-// only its own CPU touches.
+// fields written once before the CPU starts, or through the outbox and the
+// swap request, which only their own CPU touches.
 unsafe impl Sync for PerCpu {}
 
 impl PerCpu {
@@ -88,6 +92,7 @@ impl PerCpu {
             task_tsc: AtomicU64::new(0),
             selftest_bytes: AtomicU64::new(0),
             outbox: UnsafeCell::new(Message { kind: 0, arg: 0, data: [0; 7] }),
+            swap: UnsafeCell::new(SwapRequest { op: 0, status: 0, gpa: 0, slot: 0 }),
         }
     }
 
@@ -139,6 +144,9 @@ static BLOCKS: Blocks = Blocks(UnsafeCell::new([const { PerCpu::new() }; MAX_CPU
 
 /// CPUs that are up.
 static ONLINE: CpuSet = CpuSet::new();
+/// Whether more than one is: one byte to test on paths that must cost a
+/// uniprocessor nothing (every emulated instruction costs ~1 µs here).
+static SMP: AtomicBool = AtomicBool::new(false);
 
 /// Sets up CPU `cpu`'s block and points its GS base at it; `syscall_stack_top`
 /// is the stack its `syscall` entry uses. Marks the CPU online.
@@ -161,6 +169,9 @@ pub unsafe fn init(cpu: usize, syscall_stack_top: u64) {
 /// Marks the calling CPU online (the end of its bring-up).
 pub fn set_online() {
     ONLINE.insert(index());
+    if ONLINE.len() > 1 {
+        SMP.store(true, Ordering::Release);
+    }
 }
 
 fn block_ptr(cpu: usize) -> *mut PerCpu {
@@ -203,6 +214,5 @@ pub fn online() -> u64 {
 /// Whether more than one CPU is up: everything SMP costs is behind this.
 #[inline(always)]
 pub fn is_smp() -> bool {
-    let bits = online();
-    bits & (bits.wrapping_sub(1)) != 0
+    SMP.load(Ordering::Acquire)
 }

@@ -22,7 +22,7 @@ pub mod pager;
 pub mod shootdown;
 pub mod swapdev;
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU8, Ordering};
 
 use memvisor_abi::layout::{PAGE_SIZE, USER_HEAP_BASE};
 use memvisor_abi::msg::Report;
@@ -44,22 +44,22 @@ enum Active {
     Shootdown = 3,
 }
 
-/// The active workload (low byte) and the CPU whose task it owns (the
-/// rest): the paging and cow workloads run one task on the boot CPU, and
-/// another CPU's faults are none of their business.
-static ACTIVE: AtomicU64 = AtomicU64::new(0);
+/// The active workload. The paging and cow workloads run one task on the
+/// boot CPU while the other CPUs idle with no task (`crate::smp` posts
+/// tasks only for the self-test and the shootdown workload), so only the
+/// shootdown workload's faults come from other CPUs.
+static ACTIVE: AtomicU8 = AtomicU8::new(Active::None as u8);
 
 fn set_active(a: Active) {
-    ACTIVE.store(a as u64 | ((crate::percpu::index() as u64) << 8), Ordering::Release);
+    ACTIVE.store(a as u8, Ordering::Release);
 }
 
-/// The active workload, as the calling CPU sees it.
+/// The active workload.
+#[inline(always)]
 fn active() -> Active {
-    let v = ACTIVE.load(Ordering::Acquire);
-    let mine = (v >> 8) as usize == crate::percpu::index();
-    match v & 0xff {
-        1 if mine => Active::Paging,
-        2 if mine => Active::Cow,
+    match ACTIVE.load(Ordering::Acquire) {
+        1 => Active::Paging,
+        2 => Active::Cow,
         3 => Active::Shootdown,
         _ => Active::None,
     }

@@ -11,13 +11,8 @@
 use memvisor_abi::paging::{SWAP_STATUS_OK, SWAP_STATUS_PENDING, SwapOp, SwapRequest};
 use memvisor_abi::ports::SWAP;
 
-use memvisor_guest_mm::sync::SpinLock;
-
 use crate::io::outl;
-
-/// The request being performed: one at a time, whichever CPU asks; the VMM
-/// is done with it when `out` returns.
-static REQUEST: SpinLock<SwapRequest> = SpinLock::new(SwapRequest { op: 0, status: 0, gpa: 0, slot: 0 });
+use crate::percpu;
 
 /// The VMM refused a request (bad frame, slot or operation) or did not
 /// answer (no swap device).
@@ -30,15 +25,15 @@ pub struct SwapIoError;
 /// # Errors
 /// [`SwapIoError`].
 pub fn request(op: SwapOp, gpa: u64, slot: u64) -> Result<(), SwapIoError> {
-    let mut held = REQUEST.lock();
-    let r: *mut SwapRequest = &mut *held;
-    // SAFETY: the lock makes this CPU the request's only user; a static the
-    // kernel's identity map covers below 4 GiB, so its address is the
-    // guest-physical address the VMM reads and writes.
+    // Each CPU has its own request (in its per-CPU block), so CPUs need no
+    // lock: the VMM is done with it when `out` returns.
+    let r = percpu::this().swap.get();
+    // SAFETY: this CPU's own request, never touched by an interrupt
+    // handler; a static the kernel's identity map covers below 4 GiB, so
+    // its address is the guest-physical address the VMM reads and writes.
     unsafe { r.write_volatile(SwapRequest { op: op as u32, status: SWAP_STATUS_PENDING, gpa, slot }) };
     outl(SWAP, r as usize as u32);
     // SAFETY: as above; the VMM wrote the status during the `out`.
     let status = unsafe { (&raw const (*r).status).read_volatile() };
-    drop(held);
     if status == SWAP_STATUS_OK { Ok(()) } else { Err(SwapIoError) }
 }
