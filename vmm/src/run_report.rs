@@ -312,6 +312,10 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             .map(|m| format!("{}: 4K={} 2M={}", m.phase, m.pages_4k.map_or("-".into(), |v| v.to_string()), m.pages_2m.map_or("-".into(), |v| v.to_string())))
             .collect();
         let _ = writeln!(s, "  KVM mappings: {}", maps.join(" | "));
+        if !d.ring_entries_per_vcpu.is_empty() {
+            let per: Vec<String> = d.ring_entries_per_vcpu.iter().enumerate().map(|(i, n)| format!("vCPU {i}: {n}")).collect();
+            let _ = writeln!(s, "  dirty-ring entries collected: {}", per.join(", "));
+        }
         if let (Some(split), Some(recovered)) = (d.huge_split.split, d.huge_split.recovered) {
             let _ = writeln!(s, "  2 MiB mappings split by logging: {split}; back after logging: {}", if recovered { "yes" } else { "no" });
         }

@@ -121,6 +121,23 @@ impl TaskFrame {
         Ok(TaskFrame { space, args, stack, pool_mark })
     }
 
+    /// Maps a stack for CPU `cpu` (≥ 1) in this space, for a task of that
+    /// CPU that shares the space (the shootdown readers, the dirty
+    /// workload's writers): 16 KiB of fresh frames from the buddy allocator
+    /// at [`user_layout::cpu_stack`]. Returns their guest-physical address
+    /// (an order-2 block, for the caller to give back).
+    ///
+    /// # Errors
+    /// [`MapError`] when frames run out.
+    pub fn map_cpu_stack(&self, k: &mut crate::Kernel, cpu: usize) -> Result<u64, MapError> {
+        let stack = k.frames_alloc(2).ok_or(MapError::OutOfFrames)?;
+        if let Err(e) = self.space.map(&mut k.mapper, user_layout::cpu_stack(cpu), stack, user_layout::STACK_PAGES * PAGE_SIZE, PageSize::Size4K, Pte::WRITABLE | Pte::NO_EXECUTE) {
+            let _ = k.buddy().free(stack, 2);
+            return Err(e);
+        }
+        Ok(stack)
+    }
+
     /// The stack's guest-physical address and length.
     pub fn stack(&self) -> (u64, u64) {
         (self.stack, user_layout::STACK_PAGES * PAGE_SIZE)
@@ -287,4 +304,9 @@ pub mod user_layout {
     pub const STACK_BOTTOM: u64 = layout::USER_STACK_TOP - layout::USER_STACK_SIZE;
     /// Pages of stack.
     pub const STACK_PAGES: u64 = layout::USER_STACK_SIZE / PAGE_SIZE;
+    /// Where CPU `cpu`'s (≥ 1) stack goes in a space several CPUs share:
+    /// from `USER_BASE + 4 MiB`, 32 KiB apart (an unmapped gap below each).
+    pub const fn cpu_stack(cpu: usize) -> u64 {
+        layout::USER_BASE + (4 << 20) + (cpu as u64 - 1) * 2 * layout::USER_STACK_SIZE
+    }
 }

@@ -27,7 +27,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use memvisor_abi::layout::{PAGE_SIZE, USER_BASE};
+use memvisor_abi::layout::{PAGE_SIZE, USER_STACK_SIZE};
 use memvisor_abi::msg::Report;
 use memvisor_abi::paging::SwapOp;
 use memvisor_abi::workload::{Event, SHOOTDOWN_SKIP_IPI, SHOOTDOWN_SKIP_LOCAL, SHOOTDOWN_USER_WRITER, SHOOTDOWN_WRITE_PROTECT, WorkloadSpec};
@@ -55,9 +55,6 @@ const FRAMES_VA: u64 = REGION_BASE + (256 << 20);
 const CONTROL_VA: u64 = REGION_BASE + (512 << 20);
 /// The region's leaf table, mapped for the ring-3 writer (`writer=user`).
 const TABLE_VA: u64 = REGION_BASE + (768 << 20);
-/// Reader `i`'s 16 KiB stack is at `READER_STACKS + (i - 1) * 32 KiB`.
-const READER_STACKS: u64 = USER_BASE + (4 << 20);
-const READER_STACK: u64 = 16 << 10;
 /// Exit statuses.
 const EXIT_BAD_WORKLOAD: u32 = 4;
 const EXIT_STALE: u32 = 6;
@@ -159,9 +156,7 @@ fn run_readers(k: &mut Kernel, spec: &WorkloadSpec) -> Result<u64, MapError> {
     let table = k.mapper.leaf_table(root, region, PageSize::Size4K, true)?.as_u64();
     let mut stacks = [0u64; memvisor_abi::smp::MAX_CPUS as usize];
     for cpu in cpus_of(readers) {
-        let stack = k.frames_alloc(2).ok_or(MapError::OutOfFrames)?;
-        stacks[cpu] = stack;
-        space.map(&mut k.mapper, reader_stack(cpu), stack, READER_STACK, PageSize::Size4K, rw)?;
+        stacks[cpu] = task.map_cpu_stack(k, cpu)?;
     }
     let args = &mut *task.args;
     args.nranges = 2;
@@ -184,7 +179,7 @@ fn run_readers(k: &mut Kernel, spec: &WorkloadSpec) -> Result<u64, MapError> {
     let control = unsafe { ControlPage::new(CONTROL_VA as *mut Control) };
     let entry = memvisor_user::shootdown::reader as *const () as usize as u64;
     for cpu in cpus_of(readers) {
-        smp::post(cpu, Task { space, entry, rsp: reader_stack(cpu) + READER_STACK - 8, arg0: user_layout::ARGS, arg1: cpu as u64 });
+        smp::post(cpu, Task { space, entry, rsp: user_layout::cpu_stack(cpu) + USER_STACK_SIZE - 8, arg0: user_layout::ARGS, arg1: cpu as u64 });
     }
     control.wait_readers(readers, 0);
     if user_writer {
@@ -258,9 +253,4 @@ fn run_readers(k: &mut Kernel, spec: &WorkloadSpec) -> Result<u64, MapError> {
     }
     task.release(k);
     Ok(stale)
-}
-
-/// Reader `cpu`'s stack (lowest address).
-fn reader_stack(cpu: usize) -> u64 {
-    READER_STACKS + (cpu as u64 - 1) * 2 * READER_STACK
 }
