@@ -154,7 +154,7 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     }
     let managed = k.buddy.managed_bytes();
     report::send(&Report::Frames { ram_bytes: frames.ram_bytes, managed_bytes: managed, free_bytes: k.buddy.free_bytes() });
-    if let Err(e) = smp::start_aps(&mut k, config.cpu_count()) {
+    if let Err(e) = smp::start_aps(&mut k, config.cpu_count(), config.tsc_khz) {
         match e {
             smp::SmpError::NoMemory => println!("guest: no arena frames to start the other CPUs"),
             smp::SmpError::Refused(cpu, status) => println!("guest: the VMM refused to start CPU {} (status {})", Dec(u64::from(cpu)), Dec(u64::from(status))),

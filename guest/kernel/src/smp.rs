@@ -11,8 +11,9 @@
 //! port. The AP comes up with the BSP's control and segment registers (and
 //! its GS base: the first thing it does is point GS at its own block),
 //! loads its own TSS ([`crate::gdt::init_ap`]), enables its local APIC,
-//! reports [`Report::CpuOnline`], marks itself online and wakes the BSP.
-//! The IDT is shared.
+//! reports [`Report::CpuOnline`] and marks itself online; the BSP spins
+//! until all are (it has no timer to end a `hlt` if one never comes). The
+//! IDT is shared.
 //!
 //! **Work.** Each AP then waits in its idle loop, `sti; hlt` with
 //! interrupts masked again before it looks at its mailbox (an interrupt
@@ -151,13 +152,19 @@ pub enum SmpError {
     Refused(u32, u32),
 }
 
-/// Starts CPUs 1 .. `cpus` and returns once all are online. With one CPU it
+/// How long the BSP waits for the APs to come up: 2 s of TSC (bring-up takes
+/// a few milliseconds here).
+const BRING_UP_MS: u64 = 2000;
+
+/// Starts CPUs 1 .. `cpus` and returns once all are online, or after
+/// [`BRING_UP_MS`] (`tsc_khz` 0: without a bound) with those that came up
+/// (the others get no work, and the console says which). With one CPU it
 /// does nothing: every SMP cost (LAPIC, IPI gates, interrupts in ring 3)
 /// is paid only by a VM that has other CPUs.
 ///
 /// # Errors
 /// [`SmpError`].
-pub fn start_aps(k: &mut Kernel, cpus: u32) -> Result<(), SmpError> {
+pub fn start_aps(k: &mut Kernel, cpus: u32, tsc_khz: u64) -> Result<(), SmpError> {
     if cpus <= 1 {
         return Ok(());
     }
@@ -202,7 +209,15 @@ pub fn start_aps(k: &mut Kernel, cpus: u32) -> Result<(), SmpError> {
         }
     }
     let all = if cpus >= 64 { u64::MAX } else { (1u64 << cpus) - 1 };
-    wait_until(|| percpu::online() & all == all);
+    // Spinning, not halting: with no timer, a `hlt` would wait for good
+    // for an AP that never comes up. A few milliseconds of ring-0 spin.
+    let (t0, limit) = (io::rdtsc(), tsc_khz.saturating_mul(BRING_UP_MS));
+    while percpu::online() & all != all && (limit == 0 || io::rdtsc().wrapping_sub(t0) < limit) {
+        core::hint::spin_loop();
+    }
+    for cpu in cpus_of(all & !percpu::online()) {
+        crate::println!("guest: CPU {} did not come up; it gets no work", crate::console::Dec(cpu as u64));
+    }
     Ok(())
 }
 
@@ -236,7 +251,6 @@ extern "C" fn ap_main(boot: *const ApBoot, cpu: u64) -> ! {
     apic::enable(SPURIOUS_VECTOR);
     report::send(&Report::CpuOnline { cpu: cpu as u32, tsc: io::rdtsc() });
     percpu::set_online();
-    apic::send_ipi(0, WAKE_VECTOR);
     idle_loop(cpu)
 }
 
