@@ -31,18 +31,20 @@ struct Run<'a> {
     seed: u64,
     buffer: u64,
     warmup: u64,
+    /// vCPUs (with more than one, every CPU writes its share of a round).
+    vcpus: u32,
 }
 
 fn check_mode(mode: DirtyMode) {
-    check(Run { mode, backing: "anon", pages: 300, rounds: 4, seed: 0x5eed, buffer: 1200, warmup: 0 });
+    check(Run { mode, backing: "anon", pages: 300, rounds: 4, seed: 0x5eed, buffer: 1200, warmup: 0, vcpus: 1 });
 }
 
 /// Runs the workload and checks every logged round; returns the report.
 fn check(run: Run<'_>) -> serde_json::Value {
-    let Run { mode, backing, pages, rounds, seed, buffer, warmup } = run;
+    let Run { mode, backing, pages, rounds, seed, buffer, warmup, vcpus } = run;
     let dir = TempDir::new("dirty-workload");
     let report_path = dir.path().join("dirty.json");
-    let r = Vmm::run_json(["--mem", "128M", "--backing", backing, "--dirty-mode", mode.as_str(), "--workload"])
+    let r = Vmm::run_json(["--mem", "128M", "--vcpus", &vcpus.to_string(), "--backing", backing, "--dirty-mode", mode.as_str(), "--workload"])
         .arg(format!("dirty:pages={pages},rounds={rounds},seed={seed},buffer={buffer},warmup={warmup}"))
         .arg("--dirty-report")
         .arg(&report_path)
@@ -104,7 +106,7 @@ fn check(run: Run<'_>) -> serde_json::Value {
 fn huge_mappings_split_under_logging(backing: &str) {
     let mode = if offered(DirtyMode::Clear) { DirtyMode::Clear } else { DirtyMode::Bitmap };
     // 2048 pages: four 2 MiB leaves; 2048 draws touch all four.
-    let report = check(Run { mode, backing, pages: 2048, rounds: 3, seed: 5, buffer: 2048, warmup: 1 });
+    let report = check(Run { mode, backing, pages: 2048, rounds: 3, seed: 5, buffer: 2048, warmup: 1, vcpus: 1 });
     let maps = report["mappings"].as_array().unwrap();
     let m2 = |m: &serde_json::Value| m["pages_2m"].as_u64().unwrap();
     let stage = |m: &serde_json::Value, s: &str| m["stage"] == s;
@@ -153,6 +155,31 @@ fn ring_harvests_never_miss_a_guest_write() {
         check_mode(DirtyMode::Ring);
     } else {
         Vmm::run_json(["--dirty-mode", "ring", "--workload", "dirty"]).output().assert_error(&["not available"]);
+    }
+}
+
+#[test]
+fn with_two_vcpus_each_has_its_own_ring_and_a_round_written_by_both_is_harvested_whole() {
+    // Both CPUs write every round (CPU c the pages i with i % 2 == c), so
+    // half of each round is only in vCPU 1's ring; the harvest, taken while
+    // vCPU 0 waits in its report and vCPU 1 keeps running, must still hold
+    // every page (checked by `check`).
+    for mode in [DirtyMode::Ring, DirtyMode::Clear] {
+        if !offered(mode) {
+            Vmm::run_json(["--vcpus", "2", "--dirty-mode", mode.as_str(), "--workload", "dirty"]).output().assert_error(&["not available"]);
+            continue;
+        }
+        let (pages, rounds) = (300, 4);
+        let report = check(Run { mode, backing: "anon", pages, rounds, seed: 0x5eed, buffer: 1200, warmup: 0, vcpus: 2 });
+        let per_vcpu: Vec<u64> = report["ring_entries_per_vcpu"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        if mode == DirtyMode::Ring {
+            assert_eq!(per_vcpu.len(), 2, "one ring per vCPU: {per_vcpu:?}");
+            // vCPU 1 wrote half of 4 rounds of ~300 distinct pages each.
+            assert!(per_vcpu[1] >= rounds * pages / 2 * 8 / 10, "vCPU 1's ring held its writes: {per_vcpu:?}");
+            assert!(per_vcpu[0] >= rounds * pages / 2 * 8 / 10, "and vCPU 0's its own: {per_vcpu:?}");
+        } else {
+            assert!(per_vcpu.is_empty(), "no rings with {mode}: {per_vcpu:?}");
+        }
     }
 }
 

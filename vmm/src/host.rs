@@ -44,6 +44,13 @@ impl TranslationMode {
     pub fn is_pvm(self) -> bool {
         self == Self::PvmShadow
     }
+
+    /// Whether KVM shadows the guest's page tables in software (PVM, or
+    /// EPT/NPT off) rather than walking them in hardware.
+    #[must_use]
+    pub fn is_shadow(self) -> bool {
+        matches!(self, Self::PvmShadow | Self::Shadow)
+    }
 }
 
 fn param_enabled(path: &Path) -> Option<bool> {

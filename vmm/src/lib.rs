@@ -36,6 +36,7 @@ pub mod restore;
 pub mod run_report;
 pub mod signals;
 pub mod size;
+pub mod smp_report;
 pub mod snapshot;
 pub mod timeline;
 pub mod translate;

@@ -109,6 +109,9 @@ pub fn to_json(outcome: &RunOutcome) -> serde_json::Value {
         "unhandled": outcome.unhandled,
         "paging_workload": crate::guest_paging::outcome_paging(outcome),
         "cow_workload": crate::guest_paging::outcome_cow(outcome),
+        "cpus": crate::smp_report::cpus(outcome),
+        "shootdown_workload": crate::smp_report::outcome_shootdown(outcome),
+        "tsc_khz": outcome.tsc_khz,
         "swap_device": outcome.swap_device,
     })
 }
@@ -225,6 +228,7 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             stat("insn_emulation")
         );
     }
+    s.push_str(&crate::smp_report::text(outcome));
     let m = &outcome.vmm_memory;
     let _ = writeln!(
         s,
@@ -316,6 +320,10 @@ pub fn to_text(outcome: &RunOutcome) -> String {
             .map(|m| format!("{}: 4K={} 2M={}", m.phase, m.pages_4k.map_or("-".into(), |v| v.to_string()), m.pages_2m.map_or("-".into(), |v| v.to_string())))
             .collect();
         let _ = writeln!(s, "  KVM mappings: {}", maps.join(" | "));
+        if !d.ring_entries_per_vcpu.is_empty() {
+            let per: Vec<String> = d.ring_entries_per_vcpu.iter().enumerate().map(|(i, n)| format!("vCPU {i}: {n}")).collect();
+            let _ = writeln!(s, "  dirty-ring entries collected: {}", per.join(", "));
+        }
         if let (Some(split), Some(recovered)) = (d.huge_split.split, d.huge_split.recovered) {
             let _ = writeln!(s, "  2 MiB mappings split by logging: {split}; back after logging: {}", if recovered { "yes" } else { "no" });
         }

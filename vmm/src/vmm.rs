@@ -82,6 +82,8 @@ pub fn boot_config(config: &VmConfig, mode: TranslationMode, idle_at_end: bool, 
         tsc_khz,
         vmm_start_tsc: 0,
         workload: config.workload.map(|w| w.spec()).unwrap_or_default(),
+        cpus: config.vcpus,
+        reserved: 0,
     }
 }
 

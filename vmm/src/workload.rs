@@ -33,19 +33,26 @@
 //! - `ticker[:secs=S,mibs=R,pages=N,fill=0|1]`: see
 //!   `memvisor_abi::workload::WorkloadKind::Ticker`; defaults 5 s, no
 //!   writes, one page, no fill.
+//! - `shootdown[:pages=N,rounds=R,mode=remap|wp,skip=0|1|2,writer=kernel|user]`:
+//!   see `memvisor_abi::workload::WorkloadKind::Shootdown`; defaults 16
+//!   pages, 200 rounds, remap, `skip=0` (full shootdowns; 1: no IPIs, the
+//!   writer flushes only its own TLB; 2: no flush at all), `writer=kernel`
+//!   (`user`: the PTE stores run natively in a ring-3 writer). Needs
+//!   `--vcpus` of 2 or more to have readers (with one CPU it runs and
+//!   reports that nothing was shot down).
 
 use std::fmt;
 use std::str::FromStr;
 
 use memvisor_abi::paging::{Pattern, Policy};
-use memvisor_abi::workload::{HostileMode, PAGING_MEASURE, PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, WorkloadKind, WorkloadSpec};
+use memvisor_abi::workload::{HostileMode, PAGING_MEASURE, PAGING_PROBE_READ_ONLY, PAGING_PROBE_WILD, SHOOTDOWN_REMAP, SHOOTDOWN_SKIP_IPI, SHOOTDOWN_SKIP_LOCAL, SHOOTDOWN_USER_WRITER, SHOOTDOWN_WRITE_PROTECT, WorkloadKind, WorkloadSpec};
 use thiserror::Error;
 
 /// A workload string that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WorkloadError {
     /// Unknown kind.
-    #[error("unknown workload {0:?}; known: dirty, checksum, balloon, balloon-hostile, paging, cow, translation, ticker")]
+    #[error("unknown workload {0:?}; known: dirty, checksum, balloon, balloon-hostile, paging, cow, translation, ticker, shootdown")]
     UnknownKind(String),
     /// A malformed or unknown parameter.
     #[error("invalid workload parameter {0:?}")]
@@ -77,6 +84,11 @@ pub const MAX_PAGING_PAGES: u64 = 4096;
 pub const MAX_PAGING_ACCESSES: u64 = 1_000_000;
 /// Most pages of a cow region (the guest's `vm::cow::MAX_PAGES`).
 pub const MAX_COW_PAGES: u64 = 512;
+/// Most pages the shootdown workload shares (the guest's `vm::shootdown::MAX_PAGES`).
+pub const MAX_SHOOTDOWN_PAGES: u64 = 64;
+/// Most rounds of the shootdown workload (the guest keeps one latency
+/// sample per round).
+pub const MAX_SHOOTDOWN_ROUNDS: u64 = 4096;
 /// Largest balloon OOM allocation: 128 blocks of 2 MiB, in 4 KiB pages.
 const MAX_OOM_PAGES: u64 = 128 * 512;
 
@@ -177,6 +189,67 @@ pub struct PagingWorkload {
     pub measure: bool,
 }
 
+/// What the shootdown workload's writer does to a page each round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShootdownMode {
+    /// Points the page at another frame (unmap and map: the old frame is
+    /// then reused).
+    Remap,
+    /// Clears the page's W bit (as fork's copy-on-write does).
+    WriteProtect,
+}
+
+impl ShootdownMode {
+    const NAMES: [(&'static str, ShootdownMode); 2] = [("remap", ShootdownMode::Remap), ("wp", ShootdownMode::WriteProtect)];
+
+    fn name(self) -> &'static str {
+        Self::NAMES.iter().find(|(_, m)| *m == self).map_or("remap", |(n, _)| n)
+    }
+}
+
+/// How much of the shootdown the writer leaves out (a teaching mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShootdownSkip {
+    /// Nothing: `invlpg` here, IPIs to the others, wait for their acks.
+    None,
+    /// The IPIs: the writer flushes only its own TLB (the classic bug).
+    Ipi,
+    /// Every flush, its own too.
+    All,
+}
+
+/// Where the shootdown workload's PTE stores run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShootdownWriter {
+    /// In the kernel, at ring 0 (emulated on KVM's PVM flavour).
+    Kernel,
+    /// In a ring-3 task through a mapping of the leaf table (native).
+    User,
+}
+
+impl ShootdownWriter {
+    const NAMES: [(&'static str, ShootdownWriter); 2] = [("kernel", ShootdownWriter::Kernel), ("user", ShootdownWriter::User)];
+
+    fn name(self) -> &'static str {
+        Self::NAMES.iter().find(|(_, m)| *m == self).map_or("kernel", |(n, _)| n)
+    }
+}
+
+/// TLB shootdown across CPUs (`WorkloadKind::Shootdown`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShootdownWorkload {
+    /// Pages the readers share.
+    pub pages: u64,
+    /// Changes the writer makes.
+    pub rounds: u64,
+    /// What a change is.
+    pub mode: ShootdownMode,
+    /// Teaching mode: what of the shootdown to leave out.
+    pub skip: ShootdownSkip,
+    /// Where the PTE stores run.
+    pub writer: ShootdownWriter,
+}
+
 /// A workload, parsed and checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
@@ -217,6 +290,8 @@ pub enum Workload {
         /// Whether it first fills the buffer with data.
         fill: bool,
     },
+    /// TLB shootdown across CPUs.
+    Shootdown(ShootdownWorkload),
 }
 
 /// `key=value` pairs of one spec, checked against the keys its kind takes.
@@ -309,9 +384,22 @@ impl FromStr for Workload {
                 }
                 Ok(Workload::Ticker { secs, mibs, pages, fill: p.flag("fill")? })
             }
+            "shootdown" => parse_shootdown(rest),
             other => Err(WorkloadError::UnknownKind(other.to_string())),
         }
     }
+}
+
+fn parse_shootdown(rest: &str) -> Result<Workload, WorkloadError> {
+    let p = Params::new("shootdown", rest, &["pages", "rounds", "mode", "skip", "writer"])?;
+    let (pages, rounds) = (p.num("pages", 16)?, p.num("rounds", 200)?);
+    if !(1..=MAX_SHOOTDOWN_PAGES).contains(&pages) || !(1..=MAX_SHOOTDOWN_ROUNDS).contains(&rounds) {
+        return Err(p.bad(format!("pages must be 1..={MAX_SHOOTDOWN_PAGES} and rounds 1..={MAX_SHOOTDOWN_ROUNDS}")));
+    }
+    let mode = p.named("mode", &ShootdownMode::NAMES, ShootdownMode::Remap)?;
+    let skip = p.named("skip", &[("0", ShootdownSkip::None), ("1", ShootdownSkip::Ipi), ("2", ShootdownSkip::All)], ShootdownSkip::None)?;
+    let writer = p.named("writer", &ShootdownWriter::NAMES, ShootdownWriter::Kernel)?;
+    Ok(Workload::Shootdown(ShootdownWorkload { pages, rounds, mode, skip, writer }))
 }
 
 fn parse_dirty(rest: &str) -> Result<Workload, WorkloadError> {
@@ -420,6 +508,19 @@ impl Workload {
             }
             Workload::Cow { pages } => (WorkloadKind::Cow, 0, &[pages]),
             Workload::Ticker { secs, mibs, pages, fill } => (WorkloadKind::Ticker, 0, &[secs, mibs, pages, u64::from(fill)]),
+            Workload::Shootdown(w) => {
+                let mode = match w.mode {
+                    ShootdownMode::Remap => SHOOTDOWN_REMAP,
+                    ShootdownMode::WriteProtect => SHOOTDOWN_WRITE_PROTECT,
+                };
+                let skip = match w.skip {
+                    ShootdownSkip::None => 0,
+                    ShootdownSkip::Ipi => SHOOTDOWN_SKIP_IPI,
+                    ShootdownSkip::All => SHOOTDOWN_SKIP_IPI | SHOOTDOWN_SKIP_LOCAL,
+                };
+                let writer = if w.writer == ShootdownWriter::User { SHOOTDOWN_USER_WRITER } else { 0 };
+                (WorkloadKind::Shootdown, skip | writer, &[w.pages, w.rounds, mode])
+            }
         };
         let mut spec = WorkloadSpec { kind: kind as u32, flags, ..WorkloadSpec::default() };
         spec.params[..params.len()].copy_from_slice(params);
@@ -438,6 +539,7 @@ impl Workload {
             Workload::Paging(_) => "paging",
             Workload::Cow { .. } => "cow",
             Workload::Ticker { .. } => "ticker",
+            Workload::Shootdown(_) => "shootdown",
         }
     }
 
@@ -475,6 +577,14 @@ impl fmt::Display for Workload {
             ),
             Workload::Cow { pages } => write!(f, "{kind}:pages={pages}"),
             Workload::Ticker { secs, mibs, pages, fill } => write!(f, "{kind}:secs={secs},mibs={mibs},pages={pages},fill={}", u8::from(fill)),
+            Workload::Shootdown(w) => {
+                let skip = match w.skip {
+                    ShootdownSkip::None => 0,
+                    ShootdownSkip::Ipi => 1,
+                    ShootdownSkip::All => 2,
+                };
+                write!(f, "{kind}:pages={},rounds={},mode={},skip={skip},writer={}", w.pages, w.rounds, w.mode.name(), w.writer.name())
+            }
         }
     }
 }
@@ -513,6 +623,8 @@ mod tests {
             "paging:policy=lru,frames=8,pattern=hotcold,probe=wild,measure=1",
             "cow:pages=9",
             "ticker:secs=3,mibs=100,pages=4096,fill=1",
+            "shootdown:pages=4,rounds=10,mode=wp,skip=1",
+            "shootdown:skip=2,writer=user",
         ] {
             let w = parse(text).unwrap();
             assert_eq!(parse(&w.to_string()).unwrap(), w, "{text} -> {w}");
@@ -588,6 +700,22 @@ mod tests {
         assert_eq!(parse("cow").unwrap(), Workload::Cow { pages: 64 });
         assert_eq!(parse("cow:pages=9").unwrap().spec().kind, WorkloadKind::Cow as u32);
         assert!(matches!(parse("cow:pages=513"), Err(WorkloadError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn shootdown_specs_parse_and_are_checked() {
+        let w = ShootdownWorkload { pages: 16, rounds: 200, mode: ShootdownMode::Remap, skip: ShootdownSkip::None, writer: ShootdownWriter::Kernel };
+        assert_eq!(parse("shootdown").unwrap(), Workload::Shootdown(w));
+        let spec = parse("shootdown:pages=8,mode=wp,skip=1").unwrap().spec();
+        assert_eq!((spec.kind, spec.flags, spec.params[0], spec.params[2]), (WorkloadKind::Shootdown as u32, SHOOTDOWN_SKIP_IPI, 8, SHOOTDOWN_WRITE_PROTECT));
+        let spec = parse("shootdown:skip=2,writer=user").unwrap().spec();
+        assert_eq!(spec.flags, SHOOTDOWN_SKIP_IPI | SHOOTDOWN_SKIP_LOCAL | SHOOTDOWN_USER_WRITER);
+        assert!(matches!(parse("shootdown:skip=3"), Err(WorkloadError::BadParam(_))));
+        assert!(matches!(parse("shootdown:writer=vmm"), Err(WorkloadError::BadParam(_))));
+        assert!(matches!(parse("shootdown:pages=0"), Err(WorkloadError::OutOfRange { .. })));
+        assert!(matches!(parse("shootdown:pages=65"), Err(WorkloadError::OutOfRange { .. })));
+        assert!(matches!(parse("shootdown:rounds=5000"), Err(WorkloadError::OutOfRange { .. })));
+        assert!(matches!(parse("shootdown:mode=unmap"), Err(WorkloadError::BadParam(_))));
     }
 
     #[test]

@@ -70,7 +70,7 @@ unsafe impl Pod for HvmMemmapEntry {}
 /// `BootConfig.magic`: "MVBC".
 pub const BOOT_CONFIG_MAGIC: u32 = u32::from_le_bytes(*b"MVBC");
 /// Bumped whenever [`BootConfig`] changes shape.
-pub const BOOT_CONFIG_VERSION: u32 = 1;
+pub const BOOT_CONFIG_VERSION: u32 = 2;
 
 /// [`BootConfig::flags`]: after its workloads the guest idles (`hlt`) instead
 /// of exiting, because a control socket may still send it work.
@@ -100,9 +100,14 @@ pub struct BootConfig {
     pub vmm_start_tsc: u64,
     /// The workload to run after the self-test.
     pub workload: WorkloadSpec,
+    /// vCPUs the VM has (1 ..= [`crate::smp::MAX_CPUS`]; 0 reads as 1):
+    /// the guest starts CPUs 1 .. `cpus` ([`crate::smp`]). Added in version 2.
+    pub cpus: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 // SAFETY: repr(C), integer fields only (WorkloadSpec is Pod), no padding:
-// 4*4 + 8*2 + 64 bytes.
+// 4*4 + 8*2 + 64 + 4*2 bytes.
 unsafe impl Pod for BootConfig {}
 
 impl BootConfig {
@@ -110,6 +115,13 @@ impl BootConfig {
     #[must_use]
     pub fn is_valid(&self) -> bool {
         self.magic == BOOT_CONFIG_MAGIC && self.version == BOOT_CONFIG_VERSION
+    }
+
+    /// The CPUs to run on: [`BootConfig::cpus`] clamped to
+    /// 1 ..= [`crate::smp::MAX_CPUS`].
+    #[must_use]
+    pub fn cpu_count(&self) -> u32 {
+        self.cpus.clamp(1, crate::smp::MAX_CPUS)
     }
 }
 
@@ -121,7 +133,7 @@ mod tests {
     fn structs_have_their_abi_sizes() {
         assert_eq!(size_of::<HvmStartInfo>(), 56);
         assert_eq!(size_of::<HvmMemmapEntry>(), 24);
-        assert_eq!(size_of::<BootConfig>(), 32 + size_of::<WorkloadSpec>());
+        assert_eq!(size_of::<BootConfig>(), 32 + size_of::<WorkloadSpec>() + 8);
     }
 
     #[test]
@@ -131,5 +143,11 @@ mod tests {
         assert_eq!(back, c);
         assert!(back.is_valid());
         assert!(BootConfig::from_bytes(&[0u8; 3]).is_none());
+    }
+
+    #[test]
+    fn cpu_count_is_clamped_to_what_the_guest_supports() {
+        let c = |cpus| BootConfig { cpus, ..Default::default() }.cpu_count();
+        assert_eq!((c(0), c(1), c(4), c(64), c(1000)), (1, 1, 4, 64, 64));
     }
 }

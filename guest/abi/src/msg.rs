@@ -46,6 +46,10 @@ pub enum MsgKind {
     Idle = 6,
     /// A workload event ([`crate::workload::Event`]).
     Workload = 7,
+    /// An application processor came up ([`crate::smp`]).
+    CpuOnline = 8,
+    /// One CPU's figures, sent by the boot CPU before the guest ends.
+    CpuStats = 9,
 }
 
 /// Self-test checks ([`Report::Check`]).
@@ -155,11 +159,45 @@ pub enum Report {
         /// Second value.
         b: u64,
     },
+    /// See [`MsgKind::CpuOnline`].
+    CpuOnline {
+        /// The CPU's index (its vCPU id and APIC id).
+        cpu: u32,
+        /// Its TSC when it reached its idle loop.
+        tsc: u64,
+    },
+    /// See [`MsgKind::CpuStats`].
+    CpuStats {
+        /// The CPU.
+        cpu: u32,
+        /// The figures.
+        stats: CpuStats,
+    },
     /// See [`MsgKind::Idle`]. `status` is what the guest would have exited with.
     Idle {
         /// The would-be exit status.
         status: u32,
     },
+}
+
+/// One CPU's counters ([`Report::CpuStats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuStats {
+    /// Ring-3 tasks the CPU ran.
+    pub tasks: u64,
+    /// TSC ticks it spent in them (entry to exit, kernel time in their
+    /// traps included).
+    pub task_tsc: u64,
+    /// Bytes the self-test's RAM task verified on this CPU.
+    pub selftest_bytes: u64,
+    /// Inter-processor interrupts it took (wake-ups and shootdowns).
+    pub ipis_received: u64,
+    /// TLB shootdown requests it carried out and acknowledged.
+    pub shootdowns_acked: u64,
+    /// TLB shootdowns it started (each waits for every target's ack).
+    pub shootdowns_sent: u64,
+    /// Inter-processor interrupts it sent.
+    pub ipis_sent: u64,
 }
 
 /// Why a [`Message`] could not be decoded.
@@ -210,6 +248,16 @@ impl Report {
                 m.kind = MsgKind::Idle as u32;
                 m.arg = status;
             }
+            Report::CpuOnline { cpu, tsc } => {
+                m.kind = MsgKind::CpuOnline as u32;
+                m.arg = cpu;
+                m.data[0] = tsc;
+            }
+            Report::CpuStats { cpu, stats: s } => {
+                m.kind = MsgKind::CpuStats as u32;
+                m.arg = cpu;
+                m.data = [s.tasks, s.task_tsc, s.selftest_bytes, s.ipis_received, s.shootdowns_acked, s.shootdowns_sent, s.ipis_sent];
+            }
         }
         m
     }
@@ -239,6 +287,17 @@ impl Report {
             k if k == MsgKind::PageTables as u32 => Report::PageTables { table_pages: d[0], leaves: [d[1], d[2], d[3]] },
             k if k == MsgKind::Frames as u32 => Report::Frames { ram_bytes: d[0], managed_bytes: d[1], free_bytes: d[2] },
             k if k == MsgKind::Idle as u32 => Report::Idle { status: m.arg },
+            k if k == MsgKind::CpuOnline as u32 || k == MsgKind::CpuStats as u32 => {
+                if m.arg >= crate::smp::MAX_CPUS {
+                    return Err(DecodeError::BadField("cpu"));
+                }
+                if k == MsgKind::CpuOnline as u32 {
+                    Report::CpuOnline { cpu: m.arg, tsc: d[0] }
+                } else {
+                    let stats = CpuStats { tasks: d[0], task_tsc: d[1], selftest_bytes: d[2], ipis_received: d[3], shootdowns_acked: d[4], shootdowns_sent: d[5], ipis_sent: d[6] };
+                    Report::CpuStats { cpu: m.arg, stats }
+                }
+            }
             k if k == MsgKind::Workload as u32 => Report::Workload {
                 event: crate::workload::Event::from_raw(m.arg).ok_or(DecodeError::BadField("workload event"))?,
                 a: d[0],
@@ -263,6 +322,8 @@ mod tests {
             Report::Frames { ram_bytes: 1, managed_bytes: 2, free_bytes: 3 },
             Report::Idle { status: 3 },
             Report::Workload { event: crate::workload::Event::Checksum, a: 1, b: 2 },
+            Report::CpuOnline { cpu: 3, tsc: 99 },
+            Report::CpuStats { cpu: 1, stats: CpuStats { tasks: 1, task_tsc: 2, selftest_bytes: 3, ipis_received: 4, shootdowns_acked: 5, shootdowns_sent: 6, ipis_sent: 7 } },
         ];
         for r in reports {
             let m = r.encode();
@@ -279,5 +340,7 @@ mod tests {
         assert_eq!(Report::decode(&m), Err(DecodeError::BadField("check id")));
         let m = Message { kind: MsgKind::Ready as u32, arg: 13, ..Default::default() };
         assert!(Report::decode(&m).is_err());
+        let m = Message { kind: MsgKind::CpuStats as u32, arg: crate::smp::MAX_CPUS, ..Default::default() };
+        assert_eq!(Report::decode(&m), Err(DecodeError::BadField("cpu")));
     }
 }

@@ -60,6 +60,20 @@ pub enum WorkloadKind {
     /// after allocating that many pages once the first inflate is done,
     /// deflating on OOM as needed ([`Event::BalloonOomDeflated`]).
     Balloon = 10,
+    /// TLB shootdown (`shootdown:pages=N,rounds=R,mode=remap|wp,skip=0|1|2,writer=kernel|user`):
+    /// `params` = [pages, rounds, mode ([`SHOOTDOWN_REMAP`] or
+    /// [`SHOOTDOWN_WRITE_PROTECT`])]; `flags`: [`SHOOTDOWN_SKIP_IPI`] leaves
+    /// the other CPUs' TLBs alone, [`SHOOTDOWN_SKIP_LOCAL`] the writer's own
+    /// too (teaching modes: the stale translations they allow are what the
+    /// shootdown prevents), [`SHOOTDOWN_USER_WRITER`] makes the PTE stores
+    /// from ring 3 through a mapping of the leaf table. Every other CPU
+    /// runs a ring-3 reader over `pages` shared pages while the boot CPU
+    /// changes one page per round (points it at another frame, or takes
+    /// away write access) and shoots it down; after each change the readers
+    /// check what they see. Reports one [`Event::ShootdownSample`] per round
+    /// and, per reader, [`Event::ShootdownReader`] and
+    /// [`Event::ShootdownStale`].
+    Shootdown = 41,
     /// Feeds the balloon one kind of hostile input (`balloon-hostile:mode=M`):
     /// `params` = [[`HostileMode`] as `u64`]. Reports
     /// [`Event::BalloonHostileDone`] and ends.
@@ -154,6 +168,21 @@ pub const PAGING_PROBE_WILD: u32 = 2;
 /// [`Event::PagingZeroCost`]).
 pub const PAGING_MEASURE: u32 = 4;
 
+/// [`WorkloadKind::Shootdown`] `params[2]`: point the page at another frame.
+pub const SHOOTDOWN_REMAP: u64 = 0;
+/// [`WorkloadKind::Shootdown`] `params[2]`: clear the page's W bit.
+pub const SHOOTDOWN_WRITE_PROTECT: u64 = 1;
+/// [`WorkloadSpec::flags`] of [`WorkloadKind::Shootdown`]: change the PTE
+/// but do not tell the other CPUs (no IPI).
+pub const SHOOTDOWN_SKIP_IPI: u32 = 1;
+/// [`WorkloadSpec::flags`] of [`WorkloadKind::Shootdown`]: nor flush the
+/// writer's own TLB (with [`SHOOTDOWN_SKIP_IPI`]).
+pub const SHOOTDOWN_SKIP_LOCAL: u32 = 2;
+/// [`WorkloadSpec::flags`] of [`WorkloadKind::Shootdown`]: the writer is a
+/// ring-3 task whose PTE stores run natively (on a host that emulates the
+/// guest's ring 0, the kernel's own stores never do).
+pub const SHOOTDOWN_USER_WRITER: u32 = 4;
+
 impl WorkloadKind {
     /// Decodes a raw kind, `None` for unknown values.
     #[must_use]
@@ -168,6 +197,7 @@ impl WorkloadKind {
             30 => Some(Self::Paging),
             31 => Some(Self::Cow),
             40 => Some(Self::Ticker),
+            41 => Some(Self::Shootdown),
             _ => None,
         }
     }
@@ -259,6 +289,16 @@ pub enum Event {
     ClockGap = 50,
     /// The ticker ended: a = page writes made, b = nanoseconds it ran.
     TickerDone = 51,
+    /// Shootdown: one round's change: a = TSC ticks from the PTE store to
+    /// the last acknowledgement (0 without a shootdown), b = CPUs
+    /// interrupted (0 when skipped).
+    ShootdownSample = 60,
+    /// Shootdown: a reader's checks: a = its CPU, b = checks made after a
+    /// change was published.
+    ShootdownReader = 61,
+    /// Shootdown: a = reader CPU, b = checks that saw the translation from
+    /// before the change (a stale TLB entry).
+    ShootdownStale = 62,
 }
 
 impl Event {
@@ -294,6 +334,9 @@ impl Event {
             Self::CowStackCopies,
             Self::ClockGap,
             Self::TickerDone,
+            Self::ShootdownSample,
+            Self::ShootdownReader,
+            Self::ShootdownStale,
         ]
         .into_iter()
         .find(|e| *e as u32 == raw)
@@ -361,5 +404,7 @@ mod tests {
         assert_eq!(WorkloadKind::from_raw(31), Some(WorkloadKind::Cow));
         assert_eq!(Event::from_raw(37), Some(Event::CowCopies));
         assert_eq!(Event::from_raw(40), Some(Event::CowStackCopies));
+        assert_eq!(WorkloadKind::from_raw(40), Some(WorkloadKind::Shootdown));
+        assert_eq!(Event::from_raw(52), Some(Event::ShootdownStale));
     }
 }

@@ -13,7 +13,18 @@ use core::fmt;
 
 use memvisor_abi::ports::COM1;
 
+use memvisor_guest_mm::sync::{SpinGuard, SpinLock};
+
 use crate::io::outb;
+
+/// One CPU prints at a time, a whole `print!` at once, so lines from
+/// several CPUs do not interleave byte by byte.
+static LOCK: SpinLock<()> = SpinLock::new(());
+
+/// Holds the console for one `print!` ([`crate::print`] takes it).
+pub fn lock() -> SpinGuard<'static, ()> {
+    LOCK.lock()
+}
 
 /// A `core::fmt::Write` sink for the console.
 pub struct Console;
@@ -35,6 +46,7 @@ impl fmt::Write for Console {
 macro_rules! print {
     ($($arg:tt)*) => {{
         use core::fmt::Write as _;
+        let _held = $crate::console::lock();
         let _ = write!($crate::console::Console, $($arg)*);
     }};
 }
@@ -45,6 +57,7 @@ macro_rules! println {
     () => { $crate::print!("\n") };
     ($($arg:tt)*) => {{
         use core::fmt::Write as _;
+        let _held = $crate::console::lock();
         let _ = writeln!($crate::console::Console, $($arg)*);
     }};
 }

@@ -30,6 +30,9 @@ pub fn kernel_image() -> (u64, u64) {
     (&raw const __kernel_start as u64, &raw const __kernel_end as u64)
 }
 
+/// Pool frames each application processor's stacks take ([`crate::smp`]).
+pub const AP_STACK_FRAMES: u64 = 12;
+
 /// End of what the boot page tables identity-map (boot.rs: 512 × 2 MiB).
 const BOOT_MAP_END: u64 = 1 << 30;
 
@@ -62,6 +65,18 @@ impl TablePool {
     pub fn release_to(&mut self, mark: u64) {
         self.dirty_end = self.dirty_end.max(self.next);
         self.next = mark.min(self.next);
+    }
+
+    /// `frames` consecutive fresh frames (zero unless given back before),
+    /// for memory the kernel keeps for good (stacks).
+    pub fn alloc_contiguous(&mut self, frames: u64) -> Option<u64> {
+        let start = self.next;
+        let end = start.checked_add(frames * PAGE_SIZE)?;
+        if end > self.end {
+            return None;
+        }
+        self.next = end;
+        Some(start)
     }
 
     /// Frames left.
@@ -121,7 +136,9 @@ pub struct Frames {
 pub fn init(info: &BootInfo) -> Result<Frames, FramesError> {
     let image = kernel_image();
     let image = (image.0, image.1.next_multiple_of(PAGE_SIZE));
-    let plan = plan::plan_arena(info.ram(), image.1).ok_or(FramesError::NoRoomForArena)?;
+    // The application processors' stacks come from the pool (crate::smp).
+    let ap_frames = u64::from(info.config.cpu_count() - 1) * AP_STACK_FRAMES;
+    let plan = plan::plan_arena(info.ram(), image.1, ap_frames).ok_or(FramesError::NoRoomForArena)?;
     // The arena is written before the switch to the kernel's own tables,
     // through the boot tables, which map the first 1 GiB (boot.rs).
     if plan.end > BOOT_MAP_END {

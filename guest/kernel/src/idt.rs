@@ -82,14 +82,15 @@ trap_common:
     iretq
 
     // `syscall` (SDM Vol. 2B): RIP in rcx, RFLAGS in r11, still on the user
-    // stack. Build the frame an interrupt would have pushed, on a kernel
-    // stack, and share the path above; iretq returns to ring 3.
+    // stack. Build the frame an interrupt would have pushed, on this CPU's
+    // kernel stack for it (GS is the kernel's: crate::percpu), and share
+    // the path above; iretq returns to ring 3.
     .global syscall_entry
 syscall_entry:
-    mov [rip + {scratch}], rsp
-    lea rsp, [rip + SYSCALL_STACK + {stack_size}]
+    mov gs:[{user_rsp}], rsp
+    mov rsp, gs:[{stack_top}]
     push {user_ss}
-    push [rip + {scratch}]
+    push gs:[{user_rsp}]
     push r11
     push {user_cs}
     push rcx
@@ -97,15 +98,12 @@ syscall_entry:
     push {mark}
     jmp trap_common
     "#,
-    scratch = sym SYSCALL_USER_RSP,
-    stack_size = const 16 * 1024,
+    user_rsp = const crate::percpu::offsets::SYSCALL_USER_RSP,
+    stack_top = const crate::percpu::offsets::SYSCALL_STACK_TOP,
     user_ss = const crate::gdt::USER_DS as u64,
     user_cs = const crate::gdt::USER_CS as u64,
     mark = const SYSCALL_MARK,
 );
-
-/// The user RSP while the `syscall` stub switches stacks.
-static mut SYSCALL_USER_RSP: u64 = 0;
 
 unsafe extern "C" {
     fn trap_de();
@@ -171,6 +169,21 @@ pub unsafe fn init() {
     unsafe { asm!("lidt [{}]", in(reg) &raw const ptr, options(readonly, nostack, preserves_flags)) };
 }
 
+/// Writes the gate of `vector` in the loaded IDT: an interrupt gate (IF
+/// cleared on entry) to `handler` at DPL 0 on IST slot `ist`. Used for the
+/// interrupt vectors the kernel enables later (inter-processor interrupts,
+/// the balloon's).
+///
+/// # Safety
+/// At ring 0 with interrupts off, before `vector` can be raised; `handler`
+/// must be an interrupt entry stub that ends in `iretq`.
+pub unsafe fn set_gate(vector: u8, handler: u64, ist: u8) {
+    let idt = &raw mut IDT;
+    // SAFETY: vector < 256; the caller guarantees nothing takes this
+    // vector while the gate is written.
+    unsafe { (*idt).0[usize::from(vector)] = gate(handler, 0, ist) };
+}
+
 /// Makes the CPU triple-fault: an empty IDT, then an invalid opcode. #UD
 /// finds no gate (#GP), which finds none (#DF), which finds none: shutdown.
 /// The command-line test hook `memvisor.test=triple-fault` uses it so the
@@ -181,11 +194,12 @@ pub fn triple_fault() -> ! {
     unsafe { asm!("lidt [{}]", "ud2", in(reg) &raw const ptr, options(noreturn, nostack)) }
 }
 
-/// Sets up `syscall`: EFER.SCE, STAR, LSTAR (the entry stub above) and
-/// FMASK (SDM Vol. 2B, SYSCALL; Vol. 4 for the MSR numbers).
+/// Sets up `syscall` on this CPU: EFER.SCE, STAR, LSTAR (the entry stub
+/// above) and FMASK (SDM Vol. 2B, SYSCALL; Vol. 4 for the MSR numbers).
 ///
 /// # Safety
-/// Call once at ring 0 after the GDT is loaded.
+/// Call once per CPU at ring 0 after the GDT and its per-CPU block
+/// (`crate::percpu::init`) are set up.
 pub unsafe fn enable_syscall() {
     const EFER: u32 = 0xc000_0080;
     const STAR: u32 = 0xc000_0081;

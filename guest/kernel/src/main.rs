@@ -13,6 +13,7 @@
 #![no_std]
 #![no_main]
 
+mod apic;
 mod boot;
 mod bootinfo;
 mod console;
@@ -24,10 +25,13 @@ mod gdt;
 mod idt;
 mod io;
 mod paging;
+mod percpu;
 mod report;
 mod rt;
 mod selftest;
+mod smp;
 mod task;
+mod tlb;
 mod trap;
 mod translation;
 mod vm;
@@ -86,6 +90,9 @@ impl Kernel {
 /// page tables, on the boot stack, with the start-info address.
 #[unsafe(no_mangle)]
 pub extern "C" fn kernel_main(start_info: u64) -> ! {
+    // SAFETY: the boot CPU, first thing: reports go out of its per-CPU block.
+    unsafe { percpu::init(0, gdt::boot_syscall_stack_top()) };
+    percpu::set_online();
     report::send(&Report::Hello { tsc: io::rdtsc() });
     // SAFETY: start_info is what the PVH entry got in ebx; the boot tables
     // identity-map the low memory it and its data are in.
@@ -147,6 +154,13 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     }
     let managed = k.buddy.managed_bytes();
     report::send(&Report::Frames { ram_bytes: frames.ram_bytes, managed_bytes: managed, free_bytes: k.buddy.free_bytes() });
+    if let Err(e) = smp::start_aps(&mut k, config.cpu_count(), config.tsc_khz) {
+        match e {
+            smp::SmpError::NoMemory => println!("guest: no arena frames to start the other CPUs"),
+            smp::SmpError::Refused(cpu, status) => println!("guest: the VMM refused to start CPU {} (status {})", Dec(u64::from(cpu)), Dec(u64::from(status))),
+        }
+        report::exit(EXIT_SETUP_FAILED)
+    }
     let status = if config.flags & FLAG_SKIP_SELFTEST != 0 {
         EXIT_OK
     } else {
@@ -166,6 +180,7 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     } else {
         status
     };
+    smp::report_stats();
     let stats = k.mapper.stats;
     report::send(&Report::PageTables { table_pages: stats.table_pages, leaves: stats.leaves });
     if config.flags & FLAG_SKIP_SELFTEST == 0 && config.tsc_khz != 0 {

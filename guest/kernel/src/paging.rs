@@ -128,3 +128,16 @@ pub fn plant_bad_entries(m: &mut KernelMapper, root: PhysAddr) {
     t[BAD_SLOT_OUTSIDE_RAM] = memvisor_abi::layout::MMIO_HOLE_START | Pte::PRESENT | Pte::WRITABLE;
     t[BAD_SLOT_RESERVED] = root.as_u64() | Pte::PRESENT | Pte::WRITABLE | Pte::HUGE;
 }
+
+/// Maps the 4 KiB MMIO page at physical `addr` at the same virtual address
+/// in the kernel's tables (slot 0, so every task's space sees it too),
+/// supervisor-only, uncached; a page mapped already is fine.
+///
+/// # Errors
+/// [`MapError`] when the pool runs out.
+pub fn map_mmio(m: &mut KernelMapper, root: PhysAddr, addr: u64) -> Result<(), MapError> {
+    match m.map_range(root, va(addr), pa(addr), PAGE_SIZE, PageSize::Size4K, Pte::WRITABLE | Pte::NO_EXECUTE | Pte::CACHE_DISABLE) {
+        Ok(()) | Err(MapError::AlreadyMapped(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

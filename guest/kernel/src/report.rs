@@ -1,20 +1,19 @@
 //! Sending [`memvisor_abi::msg::Report`]s to the VMM.
 
-use memvisor_abi::msg::{Message, Report};
+use memvisor_abi::msg::Report;
 use memvisor_abi::ports::{DEBUG_EXIT, MESSAGE};
 
 use crate::io::outl;
+use crate::percpu;
 
-/// The message being sent. One buffer suffices: the kernel is single-threaded
-/// and the VMM has read the message when `out` returns.
-static mut OUTBOX: Message = Message { kind: 0, arg: 0, data: [0; 7] };
-
-/// Sends one report to the VMM.
+/// Sends one report to the VMM, from this CPU's own outbox (so CPUs report
+/// without a lock: the VMM has read the message when `out` returns).
 pub fn send(report: &Report) {
-    let ptr = &raw mut OUTBOX;
-    // SAFETY: single-threaded kernel, no interrupts while writing; the
-    // pointer is to a static. The kernel is identity-mapped and below 4 GiB,
-    // so its virtual address is the guest-physical address the VMM reads.
+    let ptr = percpu::this().outbox.get();
+    // SAFETY: only this CPU touches its outbox, and never from an interrupt
+    // handler (none sends reports); the kernel is identity-mapped and below
+    // 4 GiB, so the outbox's virtual address is the guest-physical address
+    // the VMM reads.
     unsafe { ptr.write_volatile(report.encode()) };
     outl(MESSAGE, ptr as usize as u32);
 }

@@ -6,7 +6,6 @@
 
 use core::panic::PanicInfo;
 
-use crate::println;
 
 /// # Safety
 /// `dest` and `src` must be valid for `n` bytes and must not overlap.
@@ -98,10 +97,13 @@ pub extern "C" fn rust_eh_personality() {}
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
     // Not `{info}`: the location's line number would go through core's
-    // SSE decimal formatter (see console.rs).
-    match info.location() {
-        Some(l) => println!("guest panic at {}:{}", l.file(), crate::console::Dec(u64::from(l.line()))),
-        None => println!("guest panic"),
-    }
+    // SSE decimal formatter (see console.rs). Not `println!` either: this
+    // CPU may hold the console lock already.
+    use core::fmt::Write as _;
+    let mut c = crate::console::Console;
+    let _ = match info.location() {
+        Some(l) => writeln!(c, "guest panic at {}:{}", l.file(), crate::console::Dec(u64::from(l.line()))),
+        None => writeln!(c, "guest panic"),
+    };
     crate::report::exit(0xdead)
 }

@@ -20,12 +20,15 @@
 //! call that exists today, exit, never returns.
 
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use memvisor_abi::layout::{self, PAGE_SIZE};
 use memvisor_guest_mm::paging::{FrameMemory, MapError, PageSize, PageTableEntry as Pte, PhysAddr, VirtAddr};
 
-use crate::cpu;
+use memvisor_abi::smp::MAX_CPUS;
+
 use crate::gdt::{USER_CS, USER_DS};
+use crate::{cpu, percpu};
 use crate::paging::{KERNEL_SLOTS, KernelMapper};
 
 /// How a task ended.
@@ -118,29 +121,57 @@ impl TaskFrame {
         Ok(TaskFrame { space, args, stack, pool_mark })
     }
 
+    /// Maps a stack for CPU `cpu` (≥ 1) in this space, for a task of that
+    /// CPU that shares the space (the shootdown readers, the dirty
+    /// workload's writers): 16 KiB of fresh frames from the buddy allocator
+    /// at [`user_layout::cpu_stack`]. Returns their guest-physical address
+    /// (an order-2 block, for the caller to give back).
+    ///
+    /// # Errors
+    /// [`MapError`] when frames run out.
+    pub fn map_cpu_stack(&self, k: &mut crate::Kernel, cpu: usize) -> Result<u64, MapError> {
+        let stack = k.frames_alloc(2).ok_or(MapError::OutOfFrames)?;
+        if let Err(e) = self.space.map(&mut k.mapper, user_layout::cpu_stack(cpu), stack, user_layout::STACK_PAGES * PAGE_SIZE, PageSize::Size4K, Pte::WRITABLE | Pte::NO_EXECUTE) {
+            let _ = k.buddy().free(stack, 2);
+            return Err(e);
+        }
+        Ok(stack)
+    }
+
     /// The stack's guest-physical address and length.
     pub fn stack(&self) -> (u64, u64) {
         (self.stack, user_layout::STACK_PAGES * PAGE_SIZE)
     }
 
-    /// Gives back the stack and the table frames.
+    /// Gives back the stack and the table frames, once no CPU can still
+    /// use a translation of the space ([`crate::tlb::shootdown_space`]:
+    /// with one CPU, or when none runs in it, that costs nothing).
     pub fn release(self, k: &mut crate::Kernel) {
+        crate::tlb::shootdown_space_remote(self.space.root.as_u64());
         let _ = k.buddy().free(self.stack, 2);
         k.mapper.frames.release_to(self.pool_mark);
     }
 }
 
-/// The kernel's PML4, restored when a task ends.
-static mut KERNEL_ROOT: u64 = 0;
-/// The kernel stack pointer saved by `task_enter`.
+/// The kernel's PML4, restored when a task ends (the same on every CPU;
+/// written once at boot, before any task or other CPU runs).
+static KERNEL_ROOT: AtomicU64 = AtomicU64::new(0);
+/// RFLAGS a task starts with: IF clear with one CPU (nothing interrupts
+/// ring 3), IF set once other CPUs are up, so a CPU running a task takes
+/// TLB shootdown interrupts ([`crate::tlb`]). Read by `task_enter`.
 #[unsafe(no_mangle)]
-static mut TASK_KERNEL_RSP: u64 = 0;
-/// How the running task ended, written before switching back.
-static mut LAST_EXIT: TaskExit = TaskExit::Exited(0);
+static TASK_USER_RFLAGS: AtomicU64 = AtomicU64::new(RFLAGS_RESERVED);
+/// How the task running on each CPU ended, written before switching back.
+static mut LAST_EXIT: [TaskExit; MAX_CPUS as usize] = [TaskExit::Exited(0); MAX_CPUS as usize];
+
+/// RFLAGS bit 1 reads as one (SDM Vol. 1 §3.4.3); bit 9 is IF.
+const RFLAGS_RESERVED: u64 = 0x2;
+const RFLAGS_IF: u64 = 0x200;
 
 // task_enter(rip, rsp, cr3, arg0, arg1): saves the callee-saved registers
-// and the stack pointer, switches to the task's tables and irets to ring 3
-// with IF=0. It "returns" when task_resume_kernel restores that stack.
+// and the stack pointer (in this CPU's block, crate::percpu), switches to
+// the task's tables and irets to ring 3 with TASK_USER_RFLAGS. It "returns"
+// when task_resume_kernel restores that stack.
 global_asm!(
     r#"
     .global task_enter
@@ -151,11 +182,11 @@ task_enter:
     push r13
     push r14
     push r15
-    mov [rip + TASK_KERNEL_RSP], rsp
+    mov gs:[{kernel_rsp}], rsp
     mov cr3, rdx
     push {user_ss}
     push rsi
-    push 0x2
+    push [rip + TASK_USER_RFLAGS]
     push {user_cs}
     push rdi
     mov rdi, rcx
@@ -177,7 +208,7 @@ task_enter:
 
     .global task_resume_kernel
 task_resume_kernel:
-    mov rsp, [rip + TASK_KERNEL_RSP]
+    mov rsp, gs:[{kernel_rsp}]
     pop r15
     pop r14
     pop r13
@@ -188,6 +219,7 @@ task_resume_kernel:
     "#,
     user_ss = const USER_DS as u64,
     user_cs = const USER_CS as u64,
+    kernel_rsp = const percpu::offsets::TASK_KERNEL_RSP,
 );
 
 unsafe extern "C" {
@@ -197,31 +229,66 @@ unsafe extern "C" {
 
 /// Remembers the kernel's root for the switch back from tasks.
 pub fn set_kernel_root(root: PhysAddr) {
-    // SAFETY: single-threaded; written once at boot before any task runs.
-    unsafe { KERNEL_ROOT = root.as_u64() };
+    KERNEL_ROOT.store(root.as_u64(), Ordering::Release);
+}
+
+/// Lets tasks take interrupts (set once other CPUs are up).
+pub fn set_user_interrupts(on: bool) {
+    TASK_USER_RFLAGS.store(if on { RFLAGS_RESERVED | RFLAGS_IF } else { RFLAGS_RESERVED }, Ordering::Release);
+}
+
+/// Records that this CPU now runs in `root` (0: the kernel's), before it
+/// loads that CR3. `xchg`: a full barrier, which [`crate::tlb::shootdown`]
+/// relies on (a CPU entering a space either is seen by a concurrent
+/// shootdown or walks the tables after its PTE store).
+pub fn set_current_root(root: u64) {
+    percpu::this().current_root.swap(root, Ordering::AcqRel);
+}
+
+/// Switches this CPU into `space` at ring 0 (a kernel thread working on a
+/// task's memory, as the shootdown workload's writer does), recording it
+/// for TLB shootdowns; [`leave_space`] switches back.
+pub fn enter_space(space: &AddressSpace) {
+    set_current_root(space.root.as_u64());
+    // SAFETY: every task space maps the kernel's slots.
+    unsafe { cpu::write_cr3(space.root.as_u64()) };
+}
+
+/// Back to the kernel's own tables after [`enter_space`].
+pub fn leave_space() {
+    // SAFETY: the kernel root maps everything the kernel runs.
+    unsafe { cpu::write_cr3(KERNEL_ROOT.load(Ordering::Acquire)) };
+    set_current_root(0);
 }
 
 /// Runs a task in `space` from `entry` with `rsp`, passing `arg0`/`arg1`
 /// in rdi/rsi, until it exits or faults.
 pub fn run(space: &AddressSpace, entry: u64, rsp: u64, arg0: u64, arg1: u64) -> TaskExit {
+    let here = percpu::this();
+    let t0 = crate::io::rdtsc();
+    set_current_root(space.root.as_u64());
     // SAFETY: the address space maps the kernel's slots (so the code after
     // the CR3 switch keeps running) and the task's entry and stack; the
     // task comes back only through task_resume_kernel, which restores the
     // registers task_enter saved.
-    unsafe {
+    let exit = unsafe {
         task_enter(entry, rsp, space.root.as_u64(), arg0, arg1);
-        LAST_EXIT
-    }
+        (&raw const LAST_EXIT).cast::<TaskExit>().add(percpu::index()).read()
+    };
+    percpu::bump(&here.tasks, 1);
+    percpu::bump(&here.task_tsc, crate::io::rdtsc().wrapping_sub(t0));
+    exit
 }
 
 /// Ends the running task: back to the kernel stack [`run`] saved, which
 /// returns `exit`.
 pub fn end_task(exit: TaskExit) -> ! {
-    // SAFETY: single-threaded; the kernel root maps everything the kernel
-    // runs; task_resume_kernel returns into `run`.
+    // SAFETY: this CPU's own slot; the kernel root maps everything the
+    // kernel runs; task_resume_kernel returns into `run`.
     unsafe {
-        LAST_EXIT = exit;
-        cpu::write_cr3(KERNEL_ROOT);
+        (&raw mut LAST_EXIT).cast::<TaskExit>().add(percpu::index()).write(exit);
+        cpu::write_cr3(KERNEL_ROOT.load(Ordering::Acquire));
+        set_current_root(0);
         task_resume_kernel()
     }
 }
@@ -237,4 +304,9 @@ pub mod user_layout {
     pub const STACK_BOTTOM: u64 = layout::USER_STACK_TOP - layout::USER_STACK_SIZE;
     /// Pages of stack.
     pub const STACK_PAGES: u64 = layout::USER_STACK_SIZE / PAGE_SIZE;
+    /// Where CPU `cpu`'s (≥ 1) stack goes in a space several CPUs share:
+    /// from `USER_BASE + 4 MiB`, 32 KiB apart (an unmapped gap below each).
+    pub const fn cpu_stack(cpu: usize) -> u64 {
+        layout::USER_BASE + (4 << 20) + (cpu as u64 - 1) * 2 * layout::USER_STACK_SIZE
+    }
 }

@@ -6,6 +6,7 @@
 //! guest kernel plugs in its real memory; the unit tests plug in a fake one;
 //! the VMM can reuse [`paging::walk`] to decode a guest's translations,
 //! and [`replace::Sim`] to predict what the guest's page replacement does.
+//! [`sync`] holds the spinlock and CPU sets the kernel shares between CPUs.
 #![no_std]
 
 pub mod buddy;
@@ -13,3 +14,4 @@ pub mod fault;
 pub mod paging;
 pub mod plan;
 pub mod replace;
+pub mod sync;

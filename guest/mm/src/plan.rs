@@ -9,8 +9,9 @@
 //!
 //! The arena holds one [`crate::buddy::FrameMeta`] per frame up to the end of
 //! RAM, then a pool of page-table frames big enough to map all RAM twice
-//! with 4 KiB leaves (a direct map and a task window), rounded up to 2 MiB
-//! so the kernel can map it with 2 MiB leaves.
+//! with 4 KiB leaves (a direct map and a task window) plus the frames its
+//! caller asks for (the application processors' stacks), rounded up to
+//! 2 MiB so the kernel can map it with 2 MiB leaves.
 
 use crate::buddy::{FRAME_SIZE, FrameMeta};
 
@@ -32,16 +33,17 @@ pub struct ArenaPlan {
 }
 
 /// Plans the arena right after the kernel image (`image_end`), for RAM
-/// `ram` (`[start, end)` ranges); `None` when no RAM range holds it.
+/// `ram` (`[start, end)` ranges), with `extra_frames` more pool frames;
+/// `None` when no RAM range holds it.
 #[must_use]
-pub fn plan_arena(ram: &[(u64, u64)], image_end: u64) -> Option<ArenaPlan> {
+pub fn plan_arena(ram: &[(u64, u64)], image_end: u64, extra_frames: u64) -> Option<ArenaPlan> {
     let ram_end = ram.iter().map(|r| r.1).max()?;
     let frames = ram_end / FRAME_SIZE;
     let meta_bytes = (frames * FrameMeta::SIZE as u64).next_multiple_of(FRAME_SIZE);
     let ram_pages: u64 = ram.iter().map(|(s, e)| e.saturating_sub(*s) / FRAME_SIZE).sum();
     // One PT per 2 MiB and one PD per 1 GiB, twice, plus slack for the
     // kernel's own tables and small task mappings.
-    let pool_frames = 2 * (ram_pages.div_ceil(512) + ram_pages.div_ceil(512 * 512)) + 64;
+    let pool_frames = 2 * (ram_pages.div_ceil(512) + ram_pages.div_ceil(512 * 512)) + 64 + extra_frames;
     let start = image_end.next_multiple_of(SIZE_2M);
     let end = (start + meta_bytes + pool_frames * FRAME_SIZE).next_multiple_of(SIZE_2M);
     let fits = ram.iter().any(|(s, e)| *s <= start && end <= *e);
@@ -71,7 +73,7 @@ mod tests {
     #[test]
     fn arena_follows_the_image_on_a_2m_boundary() {
         let ram = [(0, 0x9fc00), (MIB, 256 * MIB)];
-        let p = plan_arena(&ram, 0x12f000).unwrap();
+        let p = plan_arena(&ram, 0x12f000, 0).unwrap();
         assert_eq!(p.start, 2 * MIB);
         assert_eq!(p.end % (2 * MIB), 0);
         assert_eq!(p.frames, 256 * MIB / FRAME_SIZE);
@@ -84,15 +86,24 @@ mod tests {
     fn arena_covers_the_hole_in_its_metadata_and_stays_small() {
         // 5 GiB split around the 3 GiB..4 GiB MMIO hole.
         let ram = [(0, 0x9fc00), (MIB, 3 * GIB), (4 * GIB, 6 * GIB)];
-        let p = plan_arena(&ram, 0x12f000).unwrap();
+        let p = plan_arena(&ram, 0x12f000, 0).unwrap();
         assert_eq!(p.frames, 6 * GIB / FRAME_SIZE);
         assert!(p.end < 64 * MIB, "arena {:#x}", p.end);
     }
 
     #[test]
+    fn extra_frames_grow_the_pool() {
+        let ram = [(0, 0x9fc00), (MIB, 256 * MIB)];
+        let (a, b) = (plan_arena(&ram, 0x12f000, 0).unwrap(), plan_arena(&ram, 0x12f000, 63 * 12).unwrap());
+        assert_eq!(a.pool_start, b.pool_start);
+        assert!((b.end - b.pool_start) - (a.end - a.pool_start) >= 63 * 12 * FRAME_SIZE - 2 * MIB);
+        assert!((b.end - b.pool_start) / FRAME_SIZE >= 2 * 129 + 64 + 63 * 12);
+    }
+
+    #[test]
     fn no_arena_when_ram_is_too_small() {
-        assert_eq!(plan_arena(&[(0, 0x9fc00), (MIB, 3 * MIB)], 0x12f000), None);
-        assert_eq!(plan_arena(&[], 0x12f000), None);
+        assert_eq!(plan_arena(&[(0, 0x9fc00), (MIB, 3 * MIB)], 0x12f000, 0), None);
+        assert_eq!(plan_arena(&[], 0x12f000, 0), None);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod balloon;
 pub mod entry;
 pub mod paging;
 pub mod pattern;
+pub mod shootdown;
 pub mod sys;
 pub mod translation;
 pub mod versioned;

@@ -21,6 +21,26 @@ pub const SYS_FORK: u64 = 2;
 /// forked child); returns 0, at once when there is no other task.
 pub const SYS_YIELD: u64 = 3;
 
+/// TLB shootdown of one page of the caller's address space (the
+/// shootdown workload's ring-3 writer): `rdi` = the page, `rsi` nonzero to
+/// flush only the calling CPU. Returns the CPUs interrupted.
+pub const SYS_SHOOTDOWN: u64 = 4;
+
+/// Asks the kernel to shoot down `va` ([`SYS_SHOOTDOWN`]), or with
+/// `local_only` just to flush it here; the CPUs it interrupted.
+#[inline(always)]
+pub fn shootdown(va: u64, local_only: bool, syscall_insn: bool) -> u64 {
+    let r: u64;
+    if syscall_insn {
+        // SAFETY: as in `event`.
+        unsafe { asm!("syscall", inout("rax") SYS_SHOOTDOWN => r, in("rdi") va, in("rsi") u64::from(local_only), out("rcx") _, out("r11") _, options(nostack)) };
+    } else {
+        // SAFETY: as in `event`.
+        unsafe { asm!("int3", inout("rax") SYS_SHOOTDOWN => r, in("rdi") va, in("rsi") u64::from(local_only), options(nostack)) };
+    }
+    r
+}
+
 /// A system call with no arguments; returns `rax`.
 #[inline(always)]
 fn call0(number: u64, syscall_insn: bool) -> u64 {

@@ -9,16 +9,26 @@ use crate::args::TaskArgs;
 use crate::sys::{event, exit};
 use crate::versioned::{self, PAGE_WORDS};
 
-/// Dirty rounds: `params` = [pages per round, rounds, seed]; `ranges[0]`
-/// is the buffer. In round `r`, writes one word to page
-/// [`dirty_page`]`(seed, r, i, buffer pages)` for each `i`, then reports
+/// Dirty rounds: `params` = [pages per round, rounds, seed, CPUs, sync
+/// page]; `ranges[0]` is the buffer; `cpu` (in `rsi`) is this task's CPU.
+/// In round `r`, page [`dirty_page`]`(seed, r, i, buffer pages)` gets one
+/// word written for each `i`, then CPU 0's task reports
 /// [`Event::RoundDone`] (the VMM harvests before the call returns).
 ///
+/// With several CPUs (`params[3]` > 1) every CPU's task runs this in one
+/// address space and writes the pages with `i % CPUs == cpu`, so each
+/// round's writes land in every vCPU's dirty ring; the sync page (word 0:
+/// the round CPU 0 has released, word `8 + c`: the rounds CPU `c` has
+/// finished) keeps the rounds in step: CPU 0 reports a round once every
+/// CPU finished it, and the others start the next one only after that
+/// report returned, so no write of round `r + 1` lands before round `r`'s
+/// harvest.
+///
 /// # Safety
-/// Entered only by the kernel, with `args` valid and `ranges[0]` the
-/// task's own writable buffer.
+/// Entered only by the kernel, with `args` valid, `ranges[0]` the task's
+/// own writable buffer and, with several CPUs, `params[4]` its sync page.
 #[inline(never)]
-pub unsafe extern "C" fn dirty_rounds(args: *const TaskArgs) -> ! {
+pub unsafe extern "C" fn dirty_rounds(args: *const TaskArgs, cpu: u64) -> ! {
     // SAFETY: the kernel passes a valid, mapped argument block.
     let a = unsafe { &*args };
     let sys = a.syscall_insn != 0;
@@ -27,26 +37,60 @@ pub unsafe extern "C" fn dirty_rounds(args: *const TaskArgs) -> ! {
     // SAFETY: as above.
     let buffer_pages = unsafe { (*a.ranges.as_ptr()).len } / 4096;
     let (pages, rounds, seed) = (a.params[0], a.params[1], a.params[2]);
+    let (cpus, sync) = (a.params[3].clamp(1, 64), a.params[4] as *mut u64);
+    // Words of the sync page (single aligned volatile accesses; `c` < 64).
+    let released = || -> u64 {
+        // SAFETY: with several CPUs the kernel maps the sync page RW.
+        unsafe { sync.read_volatile() }
+    };
+    let finished = |c: u64| -> u64 {
+        // SAFETY: as above; word 8 + c < 512.
+        unsafe { sync.add(8 + c as usize).read_volatile() }
+    };
     let mut r = 0;
     while r < rounds {
+        while cpus > 1 && cpu != 0 && released() < r {
+            core::hint::spin_loop();
+        }
         let start = rdtsc();
-        let mut i = 0;
+        let mut i = cpu;
         while i < pages {
             let p = dirty_page(seed, r, i, buffer_pages);
             // SAFETY: p < buffer_pages, so the word is inside the buffer.
             unsafe { buf.add((p * PAGE_WORDS + r % PAGE_WORDS) as usize).write_volatile(r ^ i) };
-            i += 1;
+            i += cpus;
         }
-        event(Event::RoundDone as u64, r, rdtsc().wrapping_sub(start), sys);
+        if cpus > 1 {
+            // SAFETY: as for `finished`.
+            unsafe { sync.add(8 + cpu as usize).write_volatile(r + 1) };
+            if cpu == 0 {
+                let mut c = 1;
+                while c < cpus {
+                    while finished(c) <= r {
+                        core::hint::spin_loop();
+                    }
+                    c += 1;
+                }
+            }
+        }
+        if cpu == 0 {
+            event(Event::RoundDone as u64, r, rdtsc().wrapping_sub(start), sys);
+            if cpus > 1 {
+                // SAFETY: as for `released`.
+                unsafe { sync.write_volatile(r + 1) };
+            }
+        }
         r += 1;
     }
-    // Touch every buffer page once more after logging ended, so the VMM's
-    // last look at KVM's mappings shows whether large ones came back.
-    let mut p = 0;
-    while p < buffer_pages {
-        // SAFETY: p < buffer_pages.
-        unsafe { buf.add((p * PAGE_WORDS) as usize).write_volatile(p) };
-        p += 1;
+    if cpu == 0 {
+        // Touch every buffer page once more after logging ended, so the
+        // VMM's last look at KVM's mappings shows whether large ones came back.
+        let mut p = 0;
+        while p < buffer_pages {
+            // SAFETY: p < buffer_pages.
+            unsafe { buf.add((p * PAGE_WORDS) as usize).write_volatile(p) };
+            p += 1;
+        }
     }
     exit(0, sys)
 }

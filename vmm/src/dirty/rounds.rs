@@ -147,6 +147,9 @@ pub struct DirtyReport {
     pub mappings: Vec<MappingSample>,
     /// What logging did to 2 MiB mappings.
     pub huge_split: HugeSplit,
+    /// Dirty-ring entries collected from each vCPU's ring, in vCPU order
+    /// (empty for the bitmap mechanisms).
+    pub ring_entries_per_vcpu: Vec<u64>,
 }
 
 /// Follows a dirty workload's events.
@@ -301,6 +304,7 @@ impl DirtyRounds {
             buffer_pfn: self.buffer.map_or(0, |b| b.0),
             rounds: self.rounds.clone(),
             huge_split: huge_split(&self.mappings),
+            ring_entries_per_vcpu: Vec::new(),
             mappings: self.mappings.clone(),
         }
     }

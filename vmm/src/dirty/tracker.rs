@@ -128,6 +128,9 @@ pub struct DirtyTracker {
     initially_set: bool,
     slots: Vec<SlotState>,
     rings: Vec<DirtyRing>,
+    /// Entries collected from each ring so far (index: the vCPU's, rings
+    /// being attached in vCPU order).
+    ring_entries: Vec<u64>,
     scratch: Vec<RingEntry>,
     /// Reused buffers for the VMM's writes, one per slot.
     vmm_scratch: Vec<vmm_writes::SparseWords>,
@@ -182,7 +185,7 @@ impl DirtyTracker {
                 }
             })
             .collect();
-        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), scratch: Vec::new(), vmm_scratch: Vec::new(), bad_ring_entries: 0, ring_overflowed: false, empty_full_exits: 0, logging: false, generation: 0 })
+        Ok(DirtyTracker { mode, caps, ring_bytes, initially_set, slots, rings: Vec::new(), ring_entries: Vec::new(), scratch: Vec::new(), vmm_scratch: Vec::new(), bad_ring_entries: 0, ring_overflowed: false, empty_full_exits: 0, logging: false, generation: 0 })
     }
 
     /// The mechanism in use.
@@ -210,6 +213,7 @@ impl DirtyTracker {
     pub fn attach_vcpu(&mut self, vcpu: &VcpuFd, index: usize) -> Result<(), DirtyError> {
         if self.mode == DirtyMode::Ring {
             self.rings.push(DirtyRing::map(vcpu, index, self.ring_bytes)?);
+            self.ring_entries.push(0);
         }
         Ok(())
     }
@@ -290,6 +294,17 @@ impl DirtyTracker {
         self.slots.iter().all(|s| s.logging)
     }
 
+    /// Entries collected from each vCPU's dirty ring so far, in vCPU order
+    /// (empty unless the mechanism is the ring). Every vCPU has its own
+    /// ring (`attach_vcpu`); a harvest drains them all while the other
+    /// vCPUs keep running (KVM's ring protocol lets the VMM collect
+    /// published entries of a running vCPU; KVM_RESET_DIRTY_RINGS re-arms
+    /// the collected ones VM-wide).
+    #[must_use]
+    pub fn ring_entries(&self) -> &[u64] {
+        &self.ring_entries
+    }
+
     /// Whether logging is on.
     #[must_use]
     pub fn logging(&self) -> bool {
@@ -341,8 +356,9 @@ impl DirtyTracker {
         let slots = &mut self.slots;
         // Entries come in runs from the same slot: remember the last one.
         let mut last = 0usize;
-        for r in &mut self.rings {
+        for (r, total) in self.rings.iter_mut().zip(self.ring_entries.iter_mut()) {
             let got = r.drain(|batch| bad += note_ring_entries(slots, &mut last, batch));
+            *total += got as u64;
             // KVM exits with KVM_EXIT_DIRTY_RING_FULL while some reserved
             // entries are still free, so a correct ring is never found
             // completely full. A full one means KVM kept pushing past the
@@ -369,8 +385,8 @@ impl DirtyTracker {
         match self.mode {
             DirtyMode::Ring => {
                 self.scratch.clear();
-                for r in &mut self.rings {
-                    r.harvest(&mut self.scratch);
+                for (r, total) in self.rings.iter_mut().zip(self.ring_entries.iter_mut()) {
+                    *total += r.harvest(&mut self.scratch) as u64;
                 }
                 if !self.scratch.is_empty() {
                     log::reset_rings(vm)?;

@@ -188,6 +188,7 @@ impl Machine {
         let fds = self.parked_vcpus();
         let kvm_stats = kvm_stats::collect(self.vm.kvm(), self.vm.fd(), &fds);
         let kvm_mappings = report::kvm_mappings(&kvm_stats, self.mode);
+        let tsc_khz = fds.first().and_then(|v| v.get_tsc_khz().ok()).map_or(0, u64::from);
         let memory = report::regions(self.vm.ram())?;
         let log = std::mem::take(&mut self.log);
         let (bad_messages, timings) = (log.bad, log.timings.clone());
@@ -205,6 +206,7 @@ impl Machine {
             unhandled: self.devices.unhandled().clone(),
             swap_device: self.devices.swap.stats(),
             translation_mode: self.mode,
+            tsc_khz,
             translations: Vec::new(),
             translation_probe: None,
             boot_phases: timeline::take_marks(),

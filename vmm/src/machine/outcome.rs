@@ -74,6 +74,9 @@ pub struct RunOutcome {
     pub swap_device: crate::devices::swap::SwapStats,
     /// How the host translates guest-physical addresses.
     pub translation_mode: TranslationMode,
+    /// The guest's TSC frequency in kHz (KVM_GET_TSC_KHZ; 0 when unknown),
+    /// to convert the guest's TSC times.
+    pub tsc_khz: u64,
     /// `--translate` explanations, in the order asked.
     pub translations: Vec<crate::translate::ReadyTranslation>,
     /// The translation workload's phases and KVM statistic deltas, when it ran.

@@ -33,6 +33,8 @@ impl RunObserver for DirtyObserver {
 
     fn finish(mut self: Box<Self>, guest: &mut GuestContext<'_>, outcome: &mut RunOutcome) {
         self.0.finish();
-        outcome.dirty = Some(self.0.report(guest.tracker.as_deref().map_or(DirtyMode::Bitmap, DirtyTracker::mode)));
+        let mut report = self.0.report(guest.tracker.as_deref().map_or(DirtyMode::Bitmap, DirtyTracker::mode));
+        report.ring_entries_per_vcpu = guest.tracker.as_deref().map(|t| t.ring_entries().to_vec()).unwrap_or_default();
+        outcome.dirty = Some(report);
     }
 }

@@ -289,6 +289,13 @@ impl Balloon {
 
     /// Takes up to `want` pages (one step) from the allocator into the
     /// balloon; returns how many.
+    ///
+    /// No CPU can still reach these frames through a stale translation when
+    /// the host takes them: a frame reaches the buddy allocator only after
+    /// every user mapping of it was shot down (`TaskFrame::release`, which
+    /// also ends the verifying tasks that touched deflated pages, and the
+    /// pager's evictions: `crate::tlb`), and the kernel's direct map, which
+    /// still maps them, is never used for ballooned frames.
     pub fn inflate_step(&mut self, k: &mut Kernel, want: u64) -> u64 {
         let cap = want.min(STEP_PAGES);
         let mut runs = [(0u64, 0u64); STEP_BLOCKS];

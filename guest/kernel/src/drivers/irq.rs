@@ -11,25 +11,15 @@
 
 use core::arch::{asm, global_asm};
 
-use memvisor_abi::layout::{IOAPIC_BASE, LAPIC_BASE, PAGE_SIZE};
-use memvisor_guest_mm::paging::{MapError, PageSize, PageTableEntry as Pte, PhysAddr, VirtAddr};
+use memvisor_abi::layout::{IOAPIC_BASE, LAPIC_BASE};
 
 use super::virtio_mmio::SetupError;
 use crate::Kernel;
-use crate::gdt::KERNEL_CS;
 
 /// The balloon's interrupt vector (above the 32 exception vectors).
 pub const VECTOR: u8 = 0x30;
 /// The LAPIC's spurious-interrupt vector (same stub; it only EOIs).
 const SPURIOUS: u8 = 0x31;
-/// LAPIC registers (SDM Vol. 3A §11.4.1, Table 11-1).
-const LAPIC_EOI: u64 = 0xb0;
-const LAPIC_SVR: u64 = 0xf0;
-const LAPIC_LVT_LINT0: u64 = 0x350;
-const LAPIC_LVT_LINT1: u64 = 0x360;
-/// SVR bit 8: APIC software enable; LVT bit 16: masked.
-const SVR_ENABLE: u32 = 1 << 8;
-const LVT_MASKED: u32 = 1 << 16;
 /// IOAPIC index/data registers and the first redirection entry
 /// (82093AA datasheet §3.1, §3.2.4).
 const IOREGSEL: u64 = 0x00;
@@ -50,7 +40,7 @@ balloon_irq_entry:
     pop rax
     iretq
     "#,
-    eoi = const LAPIC_BASE + LAPIC_EOI,
+    eoi = const crate::apic::EOI_ADDR,
 );
 
 unsafe extern "C" {
@@ -58,12 +48,7 @@ unsafe extern "C" {
 }
 
 fn map_uncached(k: &mut Kernel, addr: u64) -> Result<(), SetupError> {
-    let va = VirtAddr::new(addr).ok_or(SetupError::NoMemory)?;
-    let pa = PhysAddr::new(addr).ok_or(SetupError::NoMemory)?;
-    match k.mapper.map_range(k.root, va, pa, PAGE_SIZE, PageSize::Size4K, Pte::WRITABLE | Pte::NO_EXECUTE | Pte::CACHE_DISABLE) {
-        Ok(()) | Err(MapError::AlreadyMapped(_)) => Ok(()),
-        Err(_) => Err(SetupError::NoMemory),
-    }
+    crate::paging::map_mmio(&mut k.mapper, k.root, addr).map_err(|_| SetupError::NoMemory)
 }
 
 fn write32(addr: u64, v: u32) {
@@ -76,23 +61,12 @@ fn read32(addr: u64) -> u32 {
     unsafe { (addr as *const u32).read_volatile() }
 }
 
-/// Writes the interrupt gate for `vector` into the loaded IDT (read back
-/// with `sidt`; SDM Vol. 3A §6.14.1 for the gate layout: present, DPL 0,
-/// type 0xE, no IST).
 fn set_gate(vector: u8, handler: u64) {
-    let mut idtr = [0u8; 10];
-    // SAFETY: sidt stores 10 bytes into the buffer.
-    unsafe { asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack, preserves_flags)) };
-    let mut base = [0u8; 8];
-    base.copy_from_slice(&idtr[2..10]);
-    let gate = (u64::from_le_bytes(base) + 16 * u64::from(vector)) as *mut u64;
-    let low = (handler & 0xffff) | (u64::from(KERNEL_CS) << 16) | (0x8e << 40) | (((handler >> 16) & 0xffff) << 48);
-    // SAFETY: the IDT is the kernel's static table (identity-mapped RW data),
-    // 256 gates long; the kernel is single-threaded and IF is clear.
-    unsafe {
-        gate.write_volatile(low);
-        gate.add(1).write_volatile(handler >> 32);
-    }
+    // SAFETY: interrupts are off and nothing routes `vector` yet; the
+    // handler EOIs and returns with iretq. IST 0: the interrupt arrives
+    // only in the driver's `wait` (or in ring 3, onto RSP0), never on the
+    // stack of code that uses the red zone.
+    unsafe { crate::idt::set_gate(vector, handler, 0) };
 }
 
 /// Routes `gsi`, the balloon's, to [`VECTOR`] on this CPU.
@@ -115,9 +89,7 @@ pub fn enable(k: &mut Kernel, gsi: u32) -> Result<(), SetupError> {
     set_gate(SPURIOUS, handler);
     crate::io::outb(PIC1_DATA, 0xff);
     crate::io::outb(PIC2_DATA, 0xff);
-    write32(LAPIC_BASE + LAPIC_LVT_LINT0, LVT_MASKED);
-    write32(LAPIC_BASE + LAPIC_LVT_LINT1, LVT_MASKED);
-    write32(LAPIC_BASE + LAPIC_SVR, SVR_ENABLE | u32::from(SPURIOUS));
+    crate::apic::enable(SPURIOUS);
     // Low word: vector, fixed delivery, physical destination, edge, active
     // high, unmasked; high word: destination APIC 0.
     let index = IOREDTBL + 2 * gsi;

@@ -11,7 +11,8 @@
 //! region pages and the stack — copy-on-write: it makes each PTE read-only
 //! with the software COW bit, copies it into the child's table and counts
 //! the frame twice; the parent's PTEs are `invlpg`-ed, since the parent
-//! keeps running in that address space. (The child's own stack frames,
+//! keeps running in that address space (and shot down on any other CPU
+//! running in it, `crate::tlb`). (The child's own stack frames,
 //! allocated with its page tables, are then unused until both tasks end.)
 //! The argument page and the ring-3 code are read-only and already the
 //! same in both. A write to a COW page faults (present, write): if its
@@ -37,7 +38,7 @@ use memvisor_user::args::Range;
 use memvisor_user::sys::{SYS_EXIT, SYS_FORK, SYS_YIELD};
 
 use super::swapdev;
-use super::{Active, REGION_BASE, invlpg, page_index, region_page, report_fatal, set_active};
+use super::{Active, REGION_BASE, flush_page, page_index, region_page, report_fatal, set_active};
 use crate::Kernel;
 use crate::console::Dec;
 use crate::trap::TrapFrame;
@@ -192,7 +193,7 @@ impl Cow {
         if kind == FaultKind::CopyOnWrite {
             // The read-only translation may be cached; a not-present one
             // never is (SDM Vol. 3A §4.10.2).
-            invlpg(page.va());
+            flush_page(self.tasks[self.current].root, page.va());
         }
         true
     }
@@ -217,8 +218,11 @@ impl Cow {
                 let f = self.frame_index(e);
                 self.refs[f] += 1;
             }
-            invlpg(page.va());
+            crate::tlb::invlpg(page.va());
         }
+        // One shootdown for all of them on the other CPUs that may run in
+        // the parent's space (none today: the pair runs on one CPU).
+        crate::tlb::shootdown_space_remote(self.tasks[0].root);
         let mut child = *frame;
         child.rax = 0;
         self.tasks[1].saved = Some(child);
@@ -233,6 +237,7 @@ impl Cow {
         let Some(next) = self.tasks[other].saved.filter(|_| self.tasks[other].alive) else { return false };
         self.tasks[self.current].saved = keep_current.then_some(*frame);
         *frame = next;
+        crate::task::set_current_root(self.tasks[other].root);
         // SAFETY: every task's PML4 shares the kernel's slots, so the
         // handler keeps running; the trap returns into that task.
         unsafe { crate::cpu::write_cr3(self.tasks[other].root) };

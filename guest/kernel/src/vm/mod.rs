@@ -12,15 +12,17 @@
 //! minor (first touch, zero frame), major (read back from swap),
 //! copy-on-write, protection (reported, task killed) or invalid (reported,
 //! task killed). Every PTE the kernel clears or restricts while its
-//! address space is live is followed by `invlpg`: on this project's host
-//! shadow paging would hide a missing one, on hardware a stale TLB entry
-//! would let the task keep using an evicted frame.
+//! address space is live is followed by a flush on every CPU that may hold
+//! it ([`flush_page`]: `invlpg` here, a shootdown IPI elsewhere): on
+//! hardware a stale TLB entry would let the task keep using an evicted
+//! frame. [`shootdown`] is the workload that shows it across CPUs.
 
 pub mod cow;
 pub mod pager;
+pub mod shootdown;
 pub mod swapdev;
 
-use core::arch::asm;
+use core::sync::atomic::{AtomicU8, Ordering};
 
 use memvisor_abi::layout::{PAGE_SIZE, USER_HEAP_BASE};
 use memvisor_abi::msg::Report;
@@ -35,21 +37,32 @@ pub const REGION_BASE: u64 = USER_HEAP_BASE;
 /// Which workload owns ring-3 faults now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Active {
-    None,
-    Paging,
-    Cow,
+    None = 0,
+    Paging = 1,
+    Cow = 2,
+    /// The shootdown workload: its readers' faults, on every CPU.
+    Shootdown = 3,
 }
 
-static mut ACTIVE: Active = Active::None;
+/// The active workload. The paging and cow workloads run one task on the
+/// boot CPU while the other CPUs idle with no task (`crate::smp` posts
+/// tasks only for the self-test and the shootdown workload), so only the
+/// shootdown workload's faults come from other CPUs.
+static ACTIVE: AtomicU8 = AtomicU8::new(Active::None as u8);
 
 fn set_active(a: Active) {
-    // SAFETY: single-threaded kernel; written only outside traps.
-    unsafe { ACTIVE = a };
+    ACTIVE.store(a as u8, Ordering::Release);
 }
 
+/// The active workload.
+#[inline(always)]
 fn active() -> Active {
-    // SAFETY: as above.
-    unsafe { ACTIVE }
+    match ACTIVE.load(Ordering::Acquire) {
+        1 => Active::Paging,
+        2 => Active::Cow,
+        3 => Active::Shootdown,
+        _ => Active::None,
+    }
 }
 
 /// Page faults the kernel resolved since boot: `(major, minor)`. Major:
@@ -75,11 +88,12 @@ pub fn fault_counts() -> (u64, u64) {
     unsafe { *f }
 }
 
-/// Invalidates the TLB entry for `va` (SDM Vol. 2A, INVLPG).
+/// Drops the translation of `va` in the address space `root`, on every CPU
+/// that may cache it (this one with `invlpg`, others by IPI: see
+/// [`crate::tlb`]; with one CPU only the `invlpg`).
 #[inline(always)]
-pub fn invlpg(va: u64) {
-    // SAFETY: invlpg only drops a TLB entry.
-    unsafe { asm!("invlpg [{}]", in(reg) va, options(nostack, preserves_flags)) };
+pub fn flush_page(root: u64, va: u64) {
+    crate::tlb::shootdown(root, va, 1);
 }
 
 /// The page of the `pages`-page range at `base` that `va` falls in, if any.
@@ -109,6 +123,7 @@ pub fn page_fault(frame: &mut TrapFrame) -> bool {
         Active::None => false,
         Active::Paging => pager::page_fault(frame),
         Active::Cow => cow::page_fault(frame),
+        Active::Shootdown => shootdown::page_fault(frame),
     }
 }
 
@@ -116,6 +131,7 @@ pub fn page_fault(frame: &mut TrapFrame) -> bool {
 pub fn syscall(frame: &mut TrapFrame) -> bool {
     match active() {
         Active::Cow => cow::syscall(frame),
+        Active::Shootdown => shootdown::syscall(frame),
         Active::None | Active::Paging => false,
     }
 }

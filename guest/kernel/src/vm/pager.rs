@@ -4,14 +4,15 @@
 //! tables but no leaves. A fault on a region page takes a frame from a pool
 //! of `frames` frames: a never-used one while any is left (fresh RAM is
 //! zero), else the policy's victim ([`memvisor_guest_mm::replace`]), whose
-//! PTE is cleared and `invlpg`-ed and whose data goes to swap only when its
+//! PTE is cleared and flushed (`invlpg`, and a shootdown of any other CPU
+//! in the space: `crate::tlb`) and whose data goes to swap only when its
 //! D bit says it was written since it was loaded. The faulting page is then
 //! read back from swap (major fault, it was written back before), or zeroed
 //! (minor fault in a recycled frame; the swap device does the zeroing), and
 //! mapped. Swap slot = page index: every page has its own slot, so a page's
 //! swap copy stays valid while the page is resident and clean.
 //!
-//! The Accessed bits the policies read are cleared with an `invlpg` each,
+//! The Accessed bits the policies read are cleared with a flush each,
 //! so the next access sets them again even on a CPU whose TLB still held
 //! the translation.
 
@@ -25,7 +26,7 @@ use memvisor_guest_mm::replace::Replacer;
 use memvisor_user::args::Range;
 
 use super::swapdev::{self, SwapIoError};
-use super::{Active, REGION_BASE, invlpg, region_page, report_fatal, set_active};
+use super::{Active, REGION_BASE, flush_page, region_page, report_fatal, set_active};
 use crate::Kernel;
 use crate::console::Dec;
 use crate::trap::{PAGE_FAULT, TrapFrame};
@@ -62,6 +63,8 @@ struct Stats {
 
 /// The state of one run.
 struct Pager {
+    /// The task's address space (its PML4).
+    root: u64,
     pages: u64,
     /// Guest-physical address of frame 0 (the pool is contiguous).
     pool: u64,
@@ -112,7 +115,7 @@ impl Pager {
 
     /// Resolves a fault on region page `p`.
     fn load(&mut self, p: u64, major: bool) -> Result<(), SwapIoError> {
-        let tables = self.tables;
+        let (tables, root) = (self.tables, self.root);
         // Reads and clears the A bit of the page in frame f.
         let test_and_clear = |f: usize| {
             let page = owner()[f];
@@ -129,7 +132,7 @@ impl Pager {
                 }
                 pte.write_volatile(e & !Pte::ACCESSED);
             }
-            invlpg(REGION_BASE + u64::from(page) * PAGE_SIZE);
+            flush_page(root, REGION_BASE + u64::from(page) * PAGE_SIZE);
             true
         };
         self.replacer.tick(test_and_clear);
@@ -140,7 +143,9 @@ impl Pager {
             let pte = self.pte(old);
             // SAFETY: as above; the page leaves the address space here.
             let e = unsafe { pte.replace(0) };
-            invlpg(REGION_BASE + old * PAGE_SIZE);
+            // Every CPU drops the old translation before the frame is
+            // written to swap and reused.
+            flush_page(root, REGION_BASE + old * PAGE_SIZE);
             self.stats.evictions += 1;
             if e & Pte::DIRTY != 0 {
                 swapdev::request(SwapOp::Write, pa, old)?;
@@ -290,7 +295,7 @@ fn run_task(k: &mut Kernel, policy: Policy, frames: u64, pages: u64, params: [u6
     let replacer = Replacer::new(policy, age, loaded);
     let slot = &raw mut PAGER;
     // SAFETY: as above.
-    unsafe { *slot = Some(Pager { pages, pool, tables, replacer, stats: Stats::default() }) };
+    unsafe { *slot = Some(Pager { root: root.as_u64(), pages, pool, tables, replacer, stats: Stats::default() }) };
     set_active(Active::Paging);
     let entry = memvisor_user::paging::paging_access as *const () as usize as u64;
     let exit = task::run(&task.space, entry, memvisor_abi::layout::USER_STACK_TOP - 8, user_layout::ARGS, 0);

@@ -12,10 +12,7 @@ use memvisor_abi::paging::{SWAP_STATUS_OK, SWAP_STATUS_PENDING, SwapOp, SwapRequ
 use memvisor_abi::ports::SWAP;
 
 use crate::io::outl;
-
-/// The request being performed. One suffices: the kernel is
-/// single-threaded and the VMM is done with it when `out` returns.
-static mut REQUEST: SwapRequest = SwapRequest { op: 0, status: 0, gpa: 0, slot: 0 };
+use crate::percpu;
 
 /// The VMM refused a request (bad frame, slot or operation) or did not
 /// answer (no swap device).
@@ -28,10 +25,12 @@ pub struct SwapIoError;
 /// # Errors
 /// [`SwapIoError`].
 pub fn request(op: SwapOp, gpa: u64, slot: u64) -> Result<(), SwapIoError> {
-    let r = &raw mut REQUEST;
-    // SAFETY: single-threaded kernel, interrupts off; a static the kernel's
-    // identity map covers below 4 GiB, so its address is the guest-physical
-    // address the VMM reads and writes.
+    // Each CPU has its own request (in its per-CPU block), so CPUs need no
+    // lock: the VMM is done with it when `out` returns.
+    let r = percpu::this().swap.get();
+    // SAFETY: this CPU's own request, never touched by an interrupt
+    // handler; a static the kernel's identity map covers below 4 GiB, so
+    // its address is the guest-physical address the VMM reads and writes.
     unsafe { r.write_volatile(SwapRequest { op: op as u32, status: SWAP_STATUS_PENDING, gpa, slot }) };
     outl(SWAP, r as usize as u32);
     // SAFETY: as above; the VMM wrote the status during the `out`.
