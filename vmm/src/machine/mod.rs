@@ -80,6 +80,15 @@ pub struct Machine {
     end: Option<Result<u32, VmmError>>,
 }
 
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // The balloon's release thread holds guest RAM by address: it is
+        // drained and joined here, before `vm` (declared earlier, so
+        // dropped earlier) unmaps the RAM.
+        self.devices.balloon = None;
+    }
+}
+
 impl Machine {
     /// A machine of `vm` with `vcpus` (index order; vCPU 0 first), ready to
     /// [`drive`](Self::drive).
@@ -118,6 +127,17 @@ impl Machine {
     #[must_use]
     pub fn parked_vcpus(&self) -> Vec<&VcpuFd> {
         self.vcpus.iter().flatten().collect()
+    }
+
+    /// Waits until no device changes guest memory behind the vCPUs' backs
+    /// (the balloon's queued releases, `devices::virtio::balloon::worker`).
+    /// Call it with every vCPU parked before reading guest memory for a
+    /// snapshot or a migration: then the pages the balloon says it
+    /// released are released, and nothing else changes until a vCPU runs.
+    pub fn settle_devices(&self) {
+        if let Some(b) = &self.devices.balloon {
+            b.device.finish_releases();
+        }
     }
 
     /// Ends the run with `result` unless it has ended already.
@@ -185,6 +205,8 @@ impl Machine {
 
     /// The outcome of a run that ended with `exit_status`.
     fn outcome(mut self, exit_status: u32) -> Result<RunOutcome, VmmError> {
+        // The report counts releases made, not queued.
+        self.settle_devices();
         let fds = self.parked_vcpus();
         let kvm_stats = kvm_stats::collect(self.vm.kvm(), self.vm.fd(), &fds);
         let kvm_mappings = report::kvm_mappings(&kvm_stats, self.mode);
@@ -254,6 +276,7 @@ impl Machine {
         &mut self,
         f: impl FnOnce(&crate::snapshot::Live<'_>, &mut DirtyTracker, &mut SnapshotChain) -> Result<T, crate::snapshot::SnapshotError>,
     ) -> Result<T, crate::snapshot::SnapshotError> {
+        self.settle_devices();
         let swapped = self.devices.swap.slots_used();
         if swapped > 0 && self.guest_idle.is_none() {
             // The swap store is host memory outside guest RAM and is not
