@@ -3,7 +3,7 @@
 //! A [`Machine`] is the VM, its vCPUs, devices, dirty tracker and snapshot
 //! chain, however it came to be (booted by [`crate::vmm::run`] or restored
 //! by [`crate::restore::restore`]). [`Machine::drive`] runs one thread per
-//! vCPU (vCPU 0 on the calling thread) until the guest exits, idles and is
+//! vCPU (the calling thread waits, then reports) until the guest exits, idles and is
 //! shut down, or dies. While it runs, the machine is the VM's shared state
 //! in its [`VmControl`]: a vCPU thread locks it to handle an exit, and a
 //! job from another thread gets it with every vCPU parked. Guest messages
@@ -148,8 +148,8 @@ impl Machine {
     }
 
     /// Runs until the end and builds the outcome. `control` is the VM's
-    /// (its [`MachineHandle`]'s); this thread is vCPU 0's, and one more
-    /// thread runs each other vCPU.
+    /// (its [`MachineHandle`]'s); one thread runs each vCPU while this one
+    /// waits, under the VMM threads' seccomp filter once they exist.
     ///
     /// # Errors
     /// [`VmmError`] when the guest dies or KVM fails.
@@ -170,19 +170,23 @@ impl Machine {
                 control.stop();
             }
         }
+        // Before any vCPU thread installs its seccomp filter (which does
+        // not allow changing signal handlers).
+        crate::control::install_kick_handler();
         std::thread::scope(|s| {
-            let mut exits = exits.into_iter().enumerate();
-            let first = exits.next();
-            for (index, exit) in exits {
+            // Every vCPU on a thread of its own, vCPU 0 included: each
+            // installs the vCPU threads' seccomp filter, and this thread,
+            // which only waits from here on and then reports, the VMM
+            // threads' one (`crate::seccomp`), once the vCPU threads exist
+            // (a thread inherits its creator's filter).
+            for (index, exit) in exits.into_iter().enumerate() {
                 let spawned = std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(s, move || vcpu_loop::run(index, exit, control));
                 if let Err(e) = spawned {
                     log::error!("cannot start the thread of vCPU {index}: {e}");
                     control.abort(format!("cannot start the thread of vCPU {index}"));
                 }
             }
-            if let Some((index, exit)) = first {
-                vcpu_loop::run(index, exit, control);
-            }
+            crate::seccomp::apply_or_abort(crate::seccomp::ThreadKind::Vmm);
         });
         let Some(mut m) = control.take() else {
             return Err(VmmError::KvmThread("ended without its machine"));

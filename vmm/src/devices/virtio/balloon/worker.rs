@@ -266,7 +266,8 @@ pub struct ReleaseWorker {
 
 impl ReleaseWorker {
     /// Starts the worker for RAM `view` of `ram_bytes`, released in
-    /// `host_page`-byte units.
+    /// `host_page`-byte units. The thread installs the device threads'
+    /// seccomp filter (`crate::seccomp`) before it takes any batch.
     #[must_use]
     pub fn start(view: RamView, ram_bytes: u64, host_page: u64) -> Self {
         let state = State {
@@ -284,6 +285,7 @@ impl ReleaseWorker {
         let shared = Arc::new(Shared { state: Mutex::new(state), changed: Condvar::new(), view });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new().name("balloon".into()).spawn(move || {
+            crate::seccomp::apply_or_abort(crate::seccomp::ThreadKind::Device);
             serve(&worker);
         });
         let thread = match thread {
