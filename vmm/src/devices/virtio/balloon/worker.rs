@@ -26,7 +26,7 @@
 //!   report is used.
 //! - **it is not counted as reclaimed**: `reclaimed_bytes` is this worker's
 //!   count of host pages whose release succeeded and that are still in the
-//!   balloon ([`Shared::released`]); a failed release is counted in the
+//!   balloon (its `ReleasedPages`); a failed release is counted in the
 //!   metrics (`release_errors`, `release_failed_bytes`) and never as
 //!   reclaimed; a queued one is `releasing_bytes`.
 //! - **no snapshot reads it**: a capture runs with every vCPU parked and
