@@ -216,6 +216,14 @@ impl Vmm {
         self
     }
 
+    /// Removes an environment variable the test process has.
+    #[must_use]
+    pub fn env_remove(mut self, k: &str) -> Self {
+        self.words.insert(0, format!("[no {k}]"));
+        self.cmd.env_remove(k);
+        self
+    }
+
     /// Runs as this uid and gid (needs root).
     #[must_use]
     pub fn as_user(mut self, uid: u32, gid: u32) -> Self {

@@ -34,6 +34,7 @@ pub mod observers;
 pub mod page_writer;
 pub mod restore;
 pub mod run_report;
+pub mod seccomp;
 pub mod signals;
 pub mod size;
 pub mod smp_report;

@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use memvisor::api::{self, protocol::Request};
 use memvisor::config::{Backing, ConfigFile, DirtyMode, GuestPage, NodesValue, NumaPolicy, SizeValue};
 use memvisor::restore::{KvmThread, RestoreMode, RestoreOptions};
+use memvisor::seccomp::{SeccompMode, ThreadKind};
 use memvisor::snapshot::format::SnapshotKind;
 use memvisor::vmm::{self, MachineHandle, RunOptions};
 use memvisor::{run_report, timeline};
@@ -70,6 +71,8 @@ enum Command {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        seccomp: SeccompArgs,
     },
     /// Run a benchmark (`vmm bench --help` lists them): runs the
     /// `vmm-bench` binary beside this one.
@@ -255,6 +258,36 @@ struct RunArgs {
     /// connected.
     #[arg(long, value_name = "N", default_value_t = memvisor::migration::DEFAULT_LINK_TIMEOUT_MS, requires = "incoming")]
     link_timeout_ms: u64,
+    #[command(flatten)]
+    seccomp: SeccompArgs,
+}
+
+/// The seccomp flags of `vmm run` and `vmm restore`.
+#[derive(Debug, Args)]
+struct SeccompArgs {
+    /// What the threads' seccomp filters do with a system call outside
+    /// their lists: kill the process (SIGSYS), log it (dmesg), or no
+    /// filters. Default kill (or $MEMVISOR_SECCOMP).
+    #[arg(long, value_name = "MODE", value_parser = choices::<SeccompMode>(SeccompMode::ALL.iter().map(|m| m.as_str())))]
+    seccomp: Option<SeccompMode>,
+    /// Make each thread of this kind (vmm, vcpu, device) call execve once
+    /// its filter is installed (tests).
+    #[arg(long, hide = true, value_name = "KIND", value_parser = choices::<ThreadKind>(["vmm", "vcpu", "device"]))]
+    seccomp_probe: Option<ThreadKind>,
+}
+
+impl SeccompArgs {
+    /// Sets the process's seccomp mode: the flag, else `file` (the config
+    /// file's), else `$MEMVISOR_SECCOMP`, else kill. Before any thread that
+    /// installs a filter starts.
+    fn configure(&self, file: Option<SeccompMode>) -> anyhow_free::Result<()> {
+        let env = match std::env::var("MEMVISOR_SECCOMP") {
+            Ok(v) => Some(v.parse::<SeccompMode>().map_err(|e| format!("MEMVISOR_SECCOMP: {e}"))?),
+            Err(_) => None,
+        };
+        let mode = self.seccomp.or(file).or(env).unwrap_or_default();
+        memvisor::seccomp::configure(mode, self.seccomp_probe).map_err(|e| anyhow_free::chain(&e))
+    }
 }
 
 impl RunArgs {
@@ -278,6 +311,7 @@ impl RunArgs {
             dirty_mode: self.dirty_mode,
             workload: self.workload.as_deref().map(str::parse).transpose().map_err(|e| anyhow_free::chain(&e))?,
             balloon: size(&self.balloon)?.map(SizeValue::Bytes),
+            seccomp: self.seccomp.seccomp,
         })
     }
 }
@@ -320,7 +354,9 @@ fn run(args: RunArgs) -> anyhow_free::Result<u32> {
         Some(p) => ConfigFile::load(p).map_err(|e| anyhow_free::chain(&e))?,
         None => ConfigFile::default(),
     };
-    let config = file.merged_with(args.flags_as_config()?).into_vm_config().map_err(|e| anyhow_free::chain(&e))?;
+    let merged = file.merged_with(args.flags_as_config()?);
+    args.seccomp.configure(merged.seccomp)?;
+    let config = merged.into_vm_config().map_err(|e| anyhow_free::chain(&e))?;
     if args.dirty_report.is_some() && !matches!(config.workload, Some(memvisor::workload::Workload::Dirty(_))) {
         return Err("--dirty-report needs a dirty workload (--workload dirty:...)".into());
     }
@@ -386,7 +422,9 @@ fn incoming(addr: &str, config: &memvisor::config::VmConfig, args: &RunArgs, han
     Ok(outcome.exit_status)
 }
 
-fn restore(dir: PathBuf, mode: RestoreMode, api_socket: Option<PathBuf>, access: api::server::Access, expected_mem: Option<u64>, json: bool, kvm_thread: Option<KvmThread>) -> anyhow_free::Result<u32> {
+#[allow(clippy::too_many_arguments)]
+fn restore(dir: PathBuf, mode: RestoreMode, api_socket: Option<PathBuf>, access: api::server::Access, expected_mem: Option<u64>, json: bool, kvm_thread: Option<KvmThread>, seccomp: &SeccompArgs) -> anyhow_free::Result<u32> {
+    seccomp.configure(None)?;
     let handle = MachineHandle::new();
     memvisor::signals::watch(Arc::clone(&handle));
     let _server = api_socket.as_ref().map(|path| api::server::spawn(path, Arc::clone(&handle), access)).transpose().map_err(|e| anyhow_free::chain(&e))?;
@@ -506,8 +544,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Ctl { socket, command } => ctl(socket, command),
         Command::Translate { socket, args } => translate(&socket, &args),
-        Command::Restore { dir, restore_mode, api_socket, api_allow_uid, mem, json } => match mem.as_deref().map(memvisor::size::parse_size).transpose() {
-            Ok(expected_mem) => restore(dir, restore_mode, api_socket, api::server::Access::owner_and(&api_allow_uid), expected_mem, json, kvm_thread),
+        Command::Restore { dir, restore_mode, api_socket, api_allow_uid, mem, json, seccomp } => match mem.as_deref().map(memvisor::size::parse_size).transpose() {
+            Ok(expected_mem) => restore(dir, restore_mode, api_socket, api::server::Access::owner_and(&api_allow_uid), expected_mem, json, kvm_thread, &seccomp),
             Err(e) => Err(anyhow_free::chain(&e)),
         },
         Command::Bench { args } => bench(&args),

@@ -224,6 +224,10 @@ impl KvmThread {
                 Err(e) => Err(e),
             };
             timeline::mark("memslots registered (KVM thread)");
+            // Before the guest can run (it runs once the VM is handed
+            // over): from here on this thread checks the image
+            // (`crate::seccomp`; the mode is set before the RAM comes).
+            crate::seccomp::apply_or_abort(crate::seccomp::ThreadKind::Vmm);
             if vm_tx.send(vm).is_ok() {
                 if let Some(all) = &allowed {
                     set_own_affinity(all);

@@ -46,6 +46,7 @@ pub fn block_termination() {
 /// ([`block_termination`]).
 pub fn watch(handle: Arc<MachineHandle>) {
     let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        crate::seccomp::apply_or_abort(crate::seccomp::ThreadKind::Vmm);
         let set = termination_set();
         let mut signal: libc::c_int = 0;
         // SAFETY: `set` and `signal` are valid for the call.

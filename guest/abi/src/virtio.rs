@@ -92,7 +92,9 @@ pub mod status {
 pub const DEVICE_ID_BALLOON: u32 = 5;
 /// `VIRTIO_F_VERSION_1` (§6): a modern device.
 pub const F_VERSION_1: u64 = 1 << 32;
-/// `VIRTIO_BALLOON_F_MUST_TELL_HOST` (§5.5.3): not offered by memvisor.
+/// `VIRTIO_BALLOON_F_MUST_TELL_HOST` (§5.5.3): the driver tells the host
+/// (deflates) before it uses a page from the balloon, and waits for the
+/// deflate to be used.
 pub const F_MUST_TELL_HOST: u64 = 1 << 0;
 /// `VIRTIO_BALLOON_F_STATS_VQ` (§5.5.3): a statistics queue exists.
 pub const F_STATS_VQ: u64 = 1 << 1;

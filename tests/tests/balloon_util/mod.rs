@@ -89,11 +89,16 @@ impl BalloonVm {
         panic!("timed out after {timeout:?} waiting for {what}; last balloon state: {last}");
     }
 
-    /// Sets the target and waits until the driver's `actual` meets it.
+    /// Sets the target and waits until the driver's `actual` meets it and
+    /// the device's release thread has made every release it queued (the
+    /// device acknowledges an inflate before its releases are done when the
+    /// driver accepted `MUST_TELL_HOST`, as ours does).
     pub fn set_and_wait(&mut self, bytes: u64) -> Value {
         let r = ctl(&self.socket, &["balloon", "set", &bytes.to_string()]);
         assert_eq!(r["ok"], Value::Bool(true), "{r}");
-        self.wait_for(&format!("actual = {bytes}"), Duration::from_secs(120), |b| b["actual_bytes"].as_u64() == Some(bytes))
+        self.wait_for(&format!("actual = {bytes}, nothing releasing"), Duration::from_secs(120), |b| {
+            b["actual_bytes"].as_u64() == Some(bytes) && b["releasing_bytes"].as_u64() == Some(0)
+        })
     }
 
     /// Waits for the guest to idle, shuts the VM down, returns the run.

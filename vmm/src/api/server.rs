@@ -128,6 +128,9 @@ pub fn spawn(path: &Path, vm: Arc<MachineHandle>, access: Access) -> Result<ApiS
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            // Before the first request; the connection threads inherit it
+            // (`crate::seccomp`).
+            crate::seccomp::apply_or_abort(crate::seccomp::ThreadKind::Vmm);
             for mut stream in listener.incoming().flatten() {
                 match peer_uid(&stream) {
                     Some(uid) if access.allows(uid) => {}

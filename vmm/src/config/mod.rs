@@ -148,6 +148,10 @@ pub struct ConfigFile {
     /// Add a virtio balloon with this initial target (a size; "0" for
     /// none yet).
     pub balloon: Option<SizeValue>,
+    /// What the threads' seccomp filters do with a forbidden call
+    /// (`crate::seccomp`); not part of [`VmConfig`]: it is the process's,
+    /// not the VM's (a snapshot does not carry it).
+    pub seccomp: Option<crate::seccomp::SeccompMode>,
 }
 
 /// A size in a config file: `"256M"` or `268435456`.
@@ -199,6 +203,7 @@ impl ConfigFile {
             dirty_mode: over.dirty_mode.or(self.dirty_mode),
             workload: over.workload.or(self.workload),
             balloon: over.balloon.or(self.balloon),
+            seccomp: over.seccomp.or(self.seccomp),
         }
     }
 

@@ -3,7 +3,7 @@
 //! A [`Machine`] is the VM, its vCPUs, devices, dirty tracker and snapshot
 //! chain, however it came to be (booted by [`crate::vmm::run`] or restored
 //! by [`crate::restore::restore`]). [`Machine::drive`] runs one thread per
-//! vCPU (vCPU 0 on the calling thread) until the guest exits, idles and is
+//! vCPU (the calling thread waits, then reports) until the guest exits, idles and is
 //! shut down, or dies. While it runs, the machine is the VM's shared state
 //! in its [`VmControl`]: a vCPU thread locks it to handle an exit, and a
 //! job from another thread gets it with every vCPU parked. Guest messages
@@ -80,6 +80,15 @@ pub struct Machine {
     end: Option<Result<u32, VmmError>>,
 }
 
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // The balloon's release thread holds guest RAM by address: it is
+        // drained and joined here, before `vm` (declared earlier, so
+        // dropped earlier) unmaps the RAM.
+        self.devices.balloon = None;
+    }
+}
+
 impl Machine {
     /// A machine of `vm` with `vcpus` (index order; vCPU 0 first), ready to
     /// [`drive`](Self::drive).
@@ -120,6 +129,17 @@ impl Machine {
         self.vcpus.iter().flatten().collect()
     }
 
+    /// Waits until no device changes guest memory behind the vCPUs' backs
+    /// (the balloon's queued releases, `devices::virtio::balloon::worker`).
+    /// Call it with every vCPU parked before reading guest memory for a
+    /// snapshot or a migration: then the pages the balloon says it
+    /// released are released, and nothing else changes until a vCPU runs.
+    pub fn settle_devices(&self) {
+        if let Some(b) = &self.devices.balloon {
+            b.device.finish_releases();
+        }
+    }
+
     /// Ends the run with `result` unless it has ended already.
     fn end_with(&mut self, result: Result<u32, VmmError>) {
         if self.end.is_none() {
@@ -128,8 +148,8 @@ impl Machine {
     }
 
     /// Runs until the end and builds the outcome. `control` is the VM's
-    /// (its [`MachineHandle`]'s); this thread is vCPU 0's, and one more
-    /// thread runs each other vCPU.
+    /// (its [`MachineHandle`]'s); one thread runs each vCPU while this one
+    /// waits, under the VMM threads' seccomp filter once they exist.
     ///
     /// # Errors
     /// [`VmmError`] when the guest dies or KVM fails.
@@ -150,19 +170,23 @@ impl Machine {
                 control.stop();
             }
         }
+        // Before any vCPU thread installs its seccomp filter (which does
+        // not allow changing signal handlers).
+        crate::control::install_kick_handler();
         std::thread::scope(|s| {
-            let mut exits = exits.into_iter().enumerate();
-            let first = exits.next();
-            for (index, exit) in exits {
+            // Every vCPU on a thread of its own, vCPU 0 included: each
+            // installs the vCPU threads' seccomp filter, and this thread,
+            // which only waits from here on and then reports, the VMM
+            // threads' one (`crate::seccomp`), once the vCPU threads exist
+            // (a thread inherits its creator's filter).
+            for (index, exit) in exits.into_iter().enumerate() {
                 let spawned = std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(s, move || vcpu_loop::run(index, exit, control));
                 if let Err(e) = spawned {
                     log::error!("cannot start the thread of vCPU {index}: {e}");
                     control.abort(format!("cannot start the thread of vCPU {index}"));
                 }
             }
-            if let Some((index, exit)) = first {
-                vcpu_loop::run(index, exit, control);
-            }
+            crate::seccomp::apply_or_abort(crate::seccomp::ThreadKind::Vmm);
         });
         let Some(mut m) = control.take() else {
             return Err(VmmError::KvmThread("ended without its machine"));
@@ -185,6 +209,8 @@ impl Machine {
 
     /// The outcome of a run that ended with `exit_status`.
     fn outcome(mut self, exit_status: u32) -> Result<RunOutcome, VmmError> {
+        // The report counts releases made, not queued.
+        self.settle_devices();
         let fds = self.parked_vcpus();
         let kvm_stats = kvm_stats::collect(self.vm.kvm(), self.vm.fd(), &fds);
         let kvm_mappings = report::kvm_mappings(&kvm_stats, self.mode);
@@ -256,6 +282,7 @@ impl Machine {
         &mut self,
         f: impl FnOnce(&crate::snapshot::Live<'_>, &mut DirtyTracker, &mut SnapshotChain) -> Result<T, crate::snapshot::SnapshotError>,
     ) -> Result<T, crate::snapshot::SnapshotError> {
+        self.settle_devices();
         let swapped = self.devices.swap.slots_used();
         if swapped > 0 && self.guest_idle.is_none() {
             // The swap store is host memory outside guest RAM and is not

@@ -96,6 +96,8 @@ enum Flow {
 
 /// The thread of vCPU `index` until the VM ends.
 pub fn run(index: usize, immediate_exit: ImmediateExit, control: &VmControl<Machine>) {
+    // Before the first KVM_RUN (`crate::seccomp`).
+    crate::seccomp::apply_or_abort(crate::seccomp::ThreadKind::Vcpu);
     // SAFETY: the byte is in the kvm_run mapping of vCPU `index`, which the
     // machine keeps until after `drive` has joined this thread and called
     // `control.exited()`; this thread unregisters the kick (vcpu_ended)

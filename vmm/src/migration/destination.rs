@@ -216,6 +216,7 @@ fn start_postcopy(pc: std::sync::Arc<super::postcopy::Destination>, conn: Conn, 
     let faults = {
         let (pc, writer, stop, control, fail) = (std::sync::Arc::clone(&pc), std::sync::Arc::clone(&writer), std::sync::Arc::clone(&stop), std::sync::Arc::clone(&control), fail.clone());
         std::thread::Builder::new().name("postcopy-faults".into()).spawn(move || {
+            crate::seccomp::apply_or_abort(crate::seccomp::ThreadKind::Vmm);
             if let Err(e) = pc.serve_faults(&writer, &stop) {
                 fail(&control, e);
             }
@@ -225,6 +226,7 @@ fn start_postcopy(pc: std::sync::Arc<super::postcopy::Destination>, conn: Conn, 
     let pages = {
         let stop = std::sync::Arc::clone(&stop);
         std::thread::Builder::new().name("postcopy-pages".into()).spawn(move || {
+            crate::seccomp::apply_or_abort(crate::seccomp::ThreadKind::Vmm);
             let t = std::time::Instant::now();
             match pc.receive(&mut reader, &writer) {
                 Ok(()) => log::info!("post-copy: every page arrived {:.1} ms after the switch", t.elapsed().as_secs_f64() * 1e3),

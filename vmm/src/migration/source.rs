@@ -118,6 +118,7 @@ fn setup(m: &mut Machine) -> Result<Setup, String> {
     {
         return Err("the dirty workload's round checks harvest the dirty log migration needs; migrate after it ends, or run it with log=0".into());
     }
+    m.settle_devices();
     let skip = released(m);
     let tracker = m.tracker.as_mut().ok_or("dirty tracking is not prepared for this VM")?;
     let was_logging = tracker.logging() && tracker.logging_everywhere();
@@ -147,6 +148,9 @@ fn harvest(m: &mut Machine) -> Result<Vec<(u64, u64)>, String> {
 /// The final stop (every vCPU parked): the last harvest and the state of
 /// every vCPU.
 fn finish(m: &mut Machine) -> Result<Final, String> {
+    // Balloon releases still queued must be done before the released
+    // ranges are read (they are not sent).
+    m.settle_devices();
     let runs = harvest(m)?;
     let irqchip = m.vm.has_irqchip();
     let vcpus = m

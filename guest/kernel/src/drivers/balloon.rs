@@ -19,7 +19,7 @@
 
 use memvisor_abi::layout::{PAGE_SIZE, PAGE_SIZE_2M, USER_HEAP_BASE, USER_STACK_TOP};
 use memvisor_abi::msg::Report;
-use memvisor_abi::virtio::{CONFIG_ACTUAL, CONFIG_NUM_PAGES, CONFIG_SIZE, DEVICE_ID_BALLOON, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ, F_VERSION_1, mmio, stat};
+use memvisor_abi::virtio::{CONFIG_ACTUAL, CONFIG_NUM_PAGES, CONFIG_SIZE, DEVICE_ID_BALLOON, F_DEFLATE_ON_OOM, F_MUST_TELL_HOST, F_REPORTING, F_STATS_VQ, F_VERSION_1, mmio, stat};
 use memvisor_abi::paging::{Pattern, Policy};
 use memvisor_abi::workload::{Event, WorkloadKind, WorkloadSpec};
 use memvisor_guest_mm::paging::{FrameSource, MapError, PageSize, PageTableEntry as Pte};
@@ -177,7 +177,11 @@ impl Balloon {
     /// [`SetupError`].
     pub fn start(k: &mut Kernel, reporting: bool, bad_queue_size: Option<u32>) -> Result<Self, SetupError> {
         let (m, irq) = discover(k)?;
-        let mut want = F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM;
+        // MUST_TELL_HOST: this driver always deflates through the queue and
+        // waits for the device before it touches a deflated page, so it can
+        // promise it (and the device then need not release before it
+        // acknowledges an inflate).
+        let mut want = F_VERSION_1 | F_MUST_TELL_HOST | F_STATS_VQ | F_DEFLATE_ON_OOM;
         if reporting {
             want |= F_REPORTING;
         }

@@ -7,8 +7,13 @@
 //! of 32-bit PFNs (4 KiB frames); every PFN is checked against guest RAM
 //! and the balloon's page set ([`super::pages`]) before anything happens,
 //! and host memory is released through [`super::reclaim`] only for whole
-//! host pages. `VIRTIO_BALLOON_F_DEFLATE_ON_OOM` needs nothing from the
-//! device: the driver may deflate below the target, which is always honoured.
+//! host pages, by the device's release thread ([`super::worker`], which
+//! also says when the guest may have a page back). `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`
+//! needs nothing from the device: the driver may deflate below the target,
+//! which is always honoured. `VIRTIO_BALLOON_F_MUST_TELL_HOST` is offered:
+//! a driver that accepts it promises to use no ballooned page before its
+//! deflate is acknowledged, which lets the device acknowledge an inflate
+//! before the host pages are released.
 
 
 use virtio_queue::desc::split::Descriptor;
@@ -16,12 +21,13 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 
 use memvisor_abi::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
-use memvisor_abi::virtio::{CONFIG_ACTUAL, CONFIG_NUM_PAGES, CONFIG_SIZE, DEVICE_ID_BALLOON, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ, F_VERSION_1};
+use memvisor_abi::virtio::{CONFIG_ACTUAL, CONFIG_NUM_PAGES, CONFIG_SIZE, DEVICE_ID_BALLOON, F_DEFLATE_ON_OOM, F_MUST_TELL_HOST, F_REPORTING, F_STATS_VQ, F_VERSION_1};
 
 use super::metrics::{BalloonMetrics, bump};
 use super::pages::{BalloonPages, PAGE, RunOutcome, inner_units, merge_runs, pfn_runs};
 use super::reclaim;
 use super::stats::{GuestStats, MAX_ENTRIES};
+use super::worker::{BatchKind, ReleaseWorker};
 use crate::devices::virtio::{TransportReject, VirtioDevice};
 use crate::memory::{GuestMemory, GuestRam};
 
@@ -49,11 +55,17 @@ pub struct BalloonInfo {
     pub actual_bytes: u64,
     /// Pages the device holds in the balloon, bytes.
     pub balloon_bytes: u64,
-    /// Of those, bytes whose host pages were handed back (MADV_DONTNEED or
-    /// a punched hole). A release the kernel refused still counts here (its
-    /// pages stay resident until the guest deflates them); refusals show
-    /// in `metrics.release_errors`.
+    /// Of those, bytes whose host pages were handed back: their release
+    /// call (MADV_DONTNEED or a punched hole) returned successfully. A
+    /// release the kernel refused does not count here (its pages stay
+    /// resident until the guest deflates them; `metrics.release_errors`
+    /// and `metrics.release_failed_bytes` count it), nor does one still
+    /// queued (`releasing_bytes`).
     pub reclaimed_bytes: u64,
+    /// Of those, bytes whose host pages are complete and queued for
+    /// release on the device's release thread, or being released.
+    #[serde(default)]
+    pub releasing_bytes: u64,
     /// Of those, bytes waiting for the rest of their huge host page.
     pub pending_bytes: u64,
     /// The host page size releases are made in.
@@ -84,6 +96,8 @@ pub struct Balloon {
     pub(super) driver_ok: bool,
     /// When the target last changed, and which milestones since were timed.
     pub(super) clock: Option<TargetClock>,
+    /// The thread that makes the release calls.
+    pub(super) worker: ReleaseWorker,
 }
 
 /// Times from a target change to what followed it (the benchmark's clock).
@@ -91,7 +105,6 @@ pub struct Balloon {
 pub(super) struct TargetClock {
     at: std::time::Instant,
     inflate_seen: bool,
-    reclaimed: bool,
     met: bool,
 }
 
@@ -117,6 +130,7 @@ impl Balloon {
             stats_requested: false,
             driver_ok: false,
             clock: None,
+            worker: ReleaseWorker::start(reclaim::RamView::of(ram), ram.size(), host_page),
         }
     }
 
@@ -127,7 +141,10 @@ impl Balloon {
         let changed = pages != self.target_pages;
         self.target_pages = pages;
         if changed {
-            self.clock = Some(TargetClock { at: std::time::Instant::now(), inflate_seen: false, reclaimed: false, met: false });
+            let at = std::time::Instant::now();
+            self.clock = Some(TargetClock { at, inflate_seen: false, met: false });
+            // The release thread times the reclaim (it makes the calls).
+            self.worker.set_goal(Some(at), u64::from(pages) * PAGE);
             // The timings are of this change: none is stale.
             let m = &mut self.metrics;
             (m.last_target_to_inflate_ns, m.last_target_to_reclaimed_ns, m.last_target_to_actual_ns) = (0, 0, 0);
@@ -135,19 +152,45 @@ impl Balloon {
         changed
     }
 
+    /// Waits until every release queued so far has been made: then the
+    /// host pages [`Balloon::released_ram_ranges`] names are released, and
+    /// no release changes guest memory until the next notification. A
+    /// snapshot or migration calls this with every vCPU parked, before it
+    /// reads guest memory.
+    pub fn finish_releases(&self) {
+        self.worker.drain();
+    }
+
+    /// The metrics, with the release thread's counts folded in.
+    #[must_use]
+    pub fn metrics(&self) -> BalloonMetrics {
+        let c = self.worker.counts();
+        let mut m = self.metrics.clone();
+        m.released_bytes = m.released_bytes.saturating_add(c.totals.bytes);
+        m.release_calls = m.release_calls.saturating_add(c.totals.calls);
+        m.release_errors = m.release_errors.saturating_add(c.totals.errors);
+        m.release_failed_bytes = m.release_failed_bytes.saturating_add(c.totals.failed_bytes);
+        m.release_ns = m.release_ns.saturating_add(c.totals.ns);
+        m.reported_released_bytes = m.reported_released_bytes.saturating_add(c.reported_bytes);
+        m.last_target_to_reclaimed_ns = m.last_target_to_reclaimed_ns.max(c.reclaimed_ns);
+        m
+    }
+
     /// The current state.
     #[must_use]
     pub fn info(&self) -> BalloonInfo {
+        let c = self.worker.counts();
         BalloonInfo {
             target_bytes: u64::from(self.target_pages) * PAGE,
             actual_bytes: u64::from(self.actual_pages) * PAGE,
             balloon_bytes: self.pages.pages() * PAGE,
-            reclaimed_bytes: self.pages.released_pages() * PAGE,
+            reclaimed_bytes: c.reclaimed_bytes,
+            releasing_bytes: c.releasing_bytes,
             pending_bytes: self.pages.pending_pages() * PAGE,
             host_page_bytes: self.host_page,
             driver_ok: self.driver_ok,
             features: self.acked,
-            metrics: self.metrics.clone(),
+            metrics: self.metrics(),
         }
     }
 
@@ -295,8 +338,17 @@ impl Balloon {
                 }
             }
         });
-        for (first, count) in merge_runs(release) {
-            self.release(ram, first * self.host_page, count * self.host_page, false);
+        let hp = self.host_page;
+        let ranges: Vec<(u64, u64)> = merge_runs(release).into_iter().map(|(first, count)| (first * hp, count * hp)).collect();
+        if ranges.is_empty() {
+            return;
+        }
+        let seq = self.worker.submit(BatchKind::Inflate, ranges);
+        if self.acked & F_MUST_TELL_HOST == 0 {
+            // The driver may use ballooned pages once the inflate is
+            // acknowledged (virtio 1.2 §5.5.6.1): they must be released by
+            // then.
+            self.worker.wait_for(seq);
         }
     }
 
@@ -307,26 +359,32 @@ impl Balloon {
         };
         // A deflated page may have been released, and snapshots skip
         // released pages: marking it changed puts it in the next diff.
+        // Its release must be done before the guest has it back (the
+        // worker's module docs); every host page it touches is then no
+        // longer complete, so no longer released.
+        let give_back = |b: &mut Self, page: u64, n: u64| {
+            b.worker.wait_overlapping(page * PAGE, n * PAGE);
+            let taken = b.pages.deflate_run(page, n);
+            if let Ok(t) = taken
+                && t > 0
+            {
+                b.worker.forget(page * PAGE, n * PAGE);
+                reclaim::mark_changed(ram, page * PAGE, n * PAGE);
+            }
+            taken
+        };
         self.for_each_run(descs, ram.memory(), |b, pfn, n| {
             if let Some((page, n)) = Self::ram_run(pfn, n, ram)
-                && let Ok(taken) = b.pages.deflate_run(page, n)
+                && let Ok(taken) = give_back(b, page, n)
             {
                 count(&mut b.metrics, n, taken);
-                if taken > 0 {
-                    reclaim::mark_changed(ram, page * PAGE, n * PAGE);
-                }
                 return;
             }
             // As for inflate: page by page.
             for pfn in (0..n).filter_map(|i| pfn.checked_add(i)) {
                 let Some(page) = b.ram_page(pfn, ram) else { continue };
-                match b.pages.deflate_run(page, 1) {
-                    Ok(taken) => {
-                        count(&mut b.metrics, 1, taken);
-                        if taken > 0 {
-                            reclaim::mark_changed(ram, page * PAGE, PAGE);
-                        }
-                    }
+                match give_back(b, page, 1) {
+                    Ok(taken) => count(&mut b.metrics, 1, taken),
                     Err(_) => bump(&mut b.metrics.deflate_not_in_balloon),
                 }
             }
@@ -334,6 +392,7 @@ impl Balloon {
     }
 
     fn report(&mut self, descs: &[Descriptor], ram: &GuestRam) {
+        let mut ranges = Vec::new();
         for d in descs {
             let (gpa, len) = (d.addr().0, u64::from(d.len()));
             // One RAM region, so RAM offsets are contiguous over the range.
@@ -347,8 +406,14 @@ impl Balloon {
             }
             self.metrics.reported_bytes = self.metrics.reported_bytes.saturating_add(len);
             if let Some((unit, count)) = inner_units(first, len, self.host_page) {
-                self.release(ram, unit * self.host_page, count * self.host_page, true);
+                ranges.push((unit * self.host_page, count * self.host_page));
             }
+        }
+        if !ranges.is_empty() {
+            // The driver reuses reported pages once the report is used:
+            // released by then.
+            let seq = self.worker.submit(BatchKind::Report, ranges);
+            self.worker.wait_for(seq);
         }
     }
 
@@ -361,18 +426,6 @@ impl Balloon {
             bump(&mut self.metrics.stats_updates);
         }
     }
-
-    fn release(&mut self, ram: &GuestRam, start: u64, len: u64, reported: bool) {
-        let r = reclaim::release(ram, start, len);
-        let m = &mut self.metrics;
-        m.released_bytes = m.released_bytes.saturating_add(r.bytes);
-        if reported {
-            m.reported_released_bytes = m.reported_released_bytes.saturating_add(r.bytes);
-        }
-        m.release_calls = m.release_calls.saturating_add(r.calls);
-        m.release_errors = m.release_errors.saturating_add(r.errors);
-        m.release_ns = m.release_ns.saturating_add(r.ns);
-    }
 }
 
 impl VirtioDevice for Balloon {
@@ -381,7 +434,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn features(&self) -> u64 {
-        F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_REPORTING
+        F_VERSION_1 | F_MUST_TELL_HOST | F_STATS_VQ | F_DEFLATE_ON_OOM | F_REPORTING
     }
 
     fn ack_features(&mut self, features: u64) {
@@ -451,11 +504,6 @@ impl VirtioDevice for Balloon {
                         self.inflate(&descs, ram);
                         let ns = ns_since(t);
                         self.metrics.inflate_ns = self.metrics.inflate_ns.saturating_add(ns);
-                        let reclaimed = self.pages.released_pages();
-                        if let Some(c) = self.clock.as_mut().filter(|c| !c.reclaimed && reclaimed >= u64::from(self.target_pages)) {
-                            c.reclaimed = true;
-                            self.metrics.last_target_to_reclaimed_ns = ns_since(c.at);
-                        }
                     }
                     Role::Deflate => self.deflate(&descs, ram),
                     Role::Reporting => self.report(&descs, ram),
@@ -494,7 +542,10 @@ impl VirtioDevice for Balloon {
     fn reset(&mut self) {
         // After a reset all memory is the guest's again (a new driver starts
         // with an empty balloon, as after a reboot): pages released so far
-        // read as zero and fault back in on touch.
+        // read as zero and fault back in on touch, once their releases are
+        // done.
+        self.worker.drain();
+        self.worker.forget_all();
         self.pages = BalloonPages::new(self.ram_bytes, self.host_page);
         self.acked = 0;
         self.actual_pages = 0;

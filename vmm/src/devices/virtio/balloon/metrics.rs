@@ -20,8 +20,11 @@ pub struct BalloonMetrics {
     pub release_calls: u64,
     /// Nanoseconds spent in those calls.
     pub release_ns: u64,
-    /// Nanoseconds spent handling inflate notifications (reading and
-    /// checking PFNs, bookkeeping and the release calls).
+    /// Nanoseconds spent handling inflate notifications on the vCPU
+    /// thread: reading and checking PFNs and bookkeeping. The release
+    /// calls run on the device's release thread and are not in it, unless
+    /// the driver did not accept `VIRTIO_BALLOON_F_MUST_TELL_HOST` (then
+    /// the notification waits for them).
     pub inflate_ns: u64,
     /// Nanoseconds from the last target change to the guest's first inflate
     /// notification after it (the guest's reaction: noticing the change,
@@ -75,6 +78,9 @@ pub struct BalloonMetrics {
     pub bad_status: u64,
     /// Release calls the kernel refused (logged).
     pub release_errors: u64,
+    /// Bytes of the release calls the kernel refused (not reclaimed).
+    #[serde(default)]
+    pub release_failed_bytes: u64,
 }
 
 impl BalloonMetrics {

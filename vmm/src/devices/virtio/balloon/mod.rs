@@ -2,7 +2,9 @@
 //!
 //! [`device`] speaks virtio (queues, configuration, statistics);
 //! [`pages`] is the pure bookkeeping of which pages are in the balloon and
-//! which host pages that frees; [`reclaim`] makes the system calls;
+//! which host pages that frees; [`reclaim`] makes the system calls, on the
+//! device's own thread ([`worker`], which also orders them against the
+//! guest's deflates and snapshots);
 //! [`stats`] parses the guest's statistics; [`metrics`] counts everything,
 //! including every hostile input refused. docs/ballooning.md is the
 //! user's guide.
@@ -13,5 +15,6 @@ pub mod pages;
 pub mod reclaim;
 pub mod state;
 pub mod stats;
+pub mod worker;
 
 pub use device::{Balloon, BalloonInfo};

@@ -20,15 +20,14 @@
 //! it is marked in the VMM-write bitmap (`memory::vmm_writes`), as every
 //! device write is: dirty tracking then sees the page as changed.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
+use vm_memory::GuestMemoryBackend;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestMemoryBackend, MmapRegion};
 
 use crate::config::Backing;
-use crate::memory::vmm_writes::VmmWriteBitmap;
-use crate::memory::GuestRam;
+use crate::memory::{GuestMemory, GuestRam};
 
 /// The largest host page size among the regions: the unit in which the
 /// balloon releases memory (a THP-backed region releases whole 2 MiB so
@@ -55,48 +54,109 @@ pub struct Released {
     pub calls: u64,
     /// Calls that failed.
     pub errors: u64,
+    /// Bytes of the calls that failed.
+    pub failed_bytes: u64,
     /// Time spent in the calls.
     pub ns: u64,
+}
+
+impl Released {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: Released) {
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.calls = self.calls.saturating_add(other.calls);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.failed_bytes = self.failed_bytes.saturating_add(other.failed_bytes);
+        self.ns = self.ns.saturating_add(other.ns);
+    }
 }
 
 /// Releases `len` bytes of RAM from RAM offset `start`; parts beyond RAM
 /// are ignored (callers pass validated ranges).
 #[must_use]
 pub fn release(ram: &GuestRam, start: u64, len: u64) -> Released {
-    let mut out = Released::default();
-    for_each_piece(ram, start, len, |region, mapping, off, n, at| {
-        let t = Instant::now();
-        let result = release_in(&region.mapping, off, n);
-        out.ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        out.calls += 1;
-        match result {
-            Ok(()) => {
-                out.bytes += n;
-                mapping.bitmap().mark_dirty(off as usize, n as usize);
-            }
-            Err(e) => {
-                out.errors += 1;
-                log::warn!("releasing {n} bytes of guest RAM at RAM offset {at:#x} failed: {e}");
-            }
-        }
-    });
-    out
+    let view = RamView::of(ram);
+    // SAFETY: `ram` is borrowed for the call, so its mappings are live.
+    unsafe { view.release(start, len, |_, _, _| {}) }
 }
 
-/// Calls `f(region, its vm-memory mapping, offset in the region, length,
-/// RAM offset)`
-/// for the part of RAM offsets `[start, start + len)` inside each region,
-/// in region order; parts beyond RAM are left out.
-fn for_each_piece(ram: &GuestRam, start: u64, len: u64, mut f: impl FnMut(&crate::memory::RamRegion, &MmapRegion<VmmWriteBitmap>, u64, u64, u64)) {
-    let end = start.saturating_add(len);
-    let mut base = 0u64;
-    for (region, vm_region) in ram.regions().iter().zip(ram.memory().iter()) {
-        let size = region.range.size;
-        let (s, e) = (start.max(base), end.min(base + size));
-        if s < e {
-            f(region, vm_region, s - base, e - s, s);
+/// One region as a release needs it.
+#[derive(Debug)]
+struct ViewRegion {
+    /// Host address of the mapping's first byte (an address only: used
+    /// as a pointer under `release`'s contract).
+    host: usize,
+    /// Its length.
+    size: u64,
+    /// The backing file (memfd, hugetlbfs), whose holes are punched.
+    fd: Option<RawFd>,
+}
+
+/// What a release needs of guest RAM, in a form the balloon's worker
+/// thread can hold: each region's host address, size and backing file,
+/// and vm-memory's view of the regions (their VMM-write bitmaps).
+///
+/// It borrows nothing: the mappings and files stay owned by the
+/// [`GuestRam`] it was made from, so every use must happen while that
+/// RAM is alive ([`RamView::release`]'s contract).
+#[derive(Debug)]
+pub struct RamView {
+    regions: Vec<ViewRegion>,
+    memory: GuestMemory,
+}
+
+impl RamView {
+    /// The view of `ram`.
+    #[must_use]
+    pub fn of(ram: &GuestRam) -> Self {
+        let regions = ram
+            .regions()
+            .iter()
+            .map(|r| ViewRegion { host: r.mapping.as_ptr() as usize, size: r.mapping.size() as u64, fd: r.mapping.fd().map(AsRawFd::as_raw_fd) })
+            .collect();
+        RamView { regions, memory: ram.memory().clone() }
+    }
+
+    /// Releases `len` bytes of RAM from RAM offset `start` (parts beyond
+    /// RAM are ignored), calling `done(RAM offset, length, succeeded)` for
+    /// each system call, in order. A released piece is marked in the
+    /// VMM-write bitmap before `done` sees it.
+    ///
+    /// # Safety
+    /// The [`GuestRam`] this view was made of must be alive (mapped, its
+    /// files open) for the whole call.
+    #[must_use]
+    pub unsafe fn release(&self, start: u64, len: u64, mut done: impl FnMut(u64, u64, bool)) -> Released {
+        let mut out = Released::default();
+        let end = start.saturating_add(len);
+        let mut base = 0u64;
+        for (region, mapping) in self.regions.iter().zip(self.memory.iter()) {
+            let (s, e) = (start.max(base), end.min(base + region.size));
+            if s < e {
+                let (off, n) = (s - base, e - s);
+                let t = Instant::now();
+                // SAFETY: the caller keeps the RAM alive (this function's
+                // contract); `off + n` is inside the region.
+                let result = unsafe { release_in(region, off, n) };
+                out.ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                out.calls += 1;
+                let ok = result.is_ok();
+                match result {
+                    Ok(()) => {
+                        out.bytes += n;
+                        mapping.bitmap().mark_dirty(off as usize, n as usize);
+                    }
+                    Err(e) => {
+                        out.errors += 1;
+                        out.failed_bytes += n;
+                        log::warn!("releasing {n} bytes of guest RAM at RAM offset {s:#x} failed: {e}");
+                    }
+                }
+                done(s, n, ok);
+            }
+            base += region.size;
         }
-        base += size;
+        out
     }
 }
 
@@ -105,10 +165,19 @@ fn for_each_piece(ram: &GuestRam, start: u64, len: u64, mut f: impl FnMut(&crate
 /// reads as zeros, not as the copy a snapshot may hold, so the next diff
 /// must save it ([`super::state`]: snapshots skip released pages).
 pub fn mark_changed(ram: &GuestRam, start: u64, len: u64) {
-    for_each_piece(ram, start, len, |_, mapping, off, n, _| mapping.bitmap().mark_dirty(off as usize, n as usize));
+    let end = start.saturating_add(len);
+    let mut base = 0u64;
+    for (region, mapping) in ram.regions().iter().zip(ram.memory().iter()) {
+        let size = region.range.size;
+        let (s, e) = (start.max(base), end.min(base + size));
+        if s < e {
+            mapping.bitmap().mark_dirty((s - base) as usize, (e - s) as usize);
+        }
+        base += size;
+    }
 }
 
-/// One call on one mapping: `[off, off + len)` lies inside it.
+/// One call on one region: `[off, off + len)` lies inside it.
 ///
 /// A lazily restored region maps the snapshot image privately; there
 /// `MADV_DONTNEED` drops the private copy, and the page reads the image's
@@ -116,32 +185,37 @@ pub fn mark_changed(ram: &GuestRam, start: u64, len: u64) {
 /// balloon: its pages are not the guest's to read, their contents after a
 /// deflate are undefined without `VIRTIO_BALLOON_F_PAGE_POISON` (virtio 1.2
 /// §5.5.6.1; not offered), and snapshots save what the page then holds.
-fn release_in(mapping: &crate::memory::backing::HostMapping, off: u64, len: u64) -> std::io::Result<()> {
-    let (ioff, ilen) = (usize::try_from(off).map_err(std::io::Error::other)?, usize::try_from(len).map_err(std::io::Error::other)?);
-    if ioff.checked_add(ilen).is_none_or(|e| e > mapping.size()) {
+///
+/// # Safety
+/// The region's mapping and file must be alive.
+unsafe fn release_in(region: &ViewRegion, off: u64, len: u64) -> std::io::Result<()> {
+    if off.checked_add(len).is_none_or(|e| e > region.size) {
         return Err(std::io::Error::other("range outside the mapping"));
     }
-    match mapping.fd() {
+    let (ioff, ilen) = (usize::try_from(off).map_err(std::io::Error::other)?, usize::try_from(len).map_err(std::io::Error::other)?);
+    match region.fd {
         Some(fd) => {
             let (o, l) = (libc::off_t::try_from(off).map_err(std::io::Error::other)?, libc::off_t::try_from(len).map_err(std::io::Error::other)?);
-            // SAFETY: fallocate on our own memfd; punching a hole frees the
-            // file's pages and our mapping reads zeros there afterwards,
-            // which is what the guest agreed to by ballooning them. No Rust
-            // reference points into guest RAM.
-            let rc = unsafe { libc::fallocate(fd.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, o, l) };
+            // SAFETY: fallocate on our own memfd (open: the caller's
+            // contract); punching a hole frees the file's pages and our
+            // mapping reads zeros there afterwards, which is what the guest
+            // agreed to by ballooning them. No Rust reference points into
+            // guest RAM.
+            let rc = unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, o, l) };
             if rc != 0 {
                 return Err(std::io::Error::last_os_error());
             }
         }
         None => {
             // SAFETY: the range is inside our private mapping (checked
-            // above): anonymous, or a lazily restored snapshot image. No
-            // Rust reference points into guest RAM. MADV_DONTNEED drops the
-            // range's page-table entries: anonymous pages are freed and read
-            // zero on next touch; in an image mapping the guest's private
-            // copies are freed and the next touch reads the image's page
-            // again (clean page cache the host can drop at will).
-            let rc = unsafe { libc::madvise(mapping.as_ptr().add(ioff).cast(), ilen, libc::MADV_DONTNEED) };
+            // above; mapped: the caller's contract): anonymous, or a lazily
+            // restored snapshot image. No Rust reference points into guest
+            // RAM. MADV_DONTNEED drops the range's page-table entries:
+            // anonymous pages are freed and read zero on next touch; in an
+            // image mapping the guest's private copies are freed and the
+            // next touch reads the image's page again (clean page cache the
+            // host can drop at will).
+            let rc = unsafe { libc::madvise((region.host + ioff) as *mut libc::c_void, ilen, libc::MADV_DONTNEED) };
             if rc != 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device::{Balloon, Role};
 use super::metrics::BalloonMetrics;
 use super::pages::{BalloonPages, PAGE};
-use super::reclaim;
+use super::worker::BatchKind;
 use super::stats::GuestStats;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::mmio::MmioTransport;
@@ -145,7 +145,7 @@ impl Balloon {
             stats_head: self.stats_head,
             stats_requested: self.stats_requested,
             driver_ok: self.driver_ok,
-            metrics: self.metrics.clone(),
+            metrics: self.metrics(),
         }
     }
 
@@ -262,11 +262,13 @@ pub fn restore(saved: &SavedBalloon, ram: &GuestRam, base: u64, irqfd: Option<Ev
     if !head_ok {
         return Err(BalloonStateError::StatsHead { head: d.stats_head });
     }
-    for (start, len) in d.released_ram_ranges() {
-        let r = reclaim::release(ram, start, len);
-        if r.errors > 0 {
-            log::warn!("could not release {len} bytes of ballooned RAM at RAM offset {start:#x} again; the restored VMM holds them");
-        }
+    // On the device's release thread, waited for: the guest does not run
+    // before they are done. A failure is logged there and leaves those
+    // pages unreclaimed.
+    let ranges = d.released_ram_ranges();
+    if !ranges.is_empty() {
+        let seq = d.worker.submit(BatchKind::Restore, ranges);
+        d.worker.wait_for(seq);
     }
     Ok(t)
 }
