@@ -50,6 +50,9 @@ const IOCTLS: &[u64] = &[
     0x8010_AA02, // UFFDIO_WAKE
     0xC028_AA03, // UFFDIO_COPY
     0xC020_AA04, // UFFDIO_ZEROPAGE
+    // A migration's TCP connect with a timeout: std switches the socket to
+    // non-blocking and back with FIONBIO (asm-generic/ioctls.h).
+    0x5421,
 ];
 
 /// Socket domains live migration uses: a Unix socket or TCP over IPv4/6.
