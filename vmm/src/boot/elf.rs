@@ -72,6 +72,9 @@ pub fn inspect(image: &[u8], min_addr: u64, ram_end: u64) -> Result<ElfSummary, 
     }
     let mut load_start = u64::MAX;
     let mut load_end = 0u64;
+    // Every loadable segment's [paddr, paddr + memsz): two that overlap
+    // would load over each other, in an order the loader picks.
+    let mut segments: Vec<(u64, u64)> = Vec::new();
     for i in 0..u64::from(phnum) {
         let off = phoff
             .checked_add(i * PHDR_SIZE as u64)
@@ -89,6 +92,10 @@ pub fn inspect(image: &[u8], min_addr: u64, ram_end: u64) -> Result<ElfSummary, 
             return Err(not_elf("a segment extends past the end of the file"));
         }
         let end = paddr.checked_add(memsz).ok_or_else(|| not_elf("segment address overflows"))?;
+        if let Some(&(s, e)) = segments.iter().find(|&&(s, e)| paddr < e && s < end) {
+            return Err(BootError::NotElf(format!("loadable segments overlap: [{paddr:#x}, {end:#x}) and [{s:#x}, {e:#x})")));
+        }
+        segments.push((paddr, end));
         load_start = load_start.min(paddr);
         load_end = load_end.max(end);
     }
@@ -210,6 +217,24 @@ mod tests {
         let mut truncated = tiny_elf(EM_X86_64, 0x10_0000, 0x1000);
         truncated.truncate(EHDR_SIZE + 10);
         assert!(matches!(inspect(&truncated, 0, 1 << 30), Err(BootError::NotElf(_))));
+    }
+
+    #[test]
+    fn overlapping_load_segments_are_refused() {
+        // tiny_elf's segment at 1 MiB, and a second one over its end.
+        let mut b = tiny_elf(EM_X86_64, 0x10_0000, 0x2000);
+        b[56..58].copy_from_slice(&2u16.to_le_bytes());
+        let mut second = vec![0u8; PHDR_SIZE];
+        second[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        second[24..32].copy_from_slice(&0x10_1000u64.to_le_bytes());
+        second[40..48].copy_from_slice(&0x1000u64.to_le_bytes());
+        b.extend_from_slice(&second);
+        let e = inspect(&b, 0x10_0000, 1 << 30).unwrap_err().to_string();
+        assert!(e.contains("loadable segments overlap"), "{e}");
+        // Moved to where the first ends, it loads.
+        let at = EHDR_SIZE + PHDR_SIZE + 24;
+        b[at..at + 8].copy_from_slice(&0x10_2000u64.to_le_bytes());
+        assert!(inspect(&b, 0x10_0000, 1 << 30).is_ok());
     }
 
     /// `tiny_elf` plus a PT_NOTE segment holding `notes`.
