@@ -215,6 +215,58 @@ fn a_kernel_that_does_not_fit_in_ram_is_refused() {
     run(&["--mem", "1M"]).assert_error(&["does not fit in guest RAM"]);
 }
 
+/// A synthetic bzImage: a setup header ("HdrS", boot protocol 2.15, a
+/// 64-bit entry, loaded high) and `payload` bytes of "kernel" behind one
+/// setup sector, with `syssize` saying `claimed` bytes.
+fn bzimage(payload: usize, claimed: usize) -> Vec<u8> {
+    let mut img = vec![0u8; 1024 + payload];
+    img[0x1f1] = 1; // setup_sects
+    img[0x1f4..0x1f8].copy_from_slice(&u32::try_from(claimed / 16).unwrap().to_le_bytes()); // syssize, in paragraphs
+    img[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    img[0x211] = 1; // LOADED_HIGH
+    img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
+    img
+}
+
+#[test]
+fn a_truncated_bzimage_is_refused() {
+    let dir = TempDir::new("bzimage-truncated");
+    // The header claims 64 KiB of kernel; 4 KiB follow it.
+    let k = dir.write("bzImage", bzimage(4096, 64 << 10));
+    run(&["--kernel", k.to_str().expect("utf-8 temp path")]).assert_error(&["not a bootable bzImage"]);
+}
+
+#[test]
+fn devices_fifos_and_directories_are_not_read_as_kernels_or_initrds() {
+    let dir = TempDir::new("boot-not-files");
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().expect("utf-8 temp path")).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    for (path, what) in [("/dev/zero", "a character device"), (fifo.to_str().unwrap(), "a FIFO"), (dir.path().to_str().unwrap(), "a directory")] {
+        run(&["--kernel", path]).assert_error(&["kernel", what, "not a regular file"]);
+    }
+    let bz = dir.write("bzImage", bzimage(4096, 4096));
+    for (path, what) in [("/dev/zero", "a character device"), (fifo.to_str().unwrap(), "a FIFO")] {
+        run(&["--kernel", bz.to_str().unwrap(), "--initrd", path]).assert_error(&["initrd", what, "not a regular file"]);
+    }
+}
+
+#[test]
+fn an_initrd_larger_than_ram_or_with_the_tiny_guest_is_refused() {
+    let dir = TempDir::new("initrd-big");
+    let bz = dir.write("bzImage", bzimage(4096, 4096));
+    // A sparse 96 MiB file for a 64 MiB guest.
+    let big = dir.path().join("initrd");
+    std::fs::File::create(&big).unwrap().set_len(96 << 20).unwrap();
+    run(&["--mem", "64M", "--kernel", bz.to_str().unwrap(), "--initrd", big.to_str().unwrap()]).assert_error(&["initrd", "more than"]);
+    // The tiny guest boots the PVH way, which has no initrd.
+    let small = dir.write("small-initrd", b"070701");
+    run(&["--initrd", small.to_str().unwrap()]).assert_error(&["an initrd needs a kernel booted through Linux's boot protocol"]);
+}
+
 // ---- flags and config files ----
 
 #[test]
