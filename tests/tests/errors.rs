@@ -221,7 +221,7 @@ fn a_kernel_that_does_not_fit_in_ram_is_refused() {
 fn bzimage(payload: usize, claimed: usize) -> Vec<u8> {
     let mut img = vec![0u8; 1024 + payload];
     img[0x1f1] = 1; // setup_sects
-    img[0x1f4..0x1f8].copy_from_slice(&u32::try_from(claimed / 16).unwrap().to_le_bytes()); // syssize, in paragraphs
+    img[0x1f4..0x1f8].copy_from_slice(&u32::try_from(claimed / 16).expect("a test image is small").to_le_bytes()); // syssize, in paragraphs
     img[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
     img[0x202..0x206].copy_from_slice(b"HdrS");
     img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
