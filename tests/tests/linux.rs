@@ -141,8 +141,11 @@ fn linux_prints_the_memory_map_and_command_line_memvisor_built() {
     let kernel = &linux()["VMLINUX_NOPVH"];
     // Below the MMIO hole, and split around it (RAM above 4 GiB).
     for (mem, arg) in [(512u64 << 20, "512M"), (5 << 30, "5G")] {
-        let c = boot_until(kernel, &["--mem", arg, "--cmdline", CMDLINE], &["Command line:"], Duration::from_secs(300));
-        assert!(c.complete, "{arg}: Linux printed its command line\n{}", c.describe());
+        // Linux prints its command line first, then the map (setup_arch):
+        // wait for the line of the map's last entry.
+        let last = expected_e820(mem).last().map(|e| format!("BIOS-e820: [mem {:#018x}-{:#018x}]", e.0, e.1 - 1)).expect("a map");
+        let c = boot_until(kernel, &["--mem", arg, "--cmdline", CMDLINE], &["Command line:", &last], Duration::from_secs(300));
+        assert!(c.complete, "{arg}: Linux printed its command line and memory map\n{}", c.describe());
         let printed = e820_lines(&c);
         assert_eq!(printed, expected_e820(mem), "{arg}: Linux's BIOS-e820 map is memvisor's\n{}", c.describe());
         let cmd = c.lines_with("Command line: ");
