@@ -31,6 +31,7 @@ pub mod machine;
 pub mod memory;
 pub mod migration;
 pub mod observers;
+pub mod ratelimit;
 pub mod page_writer;
 pub mod restore;
 pub mod run_report;

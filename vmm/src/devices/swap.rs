@@ -95,14 +95,14 @@ impl SwapDevice {
         let mut bytes = [0u8; size_of::<SwapRequest>()];
         let Some(mut req) = mem.read_slice(&mut bytes, GuestAddress(request)).ok().and_then(|()| SwapRequest::from_bytes(&bytes)) else {
             self.stats.errors += 1;
-            log::warn!("swap request ignored: {}", SwapError::RequestOutsideRam(request));
+            crate::warn_limited!("swap request ignored: {}", SwapError::RequestOutsideRam(request));
             return;
         };
         req.status = match self.perform(mem, &req) {
             Ok(()) => SWAP_STATUS_OK,
             Err(why) => {
                 self.stats.errors += 1;
-                log::warn!("swap request {req:?} refused: {why}");
+                crate::warn_limited!("swap request {req:?} refused: {why}");
                 SWAP_STATUS_ERROR
             }
         };

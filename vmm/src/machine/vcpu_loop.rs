@@ -183,7 +183,7 @@ fn run_until_parked(index: usize, vcpu: &mut VcpuFd, control: &VmControl<Machine
                         continue;
                     }
                     Err(why) => {
-                        log::warn!("guest's AP start request at {gpa:#x} refused: {why}");
+                        crate::warn_limited!("guest's AP start request at {gpa:#x} refused: {why}");
                         Flow::Continue
                     }
                 },
@@ -226,7 +226,7 @@ fn run_until_parked(index: usize, vcpu: &mut VcpuFd, control: &VmControl<Machine
             }
             VcpuExit::FailEntry(reason, cpu) => Flow::End(Err(guest_failed(vcpu, format!("entry failed, hardware reason {reason:#x} on cpu {cpu}")))),
             other => {
-                log::warn!("unexpected exit of vCPU {index}: {other:?}; resuming");
+                crate::warn_limited!("unexpected exit of vCPU {index}: {other:?}; resuming");
                 Flow::Continue
             }
         };
@@ -267,7 +267,7 @@ fn on_message(m: &mut Machine, vcpu: &VcpuFd, gpa: u64, control: &VmControl<Mach
         .and_then(|msg| Report::decode(&msg).ok());
     let Some(report) = decoded else {
         m.log.bad += 1;
-        log::warn!("guest sent an invalid message at {gpa:#x}; ignored");
+        crate::warn_limited!("guest sent an invalid message at {gpa:#x}; ignored");
         return Flow::Continue;
     };
     let at_us = timeline::since_start_us();
