@@ -58,6 +58,11 @@ pub struct MigrateArgs {
     /// Leave the veth pair out (loopback only).
     #[arg(long)]
     no_veth: bool,
+    /// Shape the veth pair to this many Mbit/s each way (`tc tbf`), a link
+    /// slower than the VMMs: then the link, not the two cores, is what a
+    /// migration waits for.
+    #[arg(long, value_name = "MBIT")]
+    link_rate: Option<u64>,
     /// A short run: 256 MiB, one run per case, one rate, loopback.
     #[arg(long)]
     quick: bool,
@@ -129,7 +134,7 @@ fn ip(args: &[&str]) -> BenchResult<()> {
     if out.status.success() { Ok(()) } else { Err(err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))) }
 }
 
-fn make_veth() -> BenchResult<(Veth, [String; 2])> {
+fn make_veth(rate_mbit: Option<u64>) -> BenchResult<(Veth, [String; 2])> {
     let tag = format!("{:x}", std::process::id() % 0xffff);
     let ns = [format!("mvbench-{tag}-a"), format!("mvbench-{tag}-b")];
     let dev = [format!("mvba{tag}"), format!("mvbb{tag}")];
@@ -144,6 +149,17 @@ fn make_veth() -> BenchResult<(Veth, [String; 2])> {
         ip(&["-n", &ns[i], "addr", "add", &format!("{}/24", addrs[i]), "dev", &dev[i]])?;
         ip(&["-n", &ns[i], "link", "set", &dev[i], "up"])?;
         ip(&["-n", &ns[i], "link", "set", "lo", "up"])?;
+        if let Some(rate) = rate_mbit {
+            // A token bucket (tc-tbf(8)): `rate` sustained, a 1 MiB burst,
+            // packets waiting at most 100 ms.
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns[i], "tc", "qdisc", "add", "dev", &dev[i], "root", "tbf", "rate", &format!("{rate}mbit"), "burst", "1mb", "latency", "100ms"])
+                .output()
+                .map_err(|e| err(format!("cannot run tc (install iproute2): {e}")))?;
+            if !out.status.success() {
+                return Err(err(format!("tc tbf on {}: {}", dev[i], String::from_utf8_lossy(&out.stderr).trim())));
+            }
+        }
     }
     Ok((guard, [addrs[0].to_string(), addrs[1].to_string()]))
 }
@@ -496,7 +512,7 @@ pub fn run(args: &MigrateArgs) -> BenchResult<u32> {
     let _veth = if args.quick || args.no_veth {
         None
     } else {
-        let (guard, ips) = make_veth()?;
+        let (guard, ips) = make_veth(args.link_rate)?;
         links.push(Link { name: "veth", ns: Some(guard.0.clone()), dest_ip: ips[1].clone(), baseline_mb_s: 0.0 });
         Some(guard)
     };
