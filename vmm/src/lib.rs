@@ -47,6 +47,7 @@ pub mod vcpu;
 pub mod vm;
 pub mod vmm;
 pub mod workload;
+pub mod x86;
 
 /// An error and its sources on one line ("cannot X: because Y"), each
 /// source's text added only when the message does not already contain it.

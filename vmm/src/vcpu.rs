@@ -8,10 +8,8 @@ use kvm_ioctls::VcpuFd;
 use serde::Serialize;
 
 use crate::vm::{Vm, VmError};
+use crate::x86::{CR0_ET, CR0_PE, RFLAGS_RESERVED};
 
-/// CR0.PE and CR0.ET (SDM Vol. 3A §2.5).
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
 
 /// A flat 32-bit segment as the PVH ABI requires at entry: base 0, limit
 /// 4 GiB, present, DPL 0 (SDM Vol. 3A §3.4.5).
@@ -84,7 +82,7 @@ pub fn create_pvh(vm: &Vm, id: u64, entry: u64, start_info: u64) -> Result<VcpuF
     sregs.efer = 0;
     vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
 
-    let regs = kvm_regs { rip: entry, rbx: start_info, rflags: 0x2, ..Default::default() };
+    let regs = kvm_regs { rip: entry, rbx: start_info, rflags: RFLAGS_RESERVED, ..Default::default() };
     vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
     Ok(vcpu)
 }

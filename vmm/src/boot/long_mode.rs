@@ -11,6 +11,7 @@
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use crate::layout::abi::{BOOT_PD, BOOT_PD_COUNT, BOOT_PDPT, BOOT_PML4, LINUX_GDT, PAGE_SIZE, PAGE_SIZE_2M};
+use crate::x86::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED};
 
 /// Page-table entry bits (SDM Vol. 3A §4.5, Tables 4-15 to 4-18).
 const PTE_PRESENT: u64 = 1 << 0;
@@ -20,17 +21,6 @@ const PTE_PAGE_SIZE: u64 = 1 << 7;
 /// Entries per table (SDM Vol. 3A §4.5: 512 eight-byte entries per 4 KiB).
 const ENTRIES: u64 = 512;
 
-/// CR0 bits (SDM Vol. 3A §2.5).
-const CR0_PE: u64 = 1 << 0;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-/// CR4.PAE (SDM Vol. 3A §2.5).
-const CR4_PAE: u64 = 1 << 5;
-/// EFER.LME and EFER.LMA (SDM Vol. 3A §2.2.1).
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-/// RFLAGS bit 1 is reserved and always 1 (SDM Vol. 1 §3.4.3).
-const RFLAGS_RESERVED: u64 = 1 << 1;
 
 /// `__BOOT_CS`: GDT entry 2 (arch/x86/include/asm/segment.h).
 pub const BOOT_CS: u16 = 0x10;

@@ -29,15 +29,8 @@ use memvisor_guest_mm::paging::{self, Level, PageTableEntry as Pte, PhysAddr, Vi
 
 use crate::host::TranslationMode;
 use crate::memory::GuestRam;
+use crate::x86::{CR0_PG, CR4_LA57, CR4_PAE, EFER_LMA};
 
-/// CR0.PG (SDM Vol. 3A §2.5).
-const CR0_PG: u64 = 1 << 31;
-/// CR4.PAE.
-const CR4_PAE: u64 = 1 << 5;
-/// CR4.LA57: 5-level paging, which this walker does not decode.
-const CR4_LA57: u64 = 1 << 12;
-/// EFER.LMA (SDM Vol. 3A §2.2.1).
-const EFER_LMA: u64 = 1 << 10;
 /// CR3 bits 51:12 hold the PML4's address (SDM Vol. 3A §4.5, Table 4-12).
 const CR3_ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// CPUID leaf with MAXPHYADDR in EAX[7:0] (SDM Vol. 2A, CPUID).
