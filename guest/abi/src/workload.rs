@@ -404,7 +404,9 @@ mod tests {
         assert_eq!(WorkloadKind::from_raw(31), Some(WorkloadKind::Cow));
         assert_eq!(Event::from_raw(37), Some(Event::CowCopies));
         assert_eq!(Event::from_raw(40), Some(Event::CowStackCopies));
-        assert_eq!(WorkloadKind::from_raw(40), Some(WorkloadKind::Shootdown));
-        assert_eq!(Event::from_raw(52), Some(Event::ShootdownStale));
+        assert_eq!(WorkloadKind::from_raw(40), Some(WorkloadKind::Ticker));
+        assert_eq!(Event::from_raw(51), Some(Event::TickerDone));
+        assert_eq!(WorkloadKind::from_raw(41), Some(WorkloadKind::Shootdown));
+        assert_eq!(Event::from_raw(62), Some(Event::ShootdownStale));
     }
 }
