@@ -107,9 +107,9 @@ fn boot_until(kernel: &PathBuf, args: &[&str], milestones: &[&str], timeout: Dur
     Console { lines, complete: missing.is_empty() }
 }
 
-/// `[mem 0x...-0x...] usable|reserved` entries of `BIOS-e820` lines, as
-/// (start, end exclusive, usable).
-fn e820_lines(c: &Console) -> Vec<(u64, u64, bool)> {
+/// `[mem 0x...-0x...] usable|reserved|ACPI data` entries of `BIOS-e820`
+/// lines, as (start, end exclusive, the kind as Linux names it).
+fn e820_lines(c: &Console) -> Vec<(u64, u64, String)> {
     c.lines_with("BIOS-e820: [mem ")
         .iter()
         .map(|l| {
@@ -117,20 +117,30 @@ fn e820_lines(c: &Console) -> Vec<(u64, u64, bool)> {
             let (a, b) = range.split_once('-').unwrap_or_else(|| panic!("no range in {l:?}"));
             let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("bad address in {l:?}"));
             let kind = l.rsplit(']').next().unwrap_or("").trim();
-            (hex(a), hex(b) + 1, kind == "usable")
+            (hex(a), hex(b) + 1, kind.to_string())
         })
         .collect()
 }
 
+/// How Linux names an E820 type when it prints the map
+/// (arch/x86/kernel/e820.c, `e820_type_to_string`).
+fn e820_kind(kind: u32) -> &'static str {
+    match kind {
+        memvisor_abi::boot::E820_RAM => "usable",
+        memvisor_abi::boot::E820_ACPI => "ACPI data",
+        _ => "reserved",
+    }
+}
+
 /// The map the VMM builds for `mem` bytes, with adjacent entries of one
 /// kind merged as Linux merges them (e820__update_table) before printing.
-fn expected_e820(mem: u64) -> Vec<(u64, u64, bool)> {
-    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+fn expected_e820(mem: u64) -> Vec<(u64, u64, String)> {
+    let mut out: Vec<(u64, u64, String)> = Vec::new();
     for e in memvisor::layout::e820_map(mem) {
-        let usable = e.kind == memvisor_abi::boot::E820_RAM;
+        let kind = e820_kind(e.kind);
         match out.last_mut() {
-            Some(last) if last.1 == e.addr && last.2 == usable => last.1 = e.addr + e.size,
-            _ => out.push((e.addr, e.addr + e.size, usable)),
+            Some(last) if last.1 == e.addr && last.2 == kind => last.1 = e.addr + e.size,
+            _ => out.push((e.addr, e.addr + e.size, kind.to_string())),
         }
     }
     out
@@ -176,6 +186,6 @@ fn linux_counts_all_of_guest_ram_but_the_holes() {
     let total_k: u64 = line.split("Memory: ").nth(1).and_then(|r| r.split('/').nth(1)).and_then(|t| t.split('K').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("cannot read {line:?}"));
     // Usable ranges, each rounded inward to whole pages, less page 0 (which
     // Linux reserves on x86: the BIOS data area, trim_bios_range).
-    let usable: u64 = expected_e820(mem).iter().filter(|e| e.2).map(|e| (e.1 & !0xfff).saturating_sub((e.0 + 0xfff) & !0xfff)).sum();
+    let usable: u64 = expected_e820(mem).iter().filter(|e| e.2 == "usable").map(|e| (e.1 & !0xfff).saturating_sub((e.0 + 0xfff) & !0xfff)).sum();
     assert_eq!(total_k * 1024, usable - 4096, "{line}: Linux counts every usable page memvisor gave it ({mem} bytes less the holes)\n{}", c.describe());
 }
