@@ -194,7 +194,7 @@ mod tests {
     fn acpi_tables_sit_in_the_legacy_hole_each_in_its_own_room() {
         const { assert!(EBDA_START <= ACPI_RSDP && ACPI_TABLES_END <= HIGH_MEMORY) };
         // The RSDP in the area OSPM scans, on a 16-byte boundary (ACPI 6.5 §5.2.5.1).
-        const { assert!(ACPI_RSDP >= 0xe_0000 && ACPI_RSDP + 36 <= 0x10_0000 && ACPI_RSDP % 16 == 0) };
+        const { assert!(ACPI_RSDP >= 0xe_0000 && ACPI_RSDP + 36 <= 0x10_0000 && ACPI_RSDP.is_multiple_of(16)) };
         const { assert!(ACPI_RSDP + ACPI_TABLE_MAX <= ACPI_XSDT) };
         let tables = [ACPI_XSDT, ACPI_FADT, ACPI_FACS, ACPI_DSDT, ACPI_MADT, ACPI_TABLES_END];
         assert!(tables.windows(2).all(|w| w[0] + ACPI_TABLE_MAX <= w[1]));
