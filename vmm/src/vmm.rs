@@ -145,7 +145,9 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
             vcpus.push(vcpu::create_pvh(&vm, 0, cpus, entry.0, layout::abi::PVH_START_INFO)?);
             for id in 1..u64::from(cpus) {
                 // Application processors wait, not running, until the guest
-                // starts them (memvisor_abi::smp).
+                // starts them (memvisor_abi::smp; a Linux kernel entered the
+                // PVH way sends INIT/SIPI: with the in-kernel irqchip KVM
+                // creates every vCPU but 0 waiting for them).
                 vcpus.push(vcpu::create(&vm, id, cpus)?);
             }
         }
