@@ -18,7 +18,7 @@ use crate::workload::Workload;
 
 pub mod choices;
 
-pub use choices::{Backing, DirtyMode, GuestPage, NumaPolicy};
+pub use choices::{Backing, DirtyMode, GuestPage, KernelDecompress, NumaPolicy};
 
 /// Largest config file read (a config is a few hundred bytes).
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -139,6 +139,8 @@ pub struct ConfigFile {
     pub cmdline: Option<String>,
     /// Initial ramdisk (Linux boot protocol kernels only).
     pub initrd: Option<PathBuf>,
+    /// Who decompresses a bzImage's kernel.
+    pub kernel_decompress: Option<KernelDecompress>,
     /// Control socket path.
     pub api_socket: Option<PathBuf>,
     /// Force a dirty-tracking mechanism.
@@ -199,6 +201,7 @@ impl ConfigFile {
             kernel: over.kernel.or(self.kernel),
             cmdline: over.cmdline.or(self.cmdline),
             initrd: over.initrd.or(self.initrd),
+            kernel_decompress: over.kernel_decompress.or(self.kernel_decompress),
             api_socket: over.api_socket.or(self.api_socket),
             dirty_mode: over.dirty_mode.or(self.dirty_mode),
             workload: over.workload.or(self.workload),
@@ -244,6 +247,7 @@ impl ConfigFile {
             kernel: self.kernel,
             cmdline: self.cmdline.unwrap_or_default(),
             initrd: self.initrd,
+            kernel_decompress: self.kernel_decompress.unwrap_or_default(),
             api_socket: self.api_socket,
             dirty_mode: self.dirty_mode,
             workload: self.workload,
@@ -279,6 +283,9 @@ pub struct VmConfig {
     /// Initial ramdisk (Linux boot protocol kernels only).
     #[serde(default)]
     pub initrd: Option<PathBuf>,
+    /// Who decompresses a bzImage's kernel (`crate::boot::decompress`).
+    #[serde(default)]
+    pub kernel_decompress: KernelDecompress,
     /// Control socket.
     pub api_socket: Option<PathBuf>,
     /// Forced dirty-tracking mechanism (`None`: the best available, when
