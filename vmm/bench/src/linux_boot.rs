@@ -394,7 +394,7 @@ pub fn to_text(r: &Results) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let _ = writeln!(s, "  host load average {} before, {} after ({cpus} CPUs); each run stopped at its last milestone or after {} s", load(r.load_average.0), load(r.load_average.1), r.timeout_s);
     let width = r.contenders.iter().map(|c| c.contender.name.len()).max().unwrap_or(8).max(8);
-    let _ = writeln!(s, "{:<20} {:<width$} {:>9} {:>9} {:>9}   {}", "milestone", "VMM", "min", "median", "max", "median vs QEMU");
+    let _ = writeln!(s, "{:<20} {:<width$} {:>9} {:>9} {:>9}   median vs QEMU", "milestone", "VMM", "min", "median", "max");
     let mut line = |label: &str, name: &str, row: &Row, judged: bool| {
         let cells = match row.summary {
             Some(x) => format!("{:>9} {:>9} {:>9}", secs(x.min), secs(x.median), secs(x.max)),
