@@ -104,6 +104,9 @@ pub struct LinuxBootArgs {
     /// Leave out memvisor with the guest's own decompressor.
     #[arg(long)]
     pub no_guest_decompress: bool,
+    /// A short run: one round, each run stopped at "Linux version".
+    #[arg(long)]
+    pub quick: bool,
     /// Print the results as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -510,6 +513,13 @@ fn qemu_mem(mem: &str) -> String {
 /// process cannot be spawned. A run that stops short of a milestone is a
 /// result, not an error.
 pub fn run(args: &LinuxBootArgs) -> Result<u32, LinuxBootError> {
+    let quick;
+    let args = if args.quick {
+        quick = LinuxBootArgs { runs: 1, until: Milestone::Version, ..args.clone() };
+        &quick
+    } else {
+        args
+    };
     if args.runs == 0 {
         return Err(LinuxBootError::Args("--runs must be at least 1".into()));
     }
