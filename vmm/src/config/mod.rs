@@ -439,4 +439,18 @@ mod tests {
         assert!(toml::from_str::<ConfigFile>("memory = 1").is_err(), "unknown keys are rejected");
         assert!(toml::from_str::<ConfigFile>("backing = \"bogus\"").is_err());
     }
+
+    #[test]
+    fn the_vmm_decompresses_a_bzimage_unless_told_otherwise() {
+        assert_eq!(VmConfig::default().kernel_decompress, KernelDecompress::Vmm);
+        let file: ConfigFile = toml::from_str("kernel-decompress = \"guest\"").unwrap();
+        assert_eq!(file.clone().into_vm_config().unwrap().kernel_decompress, KernelDecompress::Guest);
+        let flags = ConfigFile { kernel_decompress: Some(KernelDecompress::Vmm), ..Default::default() };
+        assert_eq!(file.merged_with(flags).into_vm_config().unwrap().kernel_decompress, KernelDecompress::Vmm);
+        assert!(toml::from_str::<ConfigFile>("kernel-decompress = \"host\"").is_err());
+        // A snapshot's configuration from before the field reads as the default.
+        let mut old = serde_json::to_value(VmConfig::default()).unwrap();
+        old.as_object_mut().unwrap().remove("kernel_decompress");
+        assert_eq!(serde_json::from_value::<VmConfig>(old).unwrap().kernel_decompress, KernelDecompress::Vmm);
+    }
 }
