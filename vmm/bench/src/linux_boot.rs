@@ -40,6 +40,9 @@ use memvisor::size::{format_size, parse_size};
 /// `xrstor` at ring 0: docs/linux-guests.md) and a reboot or panic that
 /// ends the VM.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,keep noxsave reboot=k panic=-1";
+/// How long a run that reached its last milestone waits for Linux's
+/// "Command line:" line before it is stopped.
+const CMDLINE_GRACE: Duration = Duration::from_secs(5);
 /// The goal: memvisor at most 0.9× QEMU's time at every milestone.
 pub const GOAL_RATIO: f64 = 0.9;
 
@@ -268,8 +271,19 @@ fn run_once(c: &Contender, until: Milestone, timeout: Duration) -> Result<Sample
         }
     });
     let mut tracker = ConsoleTracker::default();
-    while !tracker.reached(until) {
+    // "Command line:" follows "Linux version" at once (both come out of
+    // the log when the early console starts); a run stopped at the banner
+    // waits a moment more for it.
+    let mut grace: Option<Instant> = None;
+    loop {
+        if tracker.reached(until) {
+            if tracker.sample.cmdline.is_some() || grace.is_some_and(|g| g.elapsed() >= CMDLINE_GRACE) {
+                break;
+            }
+            grace.get_or_insert_with(Instant::now);
+        }
         let Some(left) = timeout.checked_sub(start.elapsed()) else { break };
+        let left = if grace.is_some() { left.min(CMDLINE_GRACE) } else { left };
         match rx.recv_timeout(left) {
             Ok((t, line)) => tracker.line(t, &line),
             // Timed out, or the process closed its console (exited).
