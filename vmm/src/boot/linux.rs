@@ -3,7 +3,9 @@
 //! at the 64-bit entry (Documentation/arch/x86/boot.rst, "64-bit Boot
 //! Protocol").
 //!
-//! [`load`] writes guest memory: the kernel (linux-loader), the initrd at
+//! [`load`] writes guest memory: the kernel (linux-loader; a bzImage's
+//! kernel decompressed by [`super::decompress`] first, unless the guest's
+//! own decompressor is to run), the initrd at
 //! the place [`super::initrd::place`] picks, the command line, the zero page
 //! ([`super::zero_page::build`]), the boot GDT and page tables
 //! ([`super::long_mode`]). [`prepare_vm`] adds what a Linux guest expects
@@ -205,6 +207,57 @@ mod tests {
         assert_eq!(params.hdr.type_of_loader, 0xff);
         assert_eq!(usize::from(params.e820_entries), layout::e820_map(256 << 20).len());
         assert_eq!(&read::<[u8; 14]>(&ram, abi::CMDLINE), b"console=ttyS0\0");
+    }
+
+    /// A bzImage (the fake header, protocol 2.15) whose payload is a
+    /// legacy LZ4 frame of a one-segment vmlinux: 16 bytes at 16 MiB,
+    /// entered there.
+    fn bzimage_with_vmlinux() -> Vec<u8> {
+        let mut elf = vec![0u8; 64 + 56];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        elf[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // e_entry
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = 64;
+        elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        elf[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes()); // p_offset
+        for at in [16, 24] {
+            elf[ph + at..ph + at + 8].copy_from_slice(&0x100_0000u64.to_le_bytes()); // p_vaddr, p_paddr
+        }
+        elf[ph + 32..ph + 40].copy_from_slice(&16u64.to_le_bytes()); // p_filesz
+        elf[ph + 40..ph + 48].copy_from_slice(&0x1000u64.to_le_bytes()); // p_memsz
+        elf.extend_from_slice(b"VMLINUX-SEGMENT!");
+        let block = lz4_flex::block::compress(&elf);
+        let mut payload = 0x184c_2102u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&block);
+        payload.extend_from_slice(&(elf.len() as u32).to_le_bytes());
+        let code = payload.len().next_multiple_of(16);
+        let mut image = bzimage::tests::fake_bzimage(0x020f, linux_loader::loader::bootparam::XLF_KERNEL_64, code as u32, 1024 + code);
+        image[1024..1024 + payload.len()].copy_from_slice(&payload);
+        image[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes()); // payload_length
+        image
+    }
+
+    #[test]
+    fn a_bzimage_decompressed_by_the_vmm_is_entered_as_its_vmlinux_with_its_header() {
+        let ram = ram(256 << 20);
+        let initrd = vec![0x5a; 10_000];
+        let e = load(&ram, &bzimage_with_vmlinux(), KernelFormat::BzImage, KernelDecompress::Vmm, Some(&initrd), "console=ttyS0").unwrap();
+        assert_eq!(e.rip, 0x100_0000, "startup_64, the vmlinux's entry, not the bzImage's 0x200");
+        assert_eq!(&read::<[u8; 16]>(&ram, 0x100_0000), b"VMLINUX-SEGMENT!");
+        assert_eq!(e.kernel_end, 0x100_1000, "the vmlinux's footprint, not the decompressor's init_size");
+        let params: linux_loader::loader::bootparam::boot_params = read(&ram, abi::ZERO_PAGE);
+        // The bzImage's own header, with the loader's fields.
+        assert_eq!(({ params.hdr.version }, { params.hdr.init_size }, { params.hdr.cmdline_size }), (0x020f, 0x400_0000, 2047));
+        assert_eq!((params.hdr.type_of_loader, { params.hdr.cmd_line_ptr }), (0xff, abi::CMDLINE as u32));
+        assert_eq!({ params.hdr.ramdisk_size }, 10_000);
+        // The guest's way leaves the payload alone and enters at 0x200.
+        let e = load(&ram, &bzimage_with_vmlinux(), KernelFormat::BzImage, KernelDecompress::Guest, None, "").unwrap();
+        assert_eq!(e.rip, 0x10_0200);
     }
 
     #[test]
