@@ -291,7 +291,7 @@ fn another_stream_version_is_refused_on_both_sides() {
     fake.read_exact(&mut theirs).unwrap();
     assert_eq!(&theirs[..16], b"memvisor-migrate", "the destination says which version it speaks");
     let dst = dst.wait(Duration::from_secs(30));
-    dst.assert_error(&["version 99", "version 1"]);
+    dst.assert_error(&["version 99", "version 2"]);
     // A source meets a destination of version 99: the guest runs on.
     let fake_dest = dir.path().join("fake.sock");
     let listener = UnixListener::bind(&fake_dest).unwrap();

@@ -8,7 +8,7 @@
 use vm_memory::GuestAddress;
 
 pub use memvisor_abi::layout as abi;
-use memvisor_abi::boot::{E820_RAM, E820_RESERVED, HvmMemmapEntry};
+use memvisor_abi::boot::{E820_ACPI, E820_RAM, E820_RESERVED, HvmMemmapEntry};
 
 /// Where the PVH start info goes.
 pub const PVH_START_INFO: GuestAddress = GuestAddress(abi::PVH_START_INFO);
@@ -30,6 +30,28 @@ pub const LINUX_GDT: GuestAddress = GuestAddress(abi::LINUX_GDT);
 pub const ZERO_PAGE: GuestAddress = GuestAddress(abi::ZERO_PAGE);
 /// The boot page tables' root (PML4).
 pub const BOOT_PML4: GuestAddress = GuestAddress(abi::BOOT_PML4);
+/// The ACPI RSDP, in the BIOS area OSPM scans.
+pub const ACPI_RSDP: GuestAddress = GuestAddress(abi::ACPI_RSDP);
+/// The ACPI XSDT.
+pub const ACPI_XSDT: GuestAddress = GuestAddress(abi::ACPI_XSDT);
+/// The ACPI FADT.
+pub const ACPI_FADT: GuestAddress = GuestAddress(abi::ACPI_FADT);
+/// The ACPI FACS.
+pub const ACPI_FACS: GuestAddress = GuestAddress(abi::ACPI_FACS);
+/// The ACPI DSDT.
+pub const ACPI_DSDT: GuestAddress = GuestAddress(abi::ACPI_DSDT);
+/// The ACPI MADT.
+pub const ACPI_MADT: GuestAddress = GuestAddress(abi::ACPI_MADT);
+
+/// The legacy hole from the EBDA to 1 MiB as the memory map gives it, as
+/// `(start, end, E820 type)` in address order: reserved, except the ACPI
+/// tables after the RSDP, which are "ACPI data" (the RSDP itself stays in
+/// the reserved BIOS area, where OSPM scans for it).
+const LEGACY_HOLE: [(u64, u64, u32); 3] = [
+    (abi::EBDA_START, abi::ACPI_XSDT, E820_RESERVED),
+    (abi::ACPI_XSDT, abi::ACPI_TABLES_END, E820_ACPI),
+    (abi::ACPI_TABLES_END, abi::HIGH_MEMORY, E820_RESERVED),
+];
 
 /// Where a virtio-mmio device sits: its register window and the GSI (the
 /// in-kernel IOAPIC's input) its interrupt raises. The guest learns both
@@ -79,7 +101,8 @@ pub fn ram_ranges(mem_size: u64) -> Vec<RamRange> {
 }
 
 /// The E820-style memory map the guest gets, in address order: RAM below
-/// the EBDA, the legacy hole reserved, RAM from 1 MiB, the device ranges in
+/// the EBDA, the legacy hole reserved but for the ACPI tables
+/// ([`LEGACY_HOLE`]), RAM from 1 MiB, the device ranges in
 /// the MMIO hole reserved ([`abi::DEVICE_RANGES`]), then RAM above 4 GiB.
 /// Both boot paths hand it over: the PVH start info's memory map and the
 /// Linux zero page's `e820_table`.
@@ -92,8 +115,10 @@ pub fn e820_map(mem_size: u64) -> Vec<HvmMemmapEntry> {
         if start < abi::HIGH_MEMORY {
             let low_end = end.min(abi::EBDA_START);
             map.push(entry(start, low_end - start, E820_RAM));
-            if end > abi::EBDA_START {
-                map.push(entry(abi::EBDA_START, end.min(abi::HIGH_MEMORY) - abi::EBDA_START, E820_RESERVED));
+            for &(hole_start, hole_end, kind) in &LEGACY_HOLE {
+                if end > hole_start {
+                    map.push(entry(hole_start, end.min(hole_end) - hole_start, kind));
+                }
             }
             if end > abi::HIGH_MEMORY {
                 map.push(entry(abi::HIGH_MEMORY, end - abi::HIGH_MEMORY, E820_RAM));
@@ -112,13 +137,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn e820_reserves_the_legacy_hole() {
+    fn e820_reserves_the_legacy_hole_and_marks_the_acpi_tables() {
         let map = e820_map(256 << 20);
-        assert_eq!(map.len(), 3 + abi::DEVICE_RANGES.len());
+        assert_eq!(map.len(), 5 + abi::DEVICE_RANGES.len());
         assert_eq!((map[0].addr, map[0].size, map[0].kind), (0, abi::EBDA_START, E820_RAM));
-        assert_eq!(map[1].kind, E820_RESERVED);
-        assert_eq!(map[2].addr, abi::HIGH_MEMORY);
-        assert_eq!(map[2].addr + map[2].size, 256 << 20);
+        assert_eq!((map[1].addr, map[1].kind), (abi::EBDA_START, E820_RESERVED));
+        assert!(map[1].addr < abi::ACPI_RSDP && abi::ACPI_RSDP < map[1].addr + map[1].size, "the RSDP stays in the reserved BIOS area");
+        assert_eq!((map[2].addr, map[2].addr + map[2].size, map[2].kind), (abi::ACPI_XSDT, abi::ACPI_TABLES_END, E820_ACPI));
+        assert_eq!((map[3].addr, map[3].addr + map[3].size, map[3].kind), (abi::ACPI_TABLES_END, abi::HIGH_MEMORY, E820_RESERVED));
+        assert_eq!(map[4].addr, abi::HIGH_MEMORY);
+        assert_eq!(map[4].addr + map[4].size, 256 << 20);
+        for table in [abi::ACPI_XSDT, abi::ACPI_FADT, abi::ACPI_FACS, abi::ACPI_DSDT, abi::ACPI_MADT] {
+            assert!(table >= map[2].addr && table + abi::ACPI_TABLE_MAX <= map[2].addr + map[2].size);
+        }
     }
 
     #[test]
@@ -136,7 +167,7 @@ mod tests {
     fn e820_covers_ram_above_4g() {
         let map = e820_map(6 << 30);
         let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
-        let legacy: u64 = map.iter().filter(|e| e.kind == E820_RESERVED && e.addr < abi::HIGH_MEMORY).map(|e| e.size).sum();
+        let legacy: u64 = map.iter().filter(|e| e.kind != E820_RAM && e.addr < abi::HIGH_MEMORY).map(|e| e.size).sum();
         assert_eq!(ram + legacy, 6 << 30);
         let last = map.last().unwrap();
         assert_eq!(last.addr, abi::MMIO_HOLE_END);

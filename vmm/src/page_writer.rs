@@ -120,7 +120,7 @@ impl PageWriter {
         let ram = GuestRam::new(&config)?;
         let vm = Vm::new(open_kvm()?, ram)?;
         let mut tracker = DirtyTracker::prepare(vm.fd(), vm.ram(), Some(mode))?;
-        let vcpu = crate::vcpu::create_pvh(&vm, 0, CODE, 0)?;
+        let vcpu = crate::vcpu::create_pvh(&vm, 0, 1, CODE, 0)?;
         tracker.attach_vcpu(&vcpu, 0)?;
         vm.ram().memory().write_slice(&PASS_CODE, GuestAddress(CODE)).map_err(|e| VmmError::Boot(crate::boot::BootError::WriteMemory(e.to_string())))?;
         let mut w = PageWriter { vm, vcpu, tracker, params: [0; 5] };

@@ -355,7 +355,8 @@ fn load_vcpus(vm: &Vm, chain: &Chain, mut tracker: Option<&mut DirtyTracker>, ba
     let mut vcpus = Vec::with_capacity(chain.state.vcpus.len());
     for (i, saved) in chain.state.vcpus.iter().enumerate() {
         let id = i as u64;
-        let vcpu = if saved.cpuid.is_empty() { vcpu::create(vm, id)? } else { vcpu::create_with_cpuid(vm, id, &saved.cpuid()?)? };
+        // A snapshot without CPUID predates SMP: its vCPU had a topology of one.
+        let vcpu = if saved.cpuid.is_empty() { vcpu::create(vm, id, 1)? } else { vcpu::create_with_cpuid(vm, id, &saved.cpuid()?)? };
         if let Some(t) = tracker.as_deref_mut() {
             t.attach_vcpu(&vcpu, i)?;
         }

@@ -3,7 +3,7 @@
 //! [`crate::boot::cpu`] and [`crate::boot::long_mode`]; this file hands
 //! them to KVM.
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_UNINITIALIZED, Msrs, kvm_fpu, kvm_mp_state, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use serde::Serialize;
 
@@ -31,17 +31,16 @@ fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
     }
 }
 
-/// Creates vCPU `id` with the CPUID KVM supports on this host, with the
-/// leaves a VMM fixes ([`crate::boot::cpu::fix_cpuid`]: APIC id, the
-/// hypervisor bit, topology, KVM's signature).
+/// Creates vCPU `id` of `count` with the CPUID KVM supports on this host,
+/// with the leaves a VMM fixes ([`crate::boot::cpu::fix_cpuid`]: APIC id
+/// `id`, the hypervisor bit, a topology of `count` cores, KVM's signature).
 ///
 /// # Errors
 /// [`VmError::Kvm`] when an ioctl fails.
-pub fn create(vm: &Vm, id: u64) -> Result<VcpuFd, VmError> {
+pub fn create(vm: &Vm, id: u64, count: u32) -> Result<VcpuFd, VmError> {
     let supported: CpuId = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|source| VmError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
     let mut entries = supported.as_slice().to_vec();
-    // One vCPU: SMP is not implemented (config: vcpus must be 1).
-    crate::boot::cpu::fix_cpuid(&mut entries, u32::try_from(id).unwrap_or(u32::MAX), 1);
+    crate::boot::cpu::fix_cpuid(&mut entries, u32::try_from(id).unwrap_or(u32::MAX), count);
     if crate::host::detect().is_pvm() {
         crate::boot::cpu::hide_unemulated_features(&mut entries);
     }
@@ -61,14 +60,14 @@ pub fn create_with_cpuid(vm: &Vm, id: u64, cpuid: &CpuId) -> Result<VcpuFd, VmEr
     Ok(vcpu)
 }
 
-/// Creates vCPU `id` and puts it at `entry` in 32-bit protected mode with
-/// paging off and `ebx = start_info` (PVH).
+/// Creates vCPU `id` of `count` and puts it at `entry` in 32-bit protected
+/// mode with paging off and `ebx = start_info` (PVH).
 ///
 /// # Errors
 /// [`VmError::Kvm`] when an ioctl fails.
-pub fn create_pvh(vm: &Vm, id: u64, entry: u64, start_info: u64) -> Result<VcpuFd, VmError> {
+pub fn create_pvh(vm: &Vm, id: u64, count: u32, entry: u64, start_info: u64) -> Result<VcpuFd, VmError> {
     let kvm_err = |what| move |source| VmError::Kvm { what, source };
-    let vcpu = create(vm, id)?;
+    let vcpu = create(vm, id, count)?;
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     sregs.cs = flat_segment(0x08, 0xb); // execute/read, accessed
     let data = flat_segment(0x10, 0x3); // read/write, accessed
@@ -92,17 +91,51 @@ pub fn create_pvh(vm: &Vm, id: u64, entry: u64, start_info: u64) -> Result<VcpuF
 const FPU_CONTROL_WORD: u16 = 0x37f;
 const MXCSR_DEFAULT: u32 = 0x1f80;
 
-/// Creates vCPU `id` and puts it at Linux's 64-bit entry `entry` (boot.rst,
-/// "64-bit Boot Protocol"): long mode on the boot page tables and GDT,
-/// `rsi` at the zero page, the boot MSRs set, the FPU at its reset state
-/// and the LAPIC's LINT0/LINT1 wired as ExtINT/NMI. The VM needs its
-/// in-kernel irqchip first ([`crate::boot::linux::prepare_vm`]).
+/// Creates vCPU `id` of `count` and puts it at Linux's 64-bit entry `entry`
+/// (boot.rst, "64-bit Boot Protocol"): long mode on the boot page tables and
+/// GDT, `rsi` at the zero page, the FPU at its reset state, and the
+/// platform state of every Linux vCPU ([`set_linux_platform`]). The VM
+/// needs its in-kernel irqchip first ([`crate::boot::linux::prepare_vm`]).
 ///
 /// # Errors
 /// [`VmError::Kvm`] when an ioctl fails.
-pub fn create_linux(vm: &Vm, id: u64, entry: &crate::boot::linux::LinuxEntry) -> Result<VcpuFd, VmError> {
+pub fn create_linux(vm: &Vm, id: u64, count: u32, entry: &crate::boot::linux::LinuxEntry) -> Result<VcpuFd, VmError> {
     let kvm_err = |what| move |source| VmError::Kvm { what, source };
-    let vcpu = create(vm, id)?;
+    let vcpu = create(vm, id, count)?;
+    set_linux_platform(&vcpu)?;
+    let sregs = crate::boot::long_mode::sregs(&vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?);
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&crate::boot::long_mode::regs(entry.rip, entry.zero_page)).map_err(kvm_err("KVM_SET_REGS"))?;
+    let fpu = kvm_fpu { fcw: FPU_CONTROL_WORD, mxcsr: MXCSR_DEFAULT, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+    Ok(vcpu)
+}
+
+/// Creates application processor `id` of `count` for a Linux guest: in its
+/// reset state, waiting for the INIT and SIPI Linux sends it
+/// (`KVM_MP_STATE_UNINITIALIZED`, which needs the in-kernel irqchip; KVM
+/// api.rst, KVM_SET_MP_STATE), with the same platform state as vCPU 0
+/// ([`set_linux_platform`]; INIT keeps the MSRs, as on hardware). Its
+/// thread's `KVM_RUN` blocks in KVM until the SIPI, as Firecracker's APs do.
+///
+/// # Errors
+/// [`VmError::Kvm`] when an ioctl fails.
+pub fn create_linux_ap(vm: &Vm, id: u64, count: u32) -> Result<VcpuFd, VmError> {
+    let vcpu = create(vm, id, count)?;
+    set_linux_platform(&vcpu)?;
+    vcpu.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_UNINITIALIZED }).map_err(|source| VmError::Kvm { what: "KVM_SET_MP_STATE", source })?;
+    Ok(vcpu)
+}
+
+/// What every vCPU of a Linux guest gets before it runs: the boot MSRs
+/// ([`crate::boot::cpu::boot_msrs`]) and the LAPIC's LINT0/LINT1 wired as
+/// ExtINT/NMI ([`crate::boot::cpu::set_lint`]), as Firecracker does for
+/// each of its vCPUs.
+///
+/// # Errors
+/// [`VmError::Kvm`] when an ioctl fails.
+fn set_linux_platform(vcpu: &VcpuFd) -> Result<(), VmError> {
+    let kvm_err = |what| move |source| VmError::Kvm { what, source };
     let wanted = crate::boot::cpu::boot_msrs();
     let msrs = Msrs::from_entries(&wanted).map_err(|_| VmError::Kvm { what: "KVM_SET_MSRS (too many MSRs)", source: kvm_ioctls::Error::new(libc::E2BIG) })?;
     let set = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
@@ -115,18 +148,13 @@ pub fn create_linux(vm: &Vm, id: u64, entry: &crate::boot::linux::LinuxEntry) ->
             log::warn!("KVM refused boot MSR {:#x} = {:#x}; left at its reset value", m.index, m.data);
         }
     }
-    let sregs = crate::boot::long_mode::sregs(&vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?);
-    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&crate::boot::long_mode::regs(entry.rip, entry.zero_page)).map_err(kvm_err("KVM_SET_REGS"))?;
-    let fpu = kvm_fpu { fcw: FPU_CONTROL_WORD, mxcsr: MXCSR_DEFAULT, ..Default::default() };
-    vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
     let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
     // SAFETY: `regs` is a plain `[c_char; 1024]`; viewing it as bytes of
     // the same length and alignment is sound.
     let regs = unsafe { std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast::<u8>(), lapic.regs.len()) };
     crate::boot::cpu::set_lint(regs);
     vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-    Ok(vcpu)
+    Ok(())
 }
 
 /// The registers worth printing when a guest dies.

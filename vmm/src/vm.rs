@@ -214,7 +214,7 @@ mod tests {
         let ram = GuestRam::new(&VmConfig { mem_size: 2 << 20, ..VmConfig::default() }).unwrap();
         let vm = Vm::new(open_kvm().unwrap(), ram).unwrap();
         vm.create_irqchip().unwrap();
-        let vcpu = crate::vcpu::create(&vm, 0).unwrap();
+        let vcpu = crate::vcpu::create(&vm, 0, 1).unwrap();
         // Software-enable the LAPIC (SVR at 0xF0, bit 8; SDM Vol. 3A §11.9).
         let mut lapic = vcpu.get_lapic().unwrap();
         for (i, b) in 0x1ffu32.to_le_bytes().iter().enumerate() {
@@ -243,5 +243,16 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_ne!(irr & (1 << (VECTOR - 32)), 0, "LAPIC IRR[63:32] = {irr:#x}");
+    }
+
+    #[test]
+    fn a_linux_application_processor_waits_for_init_and_sipi() {
+        let ram = GuestRam::new(&VmConfig { mem_size: 2 << 20, ..VmConfig::default() }).unwrap();
+        let vm = Vm::new(open_kvm().unwrap(), ram).unwrap();
+        vm.create_irqchip().unwrap();
+        let ap = crate::vcpu::create_linux_ap(&vm, 1, 2).unwrap();
+        assert_eq!(ap.get_mp_state().unwrap().mp_state, kvm_bindings::KVM_MP_STATE_UNINITIALIZED);
+        // LINT1 is NMI (delivery mode 0b100 in bits 10:8), as on vCPU 0.
+        assert_eq!(lapic_reg(&ap.get_lapic().unwrap(), 0x360) & 0x700, 0x400);
     }
 }

@@ -125,21 +125,32 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     let cmdline = boot::cmdline::with_virtio_mmio(&config.cmdline, balloon.as_ref().map(|_| layout::BALLOON).as_slice());
     // A bzImage or a vmlinux without a PVH note boots through Linux's
     // 64-bit boot protocol (boot::linux); a PVH ELF the PVH way.
-    let linux_entry = boot::load_linux(&vm, &image, config.kernel_decompress, config.initrd.as_deref(), &cmdline)?;
+    let linux_entry = boot::load_linux(&vm, &image, config.kernel_decompress, config.initrd.as_deref(), &cmdline, config.vcpus)?;
     let is_pvh = linux_entry.is_none();
-    let first = match linux_entry {
-        Some(entry) => vcpu::create_linux(&vm, 0, &entry)?,
+    let cpus = config.vcpus;
+    let mut vcpus = Vec::with_capacity(cpus as usize);
+    match linux_entry {
+        Some(entry) => {
+            vcpus.push(vcpu::create_linux(&vm, 0, cpus, &entry)?);
+            for id in 1..u64::from(cpus) {
+                // Linux starts its application processors with INIT and
+                // SIPI, which KVM's in-kernel LAPIC delivers; the MADT
+                // announces them (boot::acpi).
+                vcpus.push(vcpu::create_linux_ap(&vm, id, cpus)?);
+            }
+        }
         None => {
             let entry = boot::load_kernel(vm.ram(), &image)?;
             timeline::mark("load kernel ELF");
-            vcpu::create_pvh(&vm, 0, entry.0, layout::abi::PVH_START_INFO)?
+            vcpus.push(vcpu::create_pvh(&vm, 0, cpus, entry.0, layout::abi::PVH_START_INFO)?);
+            for id in 1..u64::from(cpus) {
+                // Application processors wait, not running, until the guest
+                // starts them (memvisor_abi::smp; a Linux kernel entered the
+                // PVH way sends INIT/SIPI: with the in-kernel irqchip KVM
+                // creates every vCPU but 0 waiting for them).
+                vcpus.push(vcpu::create(&vm, id, cpus)?);
+            }
         }
-    };
-    let mut vcpus = vec![first];
-    for id in 1..u64::from(config.vcpus) {
-        // Application processors wait, not running, until the guest starts
-        // them (memvisor_abi::smp; a Linux guest with INIT/SIPI).
-        vcpus.push(vcpu::create(&vm, id)?);
     }
     timeline::mark("create vCPU + CPUID + registers");
     let tsc_khz = vcpus[0].get_tsc_khz().map_or(0, u64::from);

@@ -22,6 +22,9 @@ pub const HVM_START_VERSION: u32 = 1;
 pub const E820_RAM: u32 = 1;
 /// E820 type of reserved ranges.
 pub const E820_RESERVED: u32 = 2;
+/// E820 type of ranges holding ACPI tables ("ACPI reclaim memory", ACPI
+/// 6.5 §15.1, Table 15.1): not RAM until the OS has read the tables.
+pub const E820_ACPI: u32 = 3;
 
 /// Xen's `struct hvm_start_info`, version 1.
 #[repr(C)]
@@ -59,7 +62,7 @@ pub struct HvmMemmapEntry {
     pub addr: u64,
     /// Length in bytes.
     pub size: u64,
-    /// [`E820_RAM`] or [`E820_RESERVED`].
+    /// [`E820_RAM`], [`E820_RESERVED`] or [`E820_ACPI`].
     pub kind: u32,
     /// Must be zero.
     pub reserved: u32,

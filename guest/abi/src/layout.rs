@@ -16,6 +16,9 @@
 //! 0x0000_c000  │ boot page tables      │  PML4, PDPT, 4 PDs: first 4 GiB
 //! 0x0001_2000  │ …                     │
 //! 0x0009_fc00  ├───────────────────────┤  EBDA / VGA / BIOS: reserved (e820)
+//! 0x000e_0000  │ ACPI RSDP             │  in the BIOS area OSPM scans
+//! 0x000e_1000  │ ACPI tables           │  XSDT, FADT, FACS, DSDT, MADT:
+//! 0x000e_6000  │ …                     │  "ACPI data" in the e820 map
 //! 0x0010_0000  ├───────────────────────┤
 //!              │ kernel image (ELF)    │
 //!              │ free RAM …            │
@@ -69,6 +72,30 @@ pub const BOOT_PAGE_TABLES_END: u64 = BOOT_PD + BOOT_PD_COUNT * PAGE_SIZE;
 /// Start of the Extended BIOS Data Area; from here to [`HIGH_MEMORY`] is
 /// reserved in the memory map, as on a PC.
 pub const EBDA_START: u64 = 0x9_fc00;
+/// The ACPI Root System Description Pointer. On IA-PC systems OSPM finds
+/// it on a 16-byte boundary in the BIOS read-only area 0xe0000..0xfffff
+/// (ACPI 6.5 §5.2.5.1), so a kernel that is not told where it is (through
+/// the zero page's `acpi_rsdp_addr` or the PVH start info's `rsdp_paddr`)
+/// still finds it. It stays in the reserved legacy hole.
+pub const ACPI_RSDP: u64 = 0xe_0000;
+/// The Extended System Description Table (ACPI 6.5 §5.2.8), the first of
+/// the tables the RSDP leads to. Each table has a page of its own (the
+/// largest, the MADT of 64 CPUs, is under 600 bytes); from here to
+/// [`ACPI_TABLES_END`] the memory map says "ACPI data" (E820 type 3, ACPI
+/// 6.5 §15.1, Table 15.1).
+pub const ACPI_XSDT: u64 = 0xe_1000;
+/// The Fixed ACPI Description Table, signature "FACP" (ACPI 6.5 §5.2.9).
+pub const ACPI_FADT: u64 = 0xe_2000;
+/// The Firmware ACPI Control Structure; 64-byte aligned (ACPI 6.5 §5.2.10).
+pub const ACPI_FACS: u64 = 0xe_3000;
+/// The Differentiated System Description Table (ACPI 6.5 §5.2.11.1).
+pub const ACPI_DSDT: u64 = 0xe_4000;
+/// The Multiple APIC Description Table, signature "APIC" (ACPI 6.5 §5.2.12).
+pub const ACPI_MADT: u64 = 0xe_5000;
+/// Room for each ACPI table at the addresses above.
+pub const ACPI_TABLE_MAX: u64 = PAGE_SIZE;
+/// One past the ACPI tables.
+pub const ACPI_TABLES_END: u64 = ACPI_MADT + ACPI_TABLE_MAX;
 /// The 1 MiB mark: kernels are loaded here (PVH and Linux convention).
 pub const HIGH_MEMORY: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole. 1 GiB-aligned so that RAM below it can be
@@ -154,12 +181,24 @@ mod tests {
     fn layout_is_in_address_order() {
         let order = [
             PVH_START_INFO, PVH_MEMMAP, BOOT_CONFIG, CMDLINE, LINUX_GDT, ZERO_PAGE, BOOT_PML4, BOOT_PDPT, BOOT_PD,
-            BOOT_PAGE_TABLES_END, EBDA_START, HIGH_MEMORY,
+            BOOT_PAGE_TABLES_END, EBDA_START, ACPI_RSDP, ACPI_XSDT, ACPI_FADT, ACPI_FACS, ACPI_DSDT, ACPI_MADT, ACPI_TABLES_END,
+            HIGH_MEMORY,
             MMIO_HOLE_START, VIRTIO_MMIO_BASE, IOAPIC_BASE, LAPIC_BASE, KVM_IDENTITY_MAP, KVM_TSS, MMIO_HOLE_END,
         ];
         assert!(order.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(MMIO_HOLE_START % PAGE_SIZE_1G, 0);
         const { assert!(CMDLINE + CMDLINE_MAX <= LINUX_GDT) };
+    }
+
+    #[test]
+    fn acpi_tables_sit_in_the_legacy_hole_each_in_its_own_room() {
+        const { assert!(EBDA_START <= ACPI_RSDP && ACPI_TABLES_END <= HIGH_MEMORY) };
+        // The RSDP in the area OSPM scans, on a 16-byte boundary (ACPI 6.5 §5.2.5.1).
+        const { assert!(ACPI_RSDP >= 0xe_0000 && ACPI_RSDP + 36 <= 0x10_0000 && ACPI_RSDP.is_multiple_of(16)) };
+        const { assert!(ACPI_RSDP + ACPI_TABLE_MAX <= ACPI_XSDT) };
+        let tables = [ACPI_XSDT, ACPI_FADT, ACPI_FACS, ACPI_DSDT, ACPI_MADT, ACPI_TABLES_END];
+        assert!(tables.windows(2).all(|w| w[0] + ACPI_TABLE_MAX <= w[1]));
+        assert_eq!(ACPI_FACS % 64, 0, "the FACS is 64-byte aligned (ACPI 6.5 §5.2.10)");
     }
 
     #[test]

@@ -36,3 +36,18 @@ pub const SWAP: u16 = 0x610;
 /// Writing a 32-bit guest-physical address here asks the VMM to start the
 /// application processor an [`crate::smp::ApStart`] at that address names.
 pub const AP_START: u16 = 0x620;
+
+/// The ACPI PM1a event block: PM1 status (2 bytes, write 1 to clear) then
+/// PM1 enable (2 bytes) (ACPI 6.5 §4.8.3.1). The FADT points here; ports
+/// from `0x600` up are memvisor's own, none a PC device decodes.
+pub const ACPI_PM1A_EVT: u16 = 0x640;
+/// Length of the PM1a event block (FADT `PM1_EVT_LEN`).
+pub const ACPI_PM1_EVT_LEN: u16 = 4;
+/// The ACPI PM1a control block: PM1 control, 2 bytes (ACPI 6.5 §4.8.3.2).
+pub const ACPI_PM1A_CNT: u16 = ACPI_PM1A_EVT + ACPI_PM1_EVT_LEN;
+/// Length of the PM1a control block (FADT `PM1_CNT_LEN`).
+pub const ACPI_PM1_CNT_LEN: u16 = 2;
+/// The ACPI System Control Interrupt: ISA IRQ 9, GSI 9, as on PCs with a
+/// PIIX4 or ICH power-management function (FADT `SCI_INT`). memvisor never
+/// raises it: no PM1 event is ever pending.
+pub const ACPI_SCI_GSI: u32 = 9;

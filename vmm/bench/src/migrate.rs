@@ -97,6 +97,9 @@ struct CaseResult {
     link: String,
     guest: String,
     samples: Vec<Sample>,
+    /// Runs that failed, with the reason: a failed migration is a result
+    /// (listed and counted), not the end of the bench.
+    failures: Vec<String>,
     total_ms: Option<Summary>,
     bytes_per_ram: Option<Summary>,
     bytes_per_data: Option<Summary>,
@@ -410,15 +413,17 @@ fn qemu_once(qemu: &Path, link: &Link, mem: u64, guest: &Path, bootcfg: &Path, m
     let to = format!("tcp:{}:{port}", link.dest_ip);
     let ns = |i: usize| link.ns.as_ref().map(|n| n[i].clone());
     let (sq, dq) = (dir.join("src.qmp"), dir.join("dst.qmp"));
-    let mut dst = command(ns(1).as_deref(), qemu, &qemu_args(mem, guest, bootcfg, &dq, Some(&to))).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    // QEMU's own messages, for the error when a run fails.
+    let (se, de) = (dir.join("src.stderr"), dir.join("dst.stderr"));
+    let mut dst = command(ns(1).as_deref(), qemu, &qemu_args(mem, guest, bootcfg, &dq, Some(&to))).stdout(Stdio::piped()).stderr(std::fs::File::create(&de)?).spawn()?;
     let dst_out = lines(dst.stdout.take().ok_or_else(|| err("no stdout"))?);
-    let mut src = command(ns(0).as_deref(), qemu, &qemu_args(mem, guest, bootcfg, &sq, None)).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut src = command(ns(0).as_deref(), qemu, &qemu_args(mem, guest, bootcfg, &sq, None)).stdout(Stdio::piped()).stderr(std::fs::File::create(&se)?).spawn()?;
     let src_out = lines(src.stdout.take().ok_or_else(|| err("no stdout"))?);
     let mut seen = Vec::new();
     let result = (|| -> BenchResult<Sample> {
         wait_line(&src_out, "guest: workload starting", Duration::from_secs(120), &mut seen)?;
-        let _dq = Qmp::connect(&dq)?;
-        let mut q = Qmp::connect(&sq)?;
+        let _dq = Qmp::connect(&dq).map_err(|e| err(format!("the destination's QMP: {e}")))?;
+        let mut q = Qmp::connect(&sq).map_err(|e| err(format!("the source's QMP: {e}")))?;
         q.call("migrate-set-parameters", json!({ "max-bandwidth": 100u64 << 30, "downtime-limit": max_downtime_ms }))?;
         std::thread::sleep(SETTLE);
         let t0 = rdtsc();
@@ -462,7 +467,10 @@ fn qemu_once(qemu: &Path, link: &Link, mem: u64, guest: &Path, bootcfg: &Path, m
     })();
     kill(src);
     kill(dst);
-    result
+    result.map_err(|e| {
+        let tail = |p: &Path| std::fs::read_to_string(p).unwrap_or_default().lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+        err(format!("QEMU: {e} (source stderr: {:?}; destination stderr: {:?})", tail(&se), tail(&de)))
+    })
 }
 
 /// The TSC's frequency, kHz (`KVM_GET_TSC_KHZ` of a throwaway vCPU).
@@ -534,15 +542,24 @@ pub fn run(args: &MigrateArgs) -> BenchResult<u32> {
             }
             // Interleaved, so both see the same load.
             let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); vmms.len()];
+            let mut failures: Vec<Vec<String>> = vec![Vec::new(); vmms.len()];
             for run in 0..runs {
                 for (i, &which) in vmms.iter().enumerate() {
                     port += 1;
                     let case_dir = dir.join(format!("{}-{rate}-{run}-{i}", link.name));
                     std::fs::create_dir_all(&case_dir)?;
-                    let s = match (which, &qemu) {
-                        ("memvisor", _) => memvisor_once(&vmm, link, mem, &workload, args.max_downtime_ms, port, &case_dir, tsc_khz)?,
-                        (_, Some(q)) => qemu_once(q, link, mem, &guest, &bootcfg, args.max_downtime_ms, port, &case_dir)?,
+                    let once = match (which, &qemu) {
+                        ("memvisor", _) => memvisor_once(&vmm, link, mem, &workload, args.max_downtime_ms, port, &case_dir, tsc_khz),
+                        (_, Some(q)) => qemu_once(q, link, mem, &guest, &bootcfg, args.max_downtime_ms, port, &case_dir),
                         _ => continue,
+                    };
+                    let s = match once {
+                        Ok(s) => s,
+                        Err(e) => {
+                            eprintln!("{} {which} {guest_name} run {run}: FAILED: {e}", link.name);
+                            failures[i].push(e.to_string());
+                            continue;
+                        }
                     };
                     eprintln!(
                         "{} {} {guest_name} run {run}: {:.0} ms total, {:.1} MiB sent, {:.0} MB/s, downtime {:.2} ms (guest saw {})",
@@ -572,6 +589,7 @@ pub fn run(args: &MigrateArgs) -> BenchResult<u32> {
                     stop_gap_ms: f(&|x| x.stop_gap_ms),
                     throughput_per_link: f(&|x| Some(x.throughput_mb_s / link.baseline_mb_s)),
                     samples: s.clone(),
+                    failures: failures[i].clone(),
                 });
             }
         }
@@ -581,7 +599,8 @@ pub fn run(args: &MigrateArgs) -> BenchResult<u32> {
         std::fs::write(path, serde_json::to_vec_pretty(&json!({ "mem": mem, "runs": runs, "max_downtime_ms": args.max_downtime_ms, "cases": results }))?)?;
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(0)
+    // memvisor's own failures fail the bench; QEMU's are listed.
+    Ok(u32::from(results.iter().any(|r| r.vmm == "memvisor" && !r.failures.is_empty())))
 }
 
 fn cell(s: &Option<Summary>, digits: usize) -> String {
@@ -590,14 +609,16 @@ fn cell(s: &Option<Summary>, digits: usize) -> String {
 
 fn print_table(results: &[CaseResult], mem: u64) {
     println!("\nmigration of a {} MiB guest: min / median / max", mem >> 20);
-    println!("| VMM | link | guest | total ms | bytes ÷ RAM | bytes ÷ data | first-round throughput ÷ link | downtime ms (VMM) | longest guest clock gap during the migration, ms | guest clock gap at the stop, ms |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| VMM | link | guest | failed runs | total ms | bytes ÷ RAM | bytes ÷ data | first-round throughput ÷ link | downtime ms (VMM) | longest guest clock gap during the migration, ms | guest clock gap at the stop, ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} of {} | {} | {} | {} | {} | {} | {} | {} |",
             r.vmm,
             r.link,
             r.guest,
+            r.failures.len(),
+            r.failures.len() + r.samples.len(),
             cell(&r.total_ms, 0),
             cell(&r.bytes_per_ram, 3),
             cell(&r.bytes_per_data, 3),

@@ -7,7 +7,8 @@
 //! kernel decompressed by [`super::decompress`] first, unless the guest's
 //! own decompressor is to run), the initrd at
 //! the place [`super::initrd::place`] picks, the command line, the zero page
-//! ([`super::zero_page::build`]), the boot GDT and page tables
+//! ([`super::zero_page::build`], which points Linux at the ACPI tables
+//! [`super::load_linux`] writes), the boot GDT and page tables
 //! ([`super::long_mode`]). [`prepare_vm`] adds what a Linux guest expects
 //! of the platform (KVM's in-kernel PIC/IOAPIC/LAPIC and PIT); the vCPU is
 //! set up by [`crate::vcpu::create_linux`].
@@ -120,7 +121,8 @@ pub fn load(ram: &GuestRam, image: &[u8], format: KernelFormat, decompress: Kern
     };
 
     let e820 = layout::e820_map(ram.size());
-    let params = zero_page::build(&ZeroPageSpec { header, cmdline_addr: abi::CMDLINE, cmdline_len, initrd, e820: &e820 })?;
+    // The ACPI tables are written by the caller ([`super::load_linux`]).
+    let params = zero_page::build(&ZeroPageSpec { header, cmdline_addr: abi::CMDLINE, cmdline_len, initrd, e820: &e820, acpi_rsdp: Some(abi::ACPI_RSDP) })?;
     LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, layout::ZERO_PAGE), memory).map_err(|e| BootError::WriteMemory(e.to_string()))?;
     write(&long_mode::gdt_bytes(), abi::LINUX_GDT)?;
     write(&long_mode::page_table_bytes(), abi::BOOT_PML4)?;

@@ -6,8 +6,10 @@
 //! entry, `ebx` pointing at the start info ([`pvh`]). A bzImage or an ELF
 //! without the note goes through Linux's 64-bit boot protocol with a zero
 //! page ([`linux`]). Boot files are read with a size bound ([`file`]). The
-//! command line announces the VM's virtio-mmio devices ([`cmdline`]).
+//! command line announces the VM's virtio-mmio devices ([`cmdline`]), and
+//! the ACPI tables the CPUs and interrupt controllers ([`acpi`]).
 
+pub mod acpi;
 pub mod bzimage;
 pub mod cmdline;
 pub mod cpu;
@@ -141,6 +143,9 @@ pub enum BootError {
     /// The bzImage's payload could not be found or decompressed.
     #[error("cannot decompress the bzImage's kernel")]
     Decompress(#[from] decompress::DecompressError),
+    /// The ACPI tables cannot be built.
+    #[error("cannot build the ACPI tables: {0}")]
+    Acpi(String),
     /// Guest memory write failed.
     #[error("cannot write boot data to guest memory: {0}")]
     WriteMemory(String),
@@ -176,15 +181,17 @@ pub fn read_initrd(path: &Path, mem_size: u64) -> Result<Vec<u8>, BootError> {
 /// Loads `image` for Linux's 64-bit boot protocol when it is a bzImage or a
 /// vmlinux without a PVH note (a bzImage decompressed as `decompress`
 /// says): loads it with `initrd` and `cmdline`
-/// ([`linux::load`]), gives the VM its in-kernel irqchip and PIT and
+/// ([`linux::load`]), writes the ACPI tables of `cpus` vCPUs
+/// ([`acpi::write`]), gives the VM its in-kernel irqchip and PIT and
 /// returns the 64-bit entry, at which the caller creates vCPU 0
-/// (`crate::vcpu::create_linux`). Returns `None` for a PVH kernel, which
+/// (`crate::vcpu::create_linux`) and the others
+/// (`crate::vcpu::create_linux_ap`). Returns `None` for a PVH kernel, which
 /// the caller loads with [`load_kernel`].
 ///
 /// # Errors
 /// Any [`BootError`]; [`BootError::InitrdNotSupported`] for an initrd
 /// with a PVH kernel.
-pub fn load_linux(vm: &crate::vm::Vm, image: &[u8], decompress: KernelDecompress, initrd: Option<&Path>, cmdline: &str) -> Result<Option<linux::LinuxEntry>, BootError> {
+pub fn load_linux(vm: &crate::vm::Vm, image: &[u8], decompress: KernelDecompress, initrd: Option<&Path>, cmdline: &str, cpus: u32) -> Result<Option<linux::LinuxEntry>, BootError> {
     let format = format::detect(image)?;
     if !format.is_linux_protocol() {
         return match initrd {
@@ -194,6 +201,7 @@ pub fn load_linux(vm: &crate::vm::Vm, image: &[u8], decompress: KernelDecompress
     }
     let initrd_bytes = initrd.map(|p| read_initrd(p, vm.ram().size())).transpose()?;
     let entry = linux::load(vm.ram(), image, format, decompress, initrd_bytes.as_deref(), cmdline)?;
+    acpi::write(vm.ram().memory(), cpus)?;
     log::info!("booting a {format} at {:#x}, zero page at {:#x}, initrd {:x?}", entry.rip, entry.zero_page, entry.initrd);
     linux::prepare_vm(vm)?;
     Ok(Some(entry))

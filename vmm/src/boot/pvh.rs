@@ -1,5 +1,7 @@
-//! Writing the PVH boot data: start info, memory map, command line and
-//! memvisor's boot configuration (Xen `docs/misc/pvh.pandoc`).
+//! Writing the PVH boot data: start info, memory map, command line,
+//! memvisor's boot configuration (Xen `docs/misc/pvh.pandoc`) and the ACPI
+//! tables the start info's `rsdp_paddr` points at (a Linux vmlinux entered
+//! the PVH way reads them; memvisor's own guest does not).
 
 use vm_memory::Bytes;
 
@@ -11,11 +13,12 @@ use memvisor_abi::boot::{BootConfig, HVM_START_MAGIC, HVM_START_VERSION, HvmStar
 use crate::boot::BootError;
 use crate::layout::{self, abi};
 
-/// Writes everything the guest reads at entry.
+/// Writes everything the guest reads at entry; the ACPI tables for
+/// `config.cpus` vCPUs.
 ///
 /// # Errors
-/// [`BootError::CmdlineTooLong`], [`BootError::TooManyMemmapEntries`] or
-/// [`BootError::WriteMemory`].
+/// [`BootError::CmdlineTooLong`], [`BootError::TooManyMemmapEntries`],
+/// [`BootError::Acpi`] or [`BootError::WriteMemory`].
 pub fn write_boot_data(memory: &GuestMemory, mem_size: u64, cmdline: &str, config: &BootConfig) -> Result<(), BootError> {
     let write = |bytes: &[u8], addr| memory.write_slice(bytes, addr).map_err(|e| BootError::WriteMemory(e.to_string()));
 
@@ -40,8 +43,10 @@ pub fn write_boot_data(memory: &GuestMemory, mem_size: u64, cmdline: &str, confi
         cmdline_paddr: abi::CMDLINE,
         memmap_paddr: abi::PVH_MEMMAP,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: abi::ACPI_RSDP,
         ..Default::default()
     };
+    crate::boot::acpi::write(memory, config.cpus)?;
     write(start_info.as_bytes(), layout::PVH_START_INFO)?;
     write(config.as_bytes(), layout::BOOT_CONFIG)?;
     Ok(())

@@ -40,6 +40,8 @@ pub struct ZeroPageSpec<'a> {
     pub initrd: Option<(u64, u64)>,
     /// The memory map ([`crate::layout::e820_map`]).
     pub e820: &'a [HvmMemmapEntry],
+    /// Where the ACPI RSDP is, if the guest has ACPI tables.
+    pub acpi_rsdp: Option<u64>,
 }
 
 /// The longest command line (without its NUL) the kernel of `header` takes.
@@ -94,6 +96,10 @@ pub fn build(spec: &ZeroPageSpec<'_>) -> Result<boot_params, BootError> {
         hdr.ramdisk_size = u32::try_from(size).map_err(|_| BootError::WriteMemory(format!("an initrd of {size} bytes does not fit ramdisk_size")))?;
     }
     params.hdr = hdr;
+    // `acpi_rsdp_addr` (zero-page.rst, offset 0x070; boot protocol 2.14):
+    // Linux's `x86_default_get_root_pointer` reads it before it would scan
+    // the BIOS area for the RSDP.
+    params.acpi_rsdp_addr = spec.acpi_rsdp.unwrap_or(0);
     for (slot, e) in params.e820_table.iter_mut().zip(spec.e820) {
         *slot = boot_e820_entry { addr: e.addr, size: e.size, r#type: e.kind };
     }
@@ -107,7 +113,7 @@ mod tests {
     use crate::layout;
 
     fn spec<'a>(header: Option<setup_header>, e820: &'a [HvmMemmapEntry], initrd: Option<(u64, u64)>) -> ZeroPageSpec<'a> {
-        ZeroPageSpec { header, cmdline_addr: layout::abi::CMDLINE, cmdline_len: 30, initrd, e820 }
+        ZeroPageSpec { header, cmdline_addr: layout::abi::CMDLINE, cmdline_len: 30, initrd, e820, acpi_rsdp: Some(layout::abi::ACPI_RSDP) }
     }
 
     #[test]
@@ -122,6 +128,7 @@ mod tests {
         assert_eq!({ h.cmd_line_ptr }, layout::abi::CMDLINE as u32);
         assert_eq!({ h.cmdline_size }, 30);
         assert_eq!(({ h.ramdisk_image }, { h.ramdisk_size }), (0x1000_0000, 0x1234));
+        assert_eq!({ p.acpi_rsdp_addr }, layout::abi::ACPI_RSDP);
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //!
 //! The tiny guest needs only a UART, a debug-exit port and the message port
 //! of the ABI; a VM started with `--balloon` also has a virtio-mmio balloon
-//! ([`virtio`]). Everything else a guest touches is logged once per address
+//! ([`virtio`]); the ACPI PM1 registers ([`acpi_pm`]) are there for the
+//! FADT's sake. Everything else a guest touches is logged once per address
 //! and answered with all-ones, as an empty ISA bus would; nothing a guest
 //! does here can stop the VMM.
 
+pub mod acpi_pm;
 pub mod i8042;
 pub mod serial;
 pub mod swap;
@@ -39,6 +41,8 @@ pub enum IoAction {
     /// The guest asked to start the application processor its
     /// `memvisor_abi::smp::ApStart` at this guest-physical address names.
     StartAp(u64),
+    /// The guest entered the ACPI S5 state (soft off), which ends the VM.
+    PowerOff,
 }
 
 /// Counters of accesses nobody handles.
@@ -60,6 +64,10 @@ pub struct DevicesState {
     /// before balloon state was saved (such VMs were refused then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<virtio::balloon::state::SavedBalloon>,
+    /// The ACPI PM1 registers (absent in snapshots from before they
+    /// existed: their reset state).
+    #[serde(default)]
+    pub acpi_pm: acpi_pm::AcpiPmState,
 }
 
 /// The devices of one VM.
@@ -67,6 +75,7 @@ pub struct DevicesState {
 pub struct Devices {
     serial: SerialConsole,
     i8042: i8042::I8042,
+    acpi_pm: acpi_pm::AcpiPm,
     /// The balloon, when the VM has one.
     pub balloon: Option<MmioTransport<Balloon>>,
     logged_ports: HashSet<u16>,
@@ -88,6 +97,7 @@ impl Devices {
         Devices {
             serial: SerialConsole::new(console),
             i8042: i8042::I8042::default(),
+            acpi_pm: acpi_pm::AcpiPm::default(),
             balloon: None,
             logged_ports: HashSet::new(),
             logged_mmio: HashSet::new(),
@@ -106,6 +116,7 @@ impl Devices {
     pub fn from_state(state: &DevicesState, console: Box<dyn std::io::Write + Send>) -> Result<Self, String> {
         let mut d = Devices::new(Box::new(std::io::sink()));
         d.serial = SerialConsole::from_state(&state.uart, console)?;
+        d.acpi_pm = acpi_pm::AcpiPm::from_state(state.acpi_pm);
         Ok(d)
     }
 
@@ -120,7 +131,7 @@ impl Devices {
     /// The devices' state, for a snapshot.
     #[must_use]
     pub fn state(&self) -> DevicesState {
-        DevicesState { uart: self.serial.state(), balloon: self.balloon.as_ref().map(virtio::balloon::state::save) }
+        DevicesState { uart: self.serial.state(), balloon: self.balloon.as_ref().map(virtio::balloon::state::save), acpi_pm: self.acpi_pm.state() }
     }
 
     /// A port write.
@@ -137,6 +148,15 @@ impl Devices {
                 // belong to the next ports.
                 let reset = data.first().is_some_and(|&b| self.i8042.write((p - ports::I8042_DATA) as u8, b));
                 if reset { IoAction::Reset } else { IoAction::Continue }
+            }
+            p if acpi_pm::AcpiPm::decodes(p) => {
+                let mut action = IoAction::Continue;
+                for (port, &b) in (p..).zip(data).filter(|(port, _)| acpi_pm::AcpiPm::decodes(*port)) {
+                    if self.acpi_pm.write(port, b) == acpi_pm::PmAction::PowerOff {
+                        action = IoAction::PowerOff;
+                    }
+                }
+                action
             }
             ports::DEBUG_EXIT => IoAction::Exit(le_value(data)),
             ports::MESSAGE if data.len() == 4 => IoAction::Message(u64::from(le_value(data))),
@@ -158,6 +178,13 @@ impl Devices {
         } else {
             None
         };
+        if acpi_pm::AcpiPm::decodes(port) {
+            // A wider access reads the registers' consecutive bytes.
+            for (p, b) in (port..).zip(data.iter_mut()) {
+                *b = if acpi_pm::AcpiPm::decodes(p) { self.acpi_pm.read(p) } else { 0xff };
+            }
+            return;
+        }
         if let Some(v) = byte {
             data.fill(0);
             if let Some(b) = data.first_mut() {
@@ -261,6 +288,20 @@ mod tests {
         let mut status = [0xffu8];
         d.port_in(ports::I8042_COMMAND, &mut status);
         assert_eq!(status, [0], "no keyboard: the status port reads empty buffers");
+        assert_eq!(d.unhandled().port_accesses, 0);
+    }
+
+    #[test]
+    fn the_acpi_pm1_registers_answer_word_accesses_and_s5_powers_off() {
+        let mut d = Devices::new(Box::new(std::io::sink()));
+        let mut cnt = [0u8; 2];
+        d.port_in(ports::ACPI_PM1A_CNT, &mut cnt);
+        assert_eq!(cnt, [1, 0], "SCI_EN");
+        let s5 = (u16::from(crate::boot::acpi::SLP_TYP_S5) << 10) | (1 << 13);
+        assert_eq!(d.port_out(ports::ACPI_PM1A_CNT, &s5.to_le_bytes()), IoAction::PowerOff);
+        let mut evt = [0xffu8; 4];
+        d.port_in(ports::ACPI_PM1A_EVT, &mut evt);
+        assert_eq!(evt, [0; 4]);
         assert_eq!(d.unhandled().port_accesses, 0);
     }
 

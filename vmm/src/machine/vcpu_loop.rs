@@ -172,6 +172,10 @@ fn run_until_parked(index: usize, vcpu: &mut VcpuFd, control: &VmControl<Machine
                     log::info!("the guest reset the machine (i8042 reset line); the VM ends");
                     Flow::End(Ok(0))
                 }
+                IoAction::PowerOff => {
+                    log::info!("the guest powered the machine off (ACPI S5); the VM ends");
+                    Flow::End(Ok(0))
+                }
                 IoAction::Swap(gpa) => {
                     m.devices.swap.handle(m.vm.ram().memory(), gpa);
                     Flow::Continue

@@ -10,25 +10,16 @@
 /// The page size these functions work in (the guest's smallest page).
 pub const PAGE: u64 = 4096;
 
-/// Bytes ORed together before each early-exit test: a page holding data
-/// usually fails in its first block, and inside a block the OR of eight
-/// words compiles to vector instructions (SSE2, the x86-64 baseline).
-const BLOCK: usize = 64;
+/// What a page is compared with. Comparing slices of bytes calls the C
+/// library's `bcmp` (vectorised, stops at the first difference) in every
+/// build profile: in an unoptimised test build a hand-written loop over
+/// words moved a migration's pages at ~6 MB/s, `bcmp` at memory speed.
+static ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
 
 /// Whether every byte of `bytes` is zero.
 #[must_use]
 pub fn is_zero(bytes: &[u8]) -> bool {
-    let mut blocks = bytes.chunks_exact(BLOCK);
-    for block in &mut blocks {
-        let mut acc = 0u64;
-        for w in block.chunks_exact(8) {
-            acc |= u64::from_ne_bytes(w.try_into().expect("chunks_exact(8) yields 8 bytes"));
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&b| b == 0)
+    bytes.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }
 
 /// Appends to `out` the runs `(offset, length)` of the pages of `bytes`

@@ -138,7 +138,9 @@ pub fn run(listener: Listener, host: &VmConfig, link_timeout: Duration, options:
     timeline::mark("VM built");
     let mut sink = PageSink::new(RamMap::of(b.vm.ram()));
     let (state, pending) = receive(&mut conn, &mut buf, &mut b, &mut sink)?;
+    let loading = std::time::Instant::now();
     let (vcpus, devices, guest_idle) = load(&mut b, &state, options.console).map_err(|e| abort(&mut conn, e))?;
+    log::debug!("state loaded in {:?}", loading.elapsed());
     let postcopy = match &pending {
         Some(runs) => Some(std::sync::Arc::new(super::postcopy::Destination::prepare(sink.ram().clone(), runs, |o| sink.was_written(o)).map_err(|e| abort(&mut conn, e))?)),
         None => None,
@@ -263,7 +265,8 @@ fn receive(conn: &mut Conn, buf: &mut Vec<u8>, b: &mut Building, sink: &mut Page
         let step = match kind {
             Kind::Pages => sink.pages(buf),
             Kind::Zeros => sink.zeros(buf),
-            Kind::RoundEnd => stream::u64_payload(kind, buf).map(|_| ()).map_err(MigrationError::from),
+            // Everything before it is in RAM: say so (the source waits).
+            Kind::RoundEnd => stream::u64_payload(kind, buf).and_then(|round| stream::write_frame(conn, Kind::RoundAck, &[&round.to_le_bytes()])).map_err(MigrationError::from),
             Kind::Setup => setup_vcpu(b, buf),
             Kind::State => return stream::json(kind, buf).map(|s| (s, pending)).map_err(|e| abort(conn, e.into())),
             Kind::PostcopyPending if super::postcopy::supported(b.config.backing) => stream::runs(kind, buf).map(|r| pending = Some(r)).map_err(MigrationError::from),
@@ -308,7 +311,9 @@ fn load(b: &mut Building, state: &SavedState, console: Box<dyn std::io::Write + 
     }
     let vcpus = std::mem::take(&mut b.vcpus);
     let mut devices = Devices::from_state(&state.devices, console).map_err(bad)?;
+    let t = std::time::Instant::now();
     let balloon = crate::restore::restore_balloon(&b.config, state, b.vm.ram())?;
+    log::debug!("balloon restored in {:?}", t.elapsed());
     // Writes made while restoring are not guest activity.
     let _ = crate::memory::vmm_writes::take(b.vm.ram());
     if let Some(chips) = &state.irqchip {
@@ -321,6 +326,7 @@ fn load(b: &mut Building, state: &SavedState, console: Box<dyn std::io::Write + 
         }
         saved.restore(vcpu)?;
     }
+    log::debug!("irqchip and vCPUs restored after {:?}", t.elapsed());
     if b.vm.has_irqchip() {
         devices.connect_serial_irq(b.vm.irqfd(memvisor_abi::ports::COM1_GSI).map_err(crate::machine::VmmError::from)?);
     }

@@ -25,9 +25,10 @@
 //!                               ←          Accept | Abort(reason)
 //! Setup (CPUID)                 →          creates VM, RAM, vCPU
 //! Pages / Zeros … RoundEnd(0)   →          writes RAM
-//! … rounds 1..n (dirty pages)   →
-//! [guest stopped] Pages/Zeros, State →     loads vCPU, irqchip, devices
-//!                               ←          Ready
+//!                               ←          RoundAck(0): all in RAM
+//! … rounds 1..n (dirty pages), each acknowledged
+//! [guest stopped] Pages/Zeros, RoundEnd, State →  loads vCPU, irqchip, devices
+//!                               ←          RoundAck, Ready
 //! Commit                        →          runs the guest
 //!                               ←          Resumed
 //! exits

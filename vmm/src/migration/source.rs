@@ -304,6 +304,16 @@ fn expect(conn: &mut Conn, buf: &mut Vec<u8>, expected: Kind) -> Result<(), Migr
     Ok(())
 }
 
+/// Reads the destination's [`Kind::RoundAck`], which must name `round`.
+fn expect_ack(conn: &mut Conn, buf: &mut Vec<u8>, round: u64) -> Result<(), MigrationError> {
+    expect(conn, buf, Kind::RoundAck)?;
+    let acked = stream::u64_payload(Kind::RoundAck, buf)?;
+    if acked != round {
+        return Err(stream::StreamError::Malformed { kind: Kind::RoundAck, why: format!("round {acked} acknowledged, {round} was sent") }.into());
+    }
+    Ok(())
+}
+
 /// Migrates the VM behind `handle` as `req` asks; returns the final
 /// status. On success the caller ends the VM (the guest runs on the
 /// destination now).
@@ -427,6 +437,9 @@ fn precopy(src: &mut Source<'_>, req: &MigrateRequest, conn: Conn, reader: &mut 
         let t = Instant::now();
         src.send(&mut sender, &setup.ram, &runs).map_err(fail)?;
         sender.frame(Kind::RoundEnd, &[&u64::from(round).to_le_bytes()]).map_err(fail)?;
+        sender.flush().map_err(fail)?;
+        // The round counts as sent once the destination has it in RAM.
+        expect_ack(reader, &mut buf, u64::from(round)).map_err(fail)?;
         let send_secs = t.elapsed().as_secs_f64();
         runs = on_vcpu(handle, harvest).map_err(fail)?;
         let interval_secs = last_harvest.elapsed().as_secs_f64();
@@ -462,7 +475,9 @@ fn precopy(src: &mut Source<'_>, req: &MigrateRequest, conn: Conn, reader: &mut 
         return Err(fail(MigrationError::Refused("the VM exited during the migration".into())));
     }
     throttle(0);
+    log::debug!("stop: paused after {:?}", stopped.elapsed());
     let fin = on_vcpu(handle, finish).map_err(fail)?;
+    log::debug!("stop: final harvest and vCPU state after {:?}", stopped.elapsed());
     src.status.round = round + 1;
     // What the last round's harvest found and what the guest wrote since.
     let last = union(&runs, &fin.runs);
@@ -476,7 +491,12 @@ fn precopy(src: &mut Source<'_>, req: &MigrateRequest, conn: Conn, reader: &mut 
     }
     sender.json(Kind::State, &fin.state).map_err(fail)?;
     sender.flush().map_err(fail)?;
+    log::debug!("stop: last pages and state sent after {:?}", stopped.elapsed());
+    if !postcopy {
+        expect_ack(reader, &mut buf, u64::from(round + 1)).map_err(fail)?;
+    }
     expect(reader, &mut buf, Kind::Ready).map_err(fail)?;
+    log::debug!("stop: destination ready after {:?}", stopped.elapsed());
     // The point of no return: from here the guest is the destination's.
     sender.frame(Kind::Commit, &[]).map_err(|e| (e, true))?;
     sender.flush().map_err(|e| (e, true))?;

@@ -19,6 +19,12 @@ const IOCTLS: &[u64] = &[
     // Register dumps of a guest that died (triple fault, hlt, emulation
     // failure), and the observers' page walks (CR3).
     KVM_GET_REGS,
+    // Finishing an instruction KVM's PVM emulator refuses at ring 0
+    // (`unemulated`): `fwait` reads the x87 state, `int3` raises its #BP
+    // through the vCPU events. Linux meets both early (int3_selftest).
+    KVM_GET_FPU,
+    KVM_GET_VCPU_EVENTS,
+    KVM_SET_VCPU_EVENTS,
     // A full dirty ring (`KVM_EXIT_DIRTY_RING_FULL`), and the dirty
     // workload's per-round harvest and its logging switches (`observers`):
     // every mechanism.
