@@ -239,6 +239,28 @@ fn a_truncated_bzimage_is_refused() {
 }
 
 #[test]
+fn a_bzimage_whose_payload_is_corrupt_or_truncated_is_refused() {
+    let dir = TempDir::new("bzimage-payload");
+    // payload_offset 0 and payload_length 64 (boot.rst, 0x248 and 0x24c):
+    // a legacy LZ4 frame whose one block claims more bytes than follow,
+    // then the size trailer.
+    let mut img = bzimage(4096, 4096);
+    img[0x24c..0x250].copy_from_slice(&64u32.to_le_bytes());
+    img[1024..1032].copy_from_slice(&[0x02, 0x21, 0x4c, 0x18, 0x00, 0x10, 0x00, 0x00]);
+    img[1024 + 60..1024 + 64].copy_from_slice(&4096u32.to_le_bytes());
+    let k = dir.write("bzImage", img.clone());
+    run(&["--kernel", k.to_str().expect("utf-8 temp path")]).assert_error(&["cannot decompress the bzImage's kernel", "lz4 data is corrupt or truncated"]);
+    // A payload that points past the end of the file.
+    img[0x24c..0x250].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    let k = dir.write("bzImage", img.clone());
+    run(&["--kernel", k.to_str().expect("utf-8 temp path")]).assert_error(&["cannot decompress the bzImage's kernel", "lies outside"]);
+    // With the guest's own decompressor the VMM reads none of it: what
+    // stops this one is its decompressor's footprint (init_size 0 from
+    // pref_address 0, more than 1 MiB of RAM from 1 MiB).
+    run(&["--kernel", k.to_str().expect("utf-8 temp path"), "--kernel-decompress", "guest", "--mem", "1M"]).assert_error(&["does not fit in guest RAM"]);
+}
+
+#[test]
 fn devices_fifos_and_directories_are_not_read_as_kernels_or_initrds() {
     let dir = TempDir::new("boot-not-files");
     let fifo = dir.path().join("fifo");

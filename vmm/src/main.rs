@@ -13,7 +13,7 @@ use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 
 use memvisor::api::{self, protocol::Request};
-use memvisor::config::{Backing, ConfigFile, DirtyMode, GuestPage, NodesValue, NumaPolicy, SizeValue};
+use memvisor::config::{Backing, ConfigFile, DirtyMode, GuestPage, KernelDecompress, NodesValue, NumaPolicy, SizeValue};
 use memvisor::restore::{KvmThread, RestoreMode, RestoreOptions};
 use memvisor::seccomp::{SeccompMode, ThreadKind};
 use memvisor::snapshot::format::SnapshotKind;
@@ -214,6 +214,10 @@ struct RunArgs {
     /// Kernel command line.
     #[arg(long)]
     cmdline: Option<String>,
+    /// Who decompresses a bzImage's kernel: the VMM before boot (default),
+    /// or the guest's own decompressor at ring 0.
+    #[arg(long, value_name = "WHO", value_parser = choices::<KernelDecompress>(KernelDecompress::ALL.iter().map(|b| b.as_str())))]
+    kernel_decompress: Option<KernelDecompress>,
     /// TOML config file with the same fields; flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -307,6 +311,7 @@ impl RunArgs {
             kernel: self.kernel.clone(),
             cmdline: self.cmdline.clone(),
             initrd: self.initrd.clone(),
+            kernel_decompress: self.kernel_decompress,
             api_socket: self.api_socket.clone(),
             dirty_mode: self.dirty_mode,
             workload: self.workload.as_deref().map(str::parse).transpose().map_err(|e| anyhow_free::chain(&e))?,

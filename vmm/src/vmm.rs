@@ -125,7 +125,7 @@ pub fn run(config: &VmConfig, options: RunOptions) -> Result<RunOutcome, VmmErro
     let cmdline = boot::cmdline::with_virtio_mmio(&config.cmdline, balloon.as_ref().map(|_| layout::BALLOON).as_slice());
     // A bzImage or a vmlinux without a PVH note boots through Linux's
     // 64-bit boot protocol (boot::linux); a PVH ELF the PVH way.
-    let linux_entry = boot::load_linux(&vm, &image, config.initrd.as_deref(), &cmdline, config.vcpus)?;
+    let linux_entry = boot::load_linux(&vm, &image, config.kernel_decompress, config.initrd.as_deref(), &cmdline, config.vcpus)?;
     let is_pvh = linux_entry.is_none();
     let cpus = config.vcpus;
     let mut vcpus = Vec::with_capacity(cpus as usize);

@@ -11,6 +11,7 @@ mod balloon;
 mod boot;
 mod dirty;
 mod dirty_kernels;
+mod linux_boot;
 mod migrate;
 mod snapshot;
 mod soak;
@@ -38,6 +39,9 @@ enum BenchCommand {
     Boot(boot::BootArgs),
     /// Dirty-page harvest cost per mechanism, against the raw ioctls.
     Dirty(dirty::DirtyArgs),
+    /// A stock Linux bzImage's boot to its console milestones, memvisor
+    /// and QEMU side by side.
+    LinuxBoot(linux_boot::LinuxBootArgs),
     /// Live migration of a 1 GiB guest, idle and dirtying, over loopback
     /// and a veth pair, memvisor and QEMU side by side.
     Migrate(migrate::MigrateArgs),
@@ -71,6 +75,7 @@ fn run(bench: BenchCommand) -> Result<u32, Box<dyn std::error::Error>> {
         BenchCommand::Balloon(args) => Ok(balloon::run(&args)?),
         BenchCommand::Boot(args) => Ok(boot::run(&args)?),
         BenchCommand::Dirty(args) => Ok(dirty::run(&args)?),
+        BenchCommand::LinuxBoot(args) => Ok(linux_boot::run(&args)?),
         BenchCommand::Migrate(args) => migrate::run(&args).map_err(|e| e as Box<dyn std::error::Error>),
         BenchCommand::Snapshot(args) => Ok(snapshot::run(&args)?),
         BenchCommand::Soak(args) => Ok(soak::run(&args)?),

@@ -13,6 +13,7 @@ pub mod acpi;
 pub mod bzimage;
 pub mod cmdline;
 pub mod cpu;
+pub mod decompress;
 pub mod elf;
 pub mod file;
 pub mod format;
@@ -27,6 +28,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use vm_memory::GuestAddress;
 
+use crate::config::KernelDecompress;
 use crate::layout;
 use crate::memory::GuestRam;
 
@@ -138,6 +140,9 @@ pub enum BootError {
     /// Too many memory-map entries.
     #[error("memory map of {0} entries does not fit its page")]
     TooManyMemmapEntries(usize),
+    /// The bzImage's payload could not be found or decompressed.
+    #[error("cannot decompress the bzImage's kernel")]
+    Decompress(#[from] decompress::DecompressError),
     /// The ACPI tables cannot be built.
     #[error("cannot build the ACPI tables: {0}")]
     Acpi(String),
@@ -174,7 +179,8 @@ pub fn read_initrd(path: &Path, mem_size: u64) -> Result<Vec<u8>, BootError> {
 }
 
 /// Loads `image` for Linux's 64-bit boot protocol when it is a bzImage or a
-/// vmlinux without a PVH note: loads it with `initrd` and `cmdline`
+/// vmlinux without a PVH note (a bzImage decompressed as `decompress`
+/// says): loads it with `initrd` and `cmdline`
 /// ([`linux::load`]), writes the ACPI tables of `cpus` vCPUs
 /// ([`acpi::write`]), gives the VM its in-kernel irqchip and PIT and
 /// returns the 64-bit entry, at which the caller creates vCPU 0
@@ -185,7 +191,7 @@ pub fn read_initrd(path: &Path, mem_size: u64) -> Result<Vec<u8>, BootError> {
 /// # Errors
 /// Any [`BootError`]; [`BootError::InitrdNotSupported`] for an initrd
 /// with a PVH kernel.
-pub fn load_linux(vm: &crate::vm::Vm, image: &[u8], initrd: Option<&Path>, cmdline: &str, cpus: u32) -> Result<Option<linux::LinuxEntry>, BootError> {
+pub fn load_linux(vm: &crate::vm::Vm, image: &[u8], decompress: KernelDecompress, initrd: Option<&Path>, cmdline: &str, cpus: u32) -> Result<Option<linux::LinuxEntry>, BootError> {
     let format = format::detect(image)?;
     if !format.is_linux_protocol() {
         return match initrd {
@@ -194,7 +200,7 @@ pub fn load_linux(vm: &crate::vm::Vm, image: &[u8], initrd: Option<&Path>, cmdli
         };
     }
     let initrd_bytes = initrd.map(|p| read_initrd(p, vm.ram().size())).transpose()?;
-    let entry = linux::load(vm.ram(), image, format, initrd_bytes.as_deref(), cmdline)?;
+    let entry = linux::load(vm.ram(), image, format, decompress, initrd_bytes.as_deref(), cmdline)?;
     acpi::write(vm.ram().memory(), cpus)?;
     log::info!("booting a {format} at {:#x}, zero page at {:#x}, initrd {:x?}", entry.rip, entry.zero_page, entry.initrd);
     linux::prepare_vm(vm)?;

@@ -112,6 +112,19 @@ impl GuestPage {
 }
 
 string_enum! {
+    /// Who decompresses a bzImage's kernel (`crate::boot::decompress`).
+    #[derive(Default)]
+    KernelDecompress {
+        /// The VMM, at native speed, before boot; the kernel is entered
+        /// as a vmlinux with the bzImage's setup header (the default).
+        #[default]
+        Vmm = "vmm",
+        /// The guest: the bzImage's own decompressor runs first, at ring 0.
+        Guest = "guest",
+    }
+}
+
+string_enum! {
     /// How dirty pages are harvested (`crate::dirty`), best first.
     DirtyMode {
         /// Per-vCPU dirty rings + `KVM_RESET_DIRTY_RINGS`.

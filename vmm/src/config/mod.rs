@@ -18,7 +18,7 @@ use crate::workload::Workload;
 
 pub mod choices;
 
-pub use choices::{Backing, DirtyMode, GuestPage, NumaPolicy};
+pub use choices::{Backing, DirtyMode, GuestPage, KernelDecompress, NumaPolicy};
 
 /// Largest config file read (a config is a few hundred bytes).
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -139,6 +139,8 @@ pub struct ConfigFile {
     pub cmdline: Option<String>,
     /// Initial ramdisk (Linux boot protocol kernels only).
     pub initrd: Option<PathBuf>,
+    /// Who decompresses a bzImage's kernel.
+    pub kernel_decompress: Option<KernelDecompress>,
     /// Control socket path.
     pub api_socket: Option<PathBuf>,
     /// Force a dirty-tracking mechanism.
@@ -199,6 +201,7 @@ impl ConfigFile {
             kernel: over.kernel.or(self.kernel),
             cmdline: over.cmdline.or(self.cmdline),
             initrd: over.initrd.or(self.initrd),
+            kernel_decompress: over.kernel_decompress.or(self.kernel_decompress),
             api_socket: over.api_socket.or(self.api_socket),
             dirty_mode: over.dirty_mode.or(self.dirty_mode),
             workload: over.workload.or(self.workload),
@@ -244,6 +247,7 @@ impl ConfigFile {
             kernel: self.kernel,
             cmdline: self.cmdline.unwrap_or_default(),
             initrd: self.initrd,
+            kernel_decompress: self.kernel_decompress.unwrap_or_default(),
             api_socket: self.api_socket,
             dirty_mode: self.dirty_mode,
             workload: self.workload,
@@ -279,6 +283,9 @@ pub struct VmConfig {
     /// Initial ramdisk (Linux boot protocol kernels only).
     #[serde(default)]
     pub initrd: Option<PathBuf>,
+    /// Who decompresses a bzImage's kernel (`crate::boot::decompress`).
+    #[serde(default)]
+    pub kernel_decompress: KernelDecompress,
     /// Control socket.
     pub api_socket: Option<PathBuf>,
     /// Forced dirty-tracking mechanism (`None`: the best available, when
@@ -431,5 +438,19 @@ mod tests {
         assert_eq!(c.numa_nodes, vec![0]);
         assert!(toml::from_str::<ConfigFile>("memory = 1").is_err(), "unknown keys are rejected");
         assert!(toml::from_str::<ConfigFile>("backing = \"bogus\"").is_err());
+    }
+
+    #[test]
+    fn the_vmm_decompresses_a_bzimage_unless_told_otherwise() {
+        assert_eq!(VmConfig::default().kernel_decompress, KernelDecompress::Vmm);
+        let file: ConfigFile = toml::from_str("kernel-decompress = \"guest\"").unwrap();
+        assert_eq!(file.clone().into_vm_config().unwrap().kernel_decompress, KernelDecompress::Guest);
+        let flags = ConfigFile { kernel_decompress: Some(KernelDecompress::Vmm), ..Default::default() };
+        assert_eq!(file.merged_with(flags).into_vm_config().unwrap().kernel_decompress, KernelDecompress::Vmm);
+        assert!(toml::from_str::<ConfigFile>("kernel-decompress = \"host\"").is_err());
+        // A snapshot's configuration from before the field reads as the default.
+        let mut old = serde_json::to_value(VmConfig::default()).unwrap();
+        old.as_object_mut().unwrap().remove("kernel_decompress");
+        assert_eq!(serde_json::from_value::<VmConfig>(old).unwrap().kernel_decompress, KernelDecompress::Vmm);
     }
 }
