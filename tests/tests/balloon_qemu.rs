@@ -7,8 +7,8 @@
 //! notifications on its I/O thread) and give QEMU its memory back.
 //!
 //! These need `qemu-system-x86_64` (Debian: `apt-get install
-//! qemu-system-x86`), so they are ignored by default:
-//! `cargo test -p memvisor-tests --test balloon_qemu -- --ignored`.
+//! qemu-system-x86`, which `.ci/run` installs); without it they fail and
+//! say so.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -172,7 +172,6 @@ impl Qmp {
 }
 
 #[test]
-#[ignore = "needs qemu-system-x86_64 (apt-get install qemu-system-x86)"]
 fn our_guest_finds_and_drives_qemus_balloon() {
     // acpi=off: only then does microvm announce its devices on the command
     // line (with ACPI it describes them in the DSDT, which our guest does
@@ -206,7 +205,6 @@ fn our_guest_finds_and_drives_qemus_balloon() {
 }
 
 #[test]
-#[ignore = "needs qemu-system-x86_64 (apt-get install qemu-system-x86)"]
 fn without_an_announcement_the_guest_says_the_command_line_named_no_balloon() {
     // microvm's default (ACPI on) announces nothing on the command line.
     let qemu = Qemu::start("qemu-no-balloon", "", "balloon:rounds=1");
