@@ -86,6 +86,9 @@ pub struct Balloon {
     pub(super) actual_pages: u32,
     pub(super) pages: BalloonPages,
     pub(super) ram_bytes: u64,
+    /// PFNs the notification being processed may still carry (reset to
+    /// guest RAM's page count by each [`VirtioDevice::process_queue`]).
+    pub(super) pfn_budget: u64,
     pub(super) host_page: u64,
     /// Metrics (read by the transport's owner).
     pub metrics: BalloonMetrics,
@@ -123,6 +126,7 @@ impl Balloon {
             actual_pages: 0,
             pages: BalloonPages::new(ram.size(), host_page),
             ram_bytes: ram.size(),
+            pfn_budget: ram.size() / PAGE,
             host_page,
             metrics: BalloonMetrics::default(),
             stats: None,
@@ -281,7 +285,13 @@ impl Balloon {
             let mut done = 0u64;
             let len = u64::from(d.len());
             while done < len {
-                let n = ((len - done) / 4).min(PFN_CHUNK as u64) as usize;
+                let want = (len - done) / 4;
+                if self.pfn_budget == 0 {
+                    self.metrics.pfns_over_budget = self.metrics.pfns_over_budget.saturating_add(want);
+                    break;
+                }
+                let n = want.min(PFN_CHUNK as u64).min(self.pfn_budget) as usize;
+                self.pfn_budget -= n as u64;
                 let chunk = &mut pfns[..n];
                 // SAFETY: the bytes of `chunk`, a plain u32 slice: any byte
                 // pattern is a valid u32, and the view lives only for the
@@ -480,6 +490,11 @@ impl VirtioDevice for Balloon {
             return false;
         };
         let mem = ram.memory();
+        // A notification's PFN arrays together name at most every page of
+        // RAM once; what goes beyond is refused unread, so the work one
+        // notification can cause is bounded by RAM, not by queue size ×
+        // buffer length.
+        self.pfn_budget = self.ram_bytes / PAGE;
         let chains: Vec<_> = match queue.iter(mem) {
             Ok(it) => it.collect(),
             Err(_) => {

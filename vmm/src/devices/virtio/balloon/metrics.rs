@@ -59,6 +59,13 @@ pub struct BalloonMetrics {
     pub descriptor_outside_ram: u64,
     /// Rejected: a descriptor of the wrong direction or length.
     pub descriptor_malformed: u64,
+    /// Rejected, unread: PFNs beyond what one notification may carry (as
+    /// many as guest RAM has pages; a driver has no more to give). Without
+    /// this bound one notification of a full queue, each chain naming all
+    /// of RAM as its PFN array, kept the device busy for minutes (found by
+    /// the `balloon_queue` fuzz target).
+    #[serde(default)]
+    pub pfns_over_budget: u64,
     /// Rejected: a chain that loops, is longer than the queue or names a
     /// next descriptor beyond the table.
     pub chain_too_long: u64,
@@ -93,6 +100,7 @@ impl BalloonMetrics {
             + self.deflate_not_in_balloon
             + self.descriptor_outside_ram
             + self.descriptor_malformed
+            + self.pfns_over_budget
             + self.chain_too_long
             + self.bad_head_descriptor
             + self.bad_queue_size

@@ -541,4 +541,36 @@ mod tests {
         assert_eq!(t.device.info().balloon_bytes, 0);
         assert!(!t.driver_ok());
     }
+
+    #[test]
+    fn one_notification_reads_at_most_rams_pages_of_pfns() {
+        // 256 chains, each naming all 4 MiB of RAM as its PFN array: 256 M
+        // PFNs for 1024 pages of RAM. Unbounded, one notification kept the
+        // device busy for minutes (the balloon_queue fuzz target found it).
+        let (ram, mut t) = setup();
+        let mem = ram.memory();
+        negotiate(&mut t, &ram, F_VERSION_1);
+        wr(&mut t, &ram, r::QUEUE_SEL, 0);
+        wr(&mut t, &ram, r::QUEUE_NUM, 256);
+        for (reg, addr) in [(r::QUEUE_DESC_LOW, 0x10000u32), (r::QUEUE_AVAIL_LOW, 0x11000), (r::QUEUE_USED_LOW, 0x12000)] {
+            wr(&mut t, &ram, reg, addr);
+        }
+        wr(&mut t, &ram, r::QUEUE_READY, 1);
+        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        let len = (4u32 << 20) - 4096;
+        for i in 0..256u64 {
+            mem.write_obj(0u64, GuestAddress(0x10000 + 16 * i)).unwrap(); // addr
+            mem.write_obj(len, GuestAddress(0x10008 + 16 * i)).unwrap(); // len; flags 0
+            mem.write_obj(0u16, GuestAddress(0x1000c + 16 * i)).unwrap();
+            mem.write_obj(i as u16, GuestAddress(0x11004 + 2 * i)).unwrap(); // ring[i] = head i
+        }
+        mem.write_obj(256u16, GuestAddress(0x11002)).unwrap(); // avail idx
+        wr(&mut t, &ram, r::QUEUE_NOTIFY, 0);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x12002)).unwrap(), 256, "every chain was used");
+        t.device.finish_releases();
+        let m = t.device.metrics();
+        let read = m.inflated_pages + m.duplicate_pfn + m.pfn_in_hole + m.pfn_outside_ram;
+        assert!(read <= 1024, "at most RAM's 1024 pages of PFNs were read: {m:?}");
+        assert_eq!(read + m.pfns_over_budget, 256 * u64::from(len / 4), "the rest was refused unread and counted: {m:?}");
+    }
 }
