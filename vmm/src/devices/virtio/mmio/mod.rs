@@ -368,6 +368,18 @@ mod tests {
         rd(t, r::STATUS)
     }
 
+    /// The selected queue with `size` entries, its descriptor table, avail
+    /// and used rings at 0x10000, 0x11000 and 0x12000, made ready; then
+    /// DRIVER_OK.
+    fn ready_queue(t: &mut MmioTransport<Balloon>, ram: &GuestRam, size: u32) {
+        wr(t, ram, r::QUEUE_NUM, size);
+        for (reg, addr) in [(r::QUEUE_DESC_LOW, 0x10000u32), (r::QUEUE_AVAIL_LOW, 0x11000), (r::QUEUE_USED_LOW, 0x12000)] {
+            wr(t, ram, reg, addr);
+        }
+        wr(t, ram, r::QUEUE_READY, 1);
+        wr(t, ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+    }
+
     #[test]
     fn the_guests_register_offsets_match_virtio_bindings() {
         let pairs = [
@@ -501,13 +513,8 @@ mod tests {
         assert_eq!(rd(&mut t, r::QUEUE_NUM_MAX), 256);
         wr(&mut t, &ram, r::QUEUE_NUM, 100);
         assert_eq!(t.device.metrics.bad_queue_size, 1, "a size that is not a power of two is counted");
-        wr(&mut t, &ram, r::QUEUE_NUM, 8);
-        for (reg, addr) in [(r::QUEUE_DESC_LOW, 0x10000u32), (r::QUEUE_AVAIL_LOW, 0x11000), (r::QUEUE_USED_LOW, 0x12000)] {
-            wr(&mut t, &ram, reg, addr);
-        }
-        wr(&mut t, &ram, r::QUEUE_READY, 1);
+        ready_queue(&mut t, &ram, 8);
         assert_eq!(rd(&mut t, r::QUEUE_READY), 1);
-        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
         // PFNs: two good ones, a duplicate, one in the MMIO hole, one beyond RAM.
         for (i, pfn) in [0x100u32, 0x101, 0x100, 0xd0000, 0x5000].iter().enumerate() {
             mem.write_obj(*pfn, GuestAddress(0x20000 + 4 * i as u64)).unwrap();
@@ -551,12 +558,7 @@ mod tests {
         let mem = ram.memory();
         negotiate(&mut t, &ram, F_VERSION_1);
         wr(&mut t, &ram, r::QUEUE_SEL, 0);
-        wr(&mut t, &ram, r::QUEUE_NUM, 256);
-        for (reg, addr) in [(r::QUEUE_DESC_LOW, 0x10000u32), (r::QUEUE_AVAIL_LOW, 0x11000), (r::QUEUE_USED_LOW, 0x12000)] {
-            wr(&mut t, &ram, reg, addr);
-        }
-        wr(&mut t, &ram, r::QUEUE_READY, 1);
-        wr(&mut t, &ram, r::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        ready_queue(&mut t, &ram, 256);
         let len = (4u32 << 20) - 4096;
         for i in 0..256u64 {
             mem.write_obj(0u64, GuestAddress(0x10000 + 16 * i)).unwrap(); // addr
