@@ -311,9 +311,7 @@ fn load(b: &mut Building, state: &SavedState, console: Box<dyn std::io::Write + 
     }
     let vcpus = std::mem::take(&mut b.vcpus);
     let mut devices = Devices::from_state(&state.devices, console).map_err(bad)?;
-    let t = std::time::Instant::now();
     let balloon = crate::restore::restore_balloon(&b.config, state, b.vm.ram())?;
-    log::debug!("balloon restored in {:?}", t.elapsed());
     // Writes made while restoring are not guest activity.
     let _ = crate::memory::vmm_writes::take(b.vm.ram());
     if let Some(chips) = &state.irqchip {
@@ -326,7 +324,6 @@ fn load(b: &mut Building, state: &SavedState, console: Box<dyn std::io::Write + 
         }
         saved.restore(vcpu)?;
     }
-    log::debug!("irqchip and vCPUs restored after {:?}", t.elapsed());
     if b.vm.has_irqchip() {
         devices.connect_serial_irq(b.vm.irqfd(memvisor_abi::ports::COM1_GSI).map_err(crate::machine::VmmError::from)?);
     }
