@@ -481,12 +481,6 @@ fn fetched_kernel() -> Result<(PathBuf, PathBuf), LinuxBootError> {
     }
 }
 
-/// QEMU, when `qemu-system-x86_64` runs.
-fn find_qemu() -> Option<PathBuf> {
-    let q = PathBuf::from("qemu-system-x86_64");
-    Command::new(&q).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().ok().filter(std::process::ExitStatus::success).map(|_| q)
-}
-
 /// The contenders, in the order each round runs them.
 fn contenders(args: &LinuxBootArgs, vmm: &Path, qemu: Option<&Path>, kernel: &Path, initrd: Option<&Path>) -> Vec<Contender> {
     let mut base: Vec<String> = vec!["run".into(), "--mem".into(), args.mem.clone(), "--kernel".into(), kernel.display().to_string()];
@@ -549,7 +543,7 @@ pub fn run(args: &LinuxBootArgs) -> Result<u32, LinuxBootError> {
         }
     };
     let vmm = crate::vmm_binary().map_err(LinuxBootError::Exe)?;
-    let qemu = if args.no_qemu { None } else { find_qemu() };
+    let qemu = if args.no_qemu { None } else { crate::qemu::find() };
     if !args.no_qemu && qemu.is_none() {
         eprintln!("vmm bench linux-boot: qemu-system-x86_64 not found; memvisor only (apt-get install qemu-system-x86)");
     }

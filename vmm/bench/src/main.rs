@@ -13,6 +13,7 @@ mod dirty;
 mod dirty_kernels;
 mod linux_boot;
 mod migrate;
+mod qemu;
 mod snapshot;
 mod soak;
 mod stats;

@@ -512,7 +512,7 @@ pub fn run(args: &MigrateArgs) -> BenchResult<u32> {
     std::fs::create_dir_all(&dir)?;
     let guest = dir.join("guest.elf");
     std::fs::write(&guest, memvisor::boot::TINY_GUEST)?;
-    let qemu = (!args.no_qemu).then(|| PathBuf::from("qemu-system-x86_64")).filter(|q| Command::new(q).arg("--version").output().is_ok_and(|o| o.status.success()));
+    let qemu = if args.no_qemu { None } else { crate::qemu::find() };
     if !args.no_qemu && qemu.is_none() {
         eprintln!("vmm bench migrate: qemu-system-x86_64 not found; memvisor only (apt-get install qemu-system-x86)");
     }
